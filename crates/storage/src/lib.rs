@@ -1,0 +1,47 @@
+//! Key-value storage behind our own narrow interface.
+//!
+//! Owns the [`Db`] trait (get, bounded scan, atomic batch write, durable
+//! [`Db::persist`]), its two adapters ([`SledDb`] on disk, [`MemDb`] in memory),
+//! the read/write traits [`KvRead`] and [`KvWrite`] that domain code is written
+//! against, the [`Txn`] overlay that lets one apply round read its own writes
+//! before they reach the database in one atomic batch, and the [`Prefixed`]
+//! view that confines a shard to its own key range.
+//!
+//! Nothing above this crate names sled. This crate knows nothing of raft,
+//! shards or chats: keys and values are bytes.
+
+mod kv;
+mod mem;
+mod sled_db;
+mod txn;
+
+pub use kv::{KeyRange, KvRead, KvWrite, Order, Prefixed, prefix_end};
+pub use mem::MemDb;
+pub use sled_db::SledDb;
+pub use txn::{Txn, WriteBatch};
+
+/// Errors of the storage layer. All are fatal for the operation that met
+/// them; none is caused by a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database engine reported a failure (disk full, I/O error).
+    #[error("database failure: {0}")]
+    Backend(String),
+    /// A file operation outside the engine failed.
+    #[error("storage I/O failed on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// A key-value database shared by the whole node.
+pub trait Db: KvRead + Send + Sync + std::fmt::Debug {
+    /// Applies every write of the batch atomically and in order: after a crash
+    /// either all of it or none of it is visible.
+    fn write(&self, batch: &WriteBatch) -> Result<(), StorageError>;
+
+    /// Makes everything written before the call durable against power loss.
+    /// Slow (it syncs files); called by checkpoints, never per request.
+    fn persist(&self) -> Result<(), StorageError>;
+
+    /// Bytes the database occupies on disk (0 in memory).
+    fn size_on_disk(&self) -> u64;
+}

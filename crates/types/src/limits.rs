@@ -1,0 +1,107 @@
+//! Every bound in one place. A limit that is not named here does not exist.
+//!
+//! Sizes are in bytes unless the name says `chars` (Unicode scalar values,
+//! which is what a Persian reader counts).
+
+// ---- text and accounts -------------------------------------------------------
+
+/// Longest message text, in characters.
+pub const MESSAGE_TEXT_CHARS_MAX: usize = 4096;
+/// Shortest and longest username, in characters (ASCII letters, digits, `_`).
+pub const USERNAME_CHARS_MIN: usize = 3;
+pub const USERNAME_CHARS_MAX: usize = 32;
+/// Longest display name and group title, in characters.
+pub const DISPLAY_NAME_CHARS_MAX: usize = 64;
+pub const GROUP_TITLE_CHARS_MAX: usize = 128;
+/// Longest device name, in characters.
+pub const DEVICE_NAME_CHARS_MAX: usize = 64;
+/// Password length bounds: a floor for strength, a ceiling so hashing stays cheap to refuse.
+pub const PASSWORD_CHARS_MIN: usize = 8;
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+/// Devices (sessions) one user may have at once.
+pub const DEVICES_PER_USER_MAX: usize = 64;
+
+// ---- chats and sync ----------------------------------------------------------
+
+/// Members of a group with fan-out on write. Larger audiences are channels
+/// (fan-out on read), which keep posting as cheap as a direct message.
+pub const GROUP_MEMBERS_MAX: usize = 1000;
+/// Messages returned by one history request.
+pub const HISTORY_PAGE_MAX: usize = 200;
+/// Chats returned by one chat-list request.
+pub const CHAT_LIST_PAGE_MAX: usize = 500;
+/// Updates and bytes returned by one sync page.
+pub const SYNC_PAGE_UPDATES_MAX: usize = 1000;
+pub const SYNC_PAGE_BYTES_MAX: usize = 1 << 20;
+/// Updates kept per user. A device further behind than this gets "too long"
+/// and re-reads its chat list instead.
+pub const UPDATES_RETAINED_PER_USER: u64 = 100_000;
+/// Old updates trimmed per append once a user is over the retention bound, so
+/// trimming is spread over writes instead of happening in one long step.
+pub const UPDATES_TRIMMED_PER_APPEND_MAX: u64 = 4;
+
+// ---- wire --------------------------------------------------------------------
+
+/// Payload bounds per frame kind, checked against the header before anything
+/// is allocated.
+pub const HELLO_FRAME_BYTES_MAX: u32 = 1024;
+pub const REQUEST_FRAME_BYTES_MAX: u32 = 64 * 1024;
+pub const RESPONSE_FRAME_BYTES_MAX: u32 = 4 << 20;
+pub const PUSH_FRAME_BYTES_MAX: u32 = 2 << 20;
+/// Requests in flight on one connection (QUIC bidirectional stream credit).
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
+/// Client connections one node holds at once.
+pub const CONNECTIONS_MAX: usize = 10_000;
+/// Authenticated connections one user may hold at once.
+pub const CONNECTIONS_PER_USER_MAX: usize = 32;
+/// Sustained request rate and burst allowed on one connection.
+pub const REQUESTS_PER_CONNECTION_PER_SEC: u32 = 20_000;
+pub const REQUESTS_PER_CONNECTION_BURST: u32 = 2_000;
+/// Failed logins allowed per username and per remote address in one window.
+pub const LOGIN_FAILURES_PER_USERNAME_MAX: u32 = 5;
+pub const LOGIN_FAILURES_PER_ADDRESS_MAX: u32 = 30;
+pub const LOGIN_FAILURE_WINDOW_SECS: u64 = 60;
+/// Entries kept by the login limiter before the oldest are dropped.
+pub const LOGIN_LIMITER_ENTRIES_MAX: usize = 100_000;
+/// Time a client has to say hello, and the idle timeout of a connection.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const CONNECTION_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Longest a request may wait for its write to commit before the client is
+/// told to retry (with the same client id, so the retry is safe).
+pub const REQUEST_COMMIT_TIMEOUT_MS: u64 = 10_000;
+
+// ---- raft store --------------------------------------------------------------
+
+/// Queue of proposals and messages waiting for the raft store loop.
+pub const STORE_QUEUE_MAX: usize = 16_384;
+/// Inputs handled per pass of the loop, so ticks and heartbeats are never starved.
+pub const STORE_INPUTS_PER_PASS_MAX: usize = 4096;
+/// Commands batched into one raft entry, and that entry's byte bound.
+pub const ENTRY_COMMANDS_MAX: usize = 1024;
+pub const ENTRY_BYTES_MAX: usize = 1 << 20;
+/// One command's bound (a request becomes at most one command).
+pub const COMMAND_BYTES_MAX: usize = 256 * 1024;
+/// Raft message bounds (DESIGN.md: about 256 in flight, about 1 MiB each).
+pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
+pub const RAFT_MSG_BYTES_MAX: u64 = 1 << 20;
+/// A write-ahead-log segment is closed and a new one started past this size.
+pub const WAL_SEGMENT_BYTES_MAX: u64 = 64 << 20;
+/// One WAL record's bound; a longer length field is corruption, not a reason to allocate.
+pub const WAL_RECORD_BYTES_MAX: u32 = 256 << 20;
+/// Bytes appended to the WAL after which a checkpoint is taken.
+pub const CHECKPOINT_WAL_BYTES: u64 = 32 << 20;
+/// Longest time between checkpoints while writes are arriving.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 30_000;
+/// Applied entries kept in memory behind the applied index (for followers that lag a little).
+pub const LOG_ENTRIES_KEPT_BEHIND_APPLIED: u64 = 1024;
+/// Raft tick.
+pub const RAFT_TICK_MS: u64 = 100;
+
+// ---- cross-shard outbox ------------------------------------------------------
+
+/// Outbox records carried by one delivery proposal.
+pub const OUTBOX_RECORDS_PER_DELIVERY_MAX: usize = 512;
+/// Deliveries in flight at once from one node.
+pub const OUTBOX_DELIVERIES_IN_FLIGHT_MAX: usize = 256;
+/// Retry period when a delivery fails.
+pub const OUTBOX_RETRY_MS: u64 = 500;
