@@ -1,1 +1,106 @@
-//! placeholder
+//! The raft groups ("shards") hosted by one node, driven by raft-rs.
+//!
+//! Owns: one thread (the store loop, see [`store`]) that owns every shard's
+//! `RawNode` and handles each Ready in raft-rs's documented order; the
+//! write-ahead log ([`wal`]) that holds raft entries and hard state with one
+//! fdatasync per ready round for all shards together; applying committed
+//! commands into the database through a [`StateMachine`] in one atomic batch
+//! per round, with each shard's applied index written in that same batch; and
+//! checkpoints that make the database durable so the WAL can be truncated.
+//!
+//! Entry types: [`Store::open`] starts the loop and returns a [`RaftHandle`]
+//! (propose a command to a shard and wait for its applied result; read a
+//! shard's applied state).
+//!
+//! Must not know: what commands mean (they are bytes for the state machine),
+//! chats, users, QUIC. Keys: a shard's data lives under the 4-byte big-endian
+//! shard id; byte 0x00 after it is ours (apply state), 0x01 is the state
+//! machine's range, handed to it through a [`Prefixed`] view.
+
+mod log;
+mod store;
+pub mod wal;
+
+pub use store::{RaftHandle, Store, StoreConfig, StoreStats};
+
+use hamgam_storage::{Db, Prefixed, StorageError, Txn};
+use hamgam_types::{NodeId, ShardId};
+use std::sync::Arc;
+
+/// The state machine a shard's committed commands are applied to.
+///
+/// `apply` must be deterministic: the same commands in the same order give
+/// the same writes and replies on every replica and after every restart.
+/// Time and randomness come inside the command, never from the machine.
+pub trait StateMachine: Send + 'static {
+    /// Applies one committed command of `shard` at raft `index`. Writes go
+    /// into `kv`, which only reaches this shard's range. Returns the reply
+    /// for the proposer (ignored when the proposer was another node).
+    fn apply(&mut self, shard: ShardId, index: u64, command: &[u8], kv: &mut ShardWriter<'_, '_>) -> Vec<u8>;
+
+    /// Called once per apply round after its writes are visible to readers.
+    fn after_round(&mut self) {}
+}
+
+/// What a state machine writes through: its shard's range of the round's overlay.
+pub type ShardWriter<'t, 'db> = Prefixed<&'t mut Txn<'db>>;
+
+/// What readers read through: a shard's state-machine range of the database.
+pub type ShardReader = Prefixed<Arc<dyn Db>>;
+
+/// The database prefix of everything belonging to `shard`.
+pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
+    shard.0.to_be_bytes()
+}
+
+/// The prefix of the state machine's range within `shard`.
+pub fn state_machine_prefix(shard: ShardId) -> [u8; 5] {
+    let [a, b, c, d] = shard_prefix(shard);
+    [a, b, c, d, 0x01]
+}
+
+/// A read-only view of one shard's applied state.
+pub fn shard_reader(db: Arc<dyn Db>, shard: ShardId) -> ShardReader {
+    Prefixed::new(db, &state_machine_prefix(shard))
+}
+
+/// Why a proposal did not produce a result. None of these means the command
+/// was rejected by the state machine: that is the state machine's reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node does not lead the shard; `leader` is the last one it knew.
+    #[error("this node does not lead shard {shard} (leader: {leader:?})")]
+    NotLeader { shard: ShardId, leader: Option<NodeId> },
+    /// The proposal was lost in a leader change. It may or may not have been
+    /// applied: retry only commands that are idempotent.
+    #[error("the proposal was dropped by a leader change")]
+    Dropped,
+    /// The store is stopping or has failed.
+    #[error("the raft store is stopped")]
+    Stopped,
+    /// This node hosts no replica of the shard.
+    #[error("shard {0} is not hosted here")]
+    UnknownShard(ShardId),
+    /// The command is over [`hamgam_types::limits::COMMAND_BYTES_MAX`].
+    #[error("a command of {0} bytes is over the limit")]
+    TooLarge(usize),
+}
+
+/// Failures that stop the store. After one, the node must stop too.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("raft failed on shard {shard}: {source}")]
+    Raft { shard: ShardId, source: raft::Error },
+    /// A committed entry or stored record does not decode: the log or database is damaged.
+    #[error("corrupt {what} in shard {shard}: {reason}")]
+    Corrupt { shard: ShardId, what: &'static str, reason: String },
+    /// Something this version cannot do yet (for example, a configuration change).
+    #[error("unsupported in shard {shard}: {what}")]
+    Unsupported { shard: ShardId, what: &'static str },
+    #[error("could not start the store thread: {0}")]
+    Thread(std::io::Error),
+}

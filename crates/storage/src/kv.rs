@@ -76,6 +76,15 @@ impl<T: KvRead + ?Sized> KvRead for &mut T {
     }
 }
 
+impl<T: KvRead + ?Sized> KvRead for std::sync::Arc<T> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        (**self).get(key)
+    }
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        (**self).scan(range, order, limit)
+    }
+}
+
 impl<T: KvWrite + ?Sized> KvWrite for &mut T {
     fn put(&mut self, key: &[u8], value: Vec<u8>) {
         (**self).put(key, value)

@@ -1,0 +1,900 @@
+//! The store loop: one thread owns every shard's raft node on this node.
+//!
+//! A pass of the loop:
+//! 1. takes up to [`limits::STORE_INPUTS_PER_PASS_MAX`] inputs from the queue
+//!    (proposals, wake-ups, checkpoint results), so ticks are never starved;
+//! 2. ticks every raft node if a tick interval has passed;
+//! 3. proposes each shard's gathered commands as one raft entry;
+//! 4. handles every shard's Ready in raft-rs's documented order: messages,
+//!    snapshot, committed entries, new entries, hard state; then one WAL
+//!    record and one fdatasync for all shards; then persisted messages and
+//!    `advance` with its light ready;
+//! 5. applies all committed entries of the pass in one database batch that
+//!    also holds each shard's applied index, and only then answers the
+//!    proposers: an answer means the command is durable and visible;
+//! 6. starts a checkpoint (off the loop, in its own thread) when enough WAL
+//!    has accumulated; when it reports back, WAL segments behind it go.
+
+use crate::log::ShardLog;
+use crate::wal::{ShardWrite, Wal};
+use crate::{ProposeError, ShardReader, StateMachine, StoreError, shard_prefix, shard_reader, state_machine_prefix};
+use hamgam_storage::{Db, KvWrite, Prefixed, Txn};
+use hamgam_types::{NodeId, ShardId, limits};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, Message};
+use raft::{RawNode, Ready, StateRole};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+type Reply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
+
+/// How a store is set up.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub node: NodeId,
+    pub wal_dir: PathBuf,
+    /// Shards this node hosts. A shard with no state yet is created with
+    /// this node as its only voter.
+    pub shards: Vec<ShardId>,
+}
+
+/// Counters for operators and benchmarks; cheap to read at any time.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub passes: AtomicU64,
+    pub wal_rounds: AtomicU64,
+    pub entries_applied: AtomicU64,
+    pub commands_applied: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub wal_segments_released: AtomicU64,
+}
+
+enum Input {
+    Propose { shard: ShardId, command: Vec<u8>, reply: Reply },
+    Wake,
+    CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
+    Stop,
+    /// Tests: end the loop as a crash would, with no final checkpoint.
+    #[cfg(test)]
+    Crash,
+}
+
+/// The running store: a handle for proposals and the loop's thread.
+pub struct Store {
+    handle: RaftHandle,
+    thread: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Cheap to clone; every clone talks to the same store loop.
+#[derive(Clone)]
+pub struct RaftHandle {
+    inputs: mpsc::Sender<Input>,
+    db: Arc<dyn Db>,
+    leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
+    stats: Arc<StoreStats>,
+    running: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for RaftHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftHandle").finish_non_exhaustive()
+    }
+}
+
+impl RaftHandle {
+    /// Proposes `command` to `shard` and waits until it is applied; returns
+    /// the state machine's reply. Waits for queue space (backpressure).
+    pub async fn propose(&self, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        if command.len() > limits::COMMAND_BYTES_MAX {
+            return Err(ProposeError::TooLarge(command.len()));
+        }
+        if !self.leaders.contains_key(&shard) {
+            return Err(ProposeError::UnknownShard(shard));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.inputs.send(Input::Propose { shard, command, reply }).await.map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// The applied state of `shard`, for reads.
+    pub fn reader(&self, shard: ShardId) -> ShardReader {
+        shard_reader(self.db.clone(), shard)
+    }
+
+    /// The leader of `shard` as this node last saw it.
+    pub fn leader(&self, shard: ShardId) -> Option<NodeId> {
+        let id = self.leaders.get(&shard)?.load(Ordering::Relaxed);
+        (id != raft::INVALID_ID).then_some(NodeId(id))
+    }
+
+    /// True once every hosted shard knows a leader.
+    pub fn all_leaders_known(&self) -> bool {
+        self.leaders.values().all(|id| id.load(Ordering::Relaxed) != raft::INVALID_ID)
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Resolves when the store loop has ended (stopped or failed).
+    pub async fn stopped(&self) {
+        let mut running = self.running.clone();
+        while *running.borrow_and_update() {
+            if running.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Recovers every shard from the database and the WAL, creates missing
+    /// shards, and starts the loop thread.
+    pub fn open(config: StoreConfig, db: Arc<dyn Db>, machine: Box<dyn StateMachine>) -> Result<Store, StoreError> {
+        let (wal, mut recovered) = Wal::open(&config.wal_dir)?;
+        let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+        let mut peers = BTreeMap::new();
+        let mut bootstrap = Txn::new(&*db);
+        for &shard in &config.shards {
+            let apply_state = match read_apply_state(&*db, shard)? {
+                Some(state) => state,
+                None => {
+                    let mut conf = ConfState::default();
+                    conf.voters = vec![config.node.0];
+                    let state = ApplyState { index: 0, term: 0, conf };
+                    bootstrap.put(&apply_state_key(shard), state.encode());
+                    state
+                }
+            };
+            let from_wal = recovered.remove(&shard).unwrap_or_default();
+            let log = ShardLog::recover(
+                from_wal.hard_state,
+                apply_state.conf.clone(),
+                apply_state.index,
+                apply_state.term,
+                from_wal.entries,
+            );
+            let raft_config = raft::Config {
+                id: config.node.0,
+                applied: apply_state.index,
+                election_tick: 10,
+                heartbeat_tick: 3,
+                pre_vote: true,
+                check_quorum: true,
+                max_inflight_msgs: limits::RAFT_INFLIGHT_MSGS_MAX,
+                max_size_per_msg: limits::RAFT_MSG_BYTES_MAX,
+                max_committed_size_per_ready: 16 << 20,
+                ..Default::default()
+            };
+            raft_config.validate().map_err(|source| StoreError::Raft { shard, source })?;
+            let mut node = RawNode::new(&raft_config, log, &logger).map_err(|source| StoreError::Raft { shard, source })?;
+            if apply_state.conf.voters == [config.node.0] && apply_state.conf.learners.is_empty() {
+                // Sole voter: no one to wait for, lead at once.
+                node.campaign().map_err(|source| StoreError::Raft { shard, source })?;
+            }
+            peers.insert(
+                shard,
+                Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied: apply_state },
+            );
+        }
+        if !bootstrap.is_empty() {
+            db.write(&bootstrap.into_batch())?;
+            db.persist()?;
+        }
+        if !recovered.is_empty() {
+            tracing::warn!(shards = ?recovered.keys().collect::<Vec<_>>(), "WAL holds shards this node no longer hosts");
+        }
+
+        let (inputs, queue) = mpsc::channel(limits::STORE_QUEUE_MAX);
+        let (running_tx, running) = watch::channel(true);
+        let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
+            Arc::new(config.shards.iter().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
+        let stats = Arc::new(StoreStats::default());
+        let handle = RaftHandle { inputs: inputs.clone(), db: db.clone(), leaders: leaders.clone(), stats: stats.clone(), running };
+
+        let ticker_inputs = inputs.clone();
+        std::thread::Builder::new()
+            .name("raft-ticker".into())
+            .spawn(move || {
+                // Wakes an idle loop so it can tick; a busy loop ticks on its
+                // own clock, so a full queue just skips a wake-up.
+                while !ticker_inputs.is_closed() {
+                    std::thread::sleep(Duration::from_millis(limits::RAFT_TICK_MS));
+                    let _ = ticker_inputs.try_send(Input::Wake);
+                }
+            })
+            .map_err(StoreError::Thread)?;
+
+        let mut store_loop = StoreLoop {
+            node: config.node,
+            peers,
+            wal,
+            db,
+            machine,
+            queue,
+            inputs,
+            leaders,
+            stats,
+            last_tick: Instant::now(),
+            checkpoint: CheckpointState { in_flight: false, wal_bytes: 0, last: Instant::now() },
+        };
+        let thread = std::thread::Builder::new()
+            .name("raftstore".into())
+            .spawn(move || {
+                let result = store_loop.run();
+                if let Err(error) = &result {
+                    tracing::error!(%error, "raft store stopped by a fatal error");
+                }
+                store_loop.fail_queued();
+                let _ = running_tx.send(false);
+                result
+            })
+            .map_err(StoreError::Thread)?;
+        Ok(Store { handle, thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> RaftHandle {
+        self.handle.clone()
+    }
+
+    /// Tests: stop the loop the way a crash would (no final checkpoint, WAL kept).
+    #[cfg(test)]
+    fn crash(mut self) {
+        let _ = self.handle.inputs.try_send(Input::Crash);
+        let _ = self.join();
+    }
+
+    /// Stops the loop after its current pass, takes a final checkpoint and
+    /// joins the thread. Proposals still queued are answered `Stopped`.
+    pub fn stop(mut self) -> Result<(), StoreError> {
+        let _ = self.handle.inputs.try_send(Input::Stop);
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), StoreError> {
+        match self.thread.take() {
+            Some(thread) => {
+                if !thread.is_finished() {
+                    // The queue may be full: keep offering Stop until taken.
+                    while !thread.is_finished() && self.handle.inputs.try_send(Input::Stop).is_err() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                thread.join().unwrap_or_else(|_| Err(StoreError::Thread(std::io::Error::other("store thread panicked"))))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.handle.inputs.try_send(Input::Stop);
+            let _ = self.join();
+        }
+    }
+}
+
+/// A shard's applied point, stored with the state it describes.
+#[derive(Debug, Clone)]
+struct ApplyState {
+    index: u64,
+    term: u64,
+    conf: ConfState,
+}
+
+const APPLY_STATE_VERSION: u8 = 1;
+
+impl ApplyState {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32);
+        out.push(APPLY_STATE_VERSION);
+        out.extend_from_slice(&self.index.to_le_bytes());
+        out.extend_from_slice(&self.term.to_le_bytes());
+        // Encoding a ConfState into a Vec cannot fail: no size limits apply.
+        out.extend_from_slice(&self.conf.write_to_bytes().unwrap_or_default());
+        out
+    }
+
+    fn decode(shard: ShardId, bytes: &[u8]) -> Result<ApplyState, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt { shard, what: "apply state", reason };
+        if bytes.len() < 17 || bytes[0] != APPLY_STATE_VERSION {
+            return Err(corrupt(format!("{} bytes, version {:?}", bytes.len(), bytes.first())));
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[1..9]);
+        let index = u64::from_le_bytes(word);
+        word.copy_from_slice(&bytes[9..17]);
+        let term = u64::from_le_bytes(word);
+        let mut conf = ConfState::default();
+        conf.merge_from_bytes(&bytes[17..]).map_err(|e| corrupt(e.to_string()))?;
+        Ok(ApplyState { index, term, conf })
+    }
+}
+
+fn apply_state_key(shard: ShardId) -> Vec<u8> {
+    let mut key = shard_prefix(shard).to_vec();
+    key.push(0x00);
+    key
+}
+
+fn read_apply_state(db: &dyn Db, shard: ShardId) -> Result<Option<ApplyState>, StoreError> {
+    db.get(&apply_state_key(shard))?.map(|bytes| ApplyState::decode(shard, &bytes)).transpose()
+}
+
+/// Commands batched into one raft entry: version, count, then length-prefixed commands.
+const ENTRY_BATCH_VERSION: u8 = 1;
+
+fn encode_batch(commands: &[Vec<u8>]) -> Vec<u8> {
+    let bytes: usize = commands.iter().map(|c| c.len() + 4).sum();
+    let mut out = Vec::with_capacity(5 + bytes);
+    out.push(ENTRY_BATCH_VERSION);
+    out.extend_from_slice(&(commands.len() as u32).to_le_bytes());
+    for command in commands {
+        out.extend_from_slice(&(command.len() as u32).to_le_bytes());
+        out.extend_from_slice(command);
+    }
+    out
+}
+
+fn decode_batch(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if bytes.len() < n {
+            return Err("entry shorter than its commands".into());
+        }
+        let (head, tail) = bytes.split_at(n);
+        *bytes = tail;
+        Ok(head)
+    }
+    fn u32_of(b: &[u8]) -> usize {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+    }
+    let version = take(&mut bytes, 1)?[0];
+    if version != ENTRY_BATCH_VERSION {
+        return Err(format!("unknown entry batch version {version}"));
+    }
+    let count = u32_of(take(&mut bytes, 4)?);
+    if count > limits::ENTRY_COMMANDS_MAX {
+        return Err(format!("{count} commands in one entry"));
+    }
+    let mut commands = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32_of(take(&mut bytes, 4)?);
+        commands.push(take(&mut bytes, len)?);
+    }
+    if !bytes.is_empty() {
+        return Err("trailing bytes after the last command".into());
+    }
+    Ok(commands)
+}
+
+/// A proposed entry waiting to be applied.
+struct Inflight {
+    index: u64,
+    term: u64,
+    replies: Vec<Reply>,
+}
+
+struct Peer {
+    node: RawNode<ShardLog>,
+    /// Commands gathered this pass, proposed together as one entry.
+    batch: Vec<(Vec<u8>, Reply)>,
+    batch_bytes: usize,
+    inflight: VecDeque<Inflight>,
+    applied: ApplyState,
+}
+
+impl Peer {
+    fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    fn fail_all(&mut self, error: &ProposeError) {
+        for (_, reply) in self.batch.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.batch_bytes = 0;
+        for inflight in self.inflight.drain(..) {
+            for reply in inflight.replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+struct CheckpointState {
+    in_flight: bool,
+    /// WAL bytes written since the last checkpoint started.
+    wal_bytes: u64,
+    last: Instant,
+}
+
+struct StoreLoop {
+    node: NodeId,
+    peers: BTreeMap<ShardId, Peer>,
+    wal: Wal,
+    db: Arc<dyn Db>,
+    machine: Box<dyn StateMachine>,
+    queue: mpsc::Receiver<Input>,
+    /// For the checkpoint thread to report back.
+    inputs: mpsc::Sender<Input>,
+    leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
+    stats: Arc<StoreStats>,
+    last_tick: Instant,
+    checkpoint: CheckpointState,
+}
+
+impl StoreLoop {
+    fn run(&mut self) -> Result<(), StoreError> {
+        // Publish the leaders the start-up campaigns produced.
+        self.process_ready()?;
+        loop {
+            // Block only when no raft node has work left over.
+            let first = if self.peers.values().any(|p| p.node.has_ready()) {
+                self.queue.try_recv().ok()
+            } else {
+                match self.queue.blocking_recv() {
+                    Some(input) => Some(input),
+                    None => break,
+                }
+            };
+            let mut stop = false;
+            if let Some(input) = first {
+                stop |= self.handle(input)?;
+                let mut taken = 1;
+                while taken < limits::STORE_INPUTS_PER_PASS_MAX && !stop {
+                    match self.queue.try_recv() {
+                        Ok(input) => stop |= self.handle(input)?,
+                        Err(_) => break,
+                    }
+                    taken += 1;
+                }
+            }
+            self.tick_if_due();
+            self.propose_batches();
+            self.process_ready()?;
+            self.start_checkpoint_if_due();
+            self.stats.passes.fetch_add(1, Ordering::Relaxed);
+            if stop {
+                break;
+            }
+        }
+        self.final_checkpoint()
+    }
+
+    /// Returns true when the loop must stop.
+    fn handle(&mut self, input: Input) -> Result<bool, StoreError> {
+        match input {
+            Input::Propose { shard, command, reply } => {
+                let Some(peer) = self.peers.get_mut(&shard) else {
+                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
+                    return Ok(false);
+                };
+                if peer.batch.len() >= limits::ENTRY_COMMANDS_MAX
+                    || peer.batch_bytes + command.len() > limits::ENTRY_BYTES_MAX
+                {
+                    propose_batch(shard, peer);
+                }
+                peer.batch_bytes += command.len() + 4;
+                peer.batch.push((command, reply));
+            }
+            Input::Wake => {}
+            Input::CheckpointDone(result) => {
+                self.checkpoint.in_flight = false;
+                let durable = result?;
+                let released = self.wal.release_through(&durable)?;
+                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                self.stats.wal_segments_released.fetch_add(released as u64, Ordering::Relaxed);
+            }
+            Input::Stop => return Ok(true),
+            #[cfg(test)]
+            Input::Crash => return Err(StoreError::Thread(std::io::Error::other("simulated crash"))),
+        }
+        Ok(false)
+    }
+
+    fn tick_if_due(&mut self) {
+        let interval = Duration::from_millis(limits::RAFT_TICK_MS);
+        if self.last_tick.elapsed() < interval {
+            return;
+        }
+        self.last_tick = Instant::now();
+        for peer in self.peers.values_mut() {
+            peer.node.tick();
+        }
+    }
+
+    fn propose_batches(&mut self) {
+        for (shard, peer) in self.peers.iter_mut() {
+            if !peer.batch.is_empty() {
+                propose_batch(*shard, peer);
+            }
+        }
+    }
+
+    fn process_ready(&mut self) -> Result<(), StoreError> {
+        let mut readies: Vec<(ShardId, Ready)> = Vec::new();
+        let mut writes: BTreeMap<ShardId, ShardWrite> = BTreeMap::new();
+        let mut committed: Vec<(ShardId, Vec<Entry>)> = Vec::new();
+
+        for (&shard, peer) in self.peers.iter_mut() {
+            if !peer.node.has_ready() {
+                continue;
+            }
+            let mut ready = peer.node.ready();
+            if let Some(soft) = ready.ss() {
+                self.leaders[&shard].store(soft.leader_id, Ordering::Relaxed);
+                if soft.raft_state != StateRole::Leader {
+                    peer.fail_all(&ProposeError::NotLeader {
+                        shard,
+                        leader: (soft.leader_id != raft::INVALID_ID).then_some(NodeId(soft.leader_id)),
+                    });
+                }
+            }
+            // 1. Messages a leader may send before its own write is durable.
+            send_messages(self.node, shard, ready.take_messages());
+            // 2. A snapshot from the leader.
+            if !ready.snapshot().is_empty() {
+                return Err(StoreError::Unsupported { shard, what: "installing a snapshot from a leader" });
+            }
+            // 3. Entries committed earlier (already durable here).
+            let entries = ready.take_committed_entries();
+            if !entries.is_empty() {
+                committed.push((shard, entries));
+            }
+            // 4 and 5. New entries and hard state: into the log now, on disk below.
+            let mut write = ShardWrite::default();
+            if !ready.entries().is_empty() {
+                peer.node.mut_store().append(ready.entries());
+                write.entries = ready.take_entries();
+            }
+            if let Some(hs) = ready.hs() {
+                peer.node.mut_store().set_hard_state(hs.clone());
+                write.hard_state = Some(hs.clone());
+            }
+            if write.hard_state.is_some() || !write.entries.is_empty() {
+                writes.insert(shard, write);
+            }
+            readies.push((shard, ready));
+        }
+        if readies.is_empty() {
+            return Ok(());
+        }
+
+        // One record, one fdatasync, for every shard of this round.
+        if !writes.is_empty() {
+            self.wal.append_round(&writes)?;
+            self.stats.wal_rounds.fetch_add(1, Ordering::Relaxed);
+        }
+
+        for (shard, mut ready) in readies {
+            let Some(peer) = self.peers.get_mut(&shard) else { continue };
+            // 6. Messages that must wait until our write is durable (votes, acks).
+            send_messages(self.node, shard, ready.take_persisted_messages());
+            // 7. Advance, then the light ready.
+            let mut light = peer.node.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                peer.node.mut_store().set_commit(commit);
+            }
+            send_messages(self.node, shard, light.take_messages());
+            let entries = light.take_committed_entries();
+            if !entries.is_empty() {
+                committed.push((shard, entries));
+            }
+        }
+        self.apply(committed)
+    }
+
+    /// Applies committed entries of all shards in one batch, then answers proposers.
+    fn apply(&mut self, committed: Vec<(ShardId, Vec<Entry>)>) -> Result<(), StoreError> {
+        if committed.is_empty() {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let mut txn = Txn::new(&*db);
+        let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
+        let mut commands_applied = 0u64;
+        let mut entries_applied = 0u64;
+        let mut touched: Vec<ShardId> = Vec::new();
+
+        for (shard, entries) in committed {
+            let Some(peer) = self.peers.get_mut(&shard) else { continue };
+            touched.push(shard);
+            for entry in entries {
+                if entry.index <= peer.applied.index {
+                    continue;
+                }
+                match entry.get_entry_type() {
+                    EntryType::EntryNormal => {
+                        let mut results = Vec::new();
+                        if !entry.data.is_empty() {
+                            let commands = decode_batch(&entry.data)
+                                .map_err(|reason| StoreError::Corrupt { shard, what: "committed entry", reason })?;
+                            let mut writer = Prefixed::new(&mut txn, &state_machine_prefix(shard));
+                            for command in commands {
+                                results.push(self.machine.apply(shard, entry.index, command, &mut writer));
+                            }
+                            commands_applied += results.len() as u64;
+                        }
+                        complete(peer, entry.index, entry.term, results, &mut answers);
+                    }
+                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                        return Err(StoreError::Unsupported { shard, what: "configuration changes" });
+                    }
+                }
+                peer.applied.index = entry.index;
+                peer.applied.term = entry.term;
+                entries_applied += 1;
+            }
+            txn.put(&apply_state_key(shard), peer.applied.encode());
+        }
+
+        db.write(&txn.into_batch())?;
+        self.machine.after_round();
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
+        }
+        for shard in touched {
+            let Some(peer) = self.peers.get_mut(&shard) else { continue };
+            let applied = peer.applied.index;
+            peer.node.advance_apply_to(applied);
+            // Keep a short tail of applied entries in memory for followers
+            // that lag a little; the WAL keeps them on disk until a checkpoint.
+            let store = peer.node.mut_store();
+            if applied > store.first_index_in_memory() + 2 * limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED {
+                store.compact(applied - limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED);
+            }
+        }
+        self.stats.entries_applied.fetch_add(entries_applied, Ordering::Relaxed);
+        self.stats.commands_applied.fetch_add(commands_applied, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn start_checkpoint_if_due(&mut self) {
+        self.checkpoint.wal_bytes += self.wal.take_bytes_appended();
+        if self.checkpoint.in_flight || self.checkpoint.wal_bytes == 0 {
+            return;
+        }
+        let due = self.checkpoint.wal_bytes >= limits::CHECKPOINT_WAL_BYTES
+            || self.checkpoint.last.elapsed() >= Duration::from_millis(limits::CHECKPOINT_INTERVAL_MS);
+        if !due {
+            return;
+        }
+        // Everything applied so far is already written to the database; the
+        // checkpoint makes it durable, so these indexes become safe to
+        // truncate the WAL behind once it reports success.
+        let applied: BTreeMap<ShardId, u64> = self.peers.iter().map(|(s, p)| (*s, p.applied.index)).collect();
+        let db = self.db.clone();
+        let inputs = self.inputs.clone();
+        let spawned = std::thread::Builder::new().name("raft-checkpoint".into()).spawn(move || {
+            let result = db.persist().map(|()| applied);
+            let _ = inputs.blocking_send(Input::CheckpointDone(result));
+        });
+        match spawned {
+            Ok(_) => {
+                self.checkpoint = CheckpointState { in_flight: true, wal_bytes: 0, last: Instant::now() };
+            }
+            Err(error) => tracing::warn!(%error, "could not start a checkpoint; will retry"),
+        }
+    }
+
+    /// On a clean stop: make the database durable and drop the WAL behind it,
+    /// so the next start replays nothing.
+    fn final_checkpoint(&mut self) -> Result<(), StoreError> {
+        self.db.persist()?;
+        let applied: BTreeMap<ShardId, u64> = self.peers.iter().map(|(s, p)| (*s, p.applied.index)).collect();
+        self.wal.release_through(&applied)?;
+        tracing::info!(fsyncs = self.wal.fsyncs(), "raft store stopped cleanly");
+        Ok(())
+    }
+
+    /// Answers everything still waiting with `Stopped`.
+    fn fail_queued(&mut self) {
+        for peer in self.peers.values_mut() {
+            peer.fail_all(&ProposeError::Stopped);
+        }
+        self.queue.close();
+        while let Ok(input) = self.queue.try_recv() {
+            if let Input::Propose { reply, .. } = input {
+                let _ = reply.send(Err(ProposeError::Stopped));
+            }
+        }
+    }
+}
+
+/// Proposes a peer's gathered commands as one entry.
+fn propose_batch(shard: ShardId, peer: &mut Peer) {
+    let batch = std::mem::take(&mut peer.batch);
+    peer.batch_bytes = 0;
+    if !peer.is_leader() {
+        let leader = peer.node.raft.leader_id;
+        let error = ProposeError::NotLeader { shard, leader: (leader != raft::INVALID_ID).then_some(NodeId(leader)) };
+        for (_, reply) in batch {
+            let _ = reply.send(Err(error.clone()));
+        }
+        return;
+    }
+    let (commands, replies): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
+    match peer.node.propose(Vec::new(), encode_batch(&commands)) {
+        Ok(()) => {
+            let index = peer.node.raft.raft_log.last_index();
+            let term = peer.node.raft.term;
+            peer.inflight.push_back(Inflight { index, term, replies });
+        }
+        Err(error) => {
+            tracing::debug!(%shard, %error, "proposal dropped");
+            for reply in replies {
+                let _ = reply.send(Err(ProposeError::Dropped));
+            }
+        }
+    }
+}
+
+/// Matches an applied entry with the proposals waiting for it.
+fn complete(
+    peer: &mut Peer,
+    index: u64,
+    term: u64,
+    results: Vec<Vec<u8>>,
+    answers: &mut Vec<(Reply, Result<Vec<u8>, ProposeError>)>,
+) {
+    while let Some(front) = peer.inflight.front() {
+        if front.index > index {
+            return;
+        }
+        let Some(inflight) = peer.inflight.pop_front() else { return };
+        if inflight.index == index && inflight.term == term && inflight.replies.len() == results.len() {
+            for (reply, result) in inflight.replies.into_iter().zip(results) {
+                answers.push((reply, Ok(result)));
+            }
+            return;
+        }
+        // Another leader's entry took this index: our proposal was lost.
+        for reply in inflight.replies {
+            answers.push((reply, Err(ProposeError::Dropped)));
+        }
+        if inflight.index == index {
+            return;
+        }
+    }
+}
+
+/// Raft messages to other nodes. A single-node cluster has no peers, so
+/// nothing is ever sent; node-to-node transport arrives with the cluster.
+fn send_messages(node: NodeId, shard: ShardId, messages: Vec<Message>) {
+    for message in messages {
+        if message.to != node.0 {
+            tracing::warn!(%shard, to = message.to, kind = ?message.msg_type, "no transport to another node yet; message dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ShardWriter;
+    use hamgam_storage::{KvRead, MemDb, SledDb};
+
+    /// A counter per shard: each command adds its bytes' length and replies
+    /// with the new total. Deterministic, like a real state machine must be.
+    struct Counter;
+
+    impl StateMachine for Counter {
+        fn apply(&mut self, _shard: ShardId, _index: u64, command: &[u8], kv: &mut ShardWriter<'_, '_>) -> Vec<u8> {
+            let old = kv.get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
+            let new = old + command.len() as u64;
+            kv.put(b"total", new.to_le_bytes().to_vec());
+            new.to_le_bytes().to_vec()
+        }
+    }
+
+    fn total(handle: &RaftHandle, shard: u32) -> u64 {
+        handle.reader(ShardId(shard)).get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
+    }
+
+    fn config(dir: &std::path::Path) -> StoreConfig {
+        StoreConfig { node: NodeId(1), wal_dir: dir.join("wal"), shards: vec![ShardId(0), ShardId(1), ShardId(2)] }
+    }
+
+    #[test]
+    fn entry_batches_round_trip_and_reject_garbage() {
+        let commands = vec![b"a".to_vec(), Vec::new(), b"ccc".to_vec()];
+        let encoded = encode_batch(&commands);
+        assert_eq!(decode_batch(&encoded).unwrap(), vec![&b"a"[..], &b""[..], &b"ccc"[..]]);
+        assert!(decode_batch(&encoded[..encoded.len() - 1]).is_err());
+        assert!(decode_batch(&[9, 0, 0, 0, 0]).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_proposals_apply_once_each_and_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(MemDb::new());
+        let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+        let handle = store.handle();
+        let mut tasks = Vec::new();
+        for i in 0..400u32 {
+            let handle = handle.clone();
+            tasks.push(tokio::spawn(async move { handle.propose(ShardId(1 + i % 2), vec![0u8; 3]).await }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(total(&handle, 1) + total(&handle, 2), 1200);
+        let rounds = handle.stats().wal_rounds.load(Ordering::Relaxed);
+        assert!(rounds < 400, "400 proposals took {rounds} WAL rounds: no batching");
+        store.stop().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_survives_restart_with_and_without_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
+            let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+            let handle = store.handle();
+            for _ in 0..10 {
+                handle.propose(ShardId(1), vec![1; 5]).await.unwrap();
+            }
+            store.stop().unwrap();
+        }
+        {
+            let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
+            let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+            let handle = store.handle();
+            assert_eq!(total(&handle, 1), 50);
+            let reply = handle.propose(ShardId(1), vec![1; 5]).await.unwrap();
+            assert_eq!(reply, 55u64.to_le_bytes());
+            store.crash();
+        }
+        {
+            // After a crash the WAL replays what the database did not persist.
+            let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
+            let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+            let reply = store.handle().propose(ShardId(1), vec![1; 5]).await.unwrap();
+            assert_eq!(reply, 60u64.to_le_bytes());
+            store.stop().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_replay_rebuilds_state_lost_from_the_database() {
+        // The database loses everything (as if its unsynced writes vanished in
+        // a power cut); the WAL must bring every acknowledged command back.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter)).unwrap();
+        for _ in 0..7 {
+            store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
+        }
+        store.crash();
+        let db: Arc<dyn Db> = Arc::new(MemDb::new());
+        let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+        let handle = store.handle();
+        // Replay happens in the first passes; a new proposal orders after it.
+        let reply = handle.propose(ShardId(2), vec![1; 2]).await.unwrap();
+        assert_eq!(reply, 16u64.to_le_bytes());
+        store.stop().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_shards_and_oversize_commands_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter)).unwrap();
+        let handle = store.handle();
+        assert_eq!(handle.propose(ShardId(99), vec![]).await, Err(ProposeError::UnknownShard(ShardId(99))));
+        let big = vec![0; limits::COMMAND_BYTES_MAX + 1];
+        assert!(matches!(handle.propose(ShardId(1), big).await, Err(ProposeError::TooLarge(_))));
+        store.stop().unwrap();
+        assert_eq!(handle.propose(ShardId(1), vec![1]).await, Err(ProposeError::Stopped));
+    }
+}
