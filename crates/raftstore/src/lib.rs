@@ -35,8 +35,15 @@ use std::sync::Arc;
 pub trait StateMachine: Send + 'static {
     /// Applies one committed command of `shard` at raft `index`. Writes go
     /// into `kv`, which only reaches this shard's range. Returns the reply
-    /// for the proposer (ignored when the proposer was another node).
-    fn apply(&mut self, shard: ShardId, index: u64, command: &[u8], kv: &mut ShardWriter<'_, '_>) -> Vec<u8>;
+    /// for the proposer (ignored when the proposer was another node). An
+    /// error means storage failed underneath and stops the store.
+    fn apply(
+        &mut self,
+        shard: ShardId,
+        index: u64,
+        command: &[u8],
+        kv: &mut ShardWriter<'_, '_>,
+    ) -> Result<Vec<u8>, StorageError>;
 
     /// Called once per apply round after its writes are visible to readers.
     fn after_round(&mut self) {}

@@ -623,7 +623,7 @@ impl StoreLoop {
                                 .map_err(|reason| StoreError::Corrupt { shard, what: "committed entry", reason })?;
                             let mut writer = Prefixed::new(&mut txn, &state_machine_prefix(shard));
                             for command in commands {
-                                results.push(self.machine.apply(shard, entry.index, command, &mut writer));
+                                results.push(self.machine.apply(shard, entry.index, command, &mut writer)?);
                             }
                             commands_applied += results.len() as u64;
                         }
@@ -784,18 +784,24 @@ fn send_messages(node: NodeId, shard: ShardId, messages: Vec<Message>) {
 mod tests {
     use super::*;
     use crate::ShardWriter;
-    use hamgam_storage::{KvRead, MemDb, SledDb};
+    use hamgam_storage::{KvRead, KvWrite, MemDb, SledDb};
 
     /// A counter per shard: each command adds its bytes' length and replies
     /// with the new total. Deterministic, like a real state machine must be.
     struct Counter;
 
     impl StateMachine for Counter {
-        fn apply(&mut self, _shard: ShardId, _index: u64, command: &[u8], kv: &mut ShardWriter<'_, '_>) -> Vec<u8> {
-            let old = kv.get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
+        fn apply(
+            &mut self,
+            _shard: ShardId,
+            _index: u64,
+            command: &[u8],
+            kv: &mut ShardWriter<'_, '_>,
+        ) -> Result<Vec<u8>, hamgam_storage::StorageError> {
+            let old = kv.get(b"total")?.map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
             let new = old + command.len() as u64;
             kv.put(b"total", new.to_le_bytes().to_vec());
-            new.to_le_bytes().to_vec()
+            Ok(new.to_le_bytes().to_vec())
         }
     }
 

@@ -1,1 +1,94 @@
-//! placeholder
+//! The messenger domain as a deterministic state machine.
+//!
+//! Owns users (username index, credentials, devices), chats (direct and
+//! group, members and roles), messages (gap-free per-chat `seq`, idempotent
+//! sends keyed by the client's id), per-user update sequences (`pts`) with
+//! bounded retention, and the cross-shard outbox that carries "chat C is now
+//! at seq S" from a chat's shard to its members' shards.
+//!
+//! Entry types: [`SyncMachine`] (the raft state machine: a [`Command`] in,
+//! writes and a [`Reply`] out, no clock and no randomness), [`SyncService`]
+//! (routes commands to shards, waits for their replies, runs the outbox
+//! deliverer and answers reads such as history and "everything since pts").
+//!
+//! Must not know: QUIC, sessions on connections, the wire frames, sled. It
+//! reaches storage only through raftstore's shard views.
+
+mod command;
+mod keys;
+mod machine;
+pub mod records;
+mod service;
+pub mod text;
+
+#[cfg(test)]
+mod tests;
+
+pub use command::{Command, Reply, direct_chat_id, group_chat_id};
+pub use machine::{Signals, SyncMachine, UpdateListener};
+pub use service::{DifferenceOutcome, SyncService};
+
+use hamgam_raftstore::ProposeError;
+use hamgam_storage::StorageError;
+use serde::{Deserialize, Serialize};
+
+/// A command the domain refused, with the reason. Deterministic: every
+/// replica refuses the same command for the same reason, so this travels in
+/// raft replies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum DomainError {
+    #[error("invalid username: {0}")]
+    InvalidUsername(String),
+    #[error("password refused: {0}")]
+    WeakPassword(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("the text has {chars} characters; the limit is {max}")]
+    TextTooLong { chars: usize, max: usize },
+    #[error("the text is empty")]
+    TextEmpty,
+    #[error("that username is taken")]
+    UsernameTaken,
+    #[error("no such user")]
+    UserNotFound,
+    #[error("no such device")]
+    DeviceNotFound,
+    #[error("no such chat")]
+    ChatNotFound,
+    #[error("no such message")]
+    MessageNotFound,
+    #[error("you are not a member of this chat")]
+    NotMember,
+    #[error("not allowed: {0}")]
+    PermissionDenied(String),
+    #[error("already a member of this chat")]
+    AlreadyMember,
+    #[error("limit reached: {0}")]
+    LimitReached(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored state that does not decode; logged where it was found.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What can go wrong when the service runs a command or a read.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The domain refused the request (expected; tell the client).
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// The raft store could not take or finish the command.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    /// The command did not apply within the commit timeout. It may still
+    /// apply later; retry with the same client id.
+    #[error("the write did not commit in time")]
+    Timeout,
+    /// Storage failed underneath (fatal for this node).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A stored record or reply does not decode.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+}

@@ -1,0 +1,104 @@
+//! Commands are what the raft log of a shard carries; replies come back to
+//! the proposer. Both are stored or sent as bytes, so variants are only ever
+//! appended.
+
+use crate::records::OutboxRecord;
+use hamgam_proto::Role;
+use hamgam_types::{ChatId, DeviceId, Placement, ShardId, UserId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// 0: in the username's shard; allocates a user id that maps to that shard.
+    SignUp { username_key: String, username: String, display_name: String, password_phc: String, now_ms: u64 },
+    /// 1
+    CreateSession { user: UserId, device: DeviceId, name: String, token_hash: [u8; 32], now_ms: u64 },
+    /// 2
+    RevokeSession { user: UserId, device: DeviceId },
+    /// 3: `chat` must be `direct_chat_id(a, b)`.
+    CreateDirect { chat: ChatId, a: UserId, b: UserId, now_ms: u64 },
+    /// 4
+    CreateGroup { chat: ChatId, owner: UserId, title: String, now_ms: u64 },
+    /// 5
+    AddMember { chat: ChatId, actor: UserId, user: UserId, now_ms: u64 },
+    /// 6
+    RemoveMember { chat: ChatId, actor: UserId, user: UserId },
+    /// 7
+    SetRole { chat: ChatId, actor: UserId, user: UserId, role: Role },
+    /// 8
+    Leave { chat: ChatId, user: UserId },
+    /// 9
+    Send { chat: ChatId, sender: UserId, client_msg_id: u64, text: String, now_ms: u64 },
+    /// 10
+    Edit { chat: ChatId, actor: UserId, seq: u64, text: String, now_ms: u64 },
+    /// 11
+    Delete { chat: ChatId, actor: UserId, seq: u64 },
+    /// 12
+    MarkRead { chat: ChatId, user: UserId, seq: u64 },
+    /// 13: outbox records of `source` for users of `target`, applied in `target`.
+    Deliver { source: ShardId, target: ShardId, records: Vec<(u64, OutboxRecord)> },
+    /// 14: `target` has applied `source`'s outbox through `through`; applied in `source`.
+    OutboxAck { source: ShardId, target: ShardId, through: u64 },
+}
+
+impl Command {
+    /// The shard whose raft group must apply this command.
+    pub fn shard(&self, placement: &Placement) -> ShardId {
+        match self {
+            Command::SignUp { username_key, .. } => placement.shard_of_username(username_key),
+            Command::CreateSession { user, .. } | Command::RevokeSession { user, .. } => placement.shard_of_user(*user),
+            Command::CreateDirect { chat, .. }
+            | Command::CreateGroup { chat, .. }
+            | Command::AddMember { chat, .. }
+            | Command::RemoveMember { chat, .. }
+            | Command::SetRole { chat, .. }
+            | Command::Leave { chat, .. }
+            | Command::Send { chat, .. }
+            | Command::Edit { chat, .. }
+            | Command::Delete { chat, .. }
+            | Command::MarkRead { chat, .. } => placement.shard_of_chat(*chat),
+            Command::Deliver { target, .. } => *target,
+            Command::OutboxAck { source, .. } => *source,
+        }
+    }
+}
+
+/// A successful command's result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// 0
+    Done,
+    /// 1
+    SignedUp { user: UserId },
+    /// 2: `created` is false when the chat already existed (a retry or a
+    /// second "new chat" with the same person).
+    Chat { chat: ChatId, created: bool },
+    /// 3
+    Sent { seq: u64, date_ms: u64 },
+    /// 4
+    ReadMarker { seq: u64 },
+}
+
+fn id_from_hash(hash: blake3::Hash) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The one direct chat of two people, whoever starts it.
+pub fn direct_chat_id(a: UserId, b: UserId) -> ChatId {
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    let mut hasher = blake3::Hasher::new_derive_key("hamgam direct chat v1");
+    hasher.update(&low.0.to_le_bytes());
+    hasher.update(&high.0.to_le_bytes());
+    ChatId(id_from_hash(hasher.finalize()))
+}
+
+/// A group's id, derived from its creator and the client's random reference,
+/// so a retried create finds the group it already made.
+pub fn group_chat_id(owner: UserId, client_ref: u64) -> ChatId {
+    let mut hasher = blake3::Hasher::new_derive_key("hamgam group chat v1");
+    hasher.update(&owner.0.to_le_bytes());
+    hasher.update(&client_ref.to_le_bytes());
+    ChatId(id_from_hash(hasher.finalize()))
+}

@@ -1,0 +1,129 @@
+//! Key layout inside a shard's state-machine range. The first byte names the
+//! table; ids are fixed-width big-endian so keys sort by id and by sequence.
+//! Table numbers are part of the stored format: never reuse one.
+
+use hamgam_types::{ChatId, DeviceId, ShardId, UserId};
+
+// Tables of a user's shard.
+const USERNAME: u8 = 0x10;
+const USER: u8 = 0x11;
+const USER_META: u8 = 0x12;
+const DEVICE: u8 = 0x13;
+const UPDATE: u8 = 0x14;
+const DIALOG: u8 = 0x15;
+const INBOX: u8 = 0x16;
+const SHARD_META: u8 = 0x17;
+// Tables of a chat's shard.
+const CHAT: u8 = 0x20;
+const CHAT_SEQ: u8 = 0x21;
+const MEMBER: u8 = 0x22;
+const MESSAGE: u8 = 0x23;
+const DEDUP: u8 = 0x24;
+// The cross-shard outbox of any shard.
+const OUTBOX: u8 = 0x30;
+const OUTBOX_META: u8 = 0x31;
+
+fn key(table: u8, parts: &[u64]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 8 * parts.len());
+    k.push(table);
+    for part in parts {
+        k.extend_from_slice(&part.to_be_bytes());
+    }
+    k
+}
+
+pub fn username(name_key: &str) -> Vec<u8> {
+    let mut k = vec![USERNAME];
+    k.extend_from_slice(name_key.as_bytes());
+    k
+}
+
+pub fn user(user: UserId) -> Vec<u8> {
+    key(USER, &[user.0])
+}
+
+pub fn user_meta(user: UserId) -> Vec<u8> {
+    key(USER_META, &[user.0])
+}
+
+pub fn device(user: UserId, device: DeviceId) -> Vec<u8> {
+    key(DEVICE, &[user.0, device.0])
+}
+
+pub fn devices_of(user: UserId) -> Vec<u8> {
+    key(DEVICE, &[user.0])
+}
+
+pub fn update(user: UserId, pts: u64) -> Vec<u8> {
+    key(UPDATE, &[user.0, pts])
+}
+
+pub fn updates_of(user: UserId) -> Vec<u8> {
+    key(UPDATE, &[user.0])
+}
+
+pub fn dialog(user: UserId, chat: ChatId) -> Vec<u8> {
+    key(DIALOG, &[user.0, chat.0])
+}
+
+pub fn dialogs_of(user: UserId) -> Vec<u8> {
+    key(DIALOG, &[user.0])
+}
+
+pub fn inbox(source: ShardId) -> Vec<u8> {
+    key(INBOX, &[u64::from(source.0)])
+}
+
+pub fn shard_meta() -> Vec<u8> {
+    vec![SHARD_META]
+}
+
+pub fn chat(chat: ChatId) -> Vec<u8> {
+    key(CHAT, &[chat.0])
+}
+
+pub fn chat_seq(chat: ChatId) -> Vec<u8> {
+    key(CHAT_SEQ, &[chat.0])
+}
+
+pub fn member(chat: ChatId, user: UserId) -> Vec<u8> {
+    key(MEMBER, &[chat.0, user.0])
+}
+
+pub fn members_of(chat: ChatId) -> Vec<u8> {
+    key(MEMBER, &[chat.0])
+}
+
+pub fn message(chat: ChatId, seq: u64) -> Vec<u8> {
+    key(MESSAGE, &[chat.0, seq])
+}
+
+pub fn messages_of(chat: ChatId) -> Vec<u8> {
+    key(MESSAGE, &[chat.0])
+}
+
+pub fn dedup(chat: ChatId, sender: UserId, client_msg_id: u64) -> Vec<u8> {
+    key(DEDUP, &[chat.0, sender.0, client_msg_id])
+}
+
+pub fn outbox(target: ShardId, seq: u64) -> Vec<u8> {
+    key(OUTBOX, &[u64::from(target.0), seq])
+}
+
+pub fn outbox_of(target: ShardId) -> Vec<u8> {
+    key(OUTBOX, &[u64::from(target.0)])
+}
+
+pub fn outbox_meta(target: ShardId) -> Vec<u8> {
+    key(OUTBOX_META, &[u64::from(target.0)])
+}
+
+pub fn outbox_metas() -> Vec<u8> {
+    vec![OUTBOX_META]
+}
+
+/// The trailing big-endian u64 of a key (a seq, pts or id).
+pub fn last_u64(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}

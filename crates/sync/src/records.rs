@@ -1,0 +1,104 @@
+//! Stored records. Each value is one version byte followed by the codec's
+//! encoding of the record, so a later version can migrate old values.
+
+use crate::SyncError;
+use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
+use hamgam_types::UserId;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+const RECORD_VERSION: u8 = 1;
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    // Records are plain structs of bounded size: encoding cannot fail.
+    if let Err(error) = codec::encode_into(value, &mut out) {
+        unreachable!("encoding a stored record failed: {error}");
+    }
+    out
+}
+
+pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, SyncError> {
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, body)) => {
+            codec::decode(body).map_err(|e| SyncError::Corrupt { what, reason: e.to_string() })
+        }
+        Some((version, _)) => Err(SyncError::Corrupt { what, reason: format!("unknown record version {version}") }),
+        None => Err(SyncError::Corrupt { what, reason: "empty record".into() }),
+    }
+}
+
+/// A user's profile and credentials (changes rarely).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// As typed at sign-up; lookups use the lowercase key.
+    pub username: String,
+    pub display_name: String,
+    /// argon2id PHC string.
+    pub password_phc: String,
+    pub created_ms: u64,
+}
+
+/// A user's update sequence position (changes on every update).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserMeta {
+    /// The last update's pts (0 before the first).
+    pub pts: u64,
+    /// The oldest retained update's pts.
+    pub first_pts: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub name: String,
+    /// blake3 of the token's secret; the secret itself is never stored.
+    pub token_hash: [u8; 32],
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRecord {
+    pub kind: ChatKind,
+    pub title: String,
+    pub creator: UserId,
+    /// The two people of a direct chat, lower id first.
+    pub pair: Option<(UserId, UserId)>,
+    pub member_count: u32,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub role: Role,
+    pub read_seq: u64,
+    pub joined_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub sender: UserId,
+    pub date_ms: u64,
+    pub text: String,
+    pub edit_date_ms: Option<u64>,
+    pub deleted: bool,
+}
+
+/// Updates for users of one target shard, made by one command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    pub items: Vec<(UserId, UpdateKind)>,
+}
+
+/// Per target shard: the next outbox seq to hand out and the last one the
+/// target acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxMeta {
+    pub next_seq: u64,
+    pub acked: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    /// Accounts created by this shard so far (drives user ids).
+    pub users_created: u64,
+}

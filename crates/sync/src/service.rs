@@ -1,0 +1,429 @@
+//! The domain's async face: commands routed to their shard through raft,
+//! reads of applied state, and the outbox deliverer.
+//!
+//! Reads go to this node's applied state. A write's reply is sent only after
+//! it is applied, so a client always reads its own acknowledged writes.
+//! (Fresh reads on followers, by ReadIndex, come with the cluster.)
+//!
+//! The deliverer is one long-lived task ([`SyncService::run_outbox`]): it
+//! wakes when an apply round wrote outbox records (or every retry period),
+//! proposes `Deliver` to the target shard and then `OutboxAck` to the source,
+//! one delivery in flight per (source, target) pair so order is kept. A
+//! delivery retried after a crash is skipped by the target's inbox mark, so
+//! every update lands exactly once.
+
+use crate::command::{Command, Reply};
+use crate::keys;
+use crate::machine::{Signals, get_record, scan_members};
+use crate::records::{self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, UserMeta, UserRecord};
+use crate::{DomainError, SyncError};
+use hamgam_proto::{
+    ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Role, Update, UpdateKind,
+    codec,
+};
+use hamgam_raftstore::{RaftHandle, ShardReader};
+use hamgam_storage::{KeyRange, KvRead, Order};
+use hamgam_types::{ChatId, DeviceId, NodeId, Placement, ShardId, UserId, limits};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The answer to "everything since pts N".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DifferenceOutcome {
+    Page(Difference),
+    /// Too far behind (or ahead): re-read the chat list, continue from `pts`.
+    TooLong { pts: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncService {
+    raft: RaftHandle,
+    placement: Placement,
+    node: NodeId,
+    signals: Arc<Signals>,
+}
+
+/// Bytes a message is counted as in a sync page, beyond its text.
+const MESSAGE_OVERHEAD_BYTES: usize = 64;
+const UPDATE_BYTES: usize = 32;
+/// Bytes of outbox records carried by one delivery, well under a command's limit.
+const DELIVERY_BYTES_MAX: usize = limits::COMMAND_BYTES_MAX / 2;
+
+impl SyncService {
+    pub fn new(raft: RaftHandle, placement: Placement, node: NodeId, signals: Arc<Signals>) -> SyncService {
+        SyncService { raft, placement, node, signals }
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// Runs a command on its shard and returns the domain's reply.
+    pub async fn execute(&self, command: Command) -> Result<Reply, SyncError> {
+        let shard = command.shard(&self.placement);
+        let bytes = codec::encode(&command).map_err(|e| SyncError::Corrupt { what: "command", reason: e.to_string() })?;
+        let timeout = Duration::from_millis(limits::REQUEST_COMMIT_TIMEOUT_MS);
+        let answer = tokio::time::timeout(timeout, self.raft.propose(shard, bytes)).await.map_err(|_| SyncError::Timeout)??;
+        let reply: Result<Reply, DomainError> =
+            codec::decode(&answer).map_err(|e| SyncError::Corrupt { what: "reply", reason: e.to_string() })?;
+        Ok(reply?)
+    }
+
+    fn user_reader(&self, user: UserId) -> ShardReader {
+        self.raft.reader(self.placement.shard_of_user(user))
+    }
+
+    fn chat_reader(&self, chat: ChatId) -> ShardReader {
+        self.raft.reader(self.placement.shard_of_chat(chat))
+    }
+
+    // ---- users and devices ---------------------------------------------------
+
+    pub fn user_by_username(&self, username_key: &str) -> Result<Option<UserId>, SyncError> {
+        let reader = self.raft.reader(self.placement.shard_of_username(username_key));
+        match reader.get(&keys::username(username_key))? {
+            None => Ok(None),
+            Some(bytes) => {
+                let id: [u8; 8] =
+                    bytes.try_into().map_err(|_| SyncError::Corrupt { what: "username index", reason: "not 8 bytes".into() })?;
+                Ok(Some(UserId(u64::from_be_bytes(id))))
+            }
+        }
+    }
+
+    pub fn user(&self, user: UserId) -> Result<Option<UserRecord>, SyncError> {
+        get_record(&self.user_reader(user), "user", &keys::user(user))
+    }
+
+    pub fn user_meta(&self, user: UserId) -> Result<Option<UserMeta>, SyncError> {
+        get_record(&self.user_reader(user), "user meta", &keys::user_meta(user))
+    }
+
+    pub fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, SyncError> {
+        get_record(&self.user_reader(user), "device", &keys::device(user, device))
+    }
+
+    pub fn devices(&self, user: UserId) -> Result<Vec<(DeviceId, DeviceRecord)>, SyncError> {
+        let pairs = self.user_reader(user).scan(
+            &KeyRange::prefix(&keys::devices_of(user)),
+            Order::Ascending,
+            limits::DEVICES_PER_USER_MAX,
+        )?;
+        pairs
+            .into_iter()
+            .map(|(key, value)| {
+                let id = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "device key", reason: "short".into() })?;
+                Ok((DeviceId(id), records::decode("device", &value)?))
+            })
+            .collect()
+    }
+
+    // ---- chats -----------------------------------------------------------------
+
+    fn chat_record(&self, chat: ChatId) -> Result<Option<ChatRecord>, SyncError> {
+        get_record(&self.chat_reader(chat), "chat", &keys::chat(chat))
+    }
+
+    fn member(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRecord>, SyncError> {
+        get_record(&self.chat_reader(chat), "member", &keys::member(chat, user))
+    }
+
+    fn last_seq(&self, chat: ChatId) -> Result<u64, SyncError> {
+        match self.chat_reader(chat).get(&keys::chat_seq(chat))? {
+            None => Ok(0),
+            Some(bytes) => {
+                let seq: [u8; 8] =
+                    bytes.try_into().map_err(|_| SyncError::Corrupt { what: "chat seq", reason: "not 8 bytes".into() })?;
+                Ok(u64::from_be_bytes(seq))
+            }
+        }
+    }
+
+    /// The caller's membership, or `NotMember` (also for chats that do not exist,
+    /// so outsiders cannot probe which chats exist).
+    fn require_member(&self, chat: ChatId, viewer: UserId) -> Result<MemberRecord, SyncError> {
+        self.member(chat, viewer)?.ok_or(SyncError::Domain(DomainError::NotMember))
+    }
+
+    /// A chat as `viewer` sees it; only for members.
+    pub fn chat_info(&self, chat: ChatId, viewer: UserId) -> Result<ChatInfo, SyncError> {
+        let member = self.require_member(chat, viewer)?;
+        let record = self.chat_record(chat)?.ok_or(SyncError::Domain(DomainError::ChatNotFound))?;
+        Ok(ChatInfo {
+            chat,
+            kind: record.kind,
+            title: record.title,
+            peer: record.pair.map(|(a, b)| if a == viewer { b } else { a }),
+            member_count: record.member_count,
+            last_seq: self.last_seq(chat)?,
+            my_role: member.role,
+            my_read_seq: member.read_seq,
+            created_ms: record.created_ms,
+        })
+    }
+
+    pub fn members(&self, chat: ChatId, viewer: UserId) -> Result<Vec<MemberInfo>, SyncError> {
+        self.require_member(chat, viewer)?;
+        Ok(scan_members(&self.chat_reader(chat), chat)?
+            .into_iter()
+            .map(|(user, m)| MemberInfo { user, role: m.role, read_seq: m.read_seq })
+            .collect())
+    }
+
+    /// Whether `user` has the role to act on the chat at all (for early refusals).
+    pub fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, SyncError> {
+        Ok(self.member(chat, user)?.map(|m| m.role))
+    }
+
+    /// The caller's chats in id order after `after`, with the pts to sync from.
+    pub fn list_chats(&self, user: UserId, after: Option<ChatId>, limit: u32) -> Result<ChatList, SyncError> {
+        // Read pts first: anything that changes after it is in the next sync.
+        let pts = self.user_meta(user)?.map_or(0, |m| m.pts);
+        let limit = (limit as usize).clamp(1, limits::CHAT_LIST_PAGE_MAX);
+        let prefix = keys::dialogs_of(user);
+        let range = match after {
+            None => KeyRange::prefix(&prefix),
+            Some(after) => {
+                let mut start = keys::dialog(user, after);
+                start.push(0); // the first key after `after`
+                KeyRange { start, end: KeyRange::prefix(&prefix).end }
+            }
+        };
+        let reader = self.user_reader(user);
+        let dialogs = reader.scan(&range, Order::Ascending, limit + 1)?;
+        let more = dialogs.len() > limit;
+        let mut chats = Vec::with_capacity(limit);
+        for (key, _) in dialogs.into_iter().take(limit) {
+            let chat = ChatId(keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "dialog key", reason: "short".into() })?);
+            match self.chat_info(chat, user) {
+                Ok(info) => chats.push(info),
+                // The leave is applied in the chat's shard before the dialog
+                // goes from the user's: skip the chat in between.
+                Err(SyncError::Domain(DomainError::NotMember)) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        let next_after = if more { chats.last().map(|c| c.chat) } else { None };
+        Ok(ChatList { chats, pts, next_after })
+    }
+
+    // ---- messages ----------------------------------------------------------------
+
+    fn message(&self, chat: ChatId, seq: u64) -> Result<Option<Message>, SyncError> {
+        let record: Option<MessageRecord> = get_record(&self.chat_reader(chat), "message", &keys::message(chat, seq))?;
+        Ok(record.map(|r| to_message(chat, seq, r)))
+    }
+
+    /// A page of a chat's messages, ascending by seq; only for members.
+    pub fn history(&self, chat: ChatId, viewer: UserId, anchor: HistoryAnchor, limit: u32) -> Result<MessagePage, SyncError> {
+        self.require_member(chat, viewer)?;
+        let limit = (limit as usize).clamp(1, limits::HISTORY_PAGE_MAX);
+        let last_seq = self.last_seq(chat)?;
+        let (range, order) = match anchor {
+            HistoryAnchor::Latest => (KeyRange::prefix(&keys::messages_of(chat)), Order::Descending),
+            HistoryAnchor::Before(seq) => {
+                (KeyRange::between(&keys::message(chat, 0), &keys::message(chat, seq)), Order::Descending)
+            }
+            HistoryAnchor::After(seq) => (
+                KeyRange { start: keys::message(chat, seq.saturating_add(1)), end: KeyRange::prefix(&keys::messages_of(chat)).end },
+                Order::Ascending,
+            ),
+        };
+        let pairs = self.chat_reader(chat).scan(&range, order, limit)?;
+        let mut messages = pairs
+            .into_iter()
+            .map(|(key, value)| {
+                let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "message key", reason: "short".into() })?;
+                Ok(to_message(chat, seq, records::decode("message", &value)?))
+            })
+            .collect::<Result<Vec<_>, SyncError>>()?;
+        messages.sort_by_key(|m| m.seq);
+        // Seqs are gap-free from 1 (deleted messages stay as tombstones), so
+        // the page's ends tell whether more exists on either side.
+        let (more_before, more_after) = match (messages.first(), messages.last()) {
+            (Some(first), Some(last)) => (first.seq > 1, last.seq < last_seq),
+            _ => match anchor {
+                HistoryAnchor::Latest => (false, false),
+                HistoryAnchor::Before(seq) => (false, seq <= last_seq),
+                HistoryAnchor::After(seq) => (seq > 1 && last_seq > 0, false),
+            },
+        };
+        Ok(MessagePage { messages, more_before, more_after })
+    }
+
+    // ---- update sequence -----------------------------------------------------------
+
+    /// Everything after `since` in `user`'s update sequence, one bounded page,
+    /// with the current state of every message the page points at.
+    pub fn difference(&self, user: UserId, since: u64, limit: u32) -> Result<DifferenceOutcome, SyncError> {
+        let meta = self.user_meta(user)?.ok_or(SyncError::Domain(DomainError::UserNotFound))?;
+        if since > meta.pts || since + 1 < meta.first_pts {
+            return Ok(DifferenceOutcome::TooLong { pts: meta.pts });
+        }
+        let limit = (limit as usize).clamp(1, limits::SYNC_PAGE_UPDATES_MAX);
+        let range = KeyRange { start: keys::update(user, since + 1), end: KeyRange::prefix(&keys::updates_of(user)).end };
+        let pairs = self.user_reader(user).scan(&range, Order::Ascending, limit)?;
+
+        let mut updates = Vec::with_capacity(pairs.len());
+        let mut messages = Vec::new();
+        let mut seen: HashSet<(ChatId, u64)> = HashSet::new();
+        let mut bytes = 0usize;
+        for (key, value) in pairs {
+            let pts = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "update key", reason: "short".into() })?;
+            let kind: UpdateKind = records::decode("update", &value)?;
+            let pointer = match &kind {
+                UpdateKind::NewMessage { chat, seq }
+                | UpdateKind::MessageEdited { chat, seq }
+                | UpdateKind::MessageDeleted { chat, seq } => Some((*chat, *seq)),
+                _ => None,
+            };
+            let mut cost = UPDATE_BYTES;
+            let mut message = None;
+            if let Some(pointer) = pointer
+                && !seen.contains(&pointer)
+                && let Some(m) = self.message(pointer.0, pointer.1)?
+            {
+                cost += MESSAGE_OVERHEAD_BYTES + m.text.len();
+                message = Some((pointer, m));
+            }
+            if !updates.is_empty() && bytes + cost > limits::SYNC_PAGE_BYTES_MAX {
+                break;
+            }
+            bytes += cost;
+            if let Some((pointer, m)) = message {
+                seen.insert(pointer);
+                messages.push(m);
+            }
+            updates.push(Update { pts, kind });
+        }
+        let pts = updates.last().map_or(since, |u| u.pts);
+        Ok(DifferenceOutcome::Page(Difference { updates, messages, pts, more: pts < meta.pts }))
+    }
+
+    // ---- outbox deliverer ------------------------------------------------------------
+
+    /// Delivers outbox records until `cancel` fires. Start once per node.
+    pub async fn run_outbox(self, cancel: CancellationToken) {
+        self.mark_all_pending_outboxes();
+        let retry = Duration::from_millis(limits::OUTBOX_RETRY_MS);
+        let mut in_flight: JoinSet<((ShardId, ShardId), Result<bool, SyncError>)> = JoinSet::new();
+        let mut busy: BTreeSet<(ShardId, ShardId)> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.signals.outbox_wake.notified() => {}
+                Some(done) = in_flight.join_next() => {
+                    if let Ok((pair, result)) = done {
+                        busy.remove(&pair);
+                        match result {
+                            Ok(true) => self.signals.mark_outbox([pair]),
+                            Ok(false) => {}
+                            Err(error) => {
+                                tracing::warn!(source = %pair.0, target = %pair.1, %error, "outbox delivery failed; will retry");
+                                let signals = self.signals.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(retry).await;
+                                    signals.mark_outbox([pair]);
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            let ready: Vec<(ShardId, ShardId)> = {
+                let mut dirty = self.signals.outbox_dirty.lock().unwrap_or_else(|p| p.into_inner());
+                let ready: Vec<_> = dirty
+                    .iter()
+                    .copied()
+                    .filter(|pair| !busy.contains(pair))
+                    .take(limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(in_flight.len()))
+                    .collect();
+                for pair in &ready {
+                    dirty.remove(pair);
+                }
+                ready
+            };
+            for pair in ready {
+                busy.insert(pair);
+                let service = self.clone();
+                in_flight.spawn(async move { (pair, service.deliver_once(pair).await) });
+            }
+        }
+        in_flight.shutdown().await;
+    }
+
+    /// At start-up, find every outbox with undelivered records.
+    fn mark_all_pending_outboxes(&self) {
+        let mut pending = Vec::new();
+        for source in self.placement.all_shards() {
+            let reader = self.raft.reader(source);
+            let metas = match reader.scan(&KeyRange::prefix(&keys::outbox_metas()), Order::Ascending, usize::MAX) {
+                Ok(metas) => metas,
+                Err(error) => {
+                    tracing::error!(%source, %error, "cannot read outbox state");
+                    continue;
+                }
+            };
+            for (key, value) in metas {
+                let (Some(target), Ok(meta)) = (keys::last_u64(&key), records::decode::<OutboxMeta>("outbox meta", &value))
+                else {
+                    continue;
+                };
+                if meta.next_seq - 1 > meta.acked {
+                    pending.push((source, ShardId(target as u32)));
+                }
+            }
+        }
+        self.signals.mark_outbox(pending);
+    }
+
+    /// One delivery from `source` to `target`. Returns whether more remain.
+    async fn deliver_once(&self, (source, target): (ShardId, ShardId)) -> Result<bool, SyncError> {
+        if self.raft.leader(source) != Some(self.node) {
+            return Ok(false); // the source's leader delivers
+        }
+        let reader = self.raft.reader(source);
+        let Some(meta) = get_record::<OutboxMeta>(&reader, "outbox meta", &keys::outbox_meta(target))? else {
+            return Ok(false);
+        };
+        let last = meta.next_seq - 1;
+        if last <= meta.acked {
+            return Ok(false);
+        }
+        let range = KeyRange { start: keys::outbox(target, meta.acked + 1), end: KeyRange::prefix(&keys::outbox_of(target)).end };
+        let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
+        let mut records: Vec<(u64, OutboxRecord)> = Vec::with_capacity(pairs.len());
+        let mut bytes = 0;
+        for (key, value) in pairs {
+            if !records.is_empty() && bytes + value.len() > DELIVERY_BYTES_MAX {
+                break;
+            }
+            bytes += value.len();
+            let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "outbox key", reason: "short".into() })?;
+            records.push((seq, records::decode("outbox record", &value)?));
+        }
+        let Some(&(through, _)) = records.last() else { return Ok(false) };
+        self.execute(Command::Deliver { source, target, records }).await?;
+        self.execute(Command::OutboxAck { source, target, through }).await?;
+        Ok(through < last)
+    }
+}
+
+fn to_message(chat: ChatId, seq: u64, record: MessageRecord) -> Message {
+    Message {
+        chat,
+        seq,
+        sender: record.sender,
+        date_ms: record.date_ms,
+        text: record.text,
+        edit_date_ms: record.edit_date_ms,
+        deleted: record.deleted,
+    }
+}

@@ -1,0 +1,351 @@
+//! Domain tests on a real raft store (WAL on disk, raft-rs, outbox deliverer)
+//! over an in-memory database.
+
+use crate::{Command, DifferenceOutcome, DomainError, Reply, Signals, SyncError, SyncMachine, SyncService, UpdateListener};
+use hamgam_proto::{HistoryAnchor, Role, UpdateKind};
+use hamgam_raftstore::{Store, StoreConfig};
+use hamgam_storage::{Db, MemDb};
+use hamgam_types::{ChatId, DeviceId, NodeId, Placement, UserId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+struct Recorder {
+    latest: Mutex<HashMap<UserId, u64>>,
+}
+
+impl UpdateListener for Recorder {
+    fn user_updated(&self, user: UserId, pts: u64) {
+        self.latest.lock().unwrap().insert(user, pts);
+    }
+}
+
+struct Harness {
+    service: SyncService,
+    recorder: Arc<Recorder>,
+    cancel: CancellationToken,
+    store: Option<Store>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(store) = self.store.take() {
+            let _ = store.stop();
+        }
+    }
+}
+
+fn now() -> u64 {
+    1_700_000_000_000
+}
+
+async fn harness_with(data_shards: u32, retained: u64) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let placement = Placement::new(data_shards);
+    let recorder = Arc::new(Recorder::default());
+    let signals = Signals::new(recorder.clone());
+    let machine = SyncMachine::new(placement, signals.clone()).with_updates_retained(retained);
+    let db: Arc<dyn Db> = Arc::new(MemDb::new());
+    let config = StoreConfig { node: NodeId(1), wal_dir: dir.path().join("wal"), shards: placement.all_shards().collect() };
+    let store = Store::open(config, db, Box::new(machine)).unwrap();
+    for _ in 0..200 {
+        if store.handle().all_leaders_known() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let service = SyncService::new(store.handle(), placement, NodeId(1), signals);
+    let cancel = CancellationToken::new();
+    tokio::spawn(service.clone().run_outbox(cancel.clone()));
+    Harness { service, recorder, cancel, store: Some(store), _dir: dir }
+}
+
+async fn harness() -> Harness {
+    harness_with(8, hamgam_types::limits::UPDATES_RETAINED_PER_USER).await
+}
+
+impl Harness {
+    async fn sign_up(&self, name: &str) -> UserId {
+        let reply = self
+            .service
+            .execute(Command::SignUp {
+                username_key: crate::text::username_key(name).unwrap(),
+                username: name.into(),
+                display_name: String::new(),
+                password_phc: "phc".into(),
+                now_ms: now(),
+            })
+            .await
+            .unwrap();
+        match reply {
+            Reply::SignedUp { user } => user,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn direct(&self, a: UserId, b: UserId) -> ChatId {
+        let chat = crate::direct_chat_id(a, b);
+        self.service.execute(Command::CreateDirect { chat, a, b, now_ms: now() }).await.unwrap();
+        chat
+    }
+
+    async fn group(&self, owner: UserId, title: &str) -> ChatId {
+        let chat = crate::group_chat_id(owner, 42);
+        self.service.execute(Command::CreateGroup { chat, owner, title: title.into(), now_ms: now() }).await.unwrap();
+        chat
+    }
+
+    async fn send(&self, chat: ChatId, sender: UserId, client_msg_id: u64, text: &str) -> Result<u64, SyncError> {
+        let reply = self
+            .service
+            .execute(Command::Send { chat, sender, client_msg_id, text: text.into(), now_ms: now() })
+            .await?;
+        match reply {
+            Reply::Sent { seq, .. } => Ok(seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Waits until the outbox has brought `user`'s sequence to `pts`.
+    async fn wait_pts(&self, user: UserId, pts: u64) {
+        for _ in 0..1000 {
+            if self.service.user_meta(user).unwrap().unwrap().pts >= pts {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("user {user} never reached pts {pts}");
+    }
+
+    fn page(&self, user: UserId, since: u64, limit: u32) -> hamgam_proto::Difference {
+        match self.service.difference(user, since, limit).unwrap() {
+            DifferenceOutcome::Page(page) => page,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn domain(result: Result<impl std::fmt::Debug, SyncError>) -> DomainError {
+    match result {
+        Err(SyncError::Domain(error)) => error,
+        other => panic!("expected a domain refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usernames_are_unique_without_case_and_ids_map_to_their_shard() {
+    let h = harness().await;
+    let sara = h.sign_up("Sara").await;
+    let error = domain(
+        h.service
+            .execute(Command::SignUp {
+                username_key: "sara".into(),
+                username: "SARA".into(),
+                display_name: String::new(),
+                password_phc: "x".into(),
+                now_ms: now(),
+            })
+            .await,
+    );
+    assert_eq!(error, DomainError::UsernameTaken);
+    assert_eq!(h.service.user_by_username("sara").unwrap(), Some(sara));
+    assert_eq!(h.service.placement().shard_of_user(sara), h.service.placement().shard_of_username("sara"));
+    assert_eq!(h.service.user(sara).unwrap().unwrap().username, "Sara");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_chat_delivers_pointers_to_both_people_and_retries_make_no_second_message() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    // Starting the same chat from the other side finds the same chat.
+    let again = h.service.execute(Command::CreateDirect { chat, a: sara, b: ali, now_ms: now() }).await.unwrap();
+    assert_eq!(again, Reply::Chat { chat, created: false });
+
+    let text = "سلام، حالت چطوره؟ می‌خواهم فردا ببینمت.";
+    assert_eq!(h.send(chat, ali, 7, text).await.unwrap(), 1);
+    assert_eq!(h.send(chat, ali, 7, text).await.unwrap(), 1, "a retry returns the first result");
+    assert_eq!(h.send(chat, sara, 7, "hi").await.unwrap(), 2, "client ids are per sender");
+
+    // joined + two messages, for each person.
+    h.wait_pts(ali, 3).await;
+    h.wait_pts(sara, 3).await;
+    let page = h.page(sara, 0, 100);
+    assert_eq!(page.updates.len(), 3);
+    assert!(matches!(page.updates[0].kind, UpdateKind::ChatJoined { .. }));
+    assert_eq!(page.updates[1].kind, UpdateKind::NewMessage { chat, seq: 1 });
+    assert_eq!(page.messages[0].text.as_bytes(), text.as_bytes(), "Persian text round-trips byte for byte");
+    assert!(!page.more);
+    assert_eq!(h.recorder.latest.lock().unwrap().get(&sara), Some(&3), "the listener heard of the updates");
+
+    let stranger = h.sign_up("stranger").await;
+    assert_eq!(domain(h.send(chat, stranger, 1, "hi").await), DomainError::NotMember);
+    assert_eq!(domain(h.service.history(chat, stranger, HistoryAnchor::Latest, 10)), DomainError::NotMember);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_roles_decide_who_adds_removes_and_inherits() {
+    let h = harness().await;
+    let [owner, admin, member, other] = [h.sign_up("owner").await, h.sign_up("admin").await, h.sign_up("member").await, h.sign_up("other").await];
+    let chat = h.group(owner, "خانواده").await;
+    let add = |actor, user| h.service.execute(Command::AddMember { chat, actor, user, now_ms: now() });
+    add(owner, admin).await.unwrap();
+    add(owner, member).await.unwrap();
+    assert_eq!(domain(add(owner, member).await), DomainError::AlreadyMember);
+    assert!(matches!(domain(add(member, other).await), DomainError::PermissionDenied(_)));
+    h.service.execute(Command::SetRole { chat, actor: owner, user: admin, role: Role::Admin }).await.unwrap();
+    add(admin, other).await.unwrap();
+    // An admin cannot remove another admin or the owner; the owner can.
+    let remove = |actor, user| h.service.execute(Command::RemoveMember { chat, actor, user });
+    assert!(matches!(domain(remove(admin, owner).await), DomainError::PermissionDenied(_)));
+    remove(admin, other).await.unwrap();
+    assert_eq!(domain(h.send(chat, other, 1, "still here?").await), DomainError::NotMember);
+    // The owner leaves: the admin inherits.
+    h.service.execute(Command::Leave { chat, user: owner }).await.unwrap();
+    let members = h.service.members(chat, admin).unwrap();
+    assert_eq!(members.len(), 2);
+    assert_eq!(members.iter().find(|m| m.user == admin).unwrap().role, Role::Owner);
+    // Direct chats have fixed members.
+    let direct = h.direct(admin, member).await;
+    let error = domain(h.service.execute(Command::AddMember { chat: direct, actor: admin, user: other, now_ms: now() }).await);
+    assert!(matches!(error, DomainError::PermissionDenied(_)));
+    // Everyone who was ever in the group heard about it; the removed member's chat list is empty.
+    h.wait_pts(other, 2).await;
+    assert!(h.service.list_chats(other, None, 10).unwrap().chats.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_senders_edit_and_deleted_messages_stay_as_tombstones() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    let seq = h.send(chat, ali, 1, "first").await.unwrap();
+    let edit = |actor, text: &str| h.service.execute(Command::Edit { chat, actor, seq, text: text.into(), now_ms: now() + 5 });
+    assert!(matches!(domain(edit(sara, "hijack").await), DomainError::PermissionDenied(_)));
+    edit(ali, "ویرایش شد").await.unwrap();
+    let page = h.service.history(chat, sara, HistoryAnchor::Latest, 10).unwrap();
+    assert_eq!(page.messages[0].text, "ویرایش شد");
+    assert_eq!(page.messages[0].edit_date_ms, Some(now() + 5));
+    assert!(matches!(domain(h.service.execute(Command::Delete { chat, actor: sara, seq }).await), DomainError::PermissionDenied(_)));
+    h.service.execute(Command::Delete { chat, actor: ali, seq }).await.unwrap();
+    let page = h.service.history(chat, sara, HistoryAnchor::Latest, 10).unwrap();
+    assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
+    assert_eq!(domain(edit(ali, "again").await), DomainError::MessageNotFound);
+    assert_eq!(h.send(chat, sara, 1, "next").await.unwrap(), 2, "seq stays gap-free after a delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_markers_never_move_backwards() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    for i in 0..5 {
+        h.send(chat, ali, i, "x").await.unwrap();
+    }
+    let mark = |seq| h.service.execute(Command::MarkRead { chat, user: sara, seq });
+    assert_eq!(mark(3).await.unwrap(), Reply::ReadMarker { seq: 3 });
+    assert_eq!(mark(1).await.unwrap(), Reply::ReadMarker { seq: 3 });
+    assert_eq!(mark(99).await.unwrap(), Reply::ReadMarker { seq: 5 }, "capped at the last message");
+    assert_eq!(h.service.chat_info(chat, sara).unwrap().my_read_seq, 5);
+    // Ali hears that Sara read up to 5 (joined + 5 messages + 2 read moves).
+    h.wait_pts(ali, 8).await;
+    let page = h.page(ali, 0, 100);
+    assert_eq!(page.updates.last().unwrap().kind, UpdateKind::ReadUpTo { chat, reader: sara, seq: 5 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_in_both_directions() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    for i in 1..=25u64 {
+        h.send(chat, ali, i, &format!("m{i}")).await.unwrap();
+    }
+    let latest = h.service.history(chat, sara, HistoryAnchor::Latest, 10).unwrap();
+    assert_eq!(latest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
+    assert!(latest.more_before && !latest.more_after);
+    let before = h.service.history(chat, sara, HistoryAnchor::Before(16), 10).unwrap();
+    assert_eq!(before.messages.first().unwrap().seq, 6);
+    assert_eq!(before.messages.last().unwrap().seq, 15);
+    let first = h.service.history(chat, sara, HistoryAnchor::Before(6), 10).unwrap();
+    assert_eq!(first.messages.len(), 5);
+    assert!(!first.more_before && first.more_after);
+    let after = h.service.history(chat, sara, HistoryAnchor::After(20), 10).unwrap();
+    assert_eq!(after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (21..=25).collect::<Vec<_>>());
+    assert!(after.more_before && !after.more_after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_ten_thousand_updates_behind_catches_up_in_bounded_pages() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..10_000u64 {
+        let service = h.service.clone();
+        sends.spawn(async move {
+            service.execute(Command::Send { chat, sender: ali, client_msg_id: i, text: format!("پیام {i}"), now_ms: now() }).await
+        });
+        if sends.len() >= 128 {
+            sends.join_next().await.unwrap().unwrap().unwrap();
+        }
+    }
+    while let Some(done) = sends.join_next().await {
+        done.unwrap().unwrap();
+    }
+    h.wait_pts(sara, 10_001).await;
+    let (mut pts, mut pages, mut seqs) = (0, 0, Vec::new());
+    loop {
+        let page = h.page(sara, pts, 1000);
+        assert!(page.updates.len() <= 1000);
+        seqs.extend(page.messages.iter().map(|m| m.seq));
+        pts = page.pts;
+        pages += 1;
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(pts, 10_001);
+    assert_eq!(seqs, (1..=10_000).collect::<Vec<_>>(), "every message once, in order");
+    assert!(pages >= 11, "pages are bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_behind_retention_is_told_too_long() {
+    let h = harness_with(4, 50).await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    for i in 0..120 {
+        h.send(chat, ali, i, "x").await.unwrap();
+    }
+    h.wait_pts(sara, 121).await;
+    let meta = h.service.user_meta(sara).unwrap().unwrap();
+    assert!(meta.pts - meta.first_pts < 60, "old updates are trimmed: {meta:?}");
+    assert_eq!(h.service.difference(sara, 0, 100).unwrap(), DifferenceOutcome::TooLong { pts: 121 });
+    assert_eq!(h.service.difference(sara, 500, 100).unwrap(), DifferenceOutcome::TooLong { pts: 121 });
+    // The fallback: the chat list gives the pts to continue from.
+    let list = h.service.list_chats(sara, None, 10).unwrap();
+    assert_eq!(list.chats[0].last_seq, 120);
+    assert!(h.page(sara, list.pts, 10).updates.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_sessions_are_bounded_and_revocable() {
+    let h = harness().await;
+    let ali = h.sign_up("ali").await;
+    let session = |device| Command::CreateSession { user: ali, device: DeviceId(device), name: "phone".into(), token_hash: [7; 32], now_ms: now() };
+    h.service.execute(session(1)).await.unwrap();
+    assert!(matches!(domain(h.service.execute(session(1)).await), DomainError::Conflict(_)));
+    assert_eq!(h.service.devices(ali).unwrap().len(), 1);
+    h.service.execute(Command::RevokeSession { user: ali, device: DeviceId(1) }).await.unwrap();
+    assert!(h.service.device(ali, DeviceId(1)).unwrap().is_none());
+    assert_eq!(domain(h.service.execute(Command::RevokeSession { user: ali, device: DeviceId(1) }).await), DomainError::DeviceNotFound);
+    for device in 0..hamgam_types::limits::DEVICES_PER_USER_MAX as u64 {
+        h.service.execute(session(100 + device)).await.unwrap();
+    }
+    assert!(matches!(domain(h.service.execute(session(1)).await), DomainError::LimitReached(_)));
+}
