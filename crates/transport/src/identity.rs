@@ -1,0 +1,154 @@
+use crate::TransportError;
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+/// SHA-256 of a certificate (DER). Shown as 32 colon-separated hex bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of(der: &[u8]) -> Fingerprint {
+        Fingerprint(Sha256::digest(der).into())
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, byte) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{byte:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl FromStr for Fingerprint {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex: String = s.chars().filter(|c| *c != ':').collect();
+        let bad = || TransportError::BadFingerprint(s.to_string());
+        if hex.len() != 64 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(bytes))
+    }
+}
+
+/// A node's TLS identity: the cluster CA and this node's certificate.
+///
+/// Files in the identity directory: `ca.der` (the CA certificate), `ca.key`
+/// (its PKCS#8 key, kept to sign the certificates of nodes that join),
+/// `node.der` and `node.key`. Keys are written with mode 0600.
+pub struct NodeIdentity {
+    ca_der: Vec<u8>,
+    node_der: Vec<u8>,
+    node_key: Vec<u8>,
+}
+
+impl fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity").field("ca", &self.ca_fingerprint()).finish_non_exhaustive()
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
+    move |source| TransportError::Io { path: path.display().to_string(), source }
+}
+
+fn cert_error(error: rcgen::Error) -> TransportError {
+    TransportError::Certificate(error.to_string())
+}
+
+fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), TransportError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if secret {
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp).map_err(io_error(&tmp))?;
+    file.write_all(bytes).map_err(io_error(&tmp))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_error(path))
+}
+
+impl NodeIdentity {
+    /// Loads the identity from `dir`, or makes a new CA and node certificate
+    /// there on first start.
+    pub fn load_or_create(dir: &Path, node_name: &str) -> Result<NodeIdentity, TransportError> {
+        let paths = ["ca.der", "node.der", "node.key"].map(|name| dir.join(name));
+        if paths.iter().all(|p| p.exists()) {
+            let [ca, node, key] = paths.map(|p| std::fs::read(&p).map_err(io_error(&p)));
+            return Ok(NodeIdentity { ca_der: ca?, node_der: node?, node_key: key? });
+        }
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let identity = NodeIdentity::generate(dir, node_name)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
+        Ok(identity)
+    }
+
+    fn generate(dir: &Path, node_name: &str) -> Result<NodeIdentity, TransportError> {
+        let ca_key = KeyPair::generate().map_err(cert_error)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_error)?;
+        ca_params.distinguished_name.push(DnType::CommonName, "Hamgam cluster CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        ca_params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_error)?;
+
+        let node_key = KeyPair::generate().map_err(cert_error)?;
+        let mut node_params = CertificateParams::new(vec![crate::SERVER_NAME.to_string()]).map_err(cert_error)?;
+        node_params.distinguished_name.push(DnType::CommonName, node_name);
+        node_params.is_ca = IsCa::NoCa;
+        node_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        node_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        node_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        node_params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let node_cert = node_params.signed_by(&node_key, &issuer).map_err(cert_error)?;
+
+        let identity = NodeIdentity {
+            ca_der: ca_cert.der().to_vec(),
+            node_der: node_cert.der().to_vec(),
+            node_key: node_key.serialize_der(),
+        };
+        write_file(&dir.join("ca.key"), &ca_key.serialize_der(), true)?;
+        write_file(&dir.join("ca.der"), &identity.ca_der, false)?;
+        write_file(&dir.join("node.key"), &identity.node_key, true)?;
+        write_file(&dir.join("node.der"), &identity.node_der, false)?;
+        Ok(identity)
+    }
+
+    /// What clients pin: the cluster CA's fingerprint.
+    pub fn ca_fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.ca_der)
+    }
+
+    pub(crate) fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![CertificateDer::from(self.node_der.clone()), CertificateDer::from(self.ca_der.clone())]
+    }
+
+    pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.node_key.clone()))
+    }
+}
