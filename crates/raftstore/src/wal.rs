@@ -184,9 +184,12 @@ impl Wal {
 
     /// Deletes closed segments whose every entry is at or below the durably
     /// applied index of its shard. Call only with indexes whose state is
-    /// durable on disk (after a checkpoint). The active segment is first
-    /// closed if it holds anything, so it can go at the next release.
+    /// durable on disk (after a checkpoint). The active segment is closed
+    /// first if it holds entries, so it can go in the same release.
     pub fn release_through(&mut self, durable_applied: &BTreeMap<ShardId, u64>) -> Result<usize, WalError> {
+        if !self.active.max_index.is_empty() {
+            self.rotate()?;
+        }
         let mut released = 0;
         let mut kept = Vec::with_capacity(self.closed.len());
         for segment in std::mem::take(&mut self.closed) {
@@ -204,9 +207,6 @@ impl Wal {
         self.closed = kept;
         if released > 0 {
             sync_dir(&self.dir)?;
-        }
-        if !self.active.max_index.is_empty() {
-            self.rotate()?;
         }
         Ok(released)
     }
@@ -556,8 +556,8 @@ mod tests {
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
             wal.append_round(&round(1, vec![entry(1, 1, b"a"), entry(2, 1, b"b")], 2)).unwrap();
-            // Nothing durable yet: only the active segment is closed.
-            assert_eq!(wal.release_through(&BTreeMap::new()).unwrap(), 0);
+            // Only entry 1 is durable: the segment holding entry 2 stays.
+            assert_eq!(wal.release_through(&BTreeMap::from([(ShardId(1), 1)])).unwrap(), 0);
             assert_eq!(wal.segment_count(), 2);
             // Entry 2 of shard 1 is durably applied: the closed segment goes.
             assert_eq!(wal.release_through(&BTreeMap::from([(ShardId(1), 2)])).unwrap(), 1);

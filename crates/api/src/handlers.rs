@@ -1,0 +1,314 @@
+//! Request handlers: wire requests in, domain commands and reads out.
+//!
+//! Cheap checks (lengths, names, sessions) run here, before anything is
+//! proposed, so bad input costs no raft round. The domain checks again on
+//! apply, where the state decides.
+
+use crate::auth::Token;
+use crate::connection::{Auth, Session, check_token};
+use crate::{ApiError, Shared};
+use hamgam_proto::frame::{self, FrameKind};
+use hamgam_proto::{DeviceInfo, ErrorCode, Push, Request, Response, UserInfo};
+use hamgam_sync::{Command, DifferenceOutcome, DomainError, Reply, direct_chat_id, group_chat_id, text};
+use hamgam_types::{UserId, limits};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The connection's session, checked against the stored device on every
+/// request so a revoked device stops at once.
+fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, ApiError> {
+    let auth = session
+        .auth()
+        .ok_or_else(|| ApiError::new(ErrorCode::UNAUTHENTICATED, "log in or authenticate with a session token first"))?;
+    if shared.sync.device(auth.user, auth.device)?.is_none() {
+        session.unbind(shared);
+        return Err(ApiError::new(ErrorCode::SESSION_REVOKED, "this session was logged out or revoked; log in again"));
+    }
+    Ok(auth)
+}
+
+fn require_user_exists(shared: &Shared, user: UserId) -> Result<(), ApiError> {
+    match shared.sync.user_meta(user)? {
+        Some(_) => Ok(()),
+        None => Err(DomainError::UserNotFound.into()),
+    }
+}
+
+fn unexpected(reply: Reply) -> ApiError {
+    ApiError::internal(format!("unexpected reply {reply:?}"))
+}
+
+pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request) -> Result<Response, ApiError> {
+    let sync = &shared.sync;
+    match request {
+        Request::SignUp { username, password, display_name } => {
+            let username_key = text::username_key(&username)?;
+            text::check_password(&password)?;
+            text::check_label("a display name", &display_name, limits::DISPLAY_NAME_CHARS_MAX, false)?;
+            if sync.user_by_username(&username_key)?.is_some() {
+                return Err(DomainError::UsernameTaken.into());
+            }
+            let password_phc = shared.passwords.hash(password).await?;
+            let command = Command::SignUp { username_key, username, display_name, password_phc, now_ms: now_ms() };
+            match sync.execute(command).await? {
+                Reply::SignedUp { user } => Ok(Response::SignedUp { user }),
+                other => Err(unexpected(other)),
+            }
+        }
+
+        Request::LogIn { username, password, device_name } => {
+            let invalid = || ApiError::new(ErrorCode::INVALID_CREDENTIALS, "wrong username or password");
+            text::check_label("a device name", &device_name, limits::DEVICE_NAME_CHARS_MAX, false)?;
+            let username_key = text::username_key(&username).map_err(|_| invalid())?;
+            if let Err(wait) = shared.limiter.check(&username_key, session.address) {
+                return Err(ApiError::new(
+                    ErrorCode::RATE_LIMITED,
+                    format!("too many failed logins; try again in {} seconds", wait.as_secs().max(1)),
+                ));
+            }
+            if password.len() > limits::PASSWORD_BYTES_MAX {
+                return Err(invalid());
+            }
+            let user = sync.user_by_username(&username_key)?;
+            let phc = match user {
+                Some(user) => sync.user(user)?.map(|record| record.password_phc),
+                None => None,
+            };
+            let (Some(user), true) = (user, shared.passwords.verify(password, phc).await?) else {
+                shared.limiter.record_failure(&username_key, session.address);
+                return Err(invalid());
+            };
+            shared.limiter.record_success(&username_key);
+            let token = Token::generate(user);
+            let command = Command::CreateSession {
+                user,
+                device: token.device,
+                name: device_name,
+                token_hash: token.secret_hash(),
+                now_ms: now_ms(),
+            };
+            sync.execute(command).await?;
+            session.bind(shared, Auth { user, device: token.device })?;
+            Ok(Response::LoggedIn { user, device: token.device, token: token.encode() })
+        }
+
+        Request::Authenticate { token } => {
+            let auth = check_token(shared, &token)?;
+            session.bind(shared, auth)?;
+            let username = sync.user(auth.user)?.map(|u| u.username).unwrap_or_default();
+            Ok(Response::Authenticated { user: auth.user, device: auth.device, username })
+        }
+
+        Request::LogOut => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::RevokeSession { user: auth.user, device: auth.device }).await?;
+            session.unbind(shared);
+            Ok(Response::Done)
+        }
+
+        Request::ListDevices => {
+            let auth = require_auth(shared, session)?;
+            let devices = sync
+                .devices(auth.user)?
+                .into_iter()
+                .map(|(device, record)| DeviceInfo {
+                    device,
+                    name: record.name,
+                    created_ms: record.created_ms,
+                    current: device == auth.device,
+                })
+                .collect();
+            Ok(Response::Devices(devices))
+        }
+
+        Request::RevokeDevice { device } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::RevokeSession { user: auth.user, device }).await?;
+            if device == auth.device {
+                session.unbind(shared);
+            }
+            Ok(Response::Done)
+        }
+
+        Request::ResolveUsername { username } => {
+            require_auth(shared, session)?;
+            let key = text::username_key(&username)?;
+            let user = sync.user_by_username(&key)?.ok_or(DomainError::UserNotFound)?;
+            let record = sync.user(user)?.ok_or(DomainError::UserNotFound)?;
+            Ok(Response::User(UserInfo { user, username: record.username, display_name: record.display_name }))
+        }
+
+        Request::CreateDirectChat { peer } => {
+            let auth = require_auth(shared, session)?;
+            require_user_exists(shared, peer)?;
+            let chat = direct_chat_id(auth.user, peer);
+            sync.execute(Command::CreateDirect { chat, a: auth.user, b: peer, now_ms: now_ms() }).await?;
+            Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
+        }
+
+        Request::CreateGroup { title, client_ref } => {
+            let auth = require_auth(shared, session)?;
+            text::check_label("a group title", &title, limits::GROUP_TITLE_CHARS_MAX, true)?;
+            let chat = group_chat_id(auth.user, client_ref);
+            sync.execute(Command::CreateGroup { chat, owner: auth.user, title, now_ms: now_ms() }).await?;
+            Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
+        }
+
+        Request::AddMember { chat, user } => {
+            let auth = require_auth(shared, session)?;
+            require_user_exists(shared, user)?;
+            sync.execute(Command::AddMember { chat, actor: auth.user, user, now_ms: now_ms() }).await?;
+            Ok(Response::Done)
+        }
+
+        Request::RemoveMember { chat, user } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::RemoveMember { chat, actor: auth.user, user }).await?;
+            Ok(Response::Done)
+        }
+
+        Request::SetRole { chat, user, role } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::SetRole { chat, actor: auth.user, user, role }).await?;
+            Ok(Response::Done)
+        }
+
+        Request::LeaveChat { chat } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::Leave { chat, user: auth.user }).await?;
+            Ok(Response::Done)
+        }
+
+        Request::ListChats { after, limit } => {
+            let auth = require_auth(shared, session)?;
+            Ok(Response::Chats(sync.list_chats(auth.user, after, limit)?))
+        }
+
+        Request::ChatMembers { chat } => {
+            let auth = require_auth(shared, session)?;
+            Ok(Response::Members(sync.members(chat, auth.user)?))
+        }
+
+        Request::SendMessage { chat, client_msg_id, text: body } => {
+            let auth = require_auth(shared, session)?;
+            text::check_message_text(&body)?;
+            let command = Command::Send { chat, sender: auth.user, client_msg_id, text: body, now_ms: now_ms() };
+            match sync.execute(command).await? {
+                Reply::Sent { seq, date_ms } => Ok(Response::Sent { seq, date_ms }),
+                other => Err(unexpected(other)),
+            }
+        }
+
+        Request::EditMessage { chat, seq, text: body } => {
+            let auth = require_auth(shared, session)?;
+            text::check_message_text(&body)?;
+            sync.execute(Command::Edit { chat, actor: auth.user, seq, text: body, now_ms: now_ms() }).await?;
+            Ok(Response::Done)
+        }
+
+        Request::DeleteMessage { chat, seq } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::Delete { chat, actor: auth.user, seq }).await?;
+            Ok(Response::Done)
+        }
+
+        Request::History { chat, anchor, limit } => {
+            let auth = require_auth(shared, session)?;
+            Ok(Response::Messages(sync.history(chat, auth.user, anchor, limit)?))
+        }
+
+        Request::MarkRead { chat, seq } => {
+            let auth = require_auth(shared, session)?;
+            match sync.execute(Command::MarkRead { chat, user: auth.user, seq }).await? {
+                Reply::ReadMarker { seq } => Ok(Response::ReadMarker { seq }),
+                other => Err(unexpected(other)),
+            }
+        }
+
+        Request::Sync { since_pts, limit } => {
+            let auth = require_auth(shared, session)?;
+            Ok(match sync.difference(auth.user, since_pts, limit)? {
+                DifferenceOutcome::Page(page) => Response::Difference(page),
+                DifferenceOutcome::TooLong { pts } => Response::TooLong { pts },
+            })
+        }
+
+        // Handled by `subscribe`, which keeps the stream.
+        Request::Subscribe { .. } => Err(ApiError::internal("subscribe reached the one-shot handler")),
+    }
+}
+
+/// How often a quiet push stream re-checks that its device is still valid.
+const PUSH_SESSION_CHECK: Duration = Duration::from_secs(15);
+
+/// Serves a push stream: everything after `since_pts` now, then every update
+/// as it lands, until the client goes, the device is revoked, another push
+/// stream of the same device replaces this one, or the node shuts down.
+pub(crate) async fn subscribe(shared: &Shared, session: &Session, since_pts: u64, mut send: quinn::SendStream) {
+    let auth = match require_auth(shared, session) {
+        Ok(auth) => auth,
+        Err(error) => {
+            let _ = frame::write_frame(&mut send, FrameKind::Response, &Response::Error(error.body())).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let current = match shared.sync.user_meta(auth.user) {
+        Ok(meta) => meta.map_or(0, |m| m.pts),
+        Err(error) => {
+            let error = ApiError::from(error);
+            let _ = frame::write_frame(&mut send, FrameKind::Response, &Response::Error(error.body())).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let mut subscription = shared.hub.subscribe(auth.user, auth.device, current);
+    if frame::write_frame(&mut send, FrameKind::Response, &Response::Subscribed { pts: current }).await.is_err() {
+        return;
+    }
+    let mut pts = since_pts;
+    'serve: loop {
+        // Send everything after `pts`, page by page.
+        loop {
+            let push = match shared.sync.difference(auth.user, pts, limits::SYNC_PAGE_UPDATES_MAX as u32) {
+                Ok(DifferenceOutcome::Page(page)) if page.updates.is_empty() => break,
+                Ok(DifferenceOutcome::Page(page)) => {
+                    pts = page.pts;
+                    let more = page.more;
+                    if frame::write_frame(&mut send, FrameKind::Push, &Push::Updates(page)).await.is_err() {
+                        break 'serve;
+                    }
+                    if more {
+                        continue;
+                    }
+                    break;
+                }
+                Ok(DifferenceOutcome::TooLong { pts: now }) => {
+                    pts = now;
+                    Push::TooLong { pts: now }
+                }
+                Err(error) => {
+                    tracing::warn!(user = %auth.user, %error, "push stream cannot read updates");
+                    break 'serve;
+                }
+            };
+            if frame::write_frame(&mut send, FrameKind::Push, &push).await.is_err() {
+                break 'serve;
+            }
+            break;
+        }
+        tokio::select! {
+            changed = subscription.pts.changed() => if changed.is_err() { break },
+            _ = send.stopped() => break,
+            () = shared.cancel.cancelled() => break,
+            () = tokio::time::sleep(PUSH_SESSION_CHECK) => {}
+        }
+        if !matches!(shared.sync.device(auth.user, auth.device), Ok(Some(_))) {
+            break; // revoked: stop pushing to this device
+        }
+    }
+    let _ = send.finish();
+}

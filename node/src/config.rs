@@ -1,0 +1,112 @@
+//! Node configuration: defaults, then a TOML file, then environment
+//! variables, then command-line flags (each overrides the one before).
+//! Loaded once at start-up and checked by [`Config::validate`].
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the node keeps everything (database, WAL, TLS identity).
+    pub data: PathBuf,
+    /// Address for client connections (QUIC, UDP).
+    pub listen: SocketAddr,
+    pub cluster: ClusterConfig,
+    pub auth: AuthConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Data shards of a new cluster; fixed once the cluster exists.
+    pub data_shards: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// argon2id memory cost per password hash, in KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id passes.
+    pub argon2_iterations: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Page cache of the database, in MiB.
+    pub cache_mib: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data: PathBuf::from("./hamgam-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7440)),
+            cluster: ClusterConfig::default(),
+            auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { data_shards: 64 }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        let cost = hamgam_api::PasswordCost::default();
+        AuthConfig { argon2_memory_kib: cost.memory_kib, argon2_iterations: cost.iterations }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { cache_mib: 256 }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=4096).contains(&self.cluster.data_shards) {
+            bail!("cluster.data_shards must be between 1 and 4096, not {}", self.cluster.data_shards);
+        }
+        if self.auth.argon2_memory_kib < 8 || self.auth.argon2_iterations < 1 {
+            bail!("auth.argon2_memory_kib must be at least 8 and auth.argon2_iterations at least 1");
+        }
+        if self.storage.cache_mib < 8 {
+            bail!("storage.cache_mib must be at least 8");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults_and_typos_are_refused() {
+        let config: Config = toml::from_str("listen = \"127.0.0.1:9000\"\n[auth]\nargon2_iterations = 3\n").unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.auth.argon2_iterations, 3);
+        assert_eq!(config.auth.argon2_memory_kib, 19_456);
+        assert_eq!(config.cluster.data_shards, 64);
+        config.validate().unwrap();
+        assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
+        let bad: Config = toml::from_str("[cluster]\ndata_shards = 0\n").unwrap();
+        assert!(bad.validate().is_err());
+    }
+}
