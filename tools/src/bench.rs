@@ -1,0 +1,625 @@
+//! `hamgam-bench`: repeatable load and figures that can be compared.
+//!
+//! - `messages`: N clients, each its own user and connection, pairs sharing a
+//!   direct chat, each sending messages back to back; reports messages/s,
+//!   commit latency percentiles (send to acknowledgement, which happens only
+//!   after the write is durable), and the node's CPU time per message.
+//! - `etcd`: the same shape of load as durable puts to an etcd server, over
+//!   etcd's gRPC API (the wire etcd's own benchmark tool uses).
+//! - `compare`: starts a fresh hamgam-node and a fresh etcd on this machine,
+//!   loads each in the same run, and prints both with their ratio, because
+//!   shared machines are too noisy for figures from different runs.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use hamgam_client::{ChatId, Client, Fingerprint, Trust};
+use hdrhistogram::Histogram;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Debug, Parser)]
+#[command(name = "hamgam-bench", version, about = "Load a Hamgam node (and etcd, for comparison) and report figures.")]
+struct BenchCli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Send messages to a running node.
+    Messages {
+        #[arg(long, default_value = "127.0.0.1:7440")]
+        server: SocketAddr,
+        /// The node's certificate fingerprint; without it the first one seen is trusted.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// The node's process id, to report its CPU time per message.
+        #[arg(long)]
+        node_pid: Option<u32>,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Put keys to a running etcd server.
+    Etcd {
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        endpoint: SocketAddr,
+        /// The etcd process id, to report its CPU time per put.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Start a fresh node and a fresh etcd, load each, print both and the ratio.
+    Compare {
+        /// Client counts to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "64")]
+        clients_list: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        #[arg(long, default_value_t = 2)]
+        warmup_secs: u64,
+        #[arg(long, default_value_t = 256)]
+        message_bytes: usize,
+        /// hamgam-node binary (default: next to this program).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+        #[arg(long, default_value = "etcd")]
+        etcd_bin: String,
+        /// Where the servers keep their data (default: a temporary directory).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct LoadArgs {
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Bytes of text per message (or value per put).
+    #[arg(long, default_value_t = 256)]
+    message_bytes: usize,
+}
+
+pub fn main_entry() -> ExitCode {
+    let cli = BenchCli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("hamgam-bench: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hamgam-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: BenchCli) -> anyhow::Result<()> {
+    match cli.command {
+        BenchCommand::Messages { server, fingerprint, node_pid, load } => {
+            let trust = match fingerprint {
+                Some(text) => Trust::Pinned(text.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
+                None => hamgam_client::first_use().0,
+            };
+            let result = hamgam_load(server, trust, node_pid, &load).await?;
+            println!("{}", LoadResult::header());
+            println!("{}", result.row());
+        }
+        BenchCommand::Etcd { endpoint, pid, load } => {
+            let result = etcd_load(endpoint, pid, &load).await?;
+            println!("{}", LoadResult::header());
+            println!("{}", result.row());
+        }
+        BenchCommand::Compare { clients_list, duration_secs, warmup_secs, message_bytes, node_bin, etcd_bin, work_dir } => {
+            let node_bin = match node_bin {
+                Some(path) => path,
+                None => std::env::current_exe()?.with_file_name("hamgam-node"),
+            };
+            let scratch = tempfile::tempdir()?;
+            let work = work_dir.unwrap_or_else(|| scratch.path().to_path_buf());
+            let mut rows = Vec::new();
+            for clients in clients_list {
+                let load = LoadArgs { clients, duration_secs, warmup_secs, message_bytes };
+                let hamgam = {
+                    let node = NodeProcess::start(&node_bin, &work.join(format!("hamgam-{clients}"))).await?;
+                    let result = hamgam_load(node.addr, Trust::Pinned(node.fingerprint), Some(node.pid), &load).await;
+                    node.stop().await?;
+                    result?
+                };
+                let etcd = {
+                    let server = EtcdProcess::start(&etcd_bin, &work.join(format!("etcd-{clients}"))).await?;
+                    let result = etcd_load(server.client_addr, Some(server.pid), &load).await;
+                    server.stop().await?;
+                    result?
+                };
+                println!("{}", LoadResult::header());
+                println!("{}", hamgam.row());
+                println!("{}", etcd.row());
+                println!("{}", ratio_row(&hamgam, &etcd));
+                rows.push((hamgam, etcd));
+            }
+            println!("\nSummary (ratios are hamgam / etcd, measured in this run):");
+            println!("{}", LoadResult::header());
+            for (hamgam, etcd) in &rows {
+                println!("{}", hamgam.row());
+                println!("{}", etcd.row());
+                println!("{}", ratio_row(hamgam, etcd));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- measurement --------------------------------------------------------------
+
+/// CPU time (user + system) a process has used, from /proc. Linux reports it
+/// in clock ticks of USER_HZ, which is 100 on every Linux architecture.
+fn process_cpu(pid: Option<u32>) -> Option<Duration> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = text.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+struct LoadResult {
+    label: String,
+    clients: usize,
+    operations: u64,
+    errors: u64,
+    elapsed: Duration,
+    /// Latency in microseconds.
+    latency: Histogram<u64>,
+    server_cpu: Option<Duration>,
+    client_cpu: Option<Duration>,
+}
+
+impl LoadResult {
+    fn per_second(&self) -> f64 {
+        self.operations as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn millis(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    fn server_cpu_per_op_us(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.operations > 0).then(|| cpu.as_secs_f64() * 1e6 / self.operations as f64)
+    }
+
+    fn header() -> String {
+        format!(
+            "| {:<8} | {:>7} | {:>10} | {:>8} | {:>8} | {:>8} | {:>14} | {:>14} | {:>6} |\n|{}|",
+            "system", "clients", "ops/s", "p50 ms", "p99 ms", "p999 ms", "server CPU/op", "bench CPU/op", "errors",
+            "----------|---------|------------|----------|----------|----------|----------------|----------------|--------"
+        )
+    }
+
+    fn row(&self) -> String {
+        let per_op = |cpu: Option<f64>| cpu.map_or("-".to_string(), |us| format!("{us:.1} µs"));
+        let client = self.client_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.operations.max(1) as f64);
+        format!(
+            "| {:<8} | {:>7} | {:>10.0} | {:>8.2} | {:>8.2} | {:>8.2} | {:>14} | {:>14} | {:>6} |",
+            self.label,
+            self.clients,
+            self.per_second(),
+            self.millis(0.50),
+            self.millis(0.99),
+            self.millis(0.999),
+            per_op(self.server_cpu_per_op_us()),
+            per_op(client),
+            self.errors
+        )
+    }
+}
+
+fn ratio_row(hamgam: &LoadResult, etcd: &LoadResult) -> String {
+    let cpu = match (hamgam.server_cpu_per_op_us(), etcd.server_cpu_per_op_us()) {
+        (Some(h), Some(e)) if e > 0.0 => format!("{:.2}x", h / e),
+        _ => "-".into(),
+    };
+    format!(
+        "| {:<8} | {:>7} | {:>9.2}x | {:>7.2}x | {:>7.2}x | {:>7.2}x | {:>14} | {:>14} | {:>6} |",
+        "ratio",
+        hamgam.clients,
+        hamgam.per_second() / etcd.per_second(),
+        hamgam.millis(0.50) / etcd.millis(0.50),
+        hamgam.millis(0.99) / etcd.millis(0.99),
+        hamgam.millis(0.999) / etcd.millis(0.999),
+        cpu,
+        "",
+        ""
+    )
+}
+
+/// Phases shared by the workers of one load run.
+struct Phase {
+    recording: AtomicBool,
+    stopping: AtomicBool,
+    operations: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Runs `clients` workers; each calls `step` back to back and reports its latency.
+async fn drive<W, F, Fut>(label: &str, load: &LoadArgs, pid: Option<u32>, workers: Vec<W>, step: F) -> anyhow::Result<LoadResult>
+where
+    W: Send + Sync + 'static,
+    F: Fn(Arc<W>, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let phase = Arc::new(Phase {
+        recording: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        operations: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in workers {
+        let worker = Arc::new(worker);
+        let (phase, step) = (phase.clone(), step.clone());
+        tasks.spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
+            let mut i = 0u64;
+            while !phase.stopping.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let outcome = step(worker.clone(), i).await;
+                i += 1;
+                if phase.recording.load(Ordering::Relaxed) {
+                    match outcome {
+                        Ok(()) => {
+                            let micros = started.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+                            let _ = latency.record(micros);
+                            phase.operations.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            if phase.errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("{error:#}");
+                            }
+                        }
+                    }
+                }
+            }
+            latency
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(load.warmup_secs)).await;
+    let server_before = process_cpu(pid);
+    let client_before = process_cpu(None);
+    let started = Instant::now();
+    phase.recording.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(load.duration_secs)).await;
+    phase.recording.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let server_cpu = match (server_before, process_cpu(pid)) {
+        (Some(before), Some(after)) if pid.is_some() => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    let client_cpu = match (client_before, process_cpu(None)) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    phase.stopping.store(true, Ordering::Relaxed);
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Some(done) = tasks.join_next().await {
+        latency.add(done?)?;
+    }
+    Ok(LoadResult {
+        label: label.to_string(),
+        clients: load.clients,
+        operations: phase.operations.load(Ordering::Relaxed),
+        errors: phase.errors.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+        server_cpu,
+        client_cpu,
+    })
+}
+
+/// Message text of `bytes` bytes: Persian letters, as most messages are.
+fn message_text(bytes: usize) -> String {
+    let mut text = "سلام".repeat(bytes / 8 + 1);
+    while text.len() > bytes {
+        text.pop();
+    }
+    while text.len() < bytes {
+        text.push('.');
+    }
+    text
+}
+
+// ---- hamgam ---------------------------------------------------------------------
+
+struct MessageWorker {
+    client: Client,
+    chat: ChatId,
+    text: String,
+}
+
+async fn hamgam_load(server: SocketAddr, trust: Trust, node_pid: Option<u32>, load: &LoadArgs) -> anyhow::Result<LoadResult> {
+    if load.clients < 2 {
+        bail!("the message load needs at least 2 clients (they chat in pairs)");
+    }
+    let run_id: u32 = rand::random::<u32>() % 1_000_000;
+    let password = "bench-password-1";
+    let mut clients = Vec::with_capacity(load.clients);
+    for i in 0..load.clients {
+        let client = Client::connect(server, trust.clone(), "hamgam-bench").await.context("connecting to the node")?;
+        let username = format!("b{run_id}_{i}");
+        client.sign_up(&username, password, "").await.context("signing up bench users")?;
+        let session = client.log_in(&username, password, "bench").await?;
+        clients.push((client, session.user));
+    }
+    let mut workers = Vec::with_capacity(load.clients);
+    let text = message_text(load.message_bytes);
+    let mut pairs = clients.into_iter();
+    while let Some((first, _)) = pairs.next() {
+        // An odd client out chats with itself's pair partner's chat: pair it with the first.
+        let (second, second_user) = match pairs.next() {
+            Some(pair) => pair,
+            None => {
+                let chat = workers.first().map_or(ChatId(0), |w: &MessageWorker| w.chat);
+                workers.push(MessageWorker { client: first, chat, text: text.clone() });
+                break;
+            }
+        };
+        let chat = first.direct_chat(second_user).await?.chat;
+        workers.push(MessageWorker { client: first, chat, text: text.clone() });
+        workers.push(MessageWorker { client: second, chat, text: text.clone() });
+    }
+    drive("hamgam", load, node_pid, workers, |worker: Arc<MessageWorker>, i| async move {
+        let id = rand::random::<u64>() ^ i;
+        worker.client.send_with_id(worker.chat, id, &worker.text).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A hamgam-node started for one comparison.
+struct NodeProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?.port())
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+async fn terminate(child: &mut tokio::process::Child, name: &str) -> anyhow::Result<()> {
+    if let Some(pid) = child.id() {
+        // SIGTERM: both servers shut down cleanly on it.
+        let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+    }
+    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+        Ok(status) => {
+            status.with_context(|| format!("waiting for {name}"))?;
+        }
+        Err(_) => {
+            child.kill().await?;
+        }
+    }
+    Ok(())
+}
+
+impl NodeProcess {
+    async fn start(bin: &Path, data: &Path) -> anyhow::Result<NodeProcess> {
+        std::fs::create_dir_all(data)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut child = tokio::process::Command::new(bin)
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(data.with_extension("log"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().context("the node exited at once")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let fingerprint = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ") {
+                    return fp.trim().parse::<Fingerprint>().map_err(|e| anyhow::anyhow!("{e}"));
+                }
+            }
+            bail!("the node exited before it was ready (see {})", data.with_extension("log").display())
+        })
+        .await
+        .context("the node did not start within 60 seconds")??;
+        // Keep reading stdout so the node never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(NodeProcess { child, pid, addr, fingerprint })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        terminate(&mut self.child, "hamgam-node").await
+    }
+}
+
+// ---- etcd -------------------------------------------------------------------------
+
+/// One gRPC connection to etcd over HTTP/2.
+struct EtcdWorker {
+    sender: h2::client::SendRequest<Bytes>,
+    endpoint: SocketAddr,
+    client: usize,
+    value: Bytes,
+}
+
+/// A protobuf `PutRequest { key = 1, value = 2 }`, framed for gRPC.
+fn grpc_put(key: &[u8], value: &[u8]) -> Bytes {
+    fn varint(out: &mut Vec<u8>, mut n: usize) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    let mut message = Vec::with_capacity(key.len() + value.len() + 8);
+    message.push(0x0a);
+    varint(&mut message, key.len());
+    message.extend_from_slice(key);
+    message.push(0x12);
+    varint(&mut message, value.len());
+    message.extend_from_slice(value);
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0); // not compressed
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    Bytes::from(framed)
+}
+
+impl EtcdWorker {
+    async fn connect(endpoint: SocketAddr, client: usize, value: Bytes) -> anyhow::Result<EtcdWorker> {
+        let tcp = tokio::net::TcpStream::connect(endpoint).await.with_context(|| format!("connecting to etcd at {endpoint}"))?;
+        tcp.set_nodelay(true)?;
+        let (sender, connection) = h2::client::handshake(tcp).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "etcd connection ended");
+            }
+        });
+        Ok(EtcdWorker { sender, endpoint, client, value })
+    }
+
+    async fn put(&self, i: u64) -> anyhow::Result<()> {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/etcdserverpb.KV/Put", self.endpoint))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let mut sender = self.sender.clone().ready().await?;
+        let key = format!("bench/{}/{i}", self.client);
+        let (response, mut body_out) = sender.send_request(request, false)?;
+        body_out.send_data(grpc_put(key.as_bytes(), &self.value), true)?;
+        let response = response.await?;
+        if response.status() != http::StatusCode::OK {
+            bail!("etcd answered HTTP {}", response.status());
+        }
+        let header_status = response.headers().get("grpc-status").cloned();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let status = match body.trailers().await? {
+            Some(trailers) => trailers.get("grpc-status").cloned(),
+            None => header_status,
+        };
+        match status.as_ref().and_then(|s| s.to_str().ok()) {
+            Some("0") => Ok(()),
+            other => bail!("etcd put failed with grpc-status {other:?}"),
+        }
+    }
+}
+
+async fn etcd_load(endpoint: SocketAddr, pid: Option<u32>, load: &LoadArgs) -> anyhow::Result<LoadResult> {
+    let value = Bytes::from(vec![b'v'; load.message_bytes]);
+    let mut workers = Vec::with_capacity(load.clients);
+    for client in 0..load.clients {
+        workers.push(EtcdWorker::connect(endpoint, client, value.clone()).await?);
+    }
+    drive("etcd", load, pid, workers, |worker: Arc<EtcdWorker>, i| async move { worker.put(i).await }).await
+}
+
+struct EtcdProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    client_addr: SocketAddr,
+}
+
+impl EtcdProcess {
+    async fn start(bin: &str, data: &Path) -> anyhow::Result<EtcdProcess> {
+        std::fs::create_dir_all(data)?;
+        let client_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+        let peer = format!("http://127.0.0.1:{}", free_tcp_port()?);
+        let client_url = format!("http://{client_addr}");
+        let mut child = tokio::process::Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(data)
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("bench={peer}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(data.with_extension("log"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {bin} (install Debian's etcd-server)"))?;
+        let pid = child.id().context("etcd exited at once")?;
+        let probe_value = Bytes::from_static(b"ready");
+        let started = Instant::now();
+        loop {
+            if let Ok(worker) = EtcdWorker::connect(client_addr, usize::MAX, probe_value.clone()).await
+                && worker.put(0).await.is_ok()
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                child.kill().await?;
+                bail!("etcd did not become ready within 30 seconds (see {})", data.with_extension("log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(EtcdProcess { child, pid, client_addr })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        terminate(&mut self.child, "etcd").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_put_is_a_framed_protobuf() {
+        let framed = grpc_put(b"k", b"vv");
+        assert_eq!(&framed[..], &[0, 0, 0, 0, 7, 0x0a, 1, b'k', 0x12, 2, b'v', b'v']);
+    }
+
+    #[test]
+    fn message_text_has_the_requested_bytes() {
+        for bytes in [1, 2, 255, 256, 1000] {
+            assert_eq!(message_text(bytes).len(), bytes);
+        }
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_reading() {
+        assert!(process_cpu(None).is_some());
+    }
+}

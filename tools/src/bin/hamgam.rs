@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    hamgam_tools::cli::main_entry()
+}
