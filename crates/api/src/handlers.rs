@@ -144,7 +144,7 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         Request::CreateDirectChat { peer } => {
             let auth = require_auth(shared, session)?;
             require_user_exists(shared, peer)?;
-            let chat = direct_chat_id(auth.user, peer);
+            let chat = direct_chat_id(sync.placement(), auth.user, peer);
             sync.execute(Command::CreateDirect { chat, a: auth.user, b: peer, now_ms: now_ms() }).await?;
             Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
         }
@@ -152,7 +152,7 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         Request::CreateGroup { title, client_ref } => {
             let auth = require_auth(shared, session)?;
             text::check_label("a group title", &title, limits::GROUP_TITLE_CHARS_MAX, true)?;
-            let chat = group_chat_id(auth.user, client_ref);
+            let chat = group_chat_id(sync.placement(), auth.user, client_ref);
             sync.execute(Command::CreateGroup { chat, owner: auth.user, title, now_ms: now_ms() }).await?;
             Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
         }

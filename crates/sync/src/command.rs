@@ -85,20 +85,22 @@ fn id_from_hash(hash: blake3::Hash) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// The one direct chat of two people, whoever starts it.
-pub fn direct_chat_id(a: UserId, b: UserId) -> ChatId {
+/// The one direct chat of two people, whoever starts it. It lives on the
+/// shard of the lower user id.
+pub fn direct_chat_id(placement: &Placement, a: UserId, b: UserId) -> ChatId {
     let (low, high) = if a <= b { (a, b) } else { (b, a) };
     let mut hasher = blake3::Hasher::new_derive_key("hamgam direct chat v1");
     hasher.update(&low.0.to_le_bytes());
     hasher.update(&high.0.to_le_bytes());
-    ChatId(id_from_hash(hasher.finalize()))
+    placement.chat_id_near(id_from_hash(hasher.finalize()), low)
 }
 
 /// A group's id, derived from its creator and the client's random reference,
-/// so a retried create finds the group it already made.
-pub fn group_chat_id(owner: UserId, client_ref: u64) -> ChatId {
+/// so a retried create finds the group it already made. It lives on the
+/// creator's shard.
+pub fn group_chat_id(placement: &Placement, owner: UserId, client_ref: u64) -> ChatId {
     let mut hasher = blake3::Hasher::new_derive_key("hamgam group chat v1");
     hasher.update(&owner.0.to_le_bytes());
     hasher.update(&client_ref.to_le_bytes());
-    ChatId(id_from_hash(hasher.finalize()))
+    placement.chat_id_near(id_from_hash(hasher.finalize()), owner)
 }

@@ -7,7 +7,7 @@ use hamgam_types::{ChatId, DeviceId, ShardId, UserId};
 // Tables of a user's shard.
 const USERNAME: u8 = 0x10;
 const USER: u8 = 0x11;
-const USER_META: u8 = 0x12;
+// 0x12 was the user meta table; a user's position is now derived from its update keys.
 const DEVICE: u8 = 0x13;
 const UPDATE: u8 = 0x14;
 const DIALOG: u8 = 0x15;
@@ -15,7 +15,7 @@ const INBOX: u8 = 0x16;
 const SHARD_META: u8 = 0x17;
 // Tables of a chat's shard.
 const CHAT: u8 = 0x20;
-const CHAT_SEQ: u8 = 0x21;
+// 0x21 was the chat seq table; a chat's last seq is now its last message key.
 const MEMBER: u8 = 0x22;
 const MESSAGE: u8 = 0x23;
 const DEDUP: u8 = 0x24;
@@ -40,10 +40,6 @@ pub fn username(name_key: &str) -> Vec<u8> {
 
 pub fn user(user: UserId) -> Vec<u8> {
     key(USER, &[user.0])
-}
-
-pub fn user_meta(user: UserId) -> Vec<u8> {
-    key(USER_META, &[user.0])
 }
 
 pub fn device(user: UserId, device: DeviceId) -> Vec<u8> {
@@ -82,10 +78,6 @@ pub fn chat(chat: ChatId) -> Vec<u8> {
     key(CHAT, &[chat.0])
 }
 
-pub fn chat_seq(chat: ChatId) -> Vec<u8> {
-    key(CHAT_SEQ, &[chat.0])
-}
-
 pub fn member(chat: ChatId, user: UserId) -> Vec<u8> {
     key(MEMBER, &[chat.0, user.0])
 }
@@ -116,10 +108,6 @@ pub fn outbox_of(target: ShardId) -> Vec<u8> {
 
 pub fn outbox_meta(target: ShardId) -> Vec<u8> {
     key(OUTBOX_META, &[u64::from(target.0)])
-}
-
-pub fn outbox_metas() -> Vec<u8> {
-    vec![OUTBOX_META]
 }
 
 /// The trailing big-endian u64 of a key (a seq, pts or id).

@@ -14,6 +14,7 @@
 //! Must not know: QUIC, sessions on connections, the wire frames, sled. It
 //! reaches storage only through raftstore's shard views.
 
+mod cache;
 mod command;
 mod keys;
 mod machine;

@@ -39,7 +39,8 @@ pub struct UserRecord {
     pub created_ms: u64,
 }
 
-/// A user's update sequence position (changes on every update).
+/// A user's update sequence position. Not stored: derived from the first
+/// and last update keys, cached by the state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserMeta {
     /// The last update's pts (0 before the first).
@@ -89,8 +90,8 @@ pub struct OutboxRecord {
     pub items: Vec<(UserId, UpdateKind)>,
 }
 
-/// Per target shard: the next outbox seq to hand out and the last one the
-/// target acknowledged.
+/// Per target shard: the last outbox seq the target acknowledged (stored),
+/// and the next seq to hand out (derived from the last outbox key).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxMeta {
     pub next_seq: u64,

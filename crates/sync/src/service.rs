@@ -14,8 +14,8 @@
 
 use crate::command::{Command, Reply};
 use crate::keys;
-use crate::machine::{Signals, get_record, scan_members};
-use crate::records::{self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, UserMeta, UserRecord};
+use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members};
+use crate::records::{self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UserMeta, UserRecord};
 use crate::{DomainError, SyncError};
 use hamgam_proto::{
     ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Role, Update, UpdateKind,
@@ -102,8 +102,9 @@ impl SyncService {
         get_record(&self.user_reader(user), "user", &keys::user(user))
     }
 
+    /// A user's update sequence position; `None` if there is no such user.
     pub fn user_meta(&self, user: UserId) -> Result<Option<UserMeta>, SyncError> {
-        get_record(&self.user_reader(user), "user meta", &keys::user_meta(user))
+        read_user_meta(&self.user_reader(user), user)
     }
 
     pub fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, SyncError> {
@@ -136,14 +137,7 @@ impl SyncService {
     }
 
     fn last_seq(&self, chat: ChatId) -> Result<u64, SyncError> {
-        match self.chat_reader(chat).get(&keys::chat_seq(chat))? {
-            None => Ok(0),
-            Some(bytes) => {
-                let seq: [u8; 8] =
-                    bytes.try_into().map_err(|_| SyncError::Corrupt { what: "chat seq", reason: "not 8 bytes".into() })?;
-                Ok(u64::from_be_bytes(seq))
-            }
-        }
+        read_last_seq(&self.chat_reader(chat), chat)
     }
 
     /// The caller's membership, or `NotMember` (also for chats that do not exist,
@@ -364,20 +358,11 @@ impl SyncService {
         let mut pending = Vec::new();
         for source in self.placement.all_shards() {
             let reader = self.raft.reader(source);
-            let metas = match reader.scan(&KeyRange::prefix(&keys::outbox_metas()), Order::Ascending, usize::MAX) {
-                Ok(metas) => metas,
-                Err(error) => {
-                    tracing::error!(%source, %error, "cannot read outbox state");
-                    continue;
-                }
-            };
-            for (key, value) in metas {
-                let (Some(target), Ok(meta)) = (keys::last_u64(&key), records::decode::<OutboxMeta>("outbox meta", &value))
-                else {
-                    continue;
-                };
-                if meta.next_seq - 1 > meta.acked {
-                    pending.push((source, ShardId(target as u32)));
+            for target in self.placement.all_shards() {
+                match reader.scan(&KeyRange::prefix(&keys::outbox_of(target)), Order::Ascending, 1) {
+                    Ok(found) if !found.is_empty() => pending.push((source, target)),
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%source, %error, "cannot read outbox state"),
                 }
             }
         }
@@ -390,13 +375,7 @@ impl SyncService {
             return Ok(false); // the source's leader delivers
         }
         let reader = self.raft.reader(source);
-        let Some(meta) = get_record::<OutboxMeta>(&reader, "outbox meta", &keys::outbox_meta(target))? else {
-            return Ok(false);
-        };
-        let last = meta.next_seq - 1;
-        if last <= meta.acked {
-            return Ok(false);
-        }
+        let meta = read_outbox_meta(&reader, target)?;
         let range = KeyRange { start: keys::outbox(target, meta.acked + 1), end: KeyRange::prefix(&keys::outbox_of(target)).end };
         let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
         let mut records: Vec<(u64, OutboxRecord)> = Vec::with_capacity(pairs.len());
@@ -412,7 +391,7 @@ impl SyncService {
         let Some(&(through, _)) = records.last() else { return Ok(false) };
         self.execute(Command::Deliver { source, target, records }).await?;
         self.execute(Command::OutboxAck { source, target, through }).await?;
-        Ok(through < last)
+        Ok(through + 1 < meta.next_seq)
     }
 }
 

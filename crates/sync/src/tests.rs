@@ -88,13 +88,13 @@ impl Harness {
     }
 
     async fn direct(&self, a: UserId, b: UserId) -> ChatId {
-        let chat = crate::direct_chat_id(a, b);
+        let chat = crate::direct_chat_id(self.service.placement(), a, b);
         self.service.execute(Command::CreateDirect { chat, a, b, now_ms: now() }).await.unwrap();
         chat
     }
 
     async fn group(&self, owner: UserId, title: &str) -> ChatId {
-        let chat = crate::group_chat_id(owner, 42);
+        let chat = crate::group_chat_id(self.service.placement(), owner, 42);
         self.service.execute(Command::CreateGroup { chat, owner, title: title.into(), now_ms: now() }).await.unwrap();
         chat
     }

@@ -6,8 +6,10 @@ use crate::{ChatId, ShardId, UserId};
 /// - A user lives in shard `1 + id % n`: user ids are allocated by the shard that
 ///   owns the username (see `sync`), so a user's record, credentials, devices
 ///   and updates share one shard with the username index entry.
-/// - A chat lives in shard `1 + id % n`; chat ids are random or blake3-derived,
-///   hence uniform.
+/// - A chat lives in shard `1 + id % n`. Chat ids are blake3-derived and then
+///   placed ([`Placement::chat_id_near`]) on the shard of one of their members
+///   (the lower user of a direct chat, a group's creator), so that member's
+///   updates are written in the same apply, without a cross-shard hop.
 /// - A username lives in shard `1 + blake3(lowercase name) % n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -53,6 +55,18 @@ impl Placement {
         UserId(counter * u64::from(self.data_shards) + u64::from(shard.0 - 1))
     }
 
+    /// A chat id made from `hash` that lives on the same shard as `user`.
+    /// Keeps all but the placement bits of the hash, so ids stay unguessable
+    /// and spread evenly wherever users are.
+    pub fn chat_id_near(&self, hash: u64, user: UserId) -> ChatId {
+        let n = u128::from(self.data_shards);
+        let wanted = u128::from(self.shard_of_user(user).0 - 1);
+        let base = u128::from(hash) / n * n;
+        let id = if base + wanted <= u128::from(u64::MAX) { base + wanted } else { base - n + wanted };
+        // Below u64::MAX by construction.
+        ChatId(id as u64)
+    }
+
     fn shard_of_u64(&self, value: u64) -> ShardId {
         // The remainder is below `data_shards`, a u32, so the cast is lossless.
         ShardId(1 + (value % u64::from(self.data_shards)) as u32)
@@ -70,6 +84,18 @@ mod tests {
             for counter in [0u64, 1, 2, 1000, u64::MAX / 128] {
                 let user = placement.user_id_for(ShardId(shard), counter);
                 assert_eq!(placement.shard_of_user(user), ShardId(shard));
+            }
+        }
+    }
+
+    #[test]
+    fn chats_placed_near_a_user_share_its_shard() {
+        for shards in [1u32, 7, 64] {
+            let placement = Placement::new(shards);
+            for (hash, user) in [(0u64, 5u64), (u64::MAX, 3), (u64::MAX - 1, 63), (1234567, 0)] {
+                let chat = placement.chat_id_near(hash, UserId(user));
+                assert_eq!(placement.shard_of_chat(chat), placement.shard_of_user(UserId(user)));
+                assert!(hash.abs_diff(chat.0) < 2 * u64::from(shards));
             }
         }
     }
