@@ -287,6 +287,7 @@ where
                 let started = Instant::now();
                 let outcome = step(worker.clone(), i).await;
                 i += 1;
+                let outcome_status = outcome.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}"));
                 if phase.recording.load(Ordering::Relaxed) {
                     match outcome {
                         Ok(()) => {
@@ -300,6 +301,14 @@ where
                             }
                         }
                     }
+                }
+                if let Err(error) = &outcome_status {
+                    // A failing server must not turn the load tool into a
+                    // busy loop: back off, and give up on a dead connection.
+                    if error.to_string().contains("connection") {
+                        phase.stopping.store(true, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
             latency

@@ -23,6 +23,13 @@ pub(crate) struct Auth {
     pub device: DeviceId,
 }
 
+/// A bound session and the revocation epoch it was last checked at.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    auth: Auth,
+    checked_epoch: u64,
+}
+
 /// Requests allowed on a connection: a token bucket.
 struct Bucket {
     tokens: f64,
@@ -31,7 +38,7 @@ struct Bucket {
 
 pub(crate) struct Session {
     pub address: IpAddr,
-    auth: Mutex<Option<Auth>>,
+    auth: Mutex<Option<Bound>>,
     bucket: Mutex<Bucket>,
 }
 
@@ -44,14 +51,26 @@ impl Session {
         }
     }
 
-    pub(crate) fn auth(&self) -> Option<Auth> {
-        *self.auth.lock().unwrap_or_else(|p| p.into_inner())
+    /// The session, and whether a revocation may have happened since it was
+    /// last checked against its stored device.
+    pub(crate) fn auth(&self, shared: &Shared) -> Option<(Auth, bool)> {
+        let bound = (*self.auth.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let stale = shared.hub.revocation_epoch(bound.auth.user) != bound.checked_epoch;
+        Some((bound.auth, stale))
+    }
+
+    /// Records that the session was found valid at `epoch`.
+    pub(crate) fn checked(&self, epoch: u64) {
+        if let Some(bound) = self.auth.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            bound.checked_epoch = bound.checked_epoch.max(epoch);
+        }
     }
 
     /// Binds the connection to a session, counting it against the user's limit.
-    pub(crate) fn bind(&self, shared: &Shared, auth: Auth) -> Result<(), ApiError> {
+    /// `epoch` is the revocation epoch read before the session was checked.
+    pub(crate) fn bind(&self, shared: &Shared, auth: Auth, epoch: u64) -> Result<(), ApiError> {
         let mut current = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        if current.map(|a| a.user) != Some(auth.user) {
+        if current.map(|b| b.auth.user) != Some(auth.user) {
             let mut counts = shared.user_connections.lock().unwrap_or_else(|p| p.into_inner());
             let count = counts.entry(auth.user).or_insert(0);
             if *count >= limits::CONNECTIONS_PER_USER_MAX {
@@ -62,16 +81,16 @@ impl Session {
             }
             *count += 1;
             if let Some(old) = *current {
-                release(&mut counts, old.user);
+                release(&mut counts, old.auth.user);
             }
         }
-        *current = Some(auth);
+        *current = Some(Bound { auth, checked_epoch: epoch });
         Ok(())
     }
 
     pub(crate) fn unbind(&self, shared: &Shared) {
         if let Some(old) = self.auth.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            release(&mut shared.user_connections.lock().unwrap_or_else(|p| p.into_inner()), old.user);
+            release(&mut shared.user_connections.lock().unwrap_or_else(|p| p.into_inner()), old.auth.user);
         }
     }
 
@@ -253,13 +272,15 @@ async fn handle_stream(shared: Arc<Shared>, session: Arc<Session>, mut send: qui
     respond(&mut send, &response).await;
 }
 
-/// Parses a token and checks it against the stored device.
-pub(crate) fn check_token(shared: &Shared, text: &str) -> Result<Auth, ApiError> {
+/// Parses a token and checks it against the stored device. Returns the
+/// session and the revocation epoch read before the check.
+pub(crate) fn check_token(shared: &Shared, text: &str) -> Result<(Auth, u64), ApiError> {
     let token = Token::parse(text)?;
+    let epoch = shared.hub.revocation_epoch(token.user);
     let revoked = || ApiError::new(ErrorCode::SESSION_REVOKED, "this session was logged out or revoked; log in again");
     let device = shared.sync.device(token.user, token.device)?.ok_or_else(revoked)?;
     if !crate::auth::hashes_equal(&device.token_hash, &token.secret_hash()) {
         return Err(revoked());
     }
-    Ok(Auth { user: token.user, device: token.device })
+    Ok((Auth { user: token.user, device: token.device }, epoch))
 }

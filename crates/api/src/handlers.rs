@@ -17,15 +17,20 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The connection's session, checked against the stored device on every
-/// request so a revoked device stops at once.
+/// The connection's session. A revoked device stops at once: every
+/// revocation bumps an epoch, and a session whose epoch moved is checked
+/// against its stored device again before the request goes on.
 fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, ApiError> {
-    let auth = session
-        .auth()
+    let (auth, stale) = session
+        .auth(shared)
         .ok_or_else(|| ApiError::new(ErrorCode::UNAUTHENTICATED, "log in or authenticate with a session token first"))?;
-    if shared.sync.device(auth.user, auth.device)?.is_none() {
-        session.unbind(shared);
-        return Err(ApiError::new(ErrorCode::SESSION_REVOKED, "this session was logged out or revoked; log in again"));
+    if stale {
+        let epoch = shared.hub.revocation_epoch(auth.user);
+        if shared.sync.device(auth.user, auth.device)?.is_none() {
+            session.unbind(shared);
+            return Err(ApiError::new(ErrorCode::SESSION_REVOKED, "this session was logged out or revoked; log in again"));
+        }
+        session.checked(epoch);
     }
     Ok(auth)
 }
@@ -83,6 +88,7 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
             };
             shared.limiter.record_success(&username_key);
             let token = Token::generate(user);
+            let epoch = shared.hub.revocation_epoch(user);
             let command = Command::CreateSession {
                 user,
                 device: token.device,
@@ -91,13 +97,13 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
                 now_ms: now_ms(),
             };
             sync.execute(command).await?;
-            session.bind(shared, Auth { user, device: token.device })?;
+            session.bind(shared, Auth { user, device: token.device }, epoch)?;
             Ok(Response::LoggedIn { user, device: token.device, token: token.encode() })
         }
 
         Request::Authenticate { token } => {
-            let auth = check_token(shared, &token)?;
-            session.bind(shared, auth)?;
+            let (auth, epoch) = check_token(shared, &token)?;
+            session.bind(shared, auth, epoch)?;
             let username = sync.user(auth.user)?.map(|u| u.username).unwrap_or_default();
             Ok(Response::Authenticated { user: auth.user, device: auth.device, username })
         }
@@ -241,8 +247,8 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
     }
 }
 
-/// How often a quiet push stream re-checks that its device is still valid.
-const PUSH_SESSION_CHECK: Duration = Duration::from_secs(15);
+/// How often a quiet push stream wakes to see whether its device was revoked.
+const PUSH_SESSION_CHECK: Duration = Duration::from_secs(5);
 
 /// Serves a push stream: everything after `since_pts` now, then every update
 /// as it lands, until the client goes, the device is revoked, another push
@@ -265,6 +271,7 @@ pub(crate) async fn subscribe(shared: &Shared, session: &Session, since_pts: u64
             return;
         }
     };
+    let mut checked_epoch = shared.hub.revocation_epoch(auth.user);
     let mut subscription = shared.hub.subscribe(auth.user, auth.device, current);
     if frame::write_frame(&mut send, FrameKind::Response, &Response::Subscribed { pts: current }).await.is_err() {
         return;
@@ -306,8 +313,12 @@ pub(crate) async fn subscribe(shared: &Shared, session: &Session, since_pts: u64
             () = shared.cancel.cancelled() => break,
             () = tokio::time::sleep(PUSH_SESSION_CHECK) => {}
         }
-        if !matches!(shared.sync.device(auth.user, auth.device), Ok(Some(_))) {
-            break; // revoked: stop pushing to this device
+        let epoch = shared.hub.revocation_epoch(auth.user);
+        if epoch != checked_epoch {
+            if !matches!(shared.sync.device(auth.user, auth.device), Ok(Some(_))) {
+                break; // revoked: stop pushing to this device
+            }
+            checked_epoch = epoch;
         }
     }
     let _ = send.finish();

@@ -18,10 +18,25 @@ struct Subscriber {
     pts: watch::Sender<u64>,
 }
 
-#[derive(Default)]
+/// Buckets of the revocation epochs (a fixed array: bounded memory, no locks).
+const REVOCATION_BUCKETS: usize = 4096;
+
 pub struct PushHub {
     subscribers: Mutex<HashMap<UserId, Vec<Subscriber>>>,
     next_id: AtomicU64,
+    /// Bumped when any device of a user in the bucket is revoked, so a
+    /// connection re-reads its device record only after a revocation.
+    revocations: Box<[AtomicU64]>,
+}
+
+impl Default for PushHub {
+    fn default() -> Self {
+        PushHub {
+            subscribers: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            revocations: (0..REVOCATION_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl std::fmt::Debug for PushHub {
@@ -55,6 +70,11 @@ impl PushHub {
         Subscription { hub: self, user, id, pts: receiver }
     }
 
+    /// The revocation epoch of `user`'s bucket.
+    pub(crate) fn revocation_epoch(&self, user: UserId) -> u64 {
+        self.revocations[(user.0 % REVOCATION_BUCKETS as u64) as usize].load(Ordering::Acquire)
+    }
+
     /// Number of live push streams (for tests and status).
     pub fn stream_count(&self) -> usize {
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
@@ -74,6 +94,10 @@ impl Drop for Subscription<'_> {
 }
 
 impl UpdateListener for PushHub {
+    fn device_revoked(&self, user: UserId) {
+        self.revocations[(user.0 % REVOCATION_BUCKETS as u64) as usize].fetch_add(1, Ordering::AcqRel);
+    }
+
     fn user_updated(&self, user: UserId, pts: u64) {
         let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = subscribers.get(&user) {

@@ -1,11 +1,12 @@
 //! The raft groups ("shards") hosted by one node, driven by raft-rs.
 //!
-//! Owns: one thread (the store loop, see [`store`]) that owns every shard's
+//! Owns: one thread (the store loop, see `store`) that owns every shard's
 //! `RawNode` and handles each Ready in raft-rs's documented order; the
 //! write-ahead log ([`wal`]) that holds raft entries and hard state with one
-//! fdatasync per ready round for all shards together; applying committed
-//! commands into the database through a [`StateMachine`] in one atomic batch
-//! per round, with each shard's applied index written in that same batch; and
+//! fdatasync per ready round for all shards together; an apply thread (see
+//! `apply`) that applies committed commands through a [`StateMachine`] in
+//! one atomic database batch, with every shard's applied index written in
+//! that same batch, while the loop already writes the next round; and
 //! checkpoints that make the database durable so the WAL can be truncated.
 //!
 //! Entry types: [`Store::open`] starts the loop and returns a [`RaftHandle`]
@@ -14,9 +15,11 @@
 //!
 //! Must not know: what commands mean (they are bytes for the state machine),
 //! chats, users, QUIC. Keys: a shard's data lives under the 4-byte big-endian
-//! shard id; byte 0x00 after it is ours (apply state), 0x01 is the state
-//! machine's range, handed to it through a [`Prefixed`] view.
+//! shard id followed by 0x01, the state machine's range, handed to it through
+//! a [`Prefixed`] view; the node-wide applied-state record lives under
+//! `ff ff ff ff 00`, a prefix no shard uses.
 
+mod apply;
 mod log;
 mod store;
 pub mod wal;
@@ -55,14 +58,9 @@ pub type ShardWriter<'t, 'db> = Prefixed<&'t mut Txn<'db>>;
 /// What readers read through: a shard's state-machine range of the database.
 pub type ShardReader = Prefixed<Arc<dyn Db>>;
 
-/// The database prefix of everything belonging to `shard`.
-pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
-    shard.0.to_be_bytes()
-}
-
-/// The prefix of the state machine's range within `shard`.
+/// The prefix of the state machine's range of `shard`.
 pub fn state_machine_prefix(shard: ShardId) -> [u8; 5] {
-    let [a, b, c, d] = shard_prefix(shard);
+    let [a, b, c, d] = shard.0.to_be_bytes();
     [a, b, c, d, 0x01]
 }
 

@@ -9,19 +9,20 @@
 //!    snapshot, committed entries, new entries, hard state; then one WAL
 //!    record and one fdatasync for all shards; then persisted messages and
 //!    `advance` with its light ready;
-//! 5. applies all committed entries of the pass in one database batch that
-//!    also holds each shard's applied index, and only then answers the
-//!    proposers: an answer means the command is durable and visible;
+//! 5. hands the pass's committed entries, with the proposers waiting for
+//!    them, to the apply thread ([`crate::apply`]), which answers each
+//!    proposer once the command is in the database: an answer means the
+//!    command is durable (WAL) and visible (database);
 //! 6. starts a checkpoint (off the loop, in its own thread) when enough WAL
 //!    has accumulated; when it reports back, WAL segments behind it go.
 
+use crate::apply::{ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Reply, read_applied, write_applied};
 use crate::log::ShardLog;
 use crate::wal::{ShardWrite, Wal};
-use crate::{ProposeError, ShardReader, StateMachine, StoreError, shard_prefix, shard_reader, state_machine_prefix};
-use hamgam_storage::{Db, KvWrite, Prefixed, Txn};
+use crate::{ProposeError, ShardReader, StateMachine, StoreError, shard_reader};
+use hamgam_storage::{Db, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
-use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfState, Entry, Message};
 use raft::{RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -30,7 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-type Reply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
+/// Rounds of committed entries waiting for the apply thread; beyond this the
+/// store loop waits, which pushes back on proposers.
+const APPLY_QUEUE_ROUNDS_MAX: usize = 64;
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -51,6 +54,9 @@ pub struct StoreStats {
     pub commands_applied: AtomicU64,
     pub checkpoints: AtomicU64,
     pub wal_segments_released: AtomicU64,
+    /// Database batches written by the apply thread, and keys in them.
+    pub apply_batches: AtomicU64,
+    pub keys_written: AtomicU64,
 }
 
 enum Input {
@@ -143,19 +149,19 @@ impl Store {
     pub fn open(config: StoreConfig, db: Arc<dyn Db>, machine: Box<dyn StateMachine>) -> Result<Store, StoreError> {
         let (wal, mut recovered) = Wal::open(&config.wal_dir)?;
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
-        let mut peers = BTreeMap::new();
-        let mut bootstrap = Txn::new(&*db);
+        let mut states = read_applied(&*db)?;
+        let mut bootstrapped = false;
         for &shard in &config.shards {
-            let apply_state = match read_apply_state(&*db, shard)? {
-                Some(state) => state,
-                None => {
-                    let mut conf = ConfState::default();
-                    conf.voters = vec![config.node.0];
-                    let state = ApplyState { index: 0, term: 0, conf };
-                    bootstrap.put(&apply_state_key(shard), state.encode());
-                    state
-                }
-            };
+            states.entry(shard).or_insert_with(|| {
+                bootstrapped = true;
+                let mut conf = ConfState::default();
+                conf.voters = vec![config.node.0];
+                ApplyState { index: 0, term: 0, conf }
+            });
+        }
+        let mut peers = BTreeMap::new();
+        for &shard in &config.shards {
+            let apply_state = states[&shard].clone();
             let from_wal = recovered.remove(&shard).unwrap_or_default();
             let log = ShardLog::recover(
                 from_wal.hard_state,
@@ -184,16 +190,19 @@ impl Store {
             }
             peers.insert(
                 shard,
-                Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied: apply_state },
+                Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied: apply_state.index },
             );
         }
-        if !bootstrap.is_empty() {
-            db.write(&bootstrap.into_batch())?;
+        if bootstrapped {
+            let mut txn = Txn::new(&*db);
+            write_applied(&mut txn, &states);
+            db.write(&txn.into_batch())?;
             db.persist()?;
         }
         if !recovered.is_empty() {
             tracing::warn!(shards = ?recovered.keys().collect::<Vec<_>>(), "WAL holds shards this node no longer hosts");
         }
+        states.retain(|shard, _| config.shards.contains(shard));
 
         let (inputs, queue) = mpsc::channel(limits::STORE_QUEUE_MAX);
         let (running_tx, running) = watch::channel(true);
@@ -215,16 +224,31 @@ impl Store {
             })
             .map_err(StoreError::Thread)?;
 
+        let progress = Arc::new(ApplyProgress::new(&states));
+        let (apply_inputs, apply_queue) = std::sync::mpsc::sync_channel(APPLY_QUEUE_ROUNDS_MAX);
+        let applier = Applier { db: db.clone(), machine, states, progress: progress.clone(), stats: stats.clone() };
+        let wake_inputs = inputs.clone();
+        let apply_thread = std::thread::Builder::new()
+            .name("raft-apply".into())
+            .spawn(move || {
+                applier.run(apply_queue, move || {
+                    let _ = wake_inputs.try_send(Input::Wake);
+                })
+            })
+            .map_err(StoreError::Thread)?;
+
         let mut store_loop = StoreLoop {
             node: config.node,
             peers,
             wal,
             db,
-            machine,
             queue,
             inputs,
             leaders,
             stats,
+            apply_inputs,
+            apply_thread: Some(apply_thread),
+            progress,
             last_tick: Instant::now(),
             checkpoint: CheckpointState { in_flight: false, wal_bytes: 0, last: Instant::now() },
         };
@@ -235,6 +259,7 @@ impl Store {
                 if let Err(error) = &result {
                     tracing::error!(%error, "raft store stopped by a fatal error");
                 }
+                store_loop.stop_applier();
                 store_loop.fail_queued();
                 let _ = running_tx.send(false);
                 result
@@ -286,53 +311,6 @@ impl Drop for Store {
     }
 }
 
-/// A shard's applied point, stored with the state it describes.
-#[derive(Debug, Clone)]
-struct ApplyState {
-    index: u64,
-    term: u64,
-    conf: ConfState,
-}
-
-const APPLY_STATE_VERSION: u8 = 1;
-
-impl ApplyState {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32);
-        out.push(APPLY_STATE_VERSION);
-        out.extend_from_slice(&self.index.to_le_bytes());
-        out.extend_from_slice(&self.term.to_le_bytes());
-        // Encoding a ConfState into a Vec cannot fail: no size limits apply.
-        out.extend_from_slice(&self.conf.write_to_bytes().unwrap_or_default());
-        out
-    }
-
-    fn decode(shard: ShardId, bytes: &[u8]) -> Result<ApplyState, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt { shard, what: "apply state", reason };
-        if bytes.len() < 17 || bytes[0] != APPLY_STATE_VERSION {
-            return Err(corrupt(format!("{} bytes, version {:?}", bytes.len(), bytes.first())));
-        }
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[1..9]);
-        let index = u64::from_le_bytes(word);
-        word.copy_from_slice(&bytes[9..17]);
-        let term = u64::from_le_bytes(word);
-        let mut conf = ConfState::default();
-        conf.merge_from_bytes(&bytes[17..]).map_err(|e| corrupt(e.to_string()))?;
-        Ok(ApplyState { index, term, conf })
-    }
-}
-
-fn apply_state_key(shard: ShardId) -> Vec<u8> {
-    let mut key = shard_prefix(shard).to_vec();
-    key.push(0x00);
-    key
-}
-
-fn read_apply_state(db: &dyn Db, shard: ShardId) -> Result<Option<ApplyState>, StoreError> {
-    db.get(&apply_state_key(shard))?.map(|bytes| ApplyState::decode(shard, &bytes)).transpose()
-}
-
 /// Commands batched into one raft entry: version, count, then length-prefixed commands.
 const ENTRY_BATCH_VERSION: u8 = 1;
 
@@ -348,7 +326,7 @@ fn encode_batch(commands: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-fn decode_batch(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+pub(crate) fn decode_batch(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if bytes.len() < n {
             return Err("entry shorter than its commands".into());
@@ -392,7 +370,8 @@ struct Peer {
     batch: Vec<(Vec<u8>, Reply)>,
     batch_bytes: usize,
     inflight: VecDeque<Inflight>,
-    applied: ApplyState,
+    /// The applied index last reported to raft.
+    applied: u64,
 }
 
 impl Peer {
@@ -425,12 +404,14 @@ struct StoreLoop {
     peers: BTreeMap<ShardId, Peer>,
     wal: Wal,
     db: Arc<dyn Db>,
-    machine: Box<dyn StateMachine>,
     queue: mpsc::Receiver<Input>,
     /// For the checkpoint thread to report back.
     inputs: mpsc::Sender<Input>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
     stats: Arc<StoreStats>,
+    apply_inputs: std::sync::mpsc::SyncSender<ApplyInput>,
+    apply_thread: Option<std::thread::JoinHandle<()>>,
+    progress: Arc<ApplyProgress>,
     last_tick: Instant,
     checkpoint: CheckpointState,
 }
@@ -461,6 +442,10 @@ impl StoreLoop {
                     taken += 1;
                 }
             }
+            if self.progress.failed.load(Ordering::Acquire) {
+                return Err(self.progress.take_error().unwrap_or(StoreError::Thread(std::io::Error::other("apply failed"))));
+            }
+            self.advance_applied();
             self.tick_if_due();
             self.propose_batches();
             self.process_ready()?;
@@ -526,7 +511,7 @@ impl StoreLoop {
     fn process_ready(&mut self) -> Result<(), StoreError> {
         let mut readies: Vec<(ShardId, Ready)> = Vec::new();
         let mut writes: BTreeMap<ShardId, ShardWrite> = BTreeMap::new();
-        let mut committed: Vec<(ShardId, Vec<Entry>)> = Vec::new();
+        let mut committed: Vec<ApplyTask> = Vec::new();
 
         for (&shard, peer) in self.peers.iter_mut() {
             if !peer.node.has_ready() {
@@ -551,7 +536,7 @@ impl StoreLoop {
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
-                committed.push((shard, entries));
+                committed.push(ApplyTask { shard, entries: attach_replies(peer, entries) });
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -582,72 +567,36 @@ impl StoreLoop {
             let Some(peer) = self.peers.get_mut(&shard) else { continue };
             // 6. Messages that must wait until our write is durable (votes, acks).
             send_messages(self.node, shard, ready.take_persisted_messages());
-            // 7. Advance, then the light ready.
-            let mut light = peer.node.advance(ready);
+            // 7. Advance, then the light ready. `advance_append`, not
+            // `advance`: the latter would also mark everything handed out as
+            // applied, while the apply thread may not have applied it yet.
+            let mut light = peer.node.advance_append(ready);
             if let Some(commit) = light.commit_index() {
                 peer.node.mut_store().set_commit(commit);
             }
             send_messages(self.node, shard, light.take_messages());
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
-                committed.push((shard, entries));
+                committed.push(ApplyTask { shard, entries: attach_replies(peer, entries) });
             }
         }
-        self.apply(committed)
+        if !committed.is_empty() {
+            // Blocks only when the apply thread is far behind: backpressure.
+            self.apply_inputs
+                .send(ApplyInput::Round(committed))
+                .map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))?;
+        }
+        Ok(())
     }
 
-    /// Applies committed entries of all shards in one batch, then answers proposers.
-    fn apply(&mut self, committed: Vec<(ShardId, Vec<Entry>)>) -> Result<(), StoreError> {
-        if committed.is_empty() {
-            return Ok(());
-        }
-        let db = self.db.clone();
-        let mut txn = Txn::new(&*db);
-        let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
-        let mut commands_applied = 0u64;
-        let mut entries_applied = 0u64;
-        let mut touched: Vec<ShardId> = Vec::new();
-
-        for (shard, entries) in committed {
-            let Some(peer) = self.peers.get_mut(&shard) else { continue };
-            touched.push(shard);
-            for entry in entries {
-                if entry.index <= peer.applied.index {
-                    continue;
-                }
-                match entry.get_entry_type() {
-                    EntryType::EntryNormal => {
-                        let mut results = Vec::new();
-                        if !entry.data.is_empty() {
-                            let commands = decode_batch(&entry.data)
-                                .map_err(|reason| StoreError::Corrupt { shard, what: "committed entry", reason })?;
-                            let mut writer = Prefixed::new(&mut txn, &state_machine_prefix(shard));
-                            for command in commands {
-                                results.push(self.machine.apply(shard, entry.index, command, &mut writer)?);
-                            }
-                            commands_applied += results.len() as u64;
-                        }
-                        complete(peer, entry.index, entry.term, results, &mut answers);
-                    }
-                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                        return Err(StoreError::Unsupported { shard, what: "configuration changes" });
-                    }
-                }
-                peer.applied.index = entry.index;
-                peer.applied.term = entry.term;
-                entries_applied += 1;
+    /// Tells raft what the apply thread has applied, and trims the in-memory log.
+    fn advance_applied(&mut self) {
+        for (shard, peer) in self.peers.iter_mut() {
+            let applied = self.progress.applied(*shard);
+            if applied <= peer.applied {
+                continue;
             }
-            txn.put(&apply_state_key(shard), peer.applied.encode());
-        }
-
-        db.write(&txn.into_batch())?;
-        self.machine.after_round();
-        for (reply, answer) in answers {
-            let _ = reply.send(answer);
-        }
-        for shard in touched {
-            let Some(peer) = self.peers.get_mut(&shard) else { continue };
-            let applied = peer.applied.index;
+            peer.applied = applied;
             peer.node.advance_apply_to(applied);
             // Keep a short tail of applied entries in memory for followers
             // that lag a little; the WAL keeps them on disk until a checkpoint.
@@ -656,9 +605,14 @@ impl StoreLoop {
                 store.compact(applied - limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED);
             }
         }
-        self.stats.entries_applied.fetch_add(entries_applied, Ordering::Relaxed);
-        self.stats.commands_applied.fetch_add(commands_applied, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// Lets the apply thread finish what it was given, then joins it.
+    fn stop_applier(&mut self) {
+        let _ = self.apply_inputs.send(ApplyInput::Stop);
+        if let Some(thread) = self.apply_thread.take() {
+            let _ = thread.join();
+        }
     }
 
     fn start_checkpoint_if_due(&mut self) {
@@ -674,7 +628,7 @@ impl StoreLoop {
         // Everything applied so far is already written to the database; the
         // checkpoint makes it durable, so these indexes become safe to
         // truncate the WAL behind once it reports success.
-        let applied: BTreeMap<ShardId, u64> = self.peers.iter().map(|(s, p)| (*s, p.applied.index)).collect();
+        let applied: BTreeMap<ShardId, u64> = self.peers.keys().map(|s| (*s, self.progress.applied(*s))).collect();
         let db = self.db.clone();
         let inputs = self.inputs.clone();
         let spawned = std::thread::Builder::new().name("raft-checkpoint".into()).spawn(move || {
@@ -692,10 +646,22 @@ impl StoreLoop {
     /// On a clean stop: make the database durable and drop the WAL behind it,
     /// so the next start replays nothing.
     fn final_checkpoint(&mut self) -> Result<(), StoreError> {
+        self.stop_applier();
+        if let Some(error) = self.progress.take_error() {
+            return Err(error);
+        }
         self.db.persist()?;
-        let applied: BTreeMap<ShardId, u64> = self.peers.iter().map(|(s, p)| (*s, p.applied.index)).collect();
+        let applied: BTreeMap<ShardId, u64> = self.peers.keys().map(|s| (*s, self.progress.applied(*s))).collect();
         self.wal.release_through(&applied)?;
-        tracing::info!(fsyncs = self.wal.fsyncs(), "raft store stopped cleanly");
+        let stats = &self.stats;
+        tracing::info!(
+            fsyncs = self.wal.fsyncs(),
+            commands = stats.commands_applied.load(Ordering::Relaxed),
+            entries = stats.entries_applied.load(Ordering::Relaxed),
+            apply_batches = stats.apply_batches.load(Ordering::Relaxed),
+            keys_written = stats.keys_written.load(Ordering::Relaxed),
+            "raft store stopped cleanly"
+        );
         Ok(())
     }
 
@@ -741,33 +707,29 @@ fn propose_batch(shard: ShardId, peer: &mut Peer) {
     }
 }
 
-/// Matches an applied entry with the proposals waiting for it.
-fn complete(
-    peer: &mut Peer,
-    index: u64,
-    term: u64,
-    results: Vec<Vec<u8>>,
-    answers: &mut Vec<(Reply, Result<Vec<u8>, ProposeError>)>,
-) {
-    while let Some(front) = peer.inflight.front() {
-        if front.index > index {
-            return;
-        }
-        let Some(inflight) = peer.inflight.pop_front() else { return };
-        if inflight.index == index && inflight.term == term && inflight.replies.len() == results.len() {
-            for (reply, result) in inflight.replies.into_iter().zip(results) {
-                answers.push((reply, Ok(result)));
+/// Pairs committed entries with the proposers waiting for them. Proposals
+/// whose index was taken by another leader's entry are answered `Dropped`.
+fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply>)> {
+    entries
+        .into_iter()
+        .map(|entry| {
+            let mut replies = Vec::new();
+            while let Some(front) = peer.inflight.front() {
+                if front.index > entry.index {
+                    break;
+                }
+                let Some(inflight) = peer.inflight.pop_front() else { break };
+                if inflight.index == entry.index && inflight.term == entry.term {
+                    replies = inflight.replies;
+                    break;
+                }
+                for reply in inflight.replies {
+                    let _ = reply.send(Err(ProposeError::Dropped));
+                }
             }
-            return;
-        }
-        // Another leader's entry took this index: our proposal was lost.
-        for reply in inflight.replies {
-            answers.push((reply, Err(ProposeError::Dropped)));
-        }
-        if inflight.index == index {
-            return;
-        }
-    }
+            (entry, replies)
+        })
+        .collect()
 }
 
 /// Raft messages to other nodes. A single-node cluster has no peers, so

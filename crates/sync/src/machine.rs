@@ -27,7 +27,7 @@ use hamgam_storage::{KeyRange, KvRead, KvWrite, Order, StorageError};
 use hamgam_types::{ChatId, Placement, ShardId, UserId, limits};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -35,13 +35,24 @@ use tokio::sync::Notify;
 /// Called on the raft store thread: it must not block.
 pub trait UpdateListener: Send + Sync + 'static {
     fn user_updated(&self, user: UserId, pts: u64);
+
+    /// A device session of `user` ended (logout or revocation).
+    fn device_revoked(&self, user: UserId) {
+        let _ = user;
+    }
 }
+
+/// Outbox records by (source, target) shard pair.
+pub(crate) type FreshOutbox = HashMap<(ShardId, ShardId), VecDeque<(u64, OutboxRecord)>>;
 
 /// What the state machine tells the rest of the node after each round.
 pub struct Signals {
     listener: Arc<dyn UpdateListener>,
     /// (source, target) shard pairs whose outbox gained records.
     pub(crate) outbox_dirty: Mutex<BTreeSet<(ShardId, ShardId)>>,
+    /// The records themselves, so the deliverer need not read them back
+    /// from storage. Bounded per pair; a gap makes the deliverer read storage.
+    pub(crate) outbox_fresh: Mutex<FreshOutbox>,
     pub(crate) outbox_wake: Notify,
 }
 
@@ -53,7 +64,27 @@ impl std::fmt::Debug for Signals {
 
 impl Signals {
     pub fn new(listener: Arc<dyn UpdateListener>) -> Arc<Signals> {
-        Arc::new(Signals { listener, outbox_dirty: Mutex::new(BTreeSet::new()), outbox_wake: Notify::new() })
+        Arc::new(Signals {
+            listener,
+            outbox_dirty: Mutex::new(BTreeSet::new()),
+            outbox_fresh: Mutex::new(HashMap::new()),
+            outbox_wake: Notify::new(),
+        })
+    }
+
+    fn publish_outbox(&self, fresh: FreshOutbox) {
+        let pairs: Vec<(ShardId, ShardId)> = fresh.keys().copied().collect();
+        {
+            let mut queues = self.outbox_fresh.lock().unwrap_or_else(|p| p.into_inner());
+            for (pair, records) in fresh {
+                let queue = queues.entry(pair).or_default();
+                queue.extend(records);
+                if queue.len() > limits::OUTBOX_FRESH_RECORDS_MAX {
+                    queue.clear(); // the deliverer falls back to storage
+                }
+            }
+        }
+        self.mark_outbox(pairs);
     }
 
     pub(crate) fn mark_outbox(&self, pairs: impl IntoIterator<Item = (ShardId, ShardId)>) {
@@ -90,8 +121,9 @@ pub struct SyncMachine {
     placement: Placement,
     signals: Arc<Signals>,
     /// Collected during a round, published in `after_round`.
-    dirty_outboxes: BTreeSet<(ShardId, ShardId)>,
+    fresh_outbox: FreshOutbox,
     updated_users: BTreeMap<UserId, u64>,
+    revoked_users: BTreeSet<UserId>,
     /// Updates kept per user; every replica must use the same value.
     updates_retained: u64,
     chats: BoundedCache<ChatId, ChatState>,
@@ -108,8 +140,9 @@ impl SyncMachine {
         SyncMachine {
             placement,
             signals,
-            dirty_outboxes: BTreeSet::new(),
+            fresh_outbox: HashMap::new(),
             updated_users: BTreeMap::new(),
+            revoked_users: BTreeSet::new(),
             updates_retained: limits::UPDATES_RETAINED_PER_USER,
             chats: BoundedCache::new(CHATS_CACHED_MEMBERS_MAX),
             last_seqs: BoundedCache::new(COUNTERS_CACHED_MAX),
@@ -152,11 +185,14 @@ impl StateMachine for SyncMachine {
     }
 
     fn after_round(&mut self) {
-        if !self.dirty_outboxes.is_empty() {
-            self.signals.mark_outbox(std::mem::take(&mut self.dirty_outboxes));
+        if !self.fresh_outbox.is_empty() {
+            self.signals.publish_outbox(std::mem::take(&mut self.fresh_outbox));
         }
         for (user, pts) in std::mem::take(&mut self.updated_users) {
             self.signals.listener.user_updated(user, pts);
+        }
+        for user in std::mem::take(&mut self.revoked_users) {
+            self.signals.listener.device_revoked(user);
         }
     }
 }
@@ -218,10 +254,18 @@ pub(crate) fn read_user_meta(kv: &impl KvRead, user: UserId) -> Result<Option<Us
 }
 
 /// The outbox toward `target`: the acknowledged position and the next seq.
+/// Acknowledged records are deleted, so while records remain the position
+/// is just before the first of them; the stored record matters only when
+/// the outbox is empty (it is written when an acknowledgement empties it).
 pub(crate) fn read_outbox_meta(kv: &impl KvRead, target: ShardId) -> Result<OutboxMeta, SyncError> {
-    let acked = get_record::<OutboxMeta>(kv, "outbox meta", &keys::outbox_meta(target))?.map_or(0, |m| m.acked);
-    let last = edge_u64(kv, &keys::outbox_of(target), Order::Descending)?.unwrap_or(0);
-    Ok(OutboxMeta { acked, next_seq: last.max(acked) + 1 })
+    let prefix = keys::outbox_of(target);
+    match (edge_u64(kv, &prefix, Order::Ascending)?, edge_u64(kv, &prefix, Order::Descending)?) {
+        (Some(first), Some(last)) => Ok(OutboxMeta { acked: first - 1, next_seq: last + 1 }),
+        _ => {
+            let acked = get_record::<OutboxMeta>(kv, "outbox meta", &keys::outbox_meta(target))?.map_or(0, |m| m.acked);
+            Ok(OutboxMeta { acked, next_seq: acked + 1 })
+        }
+    }
 }
 
 /// Members of a chat, bounded by the group size limit, sorted by user id.
@@ -378,6 +422,7 @@ impl SyncMachine {
                     return refuse(DomainError::DeviceNotFound);
                 }
                 kv.delete(&keys::device(user, device));
+                self.revoked_users.insert(user);
                 Ok(Reply::Done)
             }
 
@@ -615,7 +660,10 @@ impl SyncMachine {
             }
 
             Command::OutboxAck { source: _, target, through } => {
-                let meta = read_outbox_meta(kv, target)?;
+                let mut meta = read_outbox_meta(kv, target)?;
+                if let Some(next) = self.outbox_next.get(&(shard, target)) {
+                    meta.next_seq = meta.next_seq.max(*next);
+                }
                 // Bounded: a delivery never carries more than this many records.
                 let through = through.min(meta.next_seq - 1).min(meta.acked + limits::OUTBOX_RECORDS_PER_DELIVERY_MAX as u64);
                 if through <= meta.acked {
@@ -624,7 +672,10 @@ impl SyncMachine {
                 for seq in meta.acked + 1..=through {
                     kv.delete(&keys::outbox(target, seq));
                 }
-                put_record(kv, &keys::outbox_meta(target), &OutboxMeta { acked: through, next_seq: meta.next_seq });
+                if through + 1 == meta.next_seq {
+                    // The outbox is now empty: keep the position on record.
+                    put_record(kv, &keys::outbox_meta(target), &OutboxMeta { acked: through, next_seq: meta.next_seq });
+                }
                 Ok(Reply::Done)
             }
         }
@@ -651,9 +702,10 @@ impl SyncMachine {
                 Some(next) => *next,
                 None => read_outbox_meta(kv, target)?.next_seq,
             };
-            put_record(kv, &keys::outbox(target, next), &OutboxRecord { items });
+            let record = OutboxRecord { items };
+            put_record(kv, &keys::outbox(target, next), &record);
             self.outbox_next.insert((shard, target), next + 1, 1);
-            self.dirty_outboxes.insert((shard, target));
+            self.fresh_outbox.entry((shard, target)).or_default().push_back((next, record));
         }
         Ok(())
     }

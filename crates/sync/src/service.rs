@@ -24,7 +24,7 @@ use hamgam_proto::{
 use hamgam_raftstore::{RaftHandle, ShardReader};
 use hamgam_storage::{KeyRange, KvRead, Order};
 use hamgam_types::{ChatId, DeviceId, NodeId, Placement, ShardId, UserId, limits};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -307,25 +307,52 @@ impl SyncService {
     pub async fn run_outbox(self, cancel: CancellationToken) {
         self.mark_all_pending_outboxes();
         let retry = Duration::from_millis(limits::OUTBOX_RETRY_MS);
-        let mut in_flight: JoinSet<((ShardId, ShardId), Result<bool, SyncError>)> = JoinSet::new();
-        let mut busy: BTreeSet<(ShardId, ShardId)> = BTreeSet::new();
+        let mut ack_tick = tokio::time::interval(Duration::from_millis(limits::OUTBOX_ACK_INTERVAL_MS));
+        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut pairs: HashMap<(ShardId, ShardId), PairState> = HashMap::new();
+        let mut tasks: JoinSet<TaskDone> = JoinSet::new();
         loop {
+            let mut ack_due = false;
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = self.signals.outbox_wake.notified() => {}
-                Some(done) = in_flight.join_next() => {
-                    if let Ok((pair, result)) = done {
-                        busy.remove(&pair);
-                        match result {
-                            Ok(true) => self.signals.mark_outbox([pair]),
-                            Ok(false) => {}
-                            Err(error) => {
-                                tracing::warn!(source = %pair.0, target = %pair.1, %error, "outbox delivery failed; will retry");
-                                let signals = self.signals.clone();
-                                tokio::spawn(async move {
-                                    tokio::time::sleep(retry).await;
-                                    signals.mark_outbox([pair]);
-                                });
+                _ = ack_tick.tick() => ack_due = true,
+                Some(done) = tasks.join_next() => {
+                    let Ok(done) = done else { continue };
+                    match done {
+                        TaskDone::Delivered { pair, result } => {
+                            let state = pairs.entry(pair).or_default();
+                            state.delivering = false;
+                            match result {
+                                Ok(Delivery::Through { seq, more }) => {
+                                    state.next = Some(seq + 1);
+                                    state.delivered = seq;
+                                    if state.delivered >= state.acked + limits::OUTBOX_ACK_RECORDS {
+                                        ack_due = true;
+                                    }
+                                    if more {
+                                        self.signals.mark_outbox([pair]);
+                                    }
+                                }
+                                Ok(Delivery::Nothing) => {}
+                                Ok(Delivery::NotLeader) => state.next = None,
+                                Err(error) => {
+                                    tracing::warn!(source = %pair.0, target = %pair.1, %error, "outbox delivery failed; will retry");
+                                    state.next = None;
+                                    let signals = self.signals.clone();
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(retry).await;
+                                        signals.mark_outbox([pair]);
+                                    });
+                                }
+                            }
+                        }
+                        TaskDone::Acked { pair, result } => {
+                            let state = pairs.entry(pair).or_default();
+                            state.acking = false;
+                            match result {
+                                Ok(through) => state.acked = state.acked.max(through),
+                                Err(error) => tracing::warn!(source = %pair.0, target = %pair.1, %error, "outbox acknowledgement failed; will retry"),
                             }
                         }
                     }
@@ -336,8 +363,8 @@ impl SyncService {
                 let ready: Vec<_> = dirty
                     .iter()
                     .copied()
-                    .filter(|pair| !busy.contains(pair))
-                    .take(limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(in_flight.len()))
+                    .filter(|pair| !pairs.get(pair).is_some_and(|s| s.delivering))
+                    .take(limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(tasks.len()))
                     .collect();
                 for pair in &ready {
                     dirty.remove(pair);
@@ -345,12 +372,41 @@ impl SyncService {
                 ready
             };
             for pair in ready {
-                busy.insert(pair);
-                let service = self.clone();
-                in_flight.spawn(async move { (pair, service.deliver_once(pair).await) });
+                let state = pairs.entry(pair).or_default();
+                state.delivering = true;
+                let fresh = self.take_fresh(pair);
+                let (service, next) = (self.clone(), state.next);
+                tasks.spawn(async move { TaskDone::Delivered { pair, result: service.deliver_once(pair, next, fresh).await } });
+            }
+            if ack_due {
+                for (pair, state) in pairs.iter_mut() {
+                    if state.delivered > state.acked && !state.acking {
+                        state.acking = true;
+                        let (pair, through, service) = (*pair, state.delivered, self.clone());
+                        tasks.spawn(async move {
+                            let (source, target) = pair;
+                            let result = service.execute(Command::OutboxAck { source, target, through }).await.map(|_| through);
+                            TaskDone::Acked { pair, result }
+                        });
+                    }
+                }
             }
         }
-        in_flight.shutdown().await;
+        tasks.shutdown().await;
+    }
+
+    fn take_fresh(&self, pair: (ShardId, ShardId)) -> Vec<(u64, OutboxRecord)> {
+        let mut queues = self.signals.outbox_fresh.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = queues.get_mut(&pair) else { return Vec::new() };
+        let take = queue.len().min(limits::OUTBOX_RECORDS_PER_DELIVERY_MAX);
+        let fresh: Vec<_> = queue.drain(..take).collect();
+        if queue.is_empty() {
+            queues.remove(&pair);
+        } else {
+            drop(queues);
+            self.signals.mark_outbox([pair]);
+        }
+        fresh
     }
 
     /// At start-up, find every outbox with undelivered records.
@@ -369,30 +425,76 @@ impl SyncService {
         self.signals.mark_outbox(pending);
     }
 
-    /// One delivery from `source` to `target`. Returns whether more remain.
-    async fn deliver_once(&self, (source, target): (ShardId, ShardId)) -> Result<bool, SyncError> {
+    /// One delivery from `source` to `target`, starting at `next` (or where
+    /// the source's outbox says, when this node does not know). Uses the
+    /// fresh records when they continue exactly from there; reads storage
+    /// otherwise.
+    async fn deliver_once(
+        &self,
+        (source, target): (ShardId, ShardId),
+        next: Option<u64>,
+        fresh: Vec<(u64, OutboxRecord)>,
+    ) -> Result<Delivery, SyncError> {
         if self.raft.leader(source) != Some(self.node) {
-            return Ok(false); // the source's leader delivers
+            return Ok(Delivery::NotLeader); // the source's leader delivers
         }
         let reader = self.raft.reader(source);
-        let meta = read_outbox_meta(&reader, target)?;
-        let range = KeyRange { start: keys::outbox(target, meta.acked + 1), end: KeyRange::prefix(&keys::outbox_of(target)).end };
-        let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
-        let mut records: Vec<(u64, OutboxRecord)> = Vec::with_capacity(pairs.len());
-        let mut bytes = 0;
-        for (key, value) in pairs {
-            if !records.is_empty() && bytes + value.len() > DELIVERY_BYTES_MAX {
-                break;
+        let start = match next {
+            Some(next) => next,
+            None => read_outbox_meta(&reader, target)?.acked + 1,
+        };
+        let fresh: Vec<(u64, OutboxRecord)> = fresh.into_iter().filter(|(seq, _)| *seq >= start).collect();
+        let contiguous = fresh.first().is_some_and(|(seq, _)| *seq == start)
+            && fresh.windows(2).all(|w| w[1].0 == w[0].0 + 1);
+        let mut more = false;
+        let records = if contiguous {
+            fresh
+        } else {
+            let range = KeyRange { start: keys::outbox(target, start), end: KeyRange::prefix(&keys::outbox_of(target)).end };
+            let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
+            let mut records = Vec::with_capacity(pairs.len());
+            let mut bytes = 0;
+            for (key, value) in pairs {
+                if !records.is_empty() && bytes + value.len() > DELIVERY_BYTES_MAX {
+                    break;
+                }
+                bytes += value.len();
+                let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "outbox key", reason: "short".into() })?;
+                records.push((seq, records::decode("outbox record", &value)?));
             }
-            bytes += value.len();
-            let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "outbox key", reason: "short".into() })?;
-            records.push((seq, records::decode("outbox record", &value)?));
-        }
-        let Some(&(through, _)) = records.last() else { return Ok(false) };
+            more = records.len() == limits::OUTBOX_RECORDS_PER_DELIVERY_MAX || bytes > DELIVERY_BYTES_MAX / 2;
+            records
+        };
+        let Some(&(seq, _)) = records.last() else { return Ok(Delivery::Nothing) };
         self.execute(Command::Deliver { source, target, records }).await?;
-        self.execute(Command::OutboxAck { source, target, through }).await?;
-        Ok(through + 1 < meta.next_seq)
+        Ok(Delivery::Through { seq, more })
     }
+}
+
+/// The outcome of one delivery attempt.
+enum Delivery {
+    /// Records through `seq` were applied by the target; `more` may wait in storage.
+    Through { seq: u64, more: bool },
+    Nothing,
+    /// Another node leads the source shard and delivers for it.
+    NotLeader,
+}
+
+/// What the deliverer knows of one (source, target) pair.
+#[derive(Debug, Default)]
+struct PairState {
+    /// The next seq to deliver, when known.
+    next: Option<u64>,
+    /// The last seq delivered and the last acknowledged.
+    delivered: u64,
+    acked: u64,
+    delivering: bool,
+    acking: bool,
+}
+
+enum TaskDone {
+    Delivered { pair: (ShardId, ShardId), result: Result<Delivery, SyncError> },
+    Acked { pair: (ShardId, ShardId), result: Result<u64, SyncError> },
 }
 
 fn to_message(chat: ChatId, seq: u64, record: MessageRecord) -> Message {

@@ -105,3 +105,10 @@ pub const OUTBOX_RECORDS_PER_DELIVERY_MAX: usize = 512;
 pub const OUTBOX_DELIVERIES_IN_FLIGHT_MAX: usize = 256;
 /// Retry period when a delivery fails.
 pub const OUTBOX_RETRY_MS: u64 = 500;
+/// Delivered outbox records are acknowledged (and deleted at the source) at
+/// most this often per shard pair, or sooner once this many are waiting.
+pub const OUTBOX_ACK_INTERVAL_MS: u64 = 100;
+pub const OUTBOX_ACK_RECORDS: u64 = 256;
+/// Fresh outbox records handed to the deliverer in memory per shard pair;
+/// beyond this the deliverer reads them back from storage.
+pub const OUTBOX_FRESH_RECORDS_MAX: usize = 4096;
