@@ -1,0 +1,5 @@
+//! `hamgam`, built into the test package so integration tests can run it.
+
+fn main() -> std::process::ExitCode {
+    hamgam_tools::cli::main_entry()
+}

@@ -1,0 +1,166 @@
+//! SIGKILL the node in the middle of a burst of sends from several clients.
+//! Afterwards every acknowledged message is there exactly once, retries of
+//! unacknowledged sends never duplicate, every member sees one order, and
+//! every member's update sequence catches up (the outbox survived).
+
+use crate::support::{Node, PASSWORD, eventually};
+use hamgam_client::{ChatId, Client, LocalState, UserId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const SENDERS: usize = 6;
+
+/// What one sender knows after the crash.
+#[derive(Default)]
+struct Ledger {
+    /// text -> seq, for sends the node acknowledged.
+    acked: BTreeMap<String, (ChatId, u64)>,
+    /// Sends that got no answer: (chat, client id, text).
+    pending: Vec<(ChatId, u64, String)>,
+}
+
+async fn burst(client: Arc<Client>, me: usize, chats: Vec<ChatId>, round: u32, stop: Arc<AtomicBool>) -> (usize, Ledger) {
+    let mut ledger = Ledger::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let chat = chats[(n as usize) % chats.len()];
+        let text = format!("r{round}-u{me}-{n}");
+        let client_msg_id = rand::random::<u64>();
+        match client.send_with_id(chat, client_msg_id, &text).await {
+            Ok((seq, _)) => {
+                ledger.acked.insert(text, (chat, seq));
+            }
+            Err(_) => {
+                ledger.pending.push((chat, client_msg_id, text));
+                break;
+            }
+        }
+        n += 1;
+    }
+    (me, ledger)
+}
+
+async fn log_in(node: &Node, names: &[String]) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for name in names {
+        let client = node.client().await;
+        client.log_in(name, PASSWORD, "burst").await.unwrap();
+        clients.push(client);
+    }
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("node"));
+    let names: Vec<String> = (0..SENDERS).map(|i| format!("sender{i}")).collect();
+    let mut ids: Vec<UserId> = Vec::new();
+    for name in &names {
+        ids.push(node.user(name).await.1);
+    }
+    let clients = log_in(&node, &names).await;
+    let group = clients[0].create_group("burst").await.unwrap().chat;
+    for id in &ids[1..] {
+        clients[0].add_member(group, *id).await.unwrap();
+    }
+    // Each sender also writes in a direct chat with the next one.
+    let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; SENDERS];
+    for i in 0..SENDERS {
+        let direct = clients[i].direct_chat(ids[(i + 1) % SENDERS]).await.unwrap().chat;
+        chats_of[i].push(direct);
+    }
+
+    let mut all: BTreeMap<String, (ChatId, u64)> = BTreeMap::new();
+    let mut clients = clients;
+    for round in 0..2u32 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, client) in shared.iter().enumerate() {
+            tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), round, stop.clone()));
+        }
+        // Let the burst run, then kill the node while writes are in flight.
+        tokio::time::sleep(Duration::from_millis(1500 + 500 * u64::from(round))).await;
+        node.kill();
+        // A dead node sends nothing back; drop the connections instead of
+        // waiting out the request timeout, as an app does when its network goes.
+        for client in &shared {
+            client.connection().close(quinn::VarInt::from_u32(0), b"node gone");
+        }
+        let mut ledgers = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            ledgers.push(done.unwrap());
+        }
+        stop.store(true, Ordering::Relaxed);
+        let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
+        assert!(acked > 20, "the burst made progress before the kill ({acked} acknowledged)");
+
+        node = Node::start_at(&node.dir.clone(), node.addr);
+        clients = log_in(&node, &names).await;
+        // Retry what was never answered, from the same sender with the same
+        // client id: applied before the kill or not, it exists exactly once.
+        for (sender, ledger) in &mut ledgers {
+            for (chat, client_msg_id, text) in std::mem::take(&mut ledger.pending) {
+                let (seq, _) = clients[*sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
+                let (again, _) = clients[*sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
+                assert_eq!(again, seq, "a retry returns the first result");
+                ledger.acked.insert(text, (chat, seq));
+            }
+        }
+        for (_, ledger) in ledgers {
+            for (text, at) in ledger.acked {
+                assert!(all.insert(text, at).is_none());
+            }
+        }
+
+        // Every chat: gap-free, each acknowledged message exactly once at its
+        // seq, and the same list for every member.
+        let mut chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+        chats.sort();
+        chats.dedup();
+        for chat in chats {
+            let mut views = Vec::new();
+            for client in &clients {
+                if client.members(chat).await.is_ok() {
+                    views.push(client.full_history(chat).await.unwrap());
+                }
+            }
+            assert!(views.len() >= 2);
+            assert!(views.windows(2).all(|w| w[0] == w[1]), "every member sees the same order");
+            let history = &views[0];
+            assert!(history.iter().map(|m| m.seq).eq(1..=history.len() as u64), "seq is gap-free");
+            let mut seen: HashMap<&str, u64> = HashMap::new();
+            for message in history {
+                assert!(seen.insert(message.text.as_str(), message.seq).is_none(), "duplicate: {}", message.text);
+            }
+            let mut sent = 0;
+            for (text, (at_chat, seq)) in &all {
+                if *at_chat == chat {
+                    assert_eq!(seen.get(text.as_str()), Some(seq), "acknowledged {text} lost or moved");
+                    sent += 1;
+                }
+            }
+            assert_eq!(history.len(), sent, "nothing but what was sent");
+        }
+    }
+
+    // Every member's update sequence catches up with every message, so the
+    // cross-shard outbox lost nothing across two kills.
+    for (i, client) in clients.iter().enumerate() {
+        // Sender i is in the group, its own direct chat and the previous sender's.
+        let member_of = [group, chats_of[i][1], chats_of[(i + SENDERS - 1) % SENDERS][1]];
+        let expected = all.values().filter(|(chat, _)| member_of.contains(chat)).count();
+        let state = eventually(Duration::from_secs(30), || async {
+            let mut state = LocalState::default();
+            state.catch_up(client).await.ok()?;
+            let messages: usize = state.chats.values().map(|c| c.messages.len()).sum();
+            (messages == expected).then_some(state)
+        })
+        .await;
+        assert!(state.chats.contains_key(&group));
+    }
+    assert_eq!(node.stop().code(), Some(0));
+}

@@ -1,0 +1,10 @@
+//! Hamgam end to end: real node processes, QUIC on loopback, files on disk.
+//!
+//! One test binary; each module is one area. Nodes are started from the
+//! `node-under-test` binary (the real `hamgam-node` entry point).
+
+mod bad_input;
+mod chat;
+mod cli;
+mod crash;
+mod support;

@@ -1,0 +1,153 @@
+//! Starting and stopping node processes, and clients for them.
+
+use hamgam_client::{Client, Fingerprint, Trust, UserId};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_node-under-test");
+pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_cli-under-test");
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A node process with its data directory.
+pub struct Node {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+}
+
+pub fn free_udp_addr() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    socket.local_addr().expect("local address")
+}
+
+impl Node {
+    /// Starts a node on a fresh port with its data in `dir`.
+    pub fn start(dir: &Path) -> Node {
+        Node::start_at(dir, free_udp_addr())
+    }
+
+    /// Starts a node on `addr`. The tests use a cheaper password hash than
+    /// production so that signing up dozens of users stays fast; argon2id
+    /// itself is tested in the API crate.
+    pub fn start_at(dir: &Path, addr: SocketAddr) -> Node {
+        std::fs::create_dir_all(dir).expect("create the data directory");
+        let config = dir.with_extension("toml");
+        std::fs::write(&config, "[auth]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n").expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .expect("open the node log");
+        let mut child = Command::new(NODE_BIN)
+            .arg("--data")
+            .arg(dir)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,raft=warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the node");
+        let stdout = child.stdout.take().expect("node stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ") {
+                    let _ = tx.send(fp.trim().to_string());
+                }
+            }
+        });
+        let fingerprint = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(fp) => fp.parse().expect("a fingerprint"),
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+                panic!("the node did not start; its log:\n{log}");
+            }
+        };
+        Node { child: Some(child), dir: dir.to_path_buf(), addr, fingerprint }
+    }
+
+    /// SIGTERM, then wait: the clean shutdown path.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("send SIGTERM");
+        wait_with_timeout(&mut child, Duration::from_secs(30))
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("send SIGKILL");
+        let _ = child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, Trust::Pinned(self.fingerprint), "hamgam-tests").await.expect("connect to the node")
+    }
+
+    /// A new user, logged in on a fresh connection.
+    pub async fn user(&self, username: &str) -> (Client, UserId) {
+        let client = self.client().await;
+        client.sign_up(username, PASSWORD, "").await.expect("sign up");
+        let session = client.log_in(username, PASSWORD, "test device").await.expect("log in");
+        (client, session.user)
+    }
+
+    /// Another device of an existing user.
+    pub async fn device(&self, username: &str, device: &str) -> Client {
+        let client = self.client().await;
+        client.log_in(username, PASSWORD, device).await.expect("log in");
+        client
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the node") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the node did not stop within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
