@@ -368,36 +368,30 @@ struct MessageWorker {
 }
 
 async fn hamgam_load(server: SocketAddr, trust: Trust, node_pid: Option<u32>, load: &LoadArgs) -> anyhow::Result<LoadResult> {
-    if load.clients < 2 {
-        bail!("the message load needs at least 2 clients (they chat in pairs)");
+    if load.clients == 0 {
+        bail!("the message load needs at least one client");
     }
     let run_id: u32 = rand::random::<u32>() % 1_000_000;
     let password = "bench-password-1";
-    let mut clients = Vec::with_capacity(load.clients);
-    for i in 0..load.clients {
+    // Clients chat in pairs; an odd client out gets a partner who only listens.
+    let users = load.clients + load.clients % 2;
+    let mut clients = Vec::with_capacity(users);
+    for i in 0..users {
         let client = Client::connect(server, trust.clone(), "hamgam-bench").await.context("connecting to the node")?;
         let username = format!("b{run_id}_{i}");
         client.sign_up(&username, password, "").await.context("signing up bench users")?;
         let session = client.log_in(&username, password, "bench").await?;
         clients.push((client, session.user));
     }
-    let mut workers = Vec::with_capacity(load.clients);
     let text = message_text(load.message_bytes);
+    let mut workers = Vec::with_capacity(users);
     let mut pairs = clients.into_iter();
-    while let Some((first, _)) = pairs.next() {
-        // An odd client out chats with itself's pair partner's chat: pair it with the first.
-        let (second, second_user) = match pairs.next() {
-            Some(pair) => pair,
-            None => {
-                let chat = workers.first().map_or(ChatId(0), |w: &MessageWorker| w.chat);
-                workers.push(MessageWorker { client: first, chat, text: text.clone() });
-                break;
-            }
-        };
+    while let (Some((first, _)), Some((second, second_user))) = (pairs.next(), pairs.next()) {
         let chat = first.direct_chat(second_user).await?.chat;
         workers.push(MessageWorker { client: first, chat, text: text.clone() });
         workers.push(MessageWorker { client: second, chat, text: text.clone() });
     }
+    workers.truncate(load.clients);
     drive("hamgam", load, node_pid, workers, |worker: Arc<MessageWorker>, i| async move {
         let id = rand::random::<u64>() ^ i;
         worker.client.send_with_id(worker.chat, id, &worker.text).await?;
