@@ -39,6 +39,9 @@ pub enum Command {
     Deliver { source: ShardId, target: ShardId, records: Vec<(u64, OutboxRecord)> },
     /// 14: `target` has applied `source`'s outbox through `through`; applied in `source`.
     OutboxAck { source: ShardId, target: ShardId, through: u64 },
+    /// 15: outbox records of several sources for users of `target`, applied
+    /// in `target`: one command and one inbox write for a whole round.
+    DeliverMany { target: ShardId, batches: Vec<(ShardId, Vec<(u64, OutboxRecord)>)> },
 }
 
 impl Command {
@@ -57,7 +60,7 @@ impl Command {
             | Command::Edit { chat, .. }
             | Command::Delete { chat, .. }
             | Command::MarkRead { chat, .. } => placement.shard_of_chat(*chat),
-            Command::Deliver { target, .. } => *target,
+            Command::Deliver { target, .. } | Command::DeliverMany { target, .. } => *target,
             Command::OutboxAck { source, .. } => *source,
         }
     }

@@ -11,7 +11,8 @@ const USER: u8 = 0x11;
 const DEVICE: u8 = 0x13;
 const UPDATE: u8 = 0x14;
 const DIALOG: u8 = 0x15;
-const INBOX: u8 = 0x16;
+// 0x16 was one inbox mark per source; all marks of a shard now share one record.
+const INBOX_MARKS: u8 = 0x18;
 const SHARD_META: u8 = 0x17;
 // Tables of a chat's shard.
 const CHAT: u8 = 0x20;
@@ -66,8 +67,9 @@ pub fn dialogs_of(user: UserId) -> Vec<u8> {
     key(DIALOG, &[user.0])
 }
 
-pub fn inbox(source: ShardId) -> Vec<u8> {
-    key(INBOX, &[u64::from(source.0)])
+/// The highest outbox seq applied from each source shard.
+pub fn inbox_marks() -> Vec<u8> {
+    vec![INBOX_MARKS]
 }
 
 pub fn shard_meta() -> Vec<u8> {

@@ -18,7 +18,8 @@ use crate::cache::BoundedCache;
 use crate::command::{Command, Reply, direct_chat_id};
 use crate::keys;
 use crate::records::{
-    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta, UserMeta, UserRecord,
+    self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta,
+    UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
@@ -131,8 +132,8 @@ pub struct SyncMachine {
     users: BoundedCache<UserId, UserMeta>,
     /// (source, target) -> next outbox seq.
     outbox_next: BoundedCache<(ShardId, ShardId), u64>,
-    /// (target, source) -> last delivery applied.
-    inboxes: BoundedCache<(ShardId, ShardId), u64>,
+    /// Each target shard's inbox marks.
+    inboxes: BoundedCache<ShardId, InboxMarks>,
 }
 
 impl SyncMachine {
@@ -637,27 +638,8 @@ impl SyncMachine {
                 Ok(Reply::ReadMarker { seq: target })
             }
 
-            Command::Deliver { source, target: _, records } => {
-                let mut last = match self.inboxes.get(&(shard, source)) {
-                    Some(last) => *last,
-                    None => get_u64(kv, &keys::inbox(source))?.unwrap_or(0),
-                };
-                for (seq, record) in records {
-                    if seq <= last {
-                        continue; // already applied by an earlier try of this delivery
-                    }
-                    if seq != last + 1 {
-                        tracing::warn!(%source, %shard, expected = last + 1, got = seq, "outbox delivery skipped ahead");
-                    }
-                    for (user, kind) in record.items {
-                        self.append_update(kv, user, kind)?;
-                    }
-                    last = seq;
-                }
-                put_u64(kv, &keys::inbox(source), last);
-                self.inboxes.insert((shard, source), last, 1);
-                Ok(Reply::Done)
-            }
+            Command::Deliver { source, target: _, records } => self.deliver(shard, kv, vec![(source, records)]),
+            Command::DeliverMany { target: _, batches } => self.deliver(shard, kv, batches),
 
             Command::OutboxAck { source: _, target, through } => {
                 let mut meta = read_outbox_meta(kv, target)?;
@@ -679,6 +661,40 @@ impl SyncMachine {
                 Ok(Reply::Done)
             }
         }
+    }
+
+    /// Applies outbox records from other shards, skipping those at or below
+    /// each source's inbox mark (a re-sent delivery), and raises the marks.
+    fn deliver(
+        &mut self,
+        shard: ShardId,
+        kv: &mut impl KvWrite,
+        batches: Vec<(ShardId, Vec<(u64, OutboxRecord)>)>,
+    ) -> Result<Reply, SyncError> {
+        let mut inbox = match self.inboxes.get(&shard) {
+            Some(inbox) => inbox.clone(),
+            None => get_record::<InboxMarks>(kv, "inbox marks", &keys::inbox_marks())?.unwrap_or_default(),
+        };
+        for (source, records) in batches {
+            let mut last = inbox.marks.get(&source.0).copied().unwrap_or(0);
+            for (seq, record) in records {
+                if seq <= last {
+                    continue; // already applied by an earlier try of this delivery
+                }
+                if seq != last + 1 {
+                    tracing::warn!(%source, %shard, expected = last + 1, got = seq, "outbox delivery skipped ahead");
+                }
+                for (user, kind) in record.items {
+                    self.append_update(kv, user, kind)?;
+                }
+                last = seq;
+            }
+            inbox.marks.insert(source.0, last);
+        }
+        put_record(kv, &keys::inbox_marks(), &inbox);
+        let weight = inbox.marks.len();
+        self.inboxes.insert(shard, inbox, weight);
+        Ok(Reply::Done)
     }
 
     /// Writes updates: users of this shard at once, the others through the outbox.

@@ -98,6 +98,12 @@ pub struct OutboxMeta {
     pub acked: u64,
 }
 
+/// The highest outbox seq applied from each source shard (by shard id).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxMarks {
+    pub marks: std::collections::BTreeMap<u32, u64>,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardMeta {
     /// Accounts created by this shard so far (drives user ids).

@@ -6,11 +6,11 @@
 //! (Fresh reads on followers, by ReadIndex, come with the cluster.)
 //!
 //! The deliverer is one long-lived task ([`SyncService::run_outbox`]): it
-//! wakes when an apply round wrote outbox records (or every retry period),
-//! proposes `Deliver` to the target shard and then `OutboxAck` to the source,
-//! one delivery in flight per (source, target) pair so order is kept. A
-//! delivery retried after a crash is skipped by the target's inbox mark, so
-//! every update lands exactly once.
+//! wakes when an apply round wrote outbox records, proposes one
+//! `DeliverMany` per target shard carrying every source's new records, one
+//! delivery in flight per target so each pair's order is kept, and later an
+//! `OutboxAck` to each source. A delivery retried after a crash is skipped by
+//! the target's inbox marks, so every update lands exactly once.
 
 use crate::command::{Command, Reply};
 use crate::keys;
@@ -24,7 +24,7 @@ use hamgam_proto::{
 use hamgam_raftstore::{RaftHandle, ShardReader};
 use hamgam_storage::{KeyRange, KvRead, Order};
 use hamgam_types::{ChatId, DeviceId, NodeId, Placement, ShardId, UserId, limits};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -304,12 +304,18 @@ impl SyncService {
     // ---- outbox deliverer ------------------------------------------------------------
 
     /// Delivers outbox records until `cancel` fires. Start once per node.
+    ///
+    /// One delivery is in flight per target shard; it carries the records of
+    /// every source with something for that target (one raft command and one
+    /// inbox write at the target for the whole batch). Acknowledgements go
+    /// back to each source at most every `OUTBOX_ACK_INTERVAL_MS`.
     pub async fn run_outbox(self, cancel: CancellationToken) {
         self.mark_all_pending_outboxes();
         let retry = Duration::from_millis(limits::OUTBOX_RETRY_MS);
         let mut ack_tick = tokio::time::interval(Duration::from_millis(limits::OUTBOX_ACK_INTERVAL_MS));
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut pairs: HashMap<(ShardId, ShardId), PairState> = HashMap::new();
+        let mut busy_targets: HashSet<ShardId> = HashSet::new();
         let mut tasks: JoinSet<TaskDone> = JoinSet::new();
         loop {
             let mut ack_due = false;
@@ -320,30 +326,32 @@ impl SyncService {
                 Some(done) = tasks.join_next() => {
                     let Ok(done) = done else { continue };
                     match done {
-                        TaskDone::Delivered { pair, result } => {
-                            let state = pairs.entry(pair).or_default();
-                            state.delivering = false;
-                            match result {
-                                Ok(Delivery::Through { seq, more }) => {
-                                    state.next = Some(seq + 1);
-                                    state.delivered = seq;
-                                    if state.delivered >= state.acked + limits::OUTBOX_ACK_RECORDS {
-                                        ack_due = true;
+                        TaskDone::Delivered { target, results } => {
+                            busy_targets.remove(&target);
+                            for (pair, result) in results {
+                                let state = pairs.entry(pair).or_default();
+                                match result {
+                                    Delivery::Through { seq, more } => {
+                                        state.next = Some(seq + 1);
+                                        state.delivered = seq;
+                                        if state.delivered >= state.acked + limits::OUTBOX_ACK_RECORDS {
+                                            ack_due = true;
+                                        }
+                                        if more {
+                                            self.signals.mark_outbox([pair]);
+                                        }
                                     }
-                                    if more {
-                                        self.signals.mark_outbox([pair]);
+                                    Delivery::Nothing => {}
+                                    Delivery::NotLeader => state.next = None,
+                                    Delivery::Failed(error) => {
+                                        tracing::warn!(source = %pair.0, target = %pair.1, %error, "outbox delivery failed; will retry");
+                                        state.next = None;
+                                        let signals = self.signals.clone();
+                                        tokio::spawn(async move {
+                                            tokio::time::sleep(retry).await;
+                                            signals.mark_outbox([pair]);
+                                        });
                                     }
-                                }
-                                Ok(Delivery::Nothing) => {}
-                                Ok(Delivery::NotLeader) => state.next = None,
-                                Err(error) => {
-                                    tracing::warn!(source = %pair.0, target = %pair.1, %error, "outbox delivery failed; will retry");
-                                    state.next = None;
-                                    let signals = self.signals.clone();
-                                    tokio::spawn(async move {
-                                        tokio::time::sleep(retry).await;
-                                        signals.mark_outbox([pair]);
-                                    });
                                 }
                             }
                         }
@@ -358,25 +366,32 @@ impl SyncService {
                     }
                 }
             }
-            let ready: Vec<(ShardId, ShardId)> = {
+            // Every dirty pair whose target has no delivery in flight, grouped by target.
+            let ready: BTreeMap<ShardId, Vec<ShardId>> = {
                 let mut dirty = self.signals.outbox_dirty.lock().unwrap_or_else(|p| p.into_inner());
-                let ready: Vec<_> = dirty
-                    .iter()
-                    .copied()
-                    .filter(|pair| !pairs.get(pair).is_some_and(|s| s.delivering))
-                    .take(limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(tasks.len()))
-                    .collect();
-                for pair in &ready {
-                    dirty.remove(pair);
+                let mut ready: BTreeMap<ShardId, Vec<ShardId>> = BTreeMap::new();
+                let room = limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(tasks.len());
+                for &(source, target) in dirty.iter() {
+                    if busy_targets.contains(&target) || (!ready.contains_key(&target) && ready.len() >= room) {
+                        continue;
+                    }
+                    ready.entry(target).or_default().push(source);
+                }
+                for (target, sources) in &ready {
+                    for source in sources {
+                        dirty.remove(&(*source, *target));
+                    }
                 }
                 ready
             };
-            for pair in ready {
-                let state = pairs.entry(pair).or_default();
-                state.delivering = true;
-                let fresh = self.take_fresh(pair);
-                let (service, next) = (self.clone(), state.next);
-                tasks.spawn(async move { TaskDone::Delivered { pair, result: service.deliver_once(pair, next, fresh).await } });
+            for (target, sources) in ready {
+                busy_targets.insert(target);
+                let work: Vec<(ShardId, Option<u64>, Vec<(u64, OutboxRecord)>)> = sources
+                    .into_iter()
+                    .map(|source| (source, pairs.entry((source, target)).or_default().next, self.take_fresh((source, target))))
+                    .collect();
+                let service = self.clone();
+                tasks.spawn(async move { TaskDone::Delivered { target, results: service.deliver_to(target, work).await } });
             }
             if ack_due {
                 for (pair, state) in pairs.iter_mut() {
@@ -425,19 +440,66 @@ impl SyncService {
         self.signals.mark_outbox(pending);
     }
 
-    /// One delivery from `source` to `target`, starting at `next` (or where
-    /// the source's outbox says, when this node does not know). Uses the
-    /// fresh records when they continue exactly from there; reads storage
-    /// otherwise.
-    async fn deliver_once(
+    /// One delivery to `target` of the records of every source in `work`,
+    /// each starting at its `next` (or where the source's outbox says, when
+    /// this node does not know). Fresh records are used when they continue
+    /// exactly from there; storage is read otherwise.
+    async fn deliver_to(
+        &self,
+        target: ShardId,
+        work: Vec<(ShardId, Option<u64>, Vec<(u64, OutboxRecord)>)>,
+    ) -> Vec<((ShardId, ShardId), Delivery)> {
+        let mut outcomes = Vec::with_capacity(work.len());
+        let mut batches = Vec::new();
+        let mut budget = DELIVERY_BYTES_MAX;
+        for (source, next, fresh) in work {
+            let pair = (source, target);
+            if self.raft.leader(source) != Some(self.node) {
+                outcomes.push((pair, Delivery::NotLeader)); // the source's leader delivers
+                continue;
+            }
+            if budget == 0 {
+                // This delivery is full; the rest go in the next one.
+                self.signals.mark_outbox([pair]);
+                outcomes.push((pair, Delivery::Nothing));
+                continue;
+            }
+            match self.records_for(pair, next, fresh, &mut budget) {
+                Ok((records, more)) => match records.last() {
+                    Some(&(seq, _)) => {
+                        outcomes.push((pair, Delivery::Through { seq, more }));
+                        batches.push((source, records));
+                    }
+                    None => outcomes.push((pair, Delivery::Nothing)),
+                },
+                Err(error) => outcomes.push((pair, Delivery::Failed(error.to_string()))),
+            }
+        }
+        if batches.is_empty() {
+            return outcomes;
+        }
+        if let Err(error) = self.execute(Command::DeliverMany { target, batches }).await {
+            // Whether it applied is unknown: send it all again (the target's
+            // inbox marks skip what it already has).
+            let reason = error.to_string();
+            for (_, outcome) in &mut outcomes {
+                if matches!(outcome, Delivery::Through { .. }) {
+                    *outcome = Delivery::Failed(reason.clone());
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// The records of one pair to deliver next, within `budget` bytes.
+    /// Returns them and whether more are waiting in storage.
+    fn records_for(
         &self,
         (source, target): (ShardId, ShardId),
         next: Option<u64>,
         fresh: Vec<(u64, OutboxRecord)>,
-    ) -> Result<Delivery, SyncError> {
-        if self.raft.leader(source) != Some(self.node) {
-            return Ok(Delivery::NotLeader); // the source's leader delivers
-        }
+        budget: &mut usize,
+    ) -> Result<(Vec<(u64, OutboxRecord)>, bool), SyncError> {
         let reader = self.raft.reader(source);
         let start = match next {
             Some(next) => next,
@@ -446,28 +508,25 @@ impl SyncService {
         let fresh: Vec<(u64, OutboxRecord)> = fresh.into_iter().filter(|(seq, _)| *seq >= start).collect();
         let contiguous = fresh.first().is_some_and(|(seq, _)| *seq == start)
             && fresh.windows(2).all(|w| w[1].0 == w[0].0 + 1);
-        let mut more = false;
-        let records = if contiguous {
-            fresh
-        } else {
-            let range = KeyRange { start: keys::outbox(target, start), end: KeyRange::prefix(&keys::outbox_of(target)).end };
-            let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
-            let mut records = Vec::with_capacity(pairs.len());
-            let mut bytes = 0;
-            for (key, value) in pairs {
-                if !records.is_empty() && bytes + value.len() > DELIVERY_BYTES_MAX {
-                    break;
-                }
-                bytes += value.len();
-                let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "outbox key", reason: "short".into() })?;
-                records.push((seq, records::decode("outbox record", &value)?));
+        if contiguous {
+            let bytes: usize = fresh.iter().map(|(_, r)| 16 + 24 * r.items.len()).sum();
+            *budget = budget.saturating_sub(bytes);
+            return Ok((fresh, false));
+        }
+        let range = KeyRange { start: keys::outbox(target, start), end: KeyRange::prefix(&keys::outbox_of(target)).end };
+        let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
+        let found = pairs.len();
+        let mut records = Vec::with_capacity(found);
+        for (key, value) in pairs {
+            if !records.is_empty() && value.len() > *budget {
+                break;
             }
-            more = records.len() == limits::OUTBOX_RECORDS_PER_DELIVERY_MAX || bytes > DELIVERY_BYTES_MAX / 2;
-            records
-        };
-        let Some(&(seq, _)) = records.last() else { return Ok(Delivery::Nothing) };
-        self.execute(Command::Deliver { source, target, records }).await?;
-        Ok(Delivery::Through { seq, more })
+            *budget = budget.saturating_sub(value.len());
+            let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "outbox key", reason: "short".into() })?;
+            records.push((seq, records::decode("outbox record", &value)?));
+        }
+        let more = records.len() < found || found == limits::OUTBOX_RECORDS_PER_DELIVERY_MAX;
+        Ok((records, more))
     }
 }
 
@@ -478,6 +537,8 @@ enum Delivery {
     Nothing,
     /// Another node leads the source shard and delivers for it.
     NotLeader,
+    /// The delivery may or may not have applied; it will be sent again.
+    Failed(String),
 }
 
 /// What the deliverer knows of one (source, target) pair.
@@ -488,12 +549,11 @@ struct PairState {
     /// The last seq delivered and the last acknowledged.
     delivered: u64,
     acked: u64,
-    delivering: bool,
     acking: bool,
 }
 
 enum TaskDone {
-    Delivered { pair: (ShardId, ShardId), result: Result<Delivery, SyncError> },
+    Delivered { target: ShardId, results: Vec<((ShardId, ShardId), Delivery)> },
     Acked { pair: (ShardId, ShardId), result: Result<u64, SyncError> },
 }
 

@@ -44,6 +44,10 @@ fn now() -> u64 {
 }
 
 async fn harness_with(data_shards: u32, retained: u64) -> Harness {
+    harness_full(data_shards, retained, true).await
+}
+
+async fn harness_full(data_shards: u32, retained: u64, deliver: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let placement = Placement::new(data_shards);
     let recorder = Arc::new(Recorder::default());
@@ -60,7 +64,9 @@ async fn harness_with(data_shards: u32, retained: u64) -> Harness {
     }
     let service = SyncService::new(store.handle(), placement, NodeId(1), signals);
     let cancel = CancellationToken::new();
-    tokio::spawn(service.clone().run_outbox(cancel.clone()));
+    if deliver {
+        tokio::spawn(service.clone().run_outbox(cancel.clone()));
+    }
     Harness { service, recorder, cancel, store: Some(store), _dir: dir }
 }
 
@@ -348,4 +354,71 @@ async fn device_sessions_are_bounded_and_revocable() {
         h.service.execute(session(100 + device)).await.unwrap();
     }
     assert!(matches!(domain(h.service.execute(session(1)).await), DomainError::LimitReached(_)));
+}
+
+fn outbox_records(service: &SyncService) -> usize {
+    use hamgam_storage::{KeyRange, KvRead, Order};
+    service
+        .placement()
+        .all_shards()
+        .map(|shard| service.raft().reader(shard).scan(&KeyRange::prefix(&[0x30]), Order::Ascending, 10_000).unwrap().len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_outbox_records_are_acknowledged_and_deleted() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    for i in 0..50 {
+        h.send(chat, sara, i, "x").await.unwrap();
+    }
+    h.wait_pts(ali, 51).await;
+    h.wait_pts(sara, 51).await;
+    for _ in 0..500 {
+        if outbox_records(&h.service) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} outbox records were never acknowledged", outbox_records(&h.service));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliverer_that_starts_late_delivers_from_storage_exactly_once() {
+    // No deliverer at first: the records wait in the outbox, as after a crash.
+    let h = harness_full(8, hamgam_types::limits::UPDATES_RETAINED_PER_USER, false).await;
+    let users: Vec<UserId> = {
+        let mut users = Vec::new();
+        for name in ["ali", "sara", "reza", "mina"] {
+            users.push(h.sign_up(name).await);
+        }
+        users
+    };
+    let group = h.group(users[0], "late").await;
+    for user in &users[1..] {
+        h.service.execute(Command::AddMember { chat: group, actor: users[0], user: *user, now_ms: now() }).await.unwrap();
+    }
+    for i in 0..30 {
+        h.send(group, users[(i % 4) as usize], i, &format!("پیام {i}")).await.unwrap();
+    }
+    assert!(outbox_records(&h.service) > 0, "the members' updates wait in the outbox");
+    // A new service with empty in-memory state, like a restarted node.
+    let recorder = Arc::new(Recorder::default());
+    let fresh = SyncService::new(h.service.raft().clone(), *h.service.placement(), NodeId(1), Signals::new(recorder));
+    tokio::spawn(fresh.clone().run_outbox(h.cancel.clone()));
+    // Joined + 3 member changes (seen by the owner) or fewer, then 30 messages.
+    for user in &users {
+        h.wait_pts(*user, 31).await;
+        let page = h.page(*user, 0, 1000);
+        let seqs: Vec<u64> = page
+            .updates
+            .iter()
+            .filter_map(|u| match u.kind {
+                UpdateKind::NewMessage { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "every message once, in order, for {user}");
+    }
 }

@@ -107,9 +107,13 @@ async fn a_device_offline_across_ten_thousand_updates_catches_up_completely() {
     let (_bob, bob_id) = node.user("bob").await;
     let chat = alice.direct_chat(bob_id).await.unwrap().chat;
     let offline = node.device("bob", "old phone").await;
-    let mut before = LocalState::default();
-    before.catch_up(&offline).await.unwrap();
-    assert_eq!(before.pts, 1, "only the chat's creation so far");
+    let before = eventually(Duration::from_secs(10), || async {
+        let mut state = LocalState::default();
+        state.catch_up(&offline).await.unwrap();
+        (state.pts == 1).then_some(state)
+    })
+    .await;
+    assert!(before.chats.contains_key(&chat), "only the chat's creation so far");
 
     // 10,000 messages while the old phone is away, sent 64 at a time.
     let alice = std::sync::Arc::new(alice);
@@ -192,12 +196,19 @@ async fn group_roles_history_paging_edits_and_deletes_over_the_wire() {
     // The removed member stops seeing the group; the others hear of it.
     owner.remove_member(group, other_id).await.unwrap();
     assert_eq!(other.history(group, HistoryAnchor::Latest, 1).await.unwrap_err().code(), Some(ErrorCode::NOT_MEMBER));
+    // Updates reach other users' shards through the outbox, a moment later.
+    eventually(Duration::from_secs(10), || async {
+        let SyncPage::Difference(page) = other.sync_page(0, 1000).await.unwrap() else { return None };
+        page.updates.iter().any(|u| u.kind == UpdateKind::ChatLeft { chat: group }).then_some(())
+    })
+    .await;
     let mut state = LocalState::default();
     state.catch_up(&other).await.unwrap();
     assert!(!state.chats.contains_key(&group), "ChatLeft removes the chat from the device");
-    let mut seen = LocalState::default();
-    seen.catch_up(&member).await.unwrap();
-    assert!(seen.chats[&group].messages.contains_key(&30));
-    let SyncPage::Difference(page) = member.sync_page(0, 1000).await.unwrap() else { panic!() };
-    assert!(page.updates.iter().any(|u| u.kind == UpdateKind::MembersChanged { chat: group }));
+    let seen = eventually(Duration::from_secs(10), || async {
+        let SyncPage::Difference(page) = member.sync_page(0, 1000).await.unwrap() else { return None };
+        page.updates.iter().any(|u| u.kind == UpdateKind::MembersChanged { chat: group }).then_some(page)
+    })
+    .await;
+    assert!(seen.messages.iter().any(|m| m.chat == group && m.seq == 30));
 }
