@@ -60,12 +60,8 @@ enum BenchCommand {
         /// Client counts to run, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "64")]
         clients_list: Vec<usize>,
-        #[arg(long, default_value_t = 10)]
-        duration_secs: u64,
-        #[arg(long, default_value_t = 2)]
-        warmup_secs: u64,
-        #[arg(long, default_value_t = 256)]
-        message_bytes: usize,
+        #[command(flatten)]
+        shape: LoadShape,
         /// hamgam-node binary (default: next to this program).
         #[arg(long)]
         node_bin: Option<PathBuf>,
@@ -81,6 +77,13 @@ enum BenchCommand {
 struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    #[command(flatten)]
+    shape: LoadShape,
+}
+
+/// How long and with what payload a load runs.
+#[derive(Debug, Clone, Args)]
+struct LoadShape {
     #[arg(long, default_value_t = 10)]
     duration_secs: u64,
     #[arg(long, default_value_t = 2)]
@@ -91,25 +94,7 @@ struct LoadArgs {
 }
 
 pub fn main_entry() -> ExitCode {
-    let cli = BenchCli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("hamgam-bench: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hamgam-bench: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::run_to_exit("hamgam-bench", None, run(BenchCli::parse()))
 }
 
 async fn run(cli: BenchCli) -> anyhow::Result<()> {
@@ -128,7 +113,7 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             println!("{}", LoadResult::header());
             println!("{}", result.row());
         }
-        BenchCommand::Compare { clients_list, duration_secs, warmup_secs, message_bytes, node_bin, etcd_bin, work_dir } => {
+        BenchCommand::Compare { clients_list, shape, node_bin, etcd_bin, work_dir } => {
             let node_bin = match node_bin {
                 Some(path) => path,
                 None => std::env::current_exe()?.with_file_name("hamgam-node"),
@@ -137,7 +122,7 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             let work = work_dir.unwrap_or_else(|| scratch.path().to_path_buf());
             let mut rows = Vec::new();
             for clients in clients_list {
-                let load = LoadArgs { clients, duration_secs, warmup_secs, message_bytes };
+                let load = LoadArgs { clients, shape: shape.clone() };
                 let hamgam = {
                     let node = NodeProcess::start(&node_bin, &work.join(format!("hamgam-{clients}"))).await?;
                     let result = hamgam_load(node.addr, Trust::Pinned(node.fingerprint), Some(node.pid), &load).await;
@@ -314,12 +299,12 @@ where
             latency
         });
     }
-    tokio::time::sleep(Duration::from_secs(load.warmup_secs)).await;
+    tokio::time::sleep(Duration::from_secs(load.shape.warmup_secs)).await;
     let server_before = process_cpu(pid);
     let client_before = process_cpu(None);
     let started = Instant::now();
     phase.recording.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(load.duration_secs)).await;
+    tokio::time::sleep(Duration::from_secs(load.shape.duration_secs)).await;
     phase.recording.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let server_cpu = match (server_before, process_cpu(pid)) {
@@ -383,7 +368,7 @@ async fn hamgam_load(server: SocketAddr, trust: Trust, node_pid: Option<u32>, lo
         let session = client.log_in(&username, password, "bench").await?;
         clients.push((client, session.user));
     }
-    let text = message_text(load.message_bytes);
+    let text = message_text(load.shape.message_bytes);
     let mut workers = Vec::with_capacity(users);
     let mut pairs = clients.into_iter();
     while let (Some((first, _)), Some((second, second_user))) = (pairs.next(), pairs.next()) {
@@ -550,7 +535,7 @@ impl EtcdWorker {
 }
 
 async fn etcd_load(endpoint: SocketAddr, pid: Option<u32>, load: &LoadArgs) -> anyhow::Result<LoadResult> {
-    let value = Bytes::from(vec![b'v'; load.message_bytes]);
+    let value = Bytes::from(vec![b'v'; load.shape.message_bytes]);
     let mut workers = Vec::with_capacity(load.clients);
     for client in 0..load.clients {
         workers.push(EtcdWorker::connect(endpoint, client, value.clone()).await?);

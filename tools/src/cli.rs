@@ -120,25 +120,7 @@ enum GroupCommand {
 }
 
 pub fn main_entry() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("hamgam: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hamgam: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::run_to_exit("hamgam", Some(2), run(Cli::parse()))
 }
 
 struct Invocation {
