@@ -265,8 +265,8 @@ where
     for worker in workers {
         let worker = Arc::new(worker);
         let (phase, step) = (phase.clone(), step.clone());
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         tasks.spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
             let mut i = 0u64;
             while !phase.stopping.load(Ordering::Relaxed) {
                 let started = Instant::now();

@@ -167,7 +167,7 @@ impl Applier {
             if !rounds.is_empty()
                 && let Err(error) = self.apply(rounds)
             {
-                tracing::error!(%error, "apply failed; the store stops");
+                tracing::error!(?error, "apply failed; the store stops");
                 *self.progress.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                 self.progress.failed.store(true, Ordering::Release);
                 wake();

@@ -98,7 +98,7 @@ pub enum StoreError {
     Wal(#[from] wal::WalError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("raft failed on shard {shard}: {source}")]
+    #[error("raft failed on shard {shard}")]
     Raft { shard: ShardId, source: raft::Error },
     /// A committed entry or stored record does not decode: the log or database is damaged.
     #[error("corrupt {what} in shard {shard}: {reason}")]

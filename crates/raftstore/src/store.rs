@@ -154,8 +154,7 @@ impl Store {
         for &shard in &config.shards {
             states.entry(shard).or_insert_with(|| {
                 bootstrapped = true;
-                let mut conf = ConfState::default();
-                conf.voters = vec![config.node.0];
+                let conf = ConfState { voters: vec![config.node.0], ..Default::default() };
                 ApplyState { index: 0, term: 0, conf }
             });
         }
@@ -257,7 +256,7 @@ impl Store {
             .spawn(move || {
                 let result = store_loop.run();
                 if let Err(error) = &result {
-                    tracing::error!(%error, "raft store stopped by a fatal error");
+                    tracing::error!(?error, "raft store stopped by a fatal error");
                 }
                 store_loop.stop_applier();
                 store_loop.fail_queued();
@@ -639,7 +638,7 @@ impl StoreLoop {
             Ok(_) => {
                 self.checkpoint = CheckpointState { in_flight: true, wal_bytes: 0, last: Instant::now() };
             }
-            Err(error) => tracing::warn!(%error, "could not start a checkpoint; will retry"),
+            Err(error) => tracing::warn!(?error, "could not start a checkpoint; will retry"),
         }
     }
 

@@ -43,7 +43,7 @@ const FRAME_HEADER_BYTES: usize = 8;
 /// Errors of the WAL. All are fatal: the node cannot accept writes without it.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("WAL I/O failed on {path}: {source}")]
+    #[error("WAL I/O failed on {path:?}")]
     Io { path: PathBuf, source: std::io::Error },
     /// A record before the tail failed its checksum or does not parse.
     #[error("WAL corrupt in {path} at byte {offset}: {reason}")]
@@ -449,17 +449,13 @@ impl Reader<'_> {
     }
 
     fn hard_state(&mut self) -> Result<HardState, String> {
-        let mut hs = HardState::default();
-        hs.term = self.u64()?;
-        hs.vote = self.u64()?;
-        hs.commit = self.u64()?;
-        Ok(hs)
+        let (term, vote, commit) = (self.u64()?, self.u64()?, self.u64()?);
+        Ok(HardState { term, vote, commit, ..Default::default() })
     }
 
     fn entry(&mut self) -> Result<Entry, String> {
-        let mut entry = Entry::default();
-        entry.index = self.u64()?;
-        entry.term = self.u64()?;
+        let (index, term) = (self.u64()?, self.u64()?);
+        let mut entry = Entry { index, term, ..Default::default() };
         entry.set_entry_type(match self.u8()? {
             0 => EntryType::EntryNormal,
             1 => EntryType::EntryConfChange,

@@ -43,12 +43,15 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Key-value pairs returned by a scan, in scan order.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Reading: point lookups and bounded scans.
 pub trait KvRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
 
     /// At most `limit` pairs of `range`, in `order`.
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError>;
 }
 
 /// Writing. Writes are buffered by the implementor (see `Txn`); they cannot
@@ -62,7 +65,7 @@ impl<T: KvRead + ?Sized> KvRead for &T {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         (**self).get(key)
     }
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         (**self).scan(range, order, limit)
     }
 }
@@ -71,7 +74,7 @@ impl<T: KvRead + ?Sized> KvRead for &mut T {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         (**self).get(key)
     }
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         (**self).scan(range, order, limit)
     }
 }
@@ -80,7 +83,7 @@ impl<T: KvRead + ?Sized> KvRead for std::sync::Arc<T> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         (**self).get(key)
     }
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         (**self).scan(range, order, limit)
     }
 }
@@ -124,7 +127,7 @@ impl<T: KvRead> KvRead for Prefixed<T> {
         self.inner.get(&self.full_key(key))
     }
 
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         let full = KeyRange {
             start: self.full_key(&range.start),
             end: match &range.end {

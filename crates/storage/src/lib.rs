@@ -15,7 +15,7 @@ mod mem;
 mod sled_db;
 mod txn;
 
-pub use kv::{KeyRange, KvRead, KvWrite, Order, Prefixed, prefix_end};
+pub use kv::{KeyRange, KvPairs, KvRead, KvWrite, Order, Prefixed, prefix_end};
 pub use mem::MemDb;
 pub use sled_db::SledDb;
 pub use txn::{Txn, WriteBatch};
@@ -28,7 +28,7 @@ pub enum StorageError {
     #[error("database failure: {0}")]
     Backend(String),
     /// A file operation outside the engine failed.
-    #[error("storage I/O failed on {path}: {source}")]
+    #[error("storage I/O failed on {path}")]
     Io { path: String, source: std::io::Error },
 }
 

@@ -1,4 +1,4 @@
-use crate::{Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
+use crate::{KvPairs, Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
@@ -27,7 +27,7 @@ impl KvRead for MemDb {
         Ok(self.read().get(key).cloned())
     }
 
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         let map = self.read();
         let end = match &range.end {
             Some(end) => Bound::Excluded(end.clone()),

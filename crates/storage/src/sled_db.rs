@@ -1,4 +1,4 @@
-use crate::{Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
+use crate::{KvPairs, Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -66,7 +66,7 @@ impl KvRead for SledDb {
         Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         if range.end.as_ref().is_some_and(|end| *end <= range.start) {
             return Ok(Vec::new());
         }

@@ -1,4 +1,4 @@
-use crate::{Db, KeyRange, KvRead, KvWrite, Order, StorageError};
+use crate::{KvPairs, Db, KeyRange, KvRead, KvWrite, Order, StorageError};
 use std::collections::BTreeMap;
 
 /// Writes to apply atomically, in key order (later writes to a key win).
@@ -82,7 +82,7 @@ impl KvRead for Txn<'_> {
         }
     }
 
-    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         let overlay: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = match &range.end {
             Some(end) if *end <= range.start => return Ok(Vec::new()),
             Some(end) => self.writes.range(range.start.clone()..end.clone()).collect(),

@@ -386,7 +386,7 @@ impl SyncService {
             };
             for (target, sources) in ready {
                 busy_targets.insert(target);
-                let work: Vec<(ShardId, Option<u64>, Vec<(u64, OutboxRecord)>)> = sources
+                let work: Vec<SourceWork> = sources
                     .into_iter()
                     .map(|source| (source, pairs.entry((source, target)).or_default().next, self.take_fresh((source, target))))
                     .collect();
@@ -447,7 +447,7 @@ impl SyncService {
     async fn deliver_to(
         &self,
         target: ShardId,
-        work: Vec<(ShardId, Option<u64>, Vec<(u64, OutboxRecord)>)>,
+        work: Vec<SourceWork>,
     ) -> Vec<((ShardId, ShardId), Delivery)> {
         let mut outcomes = Vec::with_capacity(work.len());
         let mut batches = Vec::new();
@@ -540,6 +540,10 @@ enum Delivery {
     /// The delivery may or may not have applied; it will be sent again.
     Failed(String),
 }
+
+/// One source's share of a delivery: where to start (if known) and the
+/// records handed over in memory.
+type SourceWork = (ShardId, Option<u64>, Vec<(u64, OutboxRecord)>);
 
 /// What the deliverer knows of one (source, target) pair.
 #[derive(Debug, Default)]

@@ -30,13 +30,13 @@ const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Errors setting up TLS or QUIC.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("TLS identity I/O failed on {path}: {source}")]
+    #[error("TLS identity I/O failed on {path}")]
     Io { path: String, source: std::io::Error },
     #[error("cannot make a certificate: {0}")]
     Certificate(String),
     #[error("TLS configuration failed: {0}")]
     Tls(String),
-    #[error("cannot open a UDP socket on {addr}: {source}")]
+    #[error("cannot open a UDP socket on {addr}")]
     Socket { addr: SocketAddr, source: std::io::Error },
     #[error("not a fingerprint (expected 32 hex bytes, colons optional): {0}")]
     BadFingerprint(String),
