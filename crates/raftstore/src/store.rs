@@ -854,6 +854,39 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_keep_the_wal_bounded_while_writes_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
+        let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+        let handle = store.handle();
+        // Five times the checkpoint volume, in 128 KiB commands.
+        let command = vec![7u8; 128 << 10];
+        let commands = 5 * limits::CHECKPOINT_WAL_BYTES as usize / command.len();
+        for _ in 0..commands {
+            handle.propose(ShardId(1), command.clone()).await.unwrap();
+        }
+        let checkpoints = handle.stats().checkpoints.load(Ordering::Relaxed);
+        let released = handle.stats().wal_segments_released.load(Ordering::Relaxed);
+        // A segment goes at the checkpoint after the one that closed it
+        // (writes go on while a checkpoint runs), so releases trail by one.
+        assert!(checkpoints >= 3, "checkpoints ran on their own ({checkpoints})");
+        assert!(released >= checkpoints - 1, "{released} segments deleted after {checkpoints} checkpoints");
+        let wal_bytes: u64 = std::fs::read_dir(dir.path().join("wal"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        let written = (commands * command.len()) as u64;
+        // About two checkpoints' worth stays: the one being written and the
+        // one a checkpoint has yet to cover.
+        assert!(
+            wal_bytes <= 3 * limits::CHECKPOINT_WAL_BYTES,
+            "the WAL holds {wal_bytes} bytes of {written} written ({checkpoints} checkpoints)"
+        );
+        assert_eq!(total(&handle, 1), written, "and nothing was lost on the way");
+        store.stop().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_shards_and_oversize_commands_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter)).unwrap();
