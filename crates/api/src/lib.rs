@@ -88,11 +88,6 @@ impl ApiServer {
         self.endpoint.local_addr()
     }
 
-    /// Client connections open now.
-    pub fn connection_count(&self) -> usize {
-        self.shared.connections.load(Ordering::Relaxed)
-    }
-
     /// Stops accepting, lets requests in flight finish for up to `drain`,
     /// then closes every connection.
     pub async fn shutdown(self, drain: Duration) {

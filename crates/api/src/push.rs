@@ -74,11 +74,6 @@ impl PushHub {
     pub(crate) fn revocation_epoch(&self, user: UserId) -> u64 {
         self.revocations[(user.0 % REVOCATION_BUCKETS as u64) as usize].load(Ordering::Acquire)
     }
-
-    /// Number of live push streams (for tests and status).
-    pub fn stream_count(&self) -> usize {
-        self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
-    }
 }
 
 impl Drop for Subscription<'_> {

@@ -41,7 +41,4 @@ pub trait Db: KvRead + Send + Sync + std::fmt::Debug {
     /// Makes everything written before the call durable against power loss.
     /// Slow (it syncs files); called by checkpoints, never per request.
     fn persist(&self) -> Result<(), StorageError>;
-
-    /// Bytes the database occupies on disk (0 in memory).
-    fn size_on_disk(&self) -> u64;
 }

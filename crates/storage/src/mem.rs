@@ -60,8 +60,4 @@ impl Db for MemDb {
     fn persist(&self) -> Result<(), StorageError> {
         Ok(())
     }
-
-    fn size_on_disk(&self) -> u64 {
-        0
-    }
 }

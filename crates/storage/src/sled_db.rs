@@ -119,8 +119,4 @@ impl Db for SledDb {
         self.db.flush().map_err(backend)?;
         sync_tree(&self.dir)
     }
-
-    fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
 }

@@ -63,15 +63,6 @@ impl<'a> Txn<'a> {
     pub fn into_batch(self) -> WriteBatch {
         WriteBatch { ops: self.writes.into_iter().collect() }
     }
-
-    /// Snapshot of the overlay, to roll back to with [`Txn::restore`].
-    pub fn savepoint(&self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
-        self.writes.clone()
-    }
-
-    pub fn restore(&mut self, savepoint: BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
-        self.writes = savepoint;
-    }
 }
 
 impl KvRead for Txn<'_> {

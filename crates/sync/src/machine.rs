@@ -263,7 +263,7 @@ pub(crate) fn read_outbox_meta(kv: &impl KvRead, target: ShardId) -> Result<Outb
     match (edge_u64(kv, &prefix, Order::Ascending)?, edge_u64(kv, &prefix, Order::Descending)?) {
         (Some(first), Some(last)) => Ok(OutboxMeta { acked: first - 1, next_seq: last + 1 }),
         _ => {
-            let acked = get_record::<OutboxMeta>(kv, "outbox meta", &keys::outbox_meta(target))?.map_or(0, |m| m.acked);
+            let acked = get_u64(kv, &keys::outbox_meta(target))?.unwrap_or(0);
             Ok(OutboxMeta { acked, next_seq: acked + 1 })
         }
     }
@@ -656,7 +656,7 @@ impl SyncMachine {
                 }
                 if through + 1 == meta.next_seq {
                     // The outbox is now empty: keep the position on record.
-                    put_record(kv, &keys::outbox_meta(target), &OutboxMeta { acked: through, next_seq: meta.next_seq });
+                    put_u64(kv, &keys::outbox_meta(target), through);
                 }
                 Ok(Reply::Done)
             }

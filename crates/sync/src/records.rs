@@ -41,7 +41,7 @@ pub struct UserRecord {
 
 /// A user's update sequence position. Not stored: derived from the first
 /// and last update keys, cached by the state machine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UserMeta {
     /// The last update's pts (0 before the first).
     pub pts: u64,
@@ -90,9 +90,11 @@ pub struct OutboxRecord {
     pub items: Vec<(UserId, UpdateKind)>,
 }
 
-/// Per target shard: the last outbox seq the target acknowledged (stored),
-/// and the next seq to hand out (derived from the last outbox key).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Per target shard: the last outbox seq the target acknowledged and the
+/// next seq to hand out. Not stored as such: both follow from the outbox
+/// keys, and only the acknowledged seq of an emptied outbox is kept (as a
+/// plain counter under `keys::outbox_meta`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutboxMeta {
     pub next_seq: u64,
     pub acked: u64,

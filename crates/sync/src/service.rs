@@ -18,7 +18,7 @@ use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_
 use crate::records::{self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UserMeta, UserRecord};
 use crate::{DomainError, SyncError};
 use hamgam_proto::{
-    ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Role, Update, UpdateKind,
+    ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update, UpdateKind,
     codec,
 };
 use hamgam_raftstore::{RaftHandle, ShardReader};
@@ -169,11 +169,6 @@ impl SyncService {
             .into_iter()
             .map(|(user, m)| MemberInfo { user, role: m.role, read_seq: m.read_seq })
             .collect())
-    }
-
-    /// Whether `user` has the role to act on the chat at all (for early refusals).
-    pub fn role(&self, chat: ChatId, user: UserId) -> Result<Option<Role>, SyncError> {
-        Ok(self.member(chat, user)?.map(|m| m.role))
     }
 
     /// The caller's chats in id order after `after`, with the pts to sync from.
