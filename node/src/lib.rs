@@ -21,7 +21,7 @@ pub use config::Config;
 use anyhow::{Context, bail};
 use clap::Parser;
 use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
-use hamgam_raftstore::{Store, StoreConfig};
+use hamgam_raftstore::{NoPeers, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService};
 use hamgam_transport::NodeIdentity;
@@ -164,8 +164,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let signals = Signals::new(hub.clone());
     let machine = SyncMachine::new(placement, signals.clone());
     let store_config =
-        StoreConfig { node, wal_dir: config.data.join("wal"), shards: placement.all_shards().collect() };
-    let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine)))?;
+        StoreConfig::single_node(node, config.data.join("wal"), placement.all_shards());
+    let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), Box::new(NoPeers)))?;
     let raft = store.handle();
     let waited = tokio::time::timeout(Duration::from_secs(30), async {
         while !raft.all_leaders_known() {

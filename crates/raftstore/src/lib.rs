@@ -10,8 +10,12 @@
 //! checkpoints that make the database durable so the WAL can be truncated.
 //!
 //! Entry types: [`Store::open`] starts the loop and returns a [`RaftHandle`]
-//! (propose a command to a shard and wait for its applied result; read a
-//! shard's applied state).
+//! (propose a command to a shard and wait for its applied result, wherever
+//! the shard's leader is; confirm a read is fresh by ReadIndex; read a
+//! shard's applied state; step a raft message that arrived from another node).
+//! Messages to other nodes leave through a [`RaftTransport`]; proposals for a
+//! shard led elsewhere go through a [`ProposalForwarder`]. Both are traits so
+//! this crate never sees the network.
 //!
 //! Must not know: what commands mean (they are bytes for the state machine),
 //! chats, users, QUIC. Keys: a shard's data lives under the 4-byte big-endian
@@ -24,11 +28,46 @@ mod log;
 mod store;
 pub mod wal;
 
+pub use raft::eraftpb::Message as RaftMessage;
 pub use store::{RaftHandle, Store, StoreConfig, StoreStats};
 
 use hamgam_storage::{Db, Prefixed, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+
+/// Carries raft messages to the other nodes of the cluster.
+///
+/// Called from the store loop (once before and once after each WAL write), so
+/// it must not block: a message it cannot queue is dropped, which raft
+/// tolerates (it retransmits and times out).
+pub trait RaftTransport: Send + 'static {
+    fn send(&mut self, messages: Vec<(ShardId, RaftMessage)>);
+}
+
+/// The transport of a node that has no peers: anything addressed elsewhere
+/// is a bug in the configuration, logged and dropped.
+#[derive(Debug, Default)]
+pub struct NoPeers;
+
+impl RaftTransport for NoPeers {
+    fn send(&mut self, messages: Vec<(ShardId, RaftMessage)>) {
+        for (shard, message) in messages {
+            tracing::warn!(%shard, to = message.to, kind = ?message.msg_type, "no peer transport; message dropped");
+        }
+    }
+}
+
+/// The answer a forwarded proposal resolves to.
+pub type ForwardedReply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ProposeError>> + Send>>;
+
+/// Sends a proposal to the node that leads its shard, which proposes it
+/// there (with [`RaftHandle::propose_here`]) and returns the state machine's
+/// reply.
+pub trait ProposalForwarder: Send + Sync + 'static {
+    fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> ForwardedReply;
+}
 
 /// The state machine a shard's committed commands are applied to.
 ///
@@ -89,6 +128,14 @@ pub enum ProposeError {
     /// The command is over [`hamgam_types::limits::COMMAND_BYTES_MAX`].
     #[error("a command of {0} bytes is over the limit")]
     TooLarge(usize),
+    /// No leader answered in time (an election, or this node is cut off
+    /// from a quorum). The command was never proposed: retrying is safe.
+    #[error("shard {0} has no reachable leader")]
+    NoLeader(ShardId),
+    /// A forwarded proposal's connection failed after it was sent. It may or
+    /// may not have been applied: retry only commands that are idempotent.
+    #[error("the forwarded proposal to node {node} failed: {reason}")]
+    Forward { node: NodeId, reason: String },
 }
 
 /// Failures that stop the store. After one, the node must stop too.

@@ -5,10 +5,12 @@
 //!    (proposals, wake-ups, checkpoint results), so ticks are never starved;
 //! 2. ticks every raft node if a tick interval has passed;
 //! 3. proposes each shard's gathered commands as one raft entry;
-//! 4. handles every shard's Ready in raft-rs's documented order: messages,
-//!    snapshot, committed entries, new entries, hard state; then one WAL
-//!    record and one fdatasync for all shards; then persisted messages and
-//!    `advance` with its light ready;
+//! 4. handles every shard's Ready in raft-rs's documented order: messages
+//!    (handed to the [`RaftTransport`] before the local write, so followers
+//!    write in parallel with the leader), snapshot, committed entries, new
+//!    entries, hard state; then one WAL record and one fdatasync for all
+//!    shards; then persisted messages, read states, and `advance` with its
+//!    light ready;
 //! 5. hands the pass's committed entries, with the proposers waiting for
 //!    them, to the apply thread ([`crate::apply`]), which answers each
 //!    proposer once the command is in the database: an answer means the
@@ -19,15 +21,15 @@
 use crate::apply::{ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Reply, read_applied, write_applied};
 use crate::log::ShardLog;
 use crate::wal::{ShardWrite, Wal};
-use crate::{ProposeError, ShardReader, StateMachine, StoreError, shard_reader};
+use crate::{ProposalForwarder, ProposeError, RaftTransport, ShardReader, StateMachine, StoreError, shard_reader};
 use hamgam_storage::{Db, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
 use raft::eraftpb::{ConfState, Entry, Message};
 use raft::{RawNode, Ready, StateRole};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -40,10 +42,22 @@ const APPLY_QUEUE_ROUNDS_MAX: usize = 64;
 pub struct StoreConfig {
     pub node: NodeId,
     pub wal_dir: PathBuf,
-    /// Shards this node hosts. A shard with no state yet is created with
-    /// this node as its only voter.
-    pub shards: Vec<ShardId>,
+    /// Shards this node hosts, each with the voters it starts with when it
+    /// has no state yet (every replica of a new shard must be given the same
+    /// list). A shard with state keeps the configuration it has.
+    pub shards: BTreeMap<ShardId, Vec<NodeId>>,
 }
+
+impl StoreConfig {
+    /// A store whose every shard has this node as its only voter.
+    pub fn single_node(node: NodeId, wal_dir: PathBuf, shards: impl IntoIterator<Item = ShardId>) -> StoreConfig {
+        StoreConfig { node, wal_dir, shards: shards.into_iter().map(|s| (s, vec![node])).collect() }
+    }
+}
+
+/// Answers a fresh-read request: `Ok` once the local applied state holds
+/// everything the leader had committed when the read arrived.
+type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
 
 /// Counters for operators and benchmarks; cheap to read at any time.
 #[derive(Debug, Default)]
@@ -61,6 +75,9 @@ pub struct StoreStats {
 
 enum Input {
     Propose { shard: ShardId, command: Vec<u8>, reply: Reply },
+    /// A raft message from another node.
+    Step { shard: ShardId, message: Message },
+    ReadIndex { shard: ShardId, reply: ReadReply },
     Wake,
     CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
     Stop,
@@ -84,9 +101,13 @@ impl std::fmt::Debug for Store {
 /// Cheap to clone; every clone talks to the same store loop.
 #[derive(Clone)]
 pub struct RaftHandle {
+    node: NodeId,
     inputs: mpsc::Sender<Input>,
     db: Arc<dyn Db>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
+    /// Shards whose only voter is this node: its applied state is always fresh.
+    sole_voter: Arc<BTreeMap<ShardId, AtomicBool>>,
+    forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
     running: watch::Receiver<bool>,
 }
@@ -98,9 +119,46 @@ impl std::fmt::Debug for RaftHandle {
 }
 
 impl RaftHandle {
-    /// Proposes `command` to `shard` and waits until it is applied; returns
-    /// the state machine's reply. Waits for queue space (backpressure).
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Sets where proposals for shards led by other nodes go. Set once, by
+    /// the cluster layer after its network is up; until then (and on a
+    /// single node) every proposal is made here.
+    pub fn set_forwarder(&self, forwarder: Arc<dyn ProposalForwarder>) {
+        let _ = self.forwarder.set(forwarder);
+    }
+
+    /// Proposes `command` to `shard`, on this node if it leads the shard,
+    /// else through the forwarder to the leader, and waits until it is
+    /// applied there; returns the state machine's reply. While the shard has
+    /// no leader (an election) it retries for up to
+    /// [`limits::LEADER_WAIT_MS`]: a refusal before proposing is always safe
+    /// to retry. Waits for queue space (backpressure).
     pub async fn propose(&self, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
+        loop {
+            let forwarder = self.forwarder.get();
+            let result = match (self.leader(shard), forwarder) {
+                (Some(leader), Some(forwarder)) if leader != self.node => {
+                    forwarder.forward(leader, shard, command.clone()).await
+                }
+                _ => self.propose_here(shard, command.clone()).await,
+            };
+            match result {
+                Err(ProposeError::NotLeader { .. } | ProposeError::NoLeader(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
+                }
+                Err(ProposeError::NotLeader { shard, .. }) => return Err(ProposeError::NoLeader(shard)),
+                other => return other,
+            }
+        }
+    }
+
+    /// Proposes `command` to `shard` on this node only: `NotLeader` if this
+    /// node does not lead it. Forwarded proposals arrive here.
+    pub async fn propose_here(&self, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
         if command.len() > limits::COMMAND_BYTES_MAX {
             return Err(ProposeError::TooLarge(command.len()));
         }
@@ -110,6 +168,41 @@ impl RaftHandle {
         let (reply, answer) = oneshot::channel();
         self.inputs.send(Input::Propose { shard, command, reply }).await.map_err(|_| ProposeError::Stopped)?;
         answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Hands a raft message from another node to the loop. Never waits: when
+    /// the queue is full the message is dropped and raft retransmits.
+    pub fn step(&self, shard: ShardId, message: Message) -> bool {
+        self.inputs.try_send(Input::Step { shard, message }).is_ok()
+    }
+
+    /// Waits until this node's applied state of `shard` includes everything
+    /// committed before the call (raft's ReadIndex, confirmed by a quorum),
+    /// so a read that follows sees every acknowledged write, whichever node
+    /// acknowledged it.
+    pub async fn read_index(&self, shard: ShardId) -> Result<(), ProposeError> {
+        let Some(sole) = self.sole_voter.get(&shard) else {
+            return Err(ProposeError::UnknownShard(shard));
+        };
+        if sole.load(Ordering::Relaxed) {
+            // Only this node commits: whatever it acknowledged is applied.
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
+        loop {
+            let (reply, answer) = oneshot::channel();
+            self.inputs.send(Input::ReadIndex { shard, reply }).await.map_err(|_| ProposeError::Stopped)?;
+            let attempt = Duration::from_millis(limits::RAFT_TICK_MS * 10);
+            match tokio::time::timeout(attempt, answer).await {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(ProposeError::Stopped))) | Ok(Err(_)) => return Err(ProposeError::Stopped),
+                // Dropped by an election or lost on the way: ask again.
+                Ok(Ok(Err(_))) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
+                }
+                Ok(Ok(Err(_))) | Err(_) => return Err(ProposeError::NoLeader(shard)),
+            }
+        }
     }
 
     /// The applied state of `shard`, for reads.
@@ -145,21 +238,27 @@ impl RaftHandle {
 
 impl Store {
     /// Recovers every shard from the database and the WAL, creates missing
-    /// shards, and starts the loop thread.
-    pub fn open(config: StoreConfig, db: Arc<dyn Db>, machine: Box<dyn StateMachine>) -> Result<Store, StoreError> {
+    /// shards, and starts the loop thread. Messages for other nodes leave
+    /// through `transport`.
+    pub fn open(
+        config: StoreConfig,
+        db: Arc<dyn Db>,
+        machine: Box<dyn StateMachine>,
+        transport: Box<dyn RaftTransport>,
+    ) -> Result<Store, StoreError> {
         let (wal, mut recovered) = Wal::open(&config.wal_dir)?;
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
         let mut states = read_applied(&*db)?;
         let mut bootstrapped = false;
-        for &shard in &config.shards {
+        for (&shard, voters) in &config.shards {
             states.entry(shard).or_insert_with(|| {
                 bootstrapped = true;
-                let conf = ConfState { voters: vec![config.node.0], ..Default::default() };
+                let conf = ConfState { voters: voters.iter().map(|n| n.0).collect(), ..Default::default() };
                 ApplyState { index: 0, term: 0, conf }
             });
         }
         let mut peers = BTreeMap::new();
-        for &shard in &config.shards {
+        for &shard in config.shards.keys() {
             let apply_state = states[&shard].clone();
             let from_wal = recovered.remove(&shard).unwrap_or_default();
             let log = ShardLog::recover(
@@ -201,14 +300,29 @@ impl Store {
         if !recovered.is_empty() {
             tracing::warn!(shards = ?recovered.keys().collect::<Vec<_>>(), "WAL holds shards this node no longer hosts");
         }
-        states.retain(|shard, _| config.shards.contains(shard));
+        states.retain(|shard, _| config.shards.contains_key(shard));
 
         let (inputs, queue) = mpsc::channel(limits::STORE_QUEUE_MAX);
         let (running_tx, running) = watch::channel(true);
         let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
-            Arc::new(config.shards.iter().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
+            Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
+        let sole_voter: Arc<BTreeMap<ShardId, AtomicBool>> = Arc::new(
+            states
+                .iter()
+                .map(|(s, a)| (*s, AtomicBool::new(a.conf.voters == [config.node.0] && a.conf.learners.is_empty())))
+                .collect(),
+        );
         let stats = Arc::new(StoreStats::default());
-        let handle = RaftHandle { inputs: inputs.clone(), db: db.clone(), leaders: leaders.clone(), stats: stats.clone(), running };
+        let handle = RaftHandle {
+            node: config.node,
+            inputs: inputs.clone(),
+            db: db.clone(),
+            leaders: leaders.clone(),
+            sole_voter,
+            forwarder: Arc::new(OnceLock::new()),
+            stats: stats.clone(),
+            running,
+        };
 
         let ticker_inputs = inputs.clone();
         std::thread::Builder::new()
@@ -237,7 +351,6 @@ impl Store {
             .map_err(StoreError::Thread)?;
 
         let mut store_loop = StoreLoop {
-            node: config.node,
             peers,
             wal,
             db,
@@ -245,6 +358,9 @@ impl Store {
             inputs,
             leaders,
             stats,
+            transport,
+            outbound: Vec::new(),
+            reads: PendingReads::default(),
             apply_inputs,
             apply_thread: Some(apply_thread),
             progress,
@@ -378,11 +494,18 @@ impl Peer {
         self.node.raft.state == StateRole::Leader
     }
 
-    fn fail_all(&mut self, error: &ProposeError) {
+    /// Refuses the commands gathered but not yet proposed (safe to retry).
+    /// Proposed ones wait: the entry may still commit under the next leader,
+    /// and `attach_replies` answers them either way.
+    fn refuse_batch(&mut self, error: &ProposeError) {
         for (_, reply) in self.batch.drain(..) {
             let _ = reply.send(Err(error.clone()));
         }
         self.batch_bytes = 0;
+    }
+
+    fn fail_all(&mut self, error: &ProposeError) {
+        self.refuse_batch(error);
         for inflight in self.inflight.drain(..) {
             for reply in inflight.replies {
                 let _ = reply.send(Err(error.clone()));
@@ -398,9 +521,28 @@ struct CheckpointState {
     last: Instant,
 }
 
+/// Fresh-read requests between `read_index` and the apply that satisfies them.
+#[derive(Default)]
+struct PendingReads {
+    next_context: u64,
+    /// Asked of raft, waiting for its read state: context → (shard, asked at, reply).
+    asked: HashMap<u64, (ShardId, Instant, ReadReply)>,
+    /// Read states received, waiting for the shard's apply to reach the index.
+    awaiting_apply: Vec<(ShardId, u64, ReadReply)>,
+}
+
+impl PendingReads {
+    fn len(&self) -> usize {
+        self.asked.len() + self.awaiting_apply.len()
+    }
+}
+
 struct StoreLoop {
-    node: NodeId,
     peers: BTreeMap<ShardId, Peer>,
+    transport: Box<dyn RaftTransport>,
+    /// Messages gathered for the transport, sent before and after the WAL write.
+    outbound: Vec<(ShardId, Message)>,
+    reads: PendingReads,
     wal: Wal,
     db: Arc<dyn Db>,
     queue: mpsc::Receiver<Input>,
@@ -445,6 +587,7 @@ impl StoreLoop {
                 return Err(self.progress.take_error().unwrap_or(StoreError::Thread(std::io::Error::other("apply failed"))));
             }
             self.advance_applied();
+            self.answer_reads();
             self.tick_if_due();
             self.propose_batches();
             self.process_ready()?;
@@ -473,6 +616,29 @@ impl StoreLoop {
                 peer.batch_bytes += command.len() + 4;
                 peer.batch.push((command, reply));
             }
+            Input::Step { shard, message } => {
+                let Some(peer) = self.peers.get_mut(&shard) else {
+                    tracing::debug!(%shard, from = message.from, "a message for a shard not hosted here; dropped");
+                    return Ok(false);
+                };
+                if let Err(error) = peer.node.step(message) {
+                    tracing::debug!(%shard, %error, "raft refused a message");
+                }
+            }
+            Input::ReadIndex { shard, reply } => {
+                let Some(peer) = self.peers.get_mut(&shard) else {
+                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
+                    return Ok(false);
+                };
+                if self.reads.len() >= limits::READS_PENDING_MAX {
+                    let _ = reply.send(Err(ProposeError::NoLeader(shard)));
+                    return Ok(false);
+                }
+                let context = self.reads.next_context;
+                self.reads.next_context += 1;
+                peer.node.read_index(context.to_le_bytes().to_vec());
+                self.reads.asked.insert(context, (shard, Instant::now(), reply));
+            }
             Input::Wake => {}
             Input::CheckpointDone(result) => {
                 self.checkpoint.in_flight = false;
@@ -497,6 +663,39 @@ impl StoreLoop {
         for peer in self.peers.values_mut() {
             peer.node.tick();
         }
+        // A read raft never answered (lost in an election, or no leader to
+        // ask) is refused; the caller asks again.
+        let limit = Duration::from_millis(limits::RAFT_TICK_MS * 10);
+        let expired: Vec<u64> =
+            self.reads.asked.iter().filter(|(_, (_, asked, _))| asked.elapsed() >= limit).map(|(c, _)| *c).collect();
+        for context in expired {
+            if let Some((shard, _, reply)) = self.reads.asked.remove(&context) {
+                let _ = reply.send(Err(ProposeError::NoLeader(shard)));
+            }
+        }
+    }
+
+    /// Hands the gathered messages to the transport.
+    fn flush_outbound(&mut self) {
+        if !self.outbound.is_empty() {
+            self.transport.send(std::mem::take(&mut self.outbound));
+        }
+    }
+
+    /// Answers fresh reads whose index the apply thread has reached.
+    fn answer_reads(&mut self) {
+        if self.reads.awaiting_apply.is_empty() {
+            return;
+        }
+        let progress = &self.progress;
+        let waiting = std::mem::take(&mut self.reads.awaiting_apply);
+        for (shard, index, reply) in waiting {
+            if progress.applied(shard) >= index {
+                let _ = reply.send(Ok(()));
+            } else {
+                self.reads.awaiting_apply.push((shard, index, reply));
+            }
+        }
     }
 
     fn propose_batches(&mut self) {
@@ -520,14 +719,14 @@ impl StoreLoop {
             if let Some(soft) = ready.ss() {
                 self.leaders[&shard].store(soft.leader_id, Ordering::Relaxed);
                 if soft.raft_state != StateRole::Leader {
-                    peer.fail_all(&ProposeError::NotLeader {
+                    peer.refuse_batch(&ProposeError::NotLeader {
                         shard,
                         leader: (soft.leader_id != raft::INVALID_ID).then_some(NodeId(soft.leader_id)),
                     });
                 }
             }
             // 1. Messages a leader may send before its own write is durable.
-            send_messages(self.node, shard, ready.take_messages());
+            self.outbound.extend(ready.take_messages().into_iter().map(|m| (shard, m)));
             // 2. A snapshot from the leader.
             if !ready.snapshot().is_empty() {
                 return Err(StoreError::Unsupported { shard, what: "installing a snapshot from a leader" });
@@ -555,6 +754,7 @@ impl StoreLoop {
         if readies.is_empty() {
             return Ok(());
         }
+        self.flush_outbound();
 
         // One record, one fdatasync, for every shard of this round.
         if !writes.is_empty() {
@@ -565,7 +765,13 @@ impl StoreLoop {
         for (shard, mut ready) in readies {
             let Some(peer) = self.peers.get_mut(&shard) else { continue };
             // 6. Messages that must wait until our write is durable (votes, acks).
-            send_messages(self.node, shard, ready.take_persisted_messages());
+            self.outbound.extend(ready.take_persisted_messages().into_iter().map(|m| (shard, m)));
+            for state in ready.take_read_states() {
+                let context = state.request_ctx.as_slice().try_into().map(u64::from_le_bytes);
+                if let Some((_, _, reply)) = context.ok().and_then(|c| self.reads.asked.remove(&c)) {
+                    self.reads.awaiting_apply.push((shard, state.index, reply));
+                }
+            }
             // 7. Advance, then the light ready. `advance_append`, not
             // `advance`: the latter would also mark everything handed out as
             // applied, while the apply thread may not have applied it yet.
@@ -573,12 +779,13 @@ impl StoreLoop {
             if let Some(commit) = light.commit_index() {
                 peer.node.mut_store().set_commit(commit);
             }
-            send_messages(self.node, shard, light.take_messages());
+            self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
                 committed.push(ApplyTask { shard, entries: attach_replies(peer, entries) });
             }
         }
+        self.flush_outbound();
         if !committed.is_empty() {
             // Blocks only when the apply thread is far behind: backpressure.
             self.apply_inputs
@@ -731,15 +938,6 @@ fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply
         .collect()
 }
 
-/// Raft messages to other nodes. A single-node cluster has no peers, so
-/// nothing is ever sent; node-to-node transport arrives with the cluster.
-fn send_messages(node: NodeId, shard: ShardId, messages: Vec<Message>) {
-    for message in messages {
-        if message.to != node.0 {
-            tracing::warn!(%shard, to = message.to, kind = ?message.msg_type, "no transport to another node yet; message dropped");
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -771,7 +969,7 @@ mod tests {
     }
 
     fn config(dir: &std::path::Path) -> StoreConfig {
-        StoreConfig { node: NodeId(1), wal_dir: dir.join("wal"), shards: vec![ShardId(0), ShardId(1), ShardId(2)] }
+        StoreConfig::single_node(NodeId(1), dir.join("wal"), [ShardId(0), ShardId(1), ShardId(2)])
     }
 
     #[test]
@@ -787,7 +985,7 @@ mod tests {
     async fn concurrent_proposals_apply_once_each_and_share_fsyncs() {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Db> = Arc::new(MemDb::new());
-        let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         let mut tasks = Vec::new();
         for i in 0..400u32 {
@@ -808,7 +1006,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-            let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+            let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
             let handle = store.handle();
             for _ in 0..10 {
                 handle.propose(ShardId(1), vec![1; 5]).await.unwrap();
@@ -817,7 +1015,7 @@ mod tests {
         }
         {
             let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-            let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+            let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
             let handle = store.handle();
             assert_eq!(total(&handle, 1), 50);
             let reply = handle.propose(ShardId(1), vec![1; 5]).await.unwrap();
@@ -827,7 +1025,7 @@ mod tests {
         {
             // After a crash the WAL replays what the database did not persist.
             let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-            let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+            let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
             let reply = store.handle().propose(ShardId(1), vec![1; 5]).await.unwrap();
             assert_eq!(reply, 60u64.to_le_bytes());
             store.stop().unwrap();
@@ -839,13 +1037,13 @@ mod tests {
         // The database loses everything (as if its unsynced writes vanished in
         // a power cut); the WAL must bring every acknowledged command back.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter)).unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         for _ in 0..7 {
             store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
         }
         store.crash();
         let db: Arc<dyn Db> = Arc::new(MemDb::new());
-        let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         // Replay happens in the first passes; a new proposal orders after it.
         let reply = handle.propose(ShardId(2), vec![1; 2]).await.unwrap();
@@ -857,7 +1055,7 @@ mod tests {
     async fn checkpoints_keep_the_wal_bounded_while_writes_go_on() {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-        let store = Store::open(config(dir.path()), db, Box::new(Counter)).unwrap();
+        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         // Five times the checkpoint volume, in 128 KiB commands.
         let command = vec![7u8; 128 << 10];
@@ -886,10 +1084,103 @@ mod tests {
         store.stop().unwrap();
     }
 
+    /// Nodes in one process, wired by direct calls: the raft logic of a
+    /// cluster without the network (the network's own tests use QUIC).
+    #[derive(Clone, Default)]
+    struct InProcess {
+        handles: Arc<std::sync::Mutex<BTreeMap<NodeId, RaftHandle>>>,
+    }
+
+    impl InProcess {
+        fn get(&self, node: NodeId) -> Option<RaftHandle> {
+            self.handles.lock().unwrap().get(&node).cloned()
+        }
+    }
+
+    impl RaftTransport for InProcess {
+        fn send(&mut self, messages: Vec<(ShardId, Message)>) {
+            for (shard, message) in messages {
+                if let Some(handle) = self.get(NodeId(message.to)) {
+                    handle.step(shard, message);
+                }
+            }
+        }
+    }
+
+    impl ProposalForwarder for InProcess {
+        fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> crate::ForwardedReply {
+            let target = self.get(leader);
+            Box::pin(async move {
+                match target {
+                    Some(handle) => handle.propose_here(shard, command).await,
+                    None => Err(ProposeError::NoLeader(shard)),
+                }
+            })
+        }
+    }
+
+    async fn wait_for_leader(handle: &RaftHandle, shard: ShardId, not: Option<NodeId>) -> NodeId {
+        for _ in 0..600 {
+            if let Some(leader) = handle.leader(shard)
+                && Some(leader) != not
+            {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("shard {shard} elected no leader");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_replicas_agree_read_fresh_and_survive_losing_the_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+        let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), nodes.to_vec()), (ShardId(2), nodes.to_vec())].into();
+        let network = InProcess::default();
+        let mut stores = BTreeMap::new();
+        for node in nodes {
+            let config = StoreConfig { node, wal_dir: dir.path().join(format!("wal-{}", node.0)), shards: shards.clone() };
+            let store =
+                Store::open(config, Arc::new(MemDb::new()), Box::new(Counter), Box::new(network.clone())).unwrap();
+            store.handle().set_forwarder(Arc::new(network.clone()));
+            network.handles.lock().unwrap().insert(node, store.handle());
+            stores.insert(node, store);
+        }
+        let leader = wait_for_leader(&stores[&NodeId(1)].handle(), ShardId(1), None).await;
+
+        // Proposals through every node; followers forward to the leader.
+        for i in 0..30u64 {
+            let via = stores[&nodes[(i % 3) as usize]].handle();
+            via.propose(ShardId(1), vec![0; 2]).await.unwrap();
+        }
+        // A fresh read on a follower sees every acknowledged write at once.
+        let follower = nodes.iter().copied().find(|n| *n != leader).unwrap();
+        let handle = stores[&follower].handle();
+        handle.read_index(ShardId(1)).await.unwrap();
+        assert_eq!(total(&handle, 1), 60);
+
+        // Lose the leader: the other two elect one and go on.
+        stores.remove(&leader).unwrap().stop().unwrap();
+        network.handles.lock().unwrap().remove(&leader);
+        let survivor = stores[&follower].handle();
+        let reply = survivor.propose(ShardId(1), vec![0; 2]).await.unwrap();
+        assert_eq!(reply, 62u64.to_le_bytes(), "the new leader continues from the acknowledged state");
+        let new_leader = wait_for_leader(&survivor, ShardId(1), Some(leader)).await;
+        assert_ne!(new_leader, leader);
+        for store in stores.values() {
+            let handle = store.handle();
+            handle.read_index(ShardId(1)).await.unwrap();
+            assert_eq!(total(&handle, 1), 62);
+        }
+        for (_, store) in stores {
+            store.stop().unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_shards_and_oversize_commands_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter)).unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         assert_eq!(handle.propose(ShardId(99), vec![]).await, Err(ProposeError::UnknownShard(ShardId(99))));
         let big = vec![0; limits::COMMAND_BYTES_MAX + 1];

@@ -54,8 +54,8 @@ async fn harness_full(data_shards: u32, retained: u64, deliver: bool) -> Harness
     let signals = Signals::new(recorder.clone());
     let machine = SyncMachine::new(placement, signals.clone()).with_updates_retained(retained);
     let db: Arc<dyn Db> = Arc::new(MemDb::new());
-    let config = StoreConfig { node: NodeId(1), wal_dir: dir.path().join("wal"), shards: placement.all_shards().collect() };
-    let store = Store::open(config, db, Box::new(machine)).unwrap();
+    let config = StoreConfig::single_node(NodeId(1), dir.path().join("wal"), placement.all_shards());
+    let store = Store::open(config, db, Box::new(machine), Box::new(hamgam_raftstore::NoPeers)).unwrap();
     for _ in 0..200 {
         if store.handle().all_leaders_known() {
             break;

@@ -96,6 +96,12 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 30_000;
 pub const LOG_ENTRIES_KEPT_BEHIND_APPLIED: u64 = 1024;
 /// Raft tick.
 pub const RAFT_TICK_MS: u64 = 100;
+/// How long a proposal or a fresh read waits for its shard to have a
+/// reachable leader (an election takes one to two seconds) before giving up.
+pub const LEADER_WAIT_MS: u64 = 5_000;
+/// Reads waiting for a ReadIndex answer on one node; beyond this a read is
+/// refused until earlier ones finish.
+pub const READS_PENDING_MAX: usize = 16_384;
 
 // ---- cross-shard outbox ------------------------------------------------------
 
