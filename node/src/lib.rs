@@ -157,7 +157,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if created {
         tracing::info!(cluster = %cluster.cluster_id, shards = cluster.data_shards, "created a new single-node cluster");
     }
-    let identity = NodeIdentity::load_or_create(&config.data.join("tls"), &format!("node-{}", node.0))?;
+    let identity = NodeIdentity::load_or_create(&config.data.join("tls"), node)?;
 
     let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
     let hub = Arc::new(PushHub::new());

@@ -1,4 +1,5 @@
 use crate::TransportError;
+use hamgam_types::NodeId;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
@@ -54,8 +55,11 @@ impl FromStr for Fingerprint {
 /// A node's TLS identity: the cluster CA and this node's certificate.
 ///
 /// Files in the identity directory: `ca.der` (the CA certificate), `ca.key`
-/// (its PKCS#8 key, kept to sign the certificates of nodes that join),
-/// `node.der` and `node.key`. Keys are written with mode 0600.
+/// (its PKCS#8 key, kept by the nodes that may sign the certificates of
+/// nodes that join), `node.der` and `node.key`. Keys are written with mode
+/// 0600. A node certificate names the node twice: `hamgam` (what clients
+/// ask for) and `node-<id>.hamgam` (what peers check, see
+/// [`NodeIdentity::node_name`]).
 pub struct NodeIdentity {
     ca_der: Vec<u8>,
     node_der: Vec<u8>,
@@ -92,56 +96,81 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), TransportEr
 }
 
 impl NodeIdentity {
-    /// Loads the identity from `dir`, or makes a new CA and node certificate
-    /// there on first start.
-    pub fn load_or_create(dir: &Path, node_name: &str) -> Result<NodeIdentity, TransportError> {
-        let paths = ["ca.der", "node.der", "node.key"].map(|name| dir.join(name));
-        if paths.iter().all(|p| p.exists()) {
-            let [ca, node, key] = paths.map(|p| std::fs::read(&p).map_err(io_error(&p)));
-            return Ok(NodeIdentity { ca_der: ca?, node_der: node?, node_key: key? });
+    /// Loads the identity from `dir`, or makes a new cluster CA and this
+    /// node's certificate there (the first node of a new cluster).
+    pub fn load_or_create(dir: &Path, node: NodeId) -> Result<NodeIdentity, TransportError> {
+        if let Some(identity) = NodeIdentity::load(dir)? {
+            return Ok(identity);
         }
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let identity = NodeIdentity::generate(dir, node_name)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
+        let ca_key = KeyPair::generate().map_err(cert_error)?;
+        let ca_cert = ca_params().self_signed(&ca_key).map_err(cert_error)?;
+        write_file(&dir.join("ca.key"), &ca_key.serialize_der(), true)?;
+        let identity = NodeIdentity::sign_node(ca_cert.der().to_vec(), &ca_key, node)?;
+        identity.write(dir)?;
         Ok(identity)
     }
 
-    fn generate(dir: &Path, node_name: &str) -> Result<NodeIdentity, TransportError> {
-        let ca_key = KeyPair::generate().map_err(cert_error)?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_error)?;
-        ca_params.distinguished_name.push(DnType::CommonName, "Hamgam cluster CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        ca_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        ca_params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_error)?;
+    /// Loads the identity in `dir`, if there is one.
+    pub fn load(dir: &Path) -> Result<Option<NodeIdentity>, TransportError> {
+        let paths = ["ca.der", "node.der", "node.key"].map(|name| dir.join(name));
+        if !paths.iter().all(|p| p.exists()) {
+            return Ok(None);
+        }
+        let [ca, node, key] = paths.map(|p| std::fs::read(&p).map_err(io_error(&p)));
+        Ok(Some(NodeIdentity { ca_der: ca?, node_der: node?, node_key: key? }))
+    }
 
+    /// Uses the cluster CA held in `ca_dir` (its `ca.der` and `ca.key`) to
+    /// make the identity of another node, written to `dir` without the CA key.
+    pub fn issue(ca_dir: &Path, node: NodeId, dir: &Path) -> Result<NodeIdentity, TransportError> {
+        let read = |name: &str| {
+            let path = ca_dir.join(name);
+            std::fs::read(&path).map_err(io_error(&path))
+        };
+        let ca_der = read("ca.der")?;
+        let ca_key = KeyPair::try_from(read("ca.key")?.as_slice()).map_err(cert_error)?;
+        let identity = NodeIdentity::sign_node(ca_der, &ca_key, node)?;
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        identity.write(dir)?;
+        Ok(identity)
+    }
+
+    fn sign_node(ca_der: Vec<u8>, ca_key: &KeyPair, node: NodeId) -> Result<NodeIdentity, TransportError> {
         let node_key = KeyPair::generate().map_err(cert_error)?;
-        let mut node_params = CertificateParams::new(vec![crate::SERVER_NAME.to_string()]).map_err(cert_error)?;
-        node_params.distinguished_name.push(DnType::CommonName, node_name);
+        let names = vec![crate::SERVER_NAME.to_string(), NodeIdentity::node_name(node)];
+        let mut node_params = CertificateParams::new(names).map_err(cert_error)?;
+        node_params.distinguished_name.push(DnType::CommonName, format!("node-{}", node.0));
         node_params.is_ca = IsCa::NoCa;
         node_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         node_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         node_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         node_params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-        let issuer = Issuer::new(ca_params, &ca_key);
+        // The issuer is named by the CA's parameters, rebuilt identically.
+        let issuer = Issuer::new(ca_params(), ca_key);
         let node_cert = node_params.signed_by(&node_key, &issuer).map_err(cert_error)?;
+        Ok(NodeIdentity { ca_der, node_der: node_cert.der().to_vec(), node_key: node_key.serialize_der() })
+    }
 
-        let identity = NodeIdentity {
-            ca_der: ca_cert.der().to_vec(),
-            node_der: node_cert.der().to_vec(),
-            node_key: node_key.serialize_der(),
-        };
-        write_file(&dir.join("ca.key"), &ca_key.serialize_der(), true)?;
-        write_file(&dir.join("ca.der"), &identity.ca_der, false)?;
-        write_file(&dir.join("node.key"), &identity.node_key, true)?;
-        write_file(&dir.join("node.der"), &identity.node_der, false)?;
-        Ok(identity)
+    fn write(&self, dir: &Path) -> Result<(), TransportError> {
+        write_file(&dir.join("ca.der"), &self.ca_der, false)?;
+        write_file(&dir.join("node.key"), &self.node_key, true)?;
+        write_file(&dir.join("node.der"), &self.node_der, false)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
+    }
+
+    /// The name a node's certificate carries for its peers to check.
+    pub fn node_name(node: NodeId) -> String {
+        format!("node-{}.hamgam", node.0)
     }
 
     /// What clients pin: the cluster CA's fingerprint.
     pub fn ca_fingerprint(&self) -> Fingerprint {
         Fingerprint::of(&self.ca_der)
+    }
+
+    pub(crate) fn ca(&self) -> CertificateDer<'static> {
+        CertificateDer::from(self.ca_der.clone())
     }
 
     pub(crate) fn chain(&self) -> Vec<CertificateDer<'static>> {
@@ -151,4 +180,16 @@ impl NodeIdentity {
     pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.node_key.clone()))
     }
+}
+
+/// The cluster CA's parameters. Certificates name their issuer by these, so
+/// they must never change for an existing cluster.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "Hamgam cluster CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    params
 }

@@ -4,7 +4,10 @@
 //! node certificate it signs, see [`NodeIdentity`]), the [`Fingerprint`]
 //! people compare and clients pin, the client-side verifier that accepts only
 //! the pinned CA (or records it on first contact), and building quinn
-//! endpoints with raised UDP buffers and bounded streams.
+//! endpoints with raised UDP buffers and bounded streams. Between nodes,
+//! both sides prove membership: [`peer_server_endpoint`] accepts only
+//! clients with a certificate from the cluster CA, [`peer_client_config`]
+//! presents one, and [`peer_node`] tells which node a connection belongs to.
 //!
 //! Must not know: what travels over the connections (frames, requests, raft
 //! messages are the layers above).
@@ -71,10 +74,10 @@ fn endpoint(
         .map_err(|source| TransportError::Socket { addr, source })
 }
 
-fn transport_config() -> quinn::TransportConfig {
+fn transport_config(uni_streams: u32) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     config.max_concurrent_bidi_streams(limits::STREAMS_PER_CONNECTION_MAX.into());
-    config.max_concurrent_uni_streams(0u32.into());
+    config.max_concurrent_uni_streams(uni_streams.into());
     // A value above the VarInt range is impossible for this constant.
     let idle = quinn::IdleTimeout::try_from(Duration::from_millis(limits::CONNECTION_IDLE_TIMEOUT_MS))
         .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000)));
@@ -95,8 +98,66 @@ pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config()));
+    server.transport_config(Arc::new(transport_config(0)));
     endpoint(addr, Some(server))
+}
+
+/// Uni streams a peer may have open at once (raft messages, snapshots).
+const PEER_UNI_STREAMS_MAX: u32 = 16;
+
+/// The node-to-node endpoint on `addr`: mutual TLS, where a client must
+/// present a certificate issued by this cluster's CA.
+pub fn peer_server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
+    let provider = crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca()).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_client_cert_verifier(clients)
+        .with_single_cert(identity.chain(), identity.private_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(PEER_UNI_STREAMS_MAX)));
+    endpoint(addr, Some(server))
+}
+
+/// Client configuration for dialling another node: presents this node's
+/// certificate and accepts only a server under the same cluster CA.
+pub fn peer_client_config(identity: &NodeIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = crypto_provider();
+    let verifier = verify::PinnedCaVerifier::new(Trust::Pinned(identity.ca_fingerprint()), provider.clone());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(identity.chain(), identity.private_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(PEER_UNI_STREAMS_MAX)));
+    Ok(config)
+}
+
+/// Which of `candidates` the other end of `connection` is, judged by the
+/// node name in the certificate it proved it holds (TLS has already checked
+/// that the cluster CA issued it). `None` if it names none of them.
+pub fn peer_node(connection: &quinn::Connection, candidates: impl IntoIterator<Item = hamgam_types::NodeId>) -> Option<hamgam_types::NodeId> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast_ref::<Vec<rustls::pki_types::CertificateDer<'static>>>()?;
+    let cert = webpki::EndEntityCert::try_from(chain.first()?).ok()?;
+    candidates.into_iter().find(|node| {
+        rustls::pki_types::ServerName::try_from(NodeIdentity::node_name(*node))
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    })
 }
 
 /// A client endpoint bound to an ephemeral port of the right address family.
@@ -120,6 +181,52 @@ pub fn client_config(trust: Trust, alpn: &[u8]) -> Result<quinn::ClientConfig, T
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(0)));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hamgam_types::NodeId;
+
+    /// Dials `server` as `dialer` (or with no certificate) and returns which
+    /// node the server decided it was, or the error.
+    async fn dial(server: &NodeIdentity, dialer: Option<&NodeIdentity>) -> Result<Option<NodeId>, String> {
+        let endpoint = peer_server_endpoint(server, "127.0.0.1:0".parse().unwrap(), b"peer-test/1").unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let connection = endpoint.accept().await?.await.ok()?;
+            Some(peer_node(&connection, (1..=5).map(NodeId)))
+        });
+        let config = match dialer {
+            Some(identity) => peer_client_config(identity, b"peer-test/1").unwrap(),
+            None => client_config(Trust::Pinned(server.ca_fingerprint()), b"peer-test/1").unwrap(),
+        };
+        let client = client_endpoint(addr).unwrap();
+        let connecting = client.connect_with(config, addr, SERVER_NAME).unwrap();
+        let _client_side = tokio::time::timeout(Duration::from_secs(5), connecting).await;
+        // The server's view decides: a refused client certificate fails its
+        // side of the handshake even when the client's side completed.
+        match tokio::time::timeout(Duration::from_secs(5), accept).await {
+            Ok(Ok(Some(node))) => Ok(node),
+            other => Err(format!("refused: {other:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn peers_must_hold_a_certificate_from_the_cluster_ca_and_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = NodeIdentity::load_or_create(&dir.path().join("n1"), NodeId(1)).unwrap();
+        let third = NodeIdentity::issue(&dir.path().join("n1"), NodeId(3), &dir.path().join("n3")).unwrap();
+        assert_eq!(third.ca_fingerprint(), first.ca_fingerprint());
+        assert!(!dir.path().join("n3/ca.key").exists(), "an issued identity does not carry the CA key");
+
+        assert_eq!(dial(&first, Some(&third)).await, Ok(Some(NodeId(3))));
+        assert_eq!(dial(&third, Some(&first)).await, Ok(Some(NodeId(1))));
+
+        let stranger = NodeIdentity::load_or_create(&dir.path().join("other"), NodeId(3)).unwrap();
+        assert!(dial(&first, Some(&stranger)).await.is_err(), "a node of another cluster is refused");
+        assert!(dial(&first, None).await.is_err(), "a client without a certificate is refused");
+    }
 }

@@ -125,8 +125,8 @@ mod tests {
     #[tokio::test]
     async fn first_use_records_the_ca_then_pinning_refuses_another_cluster() {
         let dir = tempfile::tempdir().unwrap();
-        let identity = NodeIdentity::load_or_create(dir.path(), "node-1").unwrap();
-        let reloaded = NodeIdentity::load_or_create(dir.path(), "node-1").unwrap();
+        let identity = NodeIdentity::load_or_create(dir.path(), hamgam_types::NodeId(1)).unwrap();
+        let reloaded = NodeIdentity::load_or_create(dir.path(), hamgam_types::NodeId(1)).unwrap();
         assert_eq!(identity.ca_fingerprint(), reloaded.ca_fingerprint(), "the identity is reused after a restart");
 
         let observed = Arc::new(crate::ObservedCa::default());
@@ -135,7 +135,7 @@ mod tests {
         connect(&identity, Trust::Pinned(identity.ca_fingerprint())).await.unwrap();
 
         let other_dir = tempfile::tempdir().unwrap();
-        let impostor = NodeIdentity::load_or_create(other_dir.path(), "node-1").unwrap();
+        let impostor = NodeIdentity::load_or_create(other_dir.path(), hamgam_types::NodeId(1)).unwrap();
         let error = connect(&impostor, Trust::Pinned(identity.ca_fingerprint())).await.unwrap_err();
         assert!(error.contains("certificate changed"), "{error}");
     }
