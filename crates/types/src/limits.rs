@@ -103,6 +103,22 @@ pub const LEADER_WAIT_MS: u64 = 5_000;
 /// refused until earlier ones finish.
 pub const READS_PENDING_MAX: usize = 16_384;
 
+// ---- between nodes -------------------------------------------------------------
+
+/// One raft message on the wire between nodes. An append carries at most
+/// [`RAFT_MSG_BYTES_MAX`] of entries but always at least one entry, which
+/// can be [`ENTRY_BYTES_MAX`] on its own.
+pub const PEER_FRAME_BYTES_MAX: usize = 4 << 20;
+/// Raft messages queued for one other node; beyond this they are dropped
+/// (raft retransmits), so a slow or dead node never holds memory.
+pub const PEER_SEND_QUEUE_MAX: usize = 4096;
+/// Raft messages written to the stream in one go.
+pub const PEER_SEND_BATCH_MAX: usize = 256;
+/// How long dialling another node may take before the attempt is given up.
+pub const PEER_DIAL_TIMEOUT_MS: u64 = 3_000;
+/// Pause between attempts to reach a node that did not answer.
+pub const PEER_REDIAL_MS: u64 = 500;
+
 // ---- cross-shard outbox ------------------------------------------------------
 
 /// Outbox records carried by one delivery proposal.

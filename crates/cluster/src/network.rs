@@ -1,0 +1,334 @@
+//! Links to other nodes, the accept loop, and proposal forwarding.
+
+use crate::wire;
+use crate::{ClusterError, PEER_ALPN};
+use hamgam_raftstore::{ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport};
+use hamgam_transport::NodeIdentity;
+use hamgam_types::{NodeId, ShardId, limits};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Where each node of the cluster listens for its peers. Shared, so that a
+/// membership change can update it while links run.
+pub type Members = Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>;
+
+type Outgoing = (ShardId, RaftMessage);
+
+/// This node's side of the cluster network. Cheap to share (`Arc`).
+pub struct PeerNetwork {
+    node: NodeId,
+    endpoint: quinn::Endpoint,
+    dial: quinn::ClientConfig,
+    members: Members,
+    /// One queue per other node, feeding that node's link task.
+    links: Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
+    /// The live connection to each node, reused by its link and by forwarding.
+    connections: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    /// Links start from the raft store's thread, outside the runtime.
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for PeerNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerNetwork").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+impl PeerNetwork {
+    /// Opens the peer endpoint on `listen`. Nothing is accepted until
+    /// [`PeerNetwork::serve`]; links dial out as messages arrive. Must be
+    /// called inside the tokio runtime the network's tasks will run on.
+    pub fn bind(
+        identity: &NodeIdentity,
+        node: NodeId,
+        listen: SocketAddr,
+        members: Members,
+    ) -> Result<Arc<PeerNetwork>, ClusterError> {
+        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, PEER_ALPN)?;
+        let dial = hamgam_transport::peer_client_config(identity, PEER_ALPN)?;
+        Ok(Arc::new(PeerNetwork {
+            node,
+            endpoint,
+            dial,
+            members,
+            links: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, ClusterError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The raft store's way out.
+    pub fn transport(self: &Arc<Self>) -> PeerTransport {
+        PeerTransport { network: self.clone() }
+    }
+
+    /// The raft handle's way to a leader on another node.
+    pub fn forwarder(self: &Arc<Self>) -> Arc<dyn ProposalForwarder> {
+        Arc::new(Forwarder { network: self.clone() })
+    }
+
+    /// Accepts connections from other nodes and hands what they send to `raft`.
+    pub fn serve(self: &Arc<Self>, raft: RaftHandle) {
+        let network = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let incoming = tokio::select! {
+                    () = network.cancel.cancelled() => return,
+                    incoming = network.endpoint.accept() => incoming,
+                };
+                let Some(incoming) = incoming else { return };
+                let network = network.clone();
+                let raft = raft.clone();
+                network.tasks.clone().spawn(async move {
+                    match incoming.await {
+                        Ok(connection) => network.serve_connection(connection, raft).await,
+                        Err(error) => tracing::debug!(%error, "a peer handshake failed"),
+                    }
+                });
+            }
+        });
+    }
+
+    /// Stops accepting and dialling, closes every connection, waits for the tasks.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.endpoint.close(0u32.into(), b"node stopping");
+        self.tasks.close();
+        self.tasks.wait().await;
+        // Connections keep the endpoint's socket open; let them go.
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    async fn serve_connection(self: Arc<Self>, connection: quinn::Connection, raft: RaftHandle) {
+        let candidates: Vec<NodeId> = self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let Some(peer) = hamgam_transport::peer_node(&connection, candidates) else {
+            // The CA issued it, but it is no member we know: not (or no longer) in the cluster.
+            tracing::warn!(remote = %connection.remote_address(), "a peer certificate names no member; closed");
+            connection.close(1u32.into(), b"not a member");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                stream = connection.accept_uni() => match stream {
+                    Ok(stream) => {
+                        let raft = raft.clone();
+                        self.tasks.spawn(read_raft_stream(stream, peer, raft));
+                    }
+                    Err(_) => return,
+                },
+                stream = connection.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        let raft = raft.clone();
+                        self.tasks.spawn(answer_proposal(send, recv, raft));
+                    }
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+
+    /// The live connection to `node`, dialling it if needed.
+    async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
+        let slot = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && connection.close_reason().is_none()
+        {
+            return Ok(connection.clone());
+        }
+        let addr = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+            .ok_or_else(|| format!("node {node} is not a member"))?;
+        let connecting =
+            self.endpoint.connect_with(self.dial.clone(), addr, hamgam_transport::SERVER_NAME).map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(Duration::from_millis(limits::PEER_DIAL_TIMEOUT_MS), connecting)
+            .await
+            .map_err(|_| format!("node {node} at {addr} did not answer"))?
+            .map_err(|e| e.to_string())?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// The queue feeding `node`'s link, starting the link on first use.
+    fn link(self: &Arc<Self>, node: NodeId) -> Option<mpsc::Sender<Outgoing>> {
+        if self.cancel.is_cancelled() {
+            return None;
+        }
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = links.get(&node) {
+            return Some(link.clone());
+        }
+        let (sender, queue) = mpsc::channel(limits::PEER_SEND_QUEUE_MAX);
+        links.insert(node, sender.clone());
+        self.tasks.spawn_on(self.clone().run_link(node, queue), &self.runtime);
+        Some(sender)
+    }
+
+    /// Carries queued messages to `node` over one uni stream, redialling
+    /// after a failure. Messages that arrive while the node is unreachable
+    /// are dropped: raft resends what still matters.
+    async fn run_link(self: Arc<Self>, node: NodeId, mut queue: mpsc::Receiver<Outgoing>) {
+        let mut buffer = Vec::new();
+        loop {
+            let stream = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                stream = self.open_raft_stream(node) => stream,
+            };
+            let mut stream = match stream {
+                Ok(stream) => stream,
+                Err(reason) => {
+                    tracing::debug!(%node, %reason, "cannot reach a peer");
+                    while queue.try_recv().is_ok() {}
+                    tokio::select! {
+                        () = self.cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(limits::PEER_REDIAL_MS)) => continue,
+                    }
+                }
+            };
+            loop {
+                let first = tokio::select! {
+                    () = self.cancel.cancelled() => return,
+                    first = queue.recv() => first,
+                };
+                let Some((shard, message)) = first else { return };
+                buffer.clear();
+                wire::encode_raft(shard, &message, &mut buffer);
+                for _ in 1..limits::PEER_SEND_BATCH_MAX {
+                    let Ok((shard, message)) = queue.try_recv() else { break };
+                    wire::encode_raft(shard, &message, &mut buffer);
+                }
+                if let Err(error) = stream.write_all(&buffer).await {
+                    tracing::debug!(%node, %error, "a raft stream broke; redialling");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn open_raft_stream(&self, node: NodeId) -> Result<quinn::SendStream, String> {
+        let connection = self.connection(node).await?;
+        connection.open_uni().await.map_err(|e| e.to_string())
+    }
+
+    async fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        // Until the request is written, nothing was proposed: safe to retry.
+        let unreachable = |_| ProposeError::NoLeader(shard);
+        let connection = self.connection(leader).await.map_err(unreachable)?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+        send.write_all(&wire::encode_proposal(shard, &command)).await.map_err(|e| unreachable(e.to_string()))?;
+        let lost = |reason: String| ProposeError::Forward { node: leader, reason };
+        send.finish().map_err(|e| lost(e.to_string()))?;
+        let answer = recv.read_to_end(wire::ANSWER_BYTES_MAX).await.map_err(|e| lost(e.to_string()))?;
+        wire::decode_answer(&answer, leader).map_err(|e| lost(e.to_string()))?
+    }
+}
+
+/// Reads raft frames from one peer's stream into the store until it ends.
+async fn read_raft_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle) {
+    let mut header = [0u8; 4];
+    loop {
+        if stream.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let len = match wire::frame_len(header) {
+            Ok(len) => len,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "a bad raft frame; the stream is dropped");
+                let _ = stream.stop(1u32.into());
+                return;
+            }
+        };
+        let mut frame = vec![0u8; len];
+        if stream.read_exact(&mut frame).await.is_err() {
+            return;
+        }
+        match wire::decode_raft(&frame) {
+            Ok((shard, message)) if message.from == peer.0 => {
+                // A full store queue drops the message; raft resends.
+                raft.step(shard, message);
+            }
+            Ok((shard, message)) => {
+                tracing::warn!(%peer, %shard, claimed = message.from, "a raft message claims another sender; dropped");
+            }
+            Err(error) => tracing::warn!(%peer, %error, "an undecodable raft message; dropped"),
+        }
+    }
+}
+
+/// Proposes a forwarded command here and sends back the answer.
+async fn answer_proposal(mut send: quinn::SendStream, mut recv: quinn::RecvStream, raft: RaftHandle) {
+    let Ok(request) = recv.read_to_end(limits::COMMAND_BYTES_MAX + 4).await else {
+        let _ = send.reset(1u32.into());
+        return;
+    };
+    let answer = match wire::decode_proposal(&request) {
+        Ok((shard, command)) => raft.propose_here(shard, command.to_vec()).await,
+        Err(_) => Err(ProposeError::Dropped),
+    };
+    if send.write_all(&wire::encode_answer(&answer)).await.is_ok() {
+        let _ = send.finish();
+        // Let the answer reach the peer before the stream is dropped.
+        let _ = send.stopped().await;
+    }
+}
+
+/// The raft store's transport: hands each message to its node's link.
+pub struct PeerTransport {
+    network: Arc<PeerNetwork>,
+}
+
+impl RaftTransport for PeerTransport {
+    fn send(&mut self, messages: Vec<(ShardId, RaftMessage)>) {
+        for (shard, message) in messages {
+            let to = NodeId(message.to);
+            if to == self.network.node {
+                continue;
+            }
+            if let Some(link) = self.network.link(to)
+                && link.try_send((shard, message)).is_err()
+            {
+                tracing::trace!(%to, "a peer's queue is full; message dropped");
+            }
+        }
+    }
+}
+
+struct Forwarder {
+    network: Arc<PeerNetwork>,
+}
+
+impl ProposalForwarder for Forwarder {
+    fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> ForwardedReply {
+        let network = self.network.clone();
+        Box::pin(async move { network.forward(leader, shard, command).await })
+    }
+}
+
+#[cfg(test)]
+mod tests;

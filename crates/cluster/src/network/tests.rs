@@ -1,0 +1,96 @@
+//! Three raft stores in one process, talking over real QUIC on loopback.
+
+use super::*;
+use hamgam_raftstore::{ShardWriter, StateMachine, Store, StoreConfig};
+use hamgam_storage::{KvRead, KvWrite, SledDb, StorageError};
+
+/// Each command adds its length to the shard's total; replies the new total.
+struct Counter;
+
+impl StateMachine for Counter {
+    fn apply(&mut self, _: ShardId, _: u64, command: &[u8], kv: &mut ShardWriter<'_, '_>) -> Result<Vec<u8>, StorageError> {
+        let old = kv.get(b"total")?.map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])));
+        let new = old + command.len() as u64;
+        kv.put(b"total", new.to_le_bytes().to_vec());
+        Ok(new.to_le_bytes().to_vec())
+    }
+}
+
+fn total(raft: &RaftHandle, shard: ShardId) -> u64 {
+    raft.reader(shard).get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
+}
+
+struct TestNode {
+    store: Store,
+    network: Arc<PeerNetwork>,
+}
+
+async fn start(dir: &std::path::Path, node: NodeId, members: &Members, shards: &BTreeMap<ShardId, Vec<NodeId>>) -> TestNode {
+    let identity = NodeIdentity::load(&dir.join(format!("tls-{}", node.0))).unwrap().unwrap();
+    let listen = members.read().unwrap()[&node];
+    let network = PeerNetwork::bind(&identity, node, listen, members.clone()).unwrap();
+    let config = StoreConfig { node, wal_dir: dir.join(format!("wal-{}", node.0)), shards: shards.clone() };
+    let db = SledDb::open(&dir.join(format!("db-{}", node.0)), 8 << 20).unwrap();
+    let store = Store::open(config, Arc::new(db), Box::new(Counter), Box::new(network.transport())).unwrap();
+    store.handle().set_forwarder(network.forwarder());
+    network.serve(store.handle());
+    TestNode { store, network }
+}
+
+fn free_udp_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_forward_and_elect_a_new_leader_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+    NodeIdentity::load_or_create(&dir.path().join("tls-1"), nodes[0]).unwrap();
+    for node in &nodes[1..] {
+        NodeIdentity::issue(&dir.path().join("tls-1"), *node, &dir.path().join(format!("tls-{}", node.0))).unwrap();
+    }
+    let members: Members = Arc::new(RwLock::new(nodes.iter().map(|n| (*n, free_udp_port())).collect()));
+    let shard = ShardId(1);
+    let shards: BTreeMap<ShardId, Vec<NodeId>> = [(shard, nodes.to_vec())].into();
+    let mut running = BTreeMap::new();
+    for node in nodes {
+        running.insert(node, start(dir.path(), node, &members, &shards).await);
+    }
+
+    // Proposals through every node: followers forward to the leader.
+    let mut tasks = Vec::new();
+    for i in 0..60usize {
+        let raft = running[&nodes[i % 3]].store.handle();
+        tasks.push(tokio::spawn(async move { raft.propose(shard, vec![0; 3]).await }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    for test_node in running.values() {
+        let raft = test_node.store.handle();
+        raft.read_index(shard).await.unwrap();
+        assert_eq!(total(&raft, shard), 180, "every replica applied every command once");
+    }
+
+    // The leader goes; the other two elect a new one and keep every write.
+    let leader = running[&nodes[0]].store.handle().leader(shard).unwrap();
+    let gone = running.remove(&leader).unwrap();
+    gone.network.shutdown().await;
+    gone.store.stop().unwrap();
+    drop(gone.network);
+    let survivor = running.values().next().unwrap().store.handle();
+    let reply = survivor.propose(shard, vec![0; 3]).await.unwrap();
+    assert_eq!(reply, 183u64.to_le_bytes());
+    assert_ne!(survivor.leader(shard), Some(leader));
+
+    // It comes back, catches up from the new leader, and serves fresh reads.
+    let back = start(dir.path(), leader, &members, &shards).await;
+    let raft = back.store.handle();
+    raft.read_index(shard).await.unwrap();
+    assert_eq!(total(&raft, shard), 183);
+    running.insert(leader, back);
+    for (_, test_node) in running {
+        test_node.network.shutdown().await;
+        test_node.store.stop().unwrap();
+    }
+}
