@@ -274,11 +274,18 @@ async fn handle_stream(shared: Arc<Shared>, session: Arc<Session>, mut send: qui
 
 /// Parses a token and checks it against the stored device. Returns the
 /// session and the revocation epoch read before the check.
-pub(crate) fn check_token(shared: &Shared, text: &str) -> Result<(Auth, u64), ApiError> {
+pub(crate) async fn check_token(shared: &Shared, text: &str) -> Result<(Auth, u64), ApiError> {
     let token = Token::parse(text)?;
     let epoch = shared.hub.revocation_epoch(token.user);
     let revoked = || ApiError::new(ErrorCode::SESSION_REVOKED, "this session was logged out or revoked; log in again");
-    let device = shared.sync.device(token.user, token.device)?.ok_or_else(revoked)?;
+    let device = match shared.sync.device(token.user, token.device)? {
+        Some(device) => device,
+        None => {
+            // Perhaps logged in through another node a moment ago.
+            shared.sync.fresh_user(token.user).await?;
+            shared.sync.device(token.user, token.device)?.ok_or_else(revoked)?
+        }
+    };
     if !crate::auth::hashes_equal(&device.token_hash, &token.secret_hash()) {
         return Err(revoked());
     }

@@ -35,7 +35,8 @@ fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, ApiError> {
     Ok(auth)
 }
 
-fn require_user_exists(shared: &Shared, user: UserId) -> Result<(), ApiError> {
+async fn require_user_exists(shared: &Shared, user: UserId) -> Result<(), ApiError> {
+    shared.sync.fresh_user(user).await?;
     match shared.sync.user_meta(user)? {
         Some(_) => Ok(()),
         None => Err(DomainError::UserNotFound.into()),
@@ -77,9 +78,13 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
             if password.len() > limits::PASSWORD_BYTES_MAX {
                 return Err(invalid());
             }
+            sync.fresh_username(&username_key).await?;
             let user = sync.user_by_username(&username_key)?;
             let phc = match user {
-                Some(user) => sync.user(user)?.map(|record| record.password_phc),
+                Some(user) => {
+                    sync.fresh_user(user).await?;
+                    sync.user(user)?.map(|record| record.password_phc)
+                }
                 None => None,
             };
             let (Some(user), true) = (user, shared.passwords.verify(password, phc).await?) else {
@@ -102,7 +107,7 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         }
 
         Request::Authenticate { token } => {
-            let (auth, epoch) = check_token(shared, &token)?;
+            let (auth, epoch) = check_token(shared, &token).await?;
             session.bind(shared, auth, epoch)?;
             let username = sync.user(auth.user)?.map(|u| u.username).unwrap_or_default();
             Ok(Response::Authenticated { user: auth.user, device: auth.device, username })
@@ -142,16 +147,19 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         Request::ResolveUsername { username } => {
             require_auth(shared, session)?;
             let key = text::username_key(&username)?;
+            sync.fresh_username(&key).await?;
             let user = sync.user_by_username(&key)?.ok_or(DomainError::UserNotFound)?;
+            sync.fresh_user(user).await?;
             let record = sync.user(user)?.ok_or(DomainError::UserNotFound)?;
             Ok(Response::User(UserInfo { user, username: record.username, display_name: record.display_name }))
         }
 
         Request::CreateDirectChat { peer } => {
             let auth = require_auth(shared, session)?;
-            require_user_exists(shared, peer)?;
+            require_user_exists(shared, peer).await?;
             let chat = direct_chat_id(sync.placement(), auth.user, peer);
             sync.execute(Command::CreateDirect { chat, a: auth.user, b: peer, now_ms: now_ms() }).await?;
+            sync.fresh_chat(chat).await?;
             Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
         }
 
@@ -160,12 +168,13 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
             text::check_label("a group title", &title, limits::GROUP_TITLE_CHARS_MAX, true)?;
             let chat = group_chat_id(sync.placement(), auth.user, client_ref);
             sync.execute(Command::CreateGroup { chat, owner: auth.user, title, now_ms: now_ms() }).await?;
+            sync.fresh_chat(chat).await?;
             Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
         }
 
         Request::AddMember { chat, user } => {
             let auth = require_auth(shared, session)?;
-            require_user_exists(shared, user)?;
+            require_user_exists(shared, user).await?;
             sync.execute(Command::AddMember { chat, actor: auth.user, user, now_ms: now_ms() }).await?;
             Ok(Response::Done)
         }
@@ -190,11 +199,13 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
 
         Request::ListChats { after, limit } => {
             let auth = require_auth(shared, session)?;
+            sync.fresh_user(auth.user).await?;
             Ok(Response::Chats(sync.list_chats(auth.user, after, limit)?))
         }
 
         Request::ChatMembers { chat } => {
             let auth = require_auth(shared, session)?;
+            sync.fresh_chat(chat).await?;
             Ok(Response::Members(sync.members(chat, auth.user)?))
         }
 
@@ -223,6 +234,7 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
 
         Request::History { chat, anchor, limit } => {
             let auth = require_auth(shared, session)?;
+            sync.fresh_chat(chat).await?;
             Ok(Response::Messages(sync.history(chat, auth.user, anchor, limit)?))
         }
 
@@ -236,6 +248,7 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
 
         Request::Sync { since_pts, limit } => {
             let auth = require_auth(shared, session)?;
+            sync.fresh_user(auth.user).await?;
             Ok(match sync.difference(auth.user, since_pts, limit)? {
                 DifferenceOutcome::Page(page) => Response::Difference(page),
                 DifferenceOutcome::TooLong { pts } => Response::TooLong { pts },
@@ -262,7 +275,8 @@ pub(crate) async fn subscribe(shared: &Shared, session: &Session, since_pts: u64
             return;
         }
     };
-    let current = match shared.sync.user_meta(auth.user) {
+    let fresh = shared.sync.fresh_user(auth.user).await;
+    let current = match fresh.and_then(|()| shared.sync.user_meta(auth.user)) {
         Ok(meta) => meta.map_or(0, |m| m.pts),
         Err(error) => {
             let error = ApiError::from(error);

@@ -1,9 +1,10 @@
 //! The domain's async face: commands routed to their shard through raft,
 //! reads of applied state, and the outbox deliverer.
 //!
-//! Reads go to this node's applied state. A write's reply is sent only after
-//! it is applied, so a client always reads its own acknowledged writes.
-//! (Fresh reads on followers, by ReadIndex, come with the cluster.)
+//! Reads go to this node's applied state. A read that must see every
+//! acknowledged write, whichever node acknowledged it, first calls one of
+//! the `fresh_*` methods (raft's ReadIndex on the shard; free when this
+//! node is the shard's only voter).
 //!
 //! The deliverer is one long-lived task ([`SyncService::run_outbox`]): it
 //! wakes when an apply round wrote outbox records, proposes one
@@ -74,6 +75,22 @@ impl SyncService {
         let reply: Result<Reply, DomainError> =
             codec::decode(&answer).map_err(|e| SyncError::Corrupt { what: "reply", reason: e.to_string() })?;
         Ok(reply?)
+    }
+
+    /// Waits until this node's state of `user`'s shard holds every write
+    /// acknowledged anywhere before the call.
+    pub async fn fresh_user(&self, user: UserId) -> Result<(), SyncError> {
+        Ok(self.raft.read_index(self.placement.shard_of_user(user)).await?)
+    }
+
+    /// As [`SyncService::fresh_user`], for a chat's shard.
+    pub async fn fresh_chat(&self, chat: ChatId) -> Result<(), SyncError> {
+        Ok(self.raft.read_index(self.placement.shard_of_chat(chat)).await?)
+    }
+
+    /// As [`SyncService::fresh_user`], for the shard of a username's index.
+    pub async fn fresh_username(&self, username_key: &str) -> Result<(), SyncError> {
+        Ok(self.raft.read_index(self.placement.shard_of_username(username_key)).await?)
     }
 
     fn user_reader(&self, user: UserId) -> ShardReader {
