@@ -14,6 +14,10 @@ pub struct Config {
     pub data: PathBuf,
     /// Address for client connections (QUIC, UDP).
     pub listen: SocketAddr,
+    /// Address for the other nodes of a cluster (QUIC, UDP, mutual TLS).
+    /// Unset: the address the cluster's member list gives this node.
+    /// Unused by a single-node cluster.
+    pub peer_listen: Option<SocketAddr>,
     pub cluster: ClusterConfig,
     pub auth: AuthConfig,
     pub storage: StorageConfig,
@@ -47,6 +51,7 @@ impl Default for Config {
         Config {
             data: PathBuf::from("./hamgam-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7440)),
+            peer_listen: None,
             cluster: ClusterConfig::default(),
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),

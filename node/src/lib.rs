@@ -1,36 +1,42 @@
 //! The node binary's library: configuration, start-up, wiring and shutdown.
 //!
 //! Owns the order things start and stop in and nothing else. Start-up:
-//! lock the data directory, make the cluster on first start (identity,
-//! shard count), open the database, recover the raft store, start the
-//! outbox deliverer, then open the client port and print where it listens
-//! and the certificate fingerprint. Shutdown (SIGINT or SIGTERM): stop
-//! accepting and drain requests, stop the deliverer, stop the raft store
-//! (which takes a final checkpoint), release the lock.
+//! lock the data directory, make a single-node cluster on first start
+//! (identity, shard count) unless `init` already wrote one, open the
+//! database, open the peer network if the cluster has other members,
+//! recover the raft store, start the outbox deliverer, then open the client
+//! port and print where it listens and the certificate fingerprint.
+//! Shutdown (SIGINT or SIGTERM): stop accepting and drain requests, stop the
+//! deliverer, stop the raft store (which takes a final checkpoint), close
+//! the peer network, release the lock.
 //!
 //! Long-lived tasks: the API accept loop and one task per connection and per
 //! stream (owned by the API server's task tracker, stopped by its
 //! cancellation token); the outbox deliverer (stopped by the node's token);
 //! the raft store thread, its ticker and checkpoint threads (stopped by
-//! `Store::stop`).
+//! `Store::stop`); the peer network's accept loop, one task per peer
+//! connection and stream, and one link task per other node (stopped by
+//! `PeerNetwork::shutdown`).
 
 mod config;
 
 pub use config::Config;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
-use hamgam_raftstore::{NoPeers, Store, StoreConfig};
+use hamgam_cluster::PeerNetwork;
+use hamgam_raftstore::{NoPeers, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService};
 use hamgam_transport::NodeIdentity;
-use hamgam_types::{NodeId, Placement};
+use hamgam_types::{NodeId, Placement, ShardId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -38,24 +44,65 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "hamgam-node", version, about = "Runs a Hamgam node: a single-node cluster by default.")]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<NodeCommand>,
     /// Data directory (database, write-ahead log, TLS identity).
     #[arg(long, env = "HAMGAM_DATA")]
     pub data: Option<PathBuf>,
     /// Address for client connections (QUIC over UDP).
     #[arg(long, env = "HAMGAM_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address for the other nodes of a cluster (QUIC over UDP, mutual TLS).
+    #[arg(long, env = "HAMGAM_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
     /// A TOML configuration file.
     #[arg(long, env = "HAMGAM_CONFIG")]
     pub config: Option<PathBuf>,
 }
 
-/// What a data directory records about its cluster, written once at first start.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Creates a new cluster: its CA, and a data directory for each initial
+    /// member (node-<id> under --out) holding that node's identity and the
+    /// member list. Copy each directory to its machine and start the node
+    /// there with --data. The CA's key stays with the lowest id.
+    Init(InitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// Where to write the members' data directories.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The initial members and the address each listens on for its peers,
+    /// as ID=HOST:PORT, comma separated; one to three members.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub initial_cluster: Vec<String>,
+    /// Data shards; fixed for the life of the cluster.
+    #[arg(long, default_value_t = 64)]
+    pub data_shards: u32,
+}
+
+/// What a data directory records about its cluster, written once at first
+/// start or by `init`.
 #[derive(Debug, Serialize, Deserialize)]
 struct ClusterFile {
     cluster_id: String,
     node_id: u64,
     data_shards: u32,
+    /// The initial members and their peer addresses; empty for a single node.
+    #[serde(default)]
+    members: Vec<Member>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Member {
+    id: u64,
+    peer_addr: SocketAddr,
+}
+
+/// Replicas per shard: every shard lives on up to this many nodes.
+const REPLICAS_MAX: usize = 3;
 
 const CLUSTER_FILE: &str = "cluster.toml";
 /// How long requests in flight may take to finish at shutdown.
@@ -77,7 +124,11 @@ pub fn main_entry() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = match &args.command {
+        Some(NodeCommand::Init(init_args)) => init(init_args),
+        None => runtime.block_on(run(args)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("hamgam-node: {error:#}");
@@ -97,6 +148,9 @@ pub fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(peer_listen) = args.peer_listen {
+        config.peer_listen = Some(peer_listen);
     }
     config.validate()?;
     Ok(config)
@@ -135,16 +189,84 @@ fn load_or_init_cluster(dir: &Path, config: &Config) -> anyhow::Result<(ClusterF
         return Ok((file, false));
     }
     let file = ClusterFile {
-        cluster_id: format!("{:016x}", rand::random::<u64>()),
+        cluster_id: new_cluster_id(),
         node_id: 1,
         data_shards: config.cluster.data_shards,
+        members: Vec::new(),
     };
+    write_cluster_file(dir, &file)?;
+    Ok((file, true))
+}
+
+fn new_cluster_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn write_cluster_file(dir: &Path, file: &ClusterFile) -> anyhow::Result<()> {
+    let path = dir.join(CLUSTER_FILE);
     let tmp = dir.join("cluster.toml.tmp");
-    std::fs::write(&tmp, toml::to_string(&file)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, toml::to_string(file)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all())?;
-    Ok((file, true))
+    Ok(())
+}
+
+/// `hamgam-node init`: a new cluster's CA and one data directory per initial member.
+fn init(args: &InitArgs) -> anyhow::Result<()> {
+    if !(1..=4096).contains(&args.data_shards) {
+        bail!("--data-shards must be between 1 and 4096, not {}", args.data_shards);
+    }
+    let mut members = Vec::new();
+    for entry in &args.initial_cluster {
+        let (id, addr) = entry.split_once('=').with_context(|| format!("{entry:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("{id:?} is not a node id"))?;
+        let peer_addr: SocketAddr = addr.trim().parse().with_context(|| format!("{addr:?} is not HOST:PORT"))?;
+        if id == 0 || members.iter().any(|m: &Member| m.id == id) {
+            bail!("node ids must be unique and above 0 ({id} is not)");
+        }
+        members.push(Member { id, peer_addr });
+    }
+    if members.len() > REPLICAS_MAX {
+        bail!(
+            "an initial cluster has at most {REPLICAS_MAX} members, not {}; start with three and add nodes to a running cluster",
+            members.len()
+        );
+    }
+    members.sort_by_key(|m| m.id);
+    let cluster_id = new_cluster_id();
+    let dir_of = |id: u64| args.out.join(format!("node-{id}"));
+    for member in &members {
+        if dir_of(member.id).join(CLUSTER_FILE).exists() {
+            bail!("{} already holds a cluster; choose another --out", dir_of(member.id).display());
+        }
+    }
+    let ca_holder = members[0].id;
+    let mut fingerprint = None;
+    for member in &members {
+        let dir = dir_of(member.id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let identity = if member.id == ca_holder {
+            NodeIdentity::load_or_create(&dir.join("tls"), NodeId(member.id))?
+        } else {
+            NodeIdentity::issue(&dir_of(ca_holder).join("tls"), NodeId(member.id), &dir.join("tls"))?
+        };
+        fingerprint = Some(identity.ca_fingerprint());
+        let file = ClusterFile {
+            cluster_id: cluster_id.clone(),
+            node_id: member.id,
+            data_shards: args.data_shards,
+            members: members.clone(),
+        };
+        write_cluster_file(&dir, &file)?;
+        println!("node {}: {} (peers reach it at {})", member.id, dir.display(), member.peer_addr);
+    }
+    println!("cluster {cluster_id}, {} shards", args.data_shards);
+    if let Some(fingerprint) = fingerprint {
+        println!("certificate fingerprint (SHA-256 of the cluster CA): {fingerprint}");
+    }
+    println!("start each node with: hamgam-node --data DIR --listen CLIENT_ADDR --peer-listen PEER_ADDR");
+    Ok(())
 }
 
 /// Runs a node until SIGINT or SIGTERM.
@@ -158,22 +280,48 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(cluster = %cluster.cluster_id, shards = cluster.data_shards, "created a new single-node cluster");
     }
     let identity = NodeIdentity::load_or_create(&config.data.join("tls"), node)?;
+    let members: BTreeMap<NodeId, SocketAddr> = cluster.members.iter().map(|m| (NodeId(m.id), m.peer_addr)).collect();
+    let clustered = members.len() > 1;
+    if clustered && !members.contains_key(&node) {
+        bail!("{} names node {node} but its member list does not", config.data.join(CLUSTER_FILE).display());
+    }
+    // Every shard on every member: an initial cluster has at most three.
+    let voters: Vec<NodeId> = if clustered { members.keys().copied().collect() } else { vec![node] };
+    let shards: BTreeMap<ShardId, Vec<NodeId>> = placement.all_shards().map(|s| (s, voters.clone())).collect();
 
     let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
+    let network = if clustered {
+        let peer_listen = config.peer_listen.or(members.get(&node).copied()).context("no peer address")?;
+        let members = Arc::new(RwLock::new(members));
+        let network = PeerNetwork::bind(&identity, node, peer_listen, members)
+            .with_context(|| format!("listening for peers on {peer_listen}"))?;
+        Some(network)
+    } else {
+        None
+    };
+    let transport: Box<dyn RaftTransport> = match &network {
+        Some(network) => Box::new(network.transport()),
+        None => Box::new(NoPeers),
+    };
     let hub = Arc::new(PushHub::new());
     let signals = Signals::new(hub.clone());
     let machine = SyncMachine::new(placement, signals.clone());
-    let store_config =
-        StoreConfig::single_node(node, config.data.join("wal"), placement.all_shards());
-    let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), Box::new(NoPeers)))?;
+    let store_config = StoreConfig { node, wal_dir: config.data.join("wal"), shards };
+    let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), transport))?;
     let raft = store.handle();
-    let waited = tokio::time::timeout(Duration::from_secs(30), async {
-        while !raft.all_leaders_known() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Some(network) = &network {
+        raft.set_forwarder(network.forwarder());
+        network.serve(raft.clone());
+    } else {
+        // Alone, leaders come at once; with peers they come when a quorum is up.
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            while !raft.all_leaders_known() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        if waited.await.is_err() {
+            bail!("the shards did not elect leaders within 30 seconds");
         }
-    });
-    if waited.await.is_err() {
-        bail!("the shards did not elect leaders within 30 seconds");
     }
 
     let sync = SyncService::new(raft.clone(), placement, node, signals);
@@ -192,6 +340,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("hamgam-node {} listening on {listening} (QUIC, ALPN hamgam/1)", env!("CARGO_PKG_VERSION"));
     println!("certificate fingerprint (SHA-256 of the cluster CA): {}", identity.ca_fingerprint());
     println!("data directory: {} (cluster {}, {} shards)", config.data.display(), cluster.cluster_id, cluster.data_shards);
+    if let Some(network) = &network {
+        println!("node {node} of {} members; peers connect to {} (ALPN hamgam-peer/1)", voters.len(), network.local_addr()?);
+    }
 
     let failed = tokio::select! {
         () = shutdown_signal() => false,
@@ -201,7 +352,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     api.shutdown(DRAIN).await;
     cancel.cancel();
     let _ = outbox.await;
-    tokio::task::block_in_place(|| store.stop())?;
+    let stopped = tokio::task::block_in_place(|| store.stop());
+    if let Some(network) = &network {
+        network.shutdown().await;
+    }
+    stopped?;
     if failed {
         bail!("the raft store stopped on a fatal error (see the log above)");
     }

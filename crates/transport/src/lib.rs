@@ -74,16 +74,27 @@ fn endpoint(
         .map_err(|source| TransportError::Socket { addr, source })
 }
 
-fn transport_config(uni_streams: u32) -> quinn::TransportConfig {
+fn transport_config(uni_streams: u32, idle_ms: u64) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     config.max_concurrent_bidi_streams(limits::STREAMS_PER_CONNECTION_MAX.into());
     config.max_concurrent_uni_streams(uni_streams.into());
-    // A value above the VarInt range is impossible for this constant.
-    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(limits::CONNECTION_IDLE_TIMEOUT_MS))
+    // A value above the VarInt range is impossible for these constants.
+    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(idle_ms))
         .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000)));
     config.max_idle_timeout(Some(idle));
-    config.keep_alive_interval(Some(Duration::from_millis(limits::CONNECTION_IDLE_TIMEOUT_MS / 4)));
+    config.keep_alive_interval(Some(Duration::from_millis(idle_ms / 4)));
     config
+}
+
+/// Client connections, where a silent phone should not be dropped early.
+fn client_transport_config() -> quinn::TransportConfig {
+    transport_config(0, limits::CONNECTION_IDLE_TIMEOUT_MS)
+}
+
+/// Node-to-node connections: a peer that restarted must be noticed within
+/// seconds, or messages go on into a connection nobody reads.
+fn peer_transport_config() -> quinn::TransportConfig {
+    transport_config(PEER_UNI_STREAMS_MAX, limits::PEER_IDLE_TIMEOUT_MS)
 }
 
 /// A server endpoint on `addr` speaking `alpn`, presenting the node certificate.
@@ -98,7 +109,7 @@ pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(0)));
+    server.transport_config(Arc::new(client_transport_config()));
     endpoint(addr, Some(server))
 }
 
@@ -124,7 +135,7 @@ pub fn peer_server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(PEER_UNI_STREAMS_MAX)));
+    server.transport_config(Arc::new(peer_transport_config()));
     endpoint(addr, Some(server))
 }
 
@@ -143,7 +154,7 @@ pub fn peer_client_config(identity: &NodeIdentity, alpn: &[u8]) -> Result<quinn:
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(PEER_UNI_STREAMS_MAX)));
+    config.transport_config(Arc::new(peer_transport_config()));
     Ok(config)
 }
 
@@ -181,7 +192,7 @@ pub fn client_config(trust: Trust, alpn: &[u8]) -> Result<quinn::ClientConfig, T
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(0)));
+    config.transport_config(Arc::new(client_transport_config()));
     Ok(config)
 }
 

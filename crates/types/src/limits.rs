@@ -116,6 +116,9 @@ pub const PEER_SEND_QUEUE_MAX: usize = 4096;
 pub const PEER_SEND_BATCH_MAX: usize = 256;
 /// How long dialling another node may take before the attempt is given up.
 pub const PEER_DIAL_TIMEOUT_MS: u64 = 3_000;
+/// A connection between nodes that hears nothing (not even a keep-alive,
+/// sent every quarter of this) for this long is closed and redialled.
+pub const PEER_IDLE_TIMEOUT_MS: u64 = 4_000;
 /// Pause between attempts to reach a node that did not answer.
 pub const PEER_REDIAL_MS: u64 = 500;
 
