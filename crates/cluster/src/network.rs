@@ -7,7 +7,7 @@ use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId, limits};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,8 @@ pub struct PeerNetwork {
     tasks: TaskTracker,
     /// Links start from the raft store's thread, outside the runtime.
     runtime: tokio::runtime::Handle,
+    /// Set by `serve`, cleared by `shutdown`: where snapshot deliveries are reported.
+    raft: Mutex<Option<RaftHandle>>,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -63,6 +65,7 @@ impl PeerNetwork {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
+            raft: Mutex::new(None),
         }))
     }
 
@@ -77,11 +80,14 @@ impl PeerNetwork {
 
     /// The raft handle's way to a leader on another node.
     pub fn forwarder(self: &Arc<Self>) -> Arc<dyn ProposalForwarder> {
-        Arc::new(Forwarder { network: self.clone() })
+        // Weak: the raft handle holds the forwarder, and the network must
+        // be free to go when the node stops.
+        Arc::new(Forwarder { network: Arc::downgrade(self) })
     }
 
     /// Accepts connections from other nodes and hands what they send to `raft`.
     pub fn serve(self: &Arc<Self>, raft: RaftHandle) {
+        *self.raft.lock().unwrap_or_else(|p| p.into_inner()) = Some(raft.clone());
         let network = self.clone();
         self.tasks.spawn(async move {
             loop {
@@ -105,6 +111,7 @@ impl PeerNetwork {
     /// Stops accepting and dialling, closes every connection, waits for the tasks.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
+        self.raft.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.endpoint.close(0u32.into(), b"node stopping");
         self.tasks.close();
@@ -128,7 +135,7 @@ impl PeerNetwork {
                 stream = connection.accept_uni() => match stream {
                     Ok(stream) => {
                         let raft = raft.clone();
-                        self.tasks.spawn(read_raft_stream(stream, peer, raft));
+                        self.tasks.spawn(read_uni_stream(stream, peer, raft));
                     }
                     Err(_) => return,
                 },
@@ -233,7 +240,42 @@ impl PeerNetwork {
 
     async fn open_raft_stream(&self, node: NodeId) -> Result<quinn::SendStream, String> {
         let connection = self.connection(node).await?;
-        connection.open_uni().await.map_err(|e| e.to_string())
+        let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+        stream.write_all(&[wire::RAFT_STREAM]).await.map_err(|e| e.to_string())?;
+        Ok(stream)
+    }
+
+    /// Sends a snapshot on its own stream and tells raft whether it arrived.
+    fn send_snapshot(self: &Arc<Self>, shard: ShardId, message: RaftMessage) {
+        let network = self.clone();
+        self.tasks.spawn_on(
+            async move {
+                let to = NodeId(message.to);
+                let mut frame = vec![wire::SNAPSHOT_STREAM];
+                wire::encode_raft(shard, &message, &mut frame);
+                let sent = async {
+                    let connection = network.connection(to).await?;
+                    let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+                    stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    stream.finish().map_err(|e| e.to_string())?;
+                    // Resolves once the peer has read it all (or dropped it).
+                    stream.stopped().await.map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                };
+                let delivered = match sent.await {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        tracing::warn!(%to, %shard, %reason, "a snapshot did not get through");
+                        false
+                    }
+                };
+                let raft = network.raft.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(raft) = raft {
+                    raft.report_snapshot(shard, to, delivered).await;
+                }
+            },
+            &self.runtime,
+        );
     }
 
     async fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
@@ -250,13 +292,26 @@ impl PeerNetwork {
 }
 
 /// Reads raft frames from one peer's stream into the store until it ends.
-async fn read_raft_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle) {
+async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle) {
+    let mut kind = [0u8; 1];
+    if stream.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    let max = match kind[0] {
+        wire::RAFT_STREAM => limits::PEER_FRAME_BYTES_MAX,
+        wire::SNAPSHOT_STREAM => limits::SNAPSHOT_BYTES_MAX + limits::PEER_FRAME_BYTES_MAX,
+        other => {
+            tracing::warn!(%peer, kind = other, "a stream of unknown kind; dropped");
+            let _ = stream.stop(1u32.into());
+            return;
+        }
+    };
     let mut header = [0u8; 4];
     loop {
         if stream.read_exact(&mut header).await.is_err() {
             return;
         }
-        let len = match wire::frame_len(header) {
+        let len = match wire::frame_len(header, max) {
             Ok(len) => len,
             Err(error) => {
                 tracing::warn!(%peer, %error, "a bad raft frame; the stream is dropped");
@@ -310,6 +365,10 @@ impl RaftTransport for PeerTransport {
             if to == self.network.node {
                 continue;
             }
+            if message.get_msg_type() == hamgam_raftstore::RaftMessageType::MsgSnapshot {
+                self.network.send_snapshot(shard, message);
+                continue;
+            }
             if let Some(link) = self.network.link(to)
                 && link.try_send((shard, message)).is_err()
             {
@@ -320,13 +379,18 @@ impl RaftTransport for PeerTransport {
 }
 
 struct Forwarder {
-    network: Arc<PeerNetwork>,
+    network: Weak<PeerNetwork>,
 }
 
 impl ProposalForwarder for Forwarder {
     fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> ForwardedReply {
-        let network = self.network.clone();
-        Box::pin(async move { network.forward(leader, shard, command).await })
+        let network = self.network.upgrade();
+        Box::pin(async move {
+            match network {
+                Some(network) => network.forward(leader, shard, command).await,
+                None => Err(ProposeError::Stopped),
+            }
+        })
     }
 }
 

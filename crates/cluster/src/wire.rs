@@ -1,8 +1,11 @@
 //! What travels between nodes, byte for byte.
 //!
-//! A raft stream (one uni stream per direction and connection) is a run of
-//! frames: a u32 little-endian length, then the shard (u32 LE) and the
-//! protobuf-encoded `eraftpb::Message`. A forwarded proposal is one bidi
+//! A uni stream opens with one byte saying what it carries. A raft stream
+//! ([`RAFT_STREAM`], one per direction and connection) is a run of frames: a
+//! u32 little-endian length, then the shard (u32 LE) and the
+//! protobuf-encoded `eraftpb::Message`. A snapshot stream
+//! ([`SNAPSHOT_STREAM`]) carries one such frame holding a snapshot message,
+//! with a larger bound, so a snapshot never holds up heartbeats. A forwarded proposal is one bidi
 //! stream: the request is the shard (u32 LE) and the command's bytes up to
 //! the end of the stream; the answer is a tag byte and its payload.
 
@@ -27,6 +30,9 @@ fn u32_at(bytes: &[u8]) -> u32 {
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
+pub const RAFT_STREAM: u8 = 0;
+pub const SNAPSHOT_STREAM: u8 = 1;
+
 /// Appends one raft frame to `out`.
 pub fn encode_raft(shard: ShardId, message: &RaftMessage, out: &mut Vec<u8>) {
     // Encoding into a Vec has no failure mode but size overflow (> 2 GiB),
@@ -38,10 +44,10 @@ pub fn encode_raft(shard: ShardId, message: &RaftMessage, out: &mut Vec<u8>) {
     out.extend_from_slice(&body);
 }
 
-/// Checks a frame's length field before anything is allocated for it.
-pub fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
+/// Checks a frame's length field against `max` before anything is allocated for it.
+pub fn frame_len(header: [u8; 4], max: usize) -> Result<usize, WireError> {
     let len = u32::from_le_bytes(header) as usize;
-    if len > limits::PEER_FRAME_BYTES_MAX {
+    if len > max {
         return Err(WireError::FrameTooLarge(len));
     }
     if len < 4 {
@@ -151,12 +157,13 @@ mod tests {
         message.term = 9;
         let mut out = Vec::new();
         encode_raft(ShardId(17), &message, &mut out);
-        let len = frame_len(out[..4].try_into().unwrap()).unwrap();
+        let len = frame_len(out[..4].try_into().unwrap(), limits::PEER_FRAME_BYTES_MAX).unwrap();
         assert_eq!(len, out.len() - 4);
         let (shard, decoded) = decode_raft(&out[4..]).unwrap();
         assert_eq!((shard, decoded), (ShardId(17), message));
-        assert_eq!(frame_len(u32::MAX.to_le_bytes()), Err(WireError::FrameTooLarge(u32::MAX as usize)));
-        assert_eq!(frame_len(2u32.to_le_bytes()), Err(WireError::Short));
+        let max = limits::PEER_FRAME_BYTES_MAX;
+        assert_eq!(frame_len(u32::MAX.to_le_bytes(), max), Err(WireError::FrameTooLarge(u32::MAX as usize)));
+        assert_eq!(frame_len(2u32.to_le_bytes(), max), Err(WireError::Short));
         assert!(decode_raft(&[1, 0, 0, 0, 0xff, 0xff]).is_err(), "garbage is refused, not misread");
     }
 

@@ -11,12 +11,18 @@
 //! consistent point and the WAL replays what came after it. Proposers are
 //! answered only after the batch is written. Progress goes back to the store
 //! loop through atomics (never a channel the loop could be blocked on).
+//!
+//! Snapshots are made and installed here too, in order with the rounds: a
+//! snapshot of a shard is its state-machine range as of its applied index
+//! (read between batches, so it is a consistent point), and installing one
+//! replaces that range and the shard's applied state in one batch, made
+//! durable before the store loop goes on.
 
 use crate::{ProposeError, StateMachine, StoreError, StoreStats, state_machine_prefix};
-use hamgam_storage::{Db, KvWrite, Prefixed, Txn};
-use hamgam_types::ShardId;
+use hamgam_storage::{Db, KeyRange, KvRead, KvWrite, Order, Prefixed, Txn};
+use hamgam_types::{ShardId, limits};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType};
+use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,6 +115,10 @@ pub(crate) struct ApplyTask {
 
 pub(crate) enum ApplyInput {
     Round(Vec<ApplyTask>),
+    /// Make a snapshot of the shard's applied state for a lagging follower.
+    GenerateSnapshot(ShardId),
+    /// Replace the shard's state with the leader's snapshot, durably, then say so.
+    InstallSnapshot { shard: ShardId, snapshot: Snapshot, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
     Stop,
 }
 
@@ -119,6 +129,8 @@ pub(crate) struct ApplyProgress {
     pub applied: BTreeMap<ShardId, AtomicU64>,
     pub failed: AtomicBool,
     pub error: Mutex<Option<StoreError>>,
+    /// Snapshots made for the store loop to serve.
+    pub snapshots: Mutex<Vec<(ShardId, Snapshot)>>,
 }
 
 impl ApplyProgress {
@@ -127,6 +139,7 @@ impl ApplyProgress {
             applied: states.iter().map(|(s, a)| (*s, AtomicU64::new(a.index))).collect(),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
+            snapshots: Mutex::new(Vec::new()),
         }
     }
 
@@ -150,23 +163,41 @@ pub(crate) struct Applier {
 impl Applier {
     /// Runs until told to stop or until the channel closes.
     pub(crate) fn run(mut self, inputs: std::sync::mpsc::Receiver<ApplyInput>, wake: impl Fn()) {
-        while let Ok(first) = inputs.recv() {
+        let mut next = inputs.recv().ok();
+        while let Some(first) = next.take() {
+            // Gather consecutive rounds into one batch; anything else waits
+            // until they are written, so it sees their state.
             let mut rounds = Vec::new();
-            let mut stop = false;
+            let mut other = None;
             match first {
                 ApplyInput::Round(tasks) => rounds.push(tasks),
-                ApplyInput::Stop => stop = true,
+                input => other = Some(input),
             }
-            while !stop && rounds.len() < ROUNDS_PER_BATCH_MAX {
+            while other.is_none() && rounds.len() < ROUNDS_PER_BATCH_MAX {
                 match inputs.try_recv() {
                     Ok(ApplyInput::Round(tasks)) => rounds.push(tasks),
-                    Ok(ApplyInput::Stop) => stop = true,
+                    Ok(input) => other = Some(input),
                     Err(_) => break,
                 }
             }
-            if !rounds.is_empty()
-                && let Err(error) = self.apply(rounds)
-            {
+            let mut result = if rounds.is_empty() { Ok(()) } else { self.apply(rounds) };
+            let mut stop = false;
+            match other {
+                _ if result.is_err() => {}
+                None => {}
+                Some(ApplyInput::Stop) => stop = true,
+                Some(ApplyInput::GenerateSnapshot(shard)) => result = self.generate_snapshot(shard),
+                Some(ApplyInput::InstallSnapshot { shard, snapshot, done }) => {
+                    result = self.install_snapshot(shard, &snapshot);
+                    let answer = match &result {
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() }),
+                    };
+                    let _ = done.send(answer);
+                }
+                Some(ApplyInput::Round(_)) => {}
+            }
+            if let Err(error) = result {
                 tracing::error!(?error, "apply failed; the store stops");
                 *self.progress.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                 self.progress.failed.store(true, Ordering::Release);
@@ -177,7 +208,80 @@ impl Applier {
             if stop {
                 return;
             }
+            next = inputs.recv().ok();
         }
+    }
+
+    /// A snapshot of `shard` as of its applied index, for the store loop to send.
+    fn generate_snapshot(&mut self, shard: ShardId) -> Result<(), StoreError> {
+        let Some(state) = self.states.get(&shard) else { return Ok(()) };
+        let prefix = state_machine_prefix(shard);
+        let pairs = self.db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX)?;
+        let mut data = Vec::new();
+        data.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
+        for (key, value) in &pairs {
+            let key = &key[prefix.len()..];
+            data.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            data.extend_from_slice(key);
+            data.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            data.extend_from_slice(value);
+        }
+        if data.len() > limits::SNAPSHOT_BYTES_MAX {
+            tracing::error!(%shard, bytes = data.len(), "a shard is too large to ship as one snapshot");
+            return Ok(());
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.data = data.into();
+        let meta = snapshot.mut_metadata();
+        meta.index = state.index;
+        meta.term = state.term;
+        meta.set_conf_state(state.conf.clone());
+        tracing::info!(%shard, index = state.index, bytes = snapshot.data.len(), keys = pairs.len(), "made a snapshot");
+        self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()).push((shard, snapshot));
+        self.stats.snapshots_made.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Replaces `shard`'s range and applied state with `snapshot`, in one
+    /// batch, and makes it durable: the WAL no longer holds what it replaced.
+    fn install_snapshot(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let corrupt = |reason: &str| StoreError::Corrupt { shard, what: "snapshot", reason: reason.into() };
+        let prefix = state_machine_prefix(shard);
+        let db = self.db.clone();
+        let mut txn = Txn::new(&*db);
+        for (key, _) in db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX)? {
+            txn.delete(&key);
+        }
+        let mut rest: &[u8] = &snapshot.data;
+        let mut take = |n: usize| -> Result<&[u8], StoreError> {
+            if rest.len() < n {
+                return Err(corrupt("cut short"));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let count = u64::from_le_bytes(take(8)?.try_into().map_err(|_| corrupt("count"))?);
+        let mut writer = Prefixed::new(&mut txn, &prefix);
+        for _ in 0..count {
+            let key_len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("key length"))?) as usize;
+            let key = take(key_len)?.to_vec();
+            let value_len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("value length"))?) as usize;
+            writer.put(&key, take(value_len)?.to_vec());
+        }
+        let meta = snapshot.get_metadata();
+        let state = ApplyState { index: meta.index, term: meta.term, conf: meta.get_conf_state().clone() };
+        self.states.insert(shard, state);
+        write_applied(&mut txn, &self.states);
+        db.write(&txn.into_batch())?;
+        db.persist()?;
+        if let Some(applied) = self.progress.applied.get(&shard) {
+            applied.store(meta.index, Ordering::Release);
+        }
+        self.machine.snapshot_installed(shard);
+        self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%shard, index = meta.index, keys = count, "installed a snapshot from the leader");
+        Ok(())
     }
 
     fn apply(&mut self, rounds: Vec<Vec<ApplyTask>>) -> Result<(), StoreError> {

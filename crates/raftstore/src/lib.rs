@@ -28,7 +28,7 @@ mod log;
 mod store;
 pub mod wal;
 
-pub use raft::eraftpb::Message as RaftMessage;
+pub use raft::eraftpb::{Message as RaftMessage, MessageType as RaftMessageType};
 pub use store::{RaftHandle, Store, StoreConfig, StoreStats};
 
 use hamgam_storage::{Db, Prefixed, StorageError, Txn};
@@ -89,6 +89,10 @@ pub trait StateMachine: Send + 'static {
 
     /// Called once per apply round after its writes are visible to readers.
     fn after_round(&mut self) {}
+
+    /// `shard`'s state was replaced by a snapshot from its leader: anything
+    /// the machine keeps in memory about that shard is stale.
+    fn snapshot_installed(&mut self, _shard: ShardId) {}
 }
 
 /// What a state machine writes through: its shard's range of the round's overlay.

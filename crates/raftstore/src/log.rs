@@ -15,6 +15,11 @@ pub struct ShardLog {
     truncated_term: u64,
     /// `entries[i].index == truncated_index + 1 + i`.
     entries: Vec<Entry>,
+    /// The latest snapshot made for followers too far behind for `entries`.
+    snapshot: Option<Snapshot>,
+    /// Raft asked for a snapshot newer than the one held: the store loop
+    /// has one made (off this thread) and raft asks again later.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl ShardLog {
@@ -33,6 +38,8 @@ impl ShardLog {
             truncated_index: applied_index,
             truncated_term: applied_term,
             entries: Vec::new(),
+            snapshot: None,
+            snapshot_wanted: std::cell::Cell::new(false),
         };
         for entry in recovered {
             if entry.index == applied_index && entry.term != applied_term {
@@ -91,6 +98,31 @@ impl ShardLog {
         let keep = (first.index - self.truncated_index - 1) as usize;
         self.entries.truncate(keep);
         self.entries.extend_from_slice(entries);
+    }
+
+    /// True once per request for a new snapshot.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
+    }
+
+    /// Holds a freshly made snapshot to serve to followers.
+    pub fn set_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot = Some(snapshot);
+    }
+
+    /// The log now starts after a snapshot installed from the leader.
+    pub fn apply_snapshot(&mut self, snapshot: &Snapshot) {
+        let meta = snapshot.get_metadata();
+        self.entries.clear();
+        self.truncated_index = meta.index;
+        self.truncated_term = meta.term;
+        self.conf_state = meta.get_conf_state().clone();
+        if self.hard_state.commit < meta.index {
+            self.hard_state.commit = meta.index;
+        }
+        if self.hard_state.term < meta.term {
+            self.hard_state.term = meta.term;
+        }
     }
 
     /// Drops entries up to and including `index` from memory (they are applied).
@@ -160,9 +192,16 @@ impl Storage for ShardLog {
         Ok(self.last())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Shipping a shard's state to a lagging follower arrives with the
-        // cluster (node-to-node transport); a single node never asks.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Serve the held snapshot if it covers what the log no longer has;
+        // otherwise ask for a new one and let raft try again on a later beat.
+        if let Some(snapshot) = &self.snapshot {
+            let index = snapshot.get_metadata().index;
+            if index >= request_index && index >= self.truncated_index {
+                return Ok(snapshot.clone());
+            }
+        }
+        self.snapshot_wanted.set(true);
         Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }

@@ -22,6 +22,7 @@ use crate::apply::{ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Re
 use crate::log::ShardLog;
 use crate::wal::{ShardWrite, Wal};
 use crate::{ProposalForwarder, ProposeError, RaftTransport, ShardReader, StateMachine, StoreError, shard_reader};
+use raft::SnapshotStatus;
 use hamgam_storage::{Db, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
 use raft::eraftpb::{ConfState, Entry, Message};
@@ -71,12 +72,17 @@ pub struct StoreStats {
     /// Database batches written by the apply thread, and keys in them.
     pub apply_batches: AtomicU64,
     pub keys_written: AtomicU64,
+    /// Snapshots made for followers, and installed from a leader.
+    pub snapshots_made: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 enum Input {
     Propose { shard: ShardId, command: Vec<u8>, reply: Reply },
     /// A raft message from another node.
     Step { shard: ShardId, message: Message },
+    /// Whether a snapshot sent to `to` arrived.
+    SnapshotSent { shard: ShardId, to: NodeId, delivered: bool },
     ReadIndex { shard: ShardId, reply: ReadReply },
     Wake,
     CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
@@ -174,6 +180,12 @@ impl RaftHandle {
     /// the queue is full the message is dropped and raft retransmits.
     pub fn step(&self, shard: ShardId, message: Message) -> bool {
         self.inputs.try_send(Input::Step { shard, message }).is_ok()
+    }
+
+    /// The transport reports whether a snapshot reached `to`, so raft resumes
+    /// replicating to it (or sends another).
+    pub async fn report_snapshot(&self, shard: ShardId, to: NodeId, delivered: bool) {
+        let _ = self.inputs.send(Input::SnapshotSent { shard, to, delivered }).await;
     }
 
     /// Waits until this node's applied state of `shard` includes everything
@@ -359,6 +371,7 @@ impl Store {
             leaders,
             stats,
             transport,
+            snapshots_in_flight: Default::default(),
             outbound: Vec::new(),
             reads: PendingReads::default(),
             apply_inputs,
@@ -540,6 +553,8 @@ impl PendingReads {
 struct StoreLoop {
     peers: BTreeMap<ShardId, Peer>,
     transport: Box<dyn RaftTransport>,
+    /// Shards whose snapshot the apply thread is making.
+    snapshots_in_flight: std::collections::BTreeSet<ShardId>,
     /// Messages gathered for the transport, sent before and after the WAL write.
     outbound: Vec<(ShardId, Message)>,
     reads: PendingReads,
@@ -591,6 +606,7 @@ impl StoreLoop {
             self.tick_if_due();
             self.propose_batches();
             self.process_ready()?;
+            self.tend_snapshots()?;
             self.start_checkpoint_if_due();
             self.stats.passes.fetch_add(1, Ordering::Relaxed);
             if stop {
@@ -623,6 +639,12 @@ impl StoreLoop {
                 };
                 if let Err(error) = peer.node.step(message) {
                     tracing::debug!(%shard, %error, "raft refused a message");
+                }
+            }
+            Input::SnapshotSent { shard, to, delivered } => {
+                if let Some(peer) = self.peers.get_mut(&shard) {
+                    let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                    peer.node.report_snapshot(to.0, status);
                 }
             }
             Input::ReadIndex { shard, reply } => {
@@ -727,9 +749,22 @@ impl StoreLoop {
             }
             // 1. Messages a leader may send before its own write is durable.
             self.outbound.extend(ready.take_messages().into_iter().map(|m| (shard, m)));
-            // 2. A snapshot from the leader.
+            // 2. A snapshot from the leader: applied (after every round
+            // already handed over) and made durable before anything else of
+            // this shard. Rare: only a replica far behind gets one.
             if !ready.snapshot().is_empty() {
-                return Err(StoreError::Unsupported { shard, what: "installing a snapshot from a leader" });
+                if !committed.is_empty() {
+                    send_to_applier(&self.apply_inputs, ApplyInput::Round(std::mem::take(&mut committed)))?;
+                }
+                let snapshot = ready.snapshot().clone();
+                let (done, installed) = std::sync::mpsc::sync_channel(1);
+                send_to_applier(&self.apply_inputs, ApplyInput::InstallSnapshot { shard, snapshot: snapshot.clone(), done })?;
+                installed
+                    .recv()
+                    .map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))??;
+                peer.node.mut_store().apply_snapshot(&snapshot);
+                // Proposals waiting here were for entries the snapshot replaced.
+                peer.fail_all(&ProposeError::Dropped);
             }
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
@@ -788,9 +823,34 @@ impl StoreLoop {
         self.flush_outbound();
         if !committed.is_empty() {
             // Blocks only when the apply thread is far behind: backpressure.
-            self.apply_inputs
-                .send(ApplyInput::Round(committed))
-                .map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))?;
+            self.send_to_applier(ApplyInput::Round(committed))?;
+        }
+        Ok(())
+    }
+
+    fn send_to_applier(&self, input: ApplyInput) -> Result<(), StoreError> {
+        send_to_applier(&self.apply_inputs, input)
+    }
+
+    /// Has snapshots made for the shards whose followers need one, and hands
+    /// finished ones to their logs.
+    fn tend_snapshots(&mut self) -> Result<(), StoreError> {
+        let made = std::mem::take(&mut *self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
+        for (shard, snapshot) in made {
+            self.snapshots_in_flight.remove(&shard);
+            if let Some(peer) = self.peers.get_mut(&shard) {
+                peer.node.mut_store().set_snapshot(snapshot);
+            }
+        }
+        let wanted: Vec<ShardId> = self
+            .peers
+            .iter()
+            .filter(|(shard, peer)| peer.node.store().take_snapshot_wanted() && !self.snapshots_in_flight.contains(shard))
+            .map(|(shard, _)| *shard)
+            .collect();
+        for shard in wanted {
+            self.snapshots_in_flight.insert(shard);
+            self.send_to_applier(ApplyInput::GenerateSnapshot(shard))?;
         }
         Ok(())
     }
@@ -883,6 +943,11 @@ impl StoreLoop {
             }
         }
     }
+}
+
+/// Blocks only when the apply thread is far behind: backpressure.
+fn send_to_applier(apply_inputs: &std::sync::mpsc::SyncSender<ApplyInput>, input: ApplyInput) -> Result<(), StoreError> {
+    apply_inputs.send(input).map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))
 }
 
 /// Proposes a peer's gathered commands as one entry.

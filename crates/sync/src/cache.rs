@@ -19,6 +19,10 @@ impl<K: Eq + Hash, V> BoundedCache<K, V> {
         BoundedCache { map: HashMap::new(), weight: 0, weight_max }
     }
 
+    pub(crate) fn clear(&mut self) {
+        *self = BoundedCache::new(self.weight_max);
+    }
+
     pub(crate) fn get(&self, key: &K) -> Option<&V> {
         self.map.get(key).map(|(v, _)| v)
     }

@@ -185,6 +185,15 @@ impl StateMachine for SyncMachine {
         Ok(codec::encode(&reply).unwrap_or_default())
     }
 
+    fn snapshot_installed(&mut self, _shard: ShardId) {
+        // Rare (a replica far behind); dropping every cache is simplest and safe.
+        self.chats.clear();
+        self.last_seqs.clear();
+        self.users.clear();
+        self.outbox_next.clear();
+        self.inboxes.clear();
+    }
+
     fn after_round(&mut self) {
         if !self.fresh_outbox.is_empty() {
             self.signals.publish_outbox(std::mem::take(&mut self.fresh_outbox));

@@ -28,7 +28,19 @@ struct TestNode {
 async fn start(dir: &std::path::Path, node: NodeId, members: &Members, shards: &BTreeMap<ShardId, Vec<NodeId>>) -> TestNode {
     let identity = NodeIdentity::load(&dir.join(format!("tls-{}", node.0))).unwrap().unwrap();
     let listen = members.read().unwrap()[&node];
-    let network = PeerNetwork::bind(&identity, node, listen, members.clone()).unwrap();
+    // A stopped node's socket is freed once its connections finish closing.
+    let mut attempts = 0;
+    let network = loop {
+        match PeerNetwork::bind(&identity, node, listen, members.clone()) {
+            Ok(network) => break network,
+            Err(error) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!(%error, "port still held; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("cannot bind {listen}: {error}"),
+        }
+    };
     let config = StoreConfig { node, wal_dir: dir.join(format!("wal-{}", node.0)), shards: shards.clone() };
     let db = SledDb::open(&dir.join(format!("db-{}", node.0)), 8 << 20).unwrap();
     let store = Store::open(config, Arc::new(db), Box::new(Counter), Box::new(network.transport())).unwrap();
@@ -42,7 +54,7 @@ fn free_udp_port() -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_replicate_forward_and_elect_a_new_leader_over_quic() {
+async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapshot_over_quic() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = [NodeId(1), NodeId(2), NodeId(3)];
     NodeIdentity::load_or_create(&dir.path().join("tls-1"), nodes[0]).unwrap();
@@ -83,11 +95,27 @@ async fn three_nodes_replicate_forward_and_elect_a_new_leader_over_quic() {
     assert_eq!(reply, 183u64.to_le_bytes());
     assert_ne!(survivor.leader(shard), Some(leader));
 
+    // The survivors restart: their logs now begin at what they applied, so
+    // the returning node is behind every log and must get a snapshot.
+    drop(survivor); // a handle keeps its node's database open
+    let survivors: Vec<NodeId> = running.keys().copied().collect();
+    for node in &survivors {
+        let test_node = running.remove(node).unwrap();
+        test_node.network.shutdown().await;
+        test_node.store.stop().unwrap();
+        drop(test_node.network);
+    }
+    for node in &survivors {
+        running.insert(*node, start(dir.path(), *node, &members, &shards).await);
+    }
+
     // It comes back, catches up from the new leader, and serves fresh reads.
     let back = start(dir.path(), leader, &members, &shards).await;
     let raft = back.store.handle();
     raft.read_index(shard).await.unwrap();
     assert_eq!(total(&raft, shard), 183);
+    let installed = raft.stats().snapshots_installed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(installed, 1, "it caught up by a snapshot, the leader's log no longer reaching back far enough");
     running.insert(leader, back);
     for (_, test_node) in running {
         test_node.network.shutdown().await;
