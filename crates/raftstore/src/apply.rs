@@ -230,8 +230,7 @@ impl Applier {
             tracing::error!(%shard, bytes = data.len(), "a shard is too large to ship as one snapshot");
             return Ok(());
         }
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.into();
+        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
         let meta = snapshot.mut_metadata();
         meta.index = state.index;
         meta.term = state.term;

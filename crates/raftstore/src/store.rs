@@ -29,7 +29,7 @@ use raft::eraftpb::{ConfState, Entry, Message};
 use raft::{RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -112,7 +112,7 @@ pub struct RaftHandle {
     db: Arc<dyn Db>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
     /// Shards whose only voter is this node: its applied state is always fresh.
-    sole_voter: Arc<BTreeMap<ShardId, AtomicBool>>,
+    sole_voter: Arc<BTreeMap<ShardId, bool>>,
     forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
     running: watch::Receiver<bool>,
@@ -125,10 +125,6 @@ impl std::fmt::Debug for RaftHandle {
 }
 
 impl RaftHandle {
-    pub fn node(&self) -> NodeId {
-        self.node
-    }
-
     /// Sets where proposals for shards led by other nodes go. Set once, by
     /// the cluster layer after its network is up; until then (and on a
     /// single node) every proposal is made here.
@@ -193,10 +189,10 @@ impl RaftHandle {
     /// so a read that follows sees every acknowledged write, whichever node
     /// acknowledged it.
     pub async fn read_index(&self, shard: ShardId) -> Result<(), ProposeError> {
-        let Some(sole) = self.sole_voter.get(&shard) else {
+        let Some(&sole) = self.sole_voter.get(&shard) else {
             return Err(ProposeError::UnknownShard(shard));
         };
-        if sole.load(Ordering::Relaxed) {
+        if sole {
             // Only this node commits: whatever it acknowledged is applied.
             return Ok(());
         }
@@ -318,11 +314,8 @@ impl Store {
         let (running_tx, running) = watch::channel(true);
         let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
             Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
-        let sole_voter: Arc<BTreeMap<ShardId, AtomicBool>> = Arc::new(
-            states
-                .iter()
-                .map(|(s, a)| (*s, AtomicBool::new(a.conf.voters == [config.node.0] && a.conf.learners.is_empty())))
-                .collect(),
+        let sole_voter: Arc<BTreeMap<ShardId, bool>> = Arc::new(
+            states.iter().map(|(s, a)| (*s, a.conf.voters == [config.node.0] && a.conf.learners.is_empty())).collect(),
         );
         let stats = Arc::new(StoreStats::default());
         let handle = RaftHandle {
@@ -823,13 +816,9 @@ impl StoreLoop {
         self.flush_outbound();
         if !committed.is_empty() {
             // Blocks only when the apply thread is far behind: backpressure.
-            self.send_to_applier(ApplyInput::Round(committed))?;
+            send_to_applier(&self.apply_inputs, ApplyInput::Round(committed))?;
         }
         Ok(())
-    }
-
-    fn send_to_applier(&self, input: ApplyInput) -> Result<(), StoreError> {
-        send_to_applier(&self.apply_inputs, input)
     }
 
     /// Has snapshots made for the shards whose followers need one, and hands
@@ -850,7 +839,7 @@ impl StoreLoop {
             .collect();
         for shard in wanted {
             self.snapshots_in_flight.insert(shard);
-            self.send_to_applier(ApplyInput::GenerateSnapshot(shard))?;
+            send_to_applier(&self.apply_inputs, ApplyInput::GenerateSnapshot(shard))?;
         }
         Ok(())
     }

@@ -97,20 +97,37 @@ fn peer_transport_config() -> quinn::TransportConfig {
     transport_config(PEER_UNI_STREAMS_MAX, limits::PEER_IDLE_TIMEOUT_MS)
 }
 
-/// A server endpoint on `addr` speaking `alpn`, presenting the node certificate.
-pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
+fn tls_error(error: impl std::fmt::Display) -> TransportError {
+    TransportError::Tls(error.to_string())
+}
+
+/// A server endpoint on `addr` speaking `alpn`, presenting the node
+/// certificate; `clients` decides whether callers must present one too.
+fn serve(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    alpn: &[u8],
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::Endpoint, TransportError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(tls_error)?
+        .with_client_cert_verifier(clients)
         .with_single_cert(identity.chain(), identity.private_key())
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
+        .map_err(tls_error)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(client_transport_config()));
+    server.transport_config(Arc::new(transport));
     endpoint(addr, Some(server))
+}
+
+/// The client-facing endpoint on `addr`: clients present no certificate.
+pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
+    let anyone = Arc::new(rustls::server::NoClientAuth);
+    serve(identity, addr, alpn, anyone, client_transport_config())
 }
 
 /// Uni streams a peer may have open at once (raft messages, snapshots).
@@ -119,43 +136,44 @@ const PEER_UNI_STREAMS_MAX: u32 = 16;
 /// The node-to-node endpoint on `addr`: mutual TLS, where a client must
 /// present a certificate issued by this cluster's CA.
 pub fn peer_server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
-    let provider = crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(identity.ca()).map_err(|e| TransportError::Tls(e.to_string()))?;
-    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    roots.add(identity.ca()).map_err(tls_error)?;
+    let members = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
         .build()
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .map_err(tls_error)?;
+    serve(identity, addr, alpn, members, peer_transport_config())
+}
+
+/// Dialling configuration: trusts servers per `trust`, presents `identity`'s
+/// certificate if given, speaks `alpn`.
+fn dial(
+    trust: Trust,
+    identity: Option<&NodeIdentity>,
+    alpn: &[u8],
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = crypto_provider();
+    let verifier = verify::PinnedCaVerifier::new(trust, provider.clone());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Tls(e.to_string()))?
-        .with_client_cert_verifier(clients)
-        .with_single_cert(identity.chain(), identity.private_key())
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
+        .map_err(tls_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut tls = match identity {
+        Some(identity) => builder.with_client_auth_cert(identity.chain(), identity.private_key()).map_err(tls_error)?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![alpn.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(peer_transport_config()));
-    endpoint(addr, Some(server))
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 /// Client configuration for dialling another node: presents this node's
 /// certificate and accepts only a server under the same cluster CA.
 pub fn peer_client_config(identity: &NodeIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
-    let provider = crypto_provider();
-    let verifier = verify::PinnedCaVerifier::new(Trust::Pinned(identity.ca_fingerprint()), provider.clone());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(identity.chain(), identity.private_key())
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(peer_transport_config()));
-    Ok(config)
+    dial(Trust::Pinned(identity.ca_fingerprint()), Some(identity), alpn, peer_transport_config())
 }
 
 /// Which of `candidates` the other end of `connection` is, judged by the
@@ -181,19 +199,7 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, TransportE
 
 /// Client configuration that trusts per `trust` and speaks `alpn`.
 pub fn client_config(trust: Trust, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
-    let provider = crypto_provider();
-    let verifier = verify::PinnedCaVerifier::new(trust, provider.clone());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(client_transport_config()));
-    Ok(config)
+    dial(trust, None, alpn, client_transport_config())
 }
 
 #[cfg(test)]
