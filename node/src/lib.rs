@@ -25,13 +25,12 @@ pub use config::Config;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
-use hamgam_cluster::PeerNetwork;
+use hamgam_cluster::{CLUSTER_FILE, ClusterFile, Member, PeerNetwork};
 use hamgam_raftstore::{NoPeers, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, Placement, ShardId};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -83,28 +82,9 @@ pub struct InitArgs {
     pub data_shards: u32,
 }
 
-/// What a data directory records about its cluster, written once at first
-/// start or by `init`.
-#[derive(Debug, Serialize, Deserialize)]
-struct ClusterFile {
-    cluster_id: String,
-    node_id: u64,
-    data_shards: u32,
-    /// The initial members and their peer addresses; empty for a single node.
-    #[serde(default)]
-    members: Vec<Member>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Member {
-    id: u64,
-    peer_addr: SocketAddr,
-}
-
 /// Replicas per shard: every shard lives on up to this many nodes.
 const REPLICAS_MAX: usize = 3;
 
-const CLUSTER_FILE: &str = "cluster.toml";
 /// How long requests in flight may take to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -175,10 +155,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 fn load_or_init_cluster(dir: &Path, config: &Config) -> anyhow::Result<(ClusterFile, bool)> {
-    let path = dir.join(CLUSTER_FILE);
-    if path.exists() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let file: ClusterFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if let Some(file) = ClusterFile::read(dir)? {
         if file.data_shards != config.cluster.data_shards {
             tracing::info!(
                 existing = file.data_shards,
@@ -194,22 +171,12 @@ fn load_or_init_cluster(dir: &Path, config: &Config) -> anyhow::Result<(ClusterF
         data_shards: config.cluster.data_shards,
         members: Vec::new(),
     };
-    write_cluster_file(dir, &file)?;
+    file.write(dir)?;
     Ok((file, true))
 }
 
 fn new_cluster_id() -> String {
     format!("{:016x}", rand::random::<u64>())
-}
-
-fn write_cluster_file(dir: &Path, file: &ClusterFile) -> anyhow::Result<()> {
-    let path = dir.join(CLUSTER_FILE);
-    let tmp = dir.join("cluster.toml.tmp");
-    std::fs::write(&tmp, toml::to_string(file)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all())?;
-    Ok(())
 }
 
 /// `hamgam-node init`: a new cluster's CA and one data directory per initial member.
@@ -258,7 +225,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
             data_shards: args.data_shards,
             members: members.clone(),
         };
-        write_cluster_file(&dir, &file)?;
+        file.write(&dir)?;
         println!("node {}: {} (peers reach it at {})", member.id, dir.display(), member.peer_addr);
     }
     println!("cluster {cluster_id}, {} shards", args.data_shards);

@@ -94,6 +94,23 @@ enum Command {
     Sync,
     /// Print updates live as they arrive (Ctrl-C to stop).
     Watch,
+    /// Operate a cluster: run on a member's machine with its data directory.
+    Admin {
+        /// The member's data directory (its identity admits this tool).
+        #[arg(long, env = "HAMGAM_DATA", default_value = "./hamgam-data")]
+        data: PathBuf,
+        /// Ask the node at this peer address instead of the member's own.
+        #[arg(long)]
+        node: Option<SocketAddr>,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Nodes, shards, leaders, replica lag and health.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +196,16 @@ impl Invocation {
     }
 }
 
+async fn admin(data: &std::path::Path, node: Option<SocketAddr>, command: &AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::Status => {
+            let status = crate::admin::ClusterStatus::gather(data, node).await?;
+            print!("{}", status.render());
+        }
+    }
+    Ok(())
+}
+
 fn explain(error: ClientError) -> anyhow::Error {
     match error.code() {
         Some(code) if code == hamgam_client::ErrorCode::SESSION_REVOKED => {
@@ -252,6 +279,10 @@ fn print_update_page(page: &hamgam_client::Difference, me: UserId) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Operators need no profile: their identity is the member's.
+    if let Command::Admin { data, node, command } = cli.command {
+        return admin(&data, node, &command).await;
+    }
     let profile = Profile::open(cli.profile)?;
     let saved = profile.session()?;
     let server = cli.server.or_else(|| saved.as_ref().map(|s| s.server.clone())).unwrap_or_else(|| DEFAULT_SERVER.into());
@@ -427,6 +458,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ctx.profile.save_session(&session)?;
         }
+        // Answered in `run`, before any profile is opened.
+        Command::Admin { .. } => {}
     }
     Ok(())
 }

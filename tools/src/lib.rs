@@ -1,7 +1,10 @@
 //! The programs people and benchmark runs use against a node: the `hamgam`
 //! command line ([`cli`]) and the `hamgam-bench` load tool ([`bench`]).
-//! Both speak to nodes only through the SDK (`hamgam-client`).
+//! Both speak to nodes through the SDK (`hamgam-client`), except `hamgam
+//! admin` ([`admin`]), which speaks the cluster's admin protocol with a
+//! member's identity.
 
+pub mod admin;
 pub mod bench;
 pub mod cli;
 mod profile;

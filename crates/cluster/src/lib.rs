@@ -9,15 +9,22 @@
 //! node that does not lead a shard sends the command to the leader and
 //! relays its answer).
 //!
+//! The same endpoint answers operators on [`admin::ADMIN_ALPN`] (status of
+//! this node and its shards), and [`ClusterFile`] is the record of the
+//! cluster a data directory belongs to.
+//!
 //! Entry point: [`PeerNetwork::bind`], then [`PeerNetwork::transport`] for
 //! the raft store, [`PeerNetwork::serve`] once the store runs, and
 //! [`PeerNetwork::forwarder`] for the store's handle.
 //!
 //! Must not know: what commands mean, chats, users, clients.
 
+pub mod admin;
+mod cluster_file;
 mod network;
 pub mod wire;
 
+pub use cluster_file::{CLUSTER_FILE, ClusterFile, Member};
 pub use network::{Members, PeerNetwork, PeerTransport};
 
 /// The ALPN of node-to-node connections.
@@ -30,4 +37,6 @@ pub enum ClusterError {
     Transport(#[from] hamgam_transport::TransportError),
     #[error("peer endpoint: {0}")]
     Endpoint(#[from] std::io::Error),
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
 }

@@ -1,5 +1,6 @@
 //! Links to other nodes, the accept loop, and proposal forwarding.
 
+use crate::admin::{self, ADMIN_ALPN};
 use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
 use hamgam_raftstore::{ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport};
@@ -53,7 +54,7 @@ impl PeerNetwork {
         listen: SocketAddr,
         members: Members,
     ) -> Result<Arc<PeerNetwork>, ClusterError> {
-        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, PEER_ALPN)?;
+        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, &[PEER_ALPN, ADMIN_ALPN])?;
         let dial = hamgam_transport::peer_client_config(identity, PEER_ALPN)?;
         Ok(Arc::new(PeerNetwork {
             node,
@@ -122,7 +123,16 @@ impl PeerNetwork {
     }
 
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection, raft: RaftHandle) {
-        let candidates: Vec<NodeId> = self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let members: Vec<(NodeId, SocketAddr)> =
+            self.members.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(n, a)| (*n, *a)).collect();
+        if hamgam_transport::negotiated_alpn(&connection).as_deref() == Some(ADMIN_ALPN) {
+            tokio::select! {
+                () = self.cancel.cancelled() => {}
+                () = admin::serve_connection(connection, raft, members, self.node) => {}
+            }
+            return;
+        }
+        let candidates: Vec<NodeId> = members.iter().map(|(n, _)| *n).collect();
         let Some(peer) = hamgam_transport::peer_node(&connection, candidates) else {
             // The CA issued it, but it is no member we know: not (or no longer) in the cluster.
             tracing::warn!(remote = %connection.remote_address(), "a peer certificate names no member; closed");

@@ -29,7 +29,7 @@ mod store;
 pub mod wal;
 
 pub use raft::eraftpb::{Message as RaftMessage, MessageType as RaftMessageType};
-pub use store::{RaftHandle, Store, StoreConfig, StoreStats};
+pub use store::{RaftHandle, ReplicaRole, ShardStatus, Store, StoreConfig, StoreStats};
 
 use hamgam_storage::{Db, Prefixed, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId};

@@ -60,6 +60,30 @@ impl StoreConfig {
 /// everything the leader had committed when the read arrived.
 type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
 
+/// One replica's view of its shard, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub shard: ShardId,
+    pub role: ReplicaRole,
+    /// The leader this replica knows, if any.
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// The voters of the shard's configuration.
+    pub voters: Vec<NodeId>,
+    pub last_index: u64,
+    pub committed: u64,
+    pub applied: u64,
+    /// Filled on the leader only: how far each replica's log matches it.
+    pub matched: Vec<(NodeId, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaRole {
+    Leader,
+    Candidate,
+    Follower,
+}
+
 /// Counters for operators and benchmarks; cheap to read at any time.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -84,6 +108,7 @@ enum Input {
     /// Whether a snapshot sent to `to` arrived.
     SnapshotSent { shard: ShardId, to: NodeId, delivered: bool },
     ReadIndex { shard: ShardId, reply: ReadReply },
+    Status { reply: oneshot::Sender<Vec<ShardStatus>> },
     Wake,
     CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
     Stop,
@@ -211,6 +236,13 @@ impl RaftHandle {
                 Ok(Ok(Err(_))) | Err(_) => return Err(ProposeError::NoLeader(shard)),
             }
         }
+    }
+
+    /// Every hosted shard as the store loop sees it now.
+    pub async fn status(&self) -> Result<Vec<ShardStatus>, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs.send(Input::Status { reply }).await.map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)
     }
 
     /// The applied state of `shard`, for reads.
@@ -654,6 +686,9 @@ impl StoreLoop {
                 peer.node.read_index(context.to_le_bytes().to_vec());
                 self.reads.asked.insert(context, (shard, Instant::now(), reply));
             }
+            Input::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
             Input::Wake => {}
             Input::CheckpointDone(result) => {
                 self.checkpoint.in_flight = false;
@@ -667,6 +702,39 @@ impl StoreLoop {
             Input::Crash => return Err(StoreError::Thread(std::io::Error::other("simulated crash"))),
         }
         Ok(false)
+    }
+
+    fn status(&self) -> Vec<ShardStatus> {
+        self.peers
+            .iter()
+            .map(|(&shard, peer)| {
+                let raft = &peer.node.raft;
+                let role = match raft.state {
+                    StateRole::Leader => ReplicaRole::Leader,
+                    StateRole::Candidate | StateRole::PreCandidate => ReplicaRole::Candidate,
+                    StateRole::Follower => ReplicaRole::Follower,
+                };
+                let mut matched: Vec<(NodeId, u64)> = if role == ReplicaRole::Leader {
+                    raft.prs().iter().map(|(id, progress)| (NodeId(*id), progress.matched)).collect()
+                } else {
+                    Vec::new()
+                };
+                matched.sort();
+                let mut voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().map(NodeId).collect();
+                voters.sort();
+                ShardStatus {
+                    shard,
+                    role,
+                    leader: (raft.leader_id != raft::INVALID_ID).then_some(NodeId(raft.leader_id)),
+                    term: raft.term,
+                    voters,
+                    last_index: raft.raft_log.last_index(),
+                    committed: raft.raft_log.committed,
+                    applied: self.progress.applied(shard),
+                    matched,
+                }
+            })
+            .collect()
     }
 
     fn tick_if_due(&mut self) {

@@ -101,12 +101,12 @@ fn tls_error(error: impl std::fmt::Display) -> TransportError {
     TransportError::Tls(error.to_string())
 }
 
-/// A server endpoint on `addr` speaking `alpn`, presenting the node
+/// A server endpoint on `addr` speaking any of `alpns`, presenting the node
 /// certificate; `clients` decides whether callers must present one too.
 fn serve(
     identity: &NodeIdentity,
     addr: SocketAddr,
-    alpn: &[u8],
+    alpns: &[&[u8]],
     clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     transport: quinn::TransportConfig,
 ) -> Result<quinn::Endpoint, TransportError> {
@@ -116,7 +116,7 @@ fn serve(
         .with_client_cert_verifier(clients)
         .with_single_cert(identity.chain(), identity.private_key())
         .map_err(tls_error)?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpns.iter().map(|alpn| alpn.to_vec()).collect();
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -127,21 +127,26 @@ fn serve(
 /// The client-facing endpoint on `addr`: clients present no certificate.
 pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
     let anyone = Arc::new(rustls::server::NoClientAuth);
-    serve(identity, addr, alpn, anyone, client_transport_config())
+    serve(identity, addr, &[alpn], anyone, client_transport_config())
 }
 
 /// Uni streams a peer may have open at once (raft messages, snapshots).
 const PEER_UNI_STREAMS_MAX: u32 = 16;
 
 /// The node-to-node endpoint on `addr`: mutual TLS, where a client must
-/// present a certificate issued by this cluster's CA.
-pub fn peer_server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
+/// present a certificate issued by this cluster's CA. It speaks each of
+/// `alpns`; [`negotiated_alpn`] tells a connection which one it got.
+pub fn peer_server_endpoint(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    alpns: &[&[u8]],
+) -> Result<quinn::Endpoint, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(identity.ca()).map_err(tls_error)?;
     let members = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
         .build()
         .map_err(tls_error)?;
-    serve(identity, addr, alpn, members, peer_transport_config())
+    serve(identity, addr, alpns, members, peer_transport_config())
 }
 
 /// Dialling configuration: trusts servers per `trust`, presents `identity`'s
@@ -174,6 +179,12 @@ fn dial(
 /// certificate and accepts only a server under the same cluster CA.
 pub fn peer_client_config(identity: &NodeIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
     dial(Trust::Pinned(identity.ca_fingerprint()), Some(identity), alpn, peer_transport_config())
+}
+
+/// The protocol a connection agreed on during its handshake.
+pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = connection.handshake_data()?;
+    data.downcast_ref::<quinn::crypto::rustls::HandshakeData>()?.protocol.clone()
 }
 
 /// Which of `candidates` the other end of `connection` is, judged by the
@@ -210,7 +221,7 @@ mod tests {
     /// Dials `server` as `dialer` (or with no certificate) and returns which
     /// node the server decided it was, or the error.
     async fn dial(server: &NodeIdentity, dialer: Option<&NodeIdentity>) -> Result<Option<NodeId>, String> {
-        let endpoint = peer_server_endpoint(server, "127.0.0.1:0".parse().unwrap(), b"peer-test/1").unwrap();
+        let endpoint = peer_server_endpoint(server, "127.0.0.1:0".parse().unwrap(), &[b"peer-test/1"]).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let accept = tokio::spawn(async move {
             let connection = endpoint.accept().await?.await.ok()?;

@@ -1,0 +1,146 @@
+//! The operator's way in: `hamgam admin` talks to a node on the peer
+//! endpoint with ALPN [`ADMIN_ALPN`]. Like a node, it must present a
+//! certificate issued by the cluster CA, so only someone holding a member's
+//! identity (or one issued for them) can ask. One request per bidi stream,
+//! encoded with the workspace codec, each side bounded.
+
+use hamgam_raftstore::{RaftHandle, ReplicaRole, ShardStatus};
+use hamgam_transport::NodeIdentity;
+use hamgam_types::{NodeId, ShardId};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub const ADMIN_ALPN: &[u8] = b"hamgam-admin/1";
+
+const REQUEST_BYTES_MAX: usize = 64 << 10;
+const RESPONSE_BYTES_MAX: usize = 8 << 20;
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wire enums append variants only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// This node's view of itself and of each shard it hosts.
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Status(NodeStatus),
+    /// A request this node cannot answer, with a sentence saying why.
+    Refused(String),
+}
+
+/// One node's own view: the members it knows and the shards it hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: NodeId,
+    pub members: Vec<(NodeId, SocketAddr)>,
+    pub shards: Vec<ShardReport>,
+}
+
+/// One replica of a shard, as [`ShardStatus`] on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub shard: ShardId,
+    pub leading: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub voters: Vec<NodeId>,
+    pub last_index: u64,
+    pub committed: u64,
+    pub applied: u64,
+    /// On the leader: each replica's matched index.
+    pub matched: Vec<(NodeId, u64)>,
+}
+
+impl From<ShardStatus> for ShardReport {
+    fn from(status: ShardStatus) -> ShardReport {
+        ShardReport {
+            shard: status.shard,
+            leading: status.role == ReplicaRole::Leader,
+            leader: status.leader,
+            term: status.term,
+            voters: status.voters,
+            last_index: status.last_index,
+            committed: status.committed,
+            applied: status.applied,
+            matched: status.matched,
+        }
+    }
+}
+
+/// Why an admin request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Transport(#[from] hamgam_transport::TransportError),
+    #[error("node at {addr} did not answer: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("node at {addr} sent an answer that does not decode: {reason}")]
+    BadAnswer { addr: SocketAddr, reason: String },
+    #[error("node at {addr} refused: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+}
+
+/// Serves one admin connection: each bidi stream is one request.
+pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHandle, members: Vec<(NodeId, SocketAddr)>, node: NodeId) {
+    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        let answer = match recv.read_to_end(REQUEST_BYTES_MAX).await.ok().map(|b| hamgam_proto::codec::decode(&b)) {
+            Some(Ok(AdminRequest::Status)) => match raft.status().await {
+                Ok(shards) => AdminResponse::Status(NodeStatus {
+                    node,
+                    members: members.clone(),
+                    shards: shards.into_iter().map(ShardReport::from).collect(),
+                }),
+                Err(error) => AdminResponse::Refused(error.to_string()),
+            },
+            Some(Err(error)) => AdminResponse::Refused(format!("the request does not decode: {error}")),
+            None => AdminResponse::Refused("the request was cut off or too large".into()),
+        };
+        let Ok(bytes) = hamgam_proto::codec::encode(&answer) else { return };
+        if send.write_all(&bytes).await.is_ok() {
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        }
+    }
+}
+
+/// Sends one request to the node whose peer endpoint is at `addr`,
+/// presenting `identity`.
+pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<AdminResponse, AdminError> {
+    let unreachable = |reason: String| AdminError::Unreachable { addr, reason };
+    let endpoint = hamgam_transport::client_endpoint(addr)?;
+    let config = hamgam_transport::peer_client_config(identity, ADMIN_ALPN)?;
+    let exchange = async {
+        let connection = endpoint
+            .connect_with(config, addr, hamgam_transport::SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+        let bytes = hamgam_proto::codec::encode(request).map_err(|e| unreachable(e.to_string()))?;
+        send.write_all(&bytes).await.map_err(|e| unreachable(e.to_string()))?;
+        send.finish().map_err(|e| unreachable(e.to_string()))?;
+        let answer = recv.read_to_end(RESPONSE_BYTES_MAX).await.map_err(|e| unreachable(e.to_string()))?;
+        connection.close(0u32.into(), b"done");
+        hamgam_proto::codec::decode::<AdminResponse>(&answer)
+            .map_err(|e| AdminError::BadAnswer { addr, reason: e.to_string() })
+    };
+    let answer = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {ADMIN_TIMEOUT:?}")))??;
+    endpoint.wait_idle().await;
+    match answer {
+        AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
+        answer => Ok(answer),
+    }
+}
+
+/// Asks the node at `addr` for its status.
+pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
+    match query(identity, addr, &AdminRequest::Status).await? {
+        AdminResponse::Status(status) => Ok(status),
+        AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
+    }
+}
