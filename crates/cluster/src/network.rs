@@ -296,8 +296,28 @@ impl PeerNetwork {
         send.write_all(&wire::encode_proposal(shard, &command)).await.map_err(|e| unreachable(e.to_string()))?;
         let lost = |reason: String| ProposeError::Forward { node: leader, reason };
         send.finish().map_err(|e| lost(e.to_string()))?;
-        let answer = recv.read_to_end(wire::ANSWER_BYTES_MAX).await.map_err(|e| lost(e.to_string()))?;
+        let answer = tokio::select! {
+            answer = recv.read_to_end(wire::ANSWER_BYTES_MAX) => answer.map_err(|e| lost(e.to_string()))?,
+            // A dead leader never answers, and its connection takes seconds
+            // to time out; once the shard has another leader, stop waiting.
+            () = self.leader_moved(shard, leader) => {
+                return Err(lost("the shard elected another leader while waiting".into()));
+            }
+        };
         wire::decode_answer(&answer, leader).map_err(|e| lost(e.to_string()))?
+    }
+
+    /// Resolves once this node sees a leader of `shard` other than `leader`.
+    async fn leader_moved(&self, shard: ShardId, leader: NodeId) {
+        let Some(raft) = self.raft.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS)).await;
+            if raft.leader(shard).is_some_and(|now| now != leader) {
+                return;
+            }
+        }
     }
 }
 

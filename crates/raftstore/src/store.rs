@@ -38,6 +38,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// store loop waits, which pushes back on proposers.
 const APPLY_QUEUE_ROUNDS_MAX: usize = 64;
 
+/// Ticks between passes that hand leaders back to their preferred node,
+/// and how many shards one pass may hand over (each is a short pause in
+/// that shard's writes, so they are spread out).
+const LEADER_BALANCE_TICKS: u64 = 10;
+const LEADER_TRANSFERS_PER_PASS: usize = 4;
+
 /// How a store is set up.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -403,6 +409,7 @@ impl Store {
             apply_thread: Some(apply_thread),
             progress,
             last_tick: Instant::now(),
+            ticks: 0,
             checkpoint: CheckpointState { in_flight: false, wal_bytes: 0, last: Instant::now() },
         };
         let thread = std::thread::Builder::new()
@@ -594,6 +601,7 @@ struct StoreLoop {
     apply_thread: Option<std::thread::JoinHandle<()>>,
     progress: Arc<ApplyProgress>,
     last_tick: Instant,
+    ticks: u64,
     checkpoint: CheckpointState,
 }
 
@@ -737,14 +745,49 @@ impl StoreLoop {
             .collect()
     }
 
+    /// Hands leadership of a few shards this node leads to their preferred
+    /// leader: voter number `shard mod voters` in id order, so leaders (and
+    /// with them the work of proposing and replicating) spread evenly over
+    /// the nodes. Only to a voter that is active and has every entry, so the
+    /// transfer is quick; a dead preferred leader simply keeps none.
+    fn balance_leaders(&mut self) {
+        let mut started = 0;
+        for (shard, peer) in self.peers.iter_mut() {
+            if started >= LEADER_TRANSFERS_PER_PASS {
+                break;
+            }
+            let raft = &peer.node.raft;
+            if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
+                continue;
+            }
+            let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+            voters.sort_unstable();
+            let Some(&preferred) = voters.get(shard.0 as usize % voters.len().max(1)) else { continue };
+            if preferred == raft.id {
+                continue;
+            }
+            let last = raft.raft_log.last_index();
+            let ready = raft.prs().get(preferred).is_some_and(|p| p.recent_active && p.matched == last);
+            if ready {
+                tracing::debug!(%shard, to = preferred, "handing leadership to the preferred leader");
+                peer.node.transfer_leader(preferred);
+                started += 1;
+            }
+        }
+    }
+
     fn tick_if_due(&mut self) {
         let interval = Duration::from_millis(limits::RAFT_TICK_MS);
         if self.last_tick.elapsed() < interval {
             return;
         }
         self.last_tick = Instant::now();
+        self.ticks += 1;
         for peer in self.peers.values_mut() {
             peer.node.tick();
+        }
+        if self.ticks.is_multiple_of(LEADER_BALANCE_TICKS) {
+            self.balance_leaders();
         }
         // A read raft never answered (lost in an election, or no leader to
         // ask) is refused; the caller asks again.
@@ -1027,9 +1070,12 @@ fn propose_batch(shard: ShardId, peer: &mut Peer) {
             peer.inflight.push_back(Inflight { index, term, replies });
         }
         Err(error) => {
-            tracing::debug!(%shard, %error, "proposal dropped");
+            // raft refused before appending (a leadership transfer is under
+            // way): nothing was proposed, so the caller may retry.
+            tracing::debug!(%shard, %error, "proposal refused");
+            let transferee = peer.node.raft.lead_transferee.map(NodeId);
             for reply in replies {
-                let _ = reply.send(Err(ProposeError::Dropped));
+                let _ = reply.send(Err(ProposeError::NotLeader { shard, leader: transferee }));
             }
         }
     }

@@ -3,44 +3,14 @@
 //! unacknowledged sends never duplicate, every member sees one order, and
 //! every member's update sequence catches up (the outbox survived).
 
+use crate::ledger::{Burst, assert_histories, burst, settle};
 use crate::support::{Node, PASSWORD, eventually};
 use hamgam_client::{ChatId, Client, LocalState, UserId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const SENDERS: usize = 6;
-
-/// What one sender knows after the crash.
-#[derive(Default)]
-struct Ledger {
-    /// text -> seq, for sends the node acknowledged.
-    acked: BTreeMap<String, (ChatId, u64)>,
-    /// Sends that got no answer: (chat, client id, text).
-    pending: Vec<(ChatId, u64, String)>,
-}
-
-async fn burst(client: Arc<Client>, me: usize, chats: Vec<ChatId>, round: u32, stop: Arc<AtomicBool>) -> (usize, Ledger) {
-    let mut ledger = Ledger::default();
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let chat = chats[(n as usize) % chats.len()];
-        let text = format!("r{round}-u{me}-{n}");
-        let client_msg_id = rand::random::<u64>();
-        match client.send_with_id(chat, client_msg_id, &text).await {
-            Ok((seq, _)) => {
-                ledger.acked.insert(text, (chat, seq));
-            }
-            Err(_) => {
-                ledger.pending.push((chat, client_msg_id, text));
-                break;
-            }
-        }
-        n += 1;
-    }
-    (me, ledger)
-}
 
 async fn log_in(node: &Node, names: &[String]) -> Vec<Client> {
     let mut clients = Vec::new();
@@ -76,11 +46,11 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
     let mut all: BTreeMap<String, (ChatId, u64)> = BTreeMap::new();
     let mut clients = clients;
     for round in 0..2u32 {
-        let stop = Arc::new(AtomicBool::new(false));
+        let signals = Arc::new(Burst::default());
         let shared: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, client) in shared.iter().enumerate() {
-            tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), round, stop.clone()));
+            tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), round, signals.clone()));
         }
         // Let the burst run, then kill the node while writes are in flight.
         tokio::time::sleep(Duration::from_millis(1500 + 500 * u64::from(round))).await;
@@ -94,7 +64,6 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
         while let Some(done) = tasks.join_next().await {
             ledgers.push(done.unwrap());
         }
-        stop.store(true, Ordering::Relaxed);
         let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
         assert!(acked > 20, "the burst made progress before the kill ({acked} acknowledged)");
 
@@ -102,49 +71,9 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
         clients = log_in(&node, &names).await;
         // Retry what was never answered, from the same sender with the same
         // client id: applied before the kill or not, it exists exactly once.
-        for (sender, ledger) in &mut ledgers {
-            for (chat, client_msg_id, text) in std::mem::take(&mut ledger.pending) {
-                let (seq, _) = clients[*sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
-                let (again, _) = clients[*sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
-                assert_eq!(again, seq, "a retry returns the first result");
-                ledger.acked.insert(text, (chat, seq));
-            }
-        }
-        for (_, ledger) in ledgers {
-            for (text, at) in ledger.acked {
-                assert!(all.insert(text, at).is_none());
-            }
-        }
-
-        // Every chat: gap-free, each acknowledged message exactly once at its
-        // seq, and the same list for every member.
-        let mut chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
-        chats.sort();
-        chats.dedup();
-        for chat in chats {
-            let mut views = Vec::new();
-            for client in &clients {
-                if client.members(chat).await.is_ok() {
-                    views.push(client.full_history(chat).await.unwrap());
-                }
-            }
-            assert!(views.len() >= 2);
-            assert!(views.windows(2).all(|w| w[0] == w[1]), "every member sees the same order");
-            let history = &views[0];
-            assert!(history.iter().map(|m| m.seq).eq(1..=history.len() as u64), "seq is gap-free");
-            let mut seen: HashMap<&str, u64> = HashMap::new();
-            for message in history {
-                assert!(seen.insert(message.text.as_str(), message.seq).is_none(), "duplicate: {}", message.text);
-            }
-            let mut sent = 0;
-            for (text, (at_chat, seq)) in &all {
-                if *at_chat == chat {
-                    assert_eq!(seen.get(text.as_str()), Some(seq), "acknowledged {text} lost or moved");
-                    sent += 1;
-                }
-            }
-            assert_eq!(history.len(), sent, "nothing but what was sent");
-        }
+        settle(&clients, ledgers, &mut all).await;
+        let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+        assert_histories(&clients, &chats, &all).await;
     }
 
     // Every member's update sequence catches up with every message, so the

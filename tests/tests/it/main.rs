@@ -6,5 +6,7 @@
 mod bad_input;
 mod chat;
 mod cli;
+mod cluster;
 mod crash;
+mod ledger;
 mod support;

@@ -89,6 +89,22 @@ impl Node {
         let _ = child.wait();
     }
 
+    /// SIGSTOP: the process stays but answers nobody, as if cut off.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill").arg(signal).arg(child.id().to_string()).status().expect("send a signal");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }

@@ -1,0 +1,181 @@
+//! A three-node cluster of real processes on loopback.
+//!
+//! Senders connected to every node write into a group and direct chats
+//! while the node leading the most of those chats' shards is killed with
+//! SIGKILL: the other two go on acknowledging, no acknowledged message is
+//! lost or duplicated, every member sees one order, and the killed node
+//! comes back and catches up. Then one node is cut off alone (the other two
+//! are stopped with SIGSTOP): it acknowledges no write and serves no read
+//! that must be fresh, and once the others are back the write that was
+//! refused exists at most once.
+
+use crate::ledger::{Burst, assert_histories, burst, settle};
+use crate::support::{NODE_BIN, Node, PASSWORD, eventually, free_udp_addr};
+use hamgam_client::{ChatId, Client, UserId};
+use hamgam_tools::admin::ClusterStatus;
+use hamgam_types::{NodeId, Placement, ShardId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const NODES: usize = 3;
+const SENDERS: usize = 6;
+const DATA_SHARDS: u32 = 8;
+
+/// Writes a new cluster under `root` and starts its nodes.
+fn start_cluster(root: &Path) -> Vec<Node> {
+    let members: Vec<String> = (1..=NODES).map(|id| format!("{id}={}", free_udp_addr())).collect();
+    let init = Command::new(NODE_BIN)
+        .arg("init")
+        .arg("--out")
+        .arg(root)
+        .arg("--initial-cluster")
+        .arg(members.join(","))
+        .arg("--data-shards")
+        .arg(DATA_SHARDS.to_string())
+        .output()
+        .expect("run hamgam-node init");
+    assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+    (1..=NODES).map(|id| Node::start(&root.join(format!("node-{id}")))).collect()
+}
+
+/// The cluster as `hamgam admin status` sees it, once every shard has a leader.
+async fn status_with_leaders(node: &Node) -> ClusterStatus {
+    eventually(Duration::from_secs(60), || async {
+        let status = ClusterStatus::gather(&node.dir, None).await.ok()?;
+        (status.leaders().len() == DATA_SHARDS as usize + 1).then_some(status)
+    })
+    .await
+}
+
+async fn log_in(node: &Node, name: &str) -> Client {
+    let client = node.client().await;
+    client.log_in(name, PASSWORD, "burst").await.unwrap();
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path());
+    status_with_leaders(&nodes[0]).await;
+
+    // Sender i signs up and stays on node i mod 3.
+    let home = |sender: usize| sender % NODES;
+    let names: Vec<String> = (0..SENDERS).map(|i| format!("sender{i}")).collect();
+    let mut ids: Vec<UserId> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        ids.push(nodes[home(i)].user(name).await.1);
+    }
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        clients.push(log_in(&nodes[home(i)], name).await);
+    }
+    let group = clients[0].create_group("گروه آزمون").await.unwrap().chat;
+    for id in &ids[1..] {
+        clients[0].add_member(group, *id).await.unwrap();
+    }
+    let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; SENDERS];
+    for i in 0..SENDERS {
+        let direct = clients[i].direct_chat(ids[(i + 1) % SENDERS]).await.unwrap().chat;
+        chats_of[i].push(direct);
+    }
+    let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+
+    // Load from every node; then kill the node leading most of the chats' shards.
+    let signals = Arc::new(Burst::default());
+    let shared: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, client) in shared.iter().enumerate() {
+        tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), 0, signals.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let leaders = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap().leaders();
+    let placement = Placement::new(DATA_SHARDS);
+    let busy: BTreeSet<ShardId> = chats.iter().map(|chat| placement.shard_of_chat(*chat)).collect();
+    let mut led: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for shard in &busy {
+        if let Some(leader) = leaders.get(shard) {
+            *led.entry(*leader).or_default() += 1;
+        }
+    }
+    let (&busiest, _) = led.iter().max_by_key(|(_, n)| **n).expect("the chats' shards have leaders");
+    let victim = (busiest.0 - 1) as usize;
+    let victim_addr = nodes[victim].addr;
+    nodes[victim].kill();
+    signals.killed.store(true, Ordering::Relaxed);
+    // Its clients notice their node is gone, as an app on a dead network does.
+    for (i, client) in shared.iter().enumerate() {
+        if home(i) == victim {
+            client.connection().close(quinn::VarInt::from_u32(0), b"node gone");
+        }
+    }
+    // The other two elect new leaders and keep acknowledging.
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    signals.stop.store(true, Ordering::Relaxed);
+    let mut ledgers = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        ledgers.push(done.unwrap());
+    }
+    let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
+    let after = signals.acked_after_kill.load(Ordering::Relaxed);
+    eprintln!("killed node {busiest}, which led {} of the {} shards the chats live on: {acked} acknowledged, {after} after the kill", led[&busiest], busy.len());
+    assert!(acked > 30, "the burst made progress ({acked} acknowledged)");
+    assert!(after > 5, "the surviving nodes kept acknowledging after the kill ({after})");
+
+    // The killed node returns; its clients reconnect to it.
+    let dir_of_victim = nodes[victim].dir.clone();
+    nodes[victim] = Node::start_at(&dir_of_victim, victim_addr);
+    drop(shared);
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        clients.push(log_in(&nodes[home(i)], name).await);
+    }
+    let mut all = BTreeMap::new();
+    settle(&clients, ledgers, &mut all).await;
+    // Read through every node, the restarted one included.
+    assert_histories(&clients, &chats, &all).await;
+    // And it caught up on every shard, not only the ones just read.
+    eventually(Duration::from_secs(60), || async {
+        let status = ClusterStatus::gather(&nodes[0].dir, None).await.ok()?;
+        let shards = status.shards();
+        let current = shards.len() == DATA_SHARDS as usize + 1
+            && shards.values().all(|s| s.leader.is_some() && s.lag.iter().all(|(_, lag)| *lag == Some(0)));
+        current.then_some(())
+    })
+    .await;
+
+    // Cut node 1 off: stop the other two.
+    let lone = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        if i != lone {
+            node.pause();
+        }
+    }
+    let writer = (0..SENDERS).find(|i| home(*i) == lone).unwrap();
+    let client_msg_id = rand::random::<u64>();
+    let text = "تنها: این نباید پذیرفته شود".to_string();
+    let refused = clients[writer].send_with_id(group, client_msg_id, &text).await;
+    assert!(refused.is_err(), "a node cut off from the others acknowledged a write: {refused:?}");
+    let stale = clients[writer].full_history(group).await;
+    assert!(stale.is_err(), "a node cut off from the others served a read that must be fresh");
+    for (i, node) in nodes.iter().enumerate() {
+        if i != lone {
+            node.resume();
+        }
+    }
+    // Back together: the refused write, retried with its client id, exists once.
+    let (seq, _) = eventually(Duration::from_secs(60), || async {
+        clients[writer].send_with_id(group, client_msg_id, &text).await.ok()
+    })
+    .await;
+    all.insert(text, (group, seq));
+    assert_histories(&clients, &chats, &all).await;
+
+    for node in &mut nodes {
+        assert_eq!(node.stop().code(), Some(0));
+    }
+}
