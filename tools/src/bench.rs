@@ -32,34 +32,39 @@ struct BenchCli {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Send messages to a running node.
+    /// Send messages to a running node, or to the nodes of a cluster (the
+    /// clients spread over them in turn).
     Messages {
-        #[arg(long, default_value = "127.0.0.1:7440")]
-        server: SocketAddr,
-        /// The node's certificate fingerprint; without it the first one seen is trusted.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7440")]
+        server: Vec<SocketAddr>,
+        /// The cluster's certificate fingerprint; without it the first one seen is trusted.
         #[arg(long)]
         fingerprint: Option<String>,
-        /// The node's process id, to report its CPU time per message.
-        #[arg(long)]
-        node_pid: Option<u32>,
+        /// The nodes' process ids, to report their CPU time per message (summed).
+        #[arg(long, value_delimiter = ',')]
+        node_pid: Vec<u32>,
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// Put keys to a running etcd server.
+    /// Put keys to a running etcd server or cluster (clients spread over the endpoints).
     Etcd {
-        #[arg(long, default_value = "127.0.0.1:2379")]
-        endpoint: SocketAddr,
-        /// The etcd process id, to report its CPU time per put.
-        #[arg(long)]
-        pid: Option<u32>,
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+        endpoint: Vec<SocketAddr>,
+        /// The etcd process ids, to report their CPU time per put (summed).
+        #[arg(long, value_delimiter = ',')]
+        pid: Vec<u32>,
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// Start a fresh node and a fresh etcd, load each, print both and the ratio.
+    /// Start a fresh node and a fresh etcd (or a cluster of each), load
+    /// each, print both and the ratio.
     Compare {
         /// Client counts to run, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "64")]
         clients_list: Vec<usize>,
+        /// Members of each cluster: 1 (a single node) or 3.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
         #[command(flatten)]
         shape: LoadShape,
         /// hamgam-node binary (default: next to this program).
@@ -104,16 +109,17 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
                 Some(text) => Trust::Pinned(text.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
                 None => hamgam_client::first_use().0,
             };
-            let result = hamgam_load(server, trust, node_pid, &load).await?;
+            let result = hamgam_load(&server, trust, &node_pid, &load).await?;
             println!("{}", LoadResult::header());
             println!("{}", result.row());
         }
         BenchCommand::Etcd { endpoint, pid, load } => {
-            let result = etcd_load(endpoint, pid, &load).await?;
+            let result = etcd_load(&endpoint, &pid, &load).await?;
             println!("{}", LoadResult::header());
             println!("{}", result.row());
         }
-        BenchCommand::Compare { clients_list, shape, node_bin, etcd_bin, work_dir } => {
+        BenchCommand::Compare { clients_list, nodes, shape, node_bin, etcd_bin, work_dir } => {
+            let nodes = usize::from(nodes);
             let node_bin = match node_bin {
                 Some(path) => path,
                 None => std::env::current_exe()?.with_file_name("hamgam-node"),
@@ -124,15 +130,15 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             for clients in clients_list {
                 let load = LoadArgs { clients, shape: shape.clone() };
                 let hamgam = {
-                    let node = NodeProcess::start(&node_bin, &work.join(format!("hamgam-{clients}"))).await?;
-                    let result = hamgam_load(node.addr, Trust::Pinned(node.fingerprint), Some(node.pid), &load).await;
-                    node.stop().await?;
+                    let cluster = NodeCluster::start(&node_bin, &work.join(format!("hamgam-{clients}")), nodes).await?;
+                    let result = hamgam_load(&cluster.addrs(), Trust::Pinned(cluster.fingerprint), &cluster.pids(), &load).await;
+                    cluster.stop().await?;
                     result?
                 };
                 let etcd = {
-                    let server = EtcdProcess::start(&etcd_bin, &work.join(format!("etcd-{clients}"))).await?;
-                    let result = etcd_load(server.client_addr, Some(server.pid), &load).await;
-                    server.stop().await?;
+                    let cluster = EtcdCluster::start(&etcd_bin, &work.join(format!("etcd-{clients}")), nodes).await?;
+                    let result = etcd_load(&cluster.client_addrs(), &cluster.pids(), &load).await;
+                    cluster.stop().await?;
                     result?
                 };
                 println!("{}", LoadResult::header());
@@ -167,6 +173,11 @@ fn process_cpu(pid: Option<u32>) -> Option<Duration> {
     let fields: Vec<&str> = text.rsplit_once(") ")?.1.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time the processes `pids` have used together; `None` if any is unreadable.
+fn processes_cpu(pids: &[u32]) -> Option<Duration> {
+    pids.iter().map(|pid| process_cpu(Some(*pid))).sum()
 }
 
 struct LoadResult {
@@ -249,7 +260,7 @@ struct Phase {
 }
 
 /// Runs `clients` workers; each calls `step` back to back and reports its latency.
-async fn drive<W, F, Fut>(label: &str, load: &LoadArgs, pid: Option<u32>, workers: Vec<W>, step: F) -> anyhow::Result<LoadResult>
+async fn drive<W, F, Fut>(label: &str, load: &LoadArgs, pids: &[u32], workers: Vec<W>, step: F) -> anyhow::Result<LoadResult>
 where
     W: Send + Sync + 'static,
     F: Fn(Arc<W>, u64) -> Fut + Send + Sync + Clone + 'static,
@@ -300,15 +311,15 @@ where
         });
     }
     tokio::time::sleep(Duration::from_secs(load.shape.warmup_secs)).await;
-    let server_before = process_cpu(pid);
+    let server_before = processes_cpu(pids);
     let client_before = process_cpu(None);
     let started = Instant::now();
     phase.recording.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(load.shape.duration_secs)).await;
     phase.recording.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
-    let server_cpu = match (server_before, process_cpu(pid)) {
-        (Some(before), Some(after)) if pid.is_some() => Some(after.saturating_sub(before)),
+    let server_cpu = match (server_before, processes_cpu(pids)) {
+        (Some(before), Some(after)) if !pids.is_empty() => Some(after.saturating_sub(before)),
         _ => None,
     };
     let client_cpu = match (client_before, process_cpu(None)) {
@@ -352,9 +363,9 @@ struct MessageWorker {
     text: String,
 }
 
-async fn hamgam_load(server: SocketAddr, trust: Trust, node_pid: Option<u32>, load: &LoadArgs) -> anyhow::Result<LoadResult> {
-    if load.clients == 0 {
-        bail!("the message load needs at least one client");
+async fn hamgam_load(servers: &[SocketAddr], trust: Trust, node_pids: &[u32], load: &LoadArgs) -> anyhow::Result<LoadResult> {
+    if load.clients == 0 || servers.is_empty() {
+        bail!("the message load needs at least one client and one server");
     }
     let run_id: u32 = rand::random::<u32>() % 1_000_000;
     let password = "bench-password-1";
@@ -362,7 +373,10 @@ async fn hamgam_load(server: SocketAddr, trust: Trust, node_pid: Option<u32>, lo
     let users = load.clients + load.clients % 2;
     let mut clients = Vec::with_capacity(users);
     for i in 0..users {
-        let client = Client::connect(server, trust.clone(), "hamgam-bench").await.context("connecting to the node")?;
+        let server = servers[i % servers.len()];
+        let client = Client::connect(server, trust.clone(), "hamgam-bench")
+            .await
+            .with_context(|| format!("connecting to the node at {server}"))?;
         let username = format!("b{run_id}_{i}");
         client.sign_up(&username, password, "").await.context("signing up bench users")?;
         let session = client.log_in(&username, password, "bench").await?;
@@ -377,20 +391,12 @@ async fn hamgam_load(server: SocketAddr, trust: Trust, node_pid: Option<u32>, lo
         workers.push(MessageWorker { client: second, chat, text: text.clone() });
     }
     workers.truncate(load.clients);
-    drive("hamgam", load, node_pid, workers, |worker: Arc<MessageWorker>, i| async move {
+    drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, i| async move {
         let id = rand::random::<u64>() ^ i;
         worker.client.send_with_id(worker.chat, id, &worker.text).await?;
         Ok(())
     })
     .await
-}
-
-/// A hamgam-node started for one comparison.
-struct NodeProcess {
-    child: tokio::process::Child,
-    pid: u32,
-    addr: SocketAddr,
-    fingerprint: Fingerprint,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -419,40 +425,125 @@ async fn terminate(child: &mut tokio::process::Child, name: &str) -> anyhow::Res
     Ok(())
 }
 
-impl NodeProcess {
-    async fn start(bin: &Path, data: &Path) -> anyhow::Result<NodeProcess> {
-        std::fs::create_dir_all(data)?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let mut child = tokio::process::Command::new(bin)
-            .arg("--data")
-            .arg(data)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(data.with_extension("log"))?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id().context("the node exited at once")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let fingerprint = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ") {
-                    return fp.trim().parse::<Fingerprint>().map_err(|e| anyhow::anyhow!("{e}"));
-                }
+/// The hamgam-node processes started for one comparison: a single node,
+/// or the members of a cluster made with `hamgam-node init`.
+struct NodeCluster {
+    nodes: Vec<(tokio::process::Child, u32, SocketAddr)>,
+    fingerprint: Fingerprint,
+}
+
+impl NodeCluster {
+    async fn start(bin: &Path, dir: &Path, members: usize) -> anyhow::Result<NodeCluster> {
+        std::fs::create_dir_all(dir)?;
+        let data_dirs: Vec<PathBuf> = if members == 1 {
+            vec![dir.to_path_buf()]
+        } else {
+            let peers: Vec<String> =
+                (1..=members).map(|id| Ok(format!("{id}=127.0.0.1:{}", free_port()?))).collect::<anyhow::Result<_>>()?;
+            let init = tokio::process::Command::new(bin)
+                .arg("init")
+                .arg("--out")
+                .arg(dir)
+                .arg("--initial-cluster")
+                .arg(peers.join(","))
+                .output()
+                .await
+                .with_context(|| format!("running {} init", bin.display()))?;
+            if !init.status.success() {
+                bail!("hamgam-node init failed: {}", String::from_utf8_lossy(&init.stderr));
             }
-            bail!("the node exited before it was ready (see {})", data.with_extension("log").display())
-        })
-        .await
-        .context("the node did not start within 60 seconds")??;
-        // Keep reading stdout so the node never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(NodeProcess { child, pid, addr, fingerprint })
+            (1..=members).map(|id| dir.join(format!("node-{id}"))).collect()
+        };
+        let mut nodes = Vec::new();
+        let mut fingerprint = None;
+        for data in &data_dirs {
+            let (child, pid, addr, printed) = start_node(bin, data).await?;
+            nodes.push((child, pid, addr));
+            fingerprint = Some(printed);
+        }
+        let cluster = NodeCluster { nodes, fingerprint: fingerprint.context("no node started")? };
+        if members > 1 {
+            wait_for_balanced_leaders(&data_dirs[0], members).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|(_, _, addr)| *addr).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|(_, pid, _)| *pid).collect()
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
-        terminate(&mut self.child, "hamgam-node").await
+        for (child, _, _) in &mut self.nodes {
+            terminate(child, "hamgam-node").await?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts one node on a free port and waits for it to print its fingerprint.
+async fn start_node(bin: &Path, data: &Path) -> anyhow::Result<(tokio::process::Child, u32, SocketAddr, Fingerprint)> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut child = tokio::process::Command::new(bin)
+        .arg("--data")
+        .arg(data)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(data.with_extension("log"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id().context("the node exited at once")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let fingerprint = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ") {
+                return fp.trim().parse::<Fingerprint>().map_err(|e| anyhow::anyhow!("{e}"));
+            }
+        }
+        bail!("the node exited before it was ready (see {})", data.with_extension("log").display())
+    })
+    .await
+    .context("the node did not start within 60 seconds")??;
+    // Keep reading stdout so the node never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, pid, addr, fingerprint))
+}
+
+/// Waits until every shard has a leader and the leaders have spread over
+/// the nodes (each leads at least all but one of its even share), so a run
+/// does not measure the first seconds of a cluster's life.
+async fn wait_for_balanced_leaders(data: &Path, members: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(status) = crate::admin::ClusterStatus::gather(data, None).await {
+            let shards = status.shards();
+            let leaders = status.leaders();
+            let mut led = std::collections::BTreeMap::<_, usize>::new();
+            for leader in leaders.values() {
+                *led.entry(*leader).or_default() += 1;
+            }
+            let share = shards.len() / members;
+            if !shards.is_empty()
+                && leaders.len() == shards.len()
+                && led.len() == members
+                && led.values().all(|n| *n + 1 >= share)
+            {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(60) && leaders.len() == shards.len() {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            bail!("the cluster's shards did not elect leaders within 90 seconds");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -534,58 +625,83 @@ impl EtcdWorker {
     }
 }
 
-async fn etcd_load(endpoint: SocketAddr, pid: Option<u32>, load: &LoadArgs) -> anyhow::Result<LoadResult> {
+async fn etcd_load(endpoints: &[SocketAddr], pids: &[u32], load: &LoadArgs) -> anyhow::Result<LoadResult> {
+    if endpoints.is_empty() {
+        bail!("the etcd load needs at least one endpoint");
+    }
     let value = Bytes::from(vec![b'v'; load.shape.message_bytes]);
     let mut workers = Vec::with_capacity(load.clients);
     for client in 0..load.clients {
-        workers.push(EtcdWorker::connect(endpoint, client, value.clone()).await?);
+        workers.push(EtcdWorker::connect(endpoints[client % endpoints.len()], client, value.clone()).await?);
     }
-    drive("etcd", load, pid, workers, |worker: Arc<EtcdWorker>, i| async move { worker.put(i).await }).await
+    drive("etcd", load, pids, workers, |worker: Arc<EtcdWorker>, i| async move { worker.put(i).await }).await
 }
 
-struct EtcdProcess {
-    child: tokio::process::Child,
-    pid: u32,
-    client_addr: SocketAddr,
+/// The etcd members started for one comparison.
+struct EtcdCluster {
+    members: Vec<(tokio::process::Child, u32, SocketAddr)>,
 }
 
-impl EtcdProcess {
-    async fn start(bin: &str, data: &Path) -> anyhow::Result<EtcdProcess> {
-        std::fs::create_dir_all(data)?;
-        let client_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
-        let peer = format!("http://127.0.0.1:{}", free_tcp_port()?);
-        let client_url = format!("http://{client_addr}");
-        let mut child = tokio::process::Command::new(bin)
-            .args(["--name", "bench", "--data-dir"])
-            .arg(data)
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("bench={peer}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(data.with_extension("log"))?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {bin} (install Debian's etcd-server)"))?;
-        let pid = child.id().context("etcd exited at once")?;
+impl EtcdCluster {
+    async fn start(bin: &str, dir: &Path, size: usize) -> anyhow::Result<EtcdCluster> {
+        std::fs::create_dir_all(dir)?;
+        let mut plan = Vec::new();
+        for id in 1..=size {
+            let client: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+            let peer = format!("http://127.0.0.1:{}", free_tcp_port()?);
+            plan.push((format!("m{id}"), client, peer));
+        }
+        let initial: Vec<String> = plan.iter().map(|(name, _, peer)| format!("{name}={peer}")).collect();
+        let mut members = Vec::new();
+        for (name, client_addr, peer) in &plan {
+            let data = dir.join(name);
+            let client_url = format!("http://{client_addr}");
+            let child = tokio::process::Command::new(bin)
+                .args(["--name", name, "--data-dir"])
+                .arg(&data)
+                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(data.with_extension("log"))?)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {bin} (install Debian's etcd-server)"))?;
+            let pid = child.id().context("etcd exited at once")?;
+            members.push((child, pid, *client_addr));
+        }
+        let cluster = EtcdCluster { members };
         let probe_value = Bytes::from_static(b"ready");
         let started = Instant::now();
-        loop {
-            if let Ok(worker) = EtcdWorker::connect(client_addr, usize::MAX, probe_value.clone()).await
-                && worker.put(0).await.is_ok()
-            {
-                break;
+        for addr in cluster.client_addrs() {
+            loop {
+                if let Ok(worker) = EtcdWorker::connect(addr, usize::MAX, probe_value.clone()).await
+                    && worker.put(0).await.is_ok()
+                {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!("etcd did not become ready within 30 seconds (see the logs in {})", dir.display());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                child.kill().await?;
-                bail!("etcd did not become ready within 30 seconds (see {})", data.with_extension("log").display());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(EtcdProcess { child, pid, client_addr })
+        Ok(cluster)
+    }
+
+    fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.members.iter().map(|(_, _, addr)| *addr).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(|(_, pid, _)| *pid).collect()
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
-        terminate(&mut self.child, "etcd").await
+        for (child, _, _) in &mut self.members {
+            terminate(child, "etcd").await?;
+        }
+        Ok(())
     }
 }
 
