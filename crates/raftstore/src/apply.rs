@@ -111,6 +111,9 @@ pub(crate) fn write_applied(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyS
 pub(crate) struct ApplyTask {
     pub shard: ShardId,
     pub entries: Vec<(Entry, Vec<Reply>)>,
+    /// The configuration after each configuration-change entry, by index:
+    /// raft computed it when the store loop applied the change to raft.
+    pub confs: Vec<(u64, ConfState)>,
 }
 
 pub(crate) enum ApplyInput {
@@ -314,7 +317,15 @@ impl Applier {
                         }
                     }
                     EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                        return Err(StoreError::Unsupported { shard, what: "configuration changes" });
+                        let Some((_, conf)) = task.confs.iter().find(|(index, _)| *index == entry.index) else {
+                            return Err(StoreError::Corrupt {
+                                shard,
+                                what: "configuration change",
+                                reason: format!("no configuration computed for entry {}", entry.index),
+                            });
+                        };
+                        state.conf = conf.clone();
+                        answers.extend(replies.into_iter().map(|r| (r, Ok(Vec::new()))));
                     }
                 }
                 state.index = entry.index;

@@ -29,7 +29,7 @@ mod store;
 pub mod wal;
 
 pub use raft::eraftpb::{Message as RaftMessage, MessageType as RaftMessageType};
-pub use store::{RaftHandle, ReplicaRole, ShardStatus, Store, StoreConfig, StoreStats};
+pub use store::{RaftHandle, ReplicaChange, ReplicaRole, ShardStatus, Store, StoreConfig, StoreStats};
 
 use hamgam_storage::{Db, Prefixed, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId};
@@ -154,9 +154,6 @@ pub enum StoreError {
     /// A committed entry or stored record does not decode: the log or database is damaged.
     #[error("corrupt {what} in shard {shard}: {reason}")]
     Corrupt { shard: ShardId, what: &'static str, reason: String },
-    /// Something this version cannot do yet (for example, a configuration change).
-    #[error("unsupported in shard {shard}: {what}")]
-    Unsupported { shard: ShardId, what: &'static str },
     #[error("could not start the store thread: {0}")]
     Thread(std::io::Error),
 }

@@ -65,7 +65,17 @@ impl ShardLog {
         if log.hard_state.commit < applied_index {
             log.hard_state.commit = applied_index;
         }
+        // Likewise the term has reached the applied entry's (a new shard
+        // starts at a bootstrap point whose term no vote recorded).
+        if log.hard_state.term < applied_term {
+            log.hard_state.term = applied_term;
+        }
         log
+    }
+
+    /// The configuration after a committed change was applied.
+    pub fn set_conf_state(&mut self, conf_state: ConfState) {
+        self.conf_state = conf_state;
     }
 
     #[cfg(test)]

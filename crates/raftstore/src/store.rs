@@ -25,11 +25,12 @@ use crate::{ProposalForwarder, ProposeError, RaftTransport, ShardReader, StateMa
 use raft::SnapshotStatus;
 use hamgam_storage::{Db, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
-use raft::eraftpb::{ConfState, Entry, Message};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -44,6 +45,9 @@ const APPLY_QUEUE_ROUNDS_MAX: usize = 64;
 const LEADER_BALANCE_TICKS: u64 = 10;
 const LEADER_TRANSFERS_PER_PASS: usize = 4;
 
+/// Where a new shard's initial replicas start their logs.
+const BOOTSTRAP_INDEX: u64 = 1;
+
 /// How a store is set up.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -51,7 +55,9 @@ pub struct StoreConfig {
     pub wal_dir: PathBuf,
     /// Shards this node hosts, each with the voters it starts with when it
     /// has no state yet (every replica of a new shard must be given the same
-    /// list). A shard with state keeps the configuration it has.
+    /// list). A shard with state keeps the configuration it has. An empty
+    /// list makes a replica that waits to be added: it has nothing until a
+    /// leader that added it sends a snapshot.
     pub shards: BTreeMap<ShardId, Vec<NodeId>>,
 }
 
@@ -81,6 +87,16 @@ pub struct ShardStatus {
     pub applied: u64,
     /// Filled on the leader only: how far each replica's log matches it.
     pub matched: Vec<(NodeId, u64)>,
+}
+
+/// A change to the replicas of one shard (one raft configuration change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaChange {
+    /// A replica that receives the log but does not vote, while it catches up.
+    AddLearner(NodeId),
+    /// A voter (or a learner promoted to one).
+    AddVoter(NodeId),
+    Remove(NodeId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +130,7 @@ enum Input {
     /// Whether a snapshot sent to `to` arrived.
     SnapshotSent { shard: ShardId, to: NodeId, delivered: bool },
     ReadIndex { shard: ShardId, reply: ReadReply },
+    ChangeReplicas { shard: ShardId, change: ReplicaChange, reply: Reply },
     Status { reply: oneshot::Sender<Vec<ShardStatus>> },
     Wake,
     CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
@@ -143,7 +160,7 @@ pub struct RaftHandle {
     db: Arc<dyn Db>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
     /// Shards whose only voter is this node: its applied state is always fresh.
-    sole_voter: Arc<BTreeMap<ShardId, bool>>,
+    sole_voter: Arc<BTreeMap<ShardId, AtomicBool>>,
     forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
     running: watch::Receiver<bool>,
@@ -220,10 +237,10 @@ impl RaftHandle {
     /// so a read that follows sees every acknowledged write, whichever node
     /// acknowledged it.
     pub async fn read_index(&self, shard: ShardId) -> Result<(), ProposeError> {
-        let Some(&sole) = self.sole_voter.get(&shard) else {
+        let Some(sole) = self.sole_voter.get(&shard) else {
             return Err(ProposeError::UnknownShard(shard));
         };
-        if sole {
+        if sole.load(Ordering::Acquire) {
             // Only this node commits: whatever it acknowledged is applied.
             return Ok(());
         }
@@ -240,6 +257,26 @@ impl RaftHandle {
                     tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
                 }
                 Ok(Ok(Err(_))) | Err(_) => return Err(ProposeError::NoLeader(shard)),
+            }
+        }
+    }
+
+    /// Changes the replicas of `shard` by one step and waits until the
+    /// change is applied here. Only on the shard's leader (`NotLeader`
+    /// elsewhere); while another change is pending it waits its turn.
+    pub async fn change_replicas(&self, shard: ShardId, change: ReplicaChange) -> Result<(), ProposeError> {
+        let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
+        loop {
+            let (reply, answer) = oneshot::channel();
+            self.inputs.send(Input::ChangeReplicas { shard, change, reply }).await.map_err(|_| ProposeError::Stopped)?;
+            match answer.await.map_err(|_| ProposeError::Stopped)? {
+                // The previous change is not applied yet. Asking again is
+                // safe even if this one was lost in a leader change and
+                // applies later: a repeated change changes nothing.
+                Err(ProposeError::Dropped) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
+                }
+                other => return other.map(|_| ()),
             }
         }
     }
@@ -299,8 +336,14 @@ impl Store {
         for (&shard, voters) in &config.shards {
             states.entry(shard).or_insert_with(|| {
                 bootstrapped = true;
+                if voters.is_empty() {
+                    return ApplyState { index: 0, term: 0, conf: ConfState::default() };
+                }
+                // Every initial replica starts at the same point, after the
+                // first entry; so a replica added later, which starts at 0,
+                // always gets a snapshot first, carrying the configuration.
                 let conf = ConfState { voters: voters.iter().map(|n| n.0).collect(), ..Default::default() };
-                ApplyState { index: 0, term: 0, conf }
+                ApplyState { index: BOOTSTRAP_INDEX, term: BOOTSTRAP_INDEX, conf }
             });
         }
         let mut peers = BTreeMap::new();
@@ -328,7 +371,7 @@ impl Store {
             };
             raft_config.validate().map_err(|source| StoreError::Raft { shard, source })?;
             let mut node = RawNode::new(&raft_config, log, &logger).map_err(|source| StoreError::Raft { shard, source })?;
-            if apply_state.conf.voters == [config.node.0] && apply_state.conf.learners.is_empty() {
+            if is_sole_voter(&apply_state.conf, config.node) {
                 // Sole voter: no one to wait for, lead at once.
                 node.campaign().map_err(|source| StoreError::Raft { shard, source })?;
             }
@@ -352,8 +395,8 @@ impl Store {
         let (running_tx, running) = watch::channel(true);
         let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
             Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
-        let sole_voter: Arc<BTreeMap<ShardId, bool>> = Arc::new(
-            states.iter().map(|(s, a)| (*s, a.conf.voters == [config.node.0] && a.conf.learners.is_empty())).collect(),
+        let sole_voter: Arc<BTreeMap<ShardId, AtomicBool>> = Arc::new(
+            states.iter().map(|(s, a)| (*s, AtomicBool::new(is_sole_voter(&a.conf, config.node)))).collect(),
         );
         let stats = Arc::new(StoreStats::default());
         let handle = RaftHandle {
@@ -361,7 +404,7 @@ impl Store {
             inputs: inputs.clone(),
             db: db.clone(),
             leaders: leaders.clone(),
-            sole_voter,
+            sole_voter: sole_voter.clone(),
             forwarder: Arc::new(OnceLock::new()),
             stats: stats.clone(),
             running,
@@ -400,6 +443,7 @@ impl Store {
             queue,
             inputs,
             leaders,
+            sole_voter,
             stats,
             transport,
             snapshots_in_flight: Default::default(),
@@ -410,7 +454,7 @@ impl Store {
             progress,
             last_tick: Instant::now(),
             ticks: 0,
-            checkpoint: CheckpointState { in_flight: false, wal_bytes: 0, last: Instant::now() },
+            checkpoint: CheckpointState { in_flight: false, thread: None, wal_bytes: 0, last: Instant::now() },
         };
         let thread = std::thread::Builder::new()
             .name("raftstore".into())
@@ -421,6 +465,10 @@ impl Store {
                 }
                 store_loop.stop_applier();
                 store_loop.fail_queued();
+                // After the queue is closed: its report can no longer block.
+                if let Some(checkpoint) = store_loop.checkpoint.thread.take() {
+                    let _ = checkpoint.join();
+                }
                 let _ = running_tx.send(false);
                 result
             })
@@ -561,6 +609,9 @@ impl Peer {
 
 struct CheckpointState {
     in_flight: bool,
+    /// The thread of the checkpoint in flight, joined when the store stops
+    /// so nothing holds the database after `Store::stop` returns.
+    thread: Option<std::thread::JoinHandle<()>>,
     /// WAL bytes written since the last checkpoint started.
     wal_bytes: u64,
     last: Instant,
@@ -596,6 +647,7 @@ struct StoreLoop {
     /// For the checkpoint thread to report back.
     inputs: mpsc::Sender<Input>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
+    sole_voter: Arc<BTreeMap<ShardId, AtomicBool>>,
     stats: Arc<StoreStats>,
     apply_inputs: std::sync::mpsc::SyncSender<ApplyInput>,
     apply_thread: Option<std::thread::JoinHandle<()>>,
@@ -693,6 +745,41 @@ impl StoreLoop {
                 self.reads.next_context += 1;
                 peer.node.read_index(context.to_le_bytes().to_vec());
                 self.reads.asked.insert(context, (shard, Instant::now(), reply));
+            }
+            Input::ChangeReplicas { shard, change, reply } => {
+                let Some(peer) = self.peers.get_mut(&shard) else {
+                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
+                    return Ok(false);
+                };
+                if !peer.is_leader() {
+                    let leader = peer.node.raft.leader_id;
+                    let leader = (leader != raft::INVALID_ID).then_some(NodeId(leader));
+                    let _ = reply.send(Err(ProposeError::NotLeader { shard, leader }));
+                    return Ok(false);
+                }
+                let (change_type, node) = match change {
+                    ReplicaChange::AddLearner(node) => (ConfChangeType::AddLearnerNode, node),
+                    ReplicaChange::AddVoter(node) => (ConfChangeType::AddNode, node),
+                    ReplicaChange::Remove(node) => (ConfChangeType::RemoveNode, node),
+                };
+                if peer.node.raft.has_pending_conf() {
+                    // raft would turn it into an empty entry: refuse it
+                    // unproposed instead, so asking again is safe.
+                    let _ = reply.send(Err(ProposeError::Dropped));
+                    return Ok(false);
+                }
+                let change = ConfChange { change_type, node_id: node.0, ..Default::default() };
+                match peer.node.propose_conf_change(Vec::new(), change) {
+                    Ok(()) => {
+                        let index = peer.node.raft.raft_log.last_index();
+                        let term = peer.node.raft.term;
+                        peer.inflight.push_back(Inflight { index, term, replies: vec![reply] });
+                    }
+                    Err(error) => {
+                        tracing::debug!(%shard, %error, "configuration change refused");
+                        let _ = reply.send(Err(ProposeError::NotLeader { shard, leader: Some(NodeId(peer.node.raft.id)) }));
+                    }
+                }
             }
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -873,7 +960,7 @@ impl StoreLoop {
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(ApplyTask { shard, entries: attach_replies(peer, entries) });
+                committed.push(prepare_apply(shard, peer, entries, &self.sole_voter)?);
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -921,7 +1008,7 @@ impl StoreLoop {
             self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(ApplyTask { shard, entries: attach_replies(peer, entries) });
+                committed.push(prepare_apply(shard, peer, entries, &self.sole_voter)?);
             }
         }
         self.flush_outbound();
@@ -1002,8 +1089,9 @@ impl StoreLoop {
             let _ = inputs.blocking_send(Input::CheckpointDone(result));
         });
         match spawned {
-            Ok(_) => {
-                self.checkpoint = CheckpointState { in_flight: true, wal_bytes: 0, last: Instant::now() };
+            Ok(thread) => {
+                self.checkpoint =
+                    CheckpointState { in_flight: true, thread: Some(thread), wal_bytes: 0, last: Instant::now() };
             }
             Err(error) => tracing::warn!(?error, "could not start a checkpoint; will retry"),
         }
@@ -1079,6 +1167,51 @@ fn propose_batch(shard: ShardId, peer: &mut Peer) {
             }
         }
     }
+}
+
+fn is_sole_voter(conf: &ConfState, node: NodeId) -> bool {
+    conf.voters == [node.0] && conf.learners.is_empty()
+}
+
+/// Readies committed entries of `shard` for the apply thread: pairs them
+/// with their proposers, and applies each configuration change to raft now,
+/// in log order, handing the resulting configuration along so the apply
+/// thread stores it with the entry's index.
+fn prepare_apply(
+    shard: ShardId,
+    peer: &mut Peer,
+    entries: Vec<Entry>,
+    sole_voter: &BTreeMap<ShardId, AtomicBool>,
+) -> Result<ApplyTask, StoreError> {
+    let mut confs = Vec::new();
+    for entry in &entries {
+        let corrupt = |error: protobuf::ProtobufError| StoreError::Corrupt {
+            shard,
+            what: "configuration change",
+            reason: error.to_string(),
+        };
+        let applied = match entry.get_entry_type() {
+            EntryType::EntryNormal => continue,
+            EntryType::EntryConfChange => peer.node.apply_conf_change(&ConfChange::parse_from_bytes(&entry.data).map_err(corrupt)?),
+            EntryType::EntryConfChangeV2 => {
+                peer.node.apply_conf_change(&ConfChangeV2::parse_from_bytes(&entry.data).map_err(corrupt)?)
+            }
+        };
+        // A change that does not fit the configuration (adding a voter
+        // twice, removing the last one) fails alike on every replica and
+        // changes nothing: keep the configuration as it is.
+        let conf = applied.unwrap_or_else(|error| {
+            tracing::warn!(%shard, index = entry.index, %error, "a configuration change changed nothing");
+            peer.node.raft.prs().conf().to_conf_state()
+        });
+        tracing::info!(%shard, index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
+        peer.node.mut_store().set_conf_state(conf.clone());
+        if let Some(sole) = sole_voter.get(&shard) {
+            sole.store(is_sole_voter(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
+        }
+        confs.push((entry.index, conf));
+    }
+    Ok(ApplyTask { shard, entries: attach_replies(peer, entries), confs })
 }
 
 /// Pairs committed entries with the proposers waiting for them. Proposals
@@ -1340,6 +1473,84 @@ mod tests {
             handle.read_index(ShardId(1)).await.unwrap();
             assert_eq!(total(&handle, 1), 62);
         }
+        for (_, store) in stores {
+            store.stop().unwrap();
+        }
+    }
+
+    async fn eventually_total(handle: &RaftHandle, shard: u32, expected: u64) {
+        for _ in 0..1000 {
+            if total(handle, shard) == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("shard {shard} never reached {expected} (at {})", total(handle, shard));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_added_later_catches_up_by_snapshot_votes_and_keeps_its_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let initial = vec![NodeId(1), NodeId(2), NodeId(3)];
+        let network = InProcess::default();
+        let open = |node: NodeId, voters: Vec<NodeId>, db: Arc<MemDb>| {
+            let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), voters)].into();
+            let config = StoreConfig { node, wal_dir: dir.path().join(format!("wal-{}", node.0)), shards };
+            let store = Store::open(config, db, Box::new(Counter), Box::new(network.clone())).unwrap();
+            store.handle().set_forwarder(Arc::new(network.clone()));
+            network.handles.lock().unwrap().insert(node, store.handle());
+            store
+        };
+        let mut stores = BTreeMap::new();
+        for &node in &initial {
+            stores.insert(node, open(node, initial.clone(), Arc::new(MemDb::new())));
+        }
+        // Node 4 hosts shard 1 only once a leader adds it.
+        let db4 = Arc::new(MemDb::new());
+        stores.insert(NodeId(4), open(NodeId(4), Vec::new(), db4.clone()));
+        let leader = wait_for_leader(&stores[&NodeId(1)].handle(), ShardId(1), None).await;
+        let lead = stores[&leader].handle();
+        for _ in 0..20 {
+            lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
+        }
+        assert_eq!(total(&stores[&NodeId(4)].handle(), 1), 0);
+        assert!(matches!(
+            stores[&NodeId(4)].handle().change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await,
+            Err(ProposeError::NotLeader { .. })
+        ));
+
+        lead.change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await.unwrap();
+        eventually_total(&stores[&NodeId(4)].handle(), 1, 40).await;
+        assert_eq!(stores[&NodeId(4)].handle().stats().snapshots_installed.load(Ordering::Relaxed), 1);
+        lead.change_replicas(ShardId(1), ReplicaChange::AddVoter(NodeId(4))).await.unwrap();
+        // Take out a follower other than the leader: three voters again.
+        let removed = initial.iter().copied().find(|n| *n != leader).unwrap();
+        lead.change_replicas(ShardId(1), ReplicaChange::Remove(removed)).await.unwrap();
+        let status = lead.status().await.unwrap();
+        let mut expected: Vec<NodeId> = initial.iter().copied().filter(|n| *n != removed).collect();
+        expected.push(NodeId(4));
+        assert_eq!(status[0].voters, expected);
+
+        // The removed node is gone; writes go on with node 4 voting.
+        stores.remove(&removed).unwrap().stop().unwrap();
+        network.handles.lock().unwrap().remove(&removed);
+        lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
+        eventually_total(&stores[&NodeId(4)].handle(), 1, 42).await;
+
+        // Node 4 restarts with its configuration from disk, not from its
+        // (empty) start-up list, and still counts in the quorum.
+        stores.remove(&NodeId(4)).unwrap().stop().unwrap();
+        network.handles.lock().unwrap().remove(&NodeId(4));
+        let restarted = open(NodeId(4), Vec::new(), db4);
+        let status = restarted.handle().status().await.unwrap();
+        assert_eq!(status[0].voters, expected);
+        stores.insert(NodeId(4), restarted);
+        let other = expected.iter().copied().find(|n| *n != leader && *n != NodeId(4)).unwrap();
+        stores.remove(&other).unwrap().stop().unwrap();
+        network.handles.lock().unwrap().remove(&other);
+        // Leader and node 4 are two of three: a quorum only with node 4.
+        let reply = stores[&leader].handle().propose(ShardId(1), vec![0; 2]).await.unwrap();
+        assert_eq!(reply, 44u64.to_le_bytes());
         for (_, store) in stores {
             store.stop().unwrap();
         }
