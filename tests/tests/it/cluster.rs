@@ -9,7 +9,7 @@
 //! that must be fresh, and once the others are back the write that was
 //! refused exists at most once.
 
-use crate::ledger::{Burst, assert_histories, burst, settle};
+use crate::ledger::{Burst, assert_histories, burst, group_and_pairs, settle};
 use crate::support::{NODE_BIN, Node, PASSWORD, eventually, free_udp_addr};
 use hamgam_client::{ChatId, Client, UserId};
 use hamgam_tools::admin::ClusterStatus;
@@ -74,15 +74,7 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     for (i, name) in names.iter().enumerate() {
         clients.push(log_in(&nodes[home(i)], name).await);
     }
-    let group = clients[0].create_group("گروه آزمون").await.unwrap().chat;
-    for id in &ids[1..] {
-        clients[0].add_member(group, *id).await.unwrap();
-    }
-    let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; SENDERS];
-    for i in 0..SENDERS {
-        let direct = clients[i].direct_chat(ids[(i + 1) % SENDERS]).await.unwrap().chat;
-        chats_of[i].push(direct);
-    }
+    let (group, chats_of) = group_and_pairs(&clients, &ids, "گروه آزمون").await;
     let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
 
     // Load from every node; then kill the node leading most of the chats' shards.

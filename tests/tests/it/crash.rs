@@ -3,7 +3,7 @@
 //! unacknowledged sends never duplicate, every member sees one order, and
 //! every member's update sequence catches up (the outbox survived).
 
-use crate::ledger::{Burst, assert_histories, burst, settle};
+use crate::ledger::{Burst, assert_histories, burst, group_and_pairs, settle};
 use crate::support::{Node, PASSWORD, eventually};
 use hamgam_client::{ChatId, Client, LocalState, UserId};
 use std::collections::BTreeMap;
@@ -32,16 +32,8 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
         ids.push(node.user(name).await.1);
     }
     let clients = log_in(&node, &names).await;
-    let group = clients[0].create_group("burst").await.unwrap().chat;
-    for id in &ids[1..] {
-        clients[0].add_member(group, *id).await.unwrap();
-    }
-    // Each sender also writes in a direct chat with the next one.
-    let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; SENDERS];
-    for i in 0..SENDERS {
-        let direct = clients[i].direct_chat(ids[(i + 1) % SENDERS]).await.unwrap().chat;
-        chats_of[i].push(direct);
-    }
+    // A group of all, and each sender in a direct chat with the next one.
+    let (group, chats_of) = group_and_pairs(&clients, &ids, "burst").await;
 
     let mut all: BTreeMap<String, (ChatId, u64)> = BTreeMap::new();
     let mut clients = clients;

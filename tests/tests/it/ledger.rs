@@ -3,11 +3,26 @@
 //! that every member sees. Shared by the crash tests of one node and of a
 //! cluster.
 
-use hamgam_client::{ChatId, Client};
+use hamgam_client::{ChatId, Client, UserId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// A group of every user (created by the first), and a direct chat of each
+/// user with the next: the chats each sender writes in, per sender.
+pub async fn group_and_pairs(clients: &[Client], ids: &[UserId], title: &str) -> (ChatId, Vec<Vec<ChatId>>) {
+    let group = clients[0].create_group(title).await.unwrap().chat;
+    for id in &ids[1..] {
+        clients[0].add_member(group, *id).await.unwrap();
+    }
+    let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; clients.len()];
+    for (i, chats) in chats_of.iter_mut().enumerate() {
+        let direct = clients[i].direct_chat(ids[(i + 1) % ids.len()]).await.unwrap().chat;
+        chats.push(direct);
+    }
+    (group, chats_of)
+}
 
 /// What one sender knows after a burst.
 #[derive(Default)]
