@@ -523,20 +523,20 @@ async fn wait_for_balanced_leaders(data: &Path, members: usize) -> anyhow::Resul
     loop {
         if let Ok(status) = crate::admin::ClusterStatus::gather(data, None).await {
             let shards = status.shards();
-            let leaders = status.leaders();
             let mut led = std::collections::BTreeMap::<_, usize>::new();
-            for leader in leaders.values() {
-                *led.entry(*leader).or_default() += 1;
+            for leader in shards.values().filter_map(|shard| shard.leader) {
+                *led.entry(leader).or_default() += 1;
             }
+            let led_total: usize = led.values().sum();
             let share = shards.len() / members;
             if !shards.is_empty()
-                && leaders.len() == shards.len()
+                && led_total == shards.len()
                 && led.len() == members
                 && led.values().all(|n| *n + 1 >= share)
             {
                 return Ok(());
             }
-            if started.elapsed() > Duration::from_secs(60) && leaders.len() == shards.len() {
+            if started.elapsed() > Duration::from_secs(60) && led_total == shards.len() {
                 return Ok(());
             }
         }

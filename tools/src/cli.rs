@@ -36,6 +36,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    User(UserCommand),
+    /// Operate a cluster: run on a member's machine with its data directory.
+    Admin {
+        /// The member's data directory (its identity admits this tool).
+        #[arg(long, env = "HAMGAM_DATA", default_value = "./hamgam-data")]
+        data: PathBuf,
+        /// Ask the node at this peer address instead of the member's own.
+        #[arg(long)]
+        node: Option<SocketAddr>,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+/// What people do with their account, chats and messages (through a profile).
+#[derive(Debug, Subcommand)]
+enum UserCommand {
     /// Create an account.
     Signup {
         username: String,
@@ -94,17 +112,6 @@ enum Command {
     Sync,
     /// Print updates live as they arrive (Ctrl-C to stop).
     Watch,
-    /// Operate a cluster: run on a member's machine with its data directory.
-    Admin {
-        /// The member's data directory (its identity admits this tool).
-        #[arg(long, env = "HAMGAM_DATA", default_value = "./hamgam-data")]
-        data: PathBuf,
-        /// Ask the node at this peer address instead of the member's own.
-        #[arg(long)]
-        node: Option<SocketAddr>,
-        #[command(subcommand)]
-        command: AdminCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,27 +286,36 @@ fn print_update_page(page: &hamgam_client::Difference, me: UserId) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    // Operators need no profile: their identity is the member's.
-    if let Command::Admin { data, node, command } = cli.command {
-        return admin(&data, node, &command).await;
+    match cli.command {
+        // Operators need no profile: their identity is the member's.
+        Command::Admin { data, node, command } => admin(&data, node, &command).await,
+        Command::User(command) => user_command(command, cli.profile, cli.server, cli.fingerprint).await,
     }
-    let profile = Profile::open(cli.profile)?;
+}
+
+async fn user_command(
+    command: UserCommand,
+    profile: Option<PathBuf>,
+    server: Option<String>,
+    fingerprint: Option<String>,
+) -> anyhow::Result<()> {
+    let profile = Profile::open(profile)?;
     let saved = profile.session()?;
-    let server = cli.server.or_else(|| saved.as_ref().map(|s| s.server.clone())).unwrap_or_else(|| DEFAULT_SERVER.into());
-    let pinned = match cli.fingerprint {
+    let server = server.or_else(|| saved.as_ref().map(|s| s.server.clone())).unwrap_or_else(|| DEFAULT_SERVER.into());
+    let pinned = match fingerprint {
         Some(text) => Some(text.parse::<Fingerprint>().map_err(|e| anyhow::anyhow!("{e}"))?),
         None => None,
     };
     let ctx = Invocation { profile, server, pinned };
 
-    match cli.command {
-        Command::Signup { username, display_name, password_stdin } => {
+    match command {
+        UserCommand::Signup { username, display_name, password_stdin } => {
             let password = read_password(password_stdin, true)?;
             let client = ctx.connect().await?;
             let user = client.sign_up(&username, &password, &display_name).await.map_err(explain)?;
             println!("signed up {username} (user {user}); now run `hamgam login {username}`");
         }
-        Command::Login { username, device, password_stdin } => {
+        UserCommand::Login { username, device, password_stdin } => {
             let password = read_password(password_stdin, false)?;
             let client = ctx.connect().await?;
             let session = client.log_in(&username, &password, &device).await.map_err(explain)?;
@@ -313,13 +329,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("logged in as {username} (user {}, device {})", session.user, session.device);
         }
-        Command::Logout => {
+        UserCommand::Logout => {
             let (client, _) = ctx.session().await?;
             client.log_out().await.map_err(explain)?;
             ctx.profile.forget_session()?;
             println!("logged out");
         }
-        Command::Devices { revoke } => {
+        UserCommand::Devices { revoke } => {
             let (client, _) = ctx.session().await?;
             if let Some(device) = revoke {
                 client.revoke_device(DeviceId(device)).await.map_err(explain)?;
@@ -331,13 +347,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Chat { command: ChatCommand::New { with } } => {
+        UserCommand::Chat { command: ChatCommand::New { with } } => {
             let (client, _) = ctx.session().await?;
             let user = client.resolve(with.trim_start_matches('@')).await.map_err(explain)?;
             let info = client.direct_chat(user.user).await.map_err(explain)?;
             println!("{}", describe_chat(&info));
         }
-        Command::Chats => {
+        UserCommand::Chats => {
             let (client, _) = ctx.session().await?;
             let mut after = None;
             loop {
@@ -351,7 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Group { command } => {
+        UserCommand::Group { command } => {
             let (client, _) = ctx.session().await?;
             match command {
                 GroupCommand::New { title } => {
@@ -379,13 +395,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Send { chat, text } => {
+        UserCommand::Send { chat, text } => {
             let (client, _) = ctx.session().await?;
             let chat = resolve_chat(&client, &chat).await?;
             let (seq, _) = client.send(chat, &text).await.map_err(explain)?;
             println!("sent #{seq} to chat {chat}");
         }
-        Command::History { chat, limit, before, after } => {
+        UserCommand::History { chat, limit, before, after } => {
             let (client, session) = ctx.session().await?;
             let chat = resolve_chat(&client, &chat).await?;
             let anchor = match (before, after) {
@@ -404,13 +420,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("(newer messages: --after {})", page.messages.last().map_or(0, |m| m.seq));
             }
         }
-        Command::Read { chat, seq } => {
+        UserCommand::Read { chat, seq } => {
             let (client, _) = ctx.session().await?;
             let chat = resolve_chat(&client, &chat).await?;
             let marker = client.mark_read(chat, seq.unwrap_or(u64::MAX)).await.map_err(explain)?;
             println!("chat {chat} read up to #{marker}");
         }
-        Command::Sync => {
+        UserCommand::Sync => {
             let (client, mut session) = ctx.session().await?;
             loop {
                 match client.sync_page(session.pts, 1000).await.map_err(explain)? {
@@ -431,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ctx.profile.save_session(&session)?;
             println!("in sync at update {}", session.pts);
         }
-        Command::Watch => {
+        UserCommand::Watch => {
             let (client, mut session) = ctx.session().await?;
             let mut stream = client.subscribe(session.pts).await.map_err(explain)?;
             eprintln!("watching for updates (Ctrl-C to stop)");
@@ -458,8 +474,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ctx.profile.save_session(&session)?;
         }
-        // Answered in `run`, before any profile is opened.
-        Command::Admin { .. } => {}
     }
     Ok(())
 }

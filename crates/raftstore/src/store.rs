@@ -587,6 +587,26 @@ impl Peer {
         self.node.raft.state == StateRole::Leader
     }
 
+    /// The refusal for a proposal made here while another node leads.
+    fn not_leader(&self, shard: ShardId) -> ProposeError {
+        let leader = self.node.raft.leader_id;
+        ProposeError::NotLeader { shard, leader: (leader != raft::INVALID_ID).then_some(NodeId(leader)) }
+    }
+
+    /// The refusal when raft declined a proposal before appending it (a
+    /// leadership transfer is under way): nothing was proposed, so the
+    /// caller may retry, with the node taking over.
+    fn refused_unproposed(&self, shard: ShardId) -> ProposeError {
+        ProposeError::NotLeader { shard, leader: self.node.raft.lead_transferee.map(NodeId) }
+    }
+
+    /// The entry just appended is answered to `replies` once applied.
+    fn await_last_entry(&mut self, replies: Vec<Reply>) {
+        let index = self.node.raft.raft_log.last_index();
+        let term = self.node.raft.term;
+        self.inflight.push_back(Inflight { index, term, replies });
+    }
+
     /// Refuses the commands gathered but not yet proposed (safe to retry).
     /// Proposed ones wait: the entry may still commit under the next leader,
     /// and `attach_replies` answers them either way.
@@ -752,9 +772,7 @@ impl StoreLoop {
                     return Ok(false);
                 };
                 if !peer.is_leader() {
-                    let leader = peer.node.raft.leader_id;
-                    let leader = (leader != raft::INVALID_ID).then_some(NodeId(leader));
-                    let _ = reply.send(Err(ProposeError::NotLeader { shard, leader }));
+                    let _ = reply.send(Err(peer.not_leader(shard)));
                     return Ok(false);
                 }
                 let (change_type, node) = match change {
@@ -770,14 +788,10 @@ impl StoreLoop {
                 }
                 let change = ConfChange { change_type, node_id: node.0, ..Default::default() };
                 match peer.node.propose_conf_change(Vec::new(), change) {
-                    Ok(()) => {
-                        let index = peer.node.raft.raft_log.last_index();
-                        let term = peer.node.raft.term;
-                        peer.inflight.push_back(Inflight { index, term, replies: vec![reply] });
-                    }
+                    Ok(()) => peer.await_last_entry(vec![reply]),
                     Err(error) => {
                         tracing::debug!(%shard, %error, "configuration change refused");
-                        let _ = reply.send(Err(ProposeError::NotLeader { shard, leader: Some(NodeId(peer.node.raft.id)) }));
+                        let _ = reply.send(Err(peer.refused_unproposed(shard)));
                     }
                 }
             }
@@ -932,10 +946,7 @@ impl StoreLoop {
             if let Some(soft) = ready.ss() {
                 self.leaders[&shard].store(soft.leader_id, Ordering::Relaxed);
                 if soft.raft_state != StateRole::Leader {
-                    peer.refuse_batch(&ProposeError::NotLeader {
-                        shard,
-                        leader: (soft.leader_id != raft::INVALID_ID).then_some(NodeId(soft.leader_id)),
-                    });
+                    peer.refuse_batch(&peer.not_leader(shard));
                 }
             }
             // 1. Messages a leader may send before its own write is durable.
@@ -1143,8 +1154,7 @@ fn propose_batch(shard: ShardId, peer: &mut Peer) {
     let batch = std::mem::take(&mut peer.batch);
     peer.batch_bytes = 0;
     if !peer.is_leader() {
-        let leader = peer.node.raft.leader_id;
-        let error = ProposeError::NotLeader { shard, leader: (leader != raft::INVALID_ID).then_some(NodeId(leader)) };
+        let error = peer.not_leader(shard);
         for (_, reply) in batch {
             let _ = reply.send(Err(error.clone()));
         }
@@ -1152,18 +1162,12 @@ fn propose_batch(shard: ShardId, peer: &mut Peer) {
     }
     let (commands, replies): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
     match peer.node.propose(Vec::new(), encode_batch(&commands)) {
-        Ok(()) => {
-            let index = peer.node.raft.raft_log.last_index();
-            let term = peer.node.raft.term;
-            peer.inflight.push_back(Inflight { index, term, replies });
-        }
+        Ok(()) => peer.await_last_entry(replies),
         Err(error) => {
-            // raft refused before appending (a leadership transfer is under
-            // way): nothing was proposed, so the caller may retry.
             tracing::debug!(%shard, %error, "proposal refused");
-            let transferee = peer.node.raft.lead_transferee.map(NodeId);
+            let error = peer.refused_unproposed(shard);
             for reply in replies {
-                let _ = reply.send(Err(ProposeError::NotLeader { shard, leader: transferee }));
+                let _ = reply.send(Err(error.clone()));
             }
         }
     }
