@@ -25,8 +25,10 @@ pub use config::Config;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
-use hamgam_cluster::{CLUSTER_FILE, ClusterFile, Member, PeerNetwork};
-use hamgam_raftstore::{NoPeers, RaftTransport, Store, StoreConfig};
+use hamgam_cluster::join::JoinAuthority;
+use hamgam_cluster::membership::ClusterCommand;
+use hamgam_cluster::{CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, PeerNetwork};
+use hamgam_raftstore::{NoPeers, RaftHandle, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService};
 use hamgam_transport::NodeIdentity;
@@ -37,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Command-line flags; each also reads an environment variable.
@@ -46,26 +49,41 @@ pub struct Args {
     #[command(subcommand)]
     pub command: Option<NodeCommand>,
     /// Data directory (database, write-ahead log, TLS identity).
-    #[arg(long, env = "HAMGAM_DATA")]
+    #[arg(long, env = "HAMGAM_DATA", global = true)]
     pub data: Option<PathBuf>,
     /// Address for client connections (QUIC over UDP).
-    #[arg(long, env = "HAMGAM_LISTEN")]
+    #[arg(long, env = "HAMGAM_LISTEN", global = true)]
     pub listen: Option<SocketAddr>,
     /// Address for the other nodes of a cluster (QUIC over UDP, mutual TLS).
-    #[arg(long, env = "HAMGAM_PEER_LISTEN")]
+    #[arg(long, env = "HAMGAM_PEER_LISTEN", global = true)]
     pub peer_listen: Option<SocketAddr>,
     /// A TOML configuration file.
-    #[arg(long, env = "HAMGAM_CONFIG")]
+    #[arg(long, env = "HAMGAM_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Creates a new cluster: its CA, and a data directory for each initial
-    /// member (node-<id> under --out) holding that node's identity and the
-    /// member list. Copy each directory to its machine and start the node
-    /// there with --data. The CA's key stays with the lowest id.
+    /// member (node-<id> under --out) holding that node's identity, the CA
+    /// key and the member list. Copy each directory to its machine and start
+    /// the node there with --data.
     Init(InitArgs),
+    /// Joins a running cluster with a token from `hamgam admin join-token`,
+    /// then runs as a member (it is given replicas as the cluster balances).
+    /// Needs --data (new, empty) and --peer-listen (where the other nodes
+    /// will reach it). Later starts need no join: run without a subcommand.
+    Join(JoinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// The peer address (HOST:PORT) of any member.
+    #[arg(long)]
+    pub via: SocketAddr,
+    /// The token printed by `hamgam admin join-token`.
+    #[arg(long, env = "HAMGAM_JOIN_TOKEN")]
+    pub token: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,6 +124,9 @@ pub fn main_entry() -> ExitCode {
     };
     let result = match &args.command {
         Some(NodeCommand::Init(init_args)) => init(init_args),
+        Some(NodeCommand::Join(join_args)) => {
+            runtime.block_on(async { join(&args, join_args).await }).and_then(|()| runtime.block_on(run(args)))
+        }
         None => runtime.block_on(run(args)),
     };
     match result {
@@ -170,6 +191,7 @@ fn load_or_init_cluster(dir: &Path, config: &Config) -> anyhow::Result<(ClusterF
         node_id: 1,
         data_shards: config.cluster.data_shards,
         members: Vec::new(),
+        bootstrap_voters: None,
     };
     file.write(dir)?;
     Ok((file, true))
@@ -208,15 +230,20 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
             bail!("{} already holds a cluster; choose another --out", dir_of(member.id).display());
         }
     }
+    // Every member keeps the CA key: any of them can admit a joining node.
     let ca_holder = members[0].id;
+    let ca_dir = dir_of(ca_holder).join("tls");
     let mut fingerprint = None;
     for member in &members {
         let dir = dir_of(member.id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let identity = if member.id == ca_holder {
-            NodeIdentity::load_or_create(&dir.join("tls"), NodeId(member.id))?
+            NodeIdentity::load_or_create(&ca_dir, NodeId(member.id))?
         } else {
-            NodeIdentity::issue(&dir_of(ca_holder).join("tls"), NodeId(member.id), &dir.join("tls"))?
+            let identity = NodeIdentity::issue(&ca_dir, NodeId(member.id), &dir.join("tls"))?;
+            let ca_key = NodeIdentity::ca_key(&ca_dir)?.context("the new CA has no key")?;
+            NodeIdentity::write_ca_key(&dir.join("tls"), &ca_key)?;
+            identity
         };
         fingerprint = Some(identity.ca_fingerprint());
         let file = ClusterFile {
@@ -224,6 +251,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
             node_id: member.id,
             data_shards: args.data_shards,
             members: members.clone(),
+            bootstrap_voters: Some(members.iter().map(|m| m.id).collect()),
         };
         file.write(&dir)?;
         println!("node {}: {} (peers reach it at {})", member.id, dir.display(), member.peer_addr);
@@ -233,6 +261,37 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         println!("certificate fingerprint (SHA-256 of the cluster CA): {fingerprint}");
     }
     println!("start each node with: hamgam-node --data DIR --listen CLIENT_ADDR --peer-listen PEER_ADDR");
+    Ok(())
+}
+
+/// `hamgam-node join`: asks a member to admit this node and writes the new
+/// member's data directory. `run` then starts it.
+async fn join(args: &Args, join_args: &JoinArgs) -> anyhow::Result<()> {
+    let config = load_config(args)?;
+    let _lock = lock_data_dir(&config.data)?;
+    if let Some(file) = ClusterFile::read(&config.data)? {
+        bail!(
+            "{} already belongs to cluster {} as node {}; start it without `join`",
+            config.data.display(),
+            file.cluster_id,
+            file.node_id
+        );
+    }
+    let peer_addr = config.peer_listen.context("joining needs --peer-listen: where the other nodes will reach this one")?;
+    let grant = hamgam_cluster::join::request_join(join_args.via, &join_args.token, peer_addr).await?;
+    let tls = config.data.join("tls");
+    NodeIdentity::from_parts(grant.ca_der.clone(), grant.node_der.clone(), grant.node_key.clone()).write(&tls)?;
+    NodeIdentity::write_ca_key(&tls, &grant.ca_key)?;
+    let file = ClusterFile {
+        cluster_id: grant.cluster_id.clone(),
+        node_id: grant.node.0,
+        data_shards: grant.data_shards,
+        members: grant.members.iter().map(|(id, addr)| Member { id: id.0, peer_addr: *addr }).collect(),
+        // A joined node hosts no replica until the cluster gives it one.
+        bootstrap_voters: Some(Vec::new()),
+    };
+    file.write(&config.data)?;
+    println!("joined cluster {} as node {} ({} members)", grant.cluster_id, grant.node, grant.members.len());
     Ok(())
 }
 
@@ -248,18 +307,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let identity = NodeIdentity::load_or_create(&config.data.join("tls"), node)?;
     let members: BTreeMap<NodeId, SocketAddr> = cluster.members.iter().map(|m| (NodeId(m.id), m.peer_addr)).collect();
-    let clustered = members.len() > 1;
+    let clustered = !members.is_empty();
     if clustered && !members.contains_key(&node) {
-        bail!("{} names node {node} but its member list does not", config.data.join(CLUSTER_FILE).display());
+        bail!(
+            "{} names node {node} but its member list does not: the node was removed from the cluster",
+            config.data.join(CLUSTER_FILE).display()
+        );
     }
-    // Every shard on every member: an initial cluster has at most three.
-    let voters: Vec<NodeId> = if clustered { members.keys().copied().collect() } else { vec![node] };
+    // Every node hosts a replica of every shard, most of them empty until
+    // the placement driver adds this node (an initial cluster's members
+    // start as the voters of every shard).
+    let voters = cluster.initial_voters();
     let shards: BTreeMap<ShardId, Vec<NodeId>> = placement.all_shards().map(|s| (s, voters.clone())).collect();
 
     let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
     let network = if clustered {
         let peer_listen = config.peer_listen.or(members.get(&node).copied()).context("no peer address")?;
-        let members = Arc::new(RwLock::new(members));
+        let members = Arc::new(RwLock::new(members.clone()));
         let network = PeerNetwork::bind(&identity, node, peer_listen, members)
             .with_context(|| format!("listening for peers on {peer_listen}"))?;
         Some(network)
@@ -273,12 +337,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let hub = Arc::new(PushHub::new());
     let signals = Signals::new(hub.clone());
     let machine = SyncMachine::new(placement, signals.clone());
+    let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
+    let (machine, view) = ClusterMachine::new(Box::new(machine), shard0, shards.len())?;
     let store_config = StoreConfig { node, wal_dir: config.data.join("wal"), shards };
     let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), transport))?;
     let raft = store.handle();
+    let cancel = CancellationToken::new();
+    let mut cluster_tasks = Vec::new();
     if let Some(network) = &network {
         raft.set_forwarder(network.forwarder());
+        if let Some(ca_key) = NodeIdentity::ca_key(&config.data.join("tls"))? {
+            let (ca_der, _, _) = identity.parts();
+            network.set_join_authority(JoinAuthority {
+                cluster_id: cluster.cluster_id.clone(),
+                data_shards: cluster.data_shards,
+                ca_der: ca_der.to_vec(),
+                ca_key,
+            });
+        }
+        network.follow(view.clone());
         network.serve(raft.clone());
+        if !voters.is_empty() {
+            cluster_tasks.push(tokio::spawn(seed_members(raft.clone(), members.clone(), view.clone(), cancel.clone())));
+        }
+        cluster_tasks.push(tokio::spawn(record_members(config.data.clone(), cluster.clone(), view.clone(), cancel.clone())));
     } else {
         // Alone, leaders come at once; with peers they come when a quorum is up.
         let waited = tokio::time::timeout(Duration::from_secs(30), async {
@@ -292,7 +374,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let sync = SyncService::new(raft.clone(), placement, node, signals);
-    let cancel = CancellationToken::new();
     let outbox = tokio::spawn(sync.clone().run_outbox(cancel.clone()));
 
     let endpoint = hamgam_transport::server_endpoint(&identity, config.listen, hamgam_proto::ALPN)
@@ -308,7 +389,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("certificate fingerprint (SHA-256 of the cluster CA): {}", identity.ca_fingerprint());
     println!("data directory: {} (cluster {}, {} shards)", config.data.display(), cluster.cluster_id, cluster.data_shards);
     if let Some(network) = &network {
-        println!("node {node} of {} members; peers connect to {} (ALPN hamgam-peer/1)", voters.len(), network.local_addr()?);
+        println!("node {node} of {} members; peers connect to {} (ALPN hamgam-peer/1)", members.len(), network.local_addr()?);
     }
 
     let failed = tokio::select! {
@@ -319,6 +400,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     api.shutdown(DRAIN).await;
     cancel.cancel();
     let _ = outbox.await;
+    for task in cluster_tasks {
+        let _ = task.await;
+    }
     let stopped = tokio::task::block_in_place(|| store.stop());
     if let Some(network) = &network {
         network.shutdown().await;
@@ -329,6 +413,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Records the initial members in shard 0 once it has a leader. Every
+/// initial member proposes it; shard 0 keeps the first and ignores the rest.
+async fn seed_members(
+    raft: RaftHandle,
+    members: BTreeMap<NodeId, SocketAddr>,
+    view: watch::Receiver<ClusterView>,
+    cancel: CancellationToken,
+) {
+    let command = ClusterCommand::Seed { members: members.into_iter().collect() };
+    while view.borrow().members.is_empty() && !cancel.is_cancelled() {
+        if let Err(reason) = hamgam_cluster::join::propose_cluster(&raft, &command).await {
+            tracing::debug!(%reason, "the member list is not recorded yet; retrying");
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// Keeps `cluster.toml`'s member list in step with shard 0, so that a
+/// restart reaches the current members before it has shard 0 again.
+async fn record_members(dir: PathBuf, mut file: ClusterFile, mut view: watch::Receiver<ClusterView>, cancel: CancellationToken) {
+    loop {
+        let members: Vec<Member> =
+            view.borrow_and_update().reachable().into_iter().map(|(id, peer_addr)| Member { id: id.0, peer_addr }).collect();
+        if !members.is_empty() && members != file.members {
+            file.members = members;
+            if let Err(error) = file.write(&dir) {
+                tracing::error!(%error, "cannot record the member list");
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 async fn shutdown_signal() {

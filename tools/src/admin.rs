@@ -7,8 +7,8 @@
 //! so a node that is down shows as down rather than hiding the others.
 
 use anyhow::{Context, bail};
-use hamgam_cluster::ClusterFile;
 use hamgam_cluster::admin::{NodeStatus, ShardReport};
+use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
 use std::collections::BTreeMap;
@@ -28,6 +28,7 @@ pub struct ClusterStatus {
 #[derive(Debug)]
 pub struct NodeView {
     pub addr: SocketAddr,
+    pub state: MemberState,
     pub status: Result<NodeStatus, String>,
 }
 
@@ -39,8 +40,16 @@ pub struct ShardView {
     pub term: u64,
     pub committed: u64,
     pub voters: Vec<NodeId>,
-    /// Entries each voter is behind the leader; `None` when unknown.
+    pub learners: Vec<NodeId>,
+    /// Entries each replica (voters, then learners) is behind the leader;
+    /// `None` when unknown.
     pub lag: Vec<(NodeId, Option<u64>)>,
+}
+
+impl ShardView {
+    pub fn hosts(&self, node: NodeId) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
 }
 
 impl ShardView {
@@ -53,35 +62,71 @@ impl ShardView {
     }
 }
 
-impl ClusterStatus {
-    /// Asks the node of the data directory `data` (or the one at `via`) for
-    /// the members, then every member for its status.
-    pub async fn gather(data: &Path, via: Option<SocketAddr>) -> anyhow::Result<ClusterStatus> {
+/// A member's data directory as the admin tool uses it: its cluster record,
+/// its identity, and the peer address of the node to ask.
+pub struct Operator {
+    pub file: ClusterFile,
+    pub identity: std::sync::Arc<NodeIdentity>,
+    pub addr: SocketAddr,
+    data: std::path::PathBuf,
+}
+
+impl Operator {
+    /// Reads the member's data directory `data`; requests go to `via` or the member itself.
+    pub fn open(data: &Path, via: Option<SocketAddr>) -> anyhow::Result<Operator> {
         let file = ClusterFile::read(data)?
             .with_context(|| format!("{} holds no cluster (no cluster.toml); pass a node's --data", data.display()))?;
         let identity = NodeIdentity::load(&data.join("tls"))?
             .with_context(|| format!("{} holds no node identity (tls/)", data.display()))?;
-        let identity = std::sync::Arc::new(identity);
         let Some(addr) = via.or(file.own_peer_addr()) else {
             bail!("node {} is a single-node cluster: it has no peer endpoint to ask", file.node_id);
         };
-        let first = hamgam_cluster::admin::node_status(&identity, addr)
+        Ok(Operator { file, identity: std::sync::Arc::new(identity), addr, data: data.to_path_buf() })
+    }
+
+    /// A join token valid for `ttl`, made with this member's CA key.
+    pub fn join_token(&self, ttl: std::time::Duration) -> anyhow::Result<String> {
+        let ca_key = NodeIdentity::ca_key(&self.data.join("tls"))?
+            .with_context(|| format!("{} holds no CA key; make the token on another member", self.data.display()))?;
+        Ok(hamgam_cluster::join::JoinToken::issue(&ca_key, &self.file.cluster_id, self.identity.ca_fingerprint(), ttl))
+    }
+
+    /// Sets a member's state through shard 0 (any node forwards it there).
+    pub async fn set_member_state(&self, node: NodeId, state: MemberState) -> anyhow::Result<()> {
+        let request = hamgam_cluster::admin::AdminRequest::SetMemberState { node, state };
+        hamgam_cluster::admin::command(&self.identity, self.addr, &request).await?;
+        Ok(())
+    }
+}
+
+impl ClusterStatus {
+    /// Asks the node of the data directory `data` (or the one at `via`) for
+    /// the members, then every member for its status.
+    pub async fn gather(data: &Path, via: Option<SocketAddr>) -> anyhow::Result<ClusterStatus> {
+        ClusterStatus::gather_with(&Operator::open(data, via)?).await
+    }
+
+    pub async fn gather_with(operator: &Operator) -> anyhow::Result<ClusterStatus> {
+        let addr = operator.addr;
+        let first = hamgam_cluster::admin::node_status(&operator.identity, addr)
             .await
-            .with_context(|| format!("asking node {} at {addr}", file.node_id))?;
+            .with_context(|| format!("asking node {} at {addr}", operator.file.node_id))?;
         let mut asks = tokio::task::JoinSet::new();
-        for &(node, member_addr) in &first.members {
-            if node == first.node {
+        for member in &first.members {
+            if member.id == first.node || member.state == MemberState::Removed {
                 continue;
             }
-            let identity = identity.clone();
+            let identity = operator.identity.clone();
+            let (node, member_addr, state) = (member.id, member.peer_addr, member.state);
             asks.spawn(async move {
                 let status = hamgam_cluster::admin::node_status(&identity, member_addr).await.map_err(|e| e.to_string());
-                (node, NodeView { addr: member_addr, status })
+                (node, NodeView { addr: member_addr, state, status })
             });
         }
         let mut nodes = BTreeMap::new();
         let first_node = first.node;
-        nodes.insert(first_node, NodeView { addr, status: Ok(first) });
+        let state = first.members.iter().find(|m| m.id == first_node).map_or(MemberState::Active, |m| m.state);
+        nodes.insert(first_node, NodeView { addr, state, status: Ok(first) });
         while let Some(answer) = asks.join_next().await {
             let (node, view) = answer.context("an admin request task failed")?;
             nodes.insert(node, view);
@@ -120,6 +165,7 @@ impl ClusterStatus {
                 let lag = report
                     .voters
                     .iter()
+                    .chain(&report.learners)
                     .map(|voter| {
                         let matched = report.matched.iter().find(|(node, _)| node == voter).map(|(_, m)| *m);
                         (*voter, matched.map(|m| report.last_index.saturating_sub(m)))
@@ -131,6 +177,7 @@ impl ClusterStatus {
                     term: report.term,
                     committed: report.committed,
                     voters: report.voters.clone(),
+                    learners: report.learners.clone(),
                     lag,
                 };
                 (shard, view)
@@ -156,30 +203,37 @@ impl ClusterStatus {
             self.nodes.len(),
             shards.len()
         );
-        let _ = writeln!(out, "\n{:<6}{:<24}{:<8}{:>9}{:>7}", "NODE", "PEER ADDRESS", "HEALTH", "REPLICAS", "LEADS");
+        let _ = writeln!(out, "\n{:<6}{:<24}{:<10}{:<8}{:>9}{:>7}", "NODE", "PEER ADDRESS", "STATE", "HEALTH", "REPLICAS", "LEADS");
         for (node, view) in &self.nodes {
-            let (health, replicas) = match &view.status {
-                Ok(status) => ("up", status.shards.len().to_string()),
-                Err(_) => ("down", "-".to_string()),
-            };
+            let health = if view.status.is_ok() { "up" } else { "down" };
+            let replicas = shards.values().filter(|s| s.hosts(*node)).count();
             let leads = shards.values().filter(|s| s.leader == Some(*node)).count();
-            let _ = writeln!(out, "{:<6}{:<24}{health:<8}{replicas:>9}{leads:>7}", node.0, view.addr.to_string());
+            let _ = writeln!(
+                out,
+                "{:<6}{:<24}{:<10}{health:<8}{replicas:>9}{leads:>7}",
+                node.0,
+                view.addr.to_string(),
+                view.state.to_string()
+            );
         }
         for (node, view) in &self.nodes {
             if let Err(reason) = &view.status {
                 let _ = writeln!(out, "  node {node}: {reason}");
             }
         }
-        let _ = writeln!(out, "\n{:<7}{:<11}{:>6}{:>8}{:>11}  REPLICAS (entries behind)", "SHARD", "HEALTH", "TERM", "LEADER", "COMMITTED");
+        let _ = writeln!(out, "\n{:<7}{:<11}{:>6}{:>8}{:>11}  REPLICAS (entries behind; L: learner)", "SHARD", "HEALTH", "TERM", "LEADER", "COMMITTED");
         for view in shards.values() {
             let leader = view.leader.map_or("-".to_string(), |l| l.0.to_string());
             let replicas: Vec<String> = view
                 .lag
                 .iter()
-                .map(|(node, lag)| match (up(*node), lag) {
-                    (false, _) => format!("{node}:down"),
-                    (true, Some(lag)) => format!("{node}:{lag}"),
-                    (true, None) => format!("{node}:?"),
+                .map(|(node, lag)| {
+                    let kind = if view.learners.contains(node) { "L" } else { "" };
+                    match (up(*node), lag) {
+                        (false, _) => format!("{node}{kind}:down"),
+                        (true, Some(lag)) => format!("{node}{kind}:{lag}"),
+                        (true, None) => format!("{node}{kind}:?"),
+                    }
                 })
                 .collect();
             let _ = writeln!(

@@ -12,6 +12,8 @@ use hamgam_client::{
     UpdateKind, UserId,
 };
 use std::io::{BufRead, IsTerminal};
+use hamgam_cluster::MemberState;
+use hamgam_types::{NodeId, ShardId};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,6 +120,17 @@ enum UserCommand {
 enum AdminCommand {
     /// Nodes, shards, leaders, replica lag and health.
     Status,
+    /// Print a token that admits one new node (`hamgam-node join --token`).
+    /// Keep it secret: it lets a machine join the cluster.
+    JoinToken {
+        /// How long the token is valid, in minutes (at most a week).
+        #[arg(long, default_value_t = 60)]
+        ttl_minutes: u64,
+    },
+    /// Move every replica off a node (it keeps serving clients meanwhile).
+    Drain { node: u64 },
+    /// Take a drained node out of the cluster; its certificate stops working.
+    Remove { node: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +221,26 @@ async fn admin(data: &std::path::Path, node: Option<SocketAddr>, command: &Admin
         AdminCommand::Status => {
             let status = crate::admin::ClusterStatus::gather(data, node).await?;
             print!("{}", status.render());
+        }
+        AdminCommand::JoinToken { ttl_minutes } => {
+            let operator = crate::admin::Operator::open(data, node)?;
+            println!("{}", operator.join_token(std::time::Duration::from_secs(ttl_minutes.saturating_mul(60)))?);
+        }
+        AdminCommand::Drain { node: target } => {
+            let operator = crate::admin::Operator::open(data, node)?;
+            operator.set_member_state(NodeId(*target), MemberState::Draining).await?;
+            println!("node {target} is draining: its replicas move to other nodes (watch `hamgam admin status`)");
+        }
+        AdminCommand::Remove { node: target } => {
+            let operator = crate::admin::Operator::open(data, node)?;
+            let target = NodeId(*target);
+            let status = crate::admin::ClusterStatus::gather_with(&operator).await?;
+            let hosted = status.shards().values().filter(|s| s.shard != ShardId::CLUSTER && s.hosts(target)).count();
+            if hosted > 0 {
+                bail!("node {target} still holds {hosted} replicas; run `hamgam admin drain {target}` and wait until it holds none");
+            }
+            operator.set_member_state(target, MemberState::Removed).await?;
+            println!("node {target} is removed from the cluster; stop it and wipe its data directory");
         }
     }
     Ok(())

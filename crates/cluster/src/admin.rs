@@ -4,7 +4,10 @@
 //! identity (or one issued for them) can ask. One request per bidi stream,
 //! encoded with the workspace codec, each side bounded.
 
-use hamgam_raftstore::{RaftHandle, ReplicaRole, ShardStatus};
+use crate::Members;
+use crate::join::propose_cluster;
+use crate::membership::{ClusterCommand, ClusterReply, ClusterView, MemberRecord, MemberState};
+use hamgam_raftstore::{RaftHandle, ReplicaChange, ReplicaRole, ShardStatus};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
@@ -22,11 +25,16 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum AdminRequest {
     /// This node's view of itself and of each shard it hosts.
     Status,
+    /// Drain (or remove, or reactivate) a member, through shard 0.
+    SetMemberState { node: NodeId, state: MemberState },
+    /// One configuration change of a shard this node leads.
+    ChangeReplicas { shard: ShardId, change: ReplicaChange },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminResponse {
     Status(NodeStatus),
+    Done,
     /// A request this node cannot answer, with a sentence saying why.
     Refused(String),
 }
@@ -35,7 +43,8 @@ pub enum AdminResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node: NodeId,
-    pub members: Vec<(NodeId, SocketAddr)>,
+    /// Every member this node knows of, removed ones included.
+    pub members: Vec<MemberRecord>,
     pub shards: Vec<ShardReport>,
 }
 
@@ -47,6 +56,7 @@ pub struct ShardReport {
     pub leader: Option<NodeId>,
     pub term: u64,
     pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
     pub last_index: u64,
     pub committed: u64,
     pub applied: u64,
@@ -62,6 +72,7 @@ impl From<ShardStatus> for ShardReport {
             leader: status.leader,
             term: status.term,
             voters: status.voters,
+            learners: status.learners,
             last_index: status.last_index,
             committed: status.committed,
             applied: status.applied,
@@ -84,17 +95,16 @@ pub enum AdminError {
 }
 
 /// Serves one admin connection: each bidi stream is one request.
-pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHandle, members: Vec<(NodeId, SocketAddr)>, node: NodeId) {
+pub(crate) async fn serve_connection(
+    connection: quinn::Connection,
+    raft: RaftHandle,
+    node: NodeId,
+    members: Members,
+    view: Option<ClusterView>,
+) {
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let answer = match recv.read_to_end(REQUEST_BYTES_MAX).await.ok().map(|b| hamgam_proto::codec::decode(&b)) {
-            Some(Ok(AdminRequest::Status)) => match raft.status().await {
-                Ok(shards) => AdminResponse::Status(NodeStatus {
-                    node,
-                    members: members.clone(),
-                    shards: shards.into_iter().map(ShardReport::from).collect(),
-                }),
-                Err(error) => AdminResponse::Refused(error.to_string()),
-            },
+            Some(Ok(request)) => answer(request, &raft, node, &members, view.as_ref()).await,
             Some(Err(error)) => AdminResponse::Refused(format!("the request does not decode: {error}")),
             None => AdminResponse::Refused("the request was cut off or too large".into()),
         };
@@ -103,6 +113,43 @@ pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHa
             let _ = send.finish();
             let _ = send.stopped().await;
         }
+    }
+}
+
+async fn answer(
+    request: AdminRequest,
+    raft: &RaftHandle,
+    node: NodeId,
+    members: &Members,
+    view: Option<&ClusterView>,
+) -> AdminResponse {
+    match request {
+        AdminRequest::Status => match raft.status().await {
+            Ok(shards) => {
+                let members = match view.filter(|v| !v.members.is_empty()) {
+                    Some(view) => view.members.clone(),
+                    // Before shard 0 records them: the list this node started with.
+                    None => members
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|(id, addr)| MemberRecord { id: *id, peer_addr: *addr, state: MemberState::Active })
+                        .collect(),
+                };
+                AdminResponse::Status(NodeStatus { node, members, shards: shards.into_iter().map(ShardReport::from).collect() })
+            }
+            Err(error) => AdminResponse::Refused(error.to_string()),
+        },
+        AdminRequest::SetMemberState { node, state } => {
+            match propose_cluster(raft, &ClusterCommand::SetState { node, state }).await {
+                Ok(ClusterReply::Refused(reason)) | Err(reason) => AdminResponse::Refused(reason),
+                Ok(_) => AdminResponse::Done,
+            }
+        }
+        AdminRequest::ChangeReplicas { shard, change } => match raft.change_replicas(shard, change).await {
+            Ok(()) => AdminResponse::Done,
+            Err(error) => AdminResponse::Refused(error.to_string()),
+        },
     }
 }
 
@@ -142,5 +189,15 @@ pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<No
     match query(identity, addr, &AdminRequest::Status).await? {
         AdminResponse::Status(status) => Ok(status),
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
+        _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
+    }
+}
+
+/// Asks the node at `addr` to do something; `Ok` once it is done.
+pub async fn command(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<(), AdminError> {
+    match query(identity, addr, request).await? {
+        AdminResponse::Done => Ok(()),
+        AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
+        _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
     }
 }

@@ -1,7 +1,9 @@
 //! `cluster.toml`: what a node's data directory records about its cluster.
 //!
-//! Written once, at a single node's first start or by `hamgam-node init`;
-//! read at every start and by `hamgam admin`, which finds its node there.
+//! Written at a single node's first start, by `hamgam-node init` or by a
+//! join, and again whenever shard 0's member list changes (so a restarting
+//! node can reach its peers before it has shard 0); read at every start and
+//! by `hamgam admin`, which finds its node there.
 
 use crate::ClusterError;
 use hamgam_types::NodeId;
@@ -16,9 +18,16 @@ pub struct ClusterFile {
     pub cluster_id: String,
     pub node_id: u64,
     pub data_shards: u32,
-    /// The initial members and their peer addresses; empty for a single node.
+    /// The members and their peer addresses as this node last knew them;
+    /// empty for a single node without a peer endpoint.
     #[serde(default)]
     pub members: Vec<Member>,
+    /// The voters every replica of a shard starts with when this node first
+    /// creates it: the initial members for a node made by `init`, none for
+    /// a node that joined (it waits to be given replicas). Absent: every
+    /// member.
+    #[serde(default)]
+    pub bootstrap_voters: Option<Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +39,15 @@ pub struct Member {
 impl ClusterFile {
     pub fn node(&self) -> NodeId {
         NodeId(self.node_id)
+    }
+
+    /// See [`ClusterFile::bootstrap_voters`].
+    pub fn initial_voters(&self) -> Vec<NodeId> {
+        match &self.bootstrap_voters {
+            Some(voters) => voters.iter().copied().map(NodeId).collect(),
+            None if self.members.is_empty() => vec![self.node()],
+            None => self.members.iter().map(|m| NodeId(m.id)).collect(),
+        }
     }
 
     /// Where this node's peers reach it, if it has peers.

@@ -21,10 +21,13 @@
 
 pub mod admin;
 mod cluster_file;
+pub mod join;
+pub mod membership;
 mod network;
 pub mod wire;
 
 pub use cluster_file::{CLUSTER_FILE, ClusterFile, Member};
+pub use membership::{ClusterMachine, ClusterView, MemberRecord, MemberState};
 pub use network::{Members, PeerNetwork, PeerTransport};
 
 /// The ALPN of node-to-node connections.

@@ -1,6 +1,8 @@
 //! Links to other nodes, the accept loop, and proposal forwarding.
 
 use crate::admin::{self, ADMIN_ALPN};
+use crate::join::{self, JOIN_ALPN, JoinAuthority};
+use crate::membership::ClusterView;
 use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
 use hamgam_raftstore::{ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport};
@@ -36,6 +38,10 @@ pub struct PeerNetwork {
     runtime: tokio::runtime::Handle,
     /// Set by `serve`, cleared by `shutdown`: where snapshot deliveries are reported.
     raft: Mutex<Option<RaftHandle>>,
+    /// Set on members holding the CA key: lets this node admit joining nodes.
+    join: Mutex<Option<JoinAuthority>>,
+    /// Shard 0's view, once `follow` is called.
+    view: Mutex<Option<tokio::sync::watch::Receiver<ClusterView>>>,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -54,7 +60,7 @@ impl PeerNetwork {
         listen: SocketAddr,
         members: Members,
     ) -> Result<Arc<PeerNetwork>, ClusterError> {
-        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, &[PEER_ALPN, ADMIN_ALPN])?;
+        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, &[PEER_ALPN, ADMIN_ALPN, JOIN_ALPN])?;
         let dial = hamgam_transport::peer_client_config(identity, PEER_ALPN)?;
         Ok(Arc::new(PeerNetwork {
             node,
@@ -67,7 +73,63 @@ impl PeerNetwork {
             tasks: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
             raft: Mutex::new(None),
+            join: Mutex::new(None),
+            view: Mutex::new(None),
         }))
+    }
+
+    /// Lets this node admit nodes that join with a token.
+    pub fn set_join_authority(&self, authority: JoinAuthority) {
+        *self.join.lock().unwrap_or_else(|p| p.into_inner()) = Some(authority);
+    }
+
+    /// Keeps the member list in step with shard 0: a node that joins is
+    /// reachable (and admitted) once this node applies its join, and a
+    /// removed one is cut off.
+    pub fn follow(self: &Arc<Self>, mut view: tokio::sync::watch::Receiver<ClusterView>) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view.clone());
+        let network = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let current = view.borrow_and_update().clone();
+                // Before the initial members are recorded, the list from
+                // cluster.toml stands.
+                if !current.members.is_empty() {
+                    network.set_members(current.reachable());
+                }
+                tokio::select! {
+                    () = network.cancel.cancelled() => return,
+                    changed = view.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+
+    fn set_members(&self, members: BTreeMap<NodeId, SocketAddr>) {
+        let mut current = self.members.write().unwrap_or_else(|p| p.into_inner());
+        if *current == members {
+            return;
+        }
+        let gone: Vec<NodeId> = current.keys().filter(|n| !members.contains_key(n)).copied().collect();
+        let moved: Vec<NodeId> =
+            members.iter().filter(|(n, a)| current.get(n).is_some_and(|old| old != *a)).map(|(n, _)| *n).collect();
+        tracing::info!(?members, "the member list changed");
+        *current = members;
+        drop(current);
+        for node in gone.into_iter().chain(moved) {
+            self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+            if let Some(slot) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)
+                && let Ok(slot) = slot.try_lock()
+                && let Some(connection) = slot.as_ref()
+            {
+                connection.close(2u32.into(), b"no longer a member");
+            }
+        }
+    }
+
+    /// Shard 0's view as this node last applied it, if it follows one.
+    pub fn view(&self) -> Option<ClusterView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|v| v.borrow().clone())
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, ClusterError> {
@@ -123,22 +185,31 @@ impl PeerNetwork {
     }
 
     async fn serve_connection(self: Arc<Self>, connection: quinn::Connection, raft: RaftHandle) {
-        let members: Vec<(NodeId, SocketAddr)> =
-            self.members.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(n, a)| (*n, *a)).collect();
-        if hamgam_transport::negotiated_alpn(&connection).as_deref() == Some(ADMIN_ALPN) {
+        let alpn = hamgam_transport::negotiated_alpn(&connection);
+        if alpn.as_deref() == Some(JOIN_ALPN) {
+            // The one protocol open to a caller without a certificate.
+            let authority = self.join.lock().unwrap_or_else(|p| p.into_inner()).clone();
             tokio::select! {
                 () = self.cancel.cancelled() => {}
-                () = admin::serve_connection(connection, raft, members, self.node) => {}
+                () = join::serve_connection(connection, raft, authority) => {}
             }
             return;
         }
-        let candidates: Vec<NodeId> = members.iter().map(|(n, _)| *n).collect();
+        let candidates: Vec<NodeId> = self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         let Some(peer) = hamgam_transport::peer_node(&connection, candidates) else {
-            // The CA issued it, but it is no member we know: not (or no longer) in the cluster.
-            tracing::warn!(remote = %connection.remote_address(), "a peer certificate names no member; closed");
+            // No certificate, or the CA issued it to no member we know: not (or no longer) in the cluster.
+            tracing::warn!(remote = %connection.remote_address(), "a peer connection without a member's certificate; closed");
             connection.close(1u32.into(), b"not a member");
             return;
         };
+        if alpn.as_deref() == Some(ADMIN_ALPN) {
+            let view = self.view();
+            tokio::select! {
+                () = self.cancel.cancelled() => {}
+                () = admin::serve_connection(connection, raft, self.node, self.members.clone(), view) => {}
+            }
+            return;
+        }
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,

@@ -82,6 +82,8 @@ pub struct ShardStatus {
     pub term: u64,
     /// The voters of the shard's configuration.
     pub voters: Vec<NodeId>,
+    /// Replicas that receive the log but do not vote.
+    pub learners: Vec<NodeId>,
     pub last_index: u64,
     pub committed: u64,
     pub applied: u64,
@@ -90,7 +92,7 @@ pub struct ShardStatus {
 }
 
 /// A change to the replicas of one shard (one raft configuration change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReplicaChange {
     /// A replica that receives the log but does not vote, while it catches up.
     AddLearner(NodeId),
@@ -831,12 +833,15 @@ impl StoreLoop {
                 matched.sort();
                 let mut voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().map(NodeId).collect();
                 voters.sort();
+                let mut learners: Vec<NodeId> = raft.prs().conf().learners().iter().copied().map(NodeId).collect();
+                learners.sort();
                 ShardStatus {
                     shard,
                     role,
                     leader: (raft.leader_id != raft::INVALID_ID).then_some(NodeId(raft.leader_id)),
                     term: raft.term,
                     voters,
+                    learners,
                     last_index: raft.raft_log.last_index(),
                     committed: raft.raft_log.committed,
                     applied: self.progress.applied(shard),

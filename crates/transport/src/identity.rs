@@ -55,8 +55,8 @@ impl FromStr for Fingerprint {
 /// A node's TLS identity: the cluster CA and this node's certificate.
 ///
 /// Files in the identity directory: `ca.der` (the CA certificate), `ca.key`
-/// (its PKCS#8 key, kept by the nodes that may sign the certificates of
-/// nodes that join), `node.der` and `node.key`. Keys are written with mode
+/// (its PKCS#8 key, kept by every member: it signs the certificates of
+/// nodes that join and keys the join tokens), `node.der` and `node.key`. Keys are written with mode
 /// 0600. A node certificate names the node twice: `hamgam` (what clients
 /// ask for) and `node-<id>.hamgam` (what peers check, see
 /// [`NodeIdentity::node_name`]).
@@ -136,6 +136,38 @@ impl NodeIdentity {
         Ok(identity)
     }
 
+    /// The CA key kept in `dir`, if this member holds one.
+    pub fn ca_key(dir: &Path) -> Result<Option<Vec<u8>>, TransportError> {
+        let path = dir.join("ca.key");
+        match std::fs::read(&path) {
+            Ok(key) => Ok(Some(key)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(io_error(&path)(error)),
+        }
+    }
+
+    /// Keeps the CA key in `dir` (mode 0600).
+    pub fn write_ca_key(dir: &Path, ca_key: &[u8]) -> Result<(), TransportError> {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        write_file(&dir.join("ca.key"), ca_key, true)
+    }
+
+    /// A new identity for `node`, signed with the CA key `ca_key` (PKCS#8).
+    pub fn sign(ca_der: Vec<u8>, ca_key: &[u8], node: NodeId) -> Result<NodeIdentity, TransportError> {
+        let ca_key = KeyPair::try_from(ca_key).map_err(cert_error)?;
+        NodeIdentity::sign_node(ca_der, &ca_key, node)
+    }
+
+    /// An identity received whole (a joining node's, from the member that signed it).
+    pub fn from_parts(ca_der: Vec<u8>, node_der: Vec<u8>, node_key: Vec<u8>) -> NodeIdentity {
+        NodeIdentity { ca_der, node_der, node_key }
+    }
+
+    /// The CA certificate, the node certificate and the node key (PKCS#8), as DER.
+    pub fn parts(&self) -> (&[u8], &[u8], &[u8]) {
+        (&self.ca_der, &self.node_der, &self.node_key)
+    }
+
     fn sign_node(ca_der: Vec<u8>, ca_key: &KeyPair, node: NodeId) -> Result<NodeIdentity, TransportError> {
         let node_key = KeyPair::generate().map_err(cert_error)?;
         let names = vec![crate::SERVER_NAME.to_string(), NodeIdentity::node_name(node)];
@@ -152,7 +184,9 @@ impl NodeIdentity {
         Ok(NodeIdentity { ca_der, node_der: node_cert.der().to_vec(), node_key: node_key.serialize_der() })
     }
 
-    fn write(&self, dir: &Path) -> Result<(), TransportError> {
+    /// Writes the identity into `dir` (keys with mode 0600), durably.
+    pub fn write(&self, dir: &Path) -> Result<(), TransportError> {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         write_file(&dir.join("ca.der"), &self.ca_der, false)?;
         write_file(&dir.join("node.key"), &self.node_key, true)?;
         write_file(&dir.join("node.der"), &self.node_der, false)?;
