@@ -28,6 +28,9 @@ pub struct Config {
 pub struct ClusterConfig {
     /// Data shards of a new cluster; fixed once the cluster exists.
     pub data_shards: u32,
+    /// Seconds a member may stay unreachable before its replicas are
+    /// rebuilt on other members (acted on by the node leading shard 0).
+    pub dead_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,7 +64,7 @@ impl Default for Config {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { data_shards: 64 }
+        ClusterConfig { data_shards: 64, dead_after_secs: 600 }
     }
 }
 
@@ -87,6 +90,9 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..=4096).contains(&self.cluster.data_shards) {
             bail!("cluster.data_shards must be between 1 and 4096, not {}", self.cluster.data_shards);
+        }
+        if self.cluster.dead_after_secs < 5 {
+            bail!("cluster.dead_after_secs must be at least 5, not {}", self.cluster.dead_after_secs);
         }
         if self.auth.argon2_memory_kib < 8 || self.auth.argon2_iterations < 1 {
             bail!("auth.argon2_memory_kib must be at least 8 and auth.argon2_iterations at least 1");

@@ -19,18 +19,21 @@
 //! `PeerNetwork::shutdown`).
 
 mod config;
+mod relay;
 
 pub use config::Config;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
+use hamgam_cluster::driver::DriverConfig;
 use hamgam_cluster::join::JoinAuthority;
 use hamgam_cluster::membership::ClusterCommand;
 use hamgam_cluster::{CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, PeerNetwork};
 use hamgam_raftstore::{NoPeers, RaftHandle, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
-use hamgam_sync::{Signals, SyncMachine, SyncService};
+use hamgam_sync::{Signals, SyncMachine, SyncService, UpdateListener};
+use relay::RelayingListener;
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, Placement, ShardId};
 use std::collections::BTreeMap;
@@ -305,7 +308,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if created {
         tracing::info!(cluster = %cluster.cluster_id, shards = cluster.data_shards, "created a new single-node cluster");
     }
-    let identity = NodeIdentity::load_or_create(&config.data.join("tls"), node)?;
+    let identity = Arc::new(NodeIdentity::load_or_create(&config.data.join("tls"), node)?);
     let members: BTreeMap<NodeId, SocketAddr> = cluster.members.iter().map(|m| (NodeId(m.id), m.peer_addr)).collect();
     let clustered = !members.is_empty();
     if clustered && !members.contains_key(&node) {
@@ -335,7 +338,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => Box::new(NoPeers),
     };
     let hub = Arc::new(PushHub::new());
-    let signals = Signals::new(hub.clone());
+    let relay = network.as_ref().map(|network| RelayingListener::new(hub.clone(), network.clone(), placement, node));
+    let listener: Arc<dyn UpdateListener> = match &relay {
+        Some(relay) => relay.clone(),
+        None => hub.clone(),
+    };
+    let signals = Signals::new(listener);
     let machine = SyncMachine::new(placement, signals.clone());
     let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
     let (machine, view) = ClusterMachine::new(Box::new(machine), shard0, shards.len())?;
@@ -344,6 +352,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let raft = store.handle();
     let cancel = CancellationToken::new();
     let mut cluster_tasks = Vec::new();
+    if let Some(relay) = &relay {
+        relay.set_raft(raft.clone());
+    }
     if let Some(network) = &network {
         raft.set_forwarder(network.forwarder());
         if let Some(ca_key) = NodeIdentity::ca_key(&config.data.join("tls"))? {
@@ -357,6 +368,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         network.follow(view.clone());
         network.serve(raft.clone());
+        let driver = DriverConfig { dead_after: Duration::from_secs(config.cluster.dead_after_secs), ..DriverConfig::default() };
+        cluster_tasks.push(tokio::spawn(hamgam_cluster::driver::run(
+            node,
+            raft.clone(),
+            network.clone(),
+            identity.clone(),
+            driver,
+            cancel.clone(),
+        )));
         if !voters.is_empty() {
             cluster_tasks.push(tokio::spawn(seed_members(raft.clone(), members.clone(), view.clone(), cancel.clone())));
         }

@@ -63,6 +63,9 @@ impl From<SyncError> for ApiError {
             SyncError::Propose(propose) => {
                 ApiError::unavailable(format!("the write could not be taken now ({propose}); retry"))
             }
+            SyncError::Storage(hamgam_storage::StorageError::Unreachable(reason)) => {
+                ApiError::unavailable(format!("{reason}; retry"))
+            }
             SyncError::Timeout => ApiError::new(
                 ErrorCode::TIMEOUT,
                 "the write did not commit in time; retry with the same client id",

@@ -97,7 +97,14 @@ impl UpdateListener for PushHub {
         let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = subscribers.get(&user) {
             for subscriber in list {
-                subscriber.pts.send_replace(pts);
+                // Hints relayed from other nodes may arrive out of order.
+                subscriber.pts.send_if_modified(|current| {
+                    let newer = pts > *current;
+                    if newer {
+                        *current = pts;
+                    }
+                    newer
+                });
             }
         }
     }

@@ -7,7 +7,7 @@
 use crate::Members;
 use crate::join::propose_cluster;
 use crate::membership::{ClusterCommand, ClusterReply, ClusterView, MemberRecord, MemberState};
-use hamgam_raftstore::{RaftHandle, ReplicaChange, ReplicaRole, ShardStatus};
+use hamgam_raftstore::{ProposeError, RaftHandle, ReplicaChange, ReplicaRole, ShardStatus};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,8 @@ pub enum AdminResponse {
     Done,
     /// A request this node cannot answer, with a sentence saying why.
     Refused(String),
+    /// A shard request for the shard's leader, which is (as far as this node knows) this one.
+    NotLeader(Option<NodeId>),
 }
 
 /// One node's own view: the members it knows and the shards it hosts.
@@ -92,6 +94,8 @@ pub enum AdminError {
     BadAnswer { addr: SocketAddr, reason: String },
     #[error("node at {addr} refused: {reason}")]
     Refused { addr: SocketAddr, reason: String },
+    #[error("node at {addr} does not lead the shard (leader: {leader:?})")]
+    NotLeader { addr: SocketAddr, leader: Option<NodeId> },
 }
 
 /// Serves one admin connection: each bidi stream is one request.
@@ -148,6 +152,7 @@ async fn answer(
         }
         AdminRequest::ChangeReplicas { shard, change } => match raft.change_replicas(shard, change).await {
             Ok(()) => AdminResponse::Done,
+            Err(ProposeError::NotLeader { leader, .. }) => AdminResponse::NotLeader(leader),
             Err(error) => AdminResponse::Refused(error.to_string()),
         },
     }
@@ -180,6 +185,7 @@ pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminReq
     endpoint.wait_idle().await;
     match answer {
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
+        AdminResponse::NotLeader(leader) => Err(AdminError::NotLeader { addr, leader }),
         answer => Ok(answer),
     }
 }

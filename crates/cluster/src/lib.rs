@@ -21,6 +21,7 @@
 
 pub mod admin;
 mod cluster_file;
+pub mod driver;
 pub mod join;
 pub mod membership;
 mod network;
@@ -28,7 +29,7 @@ pub mod wire;
 
 pub use cluster_file::{CLUSTER_FILE, ClusterFile, Member};
 pub use membership::{ClusterMachine, ClusterView, MemberRecord, MemberState};
-pub use network::{Members, PeerNetwork, PeerTransport};
+pub use network::{HintSink, Members, PeerNetwork, PeerTransport};
 
 /// The ALPN of node-to-node connections.
 pub const PEER_ALPN: &[u8] = b"hamgam-peer/1";

@@ -5,7 +5,10 @@ use crate::join::{self, JOIN_ALPN, JoinAuthority};
 use crate::membership::ClusterView;
 use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
-use hamgam_raftstore::{ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport};
+use hamgam_raftstore::{
+    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport, RemoteRead, RemoteReadAnswer,
+    RemoteReadReply,
+};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId, limits};
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +23,22 @@ use tokio_util::task::TaskTracker;
 /// membership change can update it while links run.
 pub type Members = Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>;
 
-type Outgoing = (ShardId, RaftMessage);
+enum Outgoing {
+    Raft(ShardId, RaftMessage),
+    Hint(Vec<u8>),
+}
+
+impl Outgoing {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Outgoing::Raft(shard, message) => wire::encode_raft(*shard, message, out),
+            Outgoing::Hint(hint) => wire::encode_hint(hint, out),
+        }
+    }
+}
+
+/// Receives the hints other nodes relay (see [`PeerNetwork::relay_hint`]).
+pub type HintSink = Arc<dyn Fn(NodeId, &[u8]) + Send + Sync>;
 
 /// This node's side of the cluster network. Cheap to share (`Arc`).
 pub struct PeerNetwork {
@@ -42,6 +60,7 @@ pub struct PeerNetwork {
     join: Mutex<Option<JoinAuthority>>,
     /// Shard 0's view, once `follow` is called.
     view: Mutex<Option<tokio::sync::watch::Receiver<ClusterView>>>,
+    hints: Mutex<Option<HintSink>>,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -75,7 +94,27 @@ impl PeerNetwork {
             raft: Mutex::new(None),
             join: Mutex::new(None),
             view: Mutex::new(None),
+            hints: Mutex::new(None),
         }))
+    }
+
+    /// Where hints relayed by other nodes go.
+    pub fn set_hint_sink(&self, sink: HintSink) {
+        *self.hints.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// Sends `hint` to `node` along its raft link. Never waits: a hint that
+    /// finds the queue full is dropped (hints are only hints; a device
+    /// catches up by sequence when it next asks).
+    pub fn relay_hint(self: &Arc<Self>, node: NodeId, hint: Vec<u8>) {
+        if node == self.node {
+            return;
+        }
+        if let Some(link) = self.link(node)
+            && link.try_send(Outgoing::Hint(hint)).is_err()
+        {
+            tracing::trace!(%node, "a peer's queue is full; hint dropped");
+        }
     }
 
     /// Lets this node admit nodes that join with a token.
@@ -216,14 +255,15 @@ impl PeerNetwork {
                 stream = connection.accept_uni() => match stream {
                     Ok(stream) => {
                         let raft = raft.clone();
-                        self.tasks.spawn(read_uni_stream(stream, peer, raft));
+                        let hints = self.hints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        self.tasks.spawn(read_uni_stream(stream, peer, raft, hints));
                     }
                     Err(_) => return,
                 },
                 stream = connection.accept_bi() => match stream {
                     Ok((send, recv)) => {
                         let raft = raft.clone();
-                        self.tasks.spawn(answer_proposal(send, recv, raft));
+                        self.tasks.spawn(answer_request(send, recv, raft));
                     }
                     Err(_) => return,
                 },
@@ -304,12 +344,12 @@ impl PeerNetwork {
                     () = self.cancel.cancelled() => return,
                     first = queue.recv() => first,
                 };
-                let Some((shard, message)) = first else { return };
+                let Some(first) = first else { return };
                 buffer.clear();
-                wire::encode_raft(shard, &message, &mut buffer);
+                first.encode(&mut buffer);
                 for _ in 1..limits::PEER_SEND_BATCH_MAX {
-                    let Ok((shard, message)) = queue.try_recv() else { break };
-                    wire::encode_raft(shard, &message, &mut buffer);
+                    let Ok(next) = queue.try_recv() else { break };
+                    next.encode(&mut buffer);
                 }
                 if let Err(error) = stream.write_all(&buffer).await {
                     tracing::debug!(%node, %error, "a raft stream broke; redialling");
@@ -364,7 +404,9 @@ impl PeerNetwork {
         let unreachable = |_| ProposeError::NoLeader(shard);
         let connection = self.connection(leader).await.map_err(unreachable)?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        send.write_all(&wire::encode_proposal(shard, &command)).await.map_err(|e| unreachable(e.to_string()))?;
+        send.write_all(&wire::encode_request(wire::PROPOSAL_STREAM, shard, &command))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let lost = |reason: String| ProposeError::Forward { node: leader, reason };
         send.finish().map_err(|e| lost(e.to_string()))?;
         let answer = tokio::select! {
@@ -376,6 +418,25 @@ impl PeerNetwork {
             }
         };
         wire::decode_answer(&answer, leader).map_err(|e| lost(e.to_string()))?
+    }
+
+    /// Reads `shard` at `node`. Safe to retry anywhere: a read changes nothing.
+    async fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
+        let failed = |reason: String| ProposeError::Forward { node, reason };
+        let body = hamgam_proto::codec::encode(&read).map_err(|e| failed(e.to_string()))?;
+        let connection = self.connection(node).await.map_err(failed)?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
+        send.write_all(&wire::encode_request(wire::READ_STREAM, shard, &body)).await.map_err(|e| failed(e.to_string()))?;
+        send.finish().map_err(|e| failed(e.to_string()))?;
+        let answer = tokio::time::timeout(
+            Duration::from_millis(limits::LEADER_WAIT_MS),
+            recv.read_to_end(limits::REMOTE_READ_ANSWER_BYTES_MAX),
+        )
+        .await
+        .map_err(|_| failed("no answer in time".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+        let bytes = wire::decode_answer(&answer, node).map_err(|e| failed(e.to_string()))??;
+        hamgam_proto::codec::decode(&bytes).map_err(|e| failed(e.to_string()))
     }
 
     /// Resolves once this node sees a leader of `shard` other than `leader`.
@@ -393,7 +454,7 @@ impl PeerNetwork {
 }
 
 /// Reads raft frames from one peer's stream into the store until it ends.
-async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle) {
+async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle, hints: Option<HintSink>) {
     let mut kind = [0u8; 1];
     if stream.read_exact(&mut kind).await.is_err() {
         return;
@@ -424,28 +485,41 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
         if stream.read_exact(&mut frame).await.is_err() {
             return;
         }
-        match wire::decode_raft(&frame) {
-            Ok((shard, message)) if message.from == peer.0 => {
+        match wire::decode_frame(&frame) {
+            Ok(wire::Frame::Raft(shard, message)) if message.from == peer.0 => {
                 // A full store queue drops the message; raft resends.
                 raft.step(shard, message);
             }
-            Ok((shard, message)) => {
+            Ok(wire::Frame::Raft(shard, message)) => {
                 tracing::warn!(%peer, %shard, claimed = message.from, "a raft message claims another sender; dropped");
+            }
+            Ok(wire::Frame::Hint(hint)) => {
+                if let Some(sink) = &hints {
+                    sink(peer, hint);
+                }
             }
             Err(error) => tracing::warn!(%peer, %error, "an undecodable raft message; dropped"),
         }
     }
 }
 
-/// Proposes a forwarded command here and sends back the answer.
-async fn answer_proposal(mut send: quinn::SendStream, mut recv: quinn::RecvStream, raft: RaftHandle) {
-    let Ok(request) = recv.read_to_end(limits::COMMAND_BYTES_MAX + 4).await else {
+/// Answers one request from a peer: a forwarded proposal (proposed here) or
+/// a read of a shard this node hosts.
+async fn answer_request(mut send: quinn::SendStream, mut recv: quinn::RecvStream, raft: RaftHandle) {
+    let Ok(request) = recv.read_to_end(limits::COMMAND_BYTES_MAX + 8).await else {
         let _ = send.reset(1u32.into());
         return;
     };
-    let answer = match wire::decode_proposal(&request) {
-        Ok((shard, command)) => raft.propose_here(shard, command.to_vec()).await,
-        Err(_) => Err(ProposeError::Dropped),
+    let answer = match wire::decode_request(&request) {
+        Ok((wire::PROPOSAL_STREAM, shard, command)) => raft.propose_here(shard, command.to_vec()).await,
+        Ok((wire::READ_STREAM, shard, body)) => match hamgam_proto::codec::decode::<RemoteRead>(body) {
+            Ok(read) => raft
+                .serve_remote_read(shard, read)
+                .await
+                .and_then(|answer| hamgam_proto::codec::encode(&answer).map_err(|_| ProposeError::Dropped)),
+            Err(_) => Err(ProposeError::Dropped),
+        },
+        _ => Err(ProposeError::Dropped),
     };
     if send.write_all(&wire::encode_answer(&answer)).await.is_ok() {
         let _ = send.finish();
@@ -471,7 +545,7 @@ impl RaftTransport for PeerTransport {
                 continue;
             }
             if let Some(link) = self.network.link(to)
-                && link.try_send((shard, message)).is_err()
+                && link.try_send(Outgoing::Raft(shard, message)).is_err()
             {
                 tracing::trace!(%to, "a peer's queue is full; message dropped");
             }
@@ -489,6 +563,21 @@ impl ProposalForwarder for Forwarder {
         Box::pin(async move {
             match network {
                 Some(network) => network.forward(leader, shard, command).await,
+                None => Err(ProposeError::Stopped),
+            }
+        })
+    }
+
+    fn replicas(&self, shard: ShardId) -> Vec<NodeId> {
+        let Some(network) = self.network.upgrade() else { return Vec::new() };
+        network.view().and_then(|view| view.placement.get(&shard).cloned()).unwrap_or_default()
+    }
+
+    fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> RemoteReadReply {
+        let network = self.network.upgrade();
+        Box::pin(async move {
+            match network {
+                Some(network) => network.read(node, shard, read).await,
                 None => Err(ProposeError::Stopped),
             }
         })

@@ -5,9 +5,14 @@
 //! u32 little-endian length, then the shard (u32 LE) and the
 //! protobuf-encoded `eraftpb::Message`. A snapshot stream
 //! ([`SNAPSHOT_STREAM`]) carries one such frame holding a snapshot message,
-//! with a larger bound, so a snapshot never holds up heartbeats. A forwarded proposal is one bidi
-//! stream: the request is the shard (u32 LE) and the command's bytes up to
-//! the end of the stream; the answer is a tag byte and its payload.
+//! with a larger bound, so a snapshot never holds up heartbeats.
+//!
+//! A bidi stream is one request and its answer; the request opens with a
+//! kind byte. A forwarded proposal ([`PROPOSAL_STREAM`]): the shard (u32 LE)
+//! and the command's bytes up to the end of the stream. A remote read
+//! ([`READ_STREAM`]): the shard (u32 LE) and the codec-encoded `RemoteRead`.
+//! The answer is a tag byte and its payload (the state machine's reply, or
+//! the codec-encoded `RemoteReadAnswer`).
 
 use hamgam_raftstore::{ProposeError, RaftMessage};
 use hamgam_types::{NodeId, ShardId, limits};
@@ -32,6 +37,32 @@ fn u32_at(bytes: &[u8]) -> u32 {
 
 pub const RAFT_STREAM: u8 = 0;
 pub const SNAPSHOT_STREAM: u8 = 1;
+
+/// The shard field of a frame on a raft stream that carries no raft message
+/// but a hint for the receiving node's push (opaque bytes here; shard ids
+/// stop far below it).
+pub const HINT_SHARD: u32 = u32::MAX;
+
+/// Appends one hint frame to `out`.
+pub fn encode_hint(hint: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&((hint.len() + 4) as u32).to_le_bytes());
+    out.extend_from_slice(&HINT_SHARD.to_le_bytes());
+    out.extend_from_slice(hint);
+}
+
+/// What a frame on a raft stream carries.
+#[derive(Debug)]
+pub enum Frame<'a> {
+    Raft(ShardId, RaftMessage),
+    Hint(&'a [u8]),
+}
+
+pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
+    if frame.len() >= 4 && u32_at(frame) == HINT_SHARD {
+        return Ok(Frame::Hint(&frame[4..]));
+    }
+    decode_raft(frame).map(|(shard, message)| Frame::Raft(shard, message))
+}
 
 /// Appends one raft frame to `out`.
 pub fn encode_raft(shard: ShardId, message: &RaftMessage, out: &mut Vec<u8>) {
@@ -65,18 +96,23 @@ pub fn decode_raft(frame: &[u8]) -> Result<(ShardId, RaftMessage), WireError> {
     Ok((shard, message))
 }
 
-pub fn encode_proposal(shard: ShardId, command: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + command.len());
+pub const PROPOSAL_STREAM: u8 = 2;
+pub const READ_STREAM: u8 = 3;
+
+/// A bidi request: its kind, the shard, and the body.
+pub fn encode_request(kind: u8, shard: ShardId, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(kind);
     out.extend_from_slice(&shard.0.to_le_bytes());
-    out.extend_from_slice(command);
+    out.extend_from_slice(body);
     out
 }
 
-pub fn decode_proposal(bytes: &[u8]) -> Result<(ShardId, &[u8]), WireError> {
-    if bytes.len() < 4 {
+pub fn decode_request(bytes: &[u8]) -> Result<(u8, ShardId, &[u8]), WireError> {
+    if bytes.len() < 5 {
         return Err(WireError::Short);
     }
-    Ok((ShardId(u32_at(bytes)), &bytes[4..]))
+    Ok((bytes[0], ShardId(u32_at(&bytes[1..])), &bytes[5..]))
 }
 
 /// The largest answer to a forwarded proposal: a reply is bounded like a command.

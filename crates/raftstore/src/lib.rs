@@ -62,11 +62,36 @@ impl RaftTransport for NoPeers {
 /// The answer a forwarded proposal resolves to.
 pub type ForwardedReply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ProposeError>> + Send>>;
 
-/// Sends a proposal to the node that leads its shard, which proposes it
-/// there (with [`RaftHandle::propose_here`]) and returns the state machine's
-/// reply.
+/// The answer a remote read resolves to.
+pub type RemoteReadReply = Pin<Box<dyn Future<Output = Result<RemoteReadAnswer, ProposeError>> + Send>>;
+
+/// A read of a shard hosted on another node, on keys of that shard's range.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RemoteRead {
+    Get(Vec<u8>),
+    Scan { start: Vec<u8>, end: Option<Vec<u8>>, descending: bool, limit: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RemoteReadAnswer {
+    Value(Option<Vec<u8>>),
+    Pairs(hamgam_storage::KvPairs),
+}
+
+/// This node's way to the others for requests on shards it does not lead
+/// (or does not host at all).
 pub trait ProposalForwarder: Send + Sync + 'static {
+    /// Sends a proposal to the node that leads its shard, which proposes it
+    /// there (with [`RaftHandle::propose_here`]) and returns the state
+    /// machine's reply.
     fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> ForwardedReply;
+
+    /// The nodes shard 0 records as `shard`'s replicas: whom to ask about a
+    /// shard this node does not host.
+    fn replicas(&self, shard: ShardId) -> Vec<NodeId>;
+
+    /// Reads `shard` at `node` (see [`RaftHandle::serve_remote_read`]).
+    fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> RemoteReadReply;
 }
 
 /// The state machine a shard's committed commands are applied to.

@@ -202,12 +202,16 @@ impl Storage for ShardLog {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Serve the held snapshot if it covers what the log no longer has;
-        // otherwise ask for a new one and let raft try again on a later beat.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // Serve the held snapshot if it covers what the log no longer has
+        // and its configuration names the receiver (one made before the
+        // receiver was added would be refused there); otherwise ask for a
+        // new one and let raft try again on a later beat.
         if let Some(snapshot) = &self.snapshot {
-            let index = snapshot.get_metadata().index;
-            if index >= request_index && index >= self.truncated_index {
+            let meta = snapshot.get_metadata();
+            let conf = meta.get_conf_state();
+            let names_receiver = conf.voters.contains(&to) || conf.learners.contains(&to);
+            if meta.index >= request_index && meta.index >= self.truncated_index && names_receiver {
                 return Ok(snapshot.clone());
             }
         }

@@ -21,16 +21,16 @@
 use crate::apply::{ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Reply, read_applied, write_applied};
 use crate::log::ShardLog;
 use crate::wal::{ShardWrite, Wal};
-use crate::{ProposalForwarder, ProposeError, RaftTransport, ShardReader, StateMachine, StoreError, shard_reader};
+use crate::{ProposalForwarder, ProposeError, RaftTransport, RemoteRead, RemoteReadAnswer, ShardReader, StateMachine, StoreError, shard_reader};
 use raft::SnapshotStatus;
-use hamgam_storage::{Db, Txn};
+use hamgam_storage::{Db, KeyRange, KvRead, Order, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,6 +65,58 @@ impl StoreConfig {
     /// A store whose every shard has this node as its only voter.
     pub fn single_node(node: NodeId, wal_dir: PathBuf, shards: impl IntoIterator<Item = ShardId>) -> StoreConfig {
         StoreConfig { node, wal_dir, shards: shards.into_iter().map(|s| (s, vec![node])).collect() }
+    }
+}
+
+/// The database view of a shard hosted elsewhere: reads go to a replica
+/// there; writes are refused (only the apply thread writes, and only to
+/// hosted shards).
+#[derive(Debug)]
+struct RemoteShard {
+    shard: ShardId,
+    raft: RaftHandle,
+}
+
+impl RemoteShard {
+    fn ask(&self, read: RemoteRead) -> Result<RemoteReadAnswer, StorageError> {
+        let raft = self.raft.clone();
+        let shard = self.shard;
+        let asked = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move { raft.read_remote(shard, read).await })
+        });
+        asked.map_err(|error| StorageError::Unreachable(format!("shard {shard} is hosted elsewhere and could not be read: {error}")))
+    }
+}
+
+impl hamgam_storage::KvRead for RemoteShard {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.ask(RemoteRead::Get(key.to_vec()))? {
+            RemoteReadAnswer::Value(value) => Ok(value),
+            RemoteReadAnswer::Pairs(_) => Err(StorageError::Unreachable("a remote get answered with pairs".into())),
+        }
+    }
+
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<hamgam_storage::KvPairs, StorageError> {
+        let read = RemoteRead::Scan {
+            start: range.start.clone(),
+            end: range.end.clone(),
+            descending: order == Order::Descending,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        };
+        match self.ask(read)? {
+            RemoteReadAnswer::Pairs(pairs) => Ok(pairs),
+            RemoteReadAnswer::Value(_) => Err(StorageError::Unreachable("a remote scan answered with a value".into())),
+        }
+    }
+}
+
+impl Db for RemoteShard {
+    fn write(&self, _batch: &hamgam_storage::WriteBatch) -> Result<(), StorageError> {
+        Err(StorageError::Unreachable(format!("shard {} is hosted elsewhere: not writable here", self.shard)))
+    }
+
+    fn persist(&self) -> Result<(), StorageError> {
+        Ok(())
     }
 }
 
@@ -162,7 +214,7 @@ pub struct RaftHandle {
     db: Arc<dyn Db>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
     /// Shards whose only voter is this node: its applied state is always fresh.
-    sole_voter: Arc<BTreeMap<ShardId, AtomicBool>>,
+    replicas: Arc<BTreeMap<ShardId, AtomicU8>>,
     forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
     running: watch::Receiver<bool>,
@@ -190,21 +242,119 @@ impl RaftHandle {
     /// to retry. Waits for queue space (backpressure).
     pub async fn propose(&self, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
         let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
+        let mut attempt = 0usize;
         loop {
             let forwarder = self.forwarder.get();
-            let result = match (self.leader(shard), forwarder) {
+            let result = match (self.leader_or_replica(shard, attempt), forwarder) {
                 (Some(leader), Some(forwarder)) if leader != self.node => {
                     forwarder.forward(leader, shard, command.clone()).await
                 }
                 _ => self.propose_here(shard, command.clone()).await,
             };
+            attempt += 1;
             match result {
-                Err(ProposeError::NotLeader { .. } | ProposeError::NoLeader(_)) if Instant::now() < deadline => {
+                Err(ProposeError::NotLeader { leader, .. }) if Instant::now() < deadline => {
+                    if let Some(leader) = leader.filter(|_| !self.hosts(shard)) {
+                        // A replica named its leader: go there next.
+                        self.note_leader(shard, leader);
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
+                }
+                Err(ProposeError::NoLeader(_) | ProposeError::UnknownShard(_)) if Instant::now() < deadline => {
+                    self.forget_leader(shard);
                     tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
                 }
                 Err(ProposeError::NotLeader { shard, .. }) => return Err(ProposeError::NoLeader(shard)),
                 other => return other,
             }
+        }
+    }
+
+    /// Whether this node is a replica (voter or learner) of `shard`.
+    pub fn hosts(&self, shard: ShardId) -> bool {
+        self.replicas.get(&shard).is_some_and(|flags| flags.load(Ordering::Acquire) & HOSTED != 0)
+    }
+
+    /// Where to send a request for `shard`: its leader as this node knows it;
+    /// for a shard hosted elsewhere with no known leader, one of the replicas
+    /// shard 0 records (taking turns over `attempt`s), which forwards or
+    /// names the leader.
+    fn leader_or_replica(&self, shard: ShardId, attempt: usize) -> Option<NodeId> {
+        if let Some(leader) = self.leader(shard) {
+            return Some(leader);
+        }
+        if self.hosts(shard) {
+            return None;
+        }
+        let replicas = self.forwarder.get()?.replicas(shard);
+        replicas.get(attempt % replicas.len().max(1)).copied()
+    }
+
+    /// Remembers the leader of a shard hosted elsewhere (the loop keeps the
+    /// leaders of hosted shards itself).
+    fn note_leader(&self, shard: ShardId, leader: NodeId) {
+        if let Some(slot) = self.leaders.get(&shard) {
+            slot.store(leader.0, Ordering::Relaxed);
+        }
+    }
+
+    fn forget_leader(&self, shard: ShardId) {
+        if !self.hosts(shard)
+            && let Some(slot) = self.leaders.get(&shard)
+        {
+            slot.store(raft::INVALID_ID, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads `shard`'s state at a replica elsewhere, fresh (see
+    /// [`RaftHandle::serve_remote_read`]): the leader if known, else each
+    /// recorded replica in turn.
+    pub async fn read_remote(&self, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
+        let forwarder = self.forwarder.get().ok_or(ProposeError::NoLeader(shard))?;
+        let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
+        let mut attempt = 0usize;
+        loop {
+            let Some(node) = self.leader_or_replica(shard, attempt).filter(|n| *n != self.node) else {
+                return Err(ProposeError::NoLeader(shard));
+            };
+            attempt += 1;
+            match forwarder.read(node, shard, read.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(ProposeError::NotLeader { leader: Some(leader), .. }) if Instant::now() < deadline => {
+                    self.note_leader(shard, leader)
+                }
+                Err(_) if Instant::now() < deadline => {
+                    self.forget_leader(shard);
+                    tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Answers another node's read of `shard`: after a ReadIndex, from this
+    /// replica's applied state, only within the shard's range.
+    pub async fn serve_remote_read(&self, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
+        if !self.hosts(shard) {
+            return Err(ProposeError::NotLeader { shard, leader: self.leader(shard).filter(|l| *l != self.node) });
+        }
+        self.read_index(shard).await?;
+        // Keys arrive whole (the asking side's view adds the shard's
+        // prefix); anything outside the shard's range is refused.
+        let prefix = crate::state_machine_prefix(shard);
+        let range = KeyRange::prefix(&prefix);
+        let failed = |error: hamgam_storage::StorageError| ProposeError::Forward { node: self.node, reason: error.to_string() };
+        match read {
+            RemoteRead::Get(key) if range.contains(&key) => self.db.get(&key).map(RemoteReadAnswer::Value).map_err(failed),
+            RemoteRead::Scan { start, end, descending, limit }
+                if range.contains(&start) && end.as_ref().is_some_and(|end| *end <= range.end.clone().unwrap_or_default()) =>
+            {
+                let order = if descending { Order::Descending } else { Order::Ascending };
+                let limit = (limit as usize).min(limits::REMOTE_SCAN_PAIRS_MAX);
+                self.db.scan(&KeyRange { start, end }, order, limit).map(RemoteReadAnswer::Pairs).map_err(failed)
+            }
+            _ => Err(ProposeError::Forward { node: self.node, reason: format!("a read outside shard {shard}") }),
         }
     }
 
@@ -239,11 +389,16 @@ impl RaftHandle {
     /// so a read that follows sees every acknowledged write, whichever node
     /// acknowledged it.
     pub async fn read_index(&self, shard: ShardId) -> Result<(), ProposeError> {
-        let Some(sole) = self.sole_voter.get(&shard) else {
+        let Some(flags) = self.replicas.get(&shard) else {
             return Err(ProposeError::UnknownShard(shard));
         };
-        if sole.load(Ordering::Acquire) {
+        let flags = flags.load(Ordering::Acquire);
+        if flags & SOLE_VOTER != 0 {
             // Only this node commits: whatever it acknowledged is applied.
+            return Ok(());
+        }
+        if flags & HOSTED == 0 {
+            // Reads of a shard hosted elsewhere are made fresh there, one by one.
             return Ok(());
         }
         let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
@@ -265,7 +420,9 @@ impl RaftHandle {
 
     /// Changes the replicas of `shard` by one step and waits until the
     /// change is applied here. Only on the shard's leader (`NotLeader`
-    /// elsewhere); while another change is pending it waits its turn.
+    /// elsewhere); while another change is pending it waits its turn. A
+    /// leader asked to remove itself hands leadership to a caught-up voter
+    /// instead and answers `NotLeader` naming it: ask again there.
     pub async fn change_replicas(&self, shard: ShardId, change: ReplicaChange) -> Result<(), ProposeError> {
         let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
         loop {
@@ -290,8 +447,20 @@ impl RaftHandle {
         answer.await.map_err(|_| ProposeError::Stopped)
     }
 
-    /// The applied state of `shard`, for reads.
+    /// The applied state of `shard`, for reads: this node's when it hosts
+    /// the shard, else a view whose every read goes to a replica elsewhere
+    /// (and is fresh there). Remote reads block the calling thread, so call
+    /// this only from a multi-threaded tokio runtime.
     pub fn reader(&self, shard: ShardId) -> ShardReader {
+        if self.hosts(shard) || self.forwarder.get().is_none() {
+            return self.local_reader(shard);
+        }
+        let remote: Arc<dyn Db> = Arc::new(RemoteShard { shard, raft: self.clone() });
+        shard_reader(remote, shard)
+    }
+
+    /// This node's applied state of `shard`, whether or not it hosts it.
+    pub fn local_reader(&self, shard: ShardId) -> ShardReader {
         shard_reader(self.db.clone(), shard)
     }
 
@@ -397,16 +566,15 @@ impl Store {
         let (running_tx, running) = watch::channel(true);
         let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
             Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
-        let sole_voter: Arc<BTreeMap<ShardId, AtomicBool>> = Arc::new(
-            states.iter().map(|(s, a)| (*s, AtomicBool::new(is_sole_voter(&a.conf, config.node)))).collect(),
-        );
+        let replicas: Arc<BTreeMap<ShardId, AtomicU8>> =
+            Arc::new(states.iter().map(|(s, a)| (*s, AtomicU8::new(replica_flags(&a.conf, config.node)))).collect());
         let stats = Arc::new(StoreStats::default());
         let handle = RaftHandle {
             node: config.node,
             inputs: inputs.clone(),
             db: db.clone(),
             leaders: leaders.clone(),
-            sole_voter: sole_voter.clone(),
+            replicas: replicas.clone(),
             forwarder: Arc::new(OnceLock::new()),
             stats: stats.clone(),
             running,
@@ -445,7 +613,7 @@ impl Store {
             queue,
             inputs,
             leaders,
-            sole_voter,
+            replicas,
             stats,
             transport,
             snapshots_in_flight: Default::default(),
@@ -669,7 +837,7 @@ struct StoreLoop {
     /// For the checkpoint thread to report back.
     inputs: mpsc::Sender<Input>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
-    sole_voter: Arc<BTreeMap<ShardId, AtomicBool>>,
+    replicas: Arc<BTreeMap<ShardId, AtomicU8>>,
     stats: Arc<StoreStats>,
     apply_inputs: std::sync::mpsc::SyncSender<ApplyInput>,
     apply_thread: Option<std::thread::JoinHandle<()>>,
@@ -775,6 +943,27 @@ impl StoreLoop {
                 };
                 if !peer.is_leader() {
                     let _ = reply.send(Err(peer.not_leader(shard)));
+                    return Ok(false);
+                }
+                if change == ReplicaChange::Remove(NodeId(peer.node.raft.id)) {
+                    // raft-rs keeps a leader that removed itself leading a
+                    // group it cannot propose to; hand leadership over first
+                    // and let the caller ask the new leader.
+                    let raft = &peer.node.raft;
+                    let last = raft.raft_log.last_index();
+                    let successor = raft
+                        .prs()
+                        .conf()
+                        .voters()
+                        .ids()
+                        .iter()
+                        .filter(|id| *id != raft.id)
+                        .find(|id| raft.prs().get(*id).is_some_and(|p| p.recent_active && p.matched == last));
+                    if let Some(successor) = successor {
+                        peer.node.transfer_leader(successor);
+                    }
+                    let leader = successor.map(NodeId);
+                    let _ = reply.send(Err(ProposeError::NotLeader { shard, leader }));
                     return Ok(false);
                 }
                 let (change_type, node) = match change {
@@ -970,13 +1159,15 @@ impl StoreLoop {
                     .recv()
                     .map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))??;
                 peer.node.mut_store().apply_snapshot(&snapshot);
+                let conf = snapshot.get_metadata().get_conf_state();
+                self.replicas[&shard].store(replica_flags(conf, NodeId(peer.node.raft.id)), Ordering::Release);
                 // Proposals waiting here were for entries the snapshot replaced.
                 peer.fail_all(&ProposeError::Dropped);
             }
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.sole_voter)?);
+                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -1024,7 +1215,7 @@ impl StoreLoop {
             self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.sole_voter)?);
+                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
             }
         }
         self.flush_outbound();
@@ -1182,6 +1373,16 @@ fn is_sole_voter(conf: &ConfState, node: NodeId) -> bool {
     conf.voters == [node.0] && conf.learners.is_empty()
 }
 
+/// This node is a replica (voter or learner) of the shard.
+const HOSTED: u8 = 1;
+/// This node is the shard's only voter (and there are no learners).
+const SOLE_VOTER: u8 = 2;
+
+fn replica_flags(conf: &ConfState, node: NodeId) -> u8 {
+    let hosted = conf.voters.contains(&node.0) || conf.learners.contains(&node.0);
+    (if hosted { HOSTED } else { 0 }) | (if is_sole_voter(conf, node) { SOLE_VOTER } else { 0 })
+}
+
 /// Readies committed entries of `shard` for the apply thread: pairs them
 /// with their proposers, and applies each configuration change to raft now,
 /// in log order, handing the resulting configuration along so the apply
@@ -1190,7 +1391,7 @@ fn prepare_apply(
     shard: ShardId,
     peer: &mut Peer,
     entries: Vec<Entry>,
-    sole_voter: &BTreeMap<ShardId, AtomicBool>,
+    replicas: &BTreeMap<ShardId, AtomicU8>,
 ) -> Result<ApplyTask, StoreError> {
     let mut confs = Vec::new();
     for entry in &entries {
@@ -1215,8 +1416,8 @@ fn prepare_apply(
         });
         tracing::info!(%shard, index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
         peer.node.mut_store().set_conf_state(conf.clone());
-        if let Some(sole) = sole_voter.get(&shard) {
-            sole.store(is_sole_voter(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
+        if let Some(flags) = replicas.get(&shard) {
+            flags.store(replica_flags(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
         }
         confs.push((entry.index, conf));
     }
@@ -1274,8 +1475,13 @@ mod tests {
         }
     }
 
+    /// The counter as this node's own replica holds it.
     fn total(handle: &RaftHandle, shard: u32) -> u64 {
-        handle.reader(ShardId(shard)).get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
+        total_in(&handle.local_reader(ShardId(shard)))
+    }
+
+    fn total_in(reader: &ShardReader) -> u64 {
+        reader.get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
     }
 
     fn config(dir: &std::path::Path) -> StoreConfig {
@@ -1427,6 +1633,20 @@ mod tests {
                 }
             })
         }
+
+        fn replicas(&self, _shard: ShardId) -> Vec<NodeId> {
+            self.handles.lock().unwrap().keys().copied().collect()
+        }
+
+        fn read(&self, node: NodeId, shard: ShardId, read: crate::RemoteRead) -> crate::RemoteReadReply {
+            let target = self.get(node);
+            Box::pin(async move {
+                match target {
+                    Some(handle) => handle.serve_remote_read(shard, read).await,
+                    None => Err(ProposeError::NoLeader(shard)),
+                }
+            })
+        }
     }
 
     async fn wait_for_leader(handle: &RaftHandle, shard: ShardId, not: Option<NodeId>) -> NodeId {
@@ -1523,13 +1743,21 @@ mod tests {
             lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
         }
         assert_eq!(total(&stores[&NodeId(4)].handle(), 1), 0);
+        // Before it hosts the shard, node 4 still serves it: proposals find
+        // the leader through a replica, reads go to one and are fresh.
+        let outsider = stores[&NodeId(4)].handle();
+        assert!(!outsider.hosts(ShardId(1)));
+        assert_eq!(outsider.propose(ShardId(1), vec![0; 2]).await.unwrap(), 42u64.to_le_bytes());
+        assert_eq!(total_in(&outsider.reader(ShardId(1))), 42, "a read elsewhere sees the write just made");
+        assert_eq!(total(&outsider, 1), 0, "and nothing was written here");
         assert!(matches!(
             stores[&NodeId(4)].handle().change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await,
             Err(ProposeError::NotLeader { .. })
         ));
 
         lead.change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await.unwrap();
-        eventually_total(&stores[&NodeId(4)].handle(), 1, 40).await;
+        eventually_total(&stores[&NodeId(4)].handle(), 1, 42).await;
+        assert!(outsider.hosts(ShardId(1)));
         assert_eq!(stores[&NodeId(4)].handle().stats().snapshots_installed.load(Ordering::Relaxed), 1);
         lead.change_replicas(ShardId(1), ReplicaChange::AddVoter(NodeId(4))).await.unwrap();
         // Take out a follower other than the leader: three voters again.
@@ -1544,7 +1772,7 @@ mod tests {
         stores.remove(&removed).unwrap().stop().unwrap();
         network.handles.lock().unwrap().remove(&removed);
         lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
-        eventually_total(&stores[&NodeId(4)].handle(), 1, 42).await;
+        eventually_total(&stores[&NodeId(4)].handle(), 1, 44).await;
 
         // Node 4 restarts with its configuration from disk, not from its
         // (empty) start-up list, and still counts in the quorum.
@@ -1559,7 +1787,14 @@ mod tests {
         network.handles.lock().unwrap().remove(&other);
         // Leader and node 4 are two of three: a quorum only with node 4.
         let reply = stores[&leader].handle().propose(ShardId(1), vec![0; 2]).await.unwrap();
-        assert_eq!(reply, 44u64.to_le_bytes());
+        assert_eq!(reply, 46u64.to_le_bytes());
+
+        // A leader asked to remove itself hands leadership to node 4 (the
+        // only other voter that is up) and names it; there the removal goes.
+        let refused = stores[&leader].handle().change_replicas(ShardId(1), ReplicaChange::Remove(leader)).await;
+        assert_eq!(refused, Err(ProposeError::NotLeader { shard: ShardId(1), leader: Some(NodeId(4)) }));
+        let successor = stores[&NodeId(4)].handle();
+        assert_eq!(wait_for_leader(&successor, ShardId(1), Some(leader)).await, NodeId(4));
         for (_, store) in stores {
             store.stop().unwrap();
         }

@@ -440,7 +440,7 @@ impl SyncService {
     fn mark_all_pending_outboxes(&self) {
         let mut pending = Vec::new();
         for source in self.placement.all_shards() {
-            let reader = self.raft.reader(source);
+            let reader = self.raft.local_reader(source);
             for target in self.placement.all_shards() {
                 match reader.scan(&KeyRange::prefix(&keys::outbox_of(target)), Order::Ascending, 1) {
                     Ok(found) if !found.is_empty() => pending.push((source, target)),
@@ -512,7 +512,7 @@ impl SyncService {
         fresh: Vec<(u64, OutboxRecord)>,
         budget: &mut usize,
     ) -> Result<(Vec<(u64, OutboxRecord)>, bool), SyncError> {
-        let reader = self.raft.reader(source);
+        let reader = self.raft.local_reader(source);
         let start = match next {
             Some(next) => next,
             None => read_outbox_meta(&reader, target)?.acked + 1,

@@ -112,6 +112,10 @@ pub const READS_PENDING_MAX: usize = 16_384;
 /// [`RAFT_MSG_BYTES_MAX`] of entries but always at least one entry, which
 /// can be [`ENTRY_BYTES_MAX`] on its own.
 pub const PEER_FRAME_BYTES_MAX: usize = 4 << 20;
+/// Pairs one remote scan of a shard hosted elsewhere may return.
+pub const REMOTE_SCAN_PAIRS_MAX: usize = 1_000;
+/// Bytes of one answer to a remote read.
+pub const REMOTE_READ_ANSWER_BYTES_MAX: usize = 8 << 20;
 /// Raft messages queued for one other node; beyond this they are dropped
 /// (raft retransmits), so a slow or dead node never holds memory.
 pub const PEER_SEND_QUEUE_MAX: usize = 4096;

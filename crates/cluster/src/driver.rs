@@ -1,0 +1,444 @@
+//! The placement driver: puts each shard's replicas on the right nodes.
+//!
+//! It runs on every clustered node and acts only where this node leads
+//! shard 0, once a second: it asks every member for its status (the same
+//! admin request operators use), plans at most one configuration change per
+//! shard ([`plan`], a pure function), asks each shard's leader to make it,
+//! and records each shard's replicas in shard 0 so that nodes without a
+//! replica know whom to ask.
+//!
+//! Goals, in order: no replica on a removed, draining or dead member; every
+//! shard at `min(3, members that keep replicas)` voters; replicas spread so
+//! that no node holds two more than another. A replica moves by adding a
+//! learner on the new node (it catches up, by snapshot if need be), promoting
+//! it once it is within [`CATCH_UP_SLACK`] entries of the leader, then
+//! removing the voter it replaces; so a shard never has fewer voters than it
+//! started with. Shard 0 also has a learner on every other member, so every
+//! node applies the member list and placement.
+//!
+//! A member that did not answer for `dead_after` counts as dead: its
+//! replicas are rebuilt elsewhere. The clock starts when this node took
+//! shard 0's lead, so a new driver never judges on what it did not see.
+
+use crate::PeerNetwork;
+use crate::admin::{self, AdminError, AdminRequest, NodeStatus};
+use crate::join::propose_cluster;
+use crate::membership::{ClusterCommand, ClusterView, MemberRecord, MemberState};
+use hamgam_raftstore::{RaftHandle, ReplicaChange};
+use hamgam_transport::NodeIdentity;
+use hamgam_types::{NodeId, ShardId};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// A learner this close to the leader's last index is promoted.
+pub const CATCH_UP_SLACK: u64 = 100;
+/// New replicas started per pass to even out the spread (each costs a snapshot).
+const BALANCING_MOVES_PER_PASS: usize = 4;
+/// Changes made per pass, all reasons together.
+const CHANGES_PER_PASS: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Voters per shard where the cluster has that many members.
+    pub replicas: usize,
+    /// How long a member may be unreachable before its replicas are rebuilt elsewhere.
+    pub dead_after: Duration,
+    pub interval: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig { replicas: 3, dead_after: Duration::from_secs(600), interval: Duration::from_secs(1) }
+    }
+}
+
+/// One shard as its leader reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardReplicas {
+    pub shard: ShardId,
+    pub leader: NodeId,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub matched: BTreeMap<NodeId, u64>,
+    pub last_index: u64,
+}
+
+impl ShardReplicas {
+    fn hosts(&self, node: NodeId) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
+
+    fn caught_up(&self, node: NodeId) -> bool {
+        self.matched.get(&node).is_some_and(|m| *m > 0 && m + CATCH_UP_SLACK >= self.last_index)
+    }
+
+    /// Every replica, sorted: what shard 0 records.
+    pub fn replicas(&self) -> Vec<NodeId> {
+        let mut all: Vec<NodeId> = self.voters.iter().chain(&self.learners).copied().collect();
+        all.sort();
+        all
+    }
+}
+
+/// What the planner knows of each member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub state: MemberState,
+    /// Answered this pass.
+    pub up: bool,
+    /// Unreachable for longer than the configured time.
+    pub dead: bool,
+}
+
+impl Standing {
+    /// May keep the replicas it has.
+    fn keeps(&self) -> bool {
+        self.state == MemberState::Active && !self.dead
+    }
+
+    /// May be given a new replica now.
+    fn takes_new(&self) -> bool {
+        self.keeps() && self.up
+    }
+}
+
+/// One change to make: at `leader`, on `shard`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedChange {
+    pub shard: ShardId,
+    pub leader: NodeId,
+    pub change: ReplicaChange,
+}
+
+/// Plans at most one change per shard toward the goals in the module's
+/// documentation. Deterministic for the same inputs.
+pub fn plan(members: &BTreeMap<NodeId, Standing>, shards: &[ShardReplicas], replicas: usize) -> Vec<PlannedChange> {
+    let standing = |node: &NodeId| members.get(node).copied();
+    let keeps = |node: &NodeId| standing(node).is_some_and(|s| s.keeps());
+    let target = replicas.min(members.values().filter(|s| s.keeps()).count());
+    if target == 0 {
+        return Vec::new();
+    }
+    // Data replicas per node (shard 0 is on every node and does not count).
+    let mut load: BTreeMap<NodeId, i64> = members.keys().map(|n| (*n, 0)).collect();
+    for shard in shards.iter().filter(|s| s.shard != ShardId::CLUSTER) {
+        for node in shard.voters.iter().chain(&shard.learners) {
+            *load.entry(*node).or_default() += 1;
+        }
+    }
+    let least_loaded = |load: &BTreeMap<NodeId, i64>, shard: &ShardReplicas| {
+        members
+            .iter()
+            .filter(|(node, s)| s.takes_new() && !shard.hosts(**node))
+            .min_by_key(|(node, _)| (load.get(*node).copied().unwrap_or(0), **node))
+            .map(|(node, _)| *node)
+    };
+    let mut changes = Vec::new();
+    let mut balancing_moves = 0;
+    for shard in shards {
+        if changes.len() >= CHANGES_PER_PASS {
+            break;
+        }
+        let change = |change| PlannedChange { shard: shard.shard, leader: shard.leader, change };
+        let kept_voters = shard.voters.iter().filter(|v| keeps(v)).count();
+        if shard.shard == ShardId::CLUSTER {
+            let removed = |node: &NodeId| standing(node).is_none_or(|s| s.state == MemberState::Removed || s.dead);
+            let planned = if let Some(gone) = shard.learners.iter().find(|n| removed(n)) {
+                Some(ReplicaChange::Remove(*gone))
+            } else if kept_voters < target {
+                shard.learners.iter().find(|n| keeps(n) && shard.caught_up(**n)).map(|n| ReplicaChange::AddVoter(*n))
+            } else if shard.voters.len() > target {
+                let leaving = shard.voters.iter().rev().find(|v| !keeps(v)).or(shard.voters.iter().max());
+                leaving.map(|v| ReplicaChange::Remove(*v))
+            } else {
+                members
+                    .iter()
+                    .find(|(node, s)| s.state != MemberState::Removed && !s.dead && s.up && !shard.hosts(**node))
+                    .map(|(node, _)| ReplicaChange::AddLearner(*node))
+            };
+            changes.extend(planned.map(change));
+            continue;
+        }
+        if let Some(gone) = shard.learners.iter().find(|n| !keeps(n)) {
+            changes.push(change(ReplicaChange::Remove(*gone)));
+            continue;
+        }
+        if let Some(ready) = shard.learners.iter().find(|n| shard.caught_up(**n)) {
+            changes.push(change(ReplicaChange::AddVoter(*ready)));
+            continue;
+        }
+        if !shard.learners.is_empty() {
+            continue; // still catching up
+        }
+        if kept_voters < target {
+            if let Some(node) = least_loaded(&load, shard) {
+                *load.entry(node).or_default() += 1;
+                changes.push(change(ReplicaChange::AddLearner(node)));
+            }
+            continue;
+        }
+        if shard.voters.len() > target {
+            let leaving = shard
+                .voters
+                .iter()
+                .find(|v| !keeps(v))
+                .or_else(|| shard.voters.iter().max_by_key(|v| (load.get(*v).copied().unwrap_or(0), **v)));
+            if let Some(voter) = leaving {
+                *load.entry(*voter).or_default() -= 1;
+                changes.push(change(ReplicaChange::Remove(*voter)));
+            }
+            continue;
+        }
+        if balancing_moves < BALANCING_MOVES_PER_PASS {
+            let busiest = shard.voters.iter().max_by_key(|v| (load.get(*v).copied().unwrap_or(0), **v)).copied();
+            let idlest = least_loaded(&load, shard);
+            if let (Some(from), Some(to)) = (busiest, idlest)
+                && load[&from] > load.get(&to).copied().unwrap_or(0) + 1
+            {
+                // The voter leaves once the learner is promoted (the shard
+                // then has one voter too many and sheds the busiest).
+                *load.entry(to).or_default() += 1;
+                *load.entry(from).or_default() -= 1;
+                balancing_moves += 1;
+                changes.push(change(ReplicaChange::AddLearner(to)));
+            }
+        }
+    }
+    changes
+}
+
+/// Each shard's report from the replica that leads it in the highest term.
+pub fn leaders_reports(statuses: &HashMap<NodeId, NodeStatus>) -> Vec<ShardReplicas> {
+    let mut best: BTreeMap<ShardId, (u64, ShardReplicas)> = BTreeMap::new();
+    for (node, status) in statuses {
+        for report in status.shards.iter().filter(|r| r.leading) {
+            if best.get(&report.shard).is_some_and(|(term, _)| *term >= report.term) {
+                continue;
+            }
+            let replicas = ShardReplicas {
+                shard: report.shard,
+                leader: *node,
+                voters: report.voters.clone(),
+                learners: report.learners.clone(),
+                matched: report.matched.iter().copied().collect(),
+                last_index: report.last_index,
+            };
+            best.insert(report.shard, (report.term, replicas));
+        }
+    }
+    best.into_values().map(|(_, replicas)| replicas).collect()
+}
+
+/// Runs the driver until `cancel`.
+pub async fn run(
+    node: NodeId,
+    raft: RaftHandle,
+    network: Arc<PeerNetwork>,
+    identity: Arc<NodeIdentity>,
+    config: DriverConfig,
+    cancel: CancellationToken,
+) {
+    let mut last_seen: HashMap<NodeId, Instant> = HashMap::new();
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if raft.leader(ShardId::CLUSTER) != Some(node) {
+            last_seen.clear();
+            continue;
+        }
+        let Some(view) = network.view().filter(|v| !v.members.is_empty()) else { continue };
+        let statuses = gather(&identity, &view.members).await;
+        let now = Instant::now();
+        let mut members = BTreeMap::new();
+        for member in &view.members {
+            let up = statuses.contains_key(&member.id);
+            let seen = last_seen.entry(member.id).or_insert(now);
+            if up {
+                *seen = now;
+            }
+            let dead = member.state != MemberState::Removed && now.duration_since(*seen) > config.dead_after;
+            members.insert(member.id, Standing { state: member.state, up, dead });
+        }
+        let shards = leaders_reports(&statuses);
+        let addrs: HashMap<NodeId, SocketAddr> = view.members.iter().map(|m| (m.id, m.peer_addr)).collect();
+        for planned in plan(&members, &shards, config.replicas) {
+            if cancel.is_cancelled() {
+                return;
+            }
+            match change(&identity, &addrs, planned).await {
+                Ok(()) => tracing::info!(shard = %planned.shard, change = ?planned.change, "replicas changed"),
+                Err(error) => tracing::debug!(shard = %planned.shard, change = ?planned.change, %error, "a replica change did not happen; next pass"),
+            }
+        }
+        record_placement(&raft, &view, &shards).await;
+    }
+}
+
+/// Every non-removed member's status; members that do not answer are left out.
+async fn gather(identity: &Arc<NodeIdentity>, members: &[MemberRecord]) -> HashMap<NodeId, NodeStatus> {
+    let mut asks = tokio::task::JoinSet::new();
+    for member in members.iter().filter(|m| m.state != MemberState::Removed) {
+        let (identity, id, addr) = (identity.clone(), member.id, member.peer_addr);
+        asks.spawn(async move { (id, admin::node_status(&identity, addr).await) });
+    }
+    let mut statuses = HashMap::new();
+    while let Some(answer) = asks.join_next().await {
+        if let Ok((id, Ok(status))) = answer {
+            statuses.insert(id, status);
+        }
+    }
+    statuses
+}
+
+/// Makes one change at the shard's leader. A leader asked to remove itself
+/// hands leadership over and names its successor: ask there, briefly.
+async fn change(
+    identity: &NodeIdentity,
+    addrs: &HashMap<NodeId, SocketAddr>,
+    planned: PlannedChange,
+) -> Result<(), AdminError> {
+    let request = AdminRequest::ChangeReplicas { shard: planned.shard, change: planned.change };
+    let mut at = planned.leader;
+    for _ in 0..20 {
+        let Some(addr) = addrs.get(&at).copied() else { break };
+        match admin::command(identity, addr, &request).await {
+            Err(AdminError::NotLeader { leader: Some(next), .. }) => {
+                at = next;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+    Err(AdminError::Refused { addr: addrs.get(&at).copied().unwrap_or(([0, 0, 0, 0], 0).into()), reason: "the shard's leadership kept moving".into() })
+}
+
+/// Records in shard 0 each shard's replicas where the record differs.
+async fn record_placement(raft: &RaftHandle, view: &ClusterView, shards: &[ShardReplicas]) {
+    for shard in shards {
+        let replicas = shard.replicas();
+        if view.placement.get(&shard.shard) == Some(&replicas) {
+            continue;
+        }
+        let command = ClusterCommand::Placed { shard: shard.shard, replicas };
+        if let Err(reason) = propose_cluster(raft, &command).await {
+            tracing::debug!(shard = %shard.shard, %reason, "could not record a shard's replicas");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(ids: &[u64]) -> BTreeMap<NodeId, Standing> {
+        ids.iter().map(|id| (NodeId(*id), Standing { state: MemberState::Active, up: true, dead: false })).collect()
+    }
+
+    fn shard(id: u32, voters: &[u64], learners: &[u64]) -> ShardReplicas {
+        let all: Vec<u64> = voters.iter().chain(learners).copied().collect();
+        ShardReplicas {
+            shard: ShardId(id),
+            leader: NodeId(voters[0]),
+            voters: voters.iter().copied().map(NodeId).collect(),
+            learners: learners.iter().copied().map(NodeId).collect(),
+            matched: all.iter().map(|n| (NodeId(*n), 1_000)).collect(),
+            last_index: 1_000,
+        }
+    }
+
+    /// Applies planned changes the way raft would (learners promoted at
+    /// once), for up to `passes` passes; returns the shards.
+    fn converge(members: &BTreeMap<NodeId, Standing>, mut shards: Vec<ShardReplicas>, passes: usize) -> Vec<ShardReplicas> {
+        for _ in 0..passes {
+            let changes = plan(members, &shards, 3);
+            if changes.is_empty() {
+                break;
+            }
+            for planned in changes {
+                let shard = shards.iter_mut().find(|s| s.shard == planned.shard).unwrap();
+                match planned.change {
+                    ReplicaChange::AddLearner(n) => {
+                        shard.learners.push(n);
+                        shard.matched.insert(n, shard.last_index);
+                    }
+                    ReplicaChange::AddVoter(n) => {
+                        shard.learners.retain(|l| *l != n);
+                        shard.voters.push(n);
+                    }
+                    ReplicaChange::Remove(n) => {
+                        shard.voters.retain(|v| *v != n);
+                        shard.learners.retain(|l| *l != n);
+                        if shard.leader == n {
+                            shard.leader = shard.voters[0];
+                        }
+                    }
+                }
+            }
+        }
+        shards
+    }
+
+    fn loads(shards: &[ShardReplicas]) -> BTreeMap<NodeId, usize> {
+        let mut load = BTreeMap::new();
+        for shard in shards.iter().filter(|s| s.shard != ShardId::CLUSTER) {
+            assert!(shard.learners.is_empty(), "{shard:?}");
+            for voter in &shard.voters {
+                *load.entry(*voter).or_default() += 1;
+            }
+        }
+        load
+    }
+
+    #[test]
+    fn a_balanced_cluster_is_left_alone() {
+        let shards: Vec<_> = (0..=8).map(|s| shard(s, &[1, 2, 3], &[])).collect();
+        assert!(plan(&active(&[1, 2, 3]), &shards, 3).is_empty());
+    }
+
+    #[test]
+    fn new_members_receive_replicas_until_the_spread_is_even_and_every_shard_keeps_three() {
+        let shards: Vec<_> = (0..=64).map(|s| shard(s, &[1, 2, 3], &[])).collect();
+        let members = active(&[1, 2, 3, 4, 5]);
+        let shards = converge(&members, shards, 500);
+        let load = loads(&shards);
+        assert_eq!(load.len(), 5, "{load:?}");
+        let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
+        assert!(max - min <= 1, "{load:?}");
+        assert!(shards.iter().filter(|s| s.shard != ShardId::CLUSTER).all(|s| s.voters.len() == 3));
+        let cluster = &shards[0];
+        assert_eq!(cluster.voters.len(), 3);
+        assert_eq!(cluster.learners.len(), 2, "shard 0 reaches every member");
+    }
+
+    #[test]
+    fn draining_and_dead_members_lose_every_replica_without_a_shard_going_below_its_target() {
+        let mut members = active(&[1, 2, 3, 4, 5]);
+        let shards: Vec<_> = (0..=64).map(|s| shard(s, &[1, 2, 3], &[])).collect();
+        let shards = converge(&members, shards, 500);
+        members.get_mut(&NodeId(4)).unwrap().state = MemberState::Draining;
+        members.insert(NodeId(5), Standing { state: MemberState::Active, up: false, dead: true });
+        let shards = converge(&members, shards, 500);
+        let load = loads(&shards);
+        assert_eq!(load.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2), NodeId(3)], "{load:?}");
+        assert!(shards.iter().all(|s| s.voters.len() == 3));
+        assert!(shards[0].learners.iter().all(|n| *n == NodeId(4)), "a draining member still follows shard 0");
+    }
+
+    #[test]
+    fn an_unreachable_member_keeps_its_replicas_until_it_counts_as_dead() {
+        let mut members = active(&[1, 2, 3, 4]);
+        members.insert(NodeId(3), Standing { state: MemberState::Active, up: false, dead: false });
+        let shards: Vec<_> = (1..=8).map(|s| shard(s, &[1, 2, 3], &[])).collect();
+        let changes = plan(&members, &shards, 3);
+        assert!(changes.iter().all(|c| c.change != ReplicaChange::Remove(NodeId(3))), "{changes:?}");
+        assert!(changes.iter().all(|c| c.change != ReplicaChange::AddLearner(NodeId(3))));
+    }
+}
