@@ -268,7 +268,9 @@ pub async fn run(
         }
         let shards = leaders_reports(&statuses);
         let addrs: HashMap<NodeId, SocketAddr> = view.members.iter().map(|m| (m.id, m.peer_addr)).collect();
-        for planned in plan(&members, &shards, config.replicas) {
+        let planned_changes = plan(&members, &shards, config.replicas);
+        tracing::debug!(?members, shards = shards.len(), changes = planned_changes.len(), "placement pass");
+        for planned in planned_changes {
             if cancel.is_cancelled() {
                 return;
             }

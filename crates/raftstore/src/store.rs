@@ -949,8 +949,9 @@ impl StoreLoop {
                     // raft-rs keeps a leader that removed itself leading a
                     // group it cannot propose to; hand leadership over first
                     // and let the caller ask the new leader.
+                    // The most advanced active voter: raft brings it up to
+                    // date before it hands over.
                     let raft = &peer.node.raft;
-                    let last = raft.raft_log.last_index();
                     let successor = raft
                         .prs()
                         .conf()
@@ -958,7 +959,9 @@ impl StoreLoop {
                         .ids()
                         .iter()
                         .filter(|id| *id != raft.id)
-                        .find(|id| raft.prs().get(*id).is_some_and(|p| p.recent_active && p.matched == last));
+                        .filter_map(|id| raft.prs().get(id).filter(|p| p.recent_active).map(|p| (p.matched, id)))
+                        .max()
+                        .map(|(_, id)| id);
                     if let Some(successor) = successor {
                         peer.node.transfer_leader(successor);
                     }

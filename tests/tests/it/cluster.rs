@@ -21,12 +21,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-const NODES: usize = 3;
-const SENDERS: usize = 6;
-const DATA_SHARDS: u32 = 8;
+pub const NODES: usize = 3;
+pub const SENDERS: usize = 6;
+pub const DATA_SHARDS: u32 = 8;
 
-/// Writes a new cluster under `root` and starts its nodes.
-fn start_cluster(root: &Path) -> Vec<Node> {
+/// Writes a new cluster of three under `root` and starts its nodes, each
+/// with `config` added to its configuration.
+pub fn start_cluster(root: &Path, config: &str) -> Vec<Node> {
     let members: Vec<String> = (1..=NODES).map(|id| format!("{id}={}", free_udp_addr())).collect();
     let init = Command::new(NODE_BIN)
         .arg("init")
@@ -39,11 +40,11 @@ fn start_cluster(root: &Path) -> Vec<Node> {
         .output()
         .expect("run hamgam-node init");
     assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
-    (1..=NODES).map(|id| Node::start(&root.join(format!("node-{id}")))).collect()
+    (1..=NODES).map(|id| Node::start_with(&root.join(format!("node-{id}")), free_udp_addr(), &[], config)).collect()
 }
 
 /// The cluster as `hamgam admin status` sees it, once every shard has a leader.
-async fn status_with_leaders(node: &Node) -> ClusterStatus {
+pub async fn status_with_leaders(node: &Node) -> ClusterStatus {
     eventually(Duration::from_secs(60), || async {
         let status = ClusterStatus::gather(&node.dir, None).await.ok()?;
         (status.leaders().len() == DATA_SHARDS as usize + 1).then_some(status)
@@ -51,7 +52,7 @@ async fn status_with_leaders(node: &Node) -> ClusterStatus {
     .await
 }
 
-async fn log_in(node: &Node, name: &str) -> Client {
+pub async fn log_in(node: &Node, name: &str) -> Client {
     let client = node.client().await;
     client.log_in(name, PASSWORD, "burst").await.unwrap();
     client
@@ -60,7 +61,7 @@ async fn log_in(node: &Node, name: &str) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_cluster(dir.path());
+    let mut nodes = start_cluster(dir.path(), "");
     status_with_leaders(&nodes[0]).await;
 
     // Sender i signs up and stays on node i mod 3.

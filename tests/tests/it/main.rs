@@ -8,5 +8,6 @@ mod chat;
 mod cli;
 mod cluster;
 mod crash;
+mod growth;
 mod ledger;
 mod support;

@@ -35,15 +35,24 @@ impl Node {
     /// production so that signing up dozens of users stays fast; argon2id
     /// itself is tested in the API crate.
     pub fn start_at(dir: &Path, addr: SocketAddr) -> Node {
+        Node::start_with(dir, addr, &[], "")
+    }
+
+    /// Starts `hamgam-node ARGS` with its data in `dir`, clients on `addr`,
+    /// and `config` added to the test configuration (TOML, after `[auth]`).
+    pub fn start_with(dir: &Path, addr: SocketAddr, args: &[String], config: &str) -> Node {
         std::fs::create_dir_all(dir).expect("create the data directory");
-        let config = dir.with_extension("toml");
-        std::fs::write(&config, "[auth]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n").expect("write config");
+        let config_path = dir.with_extension("toml");
+        let text = format!("[auth]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n{config}");
+        std::fs::write(&config_path, text).expect("write config");
+        let config = config_path;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.with_extension("log"))
             .expect("open the node log");
         let mut child = Command::new(NODE_BIN)
+            .args(args)
             .arg("--data")
             .arg(dir)
             .arg("--listen")

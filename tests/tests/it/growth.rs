@@ -1,0 +1,166 @@
+//! Growing a cluster of real processes from three nodes to five and back,
+//! under load.
+//!
+//! Two nodes join with tokens while senders on the first three write; the
+//! placement driver spreads the replicas over all five, and members read
+//! every chat through the new nodes too (which host only some shards, so
+//! some reads go to another node). Then one new node is killed and stays
+//! dead: past the configured time its replicas are rebuilt on the others.
+//! The other new node is drained; both are removed; three remain. After
+//! each phase every acknowledged message is there exactly once, in one
+//! order for every member.
+
+use crate::cluster::{DATA_SHARDS, NODES, SENDERS, log_in, start_cluster, status_with_leaders};
+use crate::ledger::{Burst, assert_histories, burst, group_and_pairs, settle};
+use crate::support::{Node, eventually, free_udp_addr};
+use hamgam_client::{ChatId, Client, UserId};
+use hamgam_cluster::{ClusterFile, MemberState};
+use hamgam_tools::admin::{ClusterStatus, Operator};
+use hamgam_types::{NodeId, ShardId};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Every node with its dead members' replicas rebuilt after this long.
+const CONFIG: &str = "[cluster]\ndead_after_secs = 5\n";
+
+/// Starts `hamgam-node join` for a new node under `root`, admitted by `via`'s node.
+fn join(root: &Path, name: &str, via: &Node) -> Node {
+    let token = Operator::open(&via.dir, None).unwrap().join_token(Duration::from_secs(600)).unwrap();
+    let via_peer = ClusterFile::read(&via.dir).unwrap().unwrap().own_peer_addr().unwrap();
+    let args = vec![
+        "join".to_string(),
+        "--via".to_string(),
+        via_peer.to_string(),
+        "--token".to_string(),
+        token,
+        "--peer-listen".to_string(),
+        free_udp_addr().to_string(),
+    ];
+    Node::start_with(&root.join(name), free_udp_addr(), &args, CONFIG)
+}
+
+/// Waits until the data replicas sit only on `holders`, evenly (at most one
+/// apart), every data shard has three voters and no learner, and every
+/// replica keeps up (under load a replica is always a few entries behind).
+/// Returns the replicas per holder.
+async fn balanced_on(via: &Node, holders: &[NodeId]) -> BTreeMap<NodeId, usize> {
+    eventually(Duration::from_secs(120), || async {
+        let status = ClusterStatus::gather(&via.dir, None).await.ok()?;
+        let shards = status.shards();
+        if shards.len() != DATA_SHARDS as usize + 1 {
+            return None;
+        }
+        let mut load: BTreeMap<NodeId, usize> = holders.iter().map(|n| (*n, 0)).collect();
+        for view in shards.values().filter(|s| s.shard != ShardId::CLUSTER) {
+            let settled = view.leader.is_some()
+                && view.voters.len() == 3
+                && view.learners.is_empty()
+                && view.lag.iter().all(|(_, lag)| lag.is_some_and(|lag| lag < 1_000));
+            if !settled {
+                return None;
+            }
+            for voter in &view.voters {
+                *load.get_mut(voter)? += 1;
+            }
+        }
+        let (min, max) = (load.values().min()?, load.values().max()?);
+        (max - min <= 1).then_some(load)
+    })
+    .await
+}
+
+/// Runs a burst from every client until `phase` finishes, then settles its ledgers.
+async fn under_load<F: std::future::Future<Output = ()>>(
+    clients: &[Arc<Client>],
+    chats_of: &[Vec<ChatId>],
+    round: u32,
+    phase: F,
+) -> Vec<(usize, crate::ledger::Ledger)> {
+    let signals = Arc::new(Burst::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, client) in clients.iter().enumerate() {
+        tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), round, signals.clone()));
+    }
+    phase.await;
+    signals.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ledgers = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        ledgers.push(done.unwrap());
+    }
+    let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
+    eprintln!("round {round}: {acked} acknowledged");
+    assert!(acked > 30, "the burst made progress in round {round} ({acked} acknowledged)");
+    ledgers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), CONFIG);
+    status_with_leaders(&nodes[0]).await;
+    let home = |sender: usize| sender % NODES;
+    let names: Vec<String> = (0..SENDERS).map(|i| format!("sender{i}")).collect();
+    let mut ids: Vec<UserId> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        ids.push(nodes[home(i)].user(name).await.1);
+    }
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        clients.push(log_in(&nodes[home(i)], name).await);
+    }
+    let (_group, chats_of) = group_and_pairs(&clients, &ids, "گروه رشد").await;
+    let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+    let senders: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+    let mut all = BTreeMap::new();
+
+    // Round 1: two nodes join; the replicas spread over five.
+    let root = dir.path().to_path_buf();
+    let mut joined = Vec::new();
+    let ledgers = under_load(&senders, &chats_of, 1, async {
+        joined.push(join(&root, "node-4", &nodes[0]));
+        joined.push(join(&root, "node-5", &nodes[1]));
+        let load = balanced_on(&nodes[0], &(1..=5).map(NodeId).collect::<Vec<_>>()).await;
+        eprintln!("grown to five: data replicas per node {load:?}");
+    })
+    .await;
+    let joined_ids = [NodeId(4), NodeId(5)];
+    // Each sender settles (retries what failed) from a second device on its node.
+    let mut readers: Vec<Client> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        readers.push(log_in(&nodes[home(i)], name).await);
+    }
+    settle(&readers, ledgers, &mut all).await;
+    // Members read through the new nodes as well: same histories.
+    let mut through_new = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        through_new.push(log_in(&joined[i % 2], name).await);
+    }
+    assert_histories(&through_new, &chats, &all).await;
+
+    // Round 2: node 5 dies and stays dead; node 4 is drained; both are removed.
+    let operator = Operator::open(&nodes[0].dir, None).unwrap();
+    drop(through_new);
+    let ledgers = under_load(&senders, &chats_of, 2, async {
+        joined[1].kill();
+        let load = balanced_on(&nodes[0], &[NodeId(1), NodeId(2), NodeId(3), NodeId(4)]).await;
+        eprintln!("node 5 dead: its replicas rebuilt, data replicas per node {load:?}");
+        operator.set_member_state(joined_ids[0], MemberState::Draining).await.unwrap();
+        let load = balanced_on(&nodes[0], &[NodeId(1), NodeId(2), NodeId(3)]).await;
+        eprintln!("node 4 drained: data replicas per node {load:?}");
+        for node in joined_ids {
+            operator.set_member_state(node, MemberState::Removed).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(joined[0].stop().code(), Some(0));
+    settle(&readers, ledgers, &mut all).await;
+    assert_histories(&readers, &chats, &all).await;
+    let status = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap();
+    assert_eq!(status.nodes.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2), NodeId(3)], "removed nodes are gone");
+
+    for node in &mut nodes {
+        assert_eq!(node.stop().code(), Some(0));
+    }
+}
