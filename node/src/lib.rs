@@ -1,9 +1,10 @@
 //! The node binary's library: configuration, start-up, wiring and shutdown.
 //!
-//! Owns the order things start and stop in and nothing else. Start-up:
+//! Owns the order things start and stop in, `init` and `join` (which write
+//! a data directory), and the push relay ([`relay`]). Start-up:
 //! lock the data directory, make a single-node cluster on first start
-//! (identity, shard count) unless `init` already wrote one, open the
-//! database, open the peer network if the cluster has other members,
+//! (identity, shard count) unless `init` or `join` already wrote one, open
+//! the database, open the peer network if the cluster has members,
 //! recover the raft store, start the outbox deliverer, then open the client
 //! port and print where it listens and the certificate fingerprint.
 //! Shutdown (SIGINT or SIGTERM): stop accepting and drain requests, stop the
@@ -12,11 +13,13 @@
 //!
 //! Long-lived tasks: the API accept loop and one task per connection and per
 //! stream (owned by the API server's task tracker, stopped by its
-//! cancellation token); the outbox deliverer (stopped by the node's token);
+//! cancellation token); the outbox deliverer, and on a clustered node the
+//! placement driver, the member-list seeding and the `cluster.toml`
+//! recorder (all stopped by the node's token);
 //! the raft store thread, its ticker and checkpoint threads (stopped by
 //! `Store::stop`); the peer network's accept loop, one task per peer
-//! connection and stream, and one link task per other node (stopped by
-//! `PeerNetwork::shutdown`).
+//! connection and stream, one link task per other node and the task that
+//! follows shard 0's member list (stopped by `PeerNetwork::shutdown`).
 
 mod config;
 mod relay;

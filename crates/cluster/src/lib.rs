@@ -1,23 +1,28 @@
-//! The network between the nodes of one cluster.
+//! The cluster: the network between its nodes, its membership, and where
+//! each shard's replicas live.
 //!
 //! Owns: the peer endpoint (QUIC, ALPN [`PEER_ALPN`], mutual TLS under the
 //! cluster CA, so only nodes of this cluster get in), the links that carry
-//! raft messages to each other node (one bounded queue and one task per
-//! node, writing batches of frames to one uni stream; see [`wire`]), the
-//! inbound side that hands each message to the local raft store after
-//! checking it comes from the node that sent it, and forwarded proposals (a
-//! node that does not lead a shard sends the command to the leader and
-//! relays its answer).
+//! raft messages and push hints to each other node (one bounded queue and
+//! one task per node, writing batches of frames to one uni stream; see
+//! [`wire`]), the inbound side that hands each message to the local raft
+//! store after checking it comes from the node that sent it, forwarded
+//! proposals and remote reads (a node asks the one that leads or hosts a
+//! shard); shard 0's state machine ([`membership`]: the member list and
+//! placement), joining with a token ([`join`], ALPN `hamgam-join/1`, the
+//! one protocol open without a certificate), and the placement driver
+//! ([`driver`]) that adds, promotes and removes replicas.
 //!
-//! The same endpoint answers operators on [`admin::ADMIN_ALPN`] (status of
-//! this node and its shards), and [`ClusterFile`] is the record of the
-//! cluster a data directory belongs to.
+//! The same endpoint answers operators on [`admin::ADMIN_ALPN`], and
+//! [`ClusterFile`] is the record of the cluster a data directory belongs to.
 //!
 //! Entry point: [`PeerNetwork::bind`], then [`PeerNetwork::transport`] for
-//! the raft store, [`PeerNetwork::serve`] once the store runs, and
-//! [`PeerNetwork::forwarder`] for the store's handle.
+//! the raft store, [`ClusterMachine`] as its state machine,
+//! [`PeerNetwork::serve`] and [`PeerNetwork::follow`] once the store runs,
+//! [`PeerNetwork::forwarder`] for the store's handle, and [`driver::run`].
 //!
-//! Must not know: what commands mean, chats, users, clients.
+//! Must not know: what data commands mean, chats, users, clients (push
+//! hints are opaque bytes here).
 
 pub mod admin;
 mod cluster_file;
