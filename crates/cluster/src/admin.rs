@@ -5,6 +5,7 @@
 //! encoded with the workspace codec, each side bounded.
 
 use crate::Members;
+use crate::exchange;
 use crate::join::propose_cluster;
 use crate::membership::{ClusterCommand, ClusterReply, ClusterView, MemberRecord, MemberState};
 use hamgam_raftstore::{ProposeError, RaftHandle, ReplicaChange, ReplicaRole, ShardStatus};
@@ -106,17 +107,14 @@ pub(crate) async fn serve_connection(
     members: Members,
     view: Option<ClusterView>,
 ) {
-    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-        let answer = match recv.read_to_end(REQUEST_BYTES_MAX).await.ok().map(|b| hamgam_proto::codec::decode(&b)) {
+    while let Ok((send, mut recv)) = connection.accept_bi().await {
+        let answer = match exchange::read_request(&mut recv, REQUEST_BYTES_MAX).await.map(|b| hamgam_proto::codec::decode(&b)) {
             Some(Ok(request)) => answer(request, &raft, node, &members, view.as_ref()).await,
             Some(Err(error)) => AdminResponse::Refused(format!("the request does not decode: {error}")),
             None => AdminResponse::Refused("the request was cut off or too large".into()),
         };
         let Ok(bytes) = hamgam_proto::codec::encode(&answer) else { return };
-        if send.write_all(&bytes).await.is_ok() {
-            let _ = send.finish();
-            let _ = send.stopped().await;
-        }
+        exchange::answer(send, &bytes).await;
     }
 }
 
@@ -162,28 +160,12 @@ async fn answer(
 /// presenting `identity`.
 pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<AdminResponse, AdminError> {
     let unreachable = |reason: String| AdminError::Unreachable { addr, reason };
-    let endpoint = hamgam_transport::client_endpoint(addr)?;
     let config = hamgam_transport::peer_client_config(identity, ADMIN_ALPN)?;
-    let exchange = async {
-        let connection = endpoint
-            .connect_with(config, addr, hamgam_transport::SERVER_NAME)
-            .map_err(|e| unreachable(e.to_string()))?
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        let bytes = hamgam_proto::codec::encode(request).map_err(|e| unreachable(e.to_string()))?;
-        send.write_all(&bytes).await.map_err(|e| unreachable(e.to_string()))?;
-        send.finish().map_err(|e| unreachable(e.to_string()))?;
-        let answer = recv.read_to_end(RESPONSE_BYTES_MAX).await.map_err(|e| unreachable(e.to_string()))?;
-        connection.close(0u32.into(), b"done");
-        hamgam_proto::codec::decode::<AdminResponse>(&answer)
-            .map_err(|e| AdminError::BadAnswer { addr, reason: e.to_string() })
-    };
-    let answer = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {ADMIN_TIMEOUT:?}")))??;
-    endpoint.wait_idle().await;
-    match answer {
+    let bytes = hamgam_proto::codec::encode(request).map_err(|e| unreachable(e.to_string()))?;
+    let answer = exchange::ask(config, addr, &bytes, RESPONSE_BYTES_MAX, ADMIN_TIMEOUT).await.map_err(unreachable)?;
+    match hamgam_proto::codec::decode::<AdminResponse>(&answer)
+        .map_err(|e| AdminError::BadAnswer { addr, reason: e.to_string() })?
+    {
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
         AdminResponse::NotLeader(leader) => Err(AdminError::NotLeader { addr, leader }),
         answer => Ok(answer),

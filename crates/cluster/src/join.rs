@@ -13,6 +13,7 @@
 //! The token is a secret until it expires or is used: whoever holds it can
 //! join a node (and so read the cluster's data). Keep its lifetime short.
 
+use crate::exchange;
 use crate::membership::{ClusterCommand, ClusterReply, MemberState, read_members};
 use hamgam_raftstore::RaftHandle;
 use hamgam_transport::{Fingerprint, NodeIdentity, Trust};
@@ -217,8 +218,9 @@ pub async fn propose_cluster(raft: &RaftHandle, command: &ClusterCommand) -> Res
 
 /// Serves one join connection: one request on one bidi stream.
 pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHandle, authority: Option<JoinAuthority>) {
-    let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
-    let answer = match recv.read_to_end(REQUEST_BYTES_MAX).await.ok().map(|b| hamgam_proto::codec::decode::<JoinRequest>(&b)) {
+    let Ok((send, mut recv)) = connection.accept_bi().await else { return };
+    let request = exchange::read_request(&mut recv, REQUEST_BYTES_MAX).await;
+    let answer = match request.map(|b| hamgam_proto::codec::decode::<JoinRequest>(&b)) {
         Some(Ok(request)) => match &authority {
             Some(authority) => match authority.admit(request, &raft).await {
                 Ok(grant) => JoinAnswer::Accepted(grant),
@@ -233,10 +235,7 @@ pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHa
         tracing::warn!(remote = %connection.remote_address(), %reason, "a join was refused");
     }
     let Ok(bytes) = hamgam_proto::codec::encode(&answer) else { return };
-    if send.write_all(&bytes).await.is_ok() {
-        let _ = send.finish();
-        let _ = send.stopped().await;
-    }
+    exchange::answer(send, &bytes).await;
 }
 
 /// Asks the member whose peer endpoint is at `via` to admit this node,
@@ -244,27 +243,12 @@ pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHa
 pub async fn request_join(via: SocketAddr, token_text: &str, peer_addr: SocketAddr) -> Result<JoinGrant, JoinError> {
     let token = JoinToken::parse(token_text)?;
     let unreachable = |reason: String| JoinError::Unreachable { addr: via, reason };
-    let endpoint = hamgam_transport::client_endpoint(via)?;
     let config = hamgam_transport::client_config(Trust::Pinned(token.ca()), JOIN_ALPN)?;
-    let exchange = async {
-        let connection = endpoint
-            .connect_with(config, via, hamgam_transport::SERVER_NAME)
-            .map_err(|e| unreachable(e.to_string()))?
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        let request = JoinRequest { token: token_text.trim().to_string(), peer_addr };
-        let bytes = hamgam_proto::codec::encode(&request).map_err(|e| unreachable(e.to_string()))?;
-        send.write_all(&bytes).await.map_err(|e| unreachable(e.to_string()))?;
-        send.finish().map_err(|e| unreachable(e.to_string()))?;
-        let answer = recv.read_to_end(GRANT_BYTES_MAX).await.map_err(|e| unreachable(e.to_string()))?;
-        connection.close(0u32.into(), b"done");
-        hamgam_proto::codec::decode::<JoinAnswer>(&answer).map_err(|e| unreachable(format!("the answer does not decode: {e}")))
-    };
-    let answer = tokio::time::timeout(JOIN_TIMEOUT, exchange)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {JOIN_TIMEOUT:?}")))??;
-    endpoint.wait_idle().await;
+    let request = JoinRequest { token: token_text.trim().to_string(), peer_addr };
+    let bytes = hamgam_proto::codec::encode(&request).map_err(|e| unreachable(e.to_string()))?;
+    let answer = exchange::ask(config, via, &bytes, GRANT_BYTES_MAX, JOIN_TIMEOUT).await.map_err(unreachable)?;
+    let answer = hamgam_proto::codec::decode::<JoinAnswer>(&answer)
+        .map_err(|e| unreachable(format!("the answer does not decode: {e}")))?;
     match answer {
         JoinAnswer::Accepted(grant) => Ok(grant),
         JoinAnswer::Refused(reason) => Err(JoinError::Refused(reason)),

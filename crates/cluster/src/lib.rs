@@ -27,6 +27,7 @@
 pub mod admin;
 mod cluster_file;
 pub mod driver;
+mod exchange;
 pub mod join;
 pub mod membership;
 mod network;

@@ -52,6 +52,39 @@ pub async fn status_with_leaders(node: &Node) -> ClusterStatus {
     .await
 }
 
+/// Sender i stays on node i mod 3.
+pub fn home(sender: usize) -> usize {
+    sender % NODES
+}
+
+/// The senders of a cluster test: signed up and logged in on their home
+/// nodes, all in one group, and each pair in a direct chat.
+pub struct Senders {
+    pub names: Vec<String>,
+    pub clients: Vec<Client>,
+    pub group: ChatId,
+    /// The chats each sender writes to.
+    pub chats_of: Vec<Vec<ChatId>>,
+    pub chats: Vec<ChatId>,
+}
+
+impl Senders {
+    pub async fn sign_up(nodes: &[Node], group_title: &str) -> Senders {
+        let names: Vec<String> = (0..SENDERS).map(|i| format!("sender{i}")).collect();
+        let mut ids: Vec<UserId> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            ids.push(nodes[home(i)].user(name).await.1);
+        }
+        let mut clients = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            clients.push(log_in(&nodes[home(i)], name).await);
+        }
+        let (group, chats_of) = group_and_pairs(&clients, &ids, group_title).await;
+        let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+        Senders { names, clients, group, chats_of, chats }
+    }
+}
+
 pub async fn log_in(node: &Node, name: &str) -> Client {
     let client = node.client().await;
     client.log_in(name, PASSWORD, "burst").await.unwrap();
@@ -64,19 +97,7 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     let mut nodes = start_cluster(dir.path(), "");
     status_with_leaders(&nodes[0]).await;
 
-    // Sender i signs up and stays on node i mod 3.
-    let home = |sender: usize| sender % NODES;
-    let names: Vec<String> = (0..SENDERS).map(|i| format!("sender{i}")).collect();
-    let mut ids: Vec<UserId> = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        ids.push(nodes[home(i)].user(name).await.1);
-    }
-    let mut clients = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        clients.push(log_in(&nodes[home(i)], name).await);
-    }
-    let (group, chats_of) = group_and_pairs(&clients, &ids, "گروه آزمون").await;
-    let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+    let Senders { names, clients, group, chats_of, chats } = Senders::sign_up(&nodes, "گروه آزمون").await;
 
     // Load from every node; then kill the node leading most of the chats' shards.
     let signals = Arc::new(Burst::default());

@@ -10,10 +10,11 @@
 //! each phase every acknowledged message is there exactly once, in one
 //! order for every member.
 
-use crate::cluster::{DATA_SHARDS, NODES, SENDERS, log_in, start_cluster, status_with_leaders};
-use crate::ledger::{Burst, assert_histories, burst, group_and_pairs, settle};
+use crate::cluster::{DATA_SHARDS, Senders, home, log_in, start_cluster, status_with_leaders};
+use crate::ledger::{Burst, assert_histories, burst, settle};
 use crate::support::{Node, eventually, free_udp_addr};
-use hamgam_client::{ChatId, Client, UserId};
+use hamgam_client::{ChatId, Client};
+use hamgam_cluster::join::{JoinError, JoinToken};
 use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_tools::admin::{ClusterStatus, Operator};
 use hamgam_types::{NodeId, ShardId};
@@ -25,8 +26,9 @@ use std::time::Duration;
 /// Every node with its dead members' replicas rebuilt after this long.
 const CONFIG: &str = "[cluster]\ndead_after_secs = 5\n";
 
-/// Starts `hamgam-node join` for a new node under `root`, admitted by `via`'s node.
-fn join(root: &Path, name: &str, via: &Node) -> Node {
+/// Starts `hamgam-node join` for a new node under `root`, admitted by
+/// `via`'s node; returns it and the token it used.
+fn join(root: &Path, name: &str, via: &Node) -> (Node, String) {
     let token = Operator::open(&via.dir, None).unwrap().join_token(Duration::from_secs(600)).unwrap();
     let via_peer = ClusterFile::read(&via.dir).unwrap().unwrap().own_peer_addr().unwrap();
     let args = vec![
@@ -34,11 +36,11 @@ fn join(root: &Path, name: &str, via: &Node) -> Node {
         "--via".to_string(),
         via_peer.to_string(),
         "--token".to_string(),
-        token,
+        token.clone(),
         "--peer-listen".to_string(),
         free_udp_addr().to_string(),
     ];
-    Node::start_with(&root.join(name), free_udp_addr(), &args, CONFIG)
+    (Node::start_with(&root.join(name), free_udp_addr(), &args, CONFIG), token)
 }
 
 /// Waits until the data replicas sit only on `holders`, evenly (at most one
@@ -100,32 +102,34 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(dir.path(), CONFIG);
     status_with_leaders(&nodes[0]).await;
-    let home = |sender: usize| sender % NODES;
-    let names: Vec<String> = (0..SENDERS).map(|i| format!("sender{i}")).collect();
-    let mut ids: Vec<UserId> = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        ids.push(nodes[home(i)].user(name).await.1);
-    }
-    let mut clients = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        clients.push(log_in(&nodes[home(i)], name).await);
-    }
-    let (_group, chats_of) = group_and_pairs(&clients, &ids, "گروه رشد").await;
-    let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
+    let Senders { names, clients, chats_of, chats, .. } = Senders::sign_up(&nodes, "گروه رشد").await;
     let senders: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
     let mut all = BTreeMap::new();
 
     // Round 1: two nodes join; the replicas spread over five.
     let root = dir.path().to_path_buf();
     let mut joined = Vec::new();
+    let mut used_token = String::new();
     let ledgers = under_load(&senders, &chats_of, 1, async {
-        joined.push(join(&root, "node-4", &nodes[0]));
-        joined.push(join(&root, "node-5", &nodes[1]));
+        let (node, token) = join(&root, "node-4", &nodes[0]);
+        joined.push(node);
+        used_token = token;
+        joined.push(join(&root, "node-5", &nodes[1]).0);
         let load = balanced_on(&nodes[0], &(1..=5).map(NodeId).collect::<Vec<_>>()).await;
         eprintln!("grown to five: data replicas per node {load:?}");
     })
     .await;
     let joined_ids = [NodeId(4), NodeId(5)];
+
+    // A token admits one node; one not made with the cluster's CA key none.
+    let via_peer = ClusterFile::read(&nodes[2].dir).unwrap().unwrap().own_peer_addr().unwrap();
+    let again = hamgam_cluster::join::request_join(via_peer, &used_token, free_udp_addr()).await;
+    assert!(matches!(&again, Err(JoinError::Refused(reason)) if reason.contains("already used")), "{again:?}");
+    let ca = Operator::open(&nodes[0].dir, None).unwrap().identity.ca_fingerprint();
+    let cluster_id = ClusterFile::read(&nodes[0].dir).unwrap().unwrap().cluster_id;
+    let forged = JoinToken::issue(b"not the CA key", &cluster_id, ca, Duration::from_secs(600));
+    let refused = hamgam_cluster::join::request_join(via_peer, &forged, free_udp_addr()).await;
+    assert!(matches!(&refused, Err(JoinError::Refused(reason)) if reason.contains("not from this cluster")), "{refused:?}");
     // Each sender settles (retries what failed) from a second device on its node.
     let mut readers: Vec<Client> = Vec::new();
     for (i, name) in names.iter().enumerate() {
