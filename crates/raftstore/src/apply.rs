@@ -116,12 +116,18 @@ pub(crate) struct ApplyTask {
     pub confs: Vec<(u64, ConfState)>,
 }
 
+/// Keys deleted per batch when a replica is released.
+const RELEASE_BATCH_KEYS: usize = 10_000;
+
 pub(crate) enum ApplyInput {
     Round(Vec<ApplyTask>),
     /// Make a snapshot of the shard's applied state for a lagging follower.
     GenerateSnapshot(ShardId),
     /// Replace the shard's state with the leader's snapshot, durably, then say so.
     InstallSnapshot { shard: ShardId, snapshot: Snapshot, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
+    /// This node is no longer a replica of the shard: reset it to empty,
+    /// durably, say so, then delete its data.
+    Release { shard: ShardId, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
     Stop,
 }
 
@@ -198,6 +204,9 @@ impl Applier {
                     };
                     let _ = done.send(answer);
                 }
+                Some(ApplyInput::Release { shard, done }) => {
+                    result = self.release(shard, &done);
+                }
                 Some(ApplyInput::Round(_)) => {}
             }
             if let Err(error) = result {
@@ -246,6 +255,44 @@ impl Applier {
 
     /// Replaces `shard`'s range and applied state with `snapshot`, in one
     /// batch, and makes it durable: the WAL no longer holds what it replaced.
+    /// Resets `shard` to an empty replica (applied index 0, no
+    /// configuration: a later re-add starts from a snapshot) durably, tells
+    /// the store loop, then deletes the shard's keys in bounded batches. A
+    /// crash in between leaves keys that the next snapshot installed for
+    /// the shard deletes.
+    fn release(&mut self, shard: ShardId, done: &std::sync::mpsc::SyncSender<Result<(), StoreError>>) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        self.states.insert(shard, ApplyState { index: 0, term: 0, conf: ConfState::default() });
+        let mut txn = Txn::new(&*db);
+        write_applied(&mut txn, &self.states);
+        let reset = db.write(&txn.into_batch()).and_then(|()| db.persist());
+        if let Err(error) = reset {
+            let _ = done.send(Err(StoreError::Corrupt { shard, what: "release", reason: error.to_string() }));
+            return Err(error.into());
+        }
+        if let Some(applied) = self.progress.applied.get(&shard) {
+            applied.store(0, Ordering::Release);
+        }
+        self.machine.snapshot_installed(shard);
+        let _ = done.send(Ok(()));
+        let range = KeyRange::prefix(&state_machine_prefix(shard));
+        let mut deleted = 0usize;
+        loop {
+            let keys = db.scan(&range, Order::Ascending, RELEASE_BATCH_KEYS)?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut txn = Txn::new(&*db);
+            for (key, _) in &keys {
+                txn.delete(key);
+            }
+            db.write(&txn.into_batch())?;
+            deleted += keys.len();
+        }
+        tracing::info!(%shard, keys = deleted, "this node is no longer a replica of the shard; its data is deleted");
+        Ok(())
+    }
+
     fn install_snapshot(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
         let corrupt = |reason: &str| StoreError::Corrupt { shard, what: "snapshot", reason: reason.into() };
         let prefix = state_machine_prefix(shard);

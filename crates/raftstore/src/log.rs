@@ -65,6 +65,13 @@ impl ShardLog {
         if log.hard_state.commit < applied_index {
             log.hard_state.commit = applied_index;
         }
+        // And at most the last entry kept: a replica this node gave up
+        // (reset to empty) may find its old hard state in the WAL. The commit
+        // index is volatile in raft; lowering it is always safe.
+        let last = applied_index + log.entries.len() as u64;
+        if log.hard_state.commit > last {
+            log.hard_state.commit = last;
+        }
         // Likewise the term has reached the applied entry's (a new shard
         // starts at a bootstrap point whose term no vote recorded).
         if log.hard_state.term < applied_term {

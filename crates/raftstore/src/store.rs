@@ -528,28 +528,12 @@ impl Store {
                 apply_state.term,
                 from_wal.entries,
             );
-            let raft_config = raft::Config {
-                id: config.node.0,
-                applied: apply_state.index,
-                election_tick: 10,
-                heartbeat_tick: 3,
-                pre_vote: true,
-                check_quorum: true,
-                max_inflight_msgs: limits::RAFT_INFLIGHT_MSGS_MAX,
-                max_size_per_msg: limits::RAFT_MSG_BYTES_MAX,
-                max_committed_size_per_ready: 16 << 20,
-                ..Default::default()
-            };
-            raft_config.validate().map_err(|source| StoreError::Raft { shard, source })?;
-            let mut node = RawNode::new(&raft_config, log, &logger).map_err(|source| StoreError::Raft { shard, source })?;
+            let mut node = new_raw_node(config.node, shard, apply_state.index, log, &logger)?;
             if is_sole_voter(&apply_state.conf, config.node) {
                 // Sole voter: no one to wait for, lead at once.
                 node.campaign().map_err(|source| StoreError::Raft { shard, source })?;
             }
-            peers.insert(
-                shard,
-                Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied: apply_state.index },
-            );
+            peers.insert(shard, Peer::new(node, apply_state.index));
         }
         if bootstrapped {
             let mut txn = Txn::new(&*db);
@@ -607,6 +591,8 @@ impl Store {
             .map_err(StoreError::Thread)?;
 
         let mut store_loop = StoreLoop {
+            node: config.node,
+            logger,
             peers,
             wal,
             db,
@@ -742,6 +728,30 @@ struct Inflight {
     replies: Vec<Reply>,
 }
 
+/// A shard's raft node as this store runs it.
+fn new_raw_node(
+    node: NodeId,
+    shard: ShardId,
+    applied: u64,
+    log: ShardLog,
+    logger: &slog::Logger,
+) -> Result<RawNode<ShardLog>, StoreError> {
+    let raft_config = raft::Config {
+        id: node.0,
+        applied,
+        election_tick: 10,
+        heartbeat_tick: 3,
+        pre_vote: true,
+        check_quorum: true,
+        max_inflight_msgs: limits::RAFT_INFLIGHT_MSGS_MAX,
+        max_size_per_msg: limits::RAFT_MSG_BYTES_MAX,
+        max_committed_size_per_ready: 16 << 20,
+        ..Default::default()
+    };
+    raft_config.validate().map_err(|source| StoreError::Raft { shard, source })?;
+    RawNode::new(&raft_config, log, logger).map_err(|source| StoreError::Raft { shard, source })
+}
+
 struct Peer {
     node: RawNode<ShardLog>,
     /// Commands gathered this pass, proposed together as one entry.
@@ -753,6 +763,10 @@ struct Peer {
 }
 
 impl Peer {
+    fn new(node: RawNode<ShardLog>, applied: u64) -> Peer {
+        Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied }
+    }
+
     fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }
@@ -824,6 +838,8 @@ impl PendingReads {
 }
 
 struct StoreLoop {
+    node: NodeId,
+    logger: slog::Logger,
     peers: BTreeMap<ShardId, Peer>,
     transport: Box<dyn RaftTransport>,
     /// Shards whose snapshot the apply thread is making.
@@ -1131,6 +1147,7 @@ impl StoreLoop {
     }
 
     fn process_ready(&mut self) -> Result<(), StoreError> {
+        let mut released: Vec<ShardId> = Vec::new();
         let mut readies: Vec<(ShardId, Ready)> = Vec::new();
         let mut writes: BTreeMap<ShardId, ShardWrite> = BTreeMap::new();
         let mut committed: Vec<ApplyTask> = Vec::new();
@@ -1170,7 +1187,7 @@ impl StoreLoop {
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
+                committed.push(prepare_apply(shard, peer, entries, &self.replicas, &mut released)?);
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -1218,7 +1235,7 @@ impl StoreLoop {
             self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
+                committed.push(prepare_apply(shard, peer, entries, &self.replicas, &mut released)?);
             }
         }
         self.flush_outbound();
@@ -1226,6 +1243,29 @@ impl StoreLoop {
             // Blocks only when the apply thread is far behind: backpressure.
             send_to_applier(&self.apply_inputs, ApplyInput::Round(committed))?;
         }
+        for shard in released {
+            self.release_replica(shard)?;
+        }
+        Ok(())
+    }
+
+    /// This node was removed from `shard`: once everything before is
+    /// applied, its state is reset to an empty replica (durably), the raft
+    /// node starts over empty (keeping its term), and the WAL stops tracking
+    /// the shard. A later re-add then starts from a snapshot, as a new
+    /// replica does.
+    fn release_replica(&mut self, shard: ShardId) -> Result<(), StoreError> {
+        let (done, released) = std::sync::mpsc::sync_channel(1);
+        send_to_applier(&self.apply_inputs, ApplyInput::Release { shard, done })?;
+        released.recv().map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))??;
+        let Some(peer) = self.peers.get_mut(&shard) else { return Ok(()) };
+        peer.fail_all(&ProposeError::NotLeader { shard, leader: None });
+        let hard_state = raft::eraftpb::HardState { term: peer.node.raft.term, ..Default::default() };
+        let log = ShardLog::recover(hard_state, ConfState::default(), 0, 0, Vec::new());
+        *peer = Peer::new(new_raw_node(self.node, shard, 0, log, &self.logger)?, 0);
+        self.wal.forget_shard(shard);
+        self.leaders[&shard].store(raft::INVALID_ID, Ordering::Relaxed);
+        tracing::info!(%shard, "released this node's replica");
         Ok(())
     }
 
@@ -1395,6 +1435,7 @@ fn prepare_apply(
     peer: &mut Peer,
     entries: Vec<Entry>,
     replicas: &BTreeMap<ShardId, AtomicU8>,
+    released: &mut Vec<ShardId>,
 ) -> Result<ApplyTask, StoreError> {
     let mut confs = Vec::new();
     for entry in &entries {
@@ -1420,7 +1461,11 @@ fn prepare_apply(
         tracing::info!(%shard, index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
         peer.node.mut_store().set_conf_state(conf.clone());
         if let Some(flags) = replicas.get(&shard) {
-            flags.store(replica_flags(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
+            let now = replica_flags(&conf, NodeId(peer.node.raft.id));
+            let before = flags.swap(now, Ordering::AcqRel);
+            if before & HOSTED != 0 && now & HOSTED == 0 {
+                released.push(shard);
+            }
         }
         confs.push((entry.index, conf));
     }
@@ -1734,8 +1779,11 @@ mod tests {
             store
         };
         let mut stores = BTreeMap::new();
+        let mut dbs = BTreeMap::new();
         for &node in &initial {
-            stores.insert(node, open(node, initial.clone(), Arc::new(MemDb::new())));
+            let db = Arc::new(MemDb::new());
+            dbs.insert(node, db.clone());
+            stores.insert(node, open(node, initial.clone(), db));
         }
         // Node 4 hosts shard 1 only once a leader adds it.
         let db4 = Arc::new(MemDb::new());
@@ -1771,9 +1819,27 @@ mod tests {
         expected.push(NodeId(4));
         assert_eq!(status[0].voters, expected);
 
-        // The removed node is gone; writes go on with node 4 voting.
+        // The removed node gives its replica up: empty, its data deleted,
+        // and so it stays after a restart (its old log is ignored).
+        let gone = stores[&removed].handle();
+        for _ in 0..200 {
+            if !gone.hosts(ShardId(1)) && total(&gone, 1) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!gone.hosts(ShardId(1)), "the removed node still counts itself a replica");
+        assert_eq!(total(&gone, 1), 0, "the removed node's data is deleted");
+        let removed_db = dbs[&removed].clone();
         stores.remove(&removed).unwrap().stop().unwrap();
         network.handles.lock().unwrap().remove(&removed);
+        let reopened = open(removed, initial.clone(), removed_db);
+        let view = reopened.handle().status().await.unwrap();
+        assert_eq!((view[0].applied, view[0].voters.len()), (0, 0), "empty after a restart: {view:?}");
+        network.handles.lock().unwrap().remove(&removed);
+        reopened.stop().unwrap();
+
+        // Writes go on with node 4 voting.
         lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
         eventually_total(&stores[&NodeId(4)].handle(), 1, 44).await;
 

@@ -182,6 +182,19 @@ impl Wal {
         Ok(())
     }
 
+    /// Stops tracking `shard`: this node no longer hosts it and its state was
+    /// reset to empty (applied index 0), so its logged entries block no
+    /// segment's release and its hard state leaves the next header. Entries
+    /// still on disk are ignored at recovery, being after no applied state
+    /// they continue (see `ShardLog::recover`).
+    pub fn forget_shard(&mut self, shard: ShardId) {
+        self.hard_states.remove(&shard);
+        self.active.max_index.remove(&shard);
+        for segment in &mut self.closed {
+            segment.max_index.remove(&shard);
+        }
+    }
+
     /// Deletes closed segments whose every entry is at or below the durably
     /// applied index of its shard. Call only with indexes whose state is
     /// durable on disk (after a checkpoint). The active segment is closed
