@@ -30,6 +30,9 @@ pub enum AdminRequest {
     SetMemberState { node: NodeId, state: MemberState },
     /// One configuration change of a shard this node leads.
     ChangeReplicas { shard: ShardId, change: ReplicaChange },
+    /// Give up this node's (former) replica of a shard: for the placement
+    /// driver, once the shard's leader no longer counts this node.
+    ReleaseReplica { shard: ShardId },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +151,10 @@ async fn answer(
                 Ok(_) => AdminResponse::Done,
             }
         }
+        AdminRequest::ReleaseReplica { shard } => match raft.release_replica(shard).await {
+            Ok(()) => AdminResponse::Done,
+            Err(error) => AdminResponse::Refused(error.to_string()),
+        },
         AdminRequest::ChangeReplicas { shard, change } => match raft.change_replicas(shard, change).await {
             Ok(()) => AdminResponse::Done,
             Err(ProposeError::NotLeader { leader, .. }) => AdminResponse::NotLeader(leader),

@@ -16,6 +16,11 @@
 //! started with. Shard 0 also has a learner on every other member, so every
 //! node applies the member list and placement.
 //!
+//! A node removed from a shard keeps its state until the driver tells it
+//! to give the replica up ([`stale_replicas`]), which it does only when the
+//! shard's leader no longer counts the node and no change to the shard is
+//! under way: raft assumes a replica never loses log it acknowledged.
+//!
 //! A member that did not answer for `dead_after` counts as dead: its
 //! replicas are rebuilt elsewhere. The clock starts when this node took
 //! shard 0's lead, so a new driver never judges on what it did not see.
@@ -39,6 +44,8 @@ pub const CATCH_UP_SLACK: u64 = 100;
 const BALANCING_MOVES_PER_PASS: usize = 4;
 /// Changes made per pass, all reasons together.
 const CHANGES_PER_PASS: usize = 16;
+/// Former replicas given up per pass (each deletes a shard's data on a node).
+const RELEASES_PER_PASS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -270,6 +277,7 @@ pub async fn run(
         let addrs: HashMap<NodeId, SocketAddr> = view.members.iter().map(|m| (m.id, m.peer_addr)).collect();
         let planned_changes = plan(&members, &shards, config.replicas);
         tracing::debug!(?members, shards = shards.len(), changes = planned_changes.len(), "placement pass");
+        let stale = stale_replicas(&statuses, &shards, &planned_changes);
         for planned in planned_changes {
             if cancel.is_cancelled() {
                 return;
@@ -279,8 +287,40 @@ pub async fn run(
                 Err(error) => tracing::debug!(shard = %planned.shard, change = ?planned.change, %error, "a replica change did not happen; next pass"),
             }
         }
+        for (node, shard) in stale {
+            let Some(addr) = addrs.get(&node).copied() else { continue };
+            match admin::command(&identity, addr, &AdminRequest::ReleaseReplica { shard }).await {
+                Ok(()) => tracing::info!(%node, %shard, "a former replica was given up"),
+                Err(error) => tracing::debug!(%node, %shard, %error, "a former replica was not given up; next pass"),
+            }
+        }
         record_placement(&raft, &view, &shards).await;
     }
+}
+
+/// Former replicas to give up: a node still holding state of a shard whose
+/// leader counts it neither voter nor learner. Shards this pass changes are
+/// left for the next one, so no replica is given up while it is re-added.
+pub fn stale_replicas(
+    statuses: &HashMap<NodeId, NodeStatus>,
+    shards: &[ShardReplicas],
+    changes: &[PlannedChange],
+) -> Vec<(NodeId, ShardId)> {
+    let mut stale = Vec::new();
+    for shard in shards {
+        if changes.iter().any(|c| c.shard == shard.shard) {
+            continue;
+        }
+        for (node, status) in statuses {
+            let holds_state = status.shards.iter().any(|r| r.shard == shard.shard && r.last_index > 0);
+            if holds_state && !shard.hosts(*node) {
+                stale.push((*node, shard.shard));
+            }
+        }
+    }
+    stale.sort();
+    stale.truncate(RELEASES_PER_PASS);
+    stale
 }
 
 /// Every non-removed member's status; members that do not answer are left out.
@@ -432,6 +472,33 @@ mod tests {
         assert_eq!(load.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2), NodeId(3)], "{load:?}");
         assert!(shards.iter().all(|s| s.voters.len() == 3));
         assert!(shards[0].learners.iter().all(|n| *n == NodeId(4)), "a draining member still follows shard 0");
+    }
+
+    #[test]
+    fn only_state_the_leader_no_longer_counts_is_given_up_and_not_while_the_shard_changes() {
+        let report = |shard: u32, last_index: u64| crate::admin::ShardReport {
+            shard: ShardId(shard),
+            leading: false,
+            leader: None,
+            term: 1,
+            voters: Vec::new(),
+            learners: Vec::new(),
+            last_index,
+            committed: last_index,
+            applied: last_index,
+            matched: Vec::new(),
+        };
+        let status = |node: u64, shards: Vec<crate::admin::ShardReport>| NodeStatus { node: NodeId(node), members: Vec::new(), shards };
+        let statuses: HashMap<NodeId, NodeStatus> = [
+            (NodeId(1), status(1, vec![report(1, 50), report(2, 50)])),
+            // Node 4 still holds state of shard 1 (removed) and of shard 2 (a learner now).
+            (NodeId(4), status(4, vec![report(1, 40), report(2, 10), report(3, 0)])),
+        ]
+        .into();
+        let shards = vec![shard(1, &[1, 2, 3], &[]), shard(2, &[1, 2, 3], &[4]), shard(3, &[1, 2, 3], &[])];
+        assert_eq!(stale_replicas(&statuses, &shards, &[]), vec![(NodeId(4), ShardId(1))]);
+        let readding = PlannedChange { shard: ShardId(1), leader: NodeId(1), change: ReplicaChange::AddLearner(NodeId(4)) };
+        assert!(stale_replicas(&statuses, &shards, &[readding]).is_empty());
     }
 
     #[test]

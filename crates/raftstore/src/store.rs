@@ -186,6 +186,7 @@ enum Input {
     ReadIndex { shard: ShardId, reply: ReadReply },
     ChangeReplicas { shard: ShardId, change: ReplicaChange, reply: Reply },
     Status { reply: oneshot::Sender<Vec<ShardStatus>> },
+    Release { shard: ShardId, reply: oneshot::Sender<Result<(), ProposeError>> },
     Wake,
     CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
     Stop,
@@ -438,6 +439,18 @@ impl RaftHandle {
                 other => return other.map(|_| ()),
             }
         }
+    }
+
+    /// Gives up this node's replica of `shard`: its state is reset to
+    /// empty and its data deleted. Only for a replica the shard's leader no
+    /// longer counts (neither voter nor learner) and will not re-add before
+    /// this returns: raft assumes a replica never loses log it
+    /// acknowledged, so a leader still tracking this one would fail on it.
+    /// The placement driver, which alone changes replicas, calls it.
+    pub async fn release_replica(&self, shard: ShardId) -> Result<(), ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs.send(Input::Release { shard, reply }).await.map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
     }
 
     /// Every hosted shard as the store loop sees it now.
@@ -1005,6 +1018,18 @@ impl StoreLoop {
                     }
                 }
             }
+            Input::Release { shard, reply } => {
+                let Some(peer) = self.peers.get(&shard) else {
+                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
+                    return Ok(false);
+                };
+                let empty = peer.node.raft.raft_log.last_index() == 0;
+                if !empty {
+                    // Everything handed to the apply thread goes first.
+                    self.release_replica(shard)?;
+                }
+                let _ = reply.send(Ok(()));
+            }
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -1147,7 +1172,6 @@ impl StoreLoop {
     }
 
     fn process_ready(&mut self) -> Result<(), StoreError> {
-        let mut released: Vec<ShardId> = Vec::new();
         let mut readies: Vec<(ShardId, Ready)> = Vec::new();
         let mut writes: BTreeMap<ShardId, ShardWrite> = BTreeMap::new();
         let mut committed: Vec<ApplyTask> = Vec::new();
@@ -1187,7 +1211,7 @@ impl StoreLoop {
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.replicas, &mut released)?);
+                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -1235,7 +1259,7 @@ impl StoreLoop {
             self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.replicas, &mut released)?);
+                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
             }
         }
         self.flush_outbound();
@@ -1243,17 +1267,15 @@ impl StoreLoop {
             // Blocks only when the apply thread is far behind: backpressure.
             send_to_applier(&self.apply_inputs, ApplyInput::Round(committed))?;
         }
-        for shard in released {
-            self.release_replica(shard)?;
-        }
         Ok(())
     }
 
-    /// This node was removed from `shard`: once everything before is
-    /// applied, its state is reset to an empty replica (durably), the raft
-    /// node starts over empty (keeping its term), and the WAL stops tracking
-    /// the shard. A later re-add then starts from a snapshot, as a new
-    /// replica does.
+    /// Gives up this node's replica of `shard` (see
+    /// [`RaftHandle::release_replica`]): once everything before is applied,
+    /// its state is reset to an empty replica (durably), the raft node
+    /// starts over empty (keeping its term), and the WAL stops tracking the
+    /// shard. A later re-add then starts from a snapshot, as a new replica
+    /// does.
     fn release_replica(&mut self, shard: ShardId) -> Result<(), StoreError> {
         let (done, released) = std::sync::mpsc::sync_channel(1);
         send_to_applier(&self.apply_inputs, ApplyInput::Release { shard, done })?;
@@ -1435,7 +1457,6 @@ fn prepare_apply(
     peer: &mut Peer,
     entries: Vec<Entry>,
     replicas: &BTreeMap<ShardId, AtomicU8>,
-    released: &mut Vec<ShardId>,
 ) -> Result<ApplyTask, StoreError> {
     let mut confs = Vec::new();
     for entry in &entries {
@@ -1461,11 +1482,7 @@ fn prepare_apply(
         tracing::info!(%shard, index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
         peer.node.mut_store().set_conf_state(conf.clone());
         if let Some(flags) = replicas.get(&shard) {
-            let now = replica_flags(&conf, NodeId(peer.node.raft.id));
-            let before = flags.swap(now, Ordering::AcqRel);
-            if before & HOSTED != 0 && now & HOSTED == 0 {
-                released.push(shard);
-            }
+            flags.store(replica_flags(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
         }
         confs.push((entry.index, conf));
     }
@@ -1823,12 +1840,14 @@ mod tests {
         // and so it stays after a restart (its old log is ignored).
         let gone = stores[&removed].handle();
         for _ in 0..200 {
-            if !gone.hosts(ShardId(1)) && total(&gone, 1) == 0 {
+            if !gone.hosts(ShardId(1)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!gone.hosts(ShardId(1)), "the removed node still counts itself a replica");
+        assert!(total(&gone, 1) > 0, "its data stays until it is told to give the replica up");
+        gone.release_replica(ShardId(1)).await.unwrap();
         assert_eq!(total(&gone, 1), 0, "the removed node's data is deleted");
         let removed_db = dbs[&removed].clone();
         stores.remove(&removed).unwrap().stop().unwrap();

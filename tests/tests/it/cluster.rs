@@ -61,6 +61,7 @@ pub fn home(sender: usize) -> usize {
 /// nodes, all in one group, and each pair in a direct chat.
 pub struct Senders {
     pub names: Vec<String>,
+    pub ids: Vec<UserId>,
     pub clients: Vec<Client>,
     pub group: ChatId,
     /// The chats each sender writes to.
@@ -81,7 +82,7 @@ impl Senders {
         }
         let (group, chats_of) = group_and_pairs(&clients, &ids, group_title).await;
         let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
-        Senders { names, clients, group, chats_of, chats }
+        Senders { names, ids, clients, group, chats_of, chats }
     }
 }
 
@@ -97,7 +98,7 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     let mut nodes = start_cluster(dir.path(), "");
     status_with_leaders(&nodes[0]).await;
 
-    let Senders { names, clients, group, chats_of, chats } = Senders::sign_up(&nodes, "گروه آزمون").await;
+    let Senders { names, clients, group, chats_of, chats, .. } = Senders::sign_up(&nodes, "گروه آزمون").await;
 
     // Load from every node; then kill the node leading most of the chats' shards.
     let signals = Arc::new(Burst::default());

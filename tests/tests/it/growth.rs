@@ -4,20 +4,22 @@
 //! Two nodes join with tokens while senders on the first three write; the
 //! placement driver spreads the replicas over all five, and members read
 //! every chat through the new nodes too (which host only some shards, so
-//! some reads go to another node). Then one new node is killed and stays
-//! dead: past the configured time its replicas are rebuilt on the others.
-//! The other new node is drained; both are removed; three remain. After
-//! each phase every acknowledged message is there exactly once, in one
-//! order for every member.
+//! some reads go to another node). A device on a node without its user's
+//! shard gets live push; the nodes that lost replicas give their state up;
+//! a used or forged join token is refused. Then one new node is killed and
+//! stays dead: past the configured time its replicas are rebuilt on the
+//! others. The other new node is drained; both are removed; three remain.
+//! After each phase every acknowledged message is there exactly once, in
+//! one order for every member.
 
 use crate::cluster::{DATA_SHARDS, Senders, home, log_in, start_cluster, status_with_leaders};
 use crate::ledger::{Burst, assert_histories, burst, settle};
 use crate::support::{Node, eventually, free_udp_addr};
-use hamgam_client::{ChatId, Client};
+use hamgam_client::{ChatId, Client, Push};
 use hamgam_cluster::join::{JoinError, JoinToken};
 use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_tools::admin::{ClusterStatus, Operator};
-use hamgam_types::{NodeId, ShardId};
+use hamgam_types::{NodeId, Placement, ShardId};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -102,7 +104,7 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(dir.path(), CONFIG);
     status_with_leaders(&nodes[0]).await;
-    let Senders { names, clients, chats_of, chats, .. } = Senders::sign_up(&nodes, "گروه رشد").await;
+    let Senders { names, ids, clients, group, chats_of, chats } = Senders::sign_up(&nodes, "گروه رشد").await;
     let senders: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
     let mut all = BTreeMap::new();
 
@@ -120,6 +122,18 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     })
     .await;
     let joined_ids = [NodeId(4), NodeId(5)];
+    // The nodes that lost replicas to the new ones give their state up.
+    eventually(Duration::from_secs(60), || async {
+        let status = ClusterStatus::gather(&nodes[0].dir, None).await.ok()?;
+        let shards = status.shards();
+        let stale = status.nodes.iter().any(|(node, view)| {
+            view.status.as_ref().is_ok_and(|s| {
+                s.shards.iter().any(|r| r.last_index > 0 && shards.get(&r.shard).is_some_and(|v| !v.hosts(*node)))
+            })
+        });
+        (!stale).then_some(())
+    })
+    .await;
 
     // A token admits one node; one not made with the cluster's CA key none.
     let via_peer = ClusterFile::read(&nodes[2].dir).unwrap().unwrap().own_peer_addr().unwrap();
@@ -142,6 +156,27 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
         through_new.push(log_in(&joined[i % 2], name).await);
     }
     assert_histories(&through_new, &chats, &all).await;
+
+    // Live push reaches a device connected to a node that holds no replica
+    // of its user's shard (the shard's leader relays the hint).
+    let shards = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap().shards();
+    let placement = Placement::new(DATA_SHARDS);
+    let (listener, outsider) = (0..ids.len())
+        .find_map(|i| {
+            let shard = &shards[&placement.shard_of_user(ids[i])];
+            (1..=5u64).map(NodeId).find(|n| !shard.hosts(*n)).map(|n| (i, n))
+        })
+        .expect("with five nodes and three replicas, some node lacks some user's shard");
+    let outsider_node = if outsider.0 <= 3 { &nodes[outsider.0 as usize - 1] } else { &joined[outsider.0 as usize - 4] };
+    let device = log_in(outsider_node, &names[listener]).await;
+    let pts = device.subscribe(0).await.unwrap().pts;
+    let mut push = device.subscribe(pts).await.unwrap();
+    let speaker = (listener + 1) % ids.len();
+    let (sent_seq, _) = readers[speaker].send(group, "برای همه: پیام زنده").await.unwrap();
+    let pushed = tokio::time::timeout(Duration::from_secs(10), push.next()).await.expect("a push in time").unwrap();
+    assert!(matches!(pushed, Some(Push::Updates(_))), "{pushed:?}");
+    all.insert("برای همه: پیام زنده".to_string(), (group, sent_seq));
+    drop((push, device));
 
     // Round 2: node 5 dies and stays dead; node 4 is drained; both are removed.
     let operator = Operator::open(&nodes[0].dir, None).unwrap();
