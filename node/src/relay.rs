@@ -56,10 +56,12 @@ impl RelayingListener {
         if raft.leader(shard) != Some(self.node) {
             return; // the leader relays, once
         }
-        let Some(view) = self.network.view() else { return };
-        let Some(replicas) = view.placement.get(&shard) else { return };
+        let lacking = self.network.members_lacking(shard);
+        if lacking.is_empty() {
+            return; // every member applies this shard itself
+        }
         let Ok(bytes) = hamgam_proto::codec::encode(&hint) else { return };
-        for member in view.reachable().into_keys().filter(|m| !replicas.contains(m)) {
+        for member in lacking {
             self.network.relay_hint(member, bytes.clone());
         }
     }

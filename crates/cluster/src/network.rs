@@ -168,7 +168,32 @@ impl PeerNetwork {
 
     /// Shard 0's view as this node last applied it, if it follows one.
     pub fn view(&self) -> Option<ClusterView> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|v| v.borrow().clone())
+        self.with_view(|view| view.clone())
+    }
+
+    /// Reads shard 0's view in place (no copy), if this node follows one.
+    fn with_view<T>(&self, read: impl FnOnce(&ClusterView) -> T) -> Option<T> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|v| read(&v.borrow()))
+    }
+
+    /// The recorded replicas of `shard`.
+    pub fn replicas_of(&self, shard: ShardId) -> Vec<NodeId> {
+        self.with_view(|view| view.placement.get(&shard).cloned()).flatten().unwrap_or_default()
+    }
+
+    /// Members (not removed) that shard 0 records as holding no replica of
+    /// `shard`; none while its replicas are not recorded yet.
+    pub fn members_lacking(&self, shard: ShardId) -> Vec<NodeId> {
+        self.with_view(|view| match view.placement.get(&shard) {
+            Some(replicas) => view
+                .members
+                .iter()
+                .filter(|m| m.state != crate::MemberState::Removed && !replicas.contains(&m.id))
+                .map(|m| m.id)
+                .collect(),
+            None => Vec::new(),
+        })
+        .unwrap_or_default()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, ClusterError> {
@@ -569,8 +594,7 @@ impl ProposalForwarder for Forwarder {
     }
 
     fn replicas(&self, shard: ShardId) -> Vec<NodeId> {
-        let Some(network) = self.network.upgrade() else { return Vec::new() };
-        network.view().and_then(|view| view.placement.get(&shard).cloned()).unwrap_or_default()
+        self.network.upgrade().map(|network| network.replicas_of(shard)).unwrap_or_default()
     }
 
     fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> RemoteReadReply {

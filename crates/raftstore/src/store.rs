@@ -441,8 +441,9 @@ impl RaftHandle {
         }
     }
 
-    /// Gives up this node's replica of `shard`: its state is reset to
-    /// empty and its data deleted. Only for a replica the shard's leader no
+    /// Gives up this node's replica of `shard`: returns once its state is
+    /// reset to empty, durably; the apply thread deletes its data right
+    /// after, in batches. Only for a replica the shard's leader no
     /// longer counts (neither voter nor learner) and will not re-add before
     /// this returns: raft assumes a replica never loses log it
     /// acknowledged, so a leader still tracking this one would fail on it.
@@ -1848,6 +1849,14 @@ mod tests {
         assert!(!gone.hosts(ShardId(1)), "the removed node still counts itself a replica");
         assert!(total(&gone, 1) > 0, "its data stays until it is told to give the replica up");
         gone.release_replica(ShardId(1)).await.unwrap();
+        assert!(!gone.hosts(ShardId(1)));
+        // The reset is durable when the call returns; the keys go right after.
+        for _ in 0..200 {
+            if total(&gone, 1) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(total(&gone, 1), 0, "the removed node's data is deleted");
         let removed_db = dbs[&removed].clone();
         stores.remove(&removed).unwrap().stop().unwrap();
