@@ -7,7 +7,8 @@
 //! so a node that is down shows as down rather than hiding the others.
 
 use anyhow::{Context, bail};
-use hamgam_cluster::admin::{NodeStatus, ShardReport};
+use hamgam_cluster::admin::NodeStatus;
+use hamgam_raftstore::ShardStatus;
 use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
@@ -138,7 +139,7 @@ impl ClusterStatus {
         self.nodes.get(&node).is_some_and(|view| view.status.is_ok())
     }
 
-    fn reports(&self) -> impl Iterator<Item = (NodeId, &ShardReport)> {
+    fn reports(&self) -> impl Iterator<Item = (NodeId, &ShardStatus)> {
         self.nodes
             .iter()
             .filter_map(|(node, view)| view.status.as_ref().ok().map(|status| (*node, status)))
@@ -148,12 +149,12 @@ impl ClusterStatus {
     /// Each shard as seen by the replica that leads it in the highest term,
     /// or by its most advanced replica when no leader answered.
     pub fn shards(&self) -> BTreeMap<ShardId, ShardView> {
-        let mut best: BTreeMap<ShardId, &ShardReport> = BTreeMap::new();
+        let mut best: BTreeMap<ShardId, &ShardStatus> = BTreeMap::new();
         for (_, report) in self.reports() {
             let better = match best.get(&report.shard) {
                 None => true,
                 Some(current) => {
-                    (report.leading, report.term, report.committed) > (current.leading, current.term, current.committed)
+                    (report.leads(), report.term, report.committed) > (current.leads(), current.term, current.committed)
                 }
             };
             if better {
@@ -173,7 +174,7 @@ impl ClusterStatus {
                     .collect();
                 let view = ShardView {
                     shard,
-                    leader: if report.leading { report.leader } else { None },
+                    leader: if report.leads() { report.leader } else { None },
                     term: report.term,
                     committed: report.committed,
                     voters: report.voters.clone(),

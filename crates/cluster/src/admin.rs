@@ -8,7 +8,7 @@ use crate::Members;
 use crate::exchange;
 use crate::join::propose_cluster;
 use crate::membership::{ClusterCommand, ClusterReply, ClusterView, MemberRecord, MemberState};
-use hamgam_raftstore::{ProposeError, RaftHandle, ReplicaChange, ReplicaRole, ShardStatus};
+use hamgam_raftstore::{ProposeError, RaftHandle, ReplicaChange, ShardStatus};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
@@ -51,40 +51,7 @@ pub struct NodeStatus {
     pub node: NodeId,
     /// Every member this node knows of, removed ones included.
     pub members: Vec<MemberRecord>,
-    pub shards: Vec<ShardReport>,
-}
-
-/// One replica of a shard, as [`ShardStatus`] on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardReport {
-    pub shard: ShardId,
-    pub leading: bool,
-    pub leader: Option<NodeId>,
-    pub term: u64,
-    pub voters: Vec<NodeId>,
-    pub learners: Vec<NodeId>,
-    pub last_index: u64,
-    pub committed: u64,
-    pub applied: u64,
-    /// On the leader: each replica's matched index.
-    pub matched: Vec<(NodeId, u64)>,
-}
-
-impl From<ShardStatus> for ShardReport {
-    fn from(status: ShardStatus) -> ShardReport {
-        ShardReport {
-            shard: status.shard,
-            leading: status.role == ReplicaRole::Leader,
-            leader: status.leader,
-            term: status.term,
-            voters: status.voters,
-            learners: status.learners,
-            last_index: status.last_index,
-            committed: status.committed,
-            applied: status.applied,
-            matched: status.matched,
-        }
-    }
+    pub shards: Vec<ShardStatus>,
 }
 
 /// Why an admin request got no answer.
@@ -141,7 +108,7 @@ async fn answer(
                         .map(|(id, addr)| MemberRecord { id: *id, peer_addr: *addr, state: MemberState::Active })
                         .collect(),
                 };
-                AdminResponse::Status(NodeStatus { node, members, shards: shards.into_iter().map(ShardReport::from).collect() })
+                AdminResponse::Status(NodeStatus { node, members, shards })
             }
             Err(error) => AdminResponse::Refused(error.to_string()),
         },

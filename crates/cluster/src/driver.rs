@@ -221,7 +221,7 @@ pub fn plan(members: &BTreeMap<NodeId, Standing>, shards: &[ShardReplicas], repl
 pub fn leaders_reports(statuses: &HashMap<NodeId, NodeStatus>) -> Vec<ShardReplicas> {
     let mut best: BTreeMap<ShardId, (u64, ShardReplicas)> = BTreeMap::new();
     for (node, status) in statuses {
-        for report in status.shards.iter().filter(|r| r.leading) {
+        for report in status.shards.iter().filter(|r| r.leads()) {
             if best.get(&report.shard).is_some_and(|(term, _)| *term >= report.term) {
                 continue;
             }
@@ -476,9 +476,9 @@ mod tests {
 
     #[test]
     fn only_state_the_leader_no_longer_counts_is_given_up_and_not_while_the_shard_changes() {
-        let report = |shard: u32, last_index: u64| crate::admin::ShardReport {
+        let report = |shard: u32, last_index: u64| hamgam_raftstore::ShardStatus {
             shard: ShardId(shard),
-            leading: false,
+            role: hamgam_raftstore::ReplicaRole::Follower,
             leader: None,
             term: 1,
             voters: Vec::new(),
@@ -488,7 +488,7 @@ mod tests {
             applied: last_index,
             matched: Vec::new(),
         };
-        let status = |node: u64, shards: Vec<crate::admin::ShardReport>| NodeStatus { node: NodeId(node), members: Vec::new(), shards };
+        let status = |node: u64, shards: Vec<hamgam_raftstore::ShardStatus>| NodeStatus { node: NodeId(node), members: Vec::new(), shards };
         let statuses: HashMap<NodeId, NodeStatus> = [
             (NodeId(1), status(1, vec![report(1, 50), report(2, 50)])),
             // Node 4 still holds state of shard 1 (removed) and of shard 2 (a learner now).

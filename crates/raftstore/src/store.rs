@@ -124,8 +124,9 @@ impl Db for RemoteShard {
 /// everything the leader had committed when the read arrived.
 type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
 
-/// One replica's view of its shard, for operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One replica's view of its shard, for operators and the placement
+/// driver (it travels in admin answers).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardStatus {
     pub shard: ShardId,
     pub role: ReplicaRole,
@@ -143,6 +144,12 @@ pub struct ShardStatus {
     pub matched: Vec<(NodeId, u64)>,
 }
 
+impl ShardStatus {
+    pub fn leads(&self) -> bool {
+        self.role == ReplicaRole::Leader
+    }
+}
+
 /// A change to the replicas of one shard (one raft configuration change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReplicaChange {
@@ -153,7 +160,7 @@ pub enum ReplicaChange {
     Remove(NodeId),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReplicaRole {
     Leader,
     Candidate,
@@ -214,7 +221,8 @@ pub struct RaftHandle {
     inputs: mpsc::Sender<Input>,
     db: Arc<dyn Db>,
     leaders: Arc<BTreeMap<ShardId, AtomicU64>>,
-    /// Shards whose only voter is this node: its applied state is always fresh.
+    /// Per shard: whether this node is a replica, and whether it is the only
+    /// voter (its applied state is then always fresh). See `replica_flags`.
     replicas: Arc<BTreeMap<ShardId, AtomicU8>>,
     forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
@@ -349,7 +357,7 @@ impl RaftHandle {
         match read {
             RemoteRead::Get(key) if range.contains(&key) => self.db.get(&key).map(RemoteReadAnswer::Value).map_err(failed),
             RemoteRead::Scan { start, end, descending, limit }
-                if range.contains(&start) && end.as_ref().is_some_and(|end| *end <= range.end.clone().unwrap_or_default()) =>
+                if range.contains(&start) && end.is_some() && end.as_ref() <= range.end.as_ref() =>
             {
                 let order = if descending { Order::Descending } else { Order::Ascending };
                 let limit = (limit as usize).min(limits::REMOTE_SCAN_PAIRS_MAX);
@@ -1198,11 +1206,8 @@ impl StoreLoop {
                     send_to_applier(&self.apply_inputs, ApplyInput::Round(std::mem::take(&mut committed)))?;
                 }
                 let snapshot = ready.snapshot().clone();
-                let (done, installed) = std::sync::mpsc::sync_channel(1);
-                send_to_applier(&self.apply_inputs, ApplyInput::InstallSnapshot { shard, snapshot: snapshot.clone(), done })?;
-                installed
-                    .recv()
-                    .map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))??;
+                let install = snapshot.clone();
+                ask_applier(&self.apply_inputs, |done| ApplyInput::InstallSnapshot { shard, snapshot: install, done })?;
                 peer.node.mut_store().apply_snapshot(&snapshot);
                 let conf = snapshot.get_metadata().get_conf_state();
                 self.replicas[&shard].store(replica_flags(conf, NodeId(peer.node.raft.id)), Ordering::Release);
@@ -1278,9 +1283,7 @@ impl StoreLoop {
     /// shard. A later re-add then starts from a snapshot, as a new replica
     /// does.
     fn release_replica(&mut self, shard: ShardId) -> Result<(), StoreError> {
-        let (done, released) = std::sync::mpsc::sync_channel(1);
-        send_to_applier(&self.apply_inputs, ApplyInput::Release { shard, done })?;
-        released.recv().map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))??;
+        ask_applier(&self.apply_inputs, |done| ApplyInput::Release { shard, done })?;
         let Some(peer) = self.peers.get_mut(&shard) else { return Ok(()) };
         peer.fail_all(&ProposeError::NotLeader { shard, leader: None });
         let hard_state = raft::eraftpb::HardState { term: peer.node.raft.term, ..Default::default() };
@@ -1408,7 +1411,22 @@ impl StoreLoop {
 
 /// Blocks only when the apply thread is far behind: backpressure.
 fn send_to_applier(apply_inputs: &std::sync::mpsc::SyncSender<ApplyInput>, input: ApplyInput) -> Result<(), StoreError> {
-    apply_inputs.send(input).map_err(|_| StoreError::Thread(std::io::Error::other("the apply thread is gone")))
+    apply_inputs.send(input).map_err(|_| applier_gone())
+}
+
+/// Hands the apply thread a task that answers on `done`, and waits for the
+/// answer (after every round handed over before it).
+fn ask_applier(
+    apply_inputs: &std::sync::mpsc::SyncSender<ApplyInput>,
+    task: impl FnOnce(std::sync::mpsc::SyncSender<Result<(), StoreError>>) -> ApplyInput,
+) -> Result<(), StoreError> {
+    let (done, answer) = std::sync::mpsc::sync_channel(1);
+    send_to_applier(apply_inputs, task(done))?;
+    answer.recv().map_err(|_| applier_gone())?
+}
+
+fn applier_gone() -> StoreError {
+    StoreError::Thread(std::io::Error::other("the apply thread is gone"))
 }
 
 /// Proposes a peer's gathered commands as one entry.
