@@ -27,6 +27,9 @@ pub enum FrameKind {
     Request = 3,
     Response = 4,
     Push = 5,
+    /// Raw bytes of one stored chunk (see [`crate::store::ChunkFrame`]), after
+    /// an upload request or before a download's chunks.
+    Chunk = 6,
 }
 
 impl FrameKind {
@@ -37,6 +40,7 @@ impl FrameKind {
             3 => FrameKind::Request,
             4 => FrameKind::Response,
             5 => FrameKind::Push,
+            6 => FrameKind::Chunk,
             _ => return None,
         })
     }
@@ -48,6 +52,7 @@ impl FrameKind {
             FrameKind::Request => limits::REQUEST_FRAME_BYTES_MAX,
             FrameKind::Response => limits::RESPONSE_FRAME_BYTES_MAX,
             FrameKind::Push => limits::PUSH_FRAME_BYTES_MAX,
+            FrameKind::Chunk => limits::CHUNK_FRAME_BYTES_MAX,
         }
     }
 }
@@ -86,6 +91,28 @@ where
 {
     let bytes = encode_frame(kind, value)?;
     writer.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Writes one frame whose payload is already bytes (chunk frames, which
+/// are not codec values). The payload is checked against the kind's bound.
+pub async fn write_raw_frame<W>(writer: &mut W, kind: FrameKind, parts: &[&[u8]]) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let length: usize = parts.iter().map(|part| part.len()).sum();
+    let max = kind.payload_bytes_max();
+    let length = u32::try_from(length).ok().filter(|&n| n <= max).ok_or(FrameError::TooLarge {
+        kind,
+        length: u32::try_from(length).unwrap_or(u32::MAX),
+        max,
+    })?;
+    let mut header = [kind as u8, 0, 0, 0, 0];
+    header[1..].copy_from_slice(&length.to_le_bytes());
+    writer.write_all(&header).await?;
+    for part in parts {
+        writer.write_all(part).await?;
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod frame;
 mod message;
+pub mod store;
 
 pub use message::*;
 

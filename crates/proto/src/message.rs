@@ -2,7 +2,8 @@
 //! appended, never reordered or removed, and each carries its number in a
 //! comment. Structs never change shape within `hamgam/1`.
 
-use hamgam_types::{ChatId, DeviceId, NodeId, UserId};
+use crate::store::{ChunkList, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport};
+use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, UserId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -83,12 +84,40 @@ pub enum Request {
     Sync { since_pts: u64, limit: u32 },
     /// 21: keep this stream open and push updates after `since_pts` as they happen.
     Subscribe { since_pts: u64 },
+    /// 22: which of these chunks the cluster lacks (at most
+    /// `CHUNK_IDS_PER_REQUEST_MAX`); answered by [`Response::MissingChunks`].
+    MissingChunks { ids: Vec<ChunkId> },
+    /// 23: `count` chunk frames follow on this stream (at most
+    /// `CHUNKS_PER_STREAM_MAX`); answered once every one is durable.
+    PutChunks { count: u32 },
+    /// 24: answered by [`Response::ChunksFollow`], then one chunk frame per
+    /// id that was found, in request order.
+    GetChunks { ids: Vec<ChunkId> },
+    /// 25: store (or replace) a file at `path`. Every chunk it names must be
+    /// stored already.
+    PutFile { path: String, manifest: FileManifest },
+    /// 26: a file's entry and chunk list.
+    StatFile { path: String },
+    /// 27: a folder's entries in name order, after the name `after`.
+    ListFolder { path: String, after: Option<String>, limit: u32 },
+    /// 28: rename or move a file or a folder with what it holds.
+    MovePath { from: String, to: String },
+    /// 29: delete a file, or an empty folder.
+    DeletePath { path: String },
+    /// 30
+    Usage,
+    /// 31: record a backup snapshot whose tree and every chunk it names are stored.
+    CommitSnapshot { label: String, parent: Option<u64>, tree: ChunkList, stats: SnapshotStats },
+    /// 32: the caller's snapshots in id order, after `after`.
+    ListSnapshots { after: Option<u64>, limit: u32 },
+    /// 33
+    ForgetSnapshots { ids: Vec<u64> },
 }
 
 impl Request {
     /// Number of request kinds this version knows; a higher variant index is
     /// an unknown request, not a malformed one.
-    pub const KINDS: u32 = 22;
+    pub const KINDS: u32 = 34;
 
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
@@ -115,6 +144,18 @@ impl Request {
             Request::MarkRead { .. } => "mark_read",
             Request::Sync { .. } => "sync",
             Request::Subscribe { .. } => "subscribe",
+            Request::MissingChunks { .. } => "missing_chunks",
+            Request::PutChunks { .. } => "put_chunks",
+            Request::GetChunks { .. } => "get_chunks",
+            Request::PutFile { .. } => "put_file",
+            Request::StatFile { .. } => "stat_file",
+            Request::ListFolder { .. } => "list_folder",
+            Request::MovePath { .. } => "move_path",
+            Request::DeletePath { .. } => "delete_path",
+            Request::Usage => "usage",
+            Request::CommitSnapshot { .. } => "commit_snapshot",
+            Request::ListSnapshots { .. } => "list_snapshots",
+            Request::ForgetSnapshots { .. } => "forget_snapshots",
         }
     }
 }
@@ -166,6 +207,22 @@ pub enum Response {
     TooLong { pts: u64 },
     /// 15: first frame on a subscribe stream; pushes follow.
     Subscribed { pts: u64 },
+    /// 16: the asked-about chunks the cluster lacks.
+    MissingChunks { ids: Vec<ChunkId> },
+    /// 17: every chunk of the upload is durable; `stored` were new.
+    ChunksStored { stored: u32, present: u32 },
+    /// 18: chunk frames follow for every asked id except these.
+    ChunksFollow { missing: Vec<ChunkId> },
+    /// 19
+    File { entry: FileEntry, content: ChunkList },
+    /// 20
+    Folder(FolderPage),
+    /// 21
+    Usage(UsageReport),
+    /// 22
+    Snapshot(SnapshotInfo),
+    /// 23
+    Snapshots { snapshots: Vec<SnapshotInfo>, more: bool },
 }
 
 /// Frames on a subscribe stream after [`Response::Subscribed`].
@@ -401,6 +458,14 @@ error_codes! {
     INTERNAL = 51,
     /// The write did not commit in time; retry with the same client id.
     TIMEOUT = 52,
+    /// A chunk's bytes do not hash to its name.
+    CHUNK_MISMATCH = 60,
+    /// A manifest or snapshot names chunks that are not stored; upload them first.
+    CHUNKS_MISSING = 61,
+    /// The user's storage quota would be exceeded.
+    QUOTA_EXCEEDED = 62,
+    /// Stored bytes failed their check and no good copy was found.
+    DATA_CORRUPT = 63,
 }
 
 #[cfg(test)]
@@ -411,7 +476,7 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_matches_the_kind_count() {
-        let bytes = codec::encode(&Request::Subscribe { since_pts: 0 }).unwrap();
+        let bytes = codec::encode(&Request::ForgetSnapshots { ids: vec![] }).unwrap();
         assert_eq!(codec::peek_variant_index(&bytes), Some(Request::KINDS - 1));
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Every other Hamgam crate depends on this one and it depends on nothing of
 //! ours. It owns the newtypes that travel between layers ([`UserId`],
-//! [`ChatId`], [`DeviceId`], [`ShardId`], [`NodeId`]), every size and count
+//! [`ChatId`], [`DeviceId`], [`ShardId`], [`NodeId`], [`ChunkId`]), every size and count
 //! limit in [`limits`], and the rule that maps a key onto a shard
 //! ([`Placement`]). It must not know about storage, raft, QUIC or the wire
 //! format: these are plain values.
@@ -55,4 +55,67 @@ id_type!(
 impl ShardId {
     /// The shard holding cluster membership and replica placement.
     pub const CLUSTER: ShardId = ShardId(0);
+}
+
+/// A chunk of stored content, named by the blake3 hash of its plain bytes.
+/// Two equal chunks anywhere in the cluster have one name, which is what
+/// lets an upload skip what is already stored.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The name of these plain bytes.
+    pub fn of(plain: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(plain).as_bytes())
+    }
+
+    /// Parses 64 hexadecimal digits.
+    pub fn from_hex(text: &str) -> Option<ChunkId> {
+        let text = text.as_bytes();
+        if text.len() != 64 {
+            return None;
+        }
+        let mut id = [0u8; 32];
+        for (i, pair) in text.chunks(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            id[i] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+        }
+        Some(ChunkId(id))
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    /// Short, as people read hashes in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId(")?;
+        for byte in &self.0[..6] {
+            write!(f, "{byte:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_ids_print_and_parse_as_hex() {
+        let id = ChunkId::of("سلام".as_bytes());
+        let text = id.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(ChunkId::from_hex(&text), Some(id));
+        assert_eq!(ChunkId::from_hex(&text[..63]), None);
+        assert_eq!(ChunkId::from_hex(&text.replace(&text[..1], "z")), None);
+    }
 }

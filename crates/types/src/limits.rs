@@ -129,6 +129,50 @@ pub const PEER_IDLE_TIMEOUT_MS: u64 = 4_000;
 /// Pause between attempts to reach a node that did not answer.
 pub const PEER_REDIAL_MS: u64 = 500;
 
+// ---- the cloud store ("My Gap") -------------------------------------------------
+
+/// Content-defined chunking bounds (FastCDC v2020), chosen by measurement on
+/// the backup data set (docs/design/store.md). The largest chunk also bounds
+/// a chunk frame.
+pub const CHUNK_MIN_BYTES: u32 = 16 * 1024;
+pub const CHUNK_AVG_BYTES: u32 = 64 * 1024;
+pub const CHUNK_MAX_BYTES: u32 = 256 * 1024;
+/// A chunk frame: the chunk's header and its bytes (compression never grows a
+/// chunk: one that does not shrink is stored plain).
+pub const CHUNK_FRAME_BYTES_MAX: u32 = CHUNK_MAX_BYTES + 64;
+/// Chunk ids one "which of these are missing" request may ask about.
+pub const CHUNK_IDS_PER_REQUEST_MAX: usize = 1024;
+/// Chunks one upload or download stream carries.
+pub const CHUNKS_PER_STREAM_MAX: usize = 64;
+/// Chunk references a file manifest carries inline; a longer list is itself
+/// stored as chunks and the manifest names those ("indirect").
+pub const MANIFEST_INLINE_CHUNKS_MAX: usize = 512;
+/// Chunk references one list chunk holds (encoded, at most 37 bytes each, so
+/// a list chunk stays under the chunk limit). With at most
+/// [`MANIFEST_INLINE_CHUNKS_MAX`] list chunks a file may have about 3 M
+/// chunks (about 190 GiB).
+pub const LIST_CHUNK_REFS_MAX: usize = 6000;
+/// Longest stored path, in characters, and longest single name in it.
+pub const FILE_PATH_CHARS_MAX: usize = 1024;
+pub const FILE_NAME_CHARS_MAX: usize = 255;
+/// Entries one folder listing returns.
+pub const FOLDER_PAGE_MAX: usize = 1000;
+/// Entries a folder may hold (files and folders), so a move or a listing of
+/// a folder stays bounded.
+pub const FOLDER_ENTRIES_MAX: usize = 100_000;
+/// Logical bytes one user may store unless the node is configured otherwise.
+pub const USER_QUOTA_BYTES_DEFAULT: u64 = 100 << 30;
+/// Backup snapshots one user may keep, and one listing returns.
+pub const SNAPSHOTS_PER_USER_MAX: usize = 10_000;
+pub const SNAPSHOT_PAGE_MAX: usize = 1000;
+/// One entry of a backup tree, encoded (a path and a chunk list of at most
+/// [`MANIFEST_INLINE_CHUNKS_MAX`] references).
+pub const TREE_ENTRY_BYTES_MAX: usize = 64 * 1024;
+/// Longest snapshot label (the backed-up folder's name), in characters.
+pub const SNAPSHOT_LABEL_CHARS_MAX: usize = 1024;
+/// A pack file of the chunk store is sealed (and its index written) past this size.
+pub const PACK_BYTES_MAX: u64 = 256 << 20;
+
 // ---- cross-shard outbox ------------------------------------------------------
 
 /// Outbox records carried by one delivery proposal.

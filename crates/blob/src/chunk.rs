@@ -1,0 +1,145 @@
+//! Cutting content into chunks, naming them and compressing them where it pays.
+
+use crate::BlobError;
+use hamgam_proto::store::{ChunkCodec, ChunkFrame};
+use hamgam_types::{ChunkId, limits};
+use std::io::Read;
+
+/// FastCDC bounds. The defaults are the limits' values, chosen by
+/// measurement (docs/design/store.md); others exist for that measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkerParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        ChunkerParams { min: limits::CHUNK_MIN_BYTES, avg: limits::CHUNK_AVG_BYTES, max: limits::CHUNK_MAX_BYTES }
+    }
+}
+
+/// The chunks of a stream, in order, each as its plain bytes.
+pub fn chunks_of_reader<R: Read>(reader: R, params: ChunkerParams) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize).map(|chunk| match chunk {
+        Ok(chunk) => Ok(chunk.data),
+        Err(fastcdc::v2020::Error::IoError(error)) => Err(error),
+        Err(other) => Err(std::io::Error::other(other.to_string())),
+    })
+}
+
+/// The chunk boundaries of bytes already in memory, as slices.
+pub fn chunks_of_slice(data: &[u8], params: ChunkerParams) -> impl Iterator<Item = &[u8]> {
+    fastcdc::v2020::FastCDC::new(data, params.min as usize, params.avg as usize, params.max as usize)
+        .map(move |chunk| &data[chunk.offset..chunk.offset + chunk.length])
+}
+
+/// A chunk as it is sent and kept: its name, how its bytes are encoded, its
+/// plain length and the encoded bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub id: ChunkId,
+    pub codec: ChunkCodec,
+    pub plain_len: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// zstd level: 3 compresses text about 2.8x at about 300 MB/s on one core here.
+const ZSTD_LEVEL: i32 = 3;
+
+impl StoredChunk {
+    /// Names plain bytes and compresses them if that saves at least a
+    /// sixteenth; media, which does not compress, is kept plain (zstd gives
+    /// up on it quickly).
+    pub fn seal(plain: &[u8]) -> StoredChunk {
+        let id = ChunkId::of(plain);
+        let plain_len = u32::try_from(plain.len()).unwrap_or(u32::MAX);
+        if let Ok(packed) = zstd::bulk::compress(plain, ZSTD_LEVEL)
+            && packed.len() <= plain.len() - plain.len() / 16
+        {
+            return StoredChunk { id, codec: ChunkCodec::Zstd, plain_len, bytes: packed };
+        }
+        StoredChunk { id, codec: ChunkCodec::Plain, plain_len, bytes: plain.to_vec() }
+    }
+
+    pub fn from_frame(frame: &ChunkFrame<'_>) -> StoredChunk {
+        StoredChunk { id: frame.id, codec: frame.codec, plain_len: frame.plain_len, bytes: frame.bytes.to_vec() }
+    }
+
+    pub fn as_frame(&self) -> ChunkFrame<'_> {
+        ChunkFrame { id: self.id, codec: self.codec, plain_len: self.plain_len, bytes: &self.bytes }
+    }
+
+    /// The plain bytes, checked against the name. Decompression is bounded
+    /// by the declared plain length, which is itself bounded.
+    pub fn open(&self) -> Result<Vec<u8>, BlobError> {
+        let mismatch = |reason: String| BlobError::Mismatch { id: self.id, reason };
+        if self.plain_len > limits::CHUNK_MAX_BYTES {
+            return Err(mismatch(format!("declares {} plain bytes, over the chunk limit", self.plain_len)));
+        }
+        let plain = match self.codec {
+            ChunkCodec::Plain => self.bytes.clone(),
+            ChunkCodec::Zstd => zstd::bulk::decompress(&self.bytes, self.plain_len as usize)
+                .map_err(|error| mismatch(format!("does not decompress: {error}")))?,
+        };
+        if plain.len() != self.plain_len as usize {
+            return Err(mismatch(format!("holds {} plain bytes, not the {} declared", plain.len(), self.plain_len)));
+        }
+        if ChunkId::of(&plain) != self.id {
+            return Err(mismatch("the bytes hash to another name".into()));
+        }
+        Ok(plain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn text_is_compressed_media_is_not_and_both_open_to_their_bytes() {
+        let text = "سلام دنیا، این یک پیام است. ".repeat(2000).into_bytes();
+        let text = &text[..60_000];
+        let sealed = StoredChunk::seal(text);
+        assert_eq!(sealed.codec, ChunkCodec::Zstd);
+        assert!(sealed.bytes.len() < text.len() / 4);
+        assert_eq!(sealed.open().unwrap(), text);
+
+        let media = random_bytes(60_000, 1);
+        let sealed = StoredChunk::seal(&media);
+        assert_eq!(sealed.codec, ChunkCodec::Plain);
+        assert_eq!(sealed.open().unwrap(), media);
+    }
+
+    #[test]
+    fn a_chunk_whose_bytes_do_not_match_its_name_does_not_open() {
+        let mut sealed = StoredChunk::seal(&random_bytes(1000, 2));
+        sealed.bytes[10] ^= 1;
+        assert!(matches!(sealed.open(), Err(BlobError::Mismatch { .. })));
+        let mut lying = StoredChunk::seal(&vec![b'a'; 100_000]);
+        lying.plain_len = 10;
+        assert!(lying.open().is_err(), "decompression is bounded by the declared length");
+    }
+
+    #[test]
+    fn an_insertion_changes_only_the_chunks_around_it() {
+        let params = ChunkerParams::default();
+        let original = random_bytes(4 << 20, 3);
+        let mut edited = original.clone();
+        edited.insert(2 << 20, 0x55);
+        let names = |data: &[u8]| chunks_of_slice(data, params).map(ChunkId::of).collect::<std::collections::HashSet<_>>();
+        let (before, after) = (names(&original), names(&edited));
+        let new = after.difference(&before).count();
+        assert!(new <= 2, "{new} chunks changed for one inserted byte");
+        let streamed: Vec<Vec<u8>> = chunks_of_reader(original.as_slice(), params).map(|c| c.unwrap()).collect();
+        assert_eq!(streamed.concat(), original);
+        assert!(streamed.iter().all(|c| c.len() <= limits::CHUNK_MAX_BYTES as usize));
+    }
+}

@@ -1,0 +1,48 @@
+//! The content store underneath "My Gap" and backups.
+//!
+//! Owns how content becomes chunks and how chunks are kept: content-defined
+//! chunking (FastCDC v2020), naming by the blake3 hash of the plain bytes,
+//! zstd only where it pays ([`StoredChunk`]), pack files with an index on a
+//! node's disk ([`PackStore`], fsynced before anything is acknowledged),
+//! long chunk lists stored as chunks themselves ([`list`]), the backup tree
+//! format ([`Tree`]) and which nodes hold a chunk ([`placement`]).
+//!
+//! Used by both sides: the client cuts, names and compresses; the node
+//! checks and keeps. Must not know: users, quotas, raft, QUIC, the protocol's
+//! requests. Chunks are bytes with names.
+
+mod chunk;
+pub mod list;
+mod pack;
+pub mod placement;
+mod tree;
+
+pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice};
+pub use pack::{PackStats, PackStore, PutOutcome};
+pub use tree::{Tree, TreeEntry, TreeKind};
+
+use hamgam_types::ChunkId;
+
+/// What can go wrong with chunks. Every variant names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The bytes do not decompress or do not hash to the chunk's name: a
+    /// bad upload, or damage on disk.
+    #[error("chunk {id} does not match its name: {reason}")]
+    Mismatch { id: ChunkId, reason: String },
+    /// A stored record failed its checksum.
+    #[error("stored copy of chunk {id} is damaged ({path})")]
+    Damaged { id: ChunkId, path: String },
+    /// Encoded metadata (a chunk list or a tree) does not decode.
+    #[error("malformed {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
+    /// A file operation failed.
+    #[error("chunk store I/O failed on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl BlobError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> BlobError {
+        BlobError::Io { path: path.display().to_string(), source }
+    }
+}

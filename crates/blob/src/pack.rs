@@ -1,0 +1,518 @@
+//! Chunks on a node's disk: append-only pack files with an index.
+//!
+//! ```text
+//! chunks/pack-00000001.dat   records, appended; fdatasync'd before an upload is answered
+//! chunks/pack-00000001.idx   written once the pack is sealed (past PACK_BYTES_MAX)
+//! ```
+//!
+//! A record is `magic "HGC1" | id 32 | codec u8 | plain len u32 | stored len
+//! u32 | crc32 u32 | stored bytes`, the crc covering the fields after the
+//! magic and the bytes. A sealed pack's index lists its records (with a
+//! crc32 of its own), so opening the store reads indexes, not packs; only
+//! the one pack still being written (or a pack whose index is missing or
+//! damaged) is scanned, and a torn tail left by a crash is cut off.
+//!
+//! Many chunks per file (not a file per chunk) keeps the file system's
+//! per-file cost out of the way and makes one fdatasync cover a whole upload
+//! batch. Concurrent batches append under a lock and sync outside it, so
+//! their fsyncs overlap. A chunk enters the in-memory index only after its
+//! sync, so nothing reports a chunk as present before it is durable.
+
+use crate::{BlobError, StoredChunk};
+use hamgam_proto::store::ChunkCodec;
+use hamgam_types::{ChunkId, limits};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+const RECORD_MAGIC: [u8; 4] = *b"HGC1";
+const RECORD_HEADER_BYTES: usize = 4 + 32 + 1 + 4 + 4 + 4;
+const INDEX_MAGIC: [u8; 4] = *b"HGI1";
+const INDEX_ENTRY_BYTES: usize = 32 + 8 + 4 + 4 + 1;
+
+/// Where one chunk's record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Location {
+    pack: u32,
+    /// Of the record's first byte.
+    offset: u64,
+    stored_len: u32,
+    plain_len: u32,
+    codec: ChunkCodec,
+}
+
+struct ActivePack {
+    number: u32,
+    file: Arc<File>,
+    len: u64,
+    /// Every record of this pack, for its index when it is sealed.
+    records: Vec<(ChunkId, Location)>,
+}
+
+/// What one upload batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// Chunks written now.
+    pub stored: u32,
+    /// Chunks that were already here (or twice in the batch).
+    pub present: u32,
+}
+
+/// Totals of the store, for status and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackStats {
+    pub chunks: u64,
+    pub packs: u32,
+    /// Bytes the chunks take on disk (after compression).
+    pub stored_bytes: u64,
+    /// Plain bytes of the chunks.
+    pub plain_bytes: u64,
+}
+
+/// The chunk store of one node.
+pub struct PackStore {
+    dir: PathBuf,
+    index: RwLock<HashMap<ChunkId, Location>>,
+    active: Mutex<ActivePack>,
+    /// Read handles by pack number.
+    files: RwLock<HashMap<u32, Arc<File>>>,
+}
+
+impl std::fmt::Debug for PackStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackStore").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn pack_path(dir: &Path, number: u32) -> PathBuf {
+    dir.join(format!("pack-{number:08}.dat"))
+}
+
+fn index_path(dir: &Path, number: u32) -> PathBuf {
+    dir.join(format!("pack-{number:08}.idx"))
+}
+
+fn record_crc(id: &ChunkId, codec: ChunkCodec, plain_len: u32, bytes: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&id.0);
+    hasher.update(&[codec as u8]);
+    hasher.update(&plain_len.to_le_bytes());
+    hasher.update(&(bytes.len() as u32).to_le_bytes());
+    hasher.update(bytes);
+    hasher.finalize()
+}
+
+fn encode_record(chunk: &StoredChunk, out: &mut Vec<u8>) {
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&chunk.id.0);
+    out.push(chunk.codec as u8);
+    out.extend_from_slice(&chunk.plain_len.to_le_bytes());
+    out.extend_from_slice(&(chunk.bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&record_crc(&chunk.id, chunk.codec, chunk.plain_len, &chunk.bytes).to_le_bytes());
+    out.extend_from_slice(&chunk.bytes);
+}
+
+/// A record parsed from bytes, or why not.
+enum Parsed {
+    Record { id: ChunkId, location_len: usize, stored_len: u32, plain_len: u32, codec: ChunkCodec },
+    /// Not enough bytes for a whole record: a torn tail.
+    Short,
+    /// The bytes are not a good record.
+    Bad,
+}
+
+fn parse_record(bytes: &[u8]) -> Parsed {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return Parsed::Short;
+    }
+    if bytes[..4] != RECORD_MAGIC {
+        return Parsed::Bad;
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&bytes[4..36]);
+    let id = ChunkId(id);
+    let Some(codec) = ChunkCodec::from_byte(bytes[36]) else { return Parsed::Bad };
+    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let (plain_len, stored_len, crc) = (u32_at(37), u32_at(41), u32_at(45));
+    if stored_len > limits::CHUNK_FRAME_BYTES_MAX || plain_len > limits::CHUNK_MAX_BYTES {
+        return Parsed::Bad;
+    }
+    let end = RECORD_HEADER_BYTES + stored_len as usize;
+    if bytes.len() < end {
+        return Parsed::Short;
+    }
+    if record_crc(&id, codec, plain_len, &bytes[RECORD_HEADER_BYTES..end]) != crc {
+        return Parsed::Bad;
+    }
+    Parsed::Record { id, location_len: end, stored_len, plain_len, codec }
+}
+
+/// Every good record of a pack and the length up to the last of them. A bad
+/// record in the middle (damage, not a crash) is skipped by looking for the
+/// next record's magic; what follows the last good record is a torn tail.
+fn scan_pack(number: u32, bytes: &[u8]) -> (Vec<(ChunkId, Location)>, u64, usize) {
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    let mut valid_end = 0usize;
+    let mut damaged = 0usize;
+    while at < bytes.len() {
+        match parse_record(&bytes[at..]) {
+            Parsed::Record { id, location_len, stored_len, plain_len, codec } => {
+                records.push((id, Location { pack: number, offset: at as u64, stored_len, plain_len, codec }));
+                at += location_len;
+                valid_end = at;
+            }
+            Parsed::Short | Parsed::Bad => {
+                match bytes[at + 1..].windows(4).position(|w| w == RECORD_MAGIC) {
+                    Some(skip) => {
+                        damaged += 1;
+                        at += 1 + skip;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    (records, valid_end as u64, damaged)
+}
+
+fn encode_index(records: &[(ChunkId, Location)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + records.len() * INDEX_ENTRY_BYTES + 4);
+    out.extend_from_slice(&INDEX_MAGIC);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    for (id, location) in records {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&location.offset.to_le_bytes());
+        out.extend_from_slice(&location.stored_len.to_le_bytes());
+        out.extend_from_slice(&location.plain_len.to_le_bytes());
+        out.push(location.codec as u8);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode_index(number: u32, bytes: &[u8]) -> Option<Vec<(ChunkId, Location)>> {
+    let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    if crc32fast::hash(body).to_le_bytes() != crc || body.get(..4)? != INDEX_MAGIC {
+        return None;
+    }
+    let count = u32::from_le_bytes(body.get(4..8)?.try_into().ok()?) as usize;
+    let entries = &body[8..];
+    if entries.len() != count.checked_mul(INDEX_ENTRY_BYTES)? {
+        return None;
+    }
+    entries
+        .chunks_exact(INDEX_ENTRY_BYTES)
+        .map(|e| {
+            let id = ChunkId(e[..32].try_into().ok()?);
+            let offset = u64::from_le_bytes(e[32..40].try_into().ok()?);
+            let stored_len = u32::from_le_bytes(e[40..44].try_into().ok()?);
+            let plain_len = u32::from_le_bytes(e[44..48].try_into().ok()?);
+            let codec = ChunkCodec::from_byte(e[48])?;
+            Some((id, Location { pack: number, offset, stored_len, plain_len, codec }))
+        })
+        .collect()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BlobError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| BlobError::io(dir, e))
+}
+
+/// Writes a file durably: to a temporary name, fsync, rename, fsync the folder.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BlobError> {
+    let temporary = path.with_extension("tmp");
+    let mut file = File::create(&temporary).map_err(|e| BlobError::io(&temporary, e))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| BlobError::io(&temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| BlobError::io(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+fn open_for_append(path: &Path) -> Result<File, BlobError> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|e| BlobError::io(path, e))
+}
+
+impl PackStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<PackStore, BlobError> {
+        std::fs::create_dir_all(dir).map_err(|e| BlobError::io(dir, e))?;
+        let mut numbers: Vec<u32> = std::fs::read_dir(dir)
+            .map_err(|e| BlobError::io(dir, e))?
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                name.strip_prefix("pack-")?.strip_suffix(".dat")?.parse().ok()
+            })
+            .collect();
+        numbers.sort_unstable();
+
+        let mut index = HashMap::new();
+        let mut active = None;
+        for (position, &number) in numbers.iter().enumerate() {
+            let is_last = position + 1 == numbers.len();
+            let sealed = std::fs::read(index_path(dir, number)).ok().and_then(|bytes| decode_index(number, &bytes));
+            let records = match sealed {
+                Some(records) => records,
+                None => {
+                    let path = pack_path(dir, number);
+                    let bytes = std::fs::read(&path).map_err(|e| BlobError::io(&path, e))?;
+                    let (records, valid_end, damaged) = scan_pack(number, &bytes);
+                    if damaged > 0 {
+                        tracing::error!(pack = %path.display(), damaged, "damaged records skipped while scanning a pack");
+                    }
+                    if valid_end < bytes.len() as u64 {
+                        tracing::warn!(pack = %path.display(), cut = bytes.len() as u64 - valid_end, "cutting a torn tail");
+                        let file = open_for_append(&path)?;
+                        file.set_len(valid_end).and_then(|()| file.sync_all()).map_err(|e| BlobError::io(&path, e))?;
+                    }
+                    if is_last && valid_end < limits::PACK_BYTES_MAX {
+                        let file = Arc::new(open_for_append(&path)?);
+                        active = Some(ActivePack { number, file, len: valid_end, records: records.clone() });
+                    } else {
+                        write_durably(&index_path(dir, number), &encode_index(&records))?;
+                    }
+                    records
+                }
+            };
+            for (id, location) in records {
+                index.entry(id).or_insert(location);
+            }
+        }
+        let active = match active {
+            Some(active) => active,
+            None => Self::new_pack(dir, numbers.last().map_or(1, |n| n + 1))?,
+        };
+        Ok(PackStore {
+            dir: dir.to_path_buf(),
+            index: RwLock::new(index),
+            active: Mutex::new(active),
+            files: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn new_pack(dir: &Path, number: u32) -> Result<ActivePack, BlobError> {
+        let path = pack_path(dir, number);
+        let file = Arc::new(open_for_append(&path)?);
+        sync_dir(dir)?;
+        Ok(ActivePack { number, file, len: 0, records: Vec::new() })
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).contains_key(id)
+    }
+
+    /// The ids not stored here, in the order given, each once.
+    pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashSet::new();
+        ids.iter().filter(|id| !index.contains_key(id) && seen.insert(**id)).copied().collect()
+    }
+
+    /// Checks every chunk against its name, appends the new ones and makes
+    /// them durable. Blocking: call it off the async runtime. A batch with
+    /// one bad chunk stores nothing.
+    pub fn put(&self, chunks: &[StoredChunk]) -> Result<PutOutcome, BlobError> {
+        for chunk in chunks {
+            chunk.open()?;
+        }
+        let mut outcome = PutOutcome::default();
+        let mut fresh: Vec<&StoredChunk> = Vec::new();
+        {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let mut seen = HashSet::new();
+            for chunk in chunks {
+                if index.contains_key(&chunk.id) || !seen.insert(chunk.id) {
+                    outcome.present += 1;
+                } else {
+                    fresh.push(chunk);
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(outcome);
+        }
+        let mut buffer = Vec::with_capacity(fresh.iter().map(|c| RECORD_HEADER_BYTES + c.bytes.len()).sum());
+        let mut written = Vec::with_capacity(fresh.len());
+        let file = {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            for chunk in &fresh {
+                let offset = active.len + buffer.len() as u64;
+                encode_record(chunk, &mut buffer);
+                let location = Location {
+                    pack: active.number,
+                    offset,
+                    stored_len: chunk.bytes.len() as u32,
+                    plain_len: chunk.plain_len,
+                    codec: chunk.codec,
+                };
+                written.push((chunk.id, location));
+            }
+            let path = pack_path(&self.dir, active.number);
+            active.file.write_all_at(&buffer, active.len).map_err(|e| BlobError::io(&path, e))?;
+            active.len += buffer.len() as u64;
+            active.records.extend(written.iter().copied());
+            let file = active.file.clone();
+            if active.len >= limits::PACK_BYTES_MAX {
+                self.seal(&mut active)?;
+            }
+            file
+        };
+        file.sync_data().map_err(|e| BlobError::io(&self.dir, e))?;
+        outcome.stored = written.len() as u32;
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for (id, location) in written {
+            index.entry(id).or_insert(location);
+        }
+        Ok(outcome)
+    }
+
+    /// Syncs the full pack, writes its index and starts the next pack.
+    fn seal(&self, active: &mut ActivePack) -> Result<(), BlobError> {
+        let path = pack_path(&self.dir, active.number);
+        active.file.sync_all().map_err(|e| BlobError::io(&path, e))?;
+        write_durably(&index_path(&self.dir, active.number), &encode_index(&active.records))?;
+        *active = Self::new_pack(&self.dir, active.number + 1)?;
+        Ok(())
+    }
+
+    fn reader(&self, pack: u32) -> Result<Arc<File>, BlobError> {
+        if let Some(file) = self.files.read().unwrap_or_else(|p| p.into_inner()).get(&pack) {
+            return Ok(file.clone());
+        }
+        let path = pack_path(&self.dir, pack);
+        let file = Arc::new(File::open(&path).map_err(|e| BlobError::io(&path, e))?);
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(pack, file.clone());
+        Ok(file)
+    }
+
+    /// A chunk's stored form, its record checked (`Damaged` if the disk
+    /// changed it). Blocking.
+    pub fn get(&self, id: &ChunkId) -> Result<Option<StoredChunk>, BlobError> {
+        let Some(location) = self.index.read().unwrap_or_else(|p| p.into_inner()).get(id).copied() else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; RECORD_HEADER_BYTES + location.stored_len as usize];
+        let path = pack_path(&self.dir, location.pack);
+        self.reader(location.pack)?.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
+        match parse_record(&bytes) {
+            Parsed::Record { id: found, .. } if found == *id => Ok(Some(StoredChunk {
+                id: *id,
+                codec: location.codec,
+                plain_len: location.plain_len,
+                bytes: bytes.split_off(RECORD_HEADER_BYTES),
+            })),
+            _ => Err(BlobError::Damaged { id: *id, path: path.display().to_string() }),
+        }
+    }
+
+    pub fn stats(&self) -> PackStats {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let packs = self.active.lock().unwrap_or_else(|p| p.into_inner()).number;
+        PackStats {
+            chunks: index.len() as u64,
+            packs,
+            stored_bytes: index.values().map(|l| u64::from(l.stored_len)).sum(),
+            plain_bytes: index.values().map(|l| u64::from(l.plain_len)).sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn chunk(seed: u64, len: usize) -> StoredChunk {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let plain: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        StoredChunk::seal(&plain)
+    }
+
+    #[test]
+    fn chunks_survive_a_reopen_and_duplicates_are_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<StoredChunk> = (0..20).map(|i| chunk(i, 5000 + i as usize)).collect();
+        {
+            let store = PackStore::open(dir.path()).unwrap();
+            assert_eq!(store.put(&chunks[..10]).unwrap(), PutOutcome { stored: 10, present: 0 });
+            assert_eq!(store.put(&chunks).unwrap(), PutOutcome { stored: 10, present: 10 });
+            assert_eq!(store.missing(&[chunks[3].id, chunk(99, 10).id]), vec![chunk(99, 10).id]);
+        }
+        let store = PackStore::open(dir.path()).unwrap();
+        for c in &chunks {
+            assert_eq!(store.get(&c.id).unwrap().as_ref(), Some(c));
+        }
+        assert_eq!(store.stats().chunks, 20);
+    }
+
+    #[test]
+    fn a_mismatched_chunk_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PackStore::open(dir.path()).unwrap();
+        let good = chunk(1, 100);
+        let mut bad = chunk(2, 100);
+        bad.bytes[0] ^= 0xff;
+        assert!(matches!(store.put(&[good.clone(), bad]), Err(BlobError::Mismatch { .. })));
+        assert!(!store.contains(&good.id));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_damage_is_found_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<StoredChunk> = (0..3).map(|i| chunk(i, 1000)).collect();
+        {
+            let store = PackStore::open(dir.path()).unwrap();
+            store.put(&chunks).unwrap();
+        }
+        let path = pack_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let record = RECORD_HEADER_BYTES + 1000;
+        bytes[record + RECORD_HEADER_BYTES + 10] ^= 1; // damage the second chunk's bytes
+        bytes.extend_from_slice(&RECORD_MAGIC); // and a torn record after the last
+        bytes.extend_from_slice(&[7; 20]);
+        std::fs::write(&path, &bytes).unwrap();
+
+        let store = PackStore::open(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * record as u64, "the torn tail is cut");
+        assert!(store.get(&chunks[0].id).unwrap().is_some());
+        assert!(store.get(&chunks[2].id).unwrap().is_some(), "records after damage are still found");
+        assert_eq!(store.missing(&[chunks[1].id]), vec![chunks[1].id], "the damaged one counts as missing");
+        // Putting it again repairs it.
+        store.put(&chunks[1..2]).unwrap();
+        assert_eq!(store.get(&chunks[1].id).unwrap().as_ref(), Some(&chunks[1]));
+    }
+
+    #[test]
+    fn damage_after_opening_is_reported_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PackStore::open(dir.path()).unwrap();
+        let c = chunk(5, 2000);
+        store.put(std::slice::from_ref(&c)).unwrap();
+        let path = pack_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[RECORD_HEADER_BYTES + 7] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(store.get(&c.id), Err(BlobError::Damaged { .. })));
+    }
+
+    #[test]
+    fn sealed_packs_are_opened_from_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<StoredChunk> = (0..4).map(|i| chunk(i, 100)).collect();
+        let records: Vec<(ChunkId, Location)> = {
+            let store = PackStore::open(dir.path()).unwrap();
+            store.put(&chunks).unwrap();
+            let mut active = store.active.lock().unwrap();
+            let records = active.records.clone();
+            store.seal(&mut active).unwrap();
+            records
+        };
+        let bytes = std::fs::read(index_path(dir.path(), 1)).unwrap();
+        assert_eq!(decode_index(1, &bytes).unwrap(), records);
+        let store = PackStore::open(dir.path()).unwrap();
+        assert!(chunks.iter().all(|c| store.contains(&c.id)));
+        assert_eq!(store.active.lock().unwrap().number, 2);
+    }
+}

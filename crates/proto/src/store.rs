@@ -1,0 +1,227 @@
+//! Wire values of the cloud store ("My Gap"): chunk references, manifests,
+//! folder listings, backup snapshots, and the raw chunk frame.
+//!
+//! A chunk travels in its stored form (zstd-compressed where that paid, plain
+//! otherwise), so bytes are compressed once, by the client, and neither the
+//! wire nor the node pays for it again.
+
+use crate::frame::{FrameError, FrameKind};
+use hamgam_types::{ChunkId, limits};
+use serde::{Deserialize, Serialize};
+
+/// One chunk of a file, in file order: its name and plain length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub len: u32,
+}
+
+/// The ordered chunks of some content. Short lists travel and are stored
+/// inline; a long one is itself stored as chunks ("list chunks", each the
+/// encoded `Vec<ChunkRef>` of up to [`limits::LIST_CHUNK_REFS_MAX`]
+/// references) and only those are named here, so a manifest of any file
+/// stays small in the raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkList {
+    /// 0
+    Inline(Vec<ChunkRef>),
+    /// 1: the list chunks, in order.
+    Indirect(Vec<ChunkRef>),
+}
+
+impl ChunkList {
+    /// The references this value holds (data chunks when inline, list chunks otherwise).
+    pub fn refs(&self) -> &[ChunkRef] {
+        match self {
+            ChunkList::Inline(refs) | ChunkList::Indirect(refs) => refs,
+        }
+    }
+
+    /// Whether the list is within the bounds a node accepts.
+    pub fn within_bounds(&self) -> bool {
+        match self {
+            ChunkList::Inline(refs) => refs.len() <= limits::MANIFEST_INLINE_CHUNKS_MAX,
+            ChunkList::Indirect(refs) => refs.len() <= limits::MANIFEST_INLINE_CHUNKS_MAX,
+        }
+    }
+}
+
+/// What a client says about a file it stores.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileManifest {
+    /// Plain length in bytes.
+    pub size: u64,
+    /// blake3 of the whole plain file.
+    pub hash: [u8; 32],
+    /// The file's modification time on the client, milliseconds since the epoch.
+    pub mtime_ms: u64,
+    pub content: ChunkList,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// 0
+    File,
+    /// 1
+    Folder,
+}
+
+/// A file or folder of a user's store, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Absolute, `/`-separated, without a trailing `/`.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Plain bytes (0 for a folder).
+    pub size: u64,
+    /// blake3 of the whole file (zeros for a folder).
+    pub hash: [u8; 32],
+    /// The client's modification time, milliseconds since the epoch.
+    pub mtime_ms: u64,
+    /// When the node stored this entry, milliseconds since the epoch.
+    pub stored_ms: u64,
+}
+
+/// One page of a folder, in name order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderPage {
+    pub entries: Vec<FileEntry>,
+    /// More entries follow the last one.
+    pub more: bool,
+}
+
+/// A user's use of the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// Logical bytes counted against the quota: stored files, and for each
+    /// backup snapshot the files it added or changed.
+    pub used_bytes: u64,
+    pub quota_bytes: u64,
+    pub files: u64,
+    pub snapshots: u64,
+}
+
+/// Totals a client reports with a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStats {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// A backup snapshot of one folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Per user, 1, 2, 3...
+    pub id: u64,
+    /// What was backed up (the folder's path on the client, or a name given).
+    pub label: String,
+    pub time_ms: u64,
+    /// The snapshot this one was made against, if any.
+    pub parent: Option<u64>,
+    /// The snapshot's tree (see the blob crate's `Tree`), as chunks.
+    pub tree: ChunkList,
+    pub stats: SnapshotStats,
+    /// Logical bytes of files that are new or changed since the parent;
+    /// what this snapshot counts against the quota.
+    pub added_bytes: u64,
+}
+
+/// How a chunk's bytes are stored and sent. Numbers are part of the formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum ChunkCodec {
+    /// The plain bytes (media, which does not compress).
+    Plain = 0,
+    /// zstd, one frame.
+    Zstd = 1,
+}
+
+impl ChunkCodec {
+    pub fn from_byte(byte: u8) -> Option<ChunkCodec> {
+        match byte {
+            0 => Some(ChunkCodec::Plain),
+            1 => Some(ChunkCodec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// A chunk frame's payload:
+///
+/// ```text
+/// +-----------+----------+----------------+------------------------+
+/// | id 32 B   | codec u8 | plain len u32  | stored bytes ...       |
+/// +-----------+----------+----------------+------------------------+
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkFrame<'a> {
+    pub id: ChunkId,
+    pub codec: ChunkCodec,
+    pub plain_len: u32,
+    pub bytes: &'a [u8],
+}
+
+const CHUNK_FRAME_HEADER_BYTES: usize = 32 + 1 + 4;
+
+impl<'a> ChunkFrame<'a> {
+    /// Reads a chunk frame's payload; bounds are checked, the hash is not
+    /// (the store checks it, as it must also check what it reads from disk).
+    pub fn parse(payload: &'a [u8]) -> Result<ChunkFrame<'a>, String> {
+        if payload.len() < CHUNK_FRAME_HEADER_BYTES {
+            return Err(format!("a chunk frame of {} bytes is shorter than its header", payload.len()));
+        }
+        let (header, bytes) = payload.split_at(CHUNK_FRAME_HEADER_BYTES);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&header[..32]);
+        let codec = ChunkCodec::from_byte(header[32]).ok_or_else(|| format!("unknown chunk codec {}", header[32]))?;
+        let plain_len = u32::from_le_bytes([header[33], header[34], header[35], header[36]]);
+        if plain_len > limits::CHUNK_MAX_BYTES {
+            return Err(format!("a chunk of {plain_len} bytes is over the limit of {} bytes", limits::CHUNK_MAX_BYTES));
+        }
+        Ok(ChunkFrame { id: ChunkId(id), codec, plain_len, bytes })
+    }
+
+    /// Writes this chunk as one frame.
+    pub async fn write<W>(&self, writer: &mut W) -> Result<(), FrameError>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut header = [0u8; CHUNK_FRAME_HEADER_BYTES];
+        header[..32].copy_from_slice(&self.id.0);
+        header[32] = self.codec as u8;
+        header[33..].copy_from_slice(&self.plain_len.to_le_bytes());
+        crate::frame::write_raw_frame(writer, FrameKind::Chunk, &[&header, self.bytes]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::read_frame_payload;
+
+    #[tokio::test]
+    async fn a_chunk_frame_round_trips_and_its_layout_is_pinned() {
+        let id = ChunkId([7; 32]);
+        let frame = ChunkFrame { id, codec: ChunkCodec::Zstd, plain_len: 300, bytes: b"abc" };
+        let mut wire = Vec::new();
+        frame.write(&mut wire).await.unwrap();
+        let mut expected = vec![6, 40, 0, 0, 0];
+        expected.extend_from_slice(&[7; 32]);
+        expected.extend_from_slice(&[1, 44, 1, 0, 0]);
+        expected.extend_from_slice(b"abc");
+        assert_eq!(wire, expected);
+        let payload = read_frame_payload(&mut wire.as_slice(), FrameKind::Chunk).await.unwrap();
+        assert_eq!(ChunkFrame::parse(&payload).unwrap(), frame);
+    }
+
+    #[test]
+    fn short_unknown_and_oversize_chunk_frames_are_refused() {
+        assert!(ChunkFrame::parse(&[0; 10]).is_err());
+        let mut payload = vec![0u8; CHUNK_FRAME_HEADER_BYTES];
+        payload[32] = 9;
+        assert!(ChunkFrame::parse(&payload).unwrap_err().contains("codec"));
+        payload[32] = 0;
+        payload[33..].copy_from_slice(&(limits::CHUNK_MAX_BYTES + 1).to_le_bytes());
+        assert!(ChunkFrame::parse(&payload).unwrap_err().contains("over the limit"));
+    }
+}
