@@ -45,7 +45,10 @@ impl From<DomainError> for ApiError {
             DomainError::UserNotFound
             | DomainError::DeviceNotFound
             | DomainError::ChatNotFound
-            | DomainError::MessageNotFound => ErrorCode::NOT_FOUND,
+            | DomainError::MessageNotFound
+            | DomainError::PathNotFound(_)
+            | DomainError::SnapshotNotFound(_) => ErrorCode::NOT_FOUND,
+            DomainError::QuotaExceeded { .. } => ErrorCode::QUOTA_EXCEEDED,
             DomainError::NotMember => ErrorCode::NOT_MEMBER,
             DomainError::PermissionDenied(_) => ErrorCode::PERMISSION_DENIED,
             DomainError::AlreadyMember | DomainError::Conflict(_) => ErrorCode::CONFLICT,

@@ -4,6 +4,7 @@
 
 use crate::records::OutboxRecord;
 use hamgam_proto::Role;
+use hamgam_proto::store::{ChunkList, FileManifest, SnapshotStats};
 use hamgam_types::{ChatId, DeviceId, Placement, ShardId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,26 @@ pub enum Command {
     /// 15: outbox records of several sources for users of `target`, applied
     /// in `target`: one command and one inbox write for a whole round.
     DeliverMany { target: ShardId, batches: Vec<(ShardId, Vec<(u64, OutboxRecord)>)> },
+    /// 16: store or replace a file; its chunks were checked by the proposer.
+    PutFile { user: UserId, path: String, manifest: FileManifest, quota_bytes: u64, now_ms: u64 },
+    /// 17: rename or move a file, or a folder with everything in it.
+    MovePath { user: UserId, from: String, to: String, now_ms: u64 },
+    /// 18: delete a file or an empty folder.
+    DeletePath { user: UserId, path: String },
+    /// 19: record a backup snapshot; its chunks were checked by the proposer,
+    /// which also counted the bytes it adds.
+    AddSnapshot {
+        user: UserId,
+        label: String,
+        parent: Option<u64>,
+        tree: ChunkList,
+        stats: SnapshotStats,
+        added_bytes: u64,
+        quota_bytes: u64,
+        now_ms: u64,
+    },
+    /// 20
+    ForgetSnapshots { user: UserId, ids: Vec<u64> },
 }
 
 impl Command {
@@ -49,7 +70,13 @@ impl Command {
     pub fn shard(&self, placement: &Placement) -> ShardId {
         match self {
             Command::SignUp { username_key, .. } => placement.shard_of_username(username_key),
-            Command::CreateSession { user, .. } | Command::RevokeSession { user, .. } => placement.shard_of_user(*user),
+            Command::CreateSession { user, .. }
+            | Command::RevokeSession { user, .. }
+            | Command::PutFile { user, .. }
+            | Command::MovePath { user, .. }
+            | Command::DeletePath { user, .. }
+            | Command::AddSnapshot { user, .. }
+            | Command::ForgetSnapshots { user, .. } => placement.shard_of_user(*user),
             Command::CreateDirect { chat, .. }
             | Command::CreateGroup { chat, .. }
             | Command::AddMember { chat, .. }
@@ -80,6 +107,8 @@ pub enum Reply {
     Sent { seq: u64, date_ms: u64 },
     /// 4
     ReadMarker { seq: u64 },
+    /// 5
+    Snapshot { id: u64 },
 }
 
 fn id_from_hash(hash: blake3::Hash) -> u64 {

@@ -20,6 +20,10 @@ const CHAT: u8 = 0x20;
 const MEMBER: u8 = 0x22;
 const MESSAGE: u8 = 0x23;
 const DEDUP: u8 = 0x24;
+// The cloud store's tables, in a user's shard.
+const ENTRY: u8 = 0x40;
+const SNAPSHOT: u8 = 0x41;
+const USAGE: u8 = 0x42;
 // The cross-shard outbox of any shard.
 const OUTBOX: u8 = 0x30;
 const OUTBOX_META: u8 = 0x31;
@@ -110,6 +114,50 @@ pub fn outbox_of(target: ShardId) -> Vec<u8> {
 
 pub fn outbox_meta(target: ShardId) -> Vec<u8> {
     key(OUTBOX_META, &[u64::from(target.0)])
+}
+
+/// A file or folder: the parent folder's path, a zero byte, the name, so
+/// that one folder's entries are one prefix and sort by name. The root's
+/// path is empty.
+pub fn entry(user: UserId, parent: &str, name: &str) -> Vec<u8> {
+    let mut k = folder_entries(user, parent);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The prefix of a folder's own entries.
+pub fn folder_entries(user: UserId, folder: &str) -> Vec<u8> {
+    let mut k = key(ENTRY, &[user.0]);
+    k.extend_from_slice(folder.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The prefix of entries in the folder's subfolders, at any depth.
+pub fn folder_subtree(user: UserId, folder: &str) -> Vec<u8> {
+    let mut k = key(ENTRY, &[user.0]);
+    k.extend_from_slice(folder.as_bytes());
+    k.push(b'/');
+    k
+}
+
+/// The (parent, name) of an entry key of `user`.
+pub fn split_entry(user: UserId, key: &[u8]) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix(self::key(ENTRY, &[user.0]).as_slice())?;
+    let zero = rest.iter().position(|&b| b == 0)?;
+    Some((std::str::from_utf8(&rest[..zero]).ok()?, std::str::from_utf8(&rest[zero + 1..]).ok()?))
+}
+
+pub fn snapshot(user: UserId, id: u64) -> Vec<u8> {
+    key(SNAPSHOT, &[user.0, id])
+}
+
+pub fn snapshots_of(user: UserId) -> Vec<u8> {
+    key(SNAPSHOT, &[user.0])
+}
+
+pub fn usage(user: UserId) -> Vec<u8> {
+    key(USAGE, &[user.0])
 }
 
 /// The trailing big-endian u64 of a key (a seq, pts or id).

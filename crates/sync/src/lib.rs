@@ -3,8 +3,10 @@
 //! Owns users (username index, credentials, devices), chats (direct and
 //! group, members and roles), messages (gap-free per-chat `seq`, idempotent
 //! sends keyed by the client's id), per-user update sequences (`pts`) with
-//! bounded retention, and the cross-shard outbox that carries "chat C is now
-//! at seq S" from a chat's shard to its members' shards.
+//! bounded retention, the cross-shard outbox that carries "chat C is now
+//! at seq S" from a chat's shard to its members' shards, and each user's
+//! cloud store namespace (files, folders, backup snapshots, usage against
+//! the quota; the chunks themselves belong to the blob crate).
 //!
 //! Entry types: [`SyncMachine`] (the raft state machine: a [`Command`] in,
 //! writes and a [`Reply`] out, no clock and no randomness), [`SyncService`]
@@ -16,6 +18,7 @@
 
 mod cache;
 mod command;
+mod files;
 mod keys;
 mod machine;
 pub mod records;
@@ -26,6 +29,7 @@ pub mod text;
 mod tests;
 
 pub use command::{Command, Reply, direct_chat_id, group_chat_id};
+pub use files::{normalize_path, split_path};
 pub use machine::{Signals, SyncMachine, UpdateListener};
 pub use service::{DifferenceOutcome, SyncService};
 
@@ -68,6 +72,12 @@ pub enum DomainError {
     LimitReached(String),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("no such file or folder: {0}")]
+    PathNotFound(String),
+    #[error("no such snapshot: {0}")]
+    SnapshotNotFound(u64),
+    #[error("the quota of {quota} bytes would be exceeded ({used} used, {adding} more)")]
+    QuotaExceeded { used: u64, adding: u64, quota: u64 },
     /// Stored state that does not decode; logged where it was found.
     #[error("internal error: {0}")]
     Internal(String),

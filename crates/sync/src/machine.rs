@@ -16,6 +16,7 @@
 
 use crate::cache::BoundedCache;
 use crate::command::{Command, Reply, direct_chat_id};
+use crate::files;
 use crate::keys;
 use crate::records::{
     self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta,
@@ -646,6 +647,17 @@ impl SyncMachine {
                 )?;
                 Ok(Reply::ReadMarker { seq: target })
             }
+
+            Command::PutFile { user, path, manifest, quota_bytes, now_ms } => {
+                files::put_file(kv, user, &path, manifest, quota_bytes, now_ms)
+            }
+            Command::MovePath { user, from, to, now_ms } => files::move_path(kv, user, &from, &to, now_ms),
+            Command::DeletePath { user, path } => files::delete_path(kv, user, &path),
+            Command::AddSnapshot { user, label, parent, tree, stats, added_bytes, quota_bytes, now_ms } => {
+                let new = files::NewSnapshot { label, parent, tree, stats, added_bytes };
+                files::add_snapshot(kv, user, new, quota_bytes, now_ms)
+            }
+            Command::ForgetSnapshots { user, ids } => files::forget_snapshots(kv, user, &ids),
 
             Command::Deliver { source, target: _, records } => self.deliver(shard, kv, vec![(source, records)]),
             Command::DeliverMany { target: _, batches } => self.deliver(shard, kv, batches),

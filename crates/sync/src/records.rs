@@ -2,6 +2,7 @@
 //! encoding of the record, so a later version can migrate old values.
 
 use crate::SyncError;
+use hamgam_proto::store::{ChunkList, EntryKind};
 use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
 use hamgam_types::UserId;
 use serde::de::DeserializeOwned;
@@ -110,4 +111,30 @@ pub struct InboxMarks {
 pub struct ShardMeta {
     /// Accounts created by this shard so far (drives user ids).
     pub users_created: u64,
+}
+
+/// A file or folder of a user's cloud store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryRecord {
+    pub kind: EntryKind,
+    pub size: u64,
+    pub hash: [u8; 32],
+    pub mtime_ms: u64,
+    pub stored_ms: u64,
+    /// A file's chunks; `None` for a folder.
+    pub content: Option<ChunkList>,
+}
+
+impl EntryRecord {
+    pub fn folder(now_ms: u64) -> EntryRecord {
+        EntryRecord { kind: EntryKind::Folder, size: 0, hash: [0; 32], mtime_ms: now_ms, stored_ms: now_ms, content: None }
+    }
+}
+
+/// A user's use of the cloud store (see `files` for what counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub used_bytes: u64,
+    pub files: u64,
+    pub snapshots: u64,
 }

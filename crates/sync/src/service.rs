@@ -14,9 +14,13 @@
 //! the target's inbox marks, so every update lands exactly once.
 
 use crate::command::{Command, Reply};
+use crate::files;
 use crate::keys;
 use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members};
-use crate::records::{self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UserMeta, UserRecord};
+use crate::records::{
+    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
+};
+use hamgam_proto::store::{ChunkList, FileEntry, FolderPage, SnapshotInfo};
 use crate::{DomainError, SyncError};
 use hamgam_proto::{
     ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update, UpdateKind,
@@ -99,6 +103,37 @@ impl SyncService {
 
     fn chat_reader(&self, chat: ChatId) -> ShardReader {
         self.raft.reader(self.placement.shard_of_chat(chat))
+    }
+
+    // ---- the cloud store ---------------------------------------------------------
+    // Callers wanting a fresh view call `fresh_user` first.
+
+    /// A file's entry and chunk list, or a folder's entry.
+    pub fn stat_path(&self, user: UserId, path: &str) -> Result<(FileEntry, ChunkList), SyncError> {
+        files::stat(&self.user_reader(user), user, path)
+    }
+
+    pub fn list_folder(
+        &self,
+        user: UserId,
+        path: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<FolderPage, SyncError> {
+        let (entries, more) = files::list_folder(&self.user_reader(user), user, path, after, limit as usize)?;
+        Ok(FolderPage { entries, more })
+    }
+
+    pub fn usage(&self, user: UserId) -> Result<UsageRecord, SyncError> {
+        files::usage(&self.user_reader(user), user)
+    }
+
+    pub fn snapshots(&self, user: UserId, after: Option<u64>, limit: u32) -> Result<(Vec<SnapshotInfo>, bool), SyncError> {
+        files::snapshots(&self.user_reader(user), user, after, limit as usize)
+    }
+
+    pub fn snapshot(&self, user: UserId, id: u64) -> Result<SnapshotInfo, SyncError> {
+        files::snapshot(&self.user_reader(user), user, id)
     }
 
     // ---- users and devices ---------------------------------------------------

@@ -422,3 +422,85 @@ async fn a_deliverer_that_starts_late_delivers_from_storage_exactly_once() {
         assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "every message once, in order, for {user}");
     }
 }
+
+// ---- the cloud store namespace ----------------------------------------------------
+
+fn manifest(size: u64, seed: u8) -> hamgam_proto::store::FileManifest {
+    use hamgam_proto::store::{ChunkList, ChunkRef, FileManifest};
+    let id = hamgam_types::ChunkId([seed; 32]);
+    FileManifest { size, hash: [seed; 32], mtime_ms: 1, content: ChunkList::Inline(vec![ChunkRef { id, len: size as u32 }]) }
+}
+
+#[tokio::test]
+async fn files_make_their_folders_move_with_them_and_count_against_the_quota() {
+    let h = harness().await;
+    let user = h.sign_up("maryam").await;
+    let put = |path: &str, size: u64, quota: u64| Command::PutFile {
+        user,
+        path: path.into(),
+        manifest: manifest(size, 1),
+        quota_bytes: quota,
+        now_ms: now(),
+    };
+    h.service.execute(put("/عکس‌ها/سفر/یزد.jpg", 600, 1000)).await.unwrap();
+    h.service.execute(put("/عکس‌ها/a.jpg", 300, 1000)).await.unwrap();
+    let over = h.service.execute(put("/b.jpg", 200, 1000)).await;
+    assert!(matches!(domain(over), DomainError::QuotaExceeded { used: 900, adding: 200, quota: 1000 }));
+    // Replacing a file counts only the difference.
+    h.service.execute(put("/عکس‌ها/a.jpg", 350, 1000)).await.unwrap();
+    assert_eq!(h.service.usage(user).unwrap().used_bytes, 950);
+
+    let names = |path: &str| -> Vec<String> {
+        h.service.list_folder(user, path, None, 100).unwrap().entries.into_iter().map(|e| e.path).collect()
+    };
+    assert_eq!(names("/"), vec!["/عکس‌ها"]);
+    assert_eq!(names("/عکس‌ها"), vec!["/عکس‌ها/a.jpg", "/عکس‌ها/سفر"]);
+    let first = h.service.list_folder(user, "/عکس‌ها", None, 1).unwrap();
+    assert!(first.more);
+    let second = h.service.list_folder(user, "/عکس‌ها", Some("a.jpg"), 1).unwrap();
+    assert_eq!(second.entries[0].path, "/عکس‌ها/سفر");
+
+    // A folder moves with everything in it; it cannot move into itself.
+    let moved = Command::MovePath { user, from: "/عکس‌ها".into(), to: "/قدیمی/عکس".into(), now_ms: now() };
+    h.service.execute(moved).await.unwrap();
+    assert_eq!(h.service.stat_path(user, "/قدیمی/عکس/سفر/یزد.jpg").unwrap().0.size, 600);
+    assert!(matches!(domain(h.service.stat_path(user, "/عکس‌ها/a.jpg")), DomainError::PathNotFound(_)));
+    let into_itself = Command::MovePath { user, from: "/قدیمی".into(), to: "/قدیمی/x".into(), now_ms: now() };
+    assert!(matches!(domain(h.service.execute(into_itself).await), DomainError::InvalidArgument(_)));
+
+    // Only empty folders are deleted; deleting a file frees its bytes.
+    let not_empty = h.service.execute(Command::DeletePath { user, path: "/قدیمی/عکس".into() }).await;
+    assert!(matches!(domain(not_empty), DomainError::Conflict(_)));
+    h.service.execute(Command::DeletePath { user, path: "/قدیمی/عکس/a.jpg".into() }).await.unwrap();
+    let usage = h.service.usage(user).unwrap();
+    assert_eq!((usage.used_bytes, usage.files), (600, 1));
+}
+
+#[tokio::test]
+async fn snapshots_are_numbered_listed_and_forgotten() {
+    use hamgam_proto::store::{ChunkList, SnapshotStats};
+    let h = harness().await;
+    let user = h.sign_up("reza").await;
+    for added in [500, 20] {
+        let command = Command::AddSnapshot {
+            user,
+            label: "/home/reza/تصاویر".into(),
+            parent: None,
+            tree: ChunkList::Inline(Vec::new()),
+            stats: SnapshotStats { files: 3, bytes: 500 },
+            added_bytes: added,
+            quota_bytes: 10_000,
+            now_ms: now(),
+        };
+        h.service.execute(command).await.unwrap();
+    }
+    let (list, more) = h.service.snapshots(user, None, 10).unwrap();
+    assert_eq!(list.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(!more);
+    assert_eq!(h.service.usage(user).unwrap().used_bytes, 520);
+    h.service.execute(Command::ForgetSnapshots { user, ids: vec![1] }).await.unwrap();
+    assert_eq!(h.service.snapshots(user, None, 10).unwrap().0[0].id, 2);
+    assert_eq!(h.service.usage(user).unwrap().used_bytes, 20);
+    let missing = h.service.execute(Command::ForgetSnapshots { user, ids: vec![1] }).await;
+    assert!(matches!(domain(missing), DomainError::SnapshotNotFound(1)));
+}
