@@ -47,6 +47,8 @@ pub struct AuthConfig {
 pub struct StorageConfig {
     /// Page cache of the database, in MiB.
     pub cache_mib: u64,
+    /// Logical bytes each user may keep in the cloud store, in GiB.
+    pub user_quota_gib: u64,
 }
 
 impl Default for Config {
@@ -77,7 +79,7 @@ impl Default for AuthConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { cache_mib: 256 }
+        StorageConfig { cache_mib: 256, user_quota_gib: hamgam_types::limits::USER_QUOTA_BYTES_DEFAULT >> 30 }
     }
 }
 
@@ -99,6 +101,9 @@ impl Config {
         }
         if self.storage.cache_mib < 8 {
             bail!("storage.cache_mib must be at least 8");
+        }
+        if !(1..=1 << 20).contains(&self.storage.user_quota_gib) {
+            bail!("storage.user_quota_gib must be between 1 and 1048576");
         }
         Ok(())
     }

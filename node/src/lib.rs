@@ -405,8 +405,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node,
         password_cost: PasswordCost { memory_kib: config.auth.argon2_memory_kib, iterations: config.auth.argon2_iterations },
         server_name: format!("hamgam-node {}", env!("CARGO_PKG_VERSION")),
+        user_quota_bytes: config.storage.user_quota_gib << 30,
     };
-    let api = ApiServer::start(endpoint, sync, hub, api_config)?;
+    let chunks_dir = config.data.join("chunks");
+    let chunks = Arc::new(
+        hamgam_blob::PackStore::open(&chunks_dir).with_context(|| format!("opening the chunk store in {}", chunks_dir.display()))?,
+    );
+    let api = ApiServer::start(endpoint, sync, chunks, hub, api_config)?;
     let listening = api.local_addr()?;
     println!("hamgam-node {} listening on {listening} (QUIC, ALPN hamgam/1)", env!("CARGO_PKG_VERSION"));
     println!("certificate fingerprint (SHA-256 of the cluster CA): {}", identity.ca_fingerprint());

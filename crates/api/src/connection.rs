@@ -1,7 +1,7 @@
 //! One client connection: the handshake, then one request per stream.
 
 use crate::auth::Token;
-use crate::{ApiError, Shared, handlers};
+use crate::{ApiError, Shared, handlers, store};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
 use hamgam_proto::{ErrorBody, ErrorCode, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Welcome, codec};
 use hamgam_types::{DeviceId, UserId, limits};
@@ -262,7 +262,18 @@ async fn handle_stream(shared: Arc<Shared>, session: Arc<Session>, mut send: qui
         handlers::subscribe(&shared, &session, since_pts, send).await;
         return;
     }
-    let response = match handlers::handle(&shared, &session, request).await {
+    let outcome = match request {
+        Request::PutChunks { count } => store::put_chunks(&shared, &session, count, &mut recv).await,
+        Request::GetChunks { ids } => match store::get_chunks(&shared, &session, ids, &mut send).await {
+            Ok(()) => {
+                let _ = send.finish();
+                return;
+            }
+            Err(error) => Err(error),
+        },
+        other => handlers::handle(&shared, &session, other).await,
+    };
+    let response = match outcome {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(request = kind, code = error.code.name(), message = %error.message, "request refused");

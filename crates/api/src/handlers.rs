@@ -6,21 +6,22 @@
 
 use crate::auth::Token;
 use crate::connection::{Auth, Session, check_token};
-use crate::{ApiError, Shared};
+use crate::{ApiError, Shared, store};
 use hamgam_proto::frame::{self, FrameKind};
+use hamgam_proto::store::UsageReport;
 use hamgam_proto::{DeviceInfo, ErrorCode, Push, Request, Response, UserInfo};
 use hamgam_sync::{Command, DifferenceOutcome, DomainError, Reply, direct_chat_id, group_chat_id, text};
 use hamgam_types::{UserId, limits};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The connection's session. A revoked device stops at once: every
 /// revocation bumps an epoch, and a session whose epoch moved is checked
 /// against its stored device again before the request goes on.
-fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, ApiError> {
+pub(crate) fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, ApiError> {
     let (auth, stale) = session
         .auth(shared)
         .ok_or_else(|| ApiError::new(ErrorCode::UNAUTHENTICATED, "log in or authenticate with a session token first"))?;
@@ -256,7 +257,52 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         }
 
         // Handled by `subscribe`, which keeps the stream.
-        Request::Subscribe { .. } => Err(ApiError::internal("subscribe reached the one-shot handler")),
+        Request::Subscribe { .. } | Request::PutChunks { .. } | Request::GetChunks { .. } => {
+            Err(ApiError::internal("a streaming request reached the one-shot handler"))
+        }
+        Request::MissingChunks { ids } => store::missing_chunks(shared, session, &ids),
+        Request::PutFile { path, manifest } => store::put_file(shared, session, path, manifest).await,
+        Request::StatFile { path } => store::stat_file(shared, session, path).await,
+        Request::ListFolder { path, after, limit } => {
+            let auth = require_auth(shared, session)?;
+            sync.fresh_user(auth.user).await?;
+            Ok(Response::Folder(sync.list_folder(auth.user, &path, after.as_deref(), limit)?))
+        }
+        Request::MovePath { from, to } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::MovePath { user: auth.user, from, to, now_ms: now_ms() }).await?;
+            Ok(Response::Done)
+        }
+        Request::DeletePath { path } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::DeletePath { user: auth.user, path }).await?;
+            Ok(Response::Done)
+        }
+        Request::Usage => {
+            let auth = require_auth(shared, session)?;
+            sync.fresh_user(auth.user).await?;
+            let usage = sync.usage(auth.user)?;
+            Ok(Response::Usage(UsageReport {
+                used_bytes: usage.used_bytes,
+                quota_bytes: shared.config.user_quota_bytes,
+                files: usage.files,
+                snapshots: usage.snapshots,
+            }))
+        }
+        Request::CommitSnapshot { label, parent, tree, stats } => {
+            store::commit_snapshot(shared, session, label, parent, tree, stats).await
+        }
+        Request::ListSnapshots { after, limit } => {
+            let auth = require_auth(shared, session)?;
+            sync.fresh_user(auth.user).await?;
+            let (snapshots, more) = sync.snapshots(auth.user, after, limit)?;
+            Ok(Response::Snapshots { snapshots, more })
+        }
+        Request::ForgetSnapshots { ids } => {
+            let auth = require_auth(shared, session)?;
+            sync.execute(Command::ForgetSnapshots { user: auth.user, ids }).await?;
+            Ok(Response::Done)
+        }
     }
 }
 

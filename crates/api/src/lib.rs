@@ -5,7 +5,8 @@
 //! (argon2id passwords, device tokens stored hashed, revocation that takes
 //! effect on the next request), failed-login and per-connection rate limits,
 //! request handlers that turn wire requests into domain commands and reads,
-//! and live push ([`PushHub`]).
+//! live push ([`PushHub`]), and the cloud store's requests (chunk uploads
+//! and downloads checked against their names, files, folders, snapshots).
 //!
 //! Entry types: [`ApiServer::start`] and [`ApiServer::shutdown`].
 //!
@@ -19,11 +20,13 @@ mod connection;
 mod error;
 mod handlers;
 mod push;
+mod store;
 
 pub use auth::PasswordCost;
 pub use error::ApiError;
 pub use push::PushHub;
 
+use hamgam_blob::PackStore;
 use hamgam_sync::SyncService;
 use hamgam_types::{NodeId, UserId, limits};
 use std::collections::HashMap;
@@ -40,10 +43,14 @@ pub struct ApiConfig {
     pub password_cost: PasswordCost,
     /// Told to clients in the handshake, for their logs.
     pub server_name: String,
+    /// Logical bytes each user may keep in the cloud store.
+    pub user_quota_bytes: u64,
 }
 
 pub(crate) struct Shared {
     sync: SyncService,
+    chunks: Arc<PackStore>,
+    transfer_budget: Arc<tokio::sync::Semaphore>,
     hub: Arc<PushHub>,
     passwords: auth::Passwords,
     limiter: auth::LoginLimiter,
@@ -68,9 +75,17 @@ impl std::fmt::Debug for ApiServer {
 
 impl ApiServer {
     /// Starts accepting client connections on `endpoint`.
-    pub fn start(endpoint: quinn::Endpoint, sync: SyncService, hub: Arc<PushHub>, config: ApiConfig) -> Result<ApiServer, ApiError> {
+    pub fn start(
+        endpoint: quinn::Endpoint,
+        sync: SyncService,
+        chunks: Arc<PackStore>,
+        hub: Arc<PushHub>,
+        config: ApiConfig,
+    ) -> Result<ApiServer, ApiError> {
         let shared = Arc::new(Shared {
             sync,
+            chunks,
+            transfer_budget: store::transfer_budget(),
             hub,
             passwords: auth::Passwords::new(config.password_cost)?,
             limiter: auth::LoginLimiter::default(),

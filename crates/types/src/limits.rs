@@ -170,6 +170,11 @@ pub const SNAPSHOT_PAGE_MAX: usize = 1000;
 pub const TREE_ENTRY_BYTES_MAX: usize = 64 * 1024;
 /// Longest snapshot label (the backed-up folder's name), in characters.
 pub const SNAPSHOT_LABEL_CHARS_MAX: usize = 1024;
+/// A backup tree's encoded size (about a million files).
+pub const TREE_BYTES_MAX: u64 = 256 << 20;
+/// Chunk uploads and downloads a node serves at once (each holds at most
+/// [`CHUNKS_PER_STREAM_MAX`] chunks in memory); more wait their turn.
+pub const CHUNK_TRANSFERS_IN_FLIGHT_MAX: usize = 32;
 /// A pack file of the chunk store is sealed (and its index written) past this size.
 pub const PACK_BYTES_MAX: u64 = 256 << 20;
 
