@@ -15,9 +15,15 @@ use std::process::ExitCode;
 /// Runs a program's async main on a tokio runtime with logs on standard
 /// error (warnings by default, `RUST_LOG` to change), and turns its outcome
 /// into an exit code, printing the error chain on failure.
-fn run_to_exit(program: &str, worker_threads: Option<usize>, main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn run_to_exit(
+    program: &str,
+    worker_threads: Option<usize>,
+    main: impl Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -23,9 +23,13 @@ use std::sync::Arc;
 impl From<BlobError> for ApiError {
     fn from(error: BlobError) -> ApiError {
         match error {
-            BlobError::Mismatch { .. } => ApiError::new(ErrorCode::CHUNK_MISMATCH, error.to_string()),
+            BlobError::Mismatch { .. } => {
+                ApiError::new(ErrorCode::CHUNK_MISMATCH, error.to_string())
+            }
             BlobError::Damaged { .. } => ApiError::new(ErrorCode::DATA_CORRUPT, error.to_string()),
-            BlobError::Malformed { .. } => ApiError::new(ErrorCode::INVALID_ARGUMENT, error.to_string()),
+            BlobError::Malformed { .. } => {
+                ApiError::new(ErrorCode::INVALID_ARGUMENT, error.to_string())
+            }
             BlobError::Io { .. } => ApiError::internal(error.to_string()),
         }
     }
@@ -35,20 +39,31 @@ impl From<BlobError> for ApiError {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|error| ApiError::internal(format!("chunk store task: {error}")))?
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| ApiError::internal(format!("chunk store task: {error}")))?
 }
 
 fn check_count(count: usize, max: usize, what: &str) -> Result<(), ApiError> {
     if count > max {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{count} {what} is over the limit of {max}")));
+        return Err(ApiError::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!("{count} {what} is over the limit of {max}"),
+        ));
     }
     Ok(())
 }
 
-pub(crate) fn missing_chunks(shared: &Shared, session: &Session, ids: &[ChunkId]) -> Result<Response, ApiError> {
+pub(crate) fn missing_chunks(
+    shared: &Shared,
+    session: &Session,
+    ids: &[ChunkId],
+) -> Result<Response, ApiError> {
     require_auth(shared, session)?;
     check_count(ids.len(), limits::CHUNK_IDS_PER_REQUEST_MAX, "chunk ids")?;
-    Ok(Response::MissingChunks { ids: shared.chunks.missing(ids) })
+    Ok(Response::MissingChunks {
+        ids: shared.chunks.missing(ids),
+    })
 }
 
 /// Reads `count` chunk frames, then stores them durably in one batch.
@@ -59,23 +74,41 @@ pub(crate) async fn put_chunks(
     recv: &mut quinn::RecvStream,
 ) -> Result<Response, ApiError> {
     require_auth(shared, session)?;
-    check_count(count as usize, limits::CHUNKS_PER_STREAM_MAX, "chunks on one stream")?;
+    check_count(
+        count as usize,
+        limits::CHUNKS_PER_STREAM_MAX,
+        "chunks on one stream",
+    )?;
     // Bounds the bytes every upload in flight on this node holds at once.
-    let _permit = shared.transfer_budget.acquire().await.map_err(|_| ApiError::unavailable("the node is stopping"))?;
+    let _permit = shared
+        .transfer_budget
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the node is stopping"))?;
     let mut chunks = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let payload = frame::read_frame_payload(recv, FrameKind::Chunk).await.map_err(|error| match error {
-            FrameError::TooLarge { length, max, .. } => {
-                ApiError::new(ErrorCode::FRAME_TOO_LARGE, format!("a chunk frame of {length} bytes is over {max}"))
-            }
-            other => ApiError::new(ErrorCode::MALFORMED_FRAME, format!("reading chunk frames: {other}")),
-        })?;
-        let frame = ChunkFrame::parse(&payload).map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
+        let payload = frame::read_frame_payload(recv, FrameKind::Chunk)
+            .await
+            .map_err(|error| match error {
+                FrameError::TooLarge { length, max, .. } => ApiError::new(
+                    ErrorCode::FRAME_TOO_LARGE,
+                    format!("a chunk frame of {length} bytes is over {max}"),
+                ),
+                other => ApiError::new(
+                    ErrorCode::MALFORMED_FRAME,
+                    format!("reading chunk frames: {other}"),
+                ),
+            })?;
+        let frame = ChunkFrame::parse(&payload)
+            .map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
         chunks.push(StoredChunk::from_frame(&frame));
     }
     let store = shared.chunks.clone();
     let outcome = blocking(move || Ok(store.put(&chunks)?)).await?;
-    Ok(Response::ChunksStored { stored: outcome.stored, present: outcome.present })
+    Ok(Response::ChunksStored {
+        stored: outcome.stored,
+        present: outcome.present,
+    })
 }
 
 /// Answers with the list of ids not found, then one chunk frame per found id.
@@ -86,8 +119,16 @@ pub(crate) async fn get_chunks(
     send: &mut quinn::SendStream,
 ) -> Result<(), ApiError> {
     require_auth(shared, session)?;
-    check_count(ids.len(), limits::CHUNKS_PER_STREAM_MAX, "chunks on one stream")?;
-    let _permit = shared.transfer_budget.acquire().await.map_err(|_| ApiError::unavailable("the node is stopping"))?;
+    check_count(
+        ids.len(),
+        limits::CHUNKS_PER_STREAM_MAX,
+        "chunks on one stream",
+    )?;
+    let _permit = shared
+        .transfer_budget
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the node is stopping"))?;
     let store = shared.chunks.clone();
     let (found, missing) = blocking(move || {
         let mut found = Vec::with_capacity(ids.len());
@@ -102,7 +143,13 @@ pub(crate) async fn get_chunks(
     })
     .await?;
     let write_failed = |error: FrameError| ApiError::internal(format!("writing chunks: {error}"));
-    frame::write_frame(send, FrameKind::Response, &Response::ChunksFollow { missing }).await.map_err(write_failed)?;
+    frame::write_frame(
+        send,
+        FrameKind::Response,
+        &Response::ChunksFollow { missing },
+    )
+    .await
+    .map_err(write_failed)?;
     for chunk in &found {
         chunk.as_frame().write(send).await.map_err(write_failed)?;
     }
@@ -118,13 +165,19 @@ fn read_plain(store: &PackStore, chunk: &ChunkRef) -> Result<Vec<u8>, ApiError> 
 }
 
 fn chunks_missing(count: usize) -> ApiError {
-    ApiError::new(ErrorCode::CHUNKS_MISSING, format!("{count} chunks named are not stored; upload them first"))
+    ApiError::new(
+        ErrorCode::CHUNKS_MISSING,
+        format!("{count} chunks named are not stored; upload them first"),
+    )
 }
 
 /// Checks every chunk of a list is stored; returns the data chunks' total length.
 fn check_list(store: &PackStore, content: &ChunkList) -> Result<u64, ApiError> {
     if !content.within_bounds() {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, "a chunk list is over its bound"));
+        return Err(ApiError::new(
+            ErrorCode::INVALID_ARGUMENT,
+            "a chunk list is over its bound",
+        ));
     }
     let missing = store.missing(&content.refs().iter().map(|r| r.id).collect::<Vec<_>>());
     if !missing.is_empty() {
@@ -133,7 +186,9 @@ fn check_list(store: &PackStore, content: &ChunkList) -> Result<u64, ApiError> {
     let refs = list::expand(content, |piece| read_plain(store, piece))?;
     let mut missing = 0;
     for batch in refs.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
-        missing += store.missing(&batch.iter().map(|r| r.id).collect::<Vec<_>>()).len();
+        missing += store
+            .missing(&batch.iter().map(|r| r.id).collect::<Vec<_>>())
+            .len();
     }
     if missing > 0 {
         return Err(chunks_missing(missing));
@@ -147,7 +202,10 @@ fn read_tree(store: &PackStore, tree: &ChunkList) -> Result<Tree, ApiError> {
     let refs = list::expand(tree, |piece| read_plain(store, piece))?;
     let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
     if total > limits::TREE_BYTES_MAX {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("a tree of {total} bytes is over the limit")));
+        return Err(ApiError::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!("a tree of {total} bytes is over the limit"),
+        ));
     }
     let mut bytes = Vec::with_capacity(total as usize);
     for chunk in &refs {
@@ -170,7 +228,10 @@ pub(crate) async fn put_file(
     if length != manifest.size {
         return Err(ApiError::new(
             ErrorCode::INVALID_ARGUMENT,
-            format!("the chunks hold {length} bytes but the file is said to have {}", manifest.size),
+            format!(
+                "the chunks hold {length} bytes but the file is said to have {}",
+                manifest.size
+            ),
         ));
     }
     let command = Command::PutFile {
@@ -184,7 +245,11 @@ pub(crate) async fn put_file(
     stat_file(shared, session, path).await
 }
 
-pub(crate) async fn stat_file(shared: &Shared, session: &Session, path: String) -> Result<Response, ApiError> {
+pub(crate) async fn stat_file(
+    shared: &Shared,
+    session: &Session,
+    path: String,
+) -> Result<Response, ApiError> {
     let auth = require_auth(shared, session)?;
     shared.sync.fresh_user(auth.user).await?;
     let (entry, content) = shared.sync.stat_path(auth.user, &path)?;
@@ -228,7 +293,9 @@ pub(crate) async fn commit_snapshot(
             .entries
             .iter()
             .filter_map(|entry| match &entry.kind {
-                TreeKind::File { size, hash, .. } if !known.contains(&(*size, *hash)) => Some(*size),
+                TreeKind::File { size, hash, .. } if !known.contains(&(*size, *hash)) => {
+                    Some(*size)
+                }
                 _ => None,
             })
             .sum::<u64>())
@@ -253,5 +320,7 @@ pub(crate) async fn commit_snapshot(
 /// The budget of concurrent chunk transfers on a node: each holds at most
 /// `CHUNKS_PER_STREAM_MAX` chunks in memory.
 pub(crate) fn transfer_budget() -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(limits::CHUNK_TRANSFERS_IN_FLIGHT_MAX))
+    Arc::new(tokio::sync::Semaphore::new(
+        limits::CHUNK_TRANSFERS_IN_FLIGHT_MAX,
+    ))
 }

@@ -6,8 +6,8 @@ use crate::membership::ClusterView;
 use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
 use hamgam_raftstore::{
-    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport, RemoteRead, RemoteReadAnswer,
-    RemoteReadReply,
+    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport,
+    RemoteRead, RemoteReadAnswer, RemoteReadReply,
 };
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId, limits};
@@ -65,7 +65,9 @@ pub struct PeerNetwork {
 
 impl std::fmt::Debug for PeerNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerNetwork").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("PeerNetwork")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -79,7 +81,11 @@ impl PeerNetwork {
         listen: SocketAddr,
         members: Members,
     ) -> Result<Arc<PeerNetwork>, ClusterError> {
-        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, &[PEER_ALPN, ADMIN_ALPN, JOIN_ALPN])?;
+        let endpoint = hamgam_transport::peer_server_endpoint(
+            identity,
+            listen,
+            &[PEER_ALPN, ADMIN_ALPN, JOIN_ALPN],
+        )?;
         let dial = hamgam_transport::peer_client_config(identity, PEER_ALPN)?;
         Ok(Arc::new(PeerNetwork {
             node,
@@ -149,15 +155,29 @@ impl PeerNetwork {
         if *current == members {
             return;
         }
-        let gone: Vec<NodeId> = current.keys().filter(|n| !members.contains_key(n)).copied().collect();
-        let moved: Vec<NodeId> =
-            members.iter().filter(|(n, a)| current.get(n).is_some_and(|old| old != *a)).map(|(n, _)| *n).collect();
+        let gone: Vec<NodeId> = current
+            .keys()
+            .filter(|n| !members.contains_key(n))
+            .copied()
+            .collect();
+        let moved: Vec<NodeId> = members
+            .iter()
+            .filter(|(n, a)| current.get(n).is_some_and(|old| old != *a))
+            .map(|(n, _)| *n)
+            .collect();
         tracing::info!(?members, "the member list changed");
         *current = members;
         drop(current);
         for node in gone.into_iter().chain(moved) {
-            self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
-            if let Some(slot) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)
+            self.links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node);
+            if let Some(slot) = self
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node)
                 && let Ok(slot) = slot.try_lock()
                 && let Some(connection) = slot.as_ref()
             {
@@ -173,12 +193,18 @@ impl PeerNetwork {
 
     /// Reads shard 0's view in place (no copy), if this node follows one.
     fn with_view<T>(&self, read: impl FnOnce(&ClusterView) -> T) -> Option<T> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|v| read(&v.borrow()))
+        self.view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|v| read(&v.borrow()))
     }
 
     /// The recorded replicas of `shard`.
     pub fn replicas_of(&self, shard: ShardId) -> Vec<NodeId> {
-        self.with_view(|view| view.placement.get(&shard).cloned()).flatten().unwrap_or_default()
+        self.with_view(|view| view.placement.get(&shard).cloned())
+            .flatten()
+            .unwrap_or_default()
     }
 
     /// Members (not removed) that shard 0 records as holding no replica of
@@ -202,14 +228,18 @@ impl PeerNetwork {
 
     /// The raft store's way out.
     pub fn transport(self: &Arc<Self>) -> PeerTransport {
-        PeerTransport { network: self.clone() }
+        PeerTransport {
+            network: self.clone(),
+        }
     }
 
     /// The raft handle's way to a leader on another node.
     pub fn forwarder(self: &Arc<Self>) -> Arc<dyn ProposalForwarder> {
         // Weak: the raft handle holds the forwarder, and the network must
         // be free to go when the node stops.
-        Arc::new(Forwarder { network: Arc::downgrade(self) })
+        Arc::new(Forwarder {
+            network: Arc::downgrade(self),
+        })
     }
 
     /// Accepts connections from other nodes and hands what they send to `raft`.
@@ -244,7 +274,10 @@ impl PeerNetwork {
         self.tasks.close();
         self.tasks.wait().await;
         // Connections keep the endpoint's socket open; let them go.
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
@@ -259,7 +292,13 @@ impl PeerNetwork {
             }
             return;
         }
-        let candidates: Vec<NodeId> = self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let candidates: Vec<NodeId> = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
         let Some(peer) = hamgam_transport::peer_node(&connection, candidates) else {
             // No certificate, or the CA issued it to no member we know: not (or no longer) in the cluster.
             tracing::warn!(remote = %connection.remote_address(), "a peer connection without a member's certificate; closed");
@@ -318,12 +357,17 @@ impl PeerNetwork {
             .get(&node)
             .copied()
             .ok_or_else(|| format!("node {node} is not a member"))?;
-        let connecting =
-            self.endpoint.connect_with(self.dial.clone(), addr, hamgam_transport::SERVER_NAME).map_err(|e| e.to_string())?;
-        let connection = tokio::time::timeout(Duration::from_millis(limits::PEER_DIAL_TIMEOUT_MS), connecting)
-            .await
-            .map_err(|_| format!("node {node} at {addr} did not answer"))?
+        let connecting = self
+            .endpoint
+            .connect_with(self.dial.clone(), addr, hamgam_transport::SERVER_NAME)
             .map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(
+            Duration::from_millis(limits::PEER_DIAL_TIMEOUT_MS),
+            connecting,
+        )
+        .await
+        .map_err(|_| format!("node {node} at {addr} did not answer"))?
+        .map_err(|e| e.to_string())?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -339,7 +383,8 @@ impl PeerNetwork {
         }
         let (sender, queue) = mpsc::channel(limits::PEER_SEND_QUEUE_MAX);
         links.insert(node, sender.clone());
-        self.tasks.spawn_on(self.clone().run_link(node, queue), &self.runtime);
+        self.tasks
+            .spawn_on(self.clone().run_link(node, queue), &self.runtime);
         Some(sender)
     }
 
@@ -387,7 +432,10 @@ impl PeerNetwork {
     async fn open_raft_stream(&self, node: NodeId) -> Result<quinn::SendStream, String> {
         let connection = self.connection(node).await?;
         let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-        stream.write_all(&[wire::RAFT_STREAM]).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(&[wire::RAFT_STREAM])
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(stream)
     }
 
@@ -415,7 +463,11 @@ impl PeerNetwork {
                         false
                     }
                 };
-                let raft = network.raft.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let raft = network
+                    .raft
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 if let Some(raft) = raft {
                     raft.report_snapshot(shard, to, delivered).await;
                 }
@@ -424,15 +476,30 @@ impl PeerNetwork {
         );
     }
 
-    async fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        shard: ShardId,
+        command: Vec<u8>,
+    ) -> Result<Vec<u8>, ProposeError> {
         // Until the request is written, nothing was proposed: safe to retry.
         let unreachable = |_| ProposeError::NoLeader(shard);
         let connection = self.connection(leader).await.map_err(unreachable)?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        send.write_all(&wire::encode_request(wire::PROPOSAL_STREAM, shard, &command))
+        let (mut send, mut recv) = connection
+            .open_bi()
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let lost = |reason: String| ProposeError::Forward { node: leader, reason };
+        send.write_all(&wire::encode_request(
+            wire::PROPOSAL_STREAM,
+            shard,
+            &command,
+        ))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+        let lost = |reason: String| ProposeError::Forward {
+            node: leader,
+            reason,
+        };
         send.finish().map_err(|e| lost(e.to_string()))?;
         let answer = tokio::select! {
             answer = recv.read_to_end(wire::ANSWER_BYTES_MAX) => answer.map_err(|e| lost(e.to_string()))?,
@@ -446,12 +513,22 @@ impl PeerNetwork {
     }
 
     /// Reads `shard` at `node`. Safe to retry anywhere: a read changes nothing.
-    async fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
+    async fn read(
+        &self,
+        node: NodeId,
+        shard: ShardId,
+        read: RemoteRead,
+    ) -> Result<RemoteReadAnswer, ProposeError> {
         let failed = |reason: String| ProposeError::Forward { node, reason };
         let body = hamgam_proto::codec::encode(&read).map_err(|e| failed(e.to_string()))?;
         let connection = self.connection(node).await.map_err(failed)?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
-        send.write_all(&wire::encode_request(wire::READ_STREAM, shard, &body)).await.map_err(|e| failed(e.to_string()))?;
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        send.write_all(&wire::encode_request(wire::READ_STREAM, shard, &body))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         send.finish().map_err(|e| failed(e.to_string()))?;
         let answer = tokio::time::timeout(
             Duration::from_millis(limits::LEADER_WAIT_MS),
@@ -479,7 +556,12 @@ impl PeerNetwork {
 }
 
 /// Reads raft frames from one peer's stream into the store until it ends.
-async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle, hints: Option<HintSink>) {
+async fn read_uni_stream(
+    mut stream: quinn::RecvStream,
+    peer: NodeId,
+    raft: RaftHandle,
+    hints: Option<HintSink>,
+) {
     let mut kind = [0u8; 1];
     if stream.read_exact(&mut kind).await.is_err() {
         return;
@@ -530,20 +612,30 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
 
 /// Answers one request from a peer: a forwarded proposal (proposed here) or
 /// a read of a shard this node hosts.
-async fn answer_request(mut send: quinn::SendStream, mut recv: quinn::RecvStream, raft: RaftHandle) {
+async fn answer_request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    raft: RaftHandle,
+) {
     let Ok(request) = recv.read_to_end(limits::COMMAND_BYTES_MAX + 8).await else {
         let _ = send.reset(1u32.into());
         return;
     };
     let answer = match wire::decode_request(&request) {
-        Ok((wire::PROPOSAL_STREAM, shard, command)) => raft.propose_here(shard, command.to_vec()).await,
-        Ok((wire::READ_STREAM, shard, body)) => match hamgam_proto::codec::decode::<RemoteRead>(body) {
-            Ok(read) => raft
-                .serve_remote_read(shard, read)
-                .await
-                .and_then(|answer| hamgam_proto::codec::encode(&answer).map_err(|_| ProposeError::Dropped)),
-            Err(_) => Err(ProposeError::Dropped),
-        },
+        Ok((wire::PROPOSAL_STREAM, shard, command)) => {
+            raft.propose_here(shard, command.to_vec()).await
+        }
+        Ok((wire::READ_STREAM, shard, body)) => {
+            match hamgam_proto::codec::decode::<RemoteRead>(body) {
+                Ok(read) => raft
+                    .serve_remote_read(shard, read)
+                    .await
+                    .and_then(|answer| {
+                        hamgam_proto::codec::encode(&answer).map_err(|_| ProposeError::Dropped)
+                    }),
+                Err(_) => Err(ProposeError::Dropped),
+            }
+        }
         _ => Err(ProposeError::Dropped),
     };
     if send.write_all(&wire::encode_answer(&answer)).await.is_ok() {
@@ -594,7 +686,10 @@ impl ProposalForwarder for Forwarder {
     }
 
     fn replicas(&self, shard: ShardId) -> Vec<NodeId> {
-        self.network.upgrade().map(|network| network.replicas_of(shard)).unwrap_or_default()
+        self.network
+            .upgrade()
+            .map(|network| network.replicas_of(shard))
+            .unwrap_or_default()
     }
 
     fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> RemoteReadReply {

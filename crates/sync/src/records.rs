@@ -21,11 +21,18 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, SyncError> {
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => {
-            codec::decode(body).map_err(|e| SyncError::Corrupt { what, reason: e.to_string() })
-        }
-        Some((version, _)) => Err(SyncError::Corrupt { what, reason: format!("unknown record version {version}") }),
-        None => Err(SyncError::Corrupt { what, reason: "empty record".into() }),
+        Some((&RECORD_VERSION, body)) => codec::decode(body).map_err(|e| SyncError::Corrupt {
+            what,
+            reason: e.to_string(),
+        }),
+        Some((version, _)) => Err(SyncError::Corrupt {
+            what,
+            reason: format!("unknown record version {version}"),
+        }),
+        None => Err(SyncError::Corrupt {
+            what,
+            reason: "empty record".into(),
+        }),
     }
 }
 
@@ -127,7 +134,14 @@ pub struct EntryRecord {
 
 impl EntryRecord {
     pub fn folder(now_ms: u64) -> EntryRecord {
-        EntryRecord { kind: EntryKind::Folder, size: 0, hash: [0; 32], mtime_ms: now_ms, stored_ms: now_ms, content: None }
+        EntryRecord {
+            kind: EntryKind::Folder,
+            size: 0,
+            hash: [0; 32],
+            mtime_ms: now_ms,
+            stored_ms: now_ms,
+            content: None,
+        }
     }
 }
 

@@ -1,0 +1,582 @@
+//! Folder backup and restore, built on the cloud store's requests.
+//!
+//! A backup walks the folder, reuses the previous snapshot's entry for every
+//! file whose size and modification time are unchanged (it is not read
+//! again), cuts the others into chunks on a blocking thread while the async
+//! side uploads what the cluster lacks, then stores the tree and commits the
+//! snapshot, which the node accepts only if every chunk it names is stored.
+//! A restore writes every file from its chunks, each checked against its
+//! name, checks the whole file's hash, and sets permissions and times.
+
+use crate::store::{TransferCounters, UPLOAD_BATCH_BYTES};
+use crate::{Client, ClientError};
+use futures_util::StreamExt;
+use hamgam_blob::{ChunkerParams, Tree, TreeEntry, TreeKind, chunks_of_reader, list};
+use hamgam_proto::store::{ChunkList, ChunkRef, SnapshotInfo, SnapshotStats};
+use hamgam_types::ChunkId;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, FileTimes, Metadata};
+use std::io::{BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn io_error(path: &Path, source: std::io::Error) -> ClientError {
+    ClientError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What a backup did.
+#[derive(Clone, Debug)]
+pub struct BackupReport {
+    pub snapshot: SnapshotInfo,
+    /// Files in the snapshot, and those read because they were new or changed.
+    pub files: u64,
+    pub files_read: u64,
+    /// Plain bytes read, bytes sent as chunk payloads, plain bytes not sent
+    /// because they were already stored.
+    pub read_bytes: u64,
+    pub wire_bytes: u64,
+    pub deduplicated_bytes: u64,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// What a check found.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    pub snapshots: u64,
+    pub chunks: u64,
+    /// Chunks read back and verified (with `read_data`).
+    pub chunks_read: u64,
+    /// Everything wrong, one sentence each; empty means all is well.
+    pub problems: Vec<String>,
+}
+
+/// An entry of the folder being backed up.
+struct Walked {
+    relative: Vec<u8>,
+    absolute: PathBuf,
+    metadata: Metadata,
+}
+
+/// Every entry under `root`, parents before children, names in byte order.
+fn walk(root: &Path) -> Result<Vec<Walked>, ClientError> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), Vec::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        let mut children: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(&dir)
+            .map_err(|e| io_error(&dir, e))?
+            .map(|entry| entry.map(|e| (e.file_name().as_bytes().to_vec(), e.path())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_error(&dir, e))?;
+        children.sort();
+        let mut subdirs = Vec::new();
+        for (name, absolute) in children {
+            let metadata = fs::symlink_metadata(&absolute).map_err(|e| io_error(&absolute, e))?;
+            let mut relative = prefix.clone();
+            if !relative.is_empty() {
+                relative.push(b'/');
+            }
+            relative.extend_from_slice(&name);
+            if metadata.is_dir() {
+                subdirs.push((absolute.clone(), relative.clone()));
+            }
+            if metadata.is_dir() || metadata.is_file() || metadata.is_symlink() {
+                out.push(Walked {
+                    relative,
+                    absolute,
+                    metadata,
+                });
+            }
+        }
+        // Reversed so the stack visits subfolders in name order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
+
+fn tree_entry(walked: &Walked, kind: TreeKind) -> TreeEntry {
+    TreeEntry {
+        path: walked.relative.clone(),
+        mode: walked.metadata.mode() & 0o7777,
+        mtime_secs: walked.metadata.mtime(),
+        mtime_nanos: walked.metadata.mtime_nsec() as u32,
+        kind,
+    }
+}
+
+/// Chunks of one or more files, by name and plain bytes, on their way to upload.
+type Batch = Vec<(ChunkId, Vec<u8>)>;
+
+/// The blocking half of a backup: reads and cuts changed files, hands
+/// batches of chunks not seen before in this run to the uploader, and
+/// returns the new tree.
+fn read_folder(
+    entries: Vec<Walked>,
+    previous: HashMap<Vec<u8>, TreeEntry>,
+    batches: tokio::sync::mpsc::Sender<Batch>,
+    counters: Arc<TransferCounters>,
+) -> Result<(Tree, u64), ClientError> {
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let mut pending: Batch = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut tree = Tree::default();
+    let mut files_read = 0;
+    let mut queue = |id: ChunkId,
+                     plain: Vec<u8>,
+                     pending: &mut Batch,
+                     pending_bytes: &mut usize|
+     -> Result<(), ClientError> {
+        if !seen.insert(id) {
+            TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
+            return Ok(());
+        }
+        *pending_bytes += plain.len();
+        pending.push((id, plain));
+        if *pending_bytes >= UPLOAD_BATCH_BYTES {
+            *pending_bytes = 0;
+            batches
+                .blocking_send(std::mem::take(pending))
+                .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
+        }
+        Ok(())
+    };
+    for walked in entries {
+        let kind = if walked.metadata.is_dir() {
+            TreeKind::Dir
+        } else if walked.metadata.is_symlink() {
+            let target =
+                fs::read_link(&walked.absolute).map_err(|e| io_error(&walked.absolute, e))?;
+            TreeKind::Symlink {
+                target: target.as_os_str().as_bytes().to_vec(),
+            }
+        } else {
+            let unchanged = previous.get(&walked.relative).filter(|old| {
+                matches!(old.kind, TreeKind::File { size, .. } if size == walked.metadata.len())
+                    && old.mtime_secs == walked.metadata.mtime()
+                    && old.mtime_nanos == walked.metadata.mtime_nsec() as u32
+            });
+            if let Some(old) = unchanged {
+                TransferCounters::add(&counters.files, 1);
+                tree.entries.push(tree_entry(&walked, old.kind.clone()));
+                continue;
+            }
+            files_read += 1;
+            let file = File::open(&walked.absolute).map_err(|e| io_error(&walked.absolute, e))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut refs = Vec::new();
+            let mut size = 0u64;
+            for chunk in chunks_of_reader(
+                BufReader::with_capacity(1 << 20, file),
+                ChunkerParams::default(),
+            ) {
+                let plain = chunk.map_err(|e| io_error(&walked.absolute, e))?;
+                hasher.update(&plain);
+                let id = ChunkId::of(&plain);
+                refs.push(ChunkRef {
+                    id,
+                    len: plain.len() as u32,
+                });
+                size += plain.len() as u64;
+                TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
+                queue(id, plain, &mut pending, &mut pending_bytes)?;
+            }
+            let (content, list_chunks) = list::build(refs)?;
+            for chunk in list_chunks {
+                queue(chunk.id, chunk.open()?, &mut pending, &mut pending_bytes)?;
+            }
+            TransferCounters::add(&counters.files, 1);
+            TreeKind::File {
+                size,
+                hash: *hasher.finalize().as_bytes(),
+                content,
+            }
+        };
+        tree.entries.push(tree_entry(&walked, kind));
+    }
+    if !pending.is_empty() {
+        batches
+            .blocking_send(pending)
+            .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
+    }
+    Ok((tree, files_read))
+}
+
+/// A snapshot's tree, fetched and decoded.
+pub async fn fetch_tree(client: &Client, tree: &ChunkList) -> Result<Tree, ClientError> {
+    let refs = client.expand_list(tree).await?;
+    let bytes: Vec<u8> = client.fetch_plain(&refs).await?.concat();
+    Ok(Tree::decode(&bytes)?)
+}
+
+/// Backs up `dir` as a new snapshot labelled `label`, against the latest
+/// snapshot with that label.
+pub async fn backup(
+    client: &Client,
+    dir: &Path,
+    label: &str,
+    counters: Arc<TransferCounters>,
+) -> Result<BackupReport, ClientError> {
+    let parent = client
+        .snapshots()
+        .await?
+        .into_iter()
+        .rev()
+        .find(|s| s.label == label);
+    let previous: HashMap<Vec<u8>, TreeEntry> = match &parent {
+        Some(parent) => fetch_tree(client, &parent.tree)
+            .await?
+            .entries
+            .into_iter()
+            .map(|e| (e.path.clone(), e))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let root = dir.to_path_buf();
+    let entries = tokio::task::spawn_blocking(move || walk(&root))
+        .await
+        .map_err(|e| ClientError::Protocol(format!("walking the folder: {e}")))??;
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Batch>(2);
+    let reader_counters = counters.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        read_folder(entries, previous, sender, reader_counters)
+    });
+    while let Some(batch) = receiver.recv().await {
+        client.upload_missing(batch, &counters).await?;
+    }
+    let (tree, files_read) = reader
+        .await
+        .map_err(|e| ClientError::Protocol(format!("reading the folder: {e}")))??;
+
+    let stats = SnapshotStats {
+        files: tree.file_chunk_lists().count() as u64,
+        bytes: tree
+            .entries
+            .iter()
+            .map(|e| match e.kind {
+                TreeKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum(),
+    };
+    let (tree_list, tree_chunks) = tree.to_chunks()?;
+    let plains = tree_chunks
+        .iter()
+        .map(|c| Ok((c.id, c.open()?)))
+        .collect::<Result<Batch, ClientError>>()?;
+    client.upload_missing(plains, &counters).await?;
+    let snapshot = client
+        .commit_snapshot(label, parent.map(|p| p.id), tree_list, stats)
+        .await?;
+    Ok(BackupReport {
+        snapshot,
+        files: stats.files,
+        files_read,
+        read_bytes: TransferCounters::get(&counters.plain_bytes),
+        wire_bytes: TransferCounters::get(&counters.wire_bytes),
+        deduplicated_bytes: TransferCounters::get(&counters.deduplicated_bytes),
+    })
+}
+
+fn relative_path(target: &Path, relative: &[u8]) -> PathBuf {
+    target.join(std::ffi::OsStr::from_bytes(relative))
+}
+
+fn system_time(secs: i64, nanos: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(nanos))
+    }
+}
+
+fn set_mode_and_time(path: &Path, entry: &TreeEntry) -> Result<(), ClientError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(entry.mode))
+        .map_err(|e| io_error(path, e))?;
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let when = system_time(entry.mtime_secs, entry.mtime_nanos);
+    file.set_times(FileTimes::new().set_modified(when).set_accessed(when))
+        .map_err(|e| io_error(path, e))
+}
+
+/// Restores `snapshot` into `target` (which must be empty or absent): byte
+/// for byte, with permissions and modification times.
+pub async fn restore(
+    client: &Client,
+    snapshot: &SnapshotInfo,
+    target: &Path,
+    counters: Arc<TransferCounters>,
+) -> Result<RestoreReport, ClientError> {
+    if target.exists()
+        && fs::read_dir(target)
+            .map_err(|e| io_error(target, e))?
+            .next()
+            .is_some()
+    {
+        return Err(io_error(
+            target,
+            std::io::Error::other("the restore target is not empty"),
+        ));
+    }
+    fs::create_dir_all(target).map_err(|e| io_error(target, e))?;
+    let tree = fetch_tree(client, &snapshot.tree).await?;
+
+    // Folders and links first; a file whose content was already written in
+    // this restore is copied locally instead of fetched again.
+    let mut written: HashMap<(u64, [u8; 32]), PathBuf> = HashMap::new();
+    let mut to_fetch: Vec<(&TreeEntry, PathBuf, Vec<ChunkRef>)> = Vec::new();
+    let mut copies: Vec<(&TreeEntry, PathBuf, (u64, [u8; 32]))> = Vec::new();
+    for entry in &tree.entries {
+        let path = relative_path(target, &entry.path);
+        match &entry.kind {
+            TreeKind::Dir => fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?,
+            TreeKind::Symlink { target: link } => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(link), &path)
+                    .map_err(|e| io_error(&path, e))?
+            }
+            TreeKind::File {
+                size,
+                hash,
+                content,
+            } => {
+                let key = (*size, *hash);
+                if written.contains_key(&key) {
+                    copies.push((entry, path, key));
+                } else {
+                    written.insert(key, path.clone());
+                    to_fetch.push((entry, path, client.expand_list(content).await?));
+                }
+            }
+        }
+    }
+
+    let ids: Vec<ChunkId> = to_fetch
+        .iter()
+        .flat_map(|(_, _, refs)| refs.iter().map(|r| r.id))
+        .collect();
+    let mut chunks = Box::pin(client.chunk_stream(ids));
+    let mut ready: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    let mut bytes = 0u64;
+    for (entry, path, refs) in &to_fetch {
+        let TreeKind::File { size, hash, .. } = &entry.kind else {
+            continue;
+        };
+        let mut file = File::create(path).map_err(|e| io_error(path, e))?;
+        let mut hasher = blake3::Hasher::new();
+        for _ in refs {
+            while ready.is_empty() {
+                match chunks.next().await {
+                    Some(batch) => ready.extend(batch?),
+                    None => {
+                        return Err(ClientError::Protocol("the chunk stream ended early".into()));
+                    }
+                }
+            }
+            let plain = ready.pop_front().unwrap_or_default();
+            hasher.update(&plain);
+            file.write_all(&plain).map_err(|e| io_error(path, e))?;
+            TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
+        }
+        file.sync_all().map_err(|e| io_error(path, e))?;
+        if hasher.finalize().as_bytes() != hash {
+            return Err(ClientError::Protocol(format!(
+                "{} does not match its recorded hash",
+                path.display()
+            )));
+        }
+        bytes += size;
+        counters.files.fetch_add(1, Ordering::Relaxed);
+        set_mode_and_time(path, entry)?;
+    }
+    for (entry, path, key) in &copies {
+        fs::copy(&written[key], path).map_err(|e| io_error(path, e))?;
+        bytes += key.0;
+        counters.files.fetch_add(1, Ordering::Relaxed);
+        set_mode_and_time(path, entry)?;
+    }
+    // Folders last and deepest first, so writing into them does not move their times.
+    for entry in tree
+        .entries
+        .iter()
+        .rev()
+        .filter(|e| matches!(e.kind, TreeKind::Dir))
+    {
+        set_mode_and_time(&relative_path(target, &entry.path), entry)?;
+    }
+    Ok(RestoreReport {
+        files: (to_fetch.len() + copies.len()) as u64,
+        bytes,
+    })
+}
+
+/// Checks every snapshot: its tree reads back and every chunk it names is
+/// stored; with `read_data`, every chunk is also fetched and checked
+/// against its name.
+pub async fn check(
+    client: &Client,
+    read_data: bool,
+    counters: Arc<TransferCounters>,
+) -> Result<CheckReport, ClientError> {
+    let mut report = CheckReport::default();
+    let mut all: HashSet<ChunkId> = HashSet::new();
+    for snapshot in client.snapshots().await? {
+        report.snapshots += 1;
+        let tree = match fetch_tree(client, &snapshot.tree).await {
+            Ok(tree) => tree,
+            Err(error) => {
+                report.problems.push(format!(
+                    "snapshot {}: its tree does not read back: {error}",
+                    snapshot.id
+                ));
+                continue;
+            }
+        };
+        for (entry, content) in tree.file_chunk_lists() {
+            match client.expand_list(content).await {
+                Ok(refs) => all.extend(refs.iter().map(|r| r.id)),
+                Err(error) => report.problems.push(format!(
+                    "snapshot {}: {}: its chunk list does not read back: {error}",
+                    snapshot.id,
+                    String::from_utf8_lossy(&entry.path)
+                )),
+            }
+        }
+    }
+    let ids: Vec<ChunkId> = all.into_iter().collect();
+    report.chunks = ids.len() as u64;
+    let missing = client.missing_chunks(&ids).await?;
+    if !missing.is_empty() {
+        report.problems.push(format!(
+            "{} chunks are missing from the cluster",
+            missing.len()
+        ));
+    }
+    if read_data {
+        let present: Vec<ChunkId> = {
+            let missing: HashSet<ChunkId> = missing.into_iter().collect();
+            ids.into_iter().filter(|id| !missing.contains(id)).collect()
+        };
+        let mut stream = Box::pin(client.chunk_stream(present));
+        while let Some(batch) = stream.next().await {
+            match batch {
+                Ok(plains) => {
+                    report.chunks_read += plains.len() as u64;
+                    TransferCounters::add(
+                        &counters.plain_bytes,
+                        plains.iter().map(|p| p.len() as u64).sum(),
+                    );
+                }
+                Err(error) => report
+                    .problems
+                    .push(format!("a chunk did not read back: {error}")),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Which snapshots a `forget` keeps, per label: the newest `last`, and the
+/// newest of each of the latest `daily` days and `weekly` weeks (UTC).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionRules {
+    pub last: usize,
+    pub daily: usize,
+    pub weekly: usize,
+}
+
+/// The ids of the snapshots the rules do not keep. With no rule at all,
+/// nothing is forgotten (a mistyped command must not empty the store).
+pub fn snapshots_to_forget(snapshots: &[SnapshotInfo], rules: RetentionRules) -> Vec<u64> {
+    if rules == RetentionRules::default() {
+        return Vec::new();
+    }
+    let mut by_label: HashMap<&str, Vec<&SnapshotInfo>> = HashMap::new();
+    for snapshot in snapshots {
+        by_label.entry(&snapshot.label).or_default().push(snapshot);
+    }
+    let mut forget = Vec::new();
+    for (_, mut group) in by_label {
+        group.sort_by_key(|s| std::cmp::Reverse((s.time_ms, s.id)));
+        let mut keep: HashSet<u64> = group.iter().take(rules.last).map(|s| s.id).collect();
+        for (rule, period_ms) in [(rules.daily, 86_400_000u64), (rules.weekly, 7 * 86_400_000)] {
+            let mut periods = HashSet::new();
+            for snapshot in &group {
+                if periods.len() >= rule {
+                    break;
+                }
+                if periods.insert(snapshot.time_ms / period_ms) {
+                    keep.insert(snapshot.id);
+                }
+            }
+        }
+        forget.extend(group.iter().map(|s| s.id).filter(|id| !keep.contains(id)));
+    }
+    forget.sort_unstable();
+    forget
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(id: u64, label: &str, hours: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            id,
+            label: label.into(),
+            time_ms: hours * 3_600_000,
+            parent: None,
+            tree: ChunkList::Inline(Vec::new()),
+            stats: SnapshotStats::default(),
+            added_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_one_per_period_per_label() {
+        // Label a: four snapshots on day 0, two on day 1; label b: one.
+        let list = vec![
+            snapshot(1, "a", 1),
+            snapshot(2, "a", 2),
+            snapshot(3, "a", 3),
+            snapshot(4, "a", 4),
+            snapshot(5, "a", 25),
+            snapshot(6, "a", 26),
+            snapshot(7, "b", 2),
+        ];
+        let rules = RetentionRules {
+            last: 1,
+            daily: 2,
+            weekly: 0,
+        };
+        // a keeps 6 (last, and day 1's newest) and 4 (day 0's newest); b keeps 7.
+        assert_eq!(snapshots_to_forget(&list, rules), vec![1, 2, 3, 5]);
+        assert!(snapshots_to_forget(&list, RetentionRules::default()).is_empty());
+    }
+
+    #[test]
+    fn the_walk_lists_parents_first_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("b/c")).unwrap();
+        fs::write(dir.path().join("a.txt"), "x").unwrap();
+        fs::write(dir.path().join("b/c/d.txt"), "y").unwrap();
+        fs::write(dir.path().join("b/z.txt"), "z").unwrap();
+        let names: Vec<String> = walk(dir.path())
+            .unwrap()
+            .iter()
+            .map(|w| String::from_utf8(w.relative.clone()).unwrap())
+            .collect();
+        assert_eq!(names, vec!["a.txt", "b", "b/c", "b/z.txt", "b/c/d.txt"]);
+    }
+}

@@ -1,0 +1,342 @@
+//! The cloud store from the client's side: one typed method per request,
+//! and the transfers built on them. An upload asks which chunks the cluster
+//! lacks and sends only those, compressed, over parallel streams; a download
+//! fetches chunks over parallel streams in order and checks every one
+//! against its name.
+
+use crate::{Client, ClientError};
+use futures_util::StreamExt;
+use hamgam_blob::{StoredChunk, list};
+use hamgam_proto::frame::{self, FrameKind};
+use hamgam_proto::store::{
+    ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SnapshotInfo,
+    SnapshotStats, UsageReport,
+};
+use hamgam_proto::{Request, Response};
+use hamgam_types::{ChunkId, limits};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Chunk streams one transfer keeps open at once.
+pub const PARALLEL_STREAMS: usize = 8;
+/// Plain bytes gathered before asking which chunks are missing.
+pub const UPLOAD_BATCH_BYTES: usize = 16 << 20;
+/// Bytes one upload stream carries (at most `CHUNKS_PER_STREAM_MAX` chunks).
+const STREAM_BYTES: usize = 4 << 20;
+/// A chunk stream may take longer than a plain request.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Counters a transfer updates as it goes, for progress bars and reports.
+#[derive(Debug, Default)]
+pub struct TransferCounters {
+    /// Plain bytes of the content (read for an upload, written for a download).
+    pub plain_bytes: AtomicU64,
+    /// Bytes that crossed the network as chunk payloads.
+    pub wire_bytes: AtomicU64,
+    /// Plain bytes not sent because the cluster (or this run) already had them.
+    pub deduplicated_bytes: AtomicU64,
+    /// Chunks sent and chunks skipped.
+    pub chunks_sent: AtomicU64,
+    pub chunks_skipped: AtomicU64,
+    /// Files finished.
+    pub files: AtomicU64,
+}
+
+impl TransferCounters {
+    pub fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+fn protocol(message: impl Into<String>) -> ClientError {
+    ClientError::Protocol(message.into())
+}
+
+impl Client {
+    /// Which of `ids` the cluster lacks (any number; asked in bounded batches).
+    pub async fn missing_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
+        let mut missing = Vec::new();
+        for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
+            let request = Request::MissingChunks {
+                ids: batch.to_vec(),
+            };
+            missing.extend(
+                expect!(self.call(&request).await?, Response::MissingChunks { ids } => ids)?,
+            );
+        }
+        Ok(missing)
+    }
+
+    /// Sends chunks on one stream (at most `CHUNKS_PER_STREAM_MAX`); returns
+    /// once the node has them durably.
+    pub async fn put_chunks(&self, chunks: &[StoredChunk]) -> Result<(u32, u32), ClientError> {
+        let exchange = async {
+            let (mut send, mut recv) = self.connection.open_bi().await?;
+            let request = Request::PutChunks {
+                count: chunks.len() as u32,
+            };
+            frame::write_frame(&mut send, FrameKind::Request, &request).await?;
+            for chunk in chunks {
+                chunk.as_frame().write(&mut send).await?;
+            }
+            let _ = send.finish();
+            Ok::<Response, ClientError>(frame::read_frame(&mut recv, FrameKind::Response).await?)
+        };
+        let response = tokio::time::timeout(TRANSFER_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        match response {
+            Response::ChunksStored { stored, present } => Ok((stored, present)),
+            Response::Error(body) => Err(ClientError::Server(body)),
+            other => Err(protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Fetches chunks on one stream (at most `CHUNKS_PER_STREAM_MAX`) in
+    /// their stored form; the ids the node did not have are returned apart.
+    /// [`StoredChunk::open`] checks each against its name.
+    pub async fn get_chunks(
+        &self,
+        ids: &[ChunkId],
+    ) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), ClientError> {
+        let exchange = async {
+            let (mut send, mut recv) = self.connection.open_bi().await?;
+            frame::write_frame(
+                &mut send,
+                FrameKind::Request,
+                &Request::GetChunks { ids: ids.to_vec() },
+            )
+            .await?;
+            let _ = send.finish();
+            let missing = match frame::read_frame(&mut recv, FrameKind::Response).await? {
+                Response::ChunksFollow { missing } => missing,
+                Response::Error(body) => return Err(ClientError::Server(body)),
+                other => return Err(protocol(format!("unexpected response {other:?}"))),
+            };
+            let mut chunks = Vec::with_capacity(ids.len() - missing.len());
+            for _ in 0..ids.len().saturating_sub(missing.len()) {
+                let payload = frame::read_frame_payload(&mut recv, FrameKind::Chunk).await?;
+                chunks.push(StoredChunk::from_frame(
+                    &ChunkFrame::parse(&payload).map_err(protocol)?,
+                ));
+            }
+            Ok((chunks, missing))
+        };
+        tokio::time::timeout(TRANSFER_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
+    pub async fn put_file(
+        &self,
+        path: &str,
+        manifest: FileManifest,
+    ) -> Result<FileEntry, ClientError> {
+        let request = Request::PutFile {
+            path: path.into(),
+            manifest,
+        };
+        expect!(self.call(&request).await?, Response::File { entry, .. } => entry)
+    }
+
+    pub async fn stat_file(&self, path: &str) -> Result<(FileEntry, ChunkList), ClientError> {
+        expect!(self.call(&Request::StatFile { path: path.into() }).await?, Response::File { entry, content } => (entry, content))
+    }
+
+    pub async fn list_folder(
+        &self,
+        path: &str,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<FolderPage, ClientError> {
+        let request = Request::ListFolder {
+            path: path.into(),
+            after,
+            limit,
+        };
+        expect!(self.call(&request).await?, Response::Folder(page) => page)
+    }
+
+    pub async fn move_path(&self, from: &str, to: &str) -> Result<(), ClientError> {
+        self.done(Request::MovePath {
+            from: from.into(),
+            to: to.into(),
+        })
+        .await
+    }
+
+    pub async fn delete_path(&self, path: &str) -> Result<(), ClientError> {
+        self.done(Request::DeletePath { path: path.into() }).await
+    }
+
+    pub async fn usage(&self) -> Result<UsageReport, ClientError> {
+        expect!(self.call(&Request::Usage).await?, Response::Usage(usage) => usage)
+    }
+
+    pub async fn commit_snapshot(
+        &self,
+        label: &str,
+        parent: Option<u64>,
+        tree: ChunkList,
+        stats: SnapshotStats,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let request = Request::CommitSnapshot {
+            label: label.into(),
+            parent,
+            tree,
+            stats,
+        };
+        expect!(self.call(&request).await?, Response::Snapshot(info) => info)
+    }
+
+    /// Every snapshot of the user, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let request = Request::ListSnapshots {
+                after,
+                limit: limits::SNAPSHOT_PAGE_MAX as u32,
+            };
+            let (page, more) = expect!(self.call(&request).await?, Response::Snapshots { snapshots, more } => (snapshots, more))?;
+            after = page.last().map(|s| s.id);
+            all.extend(page);
+            if !more || after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub async fn forget_snapshots(&self, ids: &[u64]) -> Result<(), ClientError> {
+        for batch in ids.chunks(limits::SNAPSHOT_PAGE_MAX) {
+            self.done(Request::ForgetSnapshots {
+                ids: batch.to_vec(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Uploads what the cluster lacks of `chunks` (plain bytes by name):
+    /// asks first, compresses only the missing ones, and sends them over
+    /// parallel streams.
+    pub async fn upload_missing(
+        &self,
+        chunks: Vec<(ChunkId, Vec<u8>)>,
+        counters: &TransferCounters,
+    ) -> Result<(), ClientError> {
+        let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+        let missing: std::collections::HashSet<ChunkId> =
+            self.missing_chunks(&ids).await?.into_iter().collect();
+        let mut streams: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut bytes = 0usize;
+        for (id, plain) in chunks {
+            if !missing.contains(&id) {
+                TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
+                TransferCounters::add(&counters.chunks_skipped, 1);
+                continue;
+            }
+            let full = streams
+                .last()
+                .is_none_or(|s| s.len() >= limits::CHUNKS_PER_STREAM_MAX || bytes >= STREAM_BYTES);
+            if full {
+                streams.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += plain.len();
+            if let Some(stream) = streams.last_mut() {
+                stream.push(plain);
+            }
+        }
+        let mut uploads =
+            futures_util::stream::iter(streams.into_iter().map(|plains| async move {
+                let sealed = tokio::task::spawn_blocking(move || {
+                    plains
+                        .iter()
+                        .map(|p| StoredChunk::seal(p))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .map_err(|error| protocol(format!("compressing chunks: {error}")))?;
+                self.put_chunks(&sealed).await?;
+                TransferCounters::add(
+                    &counters.wire_bytes,
+                    sealed.iter().map(|c| c.bytes.len() as u64).sum(),
+                );
+                TransferCounters::add(&counters.chunks_sent, sealed.len() as u64);
+                Ok::<(), ClientError>(())
+            }))
+            .buffer_unordered(PARALLEL_STREAMS);
+        while let Some(result) = uploads.next().await {
+            result?;
+        }
+        Ok(())
+    }
+
+    /// The data chunks of a list (fetching list chunks if it is indirect).
+    pub async fn expand_list(&self, content: &ChunkList) -> Result<Vec<ChunkRef>, ClientError> {
+        match content {
+            ChunkList::Inline(refs) => Ok(refs.clone()),
+            ChunkList::Indirect(pieces) => {
+                let plains = self.fetch_plain(pieces).await?;
+                let mut refs = Vec::new();
+                for plain in plains {
+                    refs.extend(
+                        list::decode_piece(&plain).map_err(|error| protocol(error.to_string()))?,
+                    );
+                }
+                Ok(refs)
+            }
+        }
+    }
+
+    /// The plain bytes of `refs`, in order (all fetched before returning:
+    /// for metadata such as lists and trees; content streams instead).
+    pub async fn fetch_plain(&self, refs: &[ChunkRef]) -> Result<Vec<Vec<u8>>, ClientError> {
+        let mut stream = self.chunk_stream(refs.iter().map(|r| r.id).collect());
+        let mut out = Vec::with_capacity(refs.len());
+        while let Some(batch) = stream.next().await {
+            out.extend(batch?);
+        }
+        Ok(out)
+    }
+
+    /// The plain bytes of `ids` in order, fetched over parallel streams, in
+    /// batches as they arrive. A chunk the cluster lacks is an error.
+    pub fn chunk_stream(
+        &self,
+        ids: Vec<ChunkId>,
+    ) -> impl futures_util::Stream<Item = Result<Vec<Vec<u8>>, ClientError>> + '_ {
+        let batches: Vec<Vec<ChunkId>> = ids
+            .chunks(limits::CHUNKS_PER_STREAM_MAX)
+            .map(<[ChunkId]>::to_vec)
+            .collect();
+        futures_util::stream::iter(batches.into_iter().map(move |batch| async move {
+            let (chunks, missing) = self.get_chunks(&batch).await?;
+            if let Some(id) = missing.first() {
+                return Err(protocol(format!("chunk {id} is not stored in the cluster")));
+            }
+            let by_id: HashMap<ChunkId, StoredChunk> =
+                chunks.into_iter().map(|c| (c.id, c)).collect();
+            tokio::task::spawn_blocking(move || {
+                batch
+                    .iter()
+                    .map(|id| {
+                        let chunk = by_id
+                            .get(id)
+                            .ok_or_else(|| protocol(format!("chunk {id} was not sent")))?;
+                        chunk.open().map_err(|error| protocol(error.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|error| protocol(format!("opening chunks: {error}")))?
+        }))
+        .buffered(PARALLEL_STREAMS)
+    }
+}
