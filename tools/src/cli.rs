@@ -44,6 +44,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     User(UserCommand),
+    #[command(flatten)]
+    Store(crate::store::StoreCommand),
     /// Operate a cluster: run on a member's machine with its data directory.
     Admin {
         /// The member's data directory (its identity admits this tool).
@@ -164,7 +166,7 @@ pub fn main_entry() -> ExitCode {
     crate::run_to_exit("hamgam", Some(2), run(Cli::parse()))
 }
 
-struct Invocation {
+pub(crate) struct Invocation {
     profile: Profile,
     server: String,
     pinned: Option<Fingerprint>,
@@ -220,7 +222,7 @@ impl Invocation {
     }
 
     /// Connects and authenticates with the saved session.
-    async fn session(&self) -> anyhow::Result<(Client, SavedSession)> {
+    pub(crate) async fn session(&self) -> anyhow::Result<(Client, SavedSession)> {
         let session = self
             .profile
             .session()?
@@ -284,7 +286,7 @@ async fn admin(
     Ok(())
 }
 
-fn explain(error: ClientError) -> anyhow::Error {
+pub(crate) fn explain(error: ClientError) -> anyhow::Error {
     match error.code() {
         Some(code) if code == hamgam_client::ErrorCode::SESSION_REVOKED => {
             anyhow::anyhow!(
@@ -395,35 +397,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command,
         } => admin(&data, node, &command).await,
         Command::User(command) => {
-            user_command(command, cli.profile, cli.server, cli.fingerprint).await
+            let ctx = Invocation::new(cli.profile, cli.server, cli.fingerprint)?;
+            user_command(command, ctx).await
+        }
+        Command::Store(command) => {
+            let ctx = Invocation::new(cli.profile, cli.server, cli.fingerprint)?;
+            crate::store::run(command, &ctx).await
         }
     }
 }
 
-async fn user_command(
-    command: UserCommand,
-    profile: Option<PathBuf>,
-    server: Option<String>,
-    fingerprint: Option<String>,
-) -> anyhow::Result<()> {
-    let profile = Profile::open(profile)?;
-    let saved = profile.session()?;
-    let server = server
-        .or_else(|| saved.as_ref().map(|s| s.server.clone()))
-        .unwrap_or_else(|| DEFAULT_SERVER.into());
-    let pinned = match fingerprint {
-        Some(text) => Some(
-            text.parse::<Fingerprint>()
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        ),
-        None => None,
-    };
-    let ctx = Invocation {
-        profile,
-        server,
-        pinned,
-    };
+impl Invocation {
+    /// The profile, and the node to talk to: the flag, else the saved
+    /// session's node, else the default.
+    fn new(
+        profile: Option<PathBuf>,
+        server: Option<String>,
+        fingerprint: Option<String>,
+    ) -> anyhow::Result<Invocation> {
+        let profile = Profile::open(profile)?;
+        let saved = profile.session()?;
+        let server = server
+            .or_else(|| saved.as_ref().map(|s| s.server.clone()))
+            .unwrap_or_else(|| DEFAULT_SERVER.into());
+        let pinned = match fingerprint {
+            Some(text) => Some(
+                text.parse::<Fingerprint>()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Invocation {
+            profile,
+            server,
+            pinned,
+        })
+    }
+}
 
+async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<()> {
     match command {
         UserCommand::Signup {
             username,

@@ -1,5 +1,6 @@
 //! The programs people and benchmark runs use against a node: the `hamgam`
-//! command line ([`cli`]) and the `hamgam-bench` load tool ([`bench`]).
+//! command line ([`cli`], with the cloud store's commands in `store`) and
+//! the `hamgam-bench` load tool ([`bench`]).
 //! Both speak to nodes through the SDK (`hamgam-client`), except `hamgam
 //! admin` ([`admin`]), which speaks the cluster's admin protocol with a
 //! member's identity.
@@ -8,6 +9,7 @@ pub mod admin;
 pub mod bench;
 pub mod cli;
 mod profile;
+mod store;
 
 use std::future::Future;
 use std::process::ExitCode;

@@ -169,6 +169,7 @@ fn read_folder(
             });
             if let Some(old) = unchanged {
                 TransferCounters::add(&counters.files, 1);
+                TransferCounters::add(&counters.unchanged_bytes, walked.metadata.len());
                 tree.entries.push(tree_entry(&walked, old.kind.clone()));
                 continue;
             }

@@ -41,6 +41,8 @@ pub struct TransferCounters {
     pub chunks_skipped: AtomicU64,
     /// Files finished.
     pub files: AtomicU64,
+    /// Plain bytes of files a backup did not read again (unchanged since its parent).
+    pub unchanged_bytes: AtomicU64,
 }
 
 impl TransferCounters {
@@ -338,5 +340,120 @@ impl Client {
             .map_err(|error| protocol(format!("opening chunks: {error}")))?
         }))
         .buffered(PARALLEL_STREAMS)
+    }
+}
+
+/// Reads a local file, cuts it into chunks and returns its manifest with the
+/// chunks (data and list chunks) by name and plain bytes.
+fn read_file_chunks(
+    local: &std::path::Path,
+    counters: &TransferCounters,
+) -> Result<(FileManifest, Vec<(ChunkId, Vec<u8>)>), ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |e| ClientError::Io {
+        path: local.display().to_string(),
+        source: e,
+    };
+    let file = std::fs::File::open(local).map_err(io)?;
+    let mtime_ms = (file.metadata().map_err(io)?.mtime().max(0) as u64) * 1000;
+    let mut hasher = blake3::Hasher::new();
+    let mut refs = Vec::new();
+    let mut chunks = Vec::new();
+    let mut size = 0;
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    for plain in hamgam_blob::chunks_of_reader(reader, hamgam_blob::ChunkerParams::default()) {
+        let plain = plain.map_err(io)?;
+        hasher.update(&plain);
+        let id = ChunkId::of(&plain);
+        refs.push(ChunkRef {
+            id,
+            len: plain.len() as u32,
+        });
+        size += plain.len() as u64;
+        TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
+        chunks.push((id, plain));
+    }
+    let (content, list_chunks) = list::build(refs)?;
+    for chunk in list_chunks {
+        chunks.push((chunk.id, chunk.open()?));
+    }
+    Ok((
+        FileManifest {
+            size,
+            hash: *hasher.finalize().as_bytes(),
+            mtime_ms,
+            content,
+        },
+        chunks,
+    ))
+}
+
+impl Client {
+    /// Stores a local file at `remote`, sending only the chunks the cluster
+    /// lacks. (Holds the file's chunks in memory: for files up to a few GiB;
+    /// folders go through `backup`, which streams.)
+    pub async fn upload_file(
+        &self,
+        local: &std::path::Path,
+        remote: &str,
+        counters: &TransferCounters,
+    ) -> Result<FileEntry, ClientError> {
+        let (manifest, chunks) = read_file_chunks(local, counters)?;
+        for batch in chunks.chunks(UPLOAD_BATCH_BYTES / limits::CHUNK_AVG_BYTES as usize) {
+            self.upload_missing(batch.to_vec(), counters).await?;
+        }
+        self.put_file(remote, manifest).await
+    }
+
+    /// Writes bytes `range` (all if `None`) of the stored file `remote` to
+    /// `out`, fetching only the chunks that cover the range, each checked
+    /// against its name; a whole file is also checked against its hash.
+    pub async fn download_file(
+        &self,
+        remote: &str,
+        range: Option<std::ops::Range<u64>>,
+        out: &mut impl std::io::Write,
+        counters: &TransferCounters,
+    ) -> Result<u64, ClientError> {
+        let (entry, content) = self.stat_file(remote).await?;
+        let refs = self.expand_list(&content).await?;
+        let whole = range.is_none();
+        let range = range.unwrap_or(0..entry.size);
+        let range = range.start.min(entry.size)..range.end.min(entry.size);
+        // The chunks overlapping the range, with each one's offset in the file.
+        let mut offset = 0u64;
+        let mut covering = Vec::new();
+        for chunk in &refs {
+            let end = offset + u64::from(chunk.len);
+            if end > range.start && offset < range.end {
+                covering.push((offset, chunk.id));
+            }
+            offset = end;
+        }
+        let mut stream = Box::pin(self.chunk_stream(covering.iter().map(|(_, id)| *id).collect()));
+        let mut hasher = blake3::Hasher::new();
+        let mut written = 0u64;
+        let mut next = covering.iter();
+        let io = |e| ClientError::Io {
+            path: "output".into(),
+            source: e,
+        };
+        while let Some(batch) = stream.next().await {
+            for plain in batch? {
+                let Some((start, _)) = next.next() else { break };
+                let from = range.start.saturating_sub(*start).min(plain.len() as u64) as usize;
+                let to = (range.end - start).min(plain.len() as u64) as usize;
+                hasher.update(&plain);
+                out.write_all(&plain[from..to]).map_err(io)?;
+                written += (to - from) as u64;
+                TransferCounters::add(&counters.plain_bytes, (to - from) as u64);
+            }
+        }
+        if whole && (written != entry.size || *hasher.finalize().as_bytes() != entry.hash) {
+            return Err(protocol(format!(
+                "{remote} does not match its recorded hash"
+            )));
+        }
+        Ok(written)
     }
 }

@@ -1,0 +1,361 @@
+//! The cloud store commands of `hamgam`: files (`put`, `get`, `ls`, `mv`,
+//! `rm`, `usage`) and folder backups (`backup`, `snapshots`, `restore`,
+//! `forget`, `check`). Long transfers show a progress bar with bytes, rate,
+//! time left and what deduplication saved.
+
+use crate::cli::{Invocation, explain};
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use hamgam_client::{Client, RetentionRules, TransferCounters};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Store a local file in your cloud store at REMOTE (e.g. /photos/a.jpg).
+    Put { local: PathBuf, remote: String },
+    /// Fetch a stored file; `--range 1000-2000` fetches only those bytes.
+    Get {
+        remote: String,
+        /// Where to write ("-" for standard output).
+        local: PathBuf,
+        #[arg(long, value_parser = parse_range)]
+        range: Option<std::ops::Range<u64>>,
+    },
+    /// List a folder of your cloud store.
+    Ls {
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Rename or move a file or folder.
+    Mv { from: String, to: String },
+    /// Delete a file or an empty folder.
+    Rm { path: String },
+    /// Show what you use of your quota.
+    Usage,
+    /// Back up a folder as a new snapshot (only what changed is read and sent).
+    Backup {
+        dir: PathBuf,
+        /// Name the snapshot series (default: the folder's absolute path).
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List your backup snapshots.
+    Snapshots,
+    /// Restore a snapshot into an empty or new folder.
+    Restore { snapshot: u64, dir: PathBuf },
+    /// Forget snapshots the retention rules do not keep (per label).
+    Forget {
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        /// Show what would be forgotten without forgetting it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Verify every snapshot's tree and chunks; `--read-data` reads every chunk back.
+    Check {
+        #[arg(long)]
+        read_data: bool,
+    },
+}
+
+fn parse_range(text: &str) -> Result<std::ops::Range<u64>, String> {
+    let (start, end) = text
+        .split_once('-')
+        .ok_or("a range is START-END, in bytes")?;
+    let start: u64 = start.parse().map_err(|_| "START is not a number")?;
+    let end: u64 = end.parse().map_err(|_| "END is not a number")?;
+    if end < start {
+        return Err("END is before START".into());
+    }
+    Ok(start..end)
+}
+
+fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// A progress bar fed from a transfer's counters until the returned guard is finished.
+struct Progress {
+    bar: ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(total: u64, counters: Arc<TransferCounters>) -> Progress {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let ticking = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                let done = TransferCounters::get(&counters.plain_bytes)
+                    + TransferCounters::get(&counters.unchanged_bytes);
+                ticking.set_position(done);
+                ticking.set_message(format!(
+                    "sent {}, saved by dedup {}",
+                    bytes(TransferCounters::get(&counters.wire_bytes)),
+                    bytes(TransferCounters::get(&counters.deduplicated_bytes))
+                ));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Progress { bar, ticker }
+    }
+
+    fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Total size of the files under `dir` (for the progress bar's length).
+fn folder_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                Ok(kind) if kind.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Result<()> {
+    let (client, _) = ctx.session().await?;
+    let counters = Arc::new(TransferCounters::default());
+    match command {
+        StoreCommand::Put { local, remote } => {
+            let size = std::fs::metadata(&local)
+                .with_context(|| format!("reading {}", local.display()))?
+                .len();
+            let progress = Progress::start(size, counters.clone());
+            let entry = client.upload_file(&local, &remote, &counters).await;
+            progress.finish();
+            let entry = entry.map_err(explain)?;
+            println!(
+                "stored {} ({}; sent {}, already stored {})",
+                entry.path,
+                bytes(entry.size),
+                bytes(TransferCounters::get(&counters.wire_bytes)),
+                bytes(TransferCounters::get(&counters.deduplicated_bytes))
+            );
+        }
+        StoreCommand::Get {
+            remote,
+            local,
+            range,
+        } => {
+            let (entry, _) = client.stat_file(&remote).await.map_err(explain)?;
+            let length = range.as_ref().map_or(entry.size, |r| {
+                r.end.min(entry.size).saturating_sub(r.start)
+            });
+            if local.as_os_str() == "-" {
+                let mut out = std::io::stdout().lock();
+                client
+                    .download_file(&remote, range, &mut out, &counters)
+                    .await
+                    .map_err(explain)?;
+            } else {
+                let mut file = std::fs::File::create(&local)
+                    .with_context(|| format!("creating {}", local.display()))?;
+                let progress = Progress::start(length, counters.clone());
+                let written = client
+                    .download_file(&remote, range, &mut file, &counters)
+                    .await;
+                progress.finish();
+                let written = written.map_err(explain)?;
+                file.sync_all()
+                    .with_context(|| format!("writing {}", local.display()))?;
+                println!("wrote {} to {}", bytes(written), local.display());
+            }
+        }
+        StoreCommand::Ls { path } => list(&client, &path).await?,
+        StoreCommand::Mv { from, to } => {
+            client.move_path(&from, &to).await.map_err(explain)?;
+            println!("moved {from} to {to}");
+        }
+        StoreCommand::Rm { path } => {
+            client.delete_path(&path).await.map_err(explain)?;
+            println!("deleted {path}");
+        }
+        StoreCommand::Usage => {
+            let usage = client.usage().await.map_err(explain)?;
+            println!(
+                "{} of {} used; {} files, {} snapshots",
+                bytes(usage.used_bytes),
+                bytes(usage.quota_bytes),
+                usage.files,
+                usage.snapshots
+            );
+        }
+        StoreCommand::Backup { dir, label } => {
+            let absolute = std::fs::canonicalize(&dir)
+                .with_context(|| format!("opening {}", dir.display()))?;
+            let label = label.unwrap_or_else(|| absolute.display().to_string());
+            let started = Instant::now();
+            let progress = Progress::start(folder_bytes(&absolute), counters.clone());
+            let report = hamgam_client::backup(&client, &absolute, &label, counters.clone()).await;
+            progress.finish();
+            let report = report.map_err(explain)?;
+            println!(
+                "snapshot {} of {label}: {} files, {}; read {} in {} files, sent {}, saved by dedup {} ({:.1} s)",
+                report.snapshot.id,
+                report.files,
+                bytes(report.snapshot.stats.bytes),
+                bytes(report.read_bytes),
+                report.files_read,
+                bytes(report.wire_bytes),
+                bytes(report.deduplicated_bytes),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        StoreCommand::Snapshots => {
+            for s in client.snapshots().await.map_err(explain)? {
+                println!(
+                    "{:>6}  {}  {:>8} files  {:>10}  added {:>10}  {}",
+                    s.id,
+                    format_time(s.time_ms),
+                    s.stats.files,
+                    bytes(s.stats.bytes),
+                    bytes(s.added_bytes),
+                    s.label
+                );
+            }
+        }
+        StoreCommand::Restore { snapshot, dir } => {
+            let snapshots = client.snapshots().await.map_err(explain)?;
+            let Some(info) = snapshots.into_iter().find(|s| s.id == snapshot) else {
+                bail!("there is no snapshot {snapshot}; `hamgam snapshots` lists them");
+            };
+            let started = Instant::now();
+            let progress = Progress::start(info.stats.bytes, counters.clone());
+            let report = hamgam_client::restore(&client, &info, &dir, counters.clone()).await;
+            progress.finish();
+            let report = report.map_err(explain)?;
+            println!(
+                "restored snapshot {snapshot} into {}: {} files, {} ({:.1} s)",
+                dir.display(),
+                report.files,
+                bytes(report.bytes),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        StoreCommand::Forget {
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            dry_run,
+        } => {
+            let rules = RetentionRules {
+                last: keep_last,
+                daily: keep_daily,
+                weekly: keep_weekly,
+            };
+            if rules == RetentionRules::default() {
+                bail!("give at least one of --keep-last, --keep-daily, --keep-weekly");
+            }
+            let snapshots = client.snapshots().await.map_err(explain)?;
+            let forget = hamgam_client::snapshots_to_forget(&snapshots, rules);
+            if !dry_run {
+                client.forget_snapshots(&forget).await.map_err(explain)?;
+            }
+            let verb = if dry_run { "would forget" } else { "forgot" };
+            println!(
+                "{verb} {} of {} snapshots: {forget:?}",
+                forget.len(),
+                snapshots.len()
+            );
+        }
+        StoreCommand::Check { read_data } => {
+            let report = hamgam_client::check(&client, read_data, counters.clone())
+                .await
+                .map_err(explain)?;
+            for problem in &report.problems {
+                println!("problem: {problem}");
+            }
+            println!(
+                "checked {} snapshots, {} chunks{}: {}",
+                report.snapshots,
+                report.chunks,
+                if read_data {
+                    format!(" ({} read back)", report.chunks_read)
+                } else {
+                    String::new()
+                },
+                if report.problems.is_empty() {
+                    "no problems"
+                } else {
+                    "PROBLEMS FOUND"
+                }
+            );
+            if !report.problems.is_empty() {
+                bail!("the check found {} problems", report.problems.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn list(client: &Client, path: &str) -> anyhow::Result<()> {
+    let mut after = None;
+    loop {
+        let page = client
+            .list_folder(path, after.clone(), 1000)
+            .await
+            .map_err(explain)?;
+        for entry in &page.entries {
+            match entry.kind {
+                hamgam_client::EntryKind::Folder => println!("{:>12}  {}/", "", entry.path),
+                hamgam_client::EntryKind::File => {
+                    println!("{:>12}  {}", bytes(entry.size), entry.path)
+                }
+            }
+        }
+        if !page.more {
+            return Ok(());
+        }
+        after = page
+            .entries
+            .last()
+            .and_then(|e| e.path.rsplit('/').next().map(str::to_string));
+    }
+}
+
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
