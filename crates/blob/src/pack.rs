@@ -509,10 +509,19 @@ impl PackStore {
                 plain_len: location.plain_len,
                 bytes: bytes.split_off(RECORD_HEADER_BYTES),
             })),
-            _ => Err(BlobError::Damaged {
-                id: *id,
-                path: path.display().to_string(),
-            }),
+            _ => {
+                // Forget the damaged copy, so the chunk counts as missing and
+                // the next upload of it (or a replica's copy) stores it again.
+                tracing::error!(chunk = %id, pack = %path.display(), "a stored chunk is damaged");
+                self.index
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                Err(BlobError::Damaged {
+                    id: *id,
+                    path: path.display().to_string(),
+                })
+            }
         }
     }
 
@@ -633,6 +642,17 @@ mod tests {
         bytes[RECORD_HEADER_BYTES + 7] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(store.get(&c.id), Err(BlobError::Damaged { .. })));
+        assert_eq!(
+            store.missing(&[c.id]),
+            vec![c.id],
+            "a damaged copy counts as missing"
+        );
+        store.put(std::slice::from_ref(&c)).unwrap();
+        assert_eq!(
+            store.get(&c.id).unwrap().as_ref(),
+            Some(&c),
+            "an upload repairs it"
+        );
     }
 
     #[test]

@@ -10,4 +10,5 @@ mod cluster;
 mod crash;
 mod growth;
 mod ledger;
+mod store;
 mod support;

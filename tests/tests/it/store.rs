@@ -1,0 +1,556 @@
+//! The cloud store against a real node: backups restored byte for byte,
+//! deduplication across files and users, a re-backup that sends only what
+//! changed, an upload cut off by SIGKILL that resumes with only what is
+//! missing, damaged chunks found and repaired, and bad input refused.
+
+use crate::support::{CLI_BIN, Node, PASSWORD};
+use hamgam_blob::StoredChunk;
+use hamgam_client::{Client, ClientError, ErrorCode, TransferCounters};
+use hamgam_proto::store::{ChunkList, ChunkRef, FileManifest};
+use hamgam_types::ChunkId;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+fn random_bytes(rng: &mut impl Rng, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    rng.fill(&mut bytes[..]);
+    bytes
+}
+
+fn text_bytes(rng: &mut impl Rng, len: usize) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "سلام",
+        "دنیا",
+        "پیام",
+        "می‌روم",
+        "hamgam",
+        "chat",
+        "خانه",
+        "کتاب",
+        "2024",
+        "ok",
+    ];
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        out.extend_from_slice(WORDS[rng.random_range(0..WORDS.len())].as_bytes());
+        out.push(if rng.random_range(0..12) == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
+    }
+    out
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32, mtime_secs: u64) {
+    std::fs::create_dir_all(path.parent().expect("a parent")).expect("make folders");
+    std::fs::write(path, bytes).expect("write a file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("set mode");
+    let when = UNIX_EPOCH + Duration::from_secs(mtime_secs);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.set_modified(when).expect("set mtime");
+}
+
+/// A small messenger user's folder: photos and videos (random bytes),
+/// chat exports (Persian text), forwarded duplicates, an empty file, a
+/// link, nested folders with Persian names and several permission modes.
+fn make_data_set(root: &Path, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let base = 1_700_000_000;
+    for i in 0..6 {
+        let len = rng.random_range(200_000..1_500_000);
+        let bytes = random_bytes(&mut rng, len);
+        write_file(
+            &root.join(format!("عکس‌ها/سفر/{i}.jpg")),
+            &bytes,
+            0o644,
+            base + i,
+        );
+        if i % 3 == 0 {
+            write_file(
+                &root.join(format!("چت‌ها/forwarded-{i}.jpg")),
+                &bytes,
+                0o600,
+                base + 50 + i,
+            );
+        }
+    }
+    let video = random_bytes(&mut rng, 3_000_000);
+    write_file(&root.join("videos/clip.mp4"), &video, 0o640, base + 100);
+    for i in 0..5 {
+        let len = rng.random_range(10_000..400_000);
+        let text = text_bytes(&mut rng, len);
+        write_file(
+            &root.join(format!("چت‌ها/export-{i}.txt")),
+            &text,
+            0o644,
+            base + 200 + i,
+        );
+    }
+    write_file(&root.join("empty.txt"), b"", 0o644, base + 300);
+    write_file(
+        &root.join("bin/run.sh"),
+        b"#!/bin/sh\necho hi\n",
+        0o755,
+        base + 301,
+    );
+    std::os::unix::fs::symlink("videos/clip.mp4", root.join("latest.mp4")).expect("make a link");
+}
+
+/// Path -> (kind, mode, mtime, blake3 of the content or link target).
+fn inventory(root: &Path) -> BTreeMap<PathBuf, (String, u32, i64, [u8; 32])> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read a folder") {
+            let path = entry.expect("an entry").path();
+            let meta = std::fs::symlink_metadata(&path).expect("metadata");
+            let relative = path.strip_prefix(root).expect("inside").to_path_buf();
+            let (kind, hash) = if meta.is_symlink() {
+                let target = std::fs::read_link(&path).expect("a link");
+                ("link", blake3::hash(target.as_os_str().as_encoded_bytes()))
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+                ("dir", blake3::hash(b""))
+            } else {
+                ("file", blake3::hash(&std::fs::read(&path).expect("read")))
+            };
+            let mtime = if meta.is_symlink() { 0 } else { meta.mtime() };
+            out.insert(
+                relative,
+                (
+                    kind.to_string(),
+                    meta.mode() & 0o7777,
+                    mtime,
+                    *hash.as_bytes(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn cli(profile: &Path, node: &Node, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new(CLI_BIN)
+        .arg("--profile")
+        .arg(profile)
+        .arg("--server")
+        .arg(node.addr.to_string())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    let output = child.wait_with_output().expect("CLI output");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "hamgam {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn a_folder_backed_up_with_the_cli_restores_byte_for_byte_with_modes_and_times() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let profile = dir.path().join("profile");
+    let source = dir.path().join("پوشه من");
+    make_data_set(&source, 1);
+    let password = format!("{PASSWORD}\n");
+    cli(
+        &profile,
+        &node,
+        &["signup", "neda", "--password-stdin"],
+        Some(&password),
+    );
+    cli(
+        &profile,
+        &node,
+        &["login", "neda", "--password-stdin"],
+        Some(&password),
+    );
+
+    let first = cli(
+        &profile,
+        &node,
+        &["backup", source.to_str().expect("UTF-8")],
+        None,
+    );
+    assert!(first.starts_with("snapshot 1 of "), "{first}");
+    // Nothing changed: nothing is read or sent again.
+    let second = cli(
+        &profile,
+        &node,
+        &["backup", source.to_str().expect("UTF-8")],
+        None,
+    );
+    assert!(second.contains("read 0 B in 0 files, sent 0 B"), "{second}");
+    let list = cli(&profile, &node, &["snapshots"], None);
+    assert_eq!(list.lines().count(), 2, "{list}");
+
+    let restored = dir.path().join("restored");
+    cli(
+        &profile,
+        &node,
+        &["restore", "1", restored.to_str().expect("UTF-8")],
+        None,
+    );
+    assert_eq!(
+        inventory(&restored),
+        inventory(&source),
+        "the restore equals the original"
+    );
+    let check = cli(&profile, &node, &["check", "--read-data"], None);
+    assert!(check.contains("no problems"), "{check}");
+
+    // Retention: keep the newest only.
+    cli(&profile, &node, &["forget", "--keep-last", "1"], None);
+    let list = cli(&profile, &node, &["snapshots"], None);
+    assert!(
+        list.trim_start().starts_with('2') && list.lines().count() == 1,
+        "{list}"
+    );
+}
+
+async fn backup(
+    client: &Client,
+    dir: &Path,
+    label: &str,
+) -> Result<hamgam_client::BackupReport, ClientError> {
+    hamgam_client::backup(client, dir, label, Arc::new(TransferCounters::default())).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inserting_one_byte_into_a_100_mib_file_sends_under_1_mib() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (client, _) = node.user("kaveh").await;
+    let source = dir.path().join("big");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut big = random_bytes(&mut rng, 100 << 20);
+    write_file(&source.join("movie.mkv"), &big, 0o644, 1_700_000_000);
+    let first = backup(&client, &source, "big").await.expect("first backup");
+    assert!(first.wire_bytes >= 100 << 20, "{first:?}");
+
+    big.insert(37 << 20, 0x42);
+    write_file(&source.join("movie.mkv"), &big, 0o644, 1_700_000_100);
+    let second = backup(&client, &source, "big")
+        .await
+        .expect("second backup");
+    assert!(
+        second.wire_bytes < 1 << 20,
+        "sent {} bytes for one inserted byte",
+        second.wire_bytes
+    );
+    assert_eq!(
+        second.snapshot.added_bytes,
+        big.len() as u64,
+        "the changed file counts once more"
+    );
+
+    let restored = dir.path().join("restored");
+    hamgam_client::restore(
+        &client,
+        &second.snapshot,
+        &restored,
+        Arc::new(TransferCounters::default()),
+    )
+    .await
+    .expect("restore");
+    assert_eq!(
+        std::fs::read(restored.join("movie.mkv")).expect("read"),
+        big
+    );
+}
+
+fn folder_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .expect("read")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_users_uploading_the_same_file_store_it_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (alice, _) = node.user("alice").await;
+    let (bob, _) = node.user("bob").await;
+    let photo = dir.path().join("photo.jpg");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    std::fs::write(&photo, random_bytes(&mut rng, 5 << 20)).expect("write");
+
+    let counters = TransferCounters::default();
+    alice
+        .upload_file(&photo, "/عکس.jpg", &counters)
+        .await
+        .expect("alice uploads");
+    assert!(TransferCounters::get(&counters.wire_bytes) >= 5 << 20);
+    let chunks = dir.path().join("node/chunks");
+    let stored = folder_bytes(&chunks);
+
+    let counters = TransferCounters::default();
+    bob.upload_file(&photo, "/forwarded.jpg", &counters)
+        .await
+        .expect("bob uploads");
+    assert_eq!(
+        TransferCounters::get(&counters.wire_bytes),
+        0,
+        "no chunk bytes for a stored file"
+    );
+    assert_eq!(folder_bytes(&chunks), stored, "the store did not grow");
+    let mut out = Vec::new();
+    bob.download_file("/forwarded.jpg", None, &mut out, &counters)
+        .await
+        .expect("bob downloads");
+    assert_eq!(out, std::fs::read(&photo).expect("read"));
+    // A byte range fetches only those bytes.
+    let mut part = Vec::new();
+    bob.download_file(
+        "/forwarded.jpg",
+        Some(3_000_000..3_000_100),
+        &mut part,
+        &counters,
+    )
+    .await
+    .expect("range");
+    assert_eq!(part, out[3_000_000..3_000_100]);
+    assert_eq!(
+        bob.usage().await.expect("usage").used_bytes,
+        5 << 20,
+        "each user counts logical bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_cut_off_by_a_killed_node_resends_only_what_was_not_stored() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("node");
+    let mut node = Node::start(&data);
+    let (client, _) = node.user("parisa").await;
+    let source = dir.path().join("videos");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for i in 0..12 {
+        write_file(
+            &source.join(format!("{i}.mp4")),
+            &random_bytes(&mut rng, 4 << 20),
+            0o644,
+            1_700_000_000,
+        );
+    }
+    let total = 48u64 << 20;
+
+    let counters = Arc::new(TransferCounters::default());
+    let running = {
+        let (client, source, counters) = (client, source.clone(), counters.clone());
+        tokio::spawn(
+            async move { hamgam_client::backup(&client, &source, "videos", counters).await },
+        )
+    };
+    // Kill the node once some chunks were acknowledged (so are durable).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while TransferCounters::get(&counters.wire_bytes) < 8 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.kill();
+    let acknowledged = TransferCounters::get(&counters.wire_bytes);
+    assert!(
+        running.await.expect("join").is_err(),
+        "the cut-off backup fails"
+    );
+    assert!(
+        acknowledged < total,
+        "the node was killed mid-upload ({acknowledged} bytes in)"
+    );
+
+    let node = Node::start_at(&data, node.addr);
+    let client = node.device("parisa", "again").await;
+    let resumed = backup(&client, &source, "videos")
+        .await
+        .expect("resumed backup");
+    assert!(
+        resumed.wire_bytes <= total - acknowledged + (1 << 20),
+        "resent {} bytes; {acknowledged} of {total} were acknowledged before the kill",
+        resumed.wire_bytes
+    );
+    let restored = dir.path().join("restored");
+    hamgam_client::restore(
+        &client,
+        &resumed.snapshot,
+        &restored,
+        Arc::new(TransferCounters::default()),
+    )
+    .await
+    .expect("restore");
+    assert_eq!(inventory(&restored), inventory(&source));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_chunk_is_found_by_check_and_repaired_by_the_next_upload() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("node");
+    let node = Node::start(&data);
+    let (client, _) = node.user("omid").await;
+    let source = dir.path().join("docs");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    write_file(
+        &source.join("a.bin"),
+        &random_bytes(&mut rng, 1 << 20),
+        0o644,
+        1_700_000_000,
+    );
+    let first = backup(&client, &source, "docs").await.expect("backup");
+
+    // Flip one byte in the middle of the pack file.
+    let pack = std::fs::read_dir(data.join("chunks"))
+        .expect("chunks")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "dat"))
+        .expect("a pack");
+    let mut bytes = std::fs::read(&pack).expect("read the pack");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&pack, &bytes).expect("damage the pack");
+
+    let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default()))
+        .await
+        .expect("check");
+    assert!(
+        !report.problems.is_empty(),
+        "the damage is found: {report:?}"
+    );
+    let restored = dir.path().join("restored");
+    let failed = hamgam_client::restore(
+        &client,
+        &first.snapshot,
+        &restored,
+        Arc::new(TransferCounters::default()),
+    )
+    .await;
+    assert!(failed.is_err(), "a restore never writes damaged bytes");
+
+    // Touch the file so the next backup reads it again and re-sends the lost chunk.
+    write_file(
+        &source.join("a.bin"),
+        &std::fs::read(source.join("a.bin")).expect("read"),
+        0o644,
+        1_700_000_001,
+    );
+    let repaired = backup(&client, &source, "docs")
+        .await
+        .expect("backup again");
+    assert!(
+        repaired.wire_bytes > 0 && repaired.wire_bytes < 1 << 20,
+        "{repaired:?}"
+    );
+    let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default()))
+        .await
+        .expect("check");
+    assert!(report.problems.is_empty(), "{report:?}");
+    let restored = dir.path().join("restored-2");
+    hamgam_client::restore(
+        &client,
+        &first.snapshot,
+        &restored,
+        Arc::new(TransferCounters::default()),
+    )
+    .await
+    .expect("the first snapshot restores again");
+}
+
+fn code<T>(result: Result<T, ClientError>) -> Option<ErrorCode> {
+    result.err().and_then(|e| e.code())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_store_input_is_refused_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (client, _) = node.user("hacker").await;
+
+    // A chunk whose bytes are not what its name says.
+    let mut lying = StoredChunk::seal(b"real bytes");
+    lying.id = ChunkId([1; 32]);
+    assert_eq!(
+        code(client.put_chunks(&[lying]).await),
+        Some(ErrorCode::CHUNK_MISMATCH)
+    );
+    // A file naming chunks that were never uploaded.
+    let manifest = FileManifest {
+        size: 10,
+        hash: [0; 32],
+        mtime_ms: 0,
+        content: ChunkList::Inline(vec![ChunkRef {
+            id: ChunkId([2; 32]),
+            len: 10,
+        }]),
+    };
+    assert_eq!(
+        code(client.put_file("/x", manifest).await),
+        Some(ErrorCode::CHUNKS_MISSING)
+    );
+    // A file whose chunks hold another length than it says.
+    let good = StoredChunk::seal(b"0123456789");
+    client
+        .put_chunks(std::slice::from_ref(&good))
+        .await
+        .expect("store a chunk");
+    let wrong_size = FileManifest {
+        size: 11,
+        hash: [0; 32],
+        mtime_ms: 0,
+        content: ChunkList::Inline(vec![ChunkRef {
+            id: good.id,
+            len: 10,
+        }]),
+    };
+    assert_eq!(
+        code(client.put_file("/x", wrong_size).await),
+        Some(ErrorCode::INVALID_ARGUMENT)
+    );
+    // Too many ids at once, a path with "..", a snapshot that does not exist.
+    let ids = vec![ChunkId([3; 32]); hamgam_types::limits::CHUNK_IDS_PER_REQUEST_MAX + 1];
+    let request = hamgam_proto::Request::MissingChunks { ids };
+    assert!(
+        matches!(client.call(&request).await, Err(ClientError::Server(b)) if b.code == ErrorCode::INVALID_ARGUMENT)
+    );
+    assert_eq!(
+        code(client.stat_file("/a/../b").await),
+        Some(ErrorCode::INVALID_ARGUMENT)
+    );
+    assert_eq!(
+        code(client.forget_snapshots(&[99]).await),
+        Some(ErrorCode::NOT_FOUND)
+    );
+    // Nothing was stored, and the connection still works.
+    assert_eq!(client.usage().await.expect("usage").used_bytes, 0);
+    assert_eq!(
+        client.missing_chunks(&[good.id]).await.expect("ask"),
+        Vec::<ChunkId>::new()
+    );
+}
