@@ -60,6 +60,19 @@ enum BenchCommand {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// Measure chunk size candidates on a data set (and its edited version):
+    /// chunks, stored bytes after deduplication and compression, metadata,
+    /// cutting speed, and what a re-backup would send.
+    Chunking {
+        /// The data set (gen_dataset.py output).
+        dir: PathBuf,
+        /// The same data set after `gen_dataset.py --edit`.
+        #[arg(long)]
+        edited: Option<PathBuf>,
+        /// Average chunk sizes to try, in KiB (min is a quarter, max four times).
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        avg_kib: Vec<u32>,
+    },
     /// Start a fresh node and a fresh etcd (or a cluster of each), load
     /// each, print both and the ratio.
     Compare {
@@ -122,6 +135,11 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             println!("{}", LoadResult::header());
             println!("{}", result.row());
         }
+        BenchCommand::Chunking {
+            dir,
+            edited,
+            avg_kib,
+        } => crate::chunking::run(&dir, edited.as_deref(), &avg_kib)?,
         BenchCommand::Etcd {
             endpoint,
             pid,

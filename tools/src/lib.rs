@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod bench;
+mod chunking;
 pub mod cli;
 mod profile;
 mod store;
