@@ -502,10 +502,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         user_quota_bytes: config.storage.user_quota_gib << 30,
     };
     let chunks_dir = config.data.join("chunks");
-    let chunks = Arc::new(
+    let pack = Arc::new(
         hamgam_blob::PackStore::open(&chunks_dir)
             .with_context(|| format!("opening the chunk store in {}", chunks_dir.display()))?,
     );
+    // In a cluster, chunks live on their holders among the members; other
+    // nodes' chunk requests are served from this node's packs.
+    let peers = network.as_ref().map(|network| {
+        network.set_chunk_store(pack.clone());
+        Arc::new(hamgam_cluster::ChunkLinks::new(network.clone()))
+            as Arc<dyn hamgam_blob::ChunkPeers>
+    });
+    let chunks = Arc::new(hamgam_blob::ChunkStore::new(pack, node, peers));
     let api = ApiServer::start(endpoint, sync, chunks, hub, api_config)?;
     let listening = api.local_addr()?;
     println!(

@@ -408,7 +408,7 @@ pub(crate) async fn handle(
         Request::Subscribe { .. } | Request::PutChunks { .. } | Request::GetChunks { .. } => Err(
             ApiError::internal("a streaming request reached the one-shot handler"),
         ),
-        Request::MissingChunks { ids } => store::missing_chunks(shared, session, &ids),
+        Request::MissingChunks { ids } => store::missing_chunks(shared, session, &ids).await,
         Request::PutFile { path, manifest } => {
             store::put_file(shared, session, path, manifest).await
         }

@@ -26,7 +26,7 @@ pub use auth::PasswordCost;
 pub use error::ApiError;
 pub use push::PushHub;
 
-use hamgam_blob::PackStore;
+use hamgam_blob::ChunkStore;
 use hamgam_sync::SyncService;
 use hamgam_types::{NodeId, UserId, limits};
 use std::collections::HashMap;
@@ -49,7 +49,7 @@ pub struct ApiConfig {
 
 pub(crate) struct Shared {
     sync: SyncService,
-    chunks: Arc<PackStore>,
+    chunks: Arc<ChunkStore>,
     transfer_budget: Arc<tokio::sync::Semaphore>,
     hub: Arc<PushHub>,
     passwords: auth::Passwords,
@@ -80,7 +80,7 @@ impl ApiServer {
     pub fn start(
         endpoint: quinn::Endpoint,
         sync: SyncService,
-        chunks: Arc<PackStore>,
+        chunks: Arc<ChunkStore>,
         hub: Arc<PushHub>,
         config: ApiConfig,
     ) -> Result<ApiServer, ApiError> {

@@ -2,16 +2,16 @@
 //! streams, and the namespace requests (files, folders, snapshots) that end
 //! in a command on the user's shard.
 //!
-//! Nothing is committed that names a chunk this node does not hold: a file's
-//! or snapshot's every chunk (list chunks and tree chunks included) is
-//! checked before the command is proposed. Chunk bytes are checked against
+//! Nothing is committed that names a chunk the cluster does not hold on a
+//! quorum of its holders: a file's or snapshot's every chunk (list chunks
+//! and tree chunks included) is checked before the command is proposed. Chunk bytes are checked against
 //! their names when they arrive, so a bad upload can never stand in for
 //! someone else's content under its name.
 
 use crate::connection::Session;
 use crate::handlers::{now_ms, require_auth};
 use crate::{ApiError, Shared};
-use hamgam_blob::{BlobError, PackStore, StoredChunk, Tree, TreeKind, list};
+use hamgam_blob::{BlobError, ChunkStore, StoredChunk, Tree, TreeKind, list};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
 use hamgam_proto::store::{ChunkFrame, ChunkList, ChunkRef, FileManifest, SnapshotStats};
 use hamgam_proto::{ErrorCode, Response};
@@ -30,18 +30,10 @@ impl From<BlobError> for ApiError {
             BlobError::Malformed { .. } => {
                 ApiError::new(ErrorCode::INVALID_ARGUMENT, error.to_string())
             }
+            BlobError::Unavailable(_) => ApiError::unavailable(format!("{error}; retry")),
             BlobError::Io { .. } => ApiError::internal(error.to_string()),
         }
     }
-}
-
-/// Runs blocking chunk-store work off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| ApiError::internal(format!("chunk store task: {error}")))?
 }
 
 fn check_count(count: usize, max: usize, what: &str) -> Result<(), ApiError> {
@@ -54,7 +46,7 @@ fn check_count(count: usize, max: usize, what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) fn missing_chunks(
+pub(crate) async fn missing_chunks(
     shared: &Shared,
     session: &Session,
     ids: &[ChunkId],
@@ -62,7 +54,7 @@ pub(crate) fn missing_chunks(
     require_auth(shared, session)?;
     check_count(ids.len(), limits::CHUNK_IDS_PER_REQUEST_MAX, "chunk ids")?;
     Ok(Response::MissingChunks {
-        ids: shared.chunks.missing(ids),
+        ids: shared.chunks.missing(ids).await?,
     })
 }
 
@@ -103,8 +95,7 @@ pub(crate) async fn put_chunks(
             .map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
         chunks.push(StoredChunk::from_frame(&frame));
     }
-    let store = shared.chunks.clone();
-    let outcome = blocking(move || Ok(store.put(&chunks)?)).await?;
+    let outcome = shared.chunks.put(chunks).await?;
     Ok(Response::ChunksStored {
         stored: outcome.stored,
         present: outcome.present,
@@ -129,19 +120,7 @@ pub(crate) async fn get_chunks(
         .acquire()
         .await
         .map_err(|_| ApiError::unavailable("the node is stopping"))?;
-    let store = shared.chunks.clone();
-    let (found, missing) = blocking(move || {
-        let mut found = Vec::with_capacity(ids.len());
-        let mut missing = Vec::new();
-        for id in ids {
-            match store.get(&id)? {
-                Some(chunk) => found.push(chunk),
-                None => missing.push(id),
-            }
-        }
-        Ok((found, missing))
-    })
-    .await?;
+    let (found, missing) = shared.chunks.get(&ids).await?;
     let write_failed = |error: FrameError| ApiError::internal(format!("writing chunks: {error}"));
     frame::write_frame(
         send,
@@ -156,12 +135,20 @@ pub(crate) async fn get_chunks(
     Ok(())
 }
 
-/// A chunk's plain bytes from this node's store.
-fn read_plain(store: &PackStore, chunk: &ChunkRef) -> Result<Vec<u8>, ApiError> {
-    match store.get(&chunk.id)? {
-        Some(stored) => Ok(stored.open()?),
-        None => Err(chunks_missing(1)),
+/// The plain bytes of chunks, in order, from wherever the cluster keeps them.
+async fn read_plain(store: &ChunkStore, refs: &[ChunkRef]) -> Result<Vec<Vec<u8>>, ApiError> {
+    let mut plains = Vec::with_capacity(refs.len());
+    for batch in refs.chunks(limits::CHUNKS_PER_STREAM_MAX) {
+        let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
+        let (chunks, missing) = store.get(&ids).await?;
+        if !missing.is_empty() {
+            return Err(chunks_missing(missing.len()));
+        }
+        for chunk in chunks {
+            plains.push(chunk.open()?);
+        }
     }
+    Ok(plains)
 }
 
 fn chunks_missing(count: usize) -> ApiError {
@@ -171,24 +158,33 @@ fn chunks_missing(count: usize) -> ApiError {
     )
 }
 
-/// Checks every chunk of a list is stored; returns the data chunks' total length.
-fn check_list(store: &PackStore, content: &ChunkList) -> Result<u64, ApiError> {
+/// The data chunks of a list (reading its list chunks if it is indirect).
+async fn expand(store: &ChunkStore, content: &ChunkList) -> Result<Vec<ChunkRef>, ApiError> {
     if !content.within_bounds() {
         return Err(ApiError::new(
             ErrorCode::INVALID_ARGUMENT,
             "a chunk list is over its bound",
         ));
     }
-    let missing = store.missing(&content.refs().iter().map(|r| r.id).collect::<Vec<_>>());
-    if !missing.is_empty() {
-        return Err(chunks_missing(missing.len()));
+    match content {
+        ChunkList::Inline(refs) => Ok(refs.clone()),
+        ChunkList::Indirect(pieces) => {
+            let mut refs = Vec::new();
+            for plain in read_plain(store, pieces).await? {
+                refs.extend(list::decode_piece(&plain)?);
+            }
+            Ok(refs)
+        }
     }
-    let refs = list::expand(content, |piece| read_plain(store, piece))?;
+}
+
+/// Checks every chunk of a list is stored; returns the data chunks' total length.
+async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
+    let refs = expand(store, content).await?;
     let mut missing = 0;
     for batch in refs.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
-        missing += store
-            .missing(&batch.iter().map(|r| r.id).collect::<Vec<_>>())
-            .len();
+        let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
+        missing += store.missing(&ids).await?.len();
     }
     if missing > 0 {
         return Err(chunks_missing(missing));
@@ -196,10 +192,9 @@ fn check_list(store: &PackStore, content: &ChunkList) -> Result<u64, ApiError> {
     Ok(refs.iter().map(|r| u64::from(r.len)).sum())
 }
 
-/// A snapshot's tree, every chunk checked present.
-fn read_tree(store: &PackStore, tree: &ChunkList) -> Result<Tree, ApiError> {
-    check_list(store, tree)?;
-    let refs = list::expand(tree, |piece| read_plain(store, piece))?;
+/// A snapshot's tree, read back from its chunks.
+async fn read_tree(store: &ChunkStore, tree: &ChunkList) -> Result<Tree, ApiError> {
+    let refs = expand(store, tree).await?;
     let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
     if total > limits::TREE_BYTES_MAX {
         return Err(ApiError::new(
@@ -207,11 +202,7 @@ fn read_tree(store: &PackStore, tree: &ChunkList) -> Result<Tree, ApiError> {
             format!("a tree of {total} bytes is over the limit"),
         ));
     }
-    let mut bytes = Vec::with_capacity(total as usize);
-    for chunk in &refs {
-        bytes.extend(read_plain(store, chunk)?);
-    }
-    Ok(Tree::decode(&bytes)?)
+    Ok(Tree::decode(&read_plain(store, &refs).await?.concat())?)
 }
 
 pub(crate) async fn put_file(
@@ -222,9 +213,7 @@ pub(crate) async fn put_file(
 ) -> Result<Response, ApiError> {
     let auth = require_auth(shared, session)?;
     let path = hamgam_sync::normalize_path(&path)?;
-    let store = shared.chunks.clone();
-    let content = manifest.content.clone();
-    let length = blocking(move || check_list(&store, &content)).await?;
+    let length = check_list(&shared.chunks, &manifest.content).await?;
     if length != manifest.size {
         return Err(ApiError::new(
             ErrorCode::INVALID_ARGUMENT,
@@ -270,37 +259,20 @@ pub(crate) async fn commit_snapshot(
         Some(id) => Some(shared.sync.snapshot(auth.user, id)?.tree),
         None => None,
     };
-    let store = shared.chunks.clone();
-    let tree_list = tree.clone();
-    let added_bytes = blocking(move || {
-        let tree = read_tree(&store, &tree_list)?;
-        for (_, content) in tree.file_chunk_lists() {
-            check_list(&store, content)?;
-        }
-        // What the snapshot adds: files whose content its parent did not have.
-        let known: HashSet<(u64, [u8; 32])> = match parent_tree {
-            Some(parent) => read_tree(&store, &parent)?
-                .entries
-                .iter()
-                .filter_map(|entry| match &entry.kind {
-                    TreeKind::File { size, hash, .. } => Some((*size, *hash)),
-                    _ => None,
-                })
-                .collect(),
-            None => HashSet::new(),
-        };
-        Ok(tree
-            .entries
-            .iter()
-            .filter_map(|entry| match &entry.kind {
-                TreeKind::File { size, hash, .. } if !known.contains(&(*size, *hash)) => {
-                    Some(*size)
-                }
-                _ => None,
-            })
-            .sum::<u64>())
-    })
-    .await?;
+    let store = &shared.chunks;
+    let new_tree = read_tree(store, &tree).await?;
+    for (_, content) in new_tree.file_chunk_lists() {
+        check_list(store, content).await?;
+    }
+    // What the snapshot adds: files whose content its parent did not have.
+    let known: HashSet<(u64, [u8; 32])> = match parent_tree {
+        Some(parent) => file_contents(&read_tree(store, &parent).await?).collect(),
+        None => HashSet::new(),
+    };
+    let added_bytes = file_contents(&new_tree)
+        .filter(|content| !known.contains(content))
+        .map(|(size, _)| size)
+        .sum();
     let command = Command::AddSnapshot {
         user: auth.user,
         label,
@@ -312,9 +284,21 @@ pub(crate) async fn commit_snapshot(
         now_ms: now_ms(),
     };
     match shared.sync.execute(command).await? {
-        Reply::Snapshot { id } => Ok(Response::Snapshot(shared.sync.snapshot(auth.user, id)?)),
+        Reply::Snapshot { id } => {
+            // This node may host a replica that has not applied it yet.
+            shared.sync.fresh_user(auth.user).await?;
+            Ok(Response::Snapshot(shared.sync.snapshot(auth.user, id)?))
+        }
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
+}
+
+/// (size, hash) of every file of a tree.
+fn file_contents(tree: &Tree) -> impl Iterator<Item = (u64, [u8; 32])> + '_ {
+    tree.entries.iter().filter_map(|entry| match &entry.kind {
+        TreeKind::File { size, hash, .. } => Some((*size, *hash)),
+        _ => None,
+    })
 }
 
 /// The budget of concurrent chunk transfers on a node: each holds at most

@@ -5,20 +5,25 @@
 //! zstd only where it pays ([`StoredChunk`]), pack files with an index on a
 //! node's disk ([`PackStore`], fsynced before anything is acknowledged),
 //! long chunk lists stored as chunks themselves ([`list`]), the backup tree
-//! format ([`Tree`]) and which nodes hold a chunk ([`placement`]).
+//! format ([`Tree`]), which nodes hold a chunk ([`placement`]), and
+//! [`ChunkStore`]: writes to a quorum of a chunk's holders, reads from any,
+//! repairs what a holder lacked.
 //!
 //! Used by both sides: the client cuts, names and compresses; the node
 //! checks and keeps. Must not know: users, quotas, raft, QUIC, the protocol's
-//! requests. Chunks are bytes with names.
+//! requests (other nodes are reached through the [`ChunkPeers`] trait).
+//! Chunks are bytes with names.
 
 mod chunk;
 pub mod list;
 mod pack;
 pub mod placement;
+mod replicated;
 mod tree;
 
 pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice};
 pub use pack::{PackStats, PackStore, PutOutcome};
+pub use replicated::{COPIES, ChunkPeers, ChunkStore, PeerFuture};
 pub use tree::{Tree, TreeEntry, TreeKind};
 
 use hamgam_types::ChunkId;
@@ -36,6 +41,9 @@ pub enum BlobError {
     /// Encoded metadata (a chunk list or a tree) does not decode.
     #[error("malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
+    /// Not enough of a chunk's holders could be reached; retry later.
+    #[error("{0}")]
+    Unavailable(String),
     /// A file operation failed.
     #[error("chunk store I/O failed on {path}: {source}")]
     Io {

@@ -341,8 +341,10 @@ impl PackStore {
                     records
                 }
             };
+            // A later record of the same chunk is a repair of an earlier
+            // (damaged) one: it wins.
             for (id, location) in records {
-                index.entry(id).or_insert(location);
+                index.insert(id, location);
             }
         }
         let active = match active {

@@ -11,7 +11,9 @@
 //! shard); shard 0's state machine ([`membership`]: the member list and
 //! placement), joining with a token ([`join`], ALPN `hamgam-join/1`, the
 //! one protocol open without a certificate), and the placement driver
-//! ([`driver`]) that adds, promotes and removes replicas.
+//! ([`driver`]) that adds, promotes and removes replicas, and the chunk
+//! exchanges between nodes ([`ChunkLinks`], serving from the node's pack
+//! store) that the blob crate's replicated chunk store runs on.
 //!
 //! The same endpoint answers operators on [`admin::ADMIN_ALPN`], and
 //! [`ClusterFile`] is the record of the cluster a data directory belongs to.
@@ -25,6 +27,7 @@
 //! hints are opaque bytes here).
 
 pub mod admin;
+mod chunks;
 mod cluster_file;
 pub mod driver;
 mod exchange;
@@ -33,6 +36,7 @@ pub mod membership;
 mod network;
 pub mod wire;
 
+pub use chunks::ChunkLinks;
 pub use cluster_file::{CLUSTER_FILE, ClusterFile, Member};
 pub use membership::{ClusterMachine, ClusterView, MemberRecord, MemberState};
 pub use network::{HintSink, Members, PeerNetwork, PeerTransport};

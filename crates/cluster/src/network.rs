@@ -5,6 +5,7 @@ use crate::join::{self, JOIN_ALPN, JoinAuthority};
 use crate::membership::ClusterView;
 use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
+use hamgam_blob::PackStore;
 use hamgam_raftstore::{
     ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport,
     RemoteRead, RemoteReadAnswer, RemoteReadReply,
@@ -61,6 +62,8 @@ pub struct PeerNetwork {
     /// Shard 0's view, once `follow` is called.
     view: Mutex<Option<tokio::sync::watch::Receiver<ClusterView>>>,
     hints: Mutex<Option<HintSink>>,
+    /// This node's chunk store, for other nodes' chunk requests.
+    chunks: Mutex<Option<Arc<PackStore>>>,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -101,7 +104,29 @@ impl PeerNetwork {
             join: Mutex::new(None),
             view: Mutex::new(None),
             hints: Mutex::new(None),
+            chunks: Mutex::new(None),
         }))
+    }
+
+    /// The pack store other nodes' chunk requests are served from.
+    pub fn set_chunk_store(&self, store: Arc<PackStore>) {
+        *self.chunks.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
+    }
+
+    /// Members chunks are placed on (active ones), or with `all` every
+    /// member not removed; this node alone until shard 0's view is known.
+    pub(crate) fn chunk_members(&self, all: bool) -> Vec<NodeId> {
+        self.with_view(|view| {
+            view.members
+                .iter()
+                .filter(|m| {
+                    m.state == crate::MemberState::Active
+                        || (all && m.state != crate::MemberState::Removed)
+                })
+                .map(|m| m.id)
+                .collect()
+        })
+        .unwrap_or_else(|| vec![self.node])
     }
 
     /// Where hints relayed by other nodes go.
@@ -327,7 +352,8 @@ impl PeerNetwork {
                 stream = connection.accept_bi() => match stream {
                     Ok((send, recv)) => {
                         let raft = raft.clone();
-                        self.tasks.spawn(answer_request(send, recv, raft));
+                        let chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        self.tasks.spawn(answer_request(send, recv, raft, chunks));
                     }
                     Err(_) => return,
                 },
@@ -336,7 +362,7 @@ impl PeerNetwork {
     }
 
     /// The live connection to `node`, dialling it if needed.
-    async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
+    pub(crate) async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
         let slot = self
             .connections
             .lock()
@@ -610,17 +636,38 @@ async fn read_uni_stream(
     }
 }
 
-/// Answers one request from a peer: a forwarded proposal (proposed here) or
-/// a read of a shard this node hosts.
+/// Answers one request from a peer: a forwarded proposal (proposed here),
+/// a read of a shard this node hosts, or a chunk exchange.
 async fn answer_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     raft: RaftHandle,
+    chunks: Option<Arc<PackStore>>,
 ) {
-    let Ok(request) = recv.read_to_end(limits::COMMAND_BYTES_MAX + 8).await else {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        let _ = send.reset(1u32.into());
+        return;
+    }
+    if matches!(
+        kind[0],
+        wire::CHUNK_PUT | wire::CHUNK_MISSING | wire::CHUNK_GET
+    ) {
+        match chunks {
+            Some(store) => crate::chunks::serve(kind[0], send, recv, store).await,
+            None => {
+                let _ = send.reset(2u32.into());
+            }
+        }
+        return;
+    }
+    let Ok(rest) = recv.read_to_end(limits::COMMAND_BYTES_MAX + 8).await else {
         let _ = send.reset(1u32.into());
         return;
     };
+    let mut request = Vec::with_capacity(1 + rest.len());
+    request.push(kind[0]);
+    request.extend_from_slice(&rest);
     let answer = match wire::decode_request(&request) {
         Ok((wire::PROPOSAL_STREAM, shard, command)) => {
             raft.propose_here(shard, command.to_vec()).await

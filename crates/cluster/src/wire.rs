@@ -99,6 +99,10 @@ pub fn decode_raft(frame: &[u8]) -> Result<(ShardId, RaftMessage), WireError> {
 
 pub const PROPOSAL_STREAM: u8 = 2;
 pub const READ_STREAM: u8 = 3;
+/// Chunk exchanges (see the `chunks` module for their layout).
+pub const CHUNK_PUT: u8 = 4;
+pub const CHUNK_MISSING: u8 = 5;
+pub const CHUNK_GET: u8 = 6;
 
 /// A bidi request: its kind, the shard, and the body.
 pub fn encode_request(kind: u8, shard: ShardId, body: &[u8]) -> Vec<u8> {

@@ -554,3 +554,112 @@ async fn bad_store_input_is_refused_and_the_connection_goes_on() {
         Vec::<ChunkId>::new()
     );
 }
+
+/// Every chunk id of the files under `root`.
+fn chunk_ids(root: &Path) -> Vec<ChunkId> {
+    let mut ids = Vec::new();
+    for (path, (kind, ..)) in inventory(root) {
+        if kind == "file" {
+            let bytes = std::fs::read(root.join(path)).expect("read");
+            ids.extend(
+                hamgam_blob::chunks_of_slice(&bytes, hamgam_blob::ChunkerParams::default())
+                    .map(ChunkId::of),
+            );
+        }
+    }
+    ids
+}
+
+fn damage_middle_of_first_pack(chunks_dir: &Path) {
+    let pack = std::fs::read_dir(chunks_dir)
+        .expect("chunks")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "dat"))
+        .expect("a pack");
+    let mut bytes = std::fs::read(&pack).expect("read the pack");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&pack, &bytes).expect("damage the pack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_is_repaired() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut nodes = crate::cluster::start_cluster(root.path(), "");
+    crate::cluster::status_with_leaders(&nodes[0]).await;
+    let (client, _) = nodes[0].user("laleh").await;
+    let source = root.path().join("source");
+    make_data_set(&source, 3);
+    let first = backup(&client, &source, "laleh")
+        .await
+        .expect("backup through node 1");
+
+    // Three members: every chunk is on all three.
+    let ids = chunk_ids(&source);
+    for node in &nodes {
+        let pack = hamgam_blob::PackStore::open(&node.dir.join("chunks")).expect("open a copy");
+        let lacking = pack.missing(&ids);
+        assert!(
+            lacking.is_empty(),
+            "{} lacks {} chunks",
+            node.dir.display(),
+            lacking.len()
+        );
+    }
+
+    // Through another node, and with the first one dead.
+    nodes[0].kill();
+    let other = nodes[1].device("laleh", "tablet").await;
+    let restored = root.path().join("restored-1");
+    hamgam_client::restore(
+        &other,
+        &first.snapshot,
+        &restored,
+        Arc::new(TransferCounters::default()),
+    )
+    .await
+    .expect("restore through node 2 with node 1 dead");
+    assert_eq!(inventory(&restored), inventory(&source));
+    // Writes need two of three holders: still possible.
+    write_file(
+        &source.join("new.txt"),
+        b"written while node 1 is down",
+        0o644,
+        1_700_000_500,
+    );
+    backup(&other, &source, "laleh")
+        .await
+        .expect("a backup with one node dead");
+
+    // Damage node 2's copy: a restore through node 2 reads node 3's and repairs node 2's.
+    damage_middle_of_first_pack(&nodes[1].dir.join("chunks"));
+    let restored = root.path().join("restored-2");
+    hamgam_client::restore(
+        &other,
+        &first.snapshot,
+        &restored,
+        Arc::new(TransferCounters::default()),
+    )
+    .await
+    .expect("restore despite a damaged copy");
+    assert_eq!(
+        inventory(&restored)
+            .into_iter()
+            .filter(|(p, _)| p.as_os_str() != "new.txt")
+            .collect::<Vec<_>>(),
+        inventory(&source)
+            .into_iter()
+            .filter(|(p, _)| p.as_os_str() != "new.txt")
+            .collect::<Vec<_>>()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // the repair runs in the background
+    nodes[1].stop();
+    let pack =
+        hamgam_blob::PackStore::open(&nodes[1].dir.join("chunks")).expect("open node 2's copy");
+    for id in &ids {
+        assert!(
+            pack.get(id).expect("no damage left").is_some(),
+            "node 2 lacks {id:?} after repair"
+        );
+    }
+}

@@ -1,0 +1,411 @@
+//! Chunks across the cluster: each chunk on R nodes (3, or every member in
+//! a smaller cluster) chosen by rendezvous hashing over the active members.
+//!
+//! - **Write**: a chunk is checked against its name once, here, then sent
+//!   to all its holders at once; the upload is answered only when a write
+//!   quorum (a majority of the holders) has it durably.
+//! - **Presence**: a chunk counts as stored only where a quorum of its
+//!   holders has it, so an upload cut off half way is completed by the
+//!   retry instead of being trusted.
+//! - **Read**: this node's own copy first, then the holders in rendezvous
+//!   order, then any other member (placement moves when members change).
+//!   Every copy from elsewhere is checked against its name; a holder that
+//!   lacked the chunk or held a damaged copy is sent the good one (repair).
+//!
+//! A single node is the same code with no peers: R = 1, quorum 1.
+
+use crate::{BlobError, PackStore, PutOutcome, StoredChunk, placement};
+use hamgam_types::{ChunkId, NodeId};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type PeerFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+
+/// Moves chunks between nodes; the cluster's network implements it.
+pub trait ChunkPeers: Send + Sync + 'static {
+    /// The members chunks are placed on (active ones), this node included.
+    fn members(&self) -> Vec<NodeId>;
+    /// Every member that may still hold chunks (not removed).
+    fn reachable(&self) -> Vec<NodeId>;
+    /// Stores chunks on `node`, durably, or fails.
+    fn put(&self, node: NodeId, chunks: Vec<StoredChunk>) -> PeerFuture<()>;
+    /// Which of `ids` `node` lacks.
+    fn missing(&self, node: NodeId, ids: Vec<ChunkId>) -> PeerFuture<Vec<ChunkId>>;
+    /// The chunks `node` has of `ids` (unchecked: the caller checks).
+    fn get(&self, node: NodeId, ids: Vec<ChunkId>) -> PeerFuture<Vec<StoredChunk>>;
+}
+
+/// Copies of each chunk in a cluster of at least this many members.
+pub const COPIES: usize = 3;
+
+/// The chunk store a node's API uses: its own pack store and, in a
+/// cluster, the other members' through [`ChunkPeers`].
+pub struct ChunkStore {
+    local: Arc<PackStore>,
+    node: NodeId,
+    peers: Option<Arc<dyn ChunkPeers>>,
+    /// Nodes whose last chunk exchange failed, and when: skipped for a
+    /// while, so a dead node costs one timeout, not one per request.
+    failed: std::sync::Mutex<HashMap<NodeId, Instant>>,
+}
+
+/// How long a node whose chunk exchange failed is left out.
+const FAILED_NODE_PAUSE: Duration = Duration::from_secs(5);
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| BlobError::Unavailable(format!("a chunk task failed: {error}")))
+}
+
+impl ChunkStore {
+    pub fn new(
+        local: Arc<PackStore>,
+        node: NodeId,
+        peers: Option<Arc<dyn ChunkPeers>>,
+    ) -> ChunkStore {
+        ChunkStore {
+            local,
+            node,
+            peers,
+            failed: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_down(&self, node: NodeId) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed
+            .get(&node)
+            .is_some_and(|when| when.elapsed() < FAILED_NODE_PAUSE)
+    }
+
+    fn mark<T>(&self, node: NodeId, result: &Result<T, String>) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(_) => {
+                failed.remove(&node);
+            }
+            Err(error) => {
+                tracing::debug!(%node, %error, "a chunk exchange failed; leaving the node out for a while");
+                failed.insert(node, Instant::now());
+            }
+        }
+    }
+
+    pub fn local(&self) -> &Arc<PackStore> {
+        &self.local
+    }
+
+    /// The holders of each id, and the quorum; `None` for a single node.
+    fn holders(
+        &self,
+        ids: impl Iterator<Item = ChunkId>,
+    ) -> Option<(HashMap<ChunkId, Vec<NodeId>>, usize)> {
+        let peers = self.peers.as_ref()?;
+        let members = peers.members();
+        if members.len() <= 1 {
+            return None;
+        }
+        let copies = COPIES.min(members.len());
+        let holders = ids
+            .map(|id| (id, placement::holders(&id, &members, copies)))
+            .collect();
+        Some((holders, copies / 2 + 1))
+    }
+
+    /// Which of `ids` are not stored on a quorum of their holders.
+    pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, BlobError> {
+        let Some((holders, quorum)) = self.holders(ids.iter().copied()) else {
+            return Ok(self.local.missing(ids));
+        };
+        let mut asks: BTreeMap<NodeId, Vec<ChunkId>> = BTreeMap::new();
+        for (id, nodes) in &holders {
+            for node in nodes {
+                asks.entry(*node).or_default().push(*id);
+            }
+        }
+        let mut have: HashMap<ChunkId, usize> = HashMap::new();
+        for (node, asked, answer) in self.ask_all(asks).await {
+            let lacking: HashSet<ChunkId> = match answer {
+                Ok(lacking) => lacking.into_iter().collect(),
+                Err(error) => {
+                    tracing::debug!(%node, %error, "a chunk holder did not answer; its copies do not count");
+                    continue;
+                }
+            };
+            for id in asked.into_iter().filter(|id| !lacking.contains(id)) {
+                *have.entry(id).or_default() += 1;
+            }
+        }
+        let mut seen = HashSet::new();
+        Ok(ids
+            .iter()
+            .filter(|id| have.get(id).copied().unwrap_or(0) < quorum && seen.insert(**id))
+            .copied()
+            .collect())
+    }
+
+    /// Asks each node which of its ids it lacks (this node directly).
+    async fn ask_all(
+        &self,
+        asks: BTreeMap<NodeId, Vec<ChunkId>>,
+    ) -> Vec<(NodeId, Vec<ChunkId>, Result<Vec<ChunkId>, String>)> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (node, ids) in asks {
+            if node == self.node {
+                let lacking = self.local.missing(&ids);
+                tasks.spawn(async move { (node, ids, Ok(lacking)) });
+            } else if let Some(peers) = self.peers.as_ref().filter(|_| !self.is_down(node)) {
+                let ask = peers.missing(node, ids.clone());
+                tasks.spawn(async move { (node, ids, ask.await) });
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(answer) = joined {
+                if answer.0 != self.node {
+                    self.mark(answer.0, &answer.2);
+                }
+                out.push(answer);
+            }
+        }
+        out
+    }
+
+    /// Checks every chunk against its name and stores it on its holders;
+    /// answers once each is durable on a quorum of them.
+    pub async fn put(&self, chunks: Vec<StoredChunk>) -> Result<PutOutcome, BlobError> {
+        let Some((holders, quorum)) = self.holders(chunks.iter().map(|c| c.id)) else {
+            let local = self.local.clone();
+            return blocking(move || local.put(&chunks)).await?;
+        };
+        let chunks = blocking(move || {
+            chunks
+                .iter()
+                .try_for_each(|c| c.open().map(|_| ()))
+                .map(|()| chunks)
+        })
+        .await??;
+        let mut sends: BTreeMap<NodeId, Vec<StoredChunk>> = BTreeMap::new();
+        for chunk in &chunks {
+            for node in &holders[&chunk.id] {
+                sends.entry(*node).or_default().push(chunk.clone());
+            }
+        }
+        // Every holder is sent its copies at once; the answer comes when each
+        // chunk is on a quorum, and slower copies finish in the background.
+        let (results, mut answers) = tokio::sync::mpsc::unbounded_channel();
+        let mut pending = 0;
+        for (node, batch) in sends {
+            let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+            let results = results.clone();
+            if node == self.node {
+                let local = self.local.clone();
+                tokio::spawn(async move {
+                    let stored = blocking(move || local.put(&batch)).await;
+                    let stored = stored
+                        .and_then(|r| r)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    let _ = results.send((node, ids, stored));
+                });
+            } else if let Some(peers) = self.peers.as_ref().filter(|_| !self.is_down(node)) {
+                let send = peers.put(node, batch);
+                tokio::spawn(async move {
+                    let _ = results.send((node, ids, send.await));
+                });
+            } else {
+                continue;
+            }
+            pending += 1;
+        }
+        drop(results);
+        let mut copies: HashMap<ChunkId, usize> = HashMap::new();
+        let mut failures = Vec::new();
+        while pending > 0
+            && chunks
+                .iter()
+                .any(|c| copies.get(&c.id).copied().unwrap_or(0) < quorum)
+        {
+            let Some((node, ids, result)) = answers.recv().await else {
+                break;
+            };
+            pending -= 1;
+            if node != self.node {
+                self.mark(node, &result);
+            }
+            match result {
+                Ok(()) => ids
+                    .into_iter()
+                    .for_each(|id| *copies.entry(id).or_default() += 1),
+                Err(error) => failures.push(format!("node {node}: {error}")),
+            }
+        }
+        let short = chunks
+            .iter()
+            .filter(|c| copies.get(&c.id).copied().unwrap_or(0) < quorum)
+            .count();
+        if short > 0 {
+            return Err(BlobError::Unavailable(format!(
+                "{short} chunks did not reach {quorum} of their holders ({})",
+                failures.join("; ")
+            )));
+        }
+        Ok(PutOutcome {
+            stored: chunks.len() as u32,
+            present: 0,
+        })
+    }
+
+    /// The chunks of `ids` that any member holds, each checked; the ids
+    /// none has are returned apart. Copies found lacking or damaged on a
+    /// holder are repaired in the background.
+    pub async fn get(
+        &self,
+        ids: &[ChunkId],
+    ) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), BlobError> {
+        let local = self.local.clone();
+        let wanted = ids.to_vec();
+        let (mut found, mut lacking): (HashMap<ChunkId, StoredChunk>, Vec<ChunkId>) =
+            blocking(move || {
+                let mut found = HashMap::new();
+                let mut lacking = Vec::new();
+                for id in wanted {
+                    match local.get(&id) {
+                        Ok(Some(chunk)) => {
+                            found.insert(id, chunk);
+                        }
+                        Ok(None) | Err(BlobError::Damaged { .. }) => lacking.push(id),
+                        Err(other) => return Err(other),
+                    }
+                }
+                Ok((found, lacking))
+            })
+            .await??;
+        lacking.sort_unstable();
+        lacking.dedup();
+        if let (Some(peers), false) = (&self.peers, lacking.is_empty()) {
+            let members = peers.members();
+            let reachable = peers.reachable();
+            let copies = COPIES.min(members.len().max(1));
+            // Holders in rendezvous order, then everyone else.
+            let order = |id: &ChunkId| -> Vec<NodeId> {
+                let mut order = placement::holders(id, &members, copies);
+                order.extend(
+                    reachable
+                        .iter()
+                        .filter(|n| !order.contains(n))
+                        .copied()
+                        .collect::<Vec<_>>(),
+                );
+                order.retain(|n| *n != self.node);
+                order
+            };
+            let mut tried: HashMap<ChunkId, Vec<NodeId>> = HashMap::new();
+            let mut round = 0;
+            while !lacking.is_empty() && round < reachable.len() {
+                let mut asks: BTreeMap<NodeId, Vec<ChunkId>> = BTreeMap::new();
+                for id in &lacking {
+                    if let Some(node) = order(id).get(round) {
+                        asks.entry(*node).or_default().push(*id);
+                    }
+                }
+                for (node, ask) in asks {
+                    let got = if self.is_down(node) {
+                        Vec::new()
+                    } else {
+                        let answer = peers.get(node, ask.clone()).await;
+                        self.mark(node, &answer);
+                        answer.unwrap_or_default()
+                    };
+                    let got = blocking(move || {
+                        got.into_iter()
+                            .filter(|c| c.open().is_ok())
+                            .collect::<Vec<_>>()
+                    })
+                    .await?;
+                    for chunk in got {
+                        if ask.contains(&chunk.id) {
+                            found.insert(chunk.id, chunk);
+                        }
+                    }
+                    for id in ask {
+                        tried.entry(id).or_default().push(node);
+                    }
+                }
+                lacking.retain(|id| !found.contains_key(id));
+                round += 1;
+            }
+            self.repair(&found, &tried, &members, copies);
+        }
+        let mut chunks = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match found.get(id) {
+                Some(chunk) => chunks.push(chunk.clone()),
+                None => missing.push(*id),
+            }
+        }
+        Ok((chunks, missing))
+    }
+
+    /// Sends good copies to the holders (this node included) that did not
+    /// have them, in the background.
+    fn repair(
+        &self,
+        found: &HashMap<ChunkId, StoredChunk>,
+        tried: &HashMap<ChunkId, Vec<NodeId>>,
+        members: &[NodeId],
+        copies: usize,
+    ) {
+        let Some(peers) = &self.peers else { return };
+        let mut sends: BTreeMap<NodeId, Vec<StoredChunk>> = BTreeMap::new();
+        // Only chunks fetched from elsewhere: this node lacked each of them.
+        for (id, asked) in tried {
+            let Some(chunk) = found.get(id) else { continue };
+            let holders = placement::holders(id, members, copies);
+            // The node asked last gave it; the ones asked before did not have it.
+            let before = &asked[..asked.len().saturating_sub(1)];
+            let lacked: Vec<NodeId> = before
+                .iter()
+                .filter(|n| holders.contains(n))
+                .copied()
+                .collect();
+            let here = holders.contains(&self.node).then_some(self.node);
+            for node in lacked.into_iter().chain(here) {
+                sends.entry(node).or_default().push(chunk.clone());
+            }
+        }
+        for (node, batch) in sends {
+            tracing::info!(%node, chunks = batch.len(), "repairing chunk copies");
+            if node == self.node {
+                let local = self.local.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(error) = local.put(&batch) {
+                        tracing::warn!(%error, "repairing a local chunk copy failed");
+                    }
+                });
+            } else {
+                let send = peers.put(node, batch);
+                tokio::spawn(async move {
+                    if let Err(error) = send.await {
+                        tracing::warn!(%node, %error, "repairing a chunk copy failed");
+                    }
+                });
+            }
+        }
+    }
+}
