@@ -73,6 +73,13 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
         avg_kib: Vec<u32>,
     },
+    /// Send bytes over one raw quinn stream on loopback (the client
+    /// transport settings, nothing else) and print MB/s: the ceiling for
+    /// one large file's upload, measured in the same run.
+    QuicRaw {
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+    },
     /// Start a fresh node and a fresh etcd (or a cluster of each), load
     /// each, print both and the ratio.
     Compare {
@@ -134,6 +141,12 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             let result = hamgam_load(&server, trust, &node_pid, &load).await?;
             println!("{}", LoadResult::header());
             println!("{}", result.row());
+        }
+        BenchCommand::QuicRaw { mib } => {
+            println!(
+                "raw quinn, one stream, {mib} MiB: {:.0} MB/s",
+                crate::quic_raw::run(mib).await?
+            );
         }
         BenchCommand::Chunking {
             dir,

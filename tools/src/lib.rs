@@ -10,6 +10,7 @@ pub mod bench;
 mod chunking;
 pub mod cli;
 mod profile;
+mod quic_raw;
 mod store;
 
 use std::future::Future;

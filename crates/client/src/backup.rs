@@ -8,7 +8,7 @@
 //! A restore writes every file from its chunks, each checked against its
 //! name, checks the whole file's hash, and sets permissions and times.
 
-use crate::store::{TransferCounters, UPLOAD_BATCH_BYTES};
+use crate::store::{TransferCounters, UPLOAD_BATCH_BYTES, UPLOAD_BATCHES_IN_FLIGHT};
 use crate::{Client, ClientError};
 use futures_util::StreamExt;
 use hamgam_blob::{ChunkerParams, Tree, TreeEntry, TreeKind, chunks_of_reader, list};
@@ -253,9 +253,20 @@ pub async fn backup(
     let reader = tokio::task::spawn_blocking(move || {
         read_folder(entries, previous, sender, reader_counters)
     });
-    while let Some(batch) = receiver.recv().await {
-        client.upload_missing(batch, &counters).await?;
+    // Batches overlap, so the streams never drain while the next batch's
+    // "which are missing" question is on its way.
+    let batches = futures_util::stream::unfold(&mut receiver, |receiver| async move {
+        receiver.recv().await.map(|batch| (batch, receiver))
+    });
+    let mut uploads = Box::pin(
+        batches
+            .map(|batch| client.upload_missing(batch, &counters))
+            .buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT),
+    );
+    while let Some(result) = uploads.next().await {
+        result?;
     }
+    drop(uploads);
     let (tree, files_read) = reader
         .await
         .map_err(|e| ClientError::Protocol(format!("reading the folder: {e}")))??;

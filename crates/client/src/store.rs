@@ -22,6 +22,8 @@ use std::time::Duration;
 pub const PARALLEL_STREAMS: usize = 8;
 /// Plain bytes gathered before asking which chunks are missing.
 pub const UPLOAD_BATCH_BYTES: usize = 16 << 20;
+/// Upload batches in flight at once.
+pub const UPLOAD_BATCHES_IN_FLIGHT: usize = 3;
 /// Bytes one upload stream carries (at most `CHUNKS_PER_STREAM_MAX` chunks).
 const STREAM_BYTES: usize = 4 << 20;
 /// A chunk stream may take longer than a plain request.
@@ -259,8 +261,8 @@ impl Client {
             futures_util::stream::iter(streams.into_iter().map(|plains| async move {
                 let sealed = tokio::task::spawn_blocking(move || {
                     plains
-                        .iter()
-                        .map(|p| StoredChunk::seal(p))
+                        .into_iter()
+                        .map(StoredChunk::seal_owned)
                         .collect::<Vec<_>>()
                 })
                 .await
@@ -399,8 +401,19 @@ impl Client {
         counters: &TransferCounters,
     ) -> Result<FileEntry, ClientError> {
         let (manifest, chunks) = read_file_chunks(local, counters)?;
-        for batch in chunks.chunks(UPLOAD_BATCH_BYTES / limits::CHUNK_AVG_BYTES as usize) {
-            self.upload_missing(batch.to_vec(), counters).await?;
+        let batch_chunks = UPLOAD_BATCH_BYTES / limits::CHUNK_AVG_BYTES as usize;
+        let mut batches: Vec<Vec<(ChunkId, Vec<u8>)>> = Vec::new();
+        for chunk in chunks {
+            match batches.last_mut() {
+                Some(batch) if batch.len() < batch_chunks => batch.push(chunk),
+                _ => batches.push(vec![chunk]),
+            }
+        }
+        let mut uploads = futures_util::stream::iter(batches)
+            .map(|batch| self.upload_missing(batch, counters))
+            .buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT);
+        while let Some(result) = uploads.next().await {
+            result?;
         }
         self.put_file(remote, manifest).await
     }
