@@ -102,8 +102,8 @@ hamgam_run() { # name server chunks-dirs...
     local name=$1 server=$2; shift 2
     local profile="$work/$name-profile"
     rm -rf "$profile" "$work/$name-out"
-    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server "$server" signup bench --password-stdin >/dev/null
-    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server "$server" login bench --password-stdin >/dev/null
+    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server "$server" signup bench --password-stdin >/dev/null 2>&1
+    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server "$server" login bench --password-stdin >/dev/null 2>&1
     stage "$v1"; sync_drop
     timed "$bin/hamgam" --profile "$profile" backup "$data" --label bench; b1=$secs
     local stored1=0 dir
@@ -145,8 +145,8 @@ pids+=($!)
 sleep 2
 profile="$work/large-profile"
 rm -rf "$profile"
-echo "bench-password" | "$bin/hamgam" --profile "$profile" --server 127.0.0.1:7690 signup bench --password-stdin >/dev/null
-echo "bench-password" | "$bin/hamgam" --profile "$profile" --server 127.0.0.1:7690 login bench --password-stdin >/dev/null
+echo "bench-password" | "$bin/hamgam" --profile "$profile" --server 127.0.0.1:7690 signup bench --password-stdin >/dev/null 2>&1
+echo "bench-password" | "$bin/hamgam" --profile "$profile" --server 127.0.0.1:7690 login bench --password-stdin >/dev/null 2>&1
 timed "$bin/hamgam" --profile "$profile" put "$work/large.bin" /large.bin
 stop_nodes
 large=$(rate $((512 << 20)) "$secs")

@@ -49,6 +49,11 @@ pub struct StorageConfig {
     pub cache_mib: u64,
     /// Logical bytes each user may keep in the cloud store, in GiB.
     pub user_quota_gib: u64,
+    /// Seconds between scrub passes over this node's chunks (each chunk
+    /// read back and checked; in a cluster, missing copies re-sent).
+    pub scrub_interval_secs: u64,
+    /// Read budget of the scrubber, so it never crowds out clients.
+    pub scrub_mib_per_sec: u64,
 }
 
 impl Default for Config {
@@ -88,6 +93,8 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mib: 256,
             user_quota_gib: hamgam_types::limits::USER_QUOTA_BYTES_DEFAULT >> 30,
+            scrub_interval_secs: 6 * 3600,
+            scrub_mib_per_sec: 16,
         }
     }
 }
@@ -119,6 +126,9 @@ impl Config {
         }
         if self.storage.cache_mib < 8 {
             bail!("storage.cache_mib must be at least 8");
+        }
+        if self.storage.scrub_interval_secs < 1 || self.storage.scrub_mib_per_sec < 1 {
+            bail!("storage.scrub_interval_secs and storage.scrub_mib_per_sec must be at least 1");
         }
         if !(1..=1 << 20).contains(&self.storage.user_quota_gib) {
             bail!("storage.user_quota_gib must be between 1 and 1048576");

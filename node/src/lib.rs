@@ -514,6 +514,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             as Arc<dyn hamgam_blob::ChunkPeers>
     });
     let chunks = Arc::new(hamgam_blob::ChunkStore::new(pack, node, peers));
+    let scrubber = tokio::spawn(scrub_chunks(
+        chunks.clone(),
+        Duration::from_secs(config.storage.scrub_interval_secs),
+        config.storage.scrub_mib_per_sec << 20,
+        cancel.clone(),
+    ));
     let api = ApiServer::start(endpoint, sync, chunks, hub, api_config)?;
     let listening = api.local_addr()?;
     println!(
@@ -546,6 +552,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     api.shutdown(DRAIN).await;
     cancel.cancel();
     let _ = outbox.await;
+    let _ = scrubber.await;
     for task in cluster_tasks {
         let _ = task.await;
     }
@@ -633,5 +640,38 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+/// Checks every local chunk and its copies on the other holders once per
+/// `interval`, reading at most `bytes_per_sec`, until cancelled.
+async fn scrub_chunks(
+    chunks: Arc<hamgam_blob::ChunkStore>,
+    interval: Duration,
+    bytes_per_sec: u64,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let pass = tokio::select! {
+            () = cancel.cancelled() => return,
+            pass = chunks.scrub(bytes_per_sec) => pass,
+        };
+        match pass {
+            Ok(report) if report.damaged > 0 || report.copies_sent > 0 => tracing::warn!(
+                checked = report.checked,
+                damaged = report.damaged,
+                copies_sent = report.copies_sent,
+                "scrub pass repaired chunk copies"
+            ),
+            Ok(report) => tracing::info!(
+                checked = report.checked,
+                "scrub pass found every chunk copy well"
+            ),
+            Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
+        }
     }
 }

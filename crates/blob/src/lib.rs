@@ -23,7 +23,7 @@ mod tree;
 
 pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice};
 pub use pack::{PackStats, PackStore, PutOutcome};
-pub use replicated::{COPIES, ChunkPeers, ChunkStore, PeerFuture};
+pub use replicated::{COPIES, ChunkPeers, ChunkStore, PeerFuture, ScrubReport};
 pub use tree::{Tree, TreeEntry, TreeKind};
 
 use hamgam_types::ChunkId;

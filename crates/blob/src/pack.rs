@@ -527,6 +527,25 @@ impl PackStore {
         }
     }
 
+    /// Every chunk id stored here, in no particular order (a copy).
+    pub fn ids(&self) -> Vec<ChunkId> {
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Forgets a copy found bad elsewhere than [`PackStore::get`] (its bytes
+    /// do not match its name although its record is intact).
+    pub fn forget(&self, id: &ChunkId) {
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
     pub fn stats(&self) -> PackStats {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let packs = self.active.lock().unwrap_or_else(|p| p.into_inner()).number;

@@ -409,3 +409,105 @@ impl ChunkStore {
         }
     }
 }
+
+/// What one scrub pass found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Chunks read back and checked against their names.
+    pub checked: u64,
+    /// Local copies found damaged (and fetched again where this node holds the chunk).
+    pub damaged: u64,
+    /// Copies sent to holders that lacked them.
+    pub copies_sent: u64,
+}
+
+/// Chunks checked per step of a scrub pass.
+const SCRUB_STEP_CHUNKS: usize = 64;
+
+impl ChunkStore {
+    /// One pass over this node's chunks: each is read back and checked
+    /// against its name (a damaged copy is fetched again from another
+    /// holder), and in a cluster each chunk's holders are asked whether
+    /// they have it and sent a copy if not, so copies lost with a disk, or
+    /// placed on a member that joined later, come back. Reads at most
+    /// `bytes_per_sec` so serving clients comes first.
+    pub async fn scrub(&self, bytes_per_sec: u64) -> Result<ScrubReport, BlobError> {
+        let mut report = ScrubReport::default();
+        let ids = self.local.ids();
+        let started = Instant::now();
+        let mut read = 0u64;
+        for step in ids.chunks(SCRUB_STEP_CHUNKS) {
+            let local = self.local.clone();
+            let wanted = step.to_vec();
+            let (good, damaged): (Vec<StoredChunk>, Vec<ChunkId>) = blocking(move || {
+                let mut good = Vec::new();
+                let mut damaged = Vec::new();
+                for id in wanted {
+                    match local.get(&id) {
+                        Ok(Some(chunk)) if chunk.open().is_ok() => good.push(chunk),
+                        Ok(None) => {}
+                        Ok(Some(_)) | Err(BlobError::Damaged { .. }) => {
+                            local.forget(&id);
+                            damaged.push(id);
+                        }
+                        Err(error) => tracing::warn!(%error, "scrub could not read a chunk"),
+                    }
+                }
+                (good, damaged)
+            })
+            .await?;
+            report.checked += (good.len() + damaged.len()) as u64;
+            report.damaged += damaged.len() as u64;
+            read += good.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
+            if !damaged.is_empty() {
+                tracing::error!(
+                    count = damaged.len(),
+                    "scrub found damaged chunk copies; fetching them again"
+                );
+                // `get` fetches from the other holders and repairs this node's copy.
+                self.get(&damaged).await?;
+            }
+            report.copies_sent += self.replicate(good).await;
+            // Throttle: never read faster than the budget.
+            let due = Duration::from_secs_f64(read as f64 / bytes_per_sec.max(1) as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Sends each chunk to its holders that lack it; returns the copies sent.
+    async fn replicate(&self, chunks: Vec<StoredChunk>) -> u64 {
+        let Some((holders, _)) = self.holders(chunks.iter().map(|c| c.id)) else {
+            return 0;
+        };
+        let Some(peers) = &self.peers else { return 0 };
+        let mut asks: BTreeMap<NodeId, Vec<ChunkId>> = BTreeMap::new();
+        for (id, nodes) in &holders {
+            for node in nodes.iter().filter(|n| **n != self.node) {
+                asks.entry(*node).or_default().push(*id);
+            }
+        }
+        let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
+        let mut sent = 0;
+        for (node, _, answer) in self.ask_all(asks).await {
+            let Ok(lacking) = answer else { continue };
+            let copies: Vec<StoredChunk> = lacking
+                .iter()
+                .filter_map(|id| by_id.get(id).cloned())
+                .collect();
+            if copies.is_empty() {
+                continue;
+            }
+            let count = copies.len() as u64;
+            let result = peers.put(node, copies).await;
+            self.mark(node, &result);
+            match result {
+                Ok(()) => sent += count,
+                Err(error) => tracing::warn!(%node, %error, "scrub could not send a chunk copy"),
+            }
+        }
+        sent
+    }
+}

@@ -248,14 +248,14 @@ pub async fn backup(
     let entries = tokio::task::spawn_blocking(move || walk(&root))
         .await
         .map_err(|e| ClientError::Protocol(format!("walking the folder: {e}")))??;
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Batch>(2);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Batch>(2);
     let reader_counters = counters.clone();
     let reader = tokio::task::spawn_blocking(move || {
         read_folder(entries, previous, sender, reader_counters)
     });
     // Batches overlap, so the streams never drain while the next batch's
     // "which are missing" question is on its way.
-    let batches = futures_util::stream::unfold(&mut receiver, |receiver| async move {
+    let batches = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|batch| (batch, receiver))
     });
     let mut uploads = Box::pin(

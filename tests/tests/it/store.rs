@@ -663,3 +663,69 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unasked() {
+    let config = "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\n";
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut nodes = crate::cluster::start_cluster(root.path(), config);
+    crate::cluster::status_with_leaders(&nodes[0]).await;
+    let (client, _) = nodes[0].user("sepideh").await;
+
+    // Node 3 is down while the backup is written: it gets no copies.
+    nodes[2].kill();
+    let source = root.path().join("source");
+    make_data_set(&source, 4);
+    backup(&client, &source, "sepideh")
+        .await
+        .expect("backup with node 3 down");
+    let ids = chunk_ids(&source);
+    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks"))
+        .expect("open")
+        .missing(&ids);
+    assert_eq!(lacking.len(), {
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        unique.len()
+    });
+
+    // Back up, node 3 receives every copy from the others' scrubbers, with no client asking.
+    let (dir, addr) = (nodes[2].dir.clone(), nodes[2].addr);
+    nodes[2] = crate::support::Node::start_with(&dir, addr, &[], config);
+    // And a copy damaged on node 1 is found and fetched again.
+    damage_middle_of_first_pack(&nodes[0].dir.join("chunks"));
+    // Wait until every node has made a whole scrub pass with nothing left to mend.
+    let logs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.with_extension("log")).collect();
+    let read_log = |path: &PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let offsets: Vec<usize> = logs.iter().map(|l| read_log(l).len()).collect();
+    crate::support::eventually(Duration::from_secs(120), || async {
+        logs.iter()
+            .zip(&offsets)
+            .all(|(log, &from)| {
+                read_log(log)
+                    .get(from..)
+                    .is_some_and(|new| new.contains("found every chunk copy well"))
+            })
+            .then_some(())
+    })
+    .await;
+    for node in nodes.iter_mut() {
+        node.stop();
+    }
+    for node in &nodes {
+        let pack = hamgam_blob::PackStore::open(&node.dir.join("chunks")).expect("open a copy");
+        let mut lacking = 0;
+        for id in &ids {
+            if !matches!(pack.get(id), Ok(Some(_))) {
+                lacking += 1;
+            }
+        }
+        assert_eq!(
+            lacking,
+            0,
+            "{} still lacks {lacking} chunk copies",
+            node.dir.display()
+        );
+    }
+}
