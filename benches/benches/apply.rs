@@ -4,12 +4,12 @@
 //! the least any design must store. The ratio is what the domain costs.
 
 use criterion::{BatchSize, Criterion};
+use std::hint::black_box;
 use hamgam_proto::codec;
 use hamgam_raftstore::{StateMachine, state_machine_prefix};
 use hamgam_storage::{Db, Prefixed, SledDb, Txn, WriteBatch};
 use hamgam_sync::{Command, Reply, Signals, SyncMachine, UpdateListener, direct_chat_id};
 use hamgam_types::{ChatId, Placement, UserId};
-use std::hint::black_box;
 use std::sync::Arc;
 
 #[global_allocator]
@@ -40,11 +40,7 @@ impl World {
             let bytes = codec::encode(command).unwrap();
             let mut writer = Prefixed::new(&mut txn, &state_machine_prefix(shard));
             let reply = self.machine.apply(shard, 1, &bytes, &mut writer).unwrap();
-            replies.push(
-                codec::decode::<Result<Reply, hamgam_sync::DomainError>>(&reply)
-                    .unwrap()
-                    .unwrap(),
-            );
+            replies.push(codec::decode::<Result<Reply, hamgam_sync::DomainError>>(&reply).unwrap().unwrap());
         }
         db.write(&txn.into_batch()).unwrap();
         self.machine.after_round();
@@ -56,13 +52,7 @@ impl World {
         let db = Arc::new(SledDb::open(dir.path(), 256 << 20).unwrap());
         let placement = Placement::new(64);
         let machine = SyncMachine::new(placement, Signals::new(Arc::new(Silent)));
-        let mut world = World {
-            db,
-            machine,
-            placement,
-            pairs: Vec::new(),
-            _dir: dir,
-        };
+        let mut world = World { db, machine, placement, pairs: Vec::new(), _dir: dir };
         let sign_ups: Vec<Command> = (0..SENDS)
             .map(|i| Command::SignUp {
                 username_key: format!("user{i}"),
@@ -97,6 +87,7 @@ impl World {
         }
         world
     }
+
 }
 
 /// Makes each round's sends: every user writes once in its direct chat.
@@ -111,13 +102,7 @@ impl Sends {
             .iter()
             .map(|&(sender, chat)| {
                 self.next_id.set(self.next_id.get() + 1);
-                Command::Send {
-                    chat,
-                    sender,
-                    client_msg_id: self.next_id.get(),
-                    text: text.to_string(),
-                    now_ms: 2,
-                }
+                Command::Send { chat, sender, client_msg_id: self.next_id.get(), text: text.to_string(), now_ms: 2 }
             })
             .collect()
     }
@@ -150,10 +135,7 @@ fn benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let sends = Sends {
-        pairs: world.pairs.clone(),
-        next_id: std::cell::Cell::new(0),
-    };
+    let sends = Sends { pairs: world.pairs.clone(), next_id: std::cell::Cell::new(0) };
     group.bench_function("sync_apply_64_sends", |b| {
         b.iter_batched(
             || sends.next(&text),
@@ -168,9 +150,5 @@ fn main() {
     let mut criterion = hamgam_benches::criterion();
     benches(&mut criterion);
     criterion.final_summary();
-    hamgam_benches::report_ratios(
-        "apply",
-        "baseline_sled_insert_64_messages",
-        &["sync_apply_64_sends"],
-    );
+    hamgam_benches::report_ratios("apply", "baseline_sled_insert_64_messages", &["sync_apply_64_sends"]);
 }

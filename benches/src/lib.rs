@@ -18,18 +18,12 @@ fn output_directory() -> PathBuf {
 
 /// Criterion configured from the command line, writing to a known place.
 pub fn criterion() -> Criterion {
-    Criterion::default()
-        .output_directory(&output_directory())
-        .configure_from_args()
+    Criterion::default().output_directory(&output_directory()).configure_from_args()
 }
 
 /// Mean time in nanoseconds of `group/bench` from this run's estimates.
 fn mean_ns(group: &str, bench: &str) -> Option<f64> {
-    let path = output_directory()
-        .join(group)
-        .join(bench)
-        .join("new")
-        .join("estimates.json");
+    let path = output_directory().join(group).join(bench).join("new").join("estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     json.get("mean")?.get("point_estimate")?.as_f64()

@@ -71,20 +71,14 @@ impl Default for Config {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig {
-            data_shards: 64,
-            dead_after_secs: 600,
-        }
+        ClusterConfig { data_shards: 64, dead_after_secs: 600 }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         let cost = hamgam_api::PasswordCost::default();
-        AuthConfig {
-            argon2_memory_kib: cost.memory_kib,
-            argon2_iterations: cost.iterations,
-        }
+        AuthConfig { argon2_memory_kib: cost.memory_kib, argon2_iterations: cost.iterations }
     }
 }
 
@@ -101,28 +95,19 @@ impl Default for StorageConfig {
 
 impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..=4096).contains(&self.cluster.data_shards) {
-            bail!(
-                "cluster.data_shards must be between 1 and 4096, not {}",
-                self.cluster.data_shards
-            );
+            bail!("cluster.data_shards must be between 1 and 4096, not {}", self.cluster.data_shards);
         }
         if self.cluster.dead_after_secs < 5 {
-            bail!(
-                "cluster.dead_after_secs must be at least 5, not {}",
-                self.cluster.dead_after_secs
-            );
+            bail!("cluster.dead_after_secs must be at least 5, not {}", self.cluster.dead_after_secs);
         }
         if self.auth.argon2_memory_kib < 8 || self.auth.argon2_iterations < 1 {
-            bail!(
-                "auth.argon2_memory_kib must be at least 8 and auth.argon2_iterations at least 1"
-            );
+            bail!("auth.argon2_memory_kib must be at least 8 and auth.argon2_iterations at least 1");
         }
         if self.storage.cache_mib < 8 {
             bail!("storage.cache_mib must be at least 8");
@@ -143,8 +128,7 @@ mod tests {
 
     #[test]
     fn a_partial_file_keeps_the_other_defaults_and_typos_are_refused() {
-        let config: Config =
-            toml::from_str("listen = \"127.0.0.1:9000\"\n[auth]\nargon2_iterations = 3\n").unwrap();
+        let config: Config = toml::from_str("listen = \"127.0.0.1:9000\"\n[auth]\nargon2_iterations = 3\n").unwrap();
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.auth.argon2_iterations, 3);
         assert_eq!(config.auth.argon2_memory_kib, 19_456);

@@ -50,11 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Command-line flags; each also reads an environment variable.
 #[derive(Debug, Parser)]
-#[command(
-    name = "hamgam-node",
-    version,
-    about = "Runs a Hamgam node: a single-node cluster by default."
-)]
+#[command(name = "hamgam-node", version, about = "Runs a Hamgam node: a single-node cluster by default.")]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<NodeCommand>,
@@ -125,10 +121,7 @@ pub fn main_entry() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("hamgam-node: cannot start the runtime: {error}");
@@ -137,9 +130,9 @@ pub fn main_entry() -> ExitCode {
     };
     let result = match &args.command {
         Some(NodeCommand::Init(init_args)) => init(init_args),
-        Some(NodeCommand::Join(join_args)) => runtime
-            .block_on(async { join(&args, join_args).await })
-            .and_then(|()| runtime.block_on(run(args))),
+        Some(NodeCommand::Join(join_args)) => {
+            runtime.block_on(async { join(&args, join_args).await }).and_then(|()| runtime.block_on(run(args)))
+        }
         None => runtime.block_on(run(args)),
     };
     match result {
@@ -171,8 +164,7 @@ pub fn load_config(args: &Args) -> anyhow::Result<Config> {
 }
 
 fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     let path = dir.join("LOCK");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -183,14 +175,9 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
-            bail!(
-                "another hamgam-node is using {}; stop it or choose another --data",
-                dir.display()
-            )
+            bail!("another hamgam-node is using {}; stop it or choose another --data", dir.display())
         }
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).context("locking the data directory")
-        }
+        Err(std::fs::TryLockError::Error(error)) => Err(error).context("locking the data directory"),
     }
 }
 
@@ -223,24 +210,13 @@ fn new_cluster_id() -> String {
 /// `hamgam-node init`: a new cluster's CA and one data directory per initial member.
 fn init(args: &InitArgs) -> anyhow::Result<()> {
     if !(1..=4096).contains(&args.data_shards) {
-        bail!(
-            "--data-shards must be between 1 and 4096, not {}",
-            args.data_shards
-        );
+        bail!("--data-shards must be between 1 and 4096, not {}", args.data_shards);
     }
     let mut members = Vec::new();
     for entry in &args.initial_cluster {
-        let (id, addr) = entry
-            .split_once('=')
-            .with_context(|| format!("{entry:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .with_context(|| format!("{id:?} is not a node id"))?;
-        let peer_addr: SocketAddr = addr
-            .trim()
-            .parse()
-            .with_context(|| format!("{addr:?} is not HOST:PORT"))?;
+        let (id, addr) = entry.split_once('=').with_context(|| format!("{entry:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("{id:?} is not a node id"))?;
+        let peer_addr: SocketAddr = addr.trim().parse().with_context(|| format!("{addr:?} is not HOST:PORT"))?;
         if id == 0 || members.iter().any(|m: &Member| m.id == id) {
             bail!("node ids must be unique and above 0 ({id} is not)");
         }
@@ -257,10 +233,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     let dir_of = |id: u64| args.out.join(format!("node-{id}"));
     for member in &members {
         if dir_of(member.id).join(CLUSTER_FILE).exists() {
-            bail!(
-                "{} already holds a cluster; choose another --out",
-                dir_of(member.id).display()
-            );
+            bail!("{} already holds a cluster; choose another --out", dir_of(member.id).display());
         }
     }
     // Every member keeps the CA key: any of them can admit a joining node.
@@ -287,20 +260,13 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
             bootstrap_voters: Some(members.iter().map(|m| m.id).collect()),
         };
         file.write(&dir)?;
-        println!(
-            "node {}: {} (peers reach it at {})",
-            member.id,
-            dir.display(),
-            member.peer_addr
-        );
+        println!("node {}: {} (peers reach it at {})", member.id, dir.display(), member.peer_addr);
     }
     println!("cluster {cluster_id}, {} shards", args.data_shards);
     if let Some(fingerprint) = fingerprint {
         println!("certificate fingerprint (SHA-256 of the cluster CA): {fingerprint}");
     }
-    println!(
-        "start each node with: hamgam-node --data DIR --listen CLIENT_ADDR --peer-listen PEER_ADDR"
-    );
+    println!("start each node with: hamgam-node --data DIR --listen CLIENT_ADDR --peer-listen PEER_ADDR");
     Ok(())
 }
 
@@ -317,41 +283,22 @@ async fn join(args: &Args, join_args: &JoinArgs) -> anyhow::Result<()> {
             file.node_id
         );
     }
-    let peer_addr = config
-        .peer_listen
-        .context("joining needs --peer-listen: where the other nodes will reach this one")?;
-    let grant =
-        hamgam_cluster::join::request_join(join_args.via, &join_args.token, peer_addr).await?;
+    let peer_addr =
+        config.peer_listen.context("joining needs --peer-listen: where the other nodes will reach this one")?;
+    let grant = hamgam_cluster::join::request_join(join_args.via, &join_args.token, peer_addr).await?;
     let tls = config.data.join("tls");
-    NodeIdentity::from_parts(
-        grant.ca_der.clone(),
-        grant.node_der.clone(),
-        grant.node_key.clone(),
-    )
-    .write(&tls)?;
+    NodeIdentity::from_parts(grant.ca_der.clone(), grant.node_der.clone(), grant.node_key.clone()).write(&tls)?;
     NodeIdentity::write_ca_key(&tls, &grant.ca_key)?;
     let file = ClusterFile {
         cluster_id: grant.cluster_id.clone(),
         node_id: grant.node.0,
         data_shards: grant.data_shards,
-        members: grant
-            .members
-            .iter()
-            .map(|(id, addr)| Member {
-                id: id.0,
-                peer_addr: *addr,
-            })
-            .collect(),
+        members: grant.members.iter().map(|(id, addr)| Member { id: id.0, peer_addr: *addr }).collect(),
         // A joined node hosts no replica until the cluster gives it one.
         bootstrap_voters: Some(Vec::new()),
     };
     file.write(&config.data)?;
-    println!(
-        "joined cluster {} as node {} ({} members)",
-        grant.cluster_id,
-        grant.node,
-        grant.members.len()
-    );
+    println!("joined cluster {} as node {} ({} members)", grant.cluster_id, grant.node, grant.members.len());
     Ok(())
 }
 
@@ -365,15 +312,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if created {
         tracing::info!(cluster = %cluster.cluster_id, shards = cluster.data_shards, "created a new single-node cluster");
     }
-    let identity = Arc::new(NodeIdentity::load_or_create(
-        &config.data.join("tls"),
-        node,
-    )?);
-    let members: BTreeMap<NodeId, SocketAddr> = cluster
-        .members
-        .iter()
-        .map(|m| (NodeId(m.id), m.peer_addr))
-        .collect();
+    let identity = Arc::new(NodeIdentity::load_or_create(&config.data.join("tls"), node)?);
+    let members: BTreeMap<NodeId, SocketAddr> = cluster.members.iter().map(|m| (NodeId(m.id), m.peer_addr)).collect();
     let clustered = !members.is_empty();
     if clustered && !members.contains_key(&node) {
         bail!(
@@ -385,20 +325,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // the placement driver adds this node (an initial cluster's members
     // start as the voters of every shard).
     let voters = cluster.initial_voters();
-    let shards: BTreeMap<ShardId, Vec<NodeId>> = placement
-        .all_shards()
-        .map(|s| (s, voters.clone()))
-        .collect();
+    let shards: BTreeMap<ShardId, Vec<NodeId>> = placement.all_shards().map(|s| (s, voters.clone())).collect();
 
-    let db: Arc<dyn Db> = Arc::new(SledDb::open(
-        &config.data.join("db"),
-        config.storage.cache_mib << 20,
-    )?);
+    let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
     let network = if clustered {
-        let peer_listen = config
-            .peer_listen
-            .or(members.get(&node).copied())
-            .context("no peer address")?;
+        let peer_listen = config.peer_listen.or(members.get(&node).copied()).context("no peer address")?;
         let members = Arc::new(RwLock::new(members.clone()));
         let network = PeerNetwork::bind(&identity, node, peer_listen, members)
             .with_context(|| format!("listening for peers on {peer_listen}"))?;
@@ -411,9 +342,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => Box::new(NoPeers),
     };
     let hub = Arc::new(PushHub::new());
-    let relay = network
-        .as_ref()
-        .map(|network| RelayingListener::new(hub.clone(), network.clone(), placement, node));
+    let relay = network.as_ref().map(|network| RelayingListener::new(hub.clone(), network.clone(), placement, node));
     let listener: Arc<dyn UpdateListener> = match &relay {
         Some(relay) => relay.clone(),
         None => hub.clone(),
@@ -422,14 +351,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let machine = SyncMachine::new(placement, signals.clone());
     let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
     let (machine, view) = ClusterMachine::new(Box::new(machine), shard0, shards.len())?;
-    let store_config = StoreConfig {
-        node,
-        wal_dir: config.data.join("wal"),
-        shards,
-    };
-    let store = tokio::task::block_in_place(|| {
-        Store::open(store_config, db, Box::new(machine), transport)
-    })?;
+    let store_config = StoreConfig { node, wal_dir: config.data.join("wal"), shards };
+    let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), transport))?;
     let raft = store.handle();
     let cancel = CancellationToken::new();
     let mut cluster_tasks = Vec::new();
@@ -449,10 +372,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         network.follow(view.clone());
         network.serve(raft.clone());
-        let driver = DriverConfig {
-            dead_after: Duration::from_secs(config.cluster.dead_after_secs),
-            ..DriverConfig::default()
-        };
+        let driver =
+            DriverConfig { dead_after: Duration::from_secs(config.cluster.dead_after_secs), ..DriverConfig::default() };
         cluster_tasks.push(tokio::spawn(hamgam_cluster::driver::run(
             node,
             raft.clone(),
@@ -462,12 +383,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cancel.clone(),
         )));
         if !voters.is_empty() {
-            cluster_tasks.push(tokio::spawn(seed_members(
-                raft.clone(),
-                members.clone(),
-                view.clone(),
-                cancel.clone(),
-            )));
+            cluster_tasks.push(tokio::spawn(seed_members(raft.clone(), members.clone(), view.clone(), cancel.clone())));
         }
         cluster_tasks.push(tokio::spawn(record_members(
             config.data.clone(),
@@ -510,8 +426,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // nodes' chunk requests are served from this node's packs.
     let peers = network.as_ref().map(|network| {
         network.set_chunk_store(pack.clone());
-        Arc::new(hamgam_cluster::ChunkLinks::new(network.clone()))
-            as Arc<dyn hamgam_blob::ChunkPeers>
+        Arc::new(hamgam_cluster::ChunkLinks::new(network.clone())) as Arc<dyn hamgam_blob::ChunkPeers>
     });
     let chunks = Arc::new(hamgam_blob::ChunkStore::new(pack, node, peers));
     let scrubber = tokio::spawn(scrub_chunks(
@@ -522,14 +437,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let api = ApiServer::start(endpoint, sync, chunks, hub, api_config)?;
     let listening = api.local_addr()?;
-    println!(
-        "hamgam-node {} listening on {listening} (QUIC, ALPN hamgam/1)",
-        env!("CARGO_PKG_VERSION")
-    );
-    println!(
-        "certificate fingerprint (SHA-256 of the cluster CA): {}",
-        identity.ca_fingerprint()
-    );
+    println!("hamgam-node {} listening on {listening} (QUIC, ALPN hamgam/1)", env!("CARGO_PKG_VERSION"));
+    println!("certificate fingerprint (SHA-256 of the cluster CA): {}", identity.ca_fingerprint());
     println!(
         "data directory: {} (cluster {}, {} shards)",
         config.data.display(),
@@ -576,9 +485,7 @@ async fn seed_members(
     view: watch::Receiver<ClusterView>,
     cancel: CancellationToken,
 ) {
-    let command = ClusterCommand::Seed {
-        members: members.into_iter().collect(),
-    };
+    let command = ClusterCommand::Seed { members: members.into_iter().collect() };
     while view.borrow().members.is_empty() && !cancel.is_cancelled() {
         if let Err(reason) = hamgam_cluster::join::propose_cluster(&raft, &command).await {
             tracing::debug!(%reason, "the member list is not recorded yet; retrying");
@@ -603,10 +510,7 @@ async fn record_members(
             .borrow_and_update()
             .reachable()
             .into_iter()
-            .map(|(id, peer_addr)| Member {
-                id: id.0,
-                peer_addr,
-            })
+            .map(|(id, peer_addr)| Member { id: id.0, peer_addr })
             .collect();
         if !members.is_empty() && members != file.members {
             file.members = members;
@@ -667,10 +571,7 @@ async fn scrub_chunks(
                 copies_sent = report.copies_sent,
                 "scrub pass repaired chunk copies"
             ),
-            Ok(report) => tracing::info!(
-                checked = report.checked,
-                "scrub pass found every chunk copy well"
-            ),
+            Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
             Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
         }
     }

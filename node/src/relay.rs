@@ -35,26 +35,14 @@ pub struct RelayingListener {
 }
 
 impl RelayingListener {
-    pub fn new(
-        hub: Arc<PushHub>,
-        network: Arc<PeerNetwork>,
-        placement: Placement,
-        node: NodeId,
-    ) -> Arc<RelayingListener> {
-        let listener = Arc::new(RelayingListener {
-            hub: hub.clone(),
-            network: network.clone(),
-            placement,
-            node,
-            raft: OnceLock::new(),
-        });
-        network.set_hint_sink(Arc::new(
-            move |from, bytes| match hamgam_proto::codec::decode::<Hint>(bytes) {
-                Ok(Hint::Updated { user, pts }) => hub.user_updated(UserId(user), pts),
-                Ok(Hint::Revoked { user }) => hub.device_revoked(UserId(user)),
-                Err(error) => tracing::warn!(%from, %error, "an undecodable push hint; dropped"),
-            },
-        ));
+    pub fn new(hub: Arc<PushHub>, network: Arc<PeerNetwork>, placement: Placement, node: NodeId) -> Arc<RelayingListener> {
+        let listener =
+            Arc::new(RelayingListener { hub: hub.clone(), network: network.clone(), placement, node, raft: OnceLock::new() });
+        network.set_hint_sink(Arc::new(move |from, bytes| match hamgam_proto::codec::decode::<Hint>(bytes) {
+            Ok(Hint::Updated { user, pts }) => hub.user_updated(UserId(user), pts),
+            Ok(Hint::Revoked { user }) => hub.device_revoked(UserId(user)),
+            Err(error) => tracing::warn!(%from, %error, "an undecodable push hint; dropped"),
+        }));
         listener
     }
 
@@ -72,9 +60,7 @@ impl RelayingListener {
         if lacking.is_empty() {
             return; // every member applies this shard itself
         }
-        let Ok(bytes) = hamgam_proto::codec::encode(&hint) else {
-            return;
-        };
+        let Ok(bytes) = hamgam_proto::codec::encode(&hint) else { return };
         for member in lacking {
             self.network.relay_hint(member, bytes.clone());
         }

@@ -8,8 +8,8 @@
 
 use anyhow::{Context, bail};
 use hamgam_cluster::admin::NodeStatus;
-use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_raftstore::ShardStatus;
+use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
 use std::collections::BTreeMap;
@@ -58,10 +58,7 @@ impl ShardView {
         if self.leader.is_none() {
             return "no leader";
         }
-        let behind = self
-            .lag
-            .iter()
-            .any(|(node, lag)| !up(*node) || lag.is_none_or(|lag| lag > LAG_ENTRIES_WARN));
+        let behind = self.lag.iter().any(|(node, lag)| !up(*node) || lag.is_none_or(|lag| lag > LAG_ENTRIES_WARN));
         if behind { "degraded" } else { "ok" }
     }
 }
@@ -78,42 +75,21 @@ pub struct Operator {
 impl Operator {
     /// Reads the member's data directory `data`; requests go to `via` or the member itself.
     pub fn open(data: &Path, via: Option<SocketAddr>) -> anyhow::Result<Operator> {
-        let file = ClusterFile::read(data)?.with_context(|| {
-            format!(
-                "{} holds no cluster (no cluster.toml); pass a node's --data",
-                data.display()
-            )
-        })?;
+        let file = ClusterFile::read(data)?
+            .with_context(|| format!("{} holds no cluster (no cluster.toml); pass a node's --data", data.display()))?;
         let identity = NodeIdentity::load(&data.join("tls"))?
             .with_context(|| format!("{} holds no node identity (tls/)", data.display()))?;
         let Some(addr) = via.or(file.own_peer_addr()) else {
-            bail!(
-                "node {} is a single-node cluster: it has no peer endpoint to ask",
-                file.node_id
-            );
+            bail!("node {} is a single-node cluster: it has no peer endpoint to ask", file.node_id);
         };
-        Ok(Operator {
-            file,
-            identity: std::sync::Arc::new(identity),
-            addr,
-            data: data.to_path_buf(),
-        })
+        Ok(Operator { file, identity: std::sync::Arc::new(identity), addr, data: data.to_path_buf() })
     }
 
     /// A join token valid for `ttl`, made with this member's CA key.
     pub fn join_token(&self, ttl: std::time::Duration) -> anyhow::Result<String> {
-        let ca_key = NodeIdentity::ca_key(&self.data.join("tls"))?.with_context(|| {
-            format!(
-                "{} holds no CA key; make the token on another member",
-                self.data.display()
-            )
-        })?;
-        Ok(hamgam_cluster::join::JoinToken::issue(
-            &ca_key,
-            &self.file.cluster_id,
-            self.identity.ca_fingerprint(),
-            ttl,
-        ))
+        let ca_key = NodeIdentity::ca_key(&self.data.join("tls"))?
+            .with_context(|| format!("{} holds no CA key; make the token on another member", self.data.display()))?;
+        Ok(hamgam_cluster::join::JoinToken::issue(&ca_key, &self.file.cluster_id, self.identity.ca_fingerprint(), ttl))
     }
 
     /// Sets a member's state through shard 0 (any node forwards it there).
@@ -144,34 +120,14 @@ impl ClusterStatus {
             let identity = operator.identity.clone();
             let (node, member_addr, state) = (member.id, member.peer_addr, member.state);
             asks.spawn(async move {
-                let status = hamgam_cluster::admin::node_status(&identity, member_addr)
-                    .await
-                    .map_err(|e| e.to_string());
-                (
-                    node,
-                    NodeView {
-                        addr: member_addr,
-                        state,
-                        status,
-                    },
-                )
+                let status = hamgam_cluster::admin::node_status(&identity, member_addr).await.map_err(|e| e.to_string());
+                (node, NodeView { addr: member_addr, state, status })
             });
         }
         let mut nodes = BTreeMap::new();
         let first_node = first.node;
-        let state = first
-            .members
-            .iter()
-            .find(|m| m.id == first_node)
-            .map_or(MemberState::Active, |m| m.state);
-        nodes.insert(
-            first_node,
-            NodeView {
-                addr,
-                state,
-                status: Ok(first),
-            },
-        );
+        let state = first.members.iter().find(|m| m.id == first_node).map_or(MemberState::Active, |m| m.state);
+        nodes.insert(first_node, NodeView { addr, state, status: Ok(first) });
         while let Some(answer) = asks.join_next().await {
             let (node, view) = answer.context("an admin request task failed")?;
             nodes.insert(node, view);
@@ -180,9 +136,7 @@ impl ClusterStatus {
     }
 
     pub fn is_up(&self, node: NodeId) -> bool {
-        self.nodes
-            .get(&node)
-            .is_some_and(|view| view.status.is_ok())
+        self.nodes.get(&node).is_some_and(|view| view.status.is_ok())
     }
 
     fn reports(&self) -> impl Iterator<Item = (NodeId, &ShardStatus)> {
@@ -200,8 +154,7 @@ impl ClusterStatus {
             let better = match best.get(&report.shard) {
                 None => true,
                 Some(current) => {
-                    (report.leads(), report.term, report.committed)
-                        > (current.leads(), current.term, current.committed)
+                    (report.leads(), report.term, report.committed) > (current.leads(), current.term, current.committed)
                 }
             };
             if better {
@@ -215,11 +168,7 @@ impl ClusterStatus {
                     .iter()
                     .chain(&report.learners)
                     .map(|voter| {
-                        let matched = report
-                            .matched
-                            .iter()
-                            .find(|(node, _)| node == voter)
-                            .map(|(_, m)| *m);
+                        let matched = report.matched.iter().find(|(node, _)| node == voter).map(|(_, m)| *m);
                         (*voter, matched.map(|m| report.last_index.saturating_sub(m)))
                     })
                     .collect();
@@ -239,10 +188,7 @@ impl ClusterStatus {
 
     /// The leader of each shard that has one.
     pub fn leaders(&self) -> BTreeMap<ShardId, NodeId> {
-        self.shards()
-            .into_iter()
-            .filter_map(|(shard, view)| view.leader.map(|leader| (shard, leader)))
-            .collect()
+        self.shards().into_iter().filter_map(|(shard, view)| view.leader.map(|leader| (shard, leader))).collect()
     }
 
     pub fn render(&self) -> String {
@@ -258,11 +204,7 @@ impl ClusterStatus {
             self.nodes.len(),
             shards.len()
         );
-        let _ = writeln!(
-            out,
-            "\n{:<6}{:<24}{:<10}{:<8}{:>9}{:>7}",
-            "NODE", "PEER ADDRESS", "STATE", "HEALTH", "REPLICAS", "LEADS"
-        );
+        let _ = writeln!(out, "\n{:<6}{:<24}{:<10}{:<8}{:>9}{:>7}", "NODE", "PEER ADDRESS", "STATE", "HEALTH", "REPLICAS", "LEADS");
         for (node, view) in &self.nodes {
             let health = if view.status.is_ok() { "up" } else { "down" };
             let replicas = shards.values().filter(|s| s.hosts(*node)).count();
@@ -280,22 +222,14 @@ impl ClusterStatus {
                 let _ = writeln!(out, "  node {node}: {reason}");
             }
         }
-        let _ = writeln!(
-            out,
-            "\n{:<7}{:<11}{:>6}{:>8}{:>11}  REPLICAS (entries behind; L: learner)",
-            "SHARD", "HEALTH", "TERM", "LEADER", "COMMITTED"
-        );
+        let _ = writeln!(out, "\n{:<7}{:<11}{:>6}{:>8}{:>11}  REPLICAS (entries behind; L: learner)", "SHARD", "HEALTH", "TERM", "LEADER", "COMMITTED");
         for view in shards.values() {
             let leader = view.leader.map_or("-".to_string(), |l| l.0.to_string());
             let replicas: Vec<String> = view
                 .lag
                 .iter()
                 .map(|(node, lag)| {
-                    let kind = if view.learners.contains(node) {
-                        "L"
-                    } else {
-                        ""
-                    };
+                    let kind = if view.learners.contains(node) { "L" } else { "" };
                     match (up(*node), lag) {
                         (false, _) => format!("{node}{kind}:down"),
                         (true, Some(lag)) => format!("{node}{kind}:{lag}"),

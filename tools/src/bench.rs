@@ -24,11 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "hamgam-bench",
-    version,
-    about = "Load a Hamgam node (and etcd, for comparison) and report figures."
-)]
+#[command(name = "hamgam-bench", version, about = "Load a Hamgam node (and etcd, for comparison) and report figures.")]
 struct BenchCli {
     #[command(subcommand)]
     command: BenchCommand,
@@ -128,12 +124,7 @@ pub fn main_entry() -> ExitCode {
 
 async fn run(cli: BenchCli) -> anyhow::Result<()> {
     match cli.command {
-        BenchCommand::Messages {
-            server,
-            fingerprint,
-            node_pid,
-            load,
-        } => {
+        BenchCommand::Messages { server, fingerprint, node_pid, load } => {
             let trust = match fingerprint {
                 Some(text) => Trust::Pinned(text.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
                 None => hamgam_client::first_use().0,
@@ -143,33 +134,15 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             println!("{}", result.row());
         }
         BenchCommand::QuicRaw { mib } => {
-            println!(
-                "raw quinn, one stream, {mib} MiB: {:.0} MB/s",
-                crate::quic_raw::run(mib).await?
-            );
+            println!("raw quinn, one stream, {mib} MiB: {:.0} MB/s", crate::quic_raw::run(mib).await?);
         }
-        BenchCommand::Chunking {
-            dir,
-            edited,
-            avg_kib,
-        } => crate::chunking::run(&dir, edited.as_deref(), &avg_kib)?,
-        BenchCommand::Etcd {
-            endpoint,
-            pid,
-            load,
-        } => {
+        BenchCommand::Chunking { dir, edited, avg_kib } => crate::chunking::run(&dir, edited.as_deref(), &avg_kib)?,
+        BenchCommand::Etcd { endpoint, pid, load } => {
             let result = etcd_load(&endpoint, &pid, &load).await?;
             println!("{}", LoadResult::header());
             println!("{}", result.row());
         }
-        BenchCommand::Compare {
-            clients_list,
-            nodes,
-            shape,
-            node_bin,
-            etcd_bin,
-            work_dir,
-        } => {
+        BenchCommand::Compare { clients_list, nodes, shape, node_bin, etcd_bin, work_dir } => {
             let nodes = usize::from(nodes);
             let node_bin = match node_bin {
                 Some(path) => path,
@@ -179,31 +152,16 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             let work = work_dir.unwrap_or_else(|| scratch.path().to_path_buf());
             let mut rows = Vec::new();
             for clients in clients_list {
-                let load = LoadArgs {
-                    clients,
-                    shape: shape.clone(),
-                };
+                let load = LoadArgs { clients, shape: shape.clone() };
                 let hamgam = {
-                    let cluster = NodeCluster::start(
-                        &node_bin,
-                        &work.join(format!("hamgam-{clients}")),
-                        nodes,
-                    )
-                    .await?;
-                    let result = hamgam_load(
-                        &cluster.addrs(),
-                        Trust::Pinned(cluster.fingerprint),
-                        &cluster.pids(),
-                        &load,
-                    )
-                    .await;
+                    let cluster = NodeCluster::start(&node_bin, &work.join(format!("hamgam-{clients}")), nodes).await?;
+                    let result =
+                        hamgam_load(&cluster.addrs(), Trust::Pinned(cluster.fingerprint), &cluster.pids(), &load).await;
                     cluster.stop().await?;
                     result?
                 };
                 let etcd = {
-                    let cluster =
-                        EtcdCluster::start(&etcd_bin, &work.join(format!("etcd-{clients}")), nodes)
-                            .await?;
+                    let cluster = EtcdCluster::start(&etcd_bin, &work.join(format!("etcd-{clients}")), nodes).await?;
                     let result = etcd_load(&cluster.client_addrs(), &cluster.pids(), &load).await;
                     cluster.stop().await?;
                     result?
@@ -291,9 +249,7 @@ impl LoadResult {
 
     fn row(&self) -> String {
         let per_op = |cpu: Option<f64>| cpu.map_or("-".to_string(), |us| format!("{us:.1} µs"));
-        let client = self
-            .client_cpu
-            .map(|cpu| cpu.as_secs_f64() * 1e6 / self.operations.max(1) as f64);
+        let client = self.client_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.operations.max(1) as f64);
         format!(
             "| {:<8} | {:>7} | {:>10.0} | {:>8.2} | {:>8.2} | {:>8.2} | {:>14} | {:>14} | {:>6} |",
             self.label,
@@ -366,10 +322,7 @@ where
                 let started = Instant::now();
                 let outcome = step(worker.clone(), i).await;
                 i += 1;
-                let outcome_status = outcome
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| anyhow::anyhow!("{e:#}"));
+                let outcome_status = outcome.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}"));
                 if phase.recording.load(Ordering::Relaxed) {
                     match outcome {
                         Ok(()) => {
@@ -469,10 +422,7 @@ async fn hamgam_load(
             .await
             .with_context(|| format!("connecting to the node at {server}"))?;
         let username = format!("b{run_id}_{i}");
-        client
-            .sign_up(&username, password, "")
-            .await
-            .context("signing up bench users")?;
+        client.sign_up(&username, password, "").await.context("signing up bench users")?;
         let session = client.log_in(&username, password, "bench").await?;
         clients.push((client, session.user));
     }
@@ -481,32 +431,15 @@ async fn hamgam_load(
     let mut pairs = clients.into_iter();
     while let (Some((first, _)), Some((second, second_user))) = (pairs.next(), pairs.next()) {
         let chat = first.direct_chat(second_user).await?.chat;
-        workers.push(MessageWorker {
-            client: first,
-            chat,
-            text: text.clone(),
-        });
-        workers.push(MessageWorker {
-            client: second,
-            chat,
-            text: text.clone(),
-        });
+        workers.push(MessageWorker { client: first, chat, text: text.clone() });
+        workers.push(MessageWorker { client: second, chat, text: text.clone() });
     }
     workers.truncate(load.clients);
-    drive(
-        "hamgam",
-        load,
-        node_pids,
-        workers,
-        |worker: Arc<MessageWorker>, i| async move {
-            let id = rand::random::<u64>() ^ i;
-            worker
-                .client
-                .send_with_id(worker.chat, id, &worker.text)
-                .await?;
-            Ok(())
-        },
-    )
+    drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, i| async move {
+        let id = rand::random::<u64>() ^ i;
+        worker.client.send_with_id(worker.chat, id, &worker.text).await?;
+        Ok(())
+    })
     .await
 }
 
@@ -523,11 +456,7 @@ fn free_tcp_port() -> anyhow::Result<u16> {
 async fn terminate(child: &mut tokio::process::Child, name: &str) -> anyhow::Result<()> {
     if let Some(pid) = child.id() {
         // SIGTERM: both servers shut down cleanly on it.
-        let _ = tokio::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await;
+        let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
     }
     match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
         Ok(status) => {
@@ -566,14 +495,9 @@ impl NodeCluster {
                 .await
                 .with_context(|| format!("running {} init", bin.display()))?;
             if !init.status.success() {
-                bail!(
-                    "hamgam-node init failed: {}",
-                    String::from_utf8_lossy(&init.stderr)
-                );
+                bail!("hamgam-node init failed: {}", String::from_utf8_lossy(&init.stderr));
             }
-            (1..=members)
-                .map(|id| dir.join(format!("node-{id}")))
-                .collect()
+            (1..=members).map(|id| dir.join(format!("node-{id}"))).collect()
         };
         let mut nodes = Vec::new();
         let mut fingerprint = None;
@@ -582,10 +506,7 @@ impl NodeCluster {
             nodes.push((child, pid, addr));
             fingerprint = Some(printed);
         }
-        let cluster = NodeCluster {
-            nodes,
-            fingerprint: fingerprint.context("no node started")?,
-        };
+        let cluster = NodeCluster { nodes, fingerprint: fingerprint.context("no node started")? };
         if members > 1 {
             wait_for_balanced_leaders(&data_dirs[0], members).await?;
         }
@@ -609,10 +530,7 @@ impl NodeCluster {
 }
 
 /// Starts one node on a free port and waits for it to print its fingerprint.
-async fn start_node(
-    bin: &Path,
-    data: &Path,
-) -> anyhow::Result<(tokio::process::Child, u32, SocketAddr, Fingerprint)> {
+async fn start_node(bin: &Path, data: &Path) -> anyhow::Result<(tokio::process::Child, u32, SocketAddr, Fingerprint)> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut child = tokio::process::Command::new(bin)
         .arg("--data")
@@ -630,16 +548,10 @@ async fn start_node(
     let fingerprint = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await? {
             if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ") {
-                return fp
-                    .trim()
-                    .parse::<Fingerprint>()
-                    .map_err(|e| anyhow::anyhow!("{e}"));
+                return fp.trim().parse::<Fingerprint>().map_err(|e| anyhow::anyhow!("{e}"));
             }
         }
-        bail!(
-            "the node exited before it was ready (see {})",
-            data.with_extension("log").display()
-        )
+        bail!("the node exited before it was ready (see {})", data.with_extension("log").display())
     })
     .await
     .context("the node did not start within 60 seconds")??;
@@ -714,11 +626,7 @@ fn grpc_put(key: &[u8], value: &[u8]) -> Bytes {
 }
 
 impl EtcdWorker {
-    async fn connect(
-        endpoint: SocketAddr,
-        client: usize,
-        value: Bytes,
-    ) -> anyhow::Result<EtcdWorker> {
+    async fn connect(endpoint: SocketAddr, client: usize, value: Bytes) -> anyhow::Result<EtcdWorker> {
         let tcp = tokio::net::TcpStream::connect(endpoint)
             .await
             .with_context(|| format!("connecting to etcd at {endpoint}"))?;
@@ -729,12 +637,7 @@ impl EtcdWorker {
                 tracing::debug!(%error, "etcd connection ended");
             }
         });
-        Ok(EtcdWorker {
-            sender,
-            endpoint,
-            client,
-            value,
-        })
+        Ok(EtcdWorker { sender, endpoint, client, value })
     }
 
     async fn put(&self, i: u64) -> anyhow::Result<()> {
@@ -769,29 +672,16 @@ impl EtcdWorker {
     }
 }
 
-async fn etcd_load(
-    endpoints: &[SocketAddr],
-    pids: &[u32],
-    load: &LoadArgs,
-) -> anyhow::Result<LoadResult> {
+async fn etcd_load(endpoints: &[SocketAddr], pids: &[u32], load: &LoadArgs) -> anyhow::Result<LoadResult> {
     if endpoints.is_empty() {
         bail!("the etcd load needs at least one endpoint");
     }
     let value = Bytes::from(vec![b'v'; load.shape.message_bytes]);
     let mut workers = Vec::with_capacity(load.clients);
     for client in 0..load.clients {
-        workers.push(
-            EtcdWorker::connect(endpoints[client % endpoints.len()], client, value.clone()).await?,
-        );
+        workers.push(EtcdWorker::connect(endpoints[client % endpoints.len()], client, value.clone()).await?);
     }
-    drive(
-        "etcd",
-        load,
-        pids,
-        workers,
-        |worker: Arc<EtcdWorker>, i| async move { worker.put(i).await },
-    )
-    .await
+    drive("etcd", load, pids, workers, |worker: Arc<EtcdWorker>, i| async move { worker.put(i).await }).await
 }
 
 /// The etcd members started for one comparison.
@@ -808,10 +698,7 @@ impl EtcdCluster {
             let peer = format!("http://127.0.0.1:{}", free_tcp_port()?);
             plan.push((format!("m{id}"), client, peer));
         }
-        let initial: Vec<String> = plan
-            .iter()
-            .map(|(name, _, peer)| format!("{name}={peer}"))
-            .collect();
+        let initial: Vec<String> = plan.iter().map(|(name, _, peer)| format!("{name}={peer}")).collect();
         let mut members = Vec::new();
         for (name, client_addr, peer) in &plan {
             let data = dir.join(name);
@@ -819,24 +706,9 @@ impl EtcdCluster {
             let child = tokio::process::Command::new(bin)
                 .args(["--name", name, "--data-dir"])
                 .arg(&data)
-                .args([
-                    "--listen-client-urls",
-                    &client_url,
-                    "--advertise-client-urls",
-                    &client_url,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    peer,
-                    "--initial-advertise-peer-urls",
-                    peer,
-                ])
-                .args([
-                    "--initial-cluster",
-                    &initial.join(","),
-                    "--initial-cluster-state",
-                    "new",
-                ])
+                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(data.with_extension("log"))?)
                 .kill_on_drop(true)
@@ -856,10 +728,7 @@ impl EtcdCluster {
                     break;
                 }
                 if started.elapsed() > Duration::from_secs(30) {
-                    bail!(
-                        "etcd did not become ready within 30 seconds (see the logs in {})",
-                        dir.display()
-                    );
+                    bail!("etcd did not become ready within 30 seconds (see the logs in {})", dir.display());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -890,10 +759,7 @@ mod tests {
     #[test]
     fn grpc_put_is_a_framed_protobuf() {
         let framed = grpc_put(b"k", b"vv");
-        assert_eq!(
-            &framed[..],
-            &[0, 0, 0, 0, 7, 0x0a, 1, b'k', 0x12, 2, b'v', b'v']
-        );
+        assert_eq!(&framed[..], &[0, 0, 0, 0, 7, 0x0a, 1, b'k', 0x12, 2, b'v', b'v']);
     }
 
     #[test]

@@ -38,13 +38,7 @@ struct Cut {
 }
 
 fn cut_all(files: &[Vec<u8>], params: ChunkerParams, known: Option<&HashSet<ChunkId>>) -> Cut {
-    let mut cut = Cut {
-        chunks: 0,
-        unique: HashSet::new(),
-        unique_plain: 0,
-        unique_stored: 0,
-        cutting: Duration::ZERO,
-    };
+    let mut cut = Cut { chunks: 0, unique: HashSet::new(), unique_plain: 0, unique_stored: 0, cutting: Duration::ZERO };
     for data in files {
         let started = Instant::now();
         let pieces: Vec<&[u8]> = chunks_of_slice(data, params).collect();
@@ -68,10 +62,7 @@ fn mib(bytes: u64) -> f64 {
 
 pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32]) -> anyhow::Result<()> {
     let read = |root: &Path| -> anyhow::Result<Vec<Vec<u8>>> {
-        files_under(root)?
-            .iter()
-            .map(|p| Ok(std::fs::read(p)?))
-            .collect()
+        files_under(root)?.iter().map(|p| Ok(std::fs::read(p)?)).collect()
     };
     let first = read(v1)?;
     let second = v2.map(read).transpose()?;
@@ -82,18 +73,12 @@ pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32]) -> anyhow::Result<(
     );
     println!("|---|---|---|---|---|---|---|");
     for &avg_kib in candidates {
-        let params = ChunkerParams {
-            min: avg_kib * 1024 / 4,
-            avg: avg_kib * 1024,
-            max: avg_kib * 1024 * 4,
-        };
+        let params = ChunkerParams { min: avg_kib * 1024 / 4, avg: avg_kib * 1024, max: avg_kib * 1024 * 4 };
         let cut = cut_all(&first, params, None);
         // Per chunk a reference (id and length, about 37 bytes) in a manifest
         // and an index entry (49 bytes) on each node that holds it.
         let metadata = cut.chunks * 37 + cut.unique.len() as u64 * 49;
-        let rebackup = second
-            .as_ref()
-            .map(|files| cut_all(files, params, Some(&cut.unique)));
+        let rebackup = second.as_ref().map(|files| cut_all(files, params, Some(&cut.unique)));
         println!(
             "| {} / {} / {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {} |",
             params.min / 1024,
@@ -104,11 +89,7 @@ pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32]) -> anyhow::Result<(
             mib(cut.unique_stored),
             metadata as f64 / 1024.0,
             total as f64 / cut.cutting.as_secs_f64() / 1e6,
-            rebackup.map_or("-".into(), |r| format!(
-                "{:.2} ({:.2})",
-                mib(r.unique_plain),
-                mib(r.unique_stored)
-            )),
+            rebackup.map_or("-".into(), |r| format!("{:.2} ({:.2})", mib(r.unique_plain), mib(r.unique_stored))),
         );
     }
     Ok(())

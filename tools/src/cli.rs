@@ -8,8 +8,8 @@ use crate::profile::{Profile, SavedSession};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hamgam_client::{
-    ChatId, ChatInfo, ChatKind, Client, ClientError, DeviceId, Fingerprint, HistoryAnchor, Message,
-    Push, SyncPage, Trust, UpdateKind, UserId,
+    ChatId, ChatInfo, ChatKind, Client, ClientError, DeviceId, Fingerprint, HistoryAnchor, Message, Push, SyncPage,
+    Trust, UpdateKind, UserId,
 };
 use hamgam_cluster::MemberState;
 use hamgam_types::{NodeId, ShardId};
@@ -21,11 +21,7 @@ use std::process::ExitCode;
 const DEFAULT_SERVER: &str = "127.0.0.1:7440";
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "hamgam",
-    version,
-    about = "Talk to a Hamgam node: accounts, chats, groups, messages, sync."
-)]
+#[command(name = "hamgam", version, about = "Talk to a Hamgam node: accounts, chats, groups, messages, sync.")]
 struct Cli {
     /// Node address (default: the logged-in session's node, else 127.0.0.1:7440).
     #[arg(long, global = true, env = "HAMGAM_SERVER")]
@@ -189,13 +185,7 @@ impl Invocation {
                 (trust, Some(observed))
             }
         };
-        let client = match Client::connect(
-            addr,
-            trust,
-            concat!("hamgam-cli ", env!("CARGO_PKG_VERSION")),
-        )
-        .await
-        {
+        let client = match Client::connect(addr, trust, concat!("hamgam-cli ", env!("CARGO_PKG_VERSION"))).await {
             Ok(client) => client,
             Err(ClientError::Untrusted(reason)) => bail!(
                 "refusing to talk to {}: {reason}.\nIf that node was reinstalled on purpose, remove its line from {} and connect again.",
@@ -223,21 +213,14 @@ impl Invocation {
 
     /// Connects and authenticates with the saved session.
     pub(crate) async fn session(&self) -> anyhow::Result<(Client, SavedSession)> {
-        let session = self
-            .profile
-            .session()?
-            .context("not logged in: run `hamgam login USERNAME` first")?;
+        let session = self.profile.session()?.context("not logged in: run `hamgam login USERNAME` first")?;
         let client = self.connect().await?;
         client.authenticate(&session.token).await.map_err(explain)?;
         Ok((client, session))
     }
 }
 
-async fn admin(
-    data: &std::path::Path,
-    node: Option<SocketAddr>,
-    command: &AdminCommand,
-) -> anyhow::Result<()> {
+async fn admin(data: &std::path::Path, node: Option<SocketAddr>, command: &AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::Status => {
             let status = crate::admin::ClusterStatus::gather(data, node).await?;
@@ -245,42 +228,25 @@ async fn admin(
         }
         AdminCommand::JoinToken { ttl_minutes } => {
             let operator = crate::admin::Operator::open(data, node)?;
-            println!(
-                "{}",
-                operator.join_token(std::time::Duration::from_secs(
-                    ttl_minutes.saturating_mul(60)
-                ))?
-            );
+            println!("{}", operator.join_token(std::time::Duration::from_secs(ttl_minutes.saturating_mul(60)))?);
         }
         AdminCommand::Drain { node: target } => {
             let operator = crate::admin::Operator::open(data, node)?;
-            operator
-                .set_member_state(NodeId(*target), MemberState::Draining)
-                .await?;
-            println!(
-                "node {target} is draining: its replicas move to other nodes (watch `hamgam admin status`)"
-            );
+            operator.set_member_state(NodeId(*target), MemberState::Draining).await?;
+            println!("node {target} is draining: its replicas move to other nodes (watch `hamgam admin status`)");
         }
         AdminCommand::Remove { node: target } => {
             let operator = crate::admin::Operator::open(data, node)?;
             let target = NodeId(*target);
             let status = crate::admin::ClusterStatus::gather_with(&operator).await?;
-            let hosted = status
-                .shards()
-                .values()
-                .filter(|s| s.shard != ShardId::CLUSTER && s.hosts(target))
-                .count();
+            let hosted = status.shards().values().filter(|s| s.shard != ShardId::CLUSTER && s.hosts(target)).count();
             if hosted > 0 {
                 bail!(
                     "node {target} still holds {hosted} replicas; run `hamgam admin drain {target}` and wait until it holds none"
                 );
             }
-            operator
-                .set_member_state(target, MemberState::Removed)
-                .await?;
-            println!(
-                "node {target} is removed from the cluster; stop it and wipe its data directory"
-            );
+            operator.set_member_state(target, MemberState::Removed).await?;
+            println!("node {target} is removed from the cluster; stop it and wipe its data directory");
         }
     }
     Ok(())
@@ -289,9 +255,7 @@ async fn admin(
 pub(crate) fn explain(error: ClientError) -> anyhow::Error {
     match error.code() {
         Some(code) if code == hamgam_client::ErrorCode::SESSION_REVOKED => {
-            anyhow::anyhow!(
-                "{error}\nThis profile's session has ended; run `hamgam login USERNAME`."
-            )
+            anyhow::anyhow!("{error}\nThis profile's session has ended; run `hamgam login USERNAME`.")
         }
         _ => anyhow::anyhow!("{error}"),
     }
@@ -300,10 +264,7 @@ pub(crate) fn explain(error: ClientError) -> anyhow::Error {
 fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
     if from_stdin || !std::io::stdin().is_terminal() {
         let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from standard input")?;
+        std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
         let password = line.trim_end_matches(['\n', '\r']).to_string();
         if password.is_empty() {
             bail!("no password on standard input");
@@ -311,10 +272,7 @@ fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
         return Ok(password);
     }
     let password = rpassword::prompt_password("Password: ").context("reading the password")?;
-    if confirm
-        && rpassword::prompt_password("Password again: ").context("reading the password")?
-            != password
-    {
+    if confirm && rpassword::prompt_password("Password again: ").context("reading the password")? != password {
         bail!("the passwords differ");
     }
     Ok(password)
@@ -325,9 +283,7 @@ async fn resolve_chat(client: &Client, chat: &str) -> anyhow::Result<ChatId> {
         let user = client.resolve(username).await.map_err(explain)?;
         return Ok(client.direct_chat(user.user).await.map_err(explain)?.chat);
     }
-    Ok(ChatId(chat.parse().with_context(|| {
-        format!("{chat:?} is neither a chat id nor @username")
-    })?))
+    Ok(ChatId(chat.parse().with_context(|| format!("{chat:?} is neither a chat id nor @username"))?))
 }
 
 fn describe_chat(info: &ChatInfo) -> String {
@@ -336,32 +292,14 @@ fn describe_chat(info: &ChatInfo) -> String {
         ChatKind::Group => format!("group \"{}\"", info.title),
     };
     let unread = info.last_seq.saturating_sub(info.my_read_seq);
-    format!(
-        "{}  {name}  ({} members, {} messages, {unread} unread)",
-        info.chat, info.member_count, info.last_seq
-    )
+    format!("{}  {name}  ({} members, {} messages, {unread} unread)", info.chat, info.member_count, info.last_seq)
 }
 
 fn print_message(message: &Message, me: UserId) {
-    let who = if message.sender == me {
-        "me".to_string()
-    } else {
-        format!("user {}", message.sender)
-    };
-    let text = if message.deleted {
-        "(deleted)"
-    } else {
-        message.text.as_str()
-    };
-    let edited = if message.edit_date_ms.is_some() {
-        " (edited)"
-    } else {
-        ""
-    };
-    println!(
-        "[chat {}] #{} {who}: {text}{edited}",
-        message.chat, message.seq
-    );
+    let who = if message.sender == me { "me".to_string() } else { format!("user {}", message.sender) };
+    let text = if message.deleted { "(deleted)" } else { message.text.as_str() };
+    let edited = if message.edit_date_ms.is_some() { " (edited)" } else { "" };
+    println!("[chat {}] #{} {who}: {text}{edited}", message.chat, message.seq);
 }
 
 fn print_update_page(page: &hamgam_client::Difference, me: UserId) {
@@ -391,11 +329,7 @@ fn print_update_page(page: &hamgam_client::Difference, me: UserId) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         // Operators need no profile: their identity is the member's.
-        Command::Admin {
-            data,
-            node,
-            command,
-        } => admin(&data, node, &command).await,
+        Command::Admin { data, node, command } => admin(&data, node, &command).await,
         Command::User(command) => {
             let ctx = Invocation::new(cli.profile, cli.server, cli.fingerprint)?;
             user_command(command, ctx).await
@@ -417,50 +351,28 @@ impl Invocation {
     ) -> anyhow::Result<Invocation> {
         let profile = Profile::open(profile)?;
         let saved = profile.session()?;
-        let server = server
-            .or_else(|| saved.as_ref().map(|s| s.server.clone()))
-            .unwrap_or_else(|| DEFAULT_SERVER.into());
+        let server =
+            server.or_else(|| saved.as_ref().map(|s| s.server.clone())).unwrap_or_else(|| DEFAULT_SERVER.into());
         let pinned = match fingerprint {
-            Some(text) => Some(
-                text.parse::<Fingerprint>()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            ),
+            Some(text) => Some(text.parse::<Fingerprint>().map_err(|e| anyhow::anyhow!("{e}"))?),
             None => None,
         };
-        Ok(Invocation {
-            profile,
-            server,
-            pinned,
-        })
+        Ok(Invocation { profile, server, pinned })
     }
 }
 
 async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<()> {
     match command {
-        UserCommand::Signup {
-            username,
-            display_name,
-            password_stdin,
-        } => {
+        UserCommand::Signup { username, display_name, password_stdin } => {
             let password = read_password(password_stdin, true)?;
             let client = ctx.connect().await?;
-            let user = client
-                .sign_up(&username, &password, &display_name)
-                .await
-                .map_err(explain)?;
+            let user = client.sign_up(&username, &password, &display_name).await.map_err(explain)?;
             println!("signed up {username} (user {user}); now run `hamgam login {username}`");
         }
-        UserCommand::Login {
-            username,
-            device,
-            password_stdin,
-        } => {
+        UserCommand::Login { username, device, password_stdin } => {
             let password = read_password(password_stdin, false)?;
             let client = ctx.connect().await?;
-            let session = client
-                .log_in(&username, &password, &device)
-                .await
-                .map_err(explain)?;
+            let session = client.log_in(&username, &password, &device).await.map_err(explain)?;
             ctx.profile.save_session(&SavedSession {
                 server: ctx.server.clone(),
                 username: username.clone(),
@@ -469,10 +381,7 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
                 token: session.token,
                 pts: 0,
             })?;
-            println!(
-                "logged in as {username} (user {}, device {})",
-                session.user, session.device
-            );
+            println!("logged in as {username} (user {}, device {})", session.user, session.device);
         }
         UserCommand::Logout => {
             let (client, _) = ctx.session().await?;
@@ -483,30 +392,18 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
         UserCommand::Devices { revoke } => {
             let (client, _) = ctx.session().await?;
             if let Some(device) = revoke {
-                client
-                    .revoke_device(DeviceId(device))
-                    .await
-                    .map_err(explain)?;
+                client.revoke_device(DeviceId(device)).await.map_err(explain)?;
                 println!("revoked device {device}");
             } else {
                 for device in client.devices().await.map_err(explain)? {
-                    let current = if device.current {
-                        "  (this device)"
-                    } else {
-                        ""
-                    };
+                    let current = if device.current { "  (this device)" } else { "" };
                     println!("{}  {}{current}", device.device, device.name);
                 }
             }
         }
-        UserCommand::Chat {
-            command: ChatCommand::New { with },
-        } => {
+        UserCommand::Chat { command: ChatCommand::New { with } } => {
             let (client, _) = ctx.session().await?;
-            let user = client
-                .resolve(with.trim_start_matches('@'))
-                .await
-                .map_err(explain)?;
+            let user = client.resolve(with.trim_start_matches('@')).await.map_err(explain)?;
             let info = client.direct_chat(user.user).await.map_err(explain)?;
             println!("{}", describe_chat(&info));
         }
@@ -532,25 +429,13 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
                     println!("{}", describe_chat(&info));
                 }
                 GroupCommand::Add { chat, user } => {
-                    let user = client
-                        .resolve(user.trim_start_matches('@'))
-                        .await
-                        .map_err(explain)?;
-                    client
-                        .add_member(ChatId(chat), user.user)
-                        .await
-                        .map_err(explain)?;
+                    let user = client.resolve(user.trim_start_matches('@')).await.map_err(explain)?;
+                    client.add_member(ChatId(chat), user.user).await.map_err(explain)?;
                     println!("added {} to {chat}", user.username);
                 }
                 GroupCommand::Remove { chat, user } => {
-                    let user = client
-                        .resolve(user.trim_start_matches('@'))
-                        .await
-                        .map_err(explain)?;
-                    client
-                        .remove_member(ChatId(chat), user.user)
-                        .await
-                        .map_err(explain)?;
+                    let user = client.resolve(user.trim_start_matches('@')).await.map_err(explain)?;
+                    client.remove_member(ChatId(chat), user.user).await.map_err(explain)?;
                     println!("removed {} from {chat}", user.username);
                 }
                 GroupCommand::Leave { chat } => {
@@ -559,10 +444,7 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
                 }
                 GroupCommand::Members { chat } => {
                     for member in client.members(ChatId(chat)).await.map_err(explain)? {
-                        println!(
-                            "user {}  {:?}  read up to #{}",
-                            member.user, member.role, member.read_seq
-                        );
+                        println!("user {}  {:?}  read up to #{}", member.user, member.role, member.read_seq);
                     }
                 }
             }
@@ -573,12 +455,7 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
             let (seq, _) = client.send(chat, &text).await.map_err(explain)?;
             println!("sent #{seq} to chat {chat}");
         }
-        UserCommand::History {
-            chat,
-            limit,
-            before,
-            after,
-        } => {
+        UserCommand::History { chat, limit, before, after } => {
             let (client, session) = ctx.session().await?;
             let chat = resolve_chat(&client, &chat).await?;
             let anchor = match (before, after) {
@@ -588,28 +465,19 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
             };
             let page = client.history(chat, anchor, limit).await.map_err(explain)?;
             if page.more_before {
-                println!(
-                    "(older messages: --before {})",
-                    page.messages.first().map_or(0, |m| m.seq)
-                );
+                println!("(older messages: --before {})", page.messages.first().map_or(0, |m| m.seq));
             }
             for message in &page.messages {
                 print_message(message, UserId(session.user));
             }
             if page.more_after {
-                println!(
-                    "(newer messages: --after {})",
-                    page.messages.last().map_or(0, |m| m.seq)
-                );
+                println!("(newer messages: --after {})", page.messages.last().map_or(0, |m| m.seq));
             }
         }
         UserCommand::Read { chat, seq } => {
             let (client, _) = ctx.session().await?;
             let chat = resolve_chat(&client, &chat).await?;
-            let marker = client
-                .mark_read(chat, seq.unwrap_or(u64::MAX))
-                .await
-                .map_err(explain)?;
+            let marker = client.mark_read(chat, seq.unwrap_or(u64::MAX)).await.map_err(explain)?;
             println!("chat {chat} read up to #{marker}");
         }
         UserCommand::Sync => {
@@ -624,9 +492,7 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
                         }
                     }
                     SyncPage::TooLong { pts } => {
-                        println!(
-                            "(more happened than sync can replay; see `hamgam chats` and `hamgam history`)"
-                        );
+                        println!("(more happened than sync can replay; see `hamgam chats` and `hamgam history`)");
                         session.pts = pts;
                         break;
                     }

@@ -57,15 +57,12 @@ impl Profile {
             None => {
                 let base = std::env::var_os("XDG_CONFIG_HOME")
                     .map(PathBuf::from)
-                    .or_else(|| {
-                        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config"))
-                    })
+                    .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))
                     .context("no profile directory: set --profile, HAMGAM_PROFILE or HOME")?;
                 base.join("hamgam")
             }
         };
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating profile directory {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating profile directory {}", dir.display()))?;
         Ok(Profile { dir })
     }
 
@@ -74,11 +71,8 @@ impl Profile {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        Ok(Some(
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
-        ))
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Some(toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
     }
 
     pub fn save_session(&self, session: &SavedSession) -> anyhow::Result<()> {
@@ -98,8 +92,7 @@ impl Profile {
         if !path.exists() {
             return Ok(KnownNodes::default());
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -112,9 +105,7 @@ impl Profile {
 
     pub fn trust(&self, server: &str, fingerprint: Fingerprint) -> anyhow::Result<()> {
         let mut known = self.known_nodes()?;
-        known
-            .nodes
-            .insert(server.to_string(), fingerprint.to_string());
+        known.nodes.insert(server.to_string(), fingerprint.to_string());
         write_private(&self.dir.join(KNOWN_NODES_FILE), &toml::to_string(&known)?)
     }
 

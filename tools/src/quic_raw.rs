@@ -15,11 +15,7 @@ pub async fn run(mib: u64) -> anyhow::Result<f64> {
     let server = hamgam_transport::server_endpoint(&identity, "127.0.0.1:0".parse()?, ALPN)?;
     let addr = server.local_addr()?;
     let receiver = tokio::spawn(async move {
-        let connection = server
-            .accept()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("no connection"))?
-            .await?;
+        let connection = server.accept().await.ok_or_else(|| anyhow::anyhow!("no connection"))?.await?;
         // Bidirectional, as clients may open no uni streams.
         let (_send, mut stream) = connection.accept_bi().await?;
         let mut received = 0u64;
@@ -31,9 +27,7 @@ pub async fn run(mib: u64) -> anyhow::Result<f64> {
     });
     let client = hamgam_transport::client_endpoint(addr)?;
     let config = hamgam_transport::client_config(Trust::Pinned(identity.ca_fingerprint()), ALPN)?;
-    let connection = client
-        .connect_with(config, addr, hamgam_transport::SERVER_NAME)?
-        .await?;
+    let connection = client.connect_with(config, addr, hamgam_transport::SERVER_NAME)?.await?;
     let buffer = vec![0x5au8; 1 << 20];
     let started = Instant::now();
     let (mut stream, _recv) = connection.open_bi().await?;
@@ -43,10 +37,6 @@ pub async fn run(mib: u64) -> anyhow::Result<f64> {
     stream.finish()?;
     let received = receiver.await??;
     let seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        received == mib << 20,
-        "received {received} of {} bytes",
-        mib << 20
-    );
+    anyhow::ensure!(received == mib << 20, "received {received} of {} bytes", mib << 20);
     Ok(received as f64 / seconds / 1e6)
 }

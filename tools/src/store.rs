@@ -66,9 +66,7 @@ pub enum StoreCommand {
 }
 
 fn parse_range(text: &str) -> Result<std::ops::Range<u64>, String> {
-    let (start, end) = text
-        .split_once('-')
-        .ok_or("a range is START-END, in bytes")?;
+    let (start, end) = text.split_once('-').ok_or("a range is START-END, in bytes")?;
     let start: u64 = start.parse().map_err(|_| "START is not a number")?;
     let end: u64 = end.parse().map_err(|_| "END is not a number")?;
     if end < start {
@@ -91,16 +89,14 @@ impl Progress {
     fn start(total: u64, counters: Arc<TransferCounters>) -> Progress {
         let bar = ProgressBar::new(total);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let ticking = bar.clone();
         let ticker = tokio::spawn(async move {
             loop {
-                let done = TransferCounters::get(&counters.plain_bytes)
-                    + TransferCounters::get(&counters.unchanged_bytes);
+                let done =
+                    TransferCounters::get(&counters.plain_bytes) + TransferCounters::get(&counters.unchanged_bytes);
                 ticking.set_position(done);
                 ticking.set_message(format!(
                     "sent {}, saved by dedup {}",
@@ -143,9 +139,7 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
     let counters = Arc::new(TransferCounters::default());
     match command {
         StoreCommand::Put { local, remote } => {
-            let size = std::fs::metadata(&local)
-                .with_context(|| format!("reading {}", local.display()))?
-                .len();
+            let size = std::fs::metadata(&local).with_context(|| format!("reading {}", local.display()))?.len();
             let progress = Progress::start(size, counters.clone());
             let entry = client.upload_file(&local, &remote, &counters).await;
             progress.finish();
@@ -158,32 +152,20 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
                 bytes(TransferCounters::get(&counters.deduplicated_bytes))
             );
         }
-        StoreCommand::Get {
-            remote,
-            local,
-            range,
-        } => {
+        StoreCommand::Get { remote, local, range } => {
             let (entry, _) = client.stat_file(&remote).await.map_err(explain)?;
-            let length = range.as_ref().map_or(entry.size, |r| {
-                r.end.min(entry.size).saturating_sub(r.start)
-            });
+            let length = range.as_ref().map_or(entry.size, |r| r.end.min(entry.size).saturating_sub(r.start));
             if local.as_os_str() == "-" {
                 let mut out = std::io::stdout().lock();
-                client
-                    .download_file(&remote, range, &mut out, &counters)
-                    .await
-                    .map_err(explain)?;
+                client.download_file(&remote, range, &mut out, &counters).await.map_err(explain)?;
             } else {
-                let mut file = std::fs::File::create(&local)
-                    .with_context(|| format!("creating {}", local.display()))?;
+                let mut file =
+                    std::fs::File::create(&local).with_context(|| format!("creating {}", local.display()))?;
                 let progress = Progress::start(length, counters.clone());
-                let written = client
-                    .download_file(&remote, range, &mut file, &counters)
-                    .await;
+                let written = client.download_file(&remote, range, &mut file, &counters).await;
                 progress.finish();
                 let written = written.map_err(explain)?;
-                file.sync_all()
-                    .with_context(|| format!("writing {}", local.display()))?;
+                file.sync_all().with_context(|| format!("writing {}", local.display()))?;
                 println!("wrote {} to {}", bytes(written), local.display());
             }
         }
@@ -207,8 +189,7 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
             );
         }
         StoreCommand::Backup { dir, label } => {
-            let absolute = std::fs::canonicalize(&dir)
-                .with_context(|| format!("opening {}", dir.display()))?;
+            let absolute = std::fs::canonicalize(&dir).with_context(|| format!("opening {}", dir.display()))?;
             let label = label.unwrap_or_else(|| absolute.display().to_string());
             let started = Instant::now();
             let progress = Progress::start(folder_bytes(&absolute), counters.clone());
@@ -258,17 +239,8 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
                 started.elapsed().as_secs_f64()
             );
         }
-        StoreCommand::Forget {
-            keep_last,
-            keep_daily,
-            keep_weekly,
-            dry_run,
-        } => {
-            let rules = RetentionRules {
-                last: keep_last,
-                daily: keep_daily,
-                weekly: keep_weekly,
-            };
+        StoreCommand::Forget { keep_last, keep_daily, keep_weekly, dry_run } => {
+            let rules = RetentionRules { last: keep_last, daily: keep_daily, weekly: keep_weekly };
             if rules == RetentionRules::default() {
                 bail!("give at least one of --keep-last, --keep-daily, --keep-weekly");
             }
@@ -278,16 +250,10 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
                 client.forget_snapshots(&forget).await.map_err(explain)?;
             }
             let verb = if dry_run { "would forget" } else { "forgot" };
-            println!(
-                "{verb} {} of {} snapshots: {forget:?}",
-                forget.len(),
-                snapshots.len()
-            );
+            println!("{verb} {} of {} snapshots: {forget:?}", forget.len(), snapshots.len());
         }
         StoreCommand::Check { read_data } => {
-            let report = hamgam_client::check(&client, read_data, counters.clone())
-                .await
-                .map_err(explain)?;
+            let report = hamgam_client::check(&client, read_data, counters.clone()).await.map_err(explain)?;
             for problem in &report.problems {
                 println!("problem: {problem}");
             }
@@ -295,16 +261,8 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
                 "checked {} snapshots, {} chunks{}: {}",
                 report.snapshots,
                 report.chunks,
-                if read_data {
-                    format!(" ({} read back)", report.chunks_read)
-                } else {
-                    String::new()
-                },
-                if report.problems.is_empty() {
-                    "no problems"
-                } else {
-                    "PROBLEMS FOUND"
-                }
+                if read_data { format!(" ({} read back)", report.chunks_read) } else { String::new() },
+                if report.problems.is_empty() { "no problems" } else { "PROBLEMS FOUND" }
             );
             if !report.problems.is_empty() {
                 bail!("the check found {} problems", report.problems.len());
@@ -317,10 +275,7 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
 async fn list(client: &Client, path: &str) -> anyhow::Result<()> {
     let mut after = None;
     loop {
-        let page = client
-            .list_folder(path, after.clone(), 1000)
-            .await
-            .map_err(explain)?;
+        let page = client.list_folder(path, after.clone(), 1000).await.map_err(explain)?;
         for entry in &page.entries {
             match entry.kind {
                 hamgam_client::EntryKind::Folder => println!("{:>12}  {}/", "", entry.path),
@@ -332,10 +287,7 @@ async fn list(client: &Client, path: &str) -> anyhow::Result<()> {
         if !page.more {
             return Ok(());
         }
-        after = page
-            .entries
-            .last()
-            .and_then(|e| e.path.rsplit('/').next().map(str::to_string));
+        after = page.entries.last().and_then(|e| e.path.rsplit('/').next().map(str::to_string));
     }
 }
 
@@ -352,10 +304,5 @@ fn format_time(ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
 }

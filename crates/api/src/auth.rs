@@ -31,10 +31,7 @@ pub struct PasswordCost {
 impl Default for PasswordCost {
     /// The OWASP recommendation for argon2id: 19 MiB, 2 passes, 1 lane.
     fn default() -> Self {
-        PasswordCost {
-            memory_kib: 19_456,
-            iterations: 2,
-        }
+        PasswordCost { memory_kib: 19_456, iterations: 2 }
     }
 }
 
@@ -51,14 +48,9 @@ impl Passwords {
     pub(crate) fn new(cost: PasswordCost) -> Result<Passwords, ApiError> {
         let params = argon2::Params::new(cost.memory_kib, cost.iterations, 1, None)
             .map_err(|e| ApiError::config(format!("argon2 parameters: {e}")))?;
-        let argon2 =
-            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-        let mut passwords = Passwords {
-            argon2,
-            permits: Arc::new(Semaphore::new(parallel)),
-            decoy: String::new(),
-        };
+        let mut passwords = Passwords { argon2, permits: Arc::new(Semaphore::new(parallel)), decoy: String::new() };
         passwords.decoy = passwords.hash_now("decoy password")?;
         Ok(passwords)
     }
@@ -66,21 +58,13 @@ impl Passwords {
     fn hash_now(&self, password: &str) -> Result<String, ApiError> {
         let mut salt = [0u8; 16];
         rand::rng().fill_bytes(&mut salt);
-        let salt =
-            SaltString::encode_b64(&salt).map_err(|e| ApiError::internal(format!("salt: {e}")))?;
-        let hash = self
-            .argon2
-            .hash_password(password.as_bytes(), &salt)
-            .map_err(|e| ApiError::internal(format!("hash: {e}")))?;
+        let salt = SaltString::encode_b64(&salt).map_err(|e| ApiError::internal(format!("salt: {e}")))?;
+        let hash = self.argon2.hash_password(password.as_bytes(), &salt).map_err(|e| ApiError::internal(format!("hash: {e}")))?;
         Ok(hash.to_string())
     }
 
     pub(crate) async fn hash(&self, password: String) -> Result<String, ApiError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("shutting down"))?;
+        let _permit = self.permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down"))?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.hash_now(&password))
             .await
@@ -88,27 +72,14 @@ impl Passwords {
     }
 
     /// True if `password` matches `phc`; with `None`, checks against the decoy.
-    pub(crate) async fn verify(
-        &self,
-        password: String,
-        phc: Option<String>,
-    ) -> Result<bool, ApiError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("shutting down"))?;
+    pub(crate) async fn verify(&self, password: String, phc: Option<String>) -> Result<bool, ApiError> {
+        let _permit = self.permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down"))?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let real = phc.is_some();
             let phc = phc.unwrap_or_else(|| this.decoy.clone());
-            let parsed = PasswordHash::new(&phc)
-                .map_err(|e| ApiError::internal(format!("stored hash: {e}")))?;
-            Ok(this
-                .argon2
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok()
-                && real)
+            let parsed = PasswordHash::new(&phc).map_err(|e| ApiError::internal(format!("stored hash: {e}")))?;
+            Ok(this.argon2.verify_password(password.as_bytes(), &parsed).is_ok() && real)
         })
         .await
         .map_err(|e| ApiError::internal(format!("verify task: {e}")))?
@@ -127,11 +98,7 @@ impl Token {
         let mut rng = rand::rng();
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
-        Token {
-            user,
-            device: DeviceId(rng.next_u64()),
-            secret,
-        }
+        Token { user, device: DeviceId(rng.next_u64()), secret }
     }
 
     pub(crate) fn encode(&self) -> String {
@@ -143,12 +110,7 @@ impl Token {
     }
 
     pub(crate) fn parse(text: &str) -> Result<Token, ApiError> {
-        let bad = || {
-            ApiError::new(
-                ErrorCode::INVALID_TOKEN,
-                "that is not a session token of this service",
-            )
-        };
+        let bad = || ApiError::new(ErrorCode::INVALID_TOKEN, "that is not a session token of this service");
         let body = text.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
         if body.len() > 128 {
             return Err(bad());
@@ -164,11 +126,7 @@ impl Token {
         };
         let mut secret = [0u8; 32];
         secret.copy_from_slice(&raw[16..]);
-        Ok(Token {
-            user: UserId(word(0)),
-            device: DeviceId(word(8)),
-            secret,
-        })
+        Ok(Token { user: UserId(word(0)), device: DeviceId(word(8)), secret })
     }
 
     pub(crate) fn secret_hash(&self) -> [u8; 32] {
@@ -211,14 +169,8 @@ impl LoginLimiter {
             let left = Self::window_length().checked_sub(window.started.elapsed())?;
             (window.failures >= max).then_some(left)
         };
-        let by_name = over(
-            LimiterKey::Username(username_key.to_string()),
-            limits::LOGIN_FAILURES_PER_USERNAME_MAX,
-        );
-        let by_address = over(
-            LimiterKey::Address(address),
-            limits::LOGIN_FAILURES_PER_ADDRESS_MAX,
-        );
+        let by_name = over(LimiterKey::Username(username_key.to_string()), limits::LOGIN_FAILURES_PER_USERNAME_MAX);
+        let by_address = over(LimiterKey::Address(address), limits::LOGIN_FAILURES_PER_ADDRESS_MAX);
         match by_name.into_iter().chain(by_address).max() {
             Some(wait) => Err(wait),
             None => Ok(()),
@@ -230,27 +182,15 @@ impl LoginLimiter {
         if windows.len() >= limits::LOGIN_LIMITER_ENTRIES_MAX {
             windows.retain(|_, w| w.started.elapsed() < Self::window_length());
             if windows.len() >= limits::LOGIN_LIMITER_ENTRIES_MAX
-                && let Some(oldest) = windows
-                    .iter()
-                    .min_by_key(|(_, w)| w.started)
-                    .map(|(k, _)| k.clone())
+                && let Some(oldest) = windows.iter().min_by_key(|(_, w)| w.started).map(|(k, _)| k.clone())
             {
                 windows.remove(&oldest);
             }
         }
-        for key in [
-            LimiterKey::Username(username_key.to_string()),
-            LimiterKey::Address(address),
-        ] {
-            let window = windows.entry(key).or_insert(Window {
-                started: Instant::now(),
-                failures: 0,
-            });
+        for key in [LimiterKey::Username(username_key.to_string()), LimiterKey::Address(address)] {
+            let window = windows.entry(key).or_insert(Window { started: Instant::now(), failures: 0 });
             if window.started.elapsed() >= Self::window_length() {
-                *window = Window {
-                    started: Instant::now(),
-                    failures: 0,
-                };
+                *window = Window { started: Instant::now(), failures: 0 };
             }
             window.failures += 1;
         }
@@ -270,10 +210,7 @@ mod tests {
     fn tokens_round_trip_and_garbage_is_refused() {
         let token = Token::generate(UserId(42));
         let parsed = Token::parse(&token.encode()).unwrap();
-        assert_eq!(
-            (parsed.user, parsed.device, parsed.secret),
-            (token.user, token.device, token.secret)
-        );
+        assert_eq!((parsed.user, parsed.device, parsed.secret), (token.user, token.device, token.secret));
         assert!(hashes_equal(&parsed.secret_hash(), &token.secret_hash()));
         for bad in ["", "hg1_", "hg1_!!!", "xx1_AAAA", &"hg1_A".repeat(100)] {
             assert!(Token::parse(bad).is_err(), "{bad}");
@@ -289,33 +226,16 @@ mod tests {
             limiter.record_failure("sara", address);
         }
         assert!(limiter.check("sara", address).is_err());
-        assert!(
-            limiter.check("ali", address).is_ok(),
-            "other usernames go on"
-        );
+        assert!(limiter.check("ali", address).is_ok(), "other usernames go on");
     }
 
     #[tokio::test]
     async fn passwords_verify_and_the_decoy_never_matches() {
-        let passwords = Passwords::new(PasswordCost {
-            memory_kib: 64,
-            iterations: 1,
-        })
-        .unwrap();
+        let passwords = Passwords::new(PasswordCost { memory_kib: 64, iterations: 1 }).unwrap();
         let phc = passwords.hash("رمز عبور امن".into()).await.unwrap();
         assert!(phc.starts_with("$argon2id$"));
-        assert!(
-            passwords
-                .verify("رمز عبور امن".into(), Some(phc.clone()))
-                .await
-                .unwrap()
-        );
+        assert!(passwords.verify("رمز عبور امن".into(), Some(phc.clone())).await.unwrap());
         assert!(!passwords.verify("wrong".into(), Some(phc)).await.unwrap());
-        assert!(
-            !passwords
-                .verify("decoy password".into(), None)
-                .await
-                .unwrap()
-        );
+        assert!(!passwords.verify("decoy password".into(), None).await.unwrap());
     }
 }

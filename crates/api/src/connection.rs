@@ -3,9 +3,7 @@
 use crate::auth::Token;
 use crate::{ApiError, Shared, handlers, store};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
-use hamgam_proto::{
-    ErrorBody, ErrorCode, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Welcome, codec,
-};
+use hamgam_proto::{ErrorBody, ErrorCode, Hello, HelloReply, PROTOCOL_VERSION, Request, Response, Welcome, codec};
 use hamgam_types::{DeviceId, UserId, limits};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -76,18 +74,12 @@ impl Session {
     pub(crate) fn bind(&self, shared: &Shared, auth: Auth, epoch: u64) -> Result<(), ApiError> {
         let mut current = self.auth.lock().unwrap_or_else(|p| p.into_inner());
         if current.map(|b| b.auth.user) != Some(auth.user) {
-            let mut counts = shared
-                .user_connections
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut counts = shared.user_connections.lock().unwrap_or_else(|p| p.into_inner());
             let count = counts.entry(auth.user).or_insert(0);
             if *count >= limits::CONNECTIONS_PER_USER_MAX {
                 return Err(ApiError::new(
                     ErrorCode::RATE_LIMITED,
-                    format!(
-                        "an account may hold {} connections at once",
-                        limits::CONNECTIONS_PER_USER_MAX
-                    ),
+                    format!("an account may hold {} connections at once", limits::CONNECTIONS_PER_USER_MAX),
                 ));
             }
             *count += 1;
@@ -95,38 +87,25 @@ impl Session {
                 release(&mut counts, old.auth.user);
             }
         }
-        *current = Some(Bound {
-            auth,
-            checked_epoch: epoch,
-        });
+        *current = Some(Bound { auth, checked_epoch: epoch });
         Ok(())
     }
 
     pub(crate) fn unbind(&self, shared: &Shared) {
         if let Some(old) = self.auth.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            release(
-                &mut shared
-                    .user_connections
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-                old.auth.user,
-            );
+            release(&mut shared.user_connections.lock().unwrap_or_else(|p| p.into_inner()), old.auth.user);
         }
     }
 
     fn take_request_token(&self) -> Result<(), ApiError> {
         let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let earned = now.duration_since(bucket.refilled).as_secs_f64()
-            * f64::from(limits::REQUESTS_PER_CONNECTION_PER_SEC);
-        bucket.tokens =
-            (bucket.tokens + earned).min(f64::from(limits::REQUESTS_PER_CONNECTION_BURST));
+        let earned =
+            now.duration_since(bucket.refilled).as_secs_f64() * f64::from(limits::REQUESTS_PER_CONNECTION_PER_SEC);
+        bucket.tokens = (bucket.tokens + earned).min(f64::from(limits::REQUESTS_PER_CONNECTION_BURST));
         bucket.refilled = now;
         if bucket.tokens < 1.0 {
-            return Err(ApiError::new(
-                ErrorCode::RATE_LIMITED,
-                "too many requests on this connection; slow down",
-            ));
+            return Err(ApiError::new(ErrorCode::RATE_LIMITED, "too many requests on this connection; slow down"));
         }
         bucket.tokens -= 1.0;
         Ok(())
@@ -153,10 +132,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 return;
             }
         };
-        let handshake = tokio::time::timeout(
-            Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS),
-            handshake(&shared, &connection),
-        );
+        let handshake =
+            tokio::time::timeout(Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS), handshake(&shared, &connection));
         match handshake.await {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => {
@@ -192,11 +169,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         // the node's shutdown waits for them through the task tracker.
         while streams.join_next().await.is_some() {}
         session.unbind(&shared);
-        let code = if shared.cancel.is_cancelled() {
-            CLOSE_SHUTDOWN
-        } else {
-            CLOSE_DONE
-        };
+        let code = if shared.cancel.is_cancelled() { CLOSE_SHUTDOWN } else { CLOSE_DONE };
         connection.close(code, b"");
     }
     .instrument(span)
@@ -210,15 +183,11 @@ async fn handshake(shared: &Shared, connection: &quinn::Connection) -> Result<()
         Ok(hello) if hello.protocol_version == PROTOCOL_VERSION => None,
         Ok(hello) => Some(ErrorBody::new(
             ErrorCode::UNSUPPORTED_VERSION,
-            format!(
-                "this node speaks protocol version {PROTOCOL_VERSION}, not {}",
-                hello.protocol_version
-            ),
+            format!("this node speaks protocol version {PROTOCOL_VERSION}, not {}", hello.protocol_version),
         )),
-        Err(error) => Some(ErrorBody::new(
-            ErrorCode::HANDSHAKE_REQUIRED,
-            format!("the first stream must carry a hello: {error}"),
-        )),
+        Err(error) => {
+            Some(ErrorBody::new(ErrorCode::HANDSHAKE_REQUIRED, format!("the first stream must carry a hello: {error}")))
+        }
     };
     let reply = match &refusal {
         None => HelloReply::Welcome(Welcome {
@@ -228,9 +197,7 @@ async fn handshake(shared: &Shared, connection: &quinn::Connection) -> Result<()
         }),
         Some(body) => HelloReply::Refused(body.clone()),
     };
-    frame::write_frame(&mut send, FrameKind::Welcome, &reply)
-        .await
-        .map_err(|e| e.to_string())?;
+    frame::write_frame(&mut send, FrameKind::Welcome, &reply).await.map_err(|e| e.to_string())?;
     let _ = send.finish();
     match refusal {
         None => Ok(()),
@@ -253,11 +220,7 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, Option<Ap
                 format!("a request of {length} bytes is over the limit of {max} bytes"),
             )));
         }
-        Err(
-            error @ (FrameError::UnknownKind(_)
-            | FrameError::UnexpectedKind { .. }
-            | FrameError::Truncated),
-        ) => {
+        Err(error @ (FrameError::UnknownKind(_) | FrameError::UnexpectedKind { .. } | FrameError::Truncated)) => {
             return Err(malformed(error.to_string()));
         }
         Err(FrameError::Closed | FrameError::Io(_) | FrameError::Codec(_)) => return Err(None),
@@ -271,10 +234,9 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, Option<Ap
         )));
     }
     codec::decode::<Request>(&payload).map_err(|error| match error {
-        codec::CodecError::InvalidUtf8 => Some(ApiError::new(
-            ErrorCode::INVALID_UTF8,
-            "a text field is not valid UTF-8",
-        )),
+        codec::CodecError::InvalidUtf8 => {
+            Some(ApiError::new(ErrorCode::INVALID_UTF8, "a text field is not valid UTF-8"))
+        }
         other => malformed(format!("the request does not decode: {other}")),
     })
 }
@@ -318,18 +280,14 @@ async fn handle_stream(
         return;
     }
     let outcome = match request {
-        Request::PutChunks { count } => {
-            store::put_chunks(&shared, &session, count, &mut recv).await
-        }
-        Request::GetChunks { ids } => {
-            match store::get_chunks(&shared, &session, ids, &mut send).await {
-                Ok(()) => {
-                    let _ = send.finish();
-                    return;
-                }
-                Err(error) => Err(error),
+        Request::PutChunks { count } => store::put_chunks(&shared, &session, count, &mut recv).await,
+        Request::GetChunks { ids } => match store::get_chunks(&shared, &session, ids, &mut send).await {
+            Ok(()) => {
+                let _ = send.finish();
+                return;
             }
-        }
+            Err(error) => Err(error),
+        },
         other => handlers::handle(&shared, &session, other).await,
     };
     let response = match outcome {
@@ -347,31 +305,17 @@ async fn handle_stream(
 pub(crate) async fn check_token(shared: &Shared, text: &str) -> Result<(Auth, u64), ApiError> {
     let token = Token::parse(text)?;
     let epoch = shared.hub.revocation_epoch(token.user);
-    let revoked = || {
-        ApiError::new(
-            ErrorCode::SESSION_REVOKED,
-            "this session was logged out or revoked; log in again",
-        )
-    };
+    let revoked = || ApiError::new(ErrorCode::SESSION_REVOKED, "this session was logged out or revoked; log in again");
     let device = match shared.sync.device(token.user, token.device)? {
         Some(device) => device,
         None => {
             // Perhaps logged in through another node a moment ago.
             shared.sync.fresh_user(token.user).await?;
-            shared
-                .sync
-                .device(token.user, token.device)?
-                .ok_or_else(revoked)?
+            shared.sync.device(token.user, token.device)?.ok_or_else(revoked)?
         }
     };
     if !crate::auth::hashes_equal(&device.token_hash, &token.secret_hash()) {
         return Err(revoked());
     }
-    Ok((
-        Auth {
-            user: token.user,
-            device: token.device,
-        },
-        epoch,
-    ))
+    Ok((Auth { user: token.user, device: token.device }, epoch))
 }

@@ -11,19 +11,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-        }
+        ApiError { code, message: message.into() }
     }
 
     pub(crate) fn internal(message: impl Into<String>) -> ApiError {
         let message = message.into();
         tracing::error!(%message, "internal error");
-        ApiError::new(
-            ErrorCode::INTERNAL,
-            "the node hit an internal error; try again",
-        )
+        ApiError::new(ErrorCode::INTERNAL, "the node hit an internal error; try again")
     }
 
     pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
@@ -69,16 +63,15 @@ impl From<SyncError> for ApiError {
     fn from(error: SyncError) -> ApiError {
         match error {
             SyncError::Domain(domain) => domain.into(),
-            SyncError::Propose(propose) => ApiError::unavailable(format!(
-                "the write could not be taken now ({propose}); retry"
-            )),
+            SyncError::Propose(propose) => {
+                ApiError::unavailable(format!("the write could not be taken now ({propose}); retry"))
+            }
             SyncError::Storage(hamgam_storage::StorageError::Unreachable(reason)) => {
                 ApiError::unavailable(format!("{reason}; retry"))
             }
-            SyncError::Timeout => ApiError::new(
-                ErrorCode::TIMEOUT,
-                "the write did not commit in time; retry with the same client id",
-            ),
+            SyncError::Timeout => {
+                ApiError::new(ErrorCode::TIMEOUT, "the write did not commit in time; retry with the same client id")
+            }
             other => ApiError::internal(other.to_string()),
         }
     }

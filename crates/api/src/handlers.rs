@@ -10,16 +10,12 @@ use crate::{ApiError, Shared, store};
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::UsageReport;
 use hamgam_proto::{DeviceInfo, ErrorCode, Push, Request, Response, UserInfo};
-use hamgam_sync::{
-    Command, DifferenceOutcome, DomainError, Reply, direct_chat_id, group_chat_id, text,
-};
+use hamgam_sync::{Command, DifferenceOutcome, DomainError, Reply, direct_chat_id, group_chat_id, text};
 use hamgam_types::{UserId, limits};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The connection's session. A revoked device stops at once: every
@@ -27,10 +23,7 @@ pub(crate) fn now_ms() -> u64 {
 /// against its stored device again before the request goes on.
 pub(crate) fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, ApiError> {
     let (auth, stale) = session.auth(shared).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::UNAUTHENTICATED,
-            "log in or authenticate with a session token first",
-        )
+        ApiError::new(ErrorCode::UNAUTHENTICATED, "log in or authenticate with a session token first")
     })?;
     if stale {
         let epoch = shared.hub.revocation_epoch(auth.user);
@@ -58,64 +51,32 @@ fn unexpected(reply: Reply) -> ApiError {
     ApiError::internal(format!("unexpected reply {reply:?}"))
 }
 
-pub(crate) async fn handle(
-    shared: &Shared,
-    session: &Session,
-    request: Request,
-) -> Result<Response, ApiError> {
+pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request) -> Result<Response, ApiError> {
     let sync = &shared.sync;
     match request {
-        Request::SignUp {
-            username,
-            password,
-            display_name,
-        } => {
+        Request::SignUp { username, password, display_name } => {
             let username_key = text::username_key(&username)?;
             text::check_password(&password)?;
-            text::check_label(
-                "a display name",
-                &display_name,
-                limits::DISPLAY_NAME_CHARS_MAX,
-                false,
-            )?;
+            text::check_label("a display name", &display_name, limits::DISPLAY_NAME_CHARS_MAX, false)?;
             if sync.user_by_username(&username_key)?.is_some() {
                 return Err(DomainError::UsernameTaken.into());
             }
             let password_phc = shared.passwords.hash(password).await?;
-            let command = Command::SignUp {
-                username_key,
-                username,
-                display_name,
-                password_phc,
-                now_ms: now_ms(),
-            };
+            let command = Command::SignUp { username_key, username, display_name, password_phc, now_ms: now_ms() };
             match sync.execute(command).await? {
                 Reply::SignedUp { user } => Ok(Response::SignedUp { user }),
                 other => Err(unexpected(other)),
             }
         }
 
-        Request::LogIn {
-            username,
-            password,
-            device_name,
-        } => {
-            let invalid =
-                || ApiError::new(ErrorCode::INVALID_CREDENTIALS, "wrong username or password");
-            text::check_label(
-                "a device name",
-                &device_name,
-                limits::DEVICE_NAME_CHARS_MAX,
-                false,
-            )?;
+        Request::LogIn { username, password, device_name } => {
+            let invalid = || ApiError::new(ErrorCode::INVALID_CREDENTIALS, "wrong username or password");
+            text::check_label("a device name", &device_name, limits::DEVICE_NAME_CHARS_MAX, false)?;
             let username_key = text::username_key(&username).map_err(|_| invalid())?;
             if let Err(wait) = shared.limiter.check(&username_key, session.address) {
                 return Err(ApiError::new(
                     ErrorCode::RATE_LIMITED,
-                    format!(
-                        "too many failed logins; try again in {} seconds",
-                        wait.as_secs().max(1)
-                    ),
+                    format!("too many failed logins; try again in {} seconds", wait.as_secs().max(1)),
                 ));
             }
             if password.len() > limits::PASSWORD_BYTES_MAX {
@@ -131,9 +92,7 @@ pub(crate) async fn handle(
                 None => None,
             };
             let (Some(user), true) = (user, shared.passwords.verify(password, phc).await?) else {
-                shared
-                    .limiter
-                    .record_failure(&username_key, session.address);
+                shared.limiter.record_failure(&username_key, session.address);
                 return Err(invalid());
             };
             shared.limiter.record_success(&username_key);
@@ -147,42 +106,20 @@ pub(crate) async fn handle(
                 now_ms: now_ms(),
             };
             sync.execute(command).await?;
-            session.bind(
-                shared,
-                Auth {
-                    user,
-                    device: token.device,
-                },
-                epoch,
-            )?;
-            Ok(Response::LoggedIn {
-                user,
-                device: token.device,
-                token: token.encode(),
-            })
+            session.bind(shared, Auth { user, device: token.device }, epoch)?;
+            Ok(Response::LoggedIn { user, device: token.device, token: token.encode() })
         }
 
         Request::Authenticate { token } => {
             let (auth, epoch) = check_token(shared, &token).await?;
             session.bind(shared, auth, epoch)?;
-            let username = sync
-                .user(auth.user)?
-                .map(|u| u.username)
-                .unwrap_or_default();
-            Ok(Response::Authenticated {
-                user: auth.user,
-                device: auth.device,
-                username,
-            })
+            let username = sync.user(auth.user)?.map(|u| u.username).unwrap_or_default();
+            Ok(Response::Authenticated { user: auth.user, device: auth.device, username })
         }
 
         Request::LogOut => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::RevokeSession {
-                user: auth.user,
-                device: auth.device,
-            })
-            .await?;
+            sync.execute(Command::RevokeSession { user: auth.user, device: auth.device }).await?;
             session.unbind(shared);
             Ok(Response::Done)
         }
@@ -204,11 +141,7 @@ pub(crate) async fn handle(
 
         Request::RevokeDevice { device } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::RevokeSession {
-                user: auth.user,
-                device,
-            })
-            .await?;
+            sync.execute(Command::RevokeSession { user: auth.user, device }).await?;
             if device == auth.device {
                 session.unbind(shared);
             }
@@ -219,29 +152,17 @@ pub(crate) async fn handle(
             require_auth(shared, session)?;
             let key = text::username_key(&username)?;
             sync.fresh_username(&key).await?;
-            let user = sync
-                .user_by_username(&key)?
-                .ok_or(DomainError::UserNotFound)?;
+            let user = sync.user_by_username(&key)?.ok_or(DomainError::UserNotFound)?;
             sync.fresh_user(user).await?;
             let record = sync.user(user)?.ok_or(DomainError::UserNotFound)?;
-            Ok(Response::User(UserInfo {
-                user,
-                username: record.username,
-                display_name: record.display_name,
-            }))
+            Ok(Response::User(UserInfo { user, username: record.username, display_name: record.display_name }))
         }
 
         Request::CreateDirectChat { peer } => {
             let auth = require_auth(shared, session)?;
             require_user_exists(shared, peer).await?;
             let chat = direct_chat_id(sync.placement(), auth.user, peer);
-            sync.execute(Command::CreateDirect {
-                chat,
-                a: auth.user,
-                b: peer,
-                now_ms: now_ms(),
-            })
-            .await?;
+            sync.execute(Command::CreateDirect { chat, a: auth.user, b: peer, now_ms: now_ms() }).await?;
             sync.fresh_chat(chat).await?;
             Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
         }
@@ -250,13 +171,7 @@ pub(crate) async fn handle(
             let auth = require_auth(shared, session)?;
             text::check_label("a group title", &title, limits::GROUP_TITLE_CHARS_MAX, true)?;
             let chat = group_chat_id(sync.placement(), auth.user, client_ref);
-            sync.execute(Command::CreateGroup {
-                chat,
-                owner: auth.user,
-                title,
-                now_ms: now_ms(),
-            })
-            .await?;
+            sync.execute(Command::CreateGroup { chat, owner: auth.user, title, now_ms: now_ms() }).await?;
             sync.fresh_chat(chat).await?;
             Ok(Response::Chat(sync.chat_info(chat, auth.user)?))
         }
@@ -264,46 +179,25 @@ pub(crate) async fn handle(
         Request::AddMember { chat, user } => {
             let auth = require_auth(shared, session)?;
             require_user_exists(shared, user).await?;
-            sync.execute(Command::AddMember {
-                chat,
-                actor: auth.user,
-                user,
-                now_ms: now_ms(),
-            })
-            .await?;
+            sync.execute(Command::AddMember { chat, actor: auth.user, user, now_ms: now_ms() }).await?;
             Ok(Response::Done)
         }
 
         Request::RemoveMember { chat, user } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::RemoveMember {
-                chat,
-                actor: auth.user,
-                user,
-            })
-            .await?;
+            sync.execute(Command::RemoveMember { chat, actor: auth.user, user }).await?;
             Ok(Response::Done)
         }
 
         Request::SetRole { chat, user, role } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::SetRole {
-                chat,
-                actor: auth.user,
-                user,
-                role,
-            })
-            .await?;
+            sync.execute(Command::SetRole { chat, actor: auth.user, user, role }).await?;
             Ok(Response::Done)
         }
 
         Request::LeaveChat { chat } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::Leave {
-                chat,
-                user: auth.user,
-            })
-            .await?;
+            sync.execute(Command::Leave { chat, user: auth.user }).await?;
             Ok(Response::Done)
         }
 
@@ -319,77 +213,38 @@ pub(crate) async fn handle(
             Ok(Response::Members(sync.members(chat, auth.user)?))
         }
 
-        Request::SendMessage {
-            chat,
-            client_msg_id,
-            text: body,
-        } => {
+        Request::SendMessage { chat, client_msg_id, text: body } => {
             let auth = require_auth(shared, session)?;
             text::check_message_text(&body)?;
-            let command = Command::Send {
-                chat,
-                sender: auth.user,
-                client_msg_id,
-                text: body,
-                now_ms: now_ms(),
-            };
+            let command = Command::Send { chat, sender: auth.user, client_msg_id, text: body, now_ms: now_ms() };
             match sync.execute(command).await? {
                 Reply::Sent { seq, date_ms } => Ok(Response::Sent { seq, date_ms }),
                 other => Err(unexpected(other)),
             }
         }
 
-        Request::EditMessage {
-            chat,
-            seq,
-            text: body,
-        } => {
+        Request::EditMessage { chat, seq, text: body } => {
             let auth = require_auth(shared, session)?;
             text::check_message_text(&body)?;
-            sync.execute(Command::Edit {
-                chat,
-                actor: auth.user,
-                seq,
-                text: body,
-                now_ms: now_ms(),
-            })
-            .await?;
+            sync.execute(Command::Edit { chat, actor: auth.user, seq, text: body, now_ms: now_ms() }).await?;
             Ok(Response::Done)
         }
 
         Request::DeleteMessage { chat, seq } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::Delete {
-                chat,
-                actor: auth.user,
-                seq,
-            })
-            .await?;
+            sync.execute(Command::Delete { chat, actor: auth.user, seq }).await?;
             Ok(Response::Done)
         }
 
-        Request::History {
-            chat,
-            anchor,
-            limit,
-        } => {
+        Request::History { chat, anchor, limit } => {
             let auth = require_auth(shared, session)?;
             sync.fresh_chat(chat).await?;
-            Ok(Response::Messages(
-                sync.history(chat, auth.user, anchor, limit)?,
-            ))
+            Ok(Response::Messages(sync.history(chat, auth.user, anchor, limit)?))
         }
 
         Request::MarkRead { chat, seq } => {
             let auth = require_auth(shared, session)?;
-            match sync
-                .execute(Command::MarkRead {
-                    chat,
-                    user: auth.user,
-                    seq,
-                })
-                .await?
-            {
+            match sync.execute(Command::MarkRead { chat, user: auth.user, seq }).await? {
                 Reply::ReadMarker { seq } => Ok(Response::ReadMarker { seq }),
                 other => Err(unexpected(other)),
             }
@@ -405,42 +260,25 @@ pub(crate) async fn handle(
         }
 
         // Handled by `subscribe`, which keeps the stream.
-        Request::Subscribe { .. } | Request::PutChunks { .. } | Request::GetChunks { .. } => Err(
-            ApiError::internal("a streaming request reached the one-shot handler"),
-        ),
-        Request::MissingChunks { ids } => store::missing_chunks(shared, session, &ids).await,
-        Request::PutFile { path, manifest } => {
-            store::put_file(shared, session, path, manifest).await
+        Request::Subscribe { .. } | Request::PutChunks { .. } | Request::GetChunks { .. } => {
+            Err(ApiError::internal("a streaming request reached the one-shot handler"))
         }
+        Request::MissingChunks { ids } => store::missing_chunks(shared, session, &ids).await,
+        Request::PutFile { path, manifest } => store::put_file(shared, session, path, manifest).await,
         Request::StatFile { path } => store::stat_file(shared, session, path).await,
         Request::ListFolder { path, after, limit } => {
             let auth = require_auth(shared, session)?;
             sync.fresh_user(auth.user).await?;
-            Ok(Response::Folder(sync.list_folder(
-                auth.user,
-                &path,
-                after.as_deref(),
-                limit,
-            )?))
+            Ok(Response::Folder(sync.list_folder(auth.user, &path, after.as_deref(), limit)?))
         }
         Request::MovePath { from, to } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::MovePath {
-                user: auth.user,
-                from,
-                to,
-                now_ms: now_ms(),
-            })
-            .await?;
+            sync.execute(Command::MovePath { user: auth.user, from, to, now_ms: now_ms() }).await?;
             Ok(Response::Done)
         }
         Request::DeletePath { path } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::DeletePath {
-                user: auth.user,
-                path,
-            })
-            .await?;
+            sync.execute(Command::DeletePath { user: auth.user, path }).await?;
             Ok(Response::Done)
         }
         Request::Usage => {
@@ -454,12 +292,9 @@ pub(crate) async fn handle(
                 snapshots: usage.snapshots,
             }))
         }
-        Request::CommitSnapshot {
-            label,
-            parent,
-            tree,
-            stats,
-        } => store::commit_snapshot(shared, session, label, parent, tree, stats).await,
+        Request::CommitSnapshot { label, parent, tree, stats } => {
+            store::commit_snapshot(shared, session, label, parent, tree, stats).await
+        }
         Request::ListSnapshots { after, limit } => {
             let auth = require_auth(shared, session)?;
             sync.fresh_user(auth.user).await?;
@@ -468,11 +303,7 @@ pub(crate) async fn handle(
         }
         Request::ForgetSnapshots { ids } => {
             let auth = require_auth(shared, session)?;
-            sync.execute(Command::ForgetSnapshots {
-                user: auth.user,
-                ids,
-            })
-            .await?;
+            sync.execute(Command::ForgetSnapshots { user: auth.user, ids }).await?;
             Ok(Response::Done)
         }
     }
@@ -484,21 +315,11 @@ const PUSH_SESSION_CHECK: Duration = Duration::from_secs(5);
 /// Serves a push stream: everything after `since_pts` now, then every update
 /// as it lands, until the client goes, the device is revoked, another push
 /// stream of the same device replaces this one, or the node shuts down.
-pub(crate) async fn subscribe(
-    shared: &Shared,
-    session: &Session,
-    since_pts: u64,
-    mut send: quinn::SendStream,
-) {
+pub(crate) async fn subscribe(shared: &Shared, session: &Session, since_pts: u64, mut send: quinn::SendStream) {
     let auth = match require_auth(shared, session) {
         Ok(auth) => auth,
         Err(error) => {
-            let _ = frame::write_frame(
-                &mut send,
-                FrameKind::Response,
-                &Response::Error(error.body()),
-            )
-            .await;
+            let _ = frame::write_frame(&mut send, FrameKind::Response, &Response::Error(error.body())).await;
             let _ = send.finish();
             return;
         }
@@ -508,45 +329,26 @@ pub(crate) async fn subscribe(
         Ok(meta) => meta.map_or(0, |m| m.pts),
         Err(error) => {
             let error = ApiError::from(error);
-            let _ = frame::write_frame(
-                &mut send,
-                FrameKind::Response,
-                &Response::Error(error.body()),
-            )
-            .await;
+            let _ = frame::write_frame(&mut send, FrameKind::Response, &Response::Error(error.body())).await;
             let _ = send.finish();
             return;
         }
     };
     let mut checked_epoch = shared.hub.revocation_epoch(auth.user);
     let mut subscription = shared.hub.subscribe(auth.user, auth.device, current);
-    if frame::write_frame(
-        &mut send,
-        FrameKind::Response,
-        &Response::Subscribed { pts: current },
-    )
-    .await
-    .is_err()
-    {
+    if frame::write_frame(&mut send, FrameKind::Response, &Response::Subscribed { pts: current }).await.is_err() {
         return;
     }
     let mut pts = since_pts;
     'serve: loop {
         // Send everything after `pts`, page by page.
         loop {
-            let push = match shared.sync.difference(
-                auth.user,
-                pts,
-                limits::SYNC_PAGE_UPDATES_MAX as u32,
-            ) {
+            let push = match shared.sync.difference(auth.user, pts, limits::SYNC_PAGE_UPDATES_MAX as u32) {
                 Ok(DifferenceOutcome::Page(page)) if page.updates.is_empty() => break,
                 Ok(DifferenceOutcome::Page(page)) => {
                     pts = page.pts;
                     let more = page.more;
-                    if frame::write_frame(&mut send, FrameKind::Push, &Push::Updates(page))
-                        .await
-                        .is_err()
-                    {
+                    if frame::write_frame(&mut send, FrameKind::Push, &Push::Updates(page)).await.is_err() {
                         break 'serve;
                     }
                     if more {
@@ -563,10 +365,7 @@ pub(crate) async fn subscribe(
                     break 'serve;
                 }
             };
-            if frame::write_frame(&mut send, FrameKind::Push, &push)
-                .await
-                .is_err()
-            {
+            if frame::write_frame(&mut send, FrameKind::Push, &push).await.is_err() {
                 break 'serve;
             }
             break;

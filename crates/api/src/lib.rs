@@ -69,9 +69,7 @@ pub struct ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer")
-            .field("addr", &self.endpoint.local_addr().ok())
-            .finish_non_exhaustive()
+        f.debug_struct("ApiServer").field("addr", &self.endpoint.local_addr().ok()).finish_non_exhaustive()
     }
 }
 
@@ -97,16 +95,8 @@ impl ApiServer {
             cancel: CancellationToken::new(),
         });
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(
-            endpoint.clone(),
-            shared.clone(),
-            tracker.clone(),
-        ));
-        Ok(ApiServer {
-            endpoint,
-            shared,
-            tracker,
-        })
+        tracker.spawn(accept_loop(endpoint.clone(), shared.clone(), tracker.clone()));
+        Ok(ApiServer { endpoint, shared, tracker })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -118,14 +108,10 @@ impl ApiServer {
     pub async fn shutdown(self, drain: Duration) {
         self.shared.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(drain, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(drain, self.tracker.wait()).await.is_err() {
             tracing::warn!("requests still running after the drain period; closing connections");
         }
-        self.endpoint
-            .close(connection::CLOSE_SHUTDOWN, b"the node is shutting down");
+        self.endpoint.close(connection::CLOSE_SHUTDOWN, b"the node is shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }

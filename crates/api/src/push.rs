@@ -66,17 +66,8 @@ impl PushHub {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         let list = subscribers.entry(user).or_default();
         list.retain(|s| s.device != device);
-        list.push(Subscriber {
-            id,
-            device,
-            pts: sender,
-        });
-        Subscription {
-            hub: self,
-            user,
-            id,
-            pts: receiver,
-        }
+        list.push(Subscriber { id, device, pts: sender });
+        Subscription { hub: self, user, id, pts: receiver }
     }
 
     /// The revocation epoch of `user`'s bucket.
@@ -87,11 +78,7 @@ impl PushHub {
 
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
-        let mut subscribers = self
-            .hub
-            .subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut subscribers = self.hub.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = subscribers.get_mut(&self.user) {
             list.retain(|s| s.id != self.id);
             if list.is_empty() {
@@ -103,8 +90,7 @@ impl Drop for Subscription<'_> {
 
 impl UpdateListener for PushHub {
     fn device_revoked(&self, user: UserId) {
-        self.revocations[(user.0 % REVOCATION_BUCKETS as u64) as usize]
-            .fetch_add(1, Ordering::AcqRel);
+        self.revocations[(user.0 % REVOCATION_BUCKETS as u64) as usize].fetch_add(1, Ordering::AcqRel);
     }
 
     fn user_updated(&self, user: UserId, pts: u64) {

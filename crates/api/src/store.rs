@@ -23,13 +23,9 @@ use std::sync::Arc;
 impl From<BlobError> for ApiError {
     fn from(error: BlobError) -> ApiError {
         match error {
-            BlobError::Mismatch { .. } => {
-                ApiError::new(ErrorCode::CHUNK_MISMATCH, error.to_string())
-            }
+            BlobError::Mismatch { .. } => ApiError::new(ErrorCode::CHUNK_MISMATCH, error.to_string()),
             BlobError::Damaged { .. } => ApiError::new(ErrorCode::DATA_CORRUPT, error.to_string()),
-            BlobError::Malformed { .. } => {
-                ApiError::new(ErrorCode::INVALID_ARGUMENT, error.to_string())
-            }
+            BlobError::Malformed { .. } => ApiError::new(ErrorCode::INVALID_ARGUMENT, error.to_string()),
             BlobError::Unavailable(_) => ApiError::unavailable(format!("{error}; retry")),
             BlobError::Io { .. } => ApiError::internal(error.to_string()),
         }
@@ -38,24 +34,15 @@ impl From<BlobError> for ApiError {
 
 fn check_count(count: usize, max: usize, what: &str) -> Result<(), ApiError> {
     if count > max {
-        return Err(ApiError::new(
-            ErrorCode::INVALID_ARGUMENT,
-            format!("{count} {what} is over the limit of {max}"),
-        ));
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{count} {what} is over the limit of {max}")));
     }
     Ok(())
 }
 
-pub(crate) async fn missing_chunks(
-    shared: &Shared,
-    session: &Session,
-    ids: &[ChunkId],
-) -> Result<Response, ApiError> {
+pub(crate) async fn missing_chunks(shared: &Shared, session: &Session, ids: &[ChunkId]) -> Result<Response, ApiError> {
     require_auth(shared, session)?;
     check_count(ids.len(), limits::CHUNK_IDS_PER_REQUEST_MAX, "chunk ids")?;
-    Ok(Response::MissingChunks {
-        ids: shared.chunks.missing(ids).await?,
-    })
+    Ok(Response::MissingChunks { ids: shared.chunks.missing(ids).await? })
 }
 
 /// Reads `count` chunk frames, then stores them durably in one batch.
@@ -66,40 +53,22 @@ pub(crate) async fn put_chunks(
     recv: &mut quinn::RecvStream,
 ) -> Result<Response, ApiError> {
     require_auth(shared, session)?;
-    check_count(
-        count as usize,
-        limits::CHUNKS_PER_STREAM_MAX,
-        "chunks on one stream",
-    )?;
+    check_count(count as usize, limits::CHUNKS_PER_STREAM_MAX, "chunks on one stream")?;
     // Bounds the bytes every upload in flight on this node holds at once.
-    let _permit = shared
-        .transfer_budget
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the node is stopping"))?;
+    let _permit = shared.transfer_budget.acquire().await.map_err(|_| ApiError::unavailable("the node is stopping"))?;
     let mut chunks = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let payload = frame::read_frame_payload(recv, FrameKind::Chunk)
-            .await
-            .map_err(|error| match error {
-                FrameError::TooLarge { length, max, .. } => ApiError::new(
-                    ErrorCode::FRAME_TOO_LARGE,
-                    format!("a chunk frame of {length} bytes is over {max}"),
-                ),
-                other => ApiError::new(
-                    ErrorCode::MALFORMED_FRAME,
-                    format!("reading chunk frames: {other}"),
-                ),
-            })?;
-        let frame = ChunkFrame::parse(&payload)
-            .map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
+        let payload = frame::read_frame_payload(recv, FrameKind::Chunk).await.map_err(|error| match error {
+            FrameError::TooLarge { length, max, .. } => {
+                ApiError::new(ErrorCode::FRAME_TOO_LARGE, format!("a chunk frame of {length} bytes is over {max}"))
+            }
+            other => ApiError::new(ErrorCode::MALFORMED_FRAME, format!("reading chunk frames: {other}")),
+        })?;
+        let frame = ChunkFrame::parse(&payload).map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
         chunks.push(StoredChunk::from_frame(&frame));
     }
     let outcome = shared.chunks.put(chunks).await?;
-    Ok(Response::ChunksStored {
-        stored: outcome.stored,
-        present: outcome.present,
-    })
+    Ok(Response::ChunksStored { stored: outcome.stored, present: outcome.present })
 }
 
 /// Answers with the list of ids not found, then one chunk frame per found id.
@@ -110,25 +79,11 @@ pub(crate) async fn get_chunks(
     send: &mut quinn::SendStream,
 ) -> Result<(), ApiError> {
     require_auth(shared, session)?;
-    check_count(
-        ids.len(),
-        limits::CHUNKS_PER_STREAM_MAX,
-        "chunks on one stream",
-    )?;
-    let _permit = shared
-        .transfer_budget
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the node is stopping"))?;
+    check_count(ids.len(), limits::CHUNKS_PER_STREAM_MAX, "chunks on one stream")?;
+    let _permit = shared.transfer_budget.acquire().await.map_err(|_| ApiError::unavailable("the node is stopping"))?;
     let (found, missing) = shared.chunks.get(&ids).await?;
     let write_failed = |error: FrameError| ApiError::internal(format!("writing chunks: {error}"));
-    frame::write_frame(
-        send,
-        FrameKind::Response,
-        &Response::ChunksFollow { missing },
-    )
-    .await
-    .map_err(write_failed)?;
+    frame::write_frame(send, FrameKind::Response, &Response::ChunksFollow { missing }).await.map_err(write_failed)?;
     for chunk in &found {
         chunk.as_frame().write(send).await.map_err(write_failed)?;
     }
@@ -152,19 +107,13 @@ async fn read_plain(store: &ChunkStore, refs: &[ChunkRef]) -> Result<Vec<Vec<u8>
 }
 
 fn chunks_missing(count: usize) -> ApiError {
-    ApiError::new(
-        ErrorCode::CHUNKS_MISSING,
-        format!("{count} chunks named are not stored; upload them first"),
-    )
+    ApiError::new(ErrorCode::CHUNKS_MISSING, format!("{count} chunks named are not stored; upload them first"))
 }
 
 /// The data chunks of a list (reading its list chunks if it is indirect).
 async fn expand(store: &ChunkStore, content: &ChunkList) -> Result<Vec<ChunkRef>, ApiError> {
     if !content.within_bounds() {
-        return Err(ApiError::new(
-            ErrorCode::INVALID_ARGUMENT,
-            "a chunk list is over its bound",
-        ));
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, "a chunk list is over its bound"));
     }
     match content {
         ChunkList::Inline(refs) => Ok(refs.clone()),
@@ -197,10 +146,7 @@ async fn read_tree(store: &ChunkStore, tree: &ChunkList) -> Result<Tree, ApiErro
     let refs = expand(store, tree).await?;
     let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
     if total > limits::TREE_BYTES_MAX {
-        return Err(ApiError::new(
-            ErrorCode::INVALID_ARGUMENT,
-            format!("a tree of {total} bytes is over the limit"),
-        ));
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("a tree of {total} bytes is over the limit")));
     }
     Ok(Tree::decode(&read_plain(store, &refs).await?.concat())?)
 }
@@ -217,10 +163,7 @@ pub(crate) async fn put_file(
     if length != manifest.size {
         return Err(ApiError::new(
             ErrorCode::INVALID_ARGUMENT,
-            format!(
-                "the chunks hold {length} bytes but the file is said to have {}",
-                manifest.size
-            ),
+            format!("the chunks hold {length} bytes but the file is said to have {}", manifest.size),
         ));
     }
     let command = Command::PutFile {
@@ -234,11 +177,7 @@ pub(crate) async fn put_file(
     stat_file(shared, session, path).await
 }
 
-pub(crate) async fn stat_file(
-    shared: &Shared,
-    session: &Session,
-    path: String,
-) -> Result<Response, ApiError> {
+pub(crate) async fn stat_file(shared: &Shared, session: &Session, path: String) -> Result<Response, ApiError> {
     let auth = require_auth(shared, session)?;
     shared.sync.fresh_user(auth.user).await?;
     let (entry, content) = shared.sync.stat_path(auth.user, &path)?;
@@ -269,10 +208,7 @@ pub(crate) async fn commit_snapshot(
         Some(parent) => file_contents(&read_tree(store, &parent).await?).collect(),
         None => HashSet::new(),
     };
-    let added_bytes = file_contents(&new_tree)
-        .filter(|content| !known.contains(content))
-        .map(|(size, _)| size)
-        .sum();
+    let added_bytes = file_contents(&new_tree).filter(|content| !known.contains(content)).map(|(size, _)| size).sum();
     let command = Command::AddSnapshot {
         user: auth.user,
         label,
@@ -304,7 +240,5 @@ fn file_contents(tree: &Tree) -> impl Iterator<Item = (u64, [u8; 32])> + '_ {
 /// The budget of concurrent chunk transfers on a node: each holds at most
 /// `CHUNKS_PER_STREAM_MAX` chunks in memory.
 pub(crate) fn transfer_budget() -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(
-        limits::CHUNK_TRANSFERS_IN_FLIGHT_MAX,
-    ))
+    Arc::new(tokio::sync::Semaphore::new(limits::CHUNK_TRANSFERS_IN_FLIGHT_MAX))
 }

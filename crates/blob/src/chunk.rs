@@ -16,41 +16,25 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams {
-            min: limits::CHUNK_MIN_BYTES,
-            avg: limits::CHUNK_AVG_BYTES,
-            max: limits::CHUNK_MAX_BYTES,
-        }
+        ChunkerParams { min: limits::CHUNK_MIN_BYTES, avg: limits::CHUNK_AVG_BYTES, max: limits::CHUNK_MAX_BYTES }
     }
 }
 
 /// The chunks of a stream, in order, each as its plain bytes.
-pub fn chunks_of_reader<R: Read>(
-    reader: R,
-    params: ChunkerParams,
-) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
-    fastcdc::v2020::StreamCDC::new(
-        reader,
-        params.min as usize,
-        params.avg as usize,
-        params.max as usize,
-    )
-    .map(|chunk| match chunk {
-        Ok(chunk) => Ok(chunk.data),
-        Err(fastcdc::v2020::Error::IoError(error)) => Err(error),
-        Err(other) => Err(std::io::Error::other(other.to_string())),
+pub fn chunks_of_reader<R: Read>(reader: R, params: ChunkerParams) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize).map(|chunk| {
+        match chunk {
+            Ok(chunk) => Ok(chunk.data),
+            Err(fastcdc::v2020::Error::IoError(error)) => Err(error),
+            Err(other) => Err(std::io::Error::other(other.to_string())),
+        }
     })
 }
 
 /// The chunk boundaries of bytes already in memory, as slices.
 pub fn chunks_of_slice(data: &[u8], params: ChunkerParams) -> impl Iterator<Item = &[u8]> {
-    fastcdc::v2020::FastCDC::new(
-        data,
-        params.min as usize,
-        params.avg as usize,
-        params.max as usize,
-    )
-    .map(move |chunk| &data[chunk.offset..chunk.offset + chunk.length])
+    fastcdc::v2020::FastCDC::new(data, params.min as usize, params.avg as usize, params.max as usize)
+        .map(move |chunk| &data[chunk.offset..chunk.offset + chunk.length])
 }
 
 /// A chunk as it is sent and kept: its name, how its bytes are encoded, its
@@ -120,35 +104,19 @@ impl StoredChunk {
     }
 
     pub fn from_frame(frame: &ChunkFrame<'_>) -> StoredChunk {
-        StoredChunk {
-            id: frame.id,
-            codec: frame.codec,
-            plain_len: frame.plain_len,
-            bytes: frame.bytes.to_vec(),
-        }
+        StoredChunk { id: frame.id, codec: frame.codec, plain_len: frame.plain_len, bytes: frame.bytes.to_vec() }
     }
 
     pub fn as_frame(&self) -> ChunkFrame<'_> {
-        ChunkFrame {
-            id: self.id,
-            codec: self.codec,
-            plain_len: self.plain_len,
-            bytes: &self.bytes,
-        }
+        ChunkFrame { id: self.id, codec: self.codec, plain_len: self.plain_len, bytes: &self.bytes }
     }
 
     /// The plain bytes, checked against the name. Decompression is bounded
     /// by the declared plain length, which is itself bounded.
     pub fn open(&self) -> Result<Vec<u8>, BlobError> {
-        let mismatch = |reason: String| BlobError::Mismatch {
-            id: self.id,
-            reason,
-        };
+        let mismatch = |reason: String| BlobError::Mismatch { id: self.id, reason };
         if self.plain_len > limits::CHUNK_MAX_BYTES {
-            return Err(mismatch(format!(
-                "declares {} plain bytes, over the chunk limit",
-                self.plain_len
-            )));
+            return Err(mismatch(format!("declares {} plain bytes, over the chunk limit", self.plain_len)));
         }
         let plain = match self.codec {
             ChunkCodec::Plain => self.bytes.clone(),
@@ -156,11 +124,7 @@ impl StoredChunk {
                 .map_err(|error| mismatch(format!("does not decompress: {error}")))?,
         };
         if plain.len() != self.plain_len as usize {
-            return Err(mismatch(format!(
-                "holds {} plain bytes, not the {} declared",
-                plain.len(),
-                self.plain_len
-            )));
+            return Err(mismatch(format!("holds {} plain bytes, not the {} declared", plain.len(), self.plain_len)));
         }
         if ChunkId::of(&plain) != self.id {
             return Err(mismatch("the bytes hash to another name".into()));
@@ -201,10 +165,7 @@ mod tests {
         assert!(matches!(sealed.open(), Err(BlobError::Mismatch { .. })));
         let mut lying = StoredChunk::seal(&vec![b'a'; 100_000]);
         lying.plain_len = 10;
-        assert!(
-            lying.open().is_err(),
-            "decompression is bounded by the declared length"
-        );
+        assert!(lying.open().is_err(), "decompression is bounded by the declared length");
     }
 
     #[test]
@@ -213,22 +174,13 @@ mod tests {
         let original = random_bytes(4 << 20, 3);
         let mut edited = original.clone();
         edited.insert(2 << 20, 0x55);
-        let names = |data: &[u8]| {
-            chunks_of_slice(data, params)
-                .map(ChunkId::of)
-                .collect::<std::collections::HashSet<_>>()
-        };
+        let names =
+            |data: &[u8]| chunks_of_slice(data, params).map(ChunkId::of).collect::<std::collections::HashSet<_>>();
         let (before, after) = (names(&original), names(&edited));
         let new = after.difference(&before).count();
         assert!(new <= 2, "{new} chunks changed for one inserted byte");
-        let streamed: Vec<Vec<u8>> = chunks_of_reader(original.as_slice(), params)
-            .map(|c| c.unwrap())
-            .collect();
+        let streamed: Vec<Vec<u8>> = chunks_of_reader(original.as_slice(), params).map(|c| c.unwrap()).collect();
         assert_eq!(streamed.concat(), original);
-        assert!(
-            streamed
-                .iter()
-                .all(|c| c.len() <= limits::CHUNK_MAX_BYTES as usize)
-        );
+        assert!(streamed.iter().all(|c| c.len() <= limits::CHUNK_MAX_BYTES as usize));
     }
 }

@@ -46,17 +46,11 @@ pub enum BlobError {
     Unavailable(String),
     /// A file operation failed.
     #[error("chunk store I/O failed on {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 impl BlobError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> BlobError {
-        BlobError::Io {
-            path: path.display().to_string(),
-            source,
-        }
+        BlobError::Io { path: path.display().to_string(), source }
     }
 }

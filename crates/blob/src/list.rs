@@ -23,42 +23,26 @@ pub fn build(refs: Vec<ChunkRef>) -> Result<(ChunkList, Vec<StoredChunk>), BlobE
     }
     let mut list_chunks = Vec::with_capacity(pieces);
     for piece in refs.chunks(limits::LIST_CHUNK_REFS_MAX) {
-        let plain = codec::encode(&piece.to_vec()).map_err(|error| BlobError::Malformed {
-            what: "chunk list",
-            reason: error.to_string(),
-        })?;
+        let plain = codec::encode(&piece.to_vec())
+            .map_err(|error| BlobError::Malformed { what: "chunk list", reason: error.to_string() })?;
         list_chunks.push(StoredChunk::seal(&plain));
     }
-    let list = list_chunks
-        .iter()
-        .map(|chunk| ChunkRef {
-            id: chunk.id,
-            len: chunk.plain_len,
-        })
-        .collect();
+    let list = list_chunks.iter().map(|chunk| ChunkRef { id: chunk.id, len: chunk.plain_len }).collect();
     Ok((ChunkList::Indirect(list), list_chunks))
 }
 
 /// The references held by one list chunk's plain bytes.
 pub fn decode_piece(plain: &[u8]) -> Result<Vec<ChunkRef>, BlobError> {
-    let refs: Vec<ChunkRef> = codec::decode(plain).map_err(|error| BlobError::Malformed {
-        what: "list chunk",
-        reason: error.to_string(),
-    })?;
+    let refs: Vec<ChunkRef> =
+        codec::decode(plain).map_err(|error| BlobError::Malformed { what: "list chunk", reason: error.to_string() })?;
     if refs.len() > limits::LIST_CHUNK_REFS_MAX {
-        return Err(BlobError::Malformed {
-            what: "list chunk",
-            reason: format!("{} references", refs.len()),
-        });
+        return Err(BlobError::Malformed { what: "list chunk", reason: format!("{} references", refs.len()) });
     }
     Ok(refs)
 }
 
 /// Every data chunk of a list; `fetch` gives a list chunk's plain bytes.
-pub fn expand<E>(
-    list: &ChunkList,
-    mut fetch: impl FnMut(&ChunkRef) -> Result<Vec<u8>, E>,
-) -> Result<Vec<ChunkRef>, E>
+pub fn expand<E>(list: &ChunkList, mut fetch: impl FnMut(&ChunkRef) -> Result<Vec<u8>, E>) -> Result<Vec<ChunkRef>, E>
 where
     E: From<BlobError>,
 {
@@ -81,12 +65,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn refs(count: usize) -> Vec<ChunkRef> {
-        (0..count)
-            .map(|i| ChunkRef {
-                id: ChunkId::of(&i.to_le_bytes()),
-                len: 65_536,
-            })
-            .collect()
+        (0..count).map(|i| ChunkRef { id: ChunkId::of(&i.to_le_bytes()), len: 65_536 }).collect()
     }
 
     #[test]
@@ -97,11 +76,7 @@ mod tests {
         let long = refs(limits::LIST_CHUNK_REFS_MAX * 2 + 5);
         let (list, chunks) = build(long.clone()).unwrap();
         assert!(matches!(list, ChunkList::Indirect(ref r) if r.len() == 3));
-        assert!(
-            chunks
-                .iter()
-                .all(|c| c.plain_len <= limits::CHUNK_MAX_BYTES)
-        );
+        assert!(chunks.iter().all(|c| c.plain_len <= limits::CHUNK_MAX_BYTES));
         let store: HashMap<_, _> = chunks.into_iter().map(|c| (c.id, c)).collect();
         let expanded = expand::<BlobError>(&list, |r| store[&r.id].open()).unwrap();
         assert_eq!(expanded, long);

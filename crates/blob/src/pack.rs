@@ -83,9 +83,7 @@ pub struct PackStore {
 
 impl std::fmt::Debug for PackStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackStore")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("PackStore").field("dir", &self.dir).finish_non_exhaustive()
     }
 }
 
@@ -113,9 +111,7 @@ fn encode_record(chunk: &StoredChunk, out: &mut Vec<u8>) {
     out.push(chunk.codec as u8);
     out.extend_from_slice(&chunk.plain_len.to_le_bytes());
     out.extend_from_slice(&(chunk.bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(
-        &record_crc(&chunk.id, chunk.codec, chunk.plain_len, &chunk.bytes).to_le_bytes(),
-    );
+    out.extend_from_slice(&record_crc(&chunk.id, chunk.codec, chunk.plain_len, &chunk.bytes).to_le_bytes());
     out.extend_from_slice(&chunk.bytes);
 }
 
@@ -147,8 +143,7 @@ fn parse_record(bytes: &[u8]) -> Parsed {
     let Some(codec) = ChunkCodec::from_byte(bytes[36]) else {
         return Parsed::Bad;
     };
-    let u32_at =
-        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let (plain_len, stored_len, crc) = (u32_at(37), u32_at(41), u32_at(45));
     if stored_len > limits::CHUNK_FRAME_BYTES_MAX || plain_len > limits::CHUNK_MAX_BYTES {
         return Parsed::Bad;
@@ -160,13 +155,7 @@ fn parse_record(bytes: &[u8]) -> Parsed {
     if record_crc(&id, codec, plain_len, &bytes[RECORD_HEADER_BYTES..end]) != crc {
         return Parsed::Bad;
     }
-    Parsed::Record {
-        id,
-        location_len: end,
-        stored_len,
-        plain_len,
-        codec,
-    }
+    Parsed::Record { id, location_len: end, stored_len, plain_len, codec }
 }
 
 /// Every good record of a pack and the length up to the last of them. A bad
@@ -179,35 +168,18 @@ fn scan_pack(number: u32, bytes: &[u8]) -> (Vec<(ChunkId, Location)>, u64, usize
     let mut damaged = 0usize;
     while at < bytes.len() {
         match parse_record(&bytes[at..]) {
-            Parsed::Record {
-                id,
-                location_len,
-                stored_len,
-                plain_len,
-                codec,
-            } => {
-                records.push((
-                    id,
-                    Location {
-                        pack: number,
-                        offset: at as u64,
-                        stored_len,
-                        plain_len,
-                        codec,
-                    },
-                ));
+            Parsed::Record { id, location_len, stored_len, plain_len, codec } => {
+                records.push((id, Location { pack: number, offset: at as u64, stored_len, plain_len, codec }));
                 at += location_len;
                 valid_end = at;
             }
-            Parsed::Short | Parsed::Bad => {
-                match bytes[at + 1..].windows(4).position(|w| w == RECORD_MAGIC) {
-                    Some(skip) => {
-                        damaged += 1;
-                        at += 1 + skip;
-                    }
-                    None => break,
+            Parsed::Short | Parsed::Bad => match bytes[at + 1..].windows(4).position(|w| w == RECORD_MAGIC) {
+                Some(skip) => {
+                    damaged += 1;
+                    at += 1 + skip;
                 }
-            }
+                None => break,
+            },
         }
     }
     (records, valid_end as u64, damaged)
@@ -247,33 +219,20 @@ fn decode_index(number: u32, bytes: &[u8]) -> Option<Vec<(ChunkId, Location)>> {
             let stored_len = u32::from_le_bytes(e[40..44].try_into().ok()?);
             let plain_len = u32::from_le_bytes(e[44..48].try_into().ok()?);
             let codec = ChunkCodec::from_byte(e[48])?;
-            Some((
-                id,
-                Location {
-                    pack: number,
-                    offset,
-                    stored_len,
-                    plain_len,
-                    codec,
-                },
-            ))
+            Some((id, Location { pack: number, offset, stored_len, plain_len, codec }))
         })
         .collect()
 }
 
 fn sync_dir(dir: &Path) -> Result<(), BlobError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| BlobError::io(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| BlobError::io(dir, e))
 }
 
 /// Writes a file durably: to a temporary name, fsync, rename, fsync the folder.
 fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BlobError> {
     let temporary = path.with_extension("tmp");
     let mut file = File::create(&temporary).map_err(|e| BlobError::io(&temporary, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| BlobError::io(&temporary, e))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| BlobError::io(&temporary, e))?;
     std::fs::rename(&temporary, path).map_err(|e| BlobError::io(path, e))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
@@ -296,10 +255,7 @@ impl PackStore {
             .map_err(|e| BlobError::io(dir, e))?
             .filter_map(|entry| {
                 let name = entry.ok()?.file_name().into_string().ok()?;
-                name.strip_prefix("pack-")?
-                    .strip_suffix(".dat")?
-                    .parse()
-                    .ok()
+                name.strip_prefix("pack-")?.strip_suffix(".dat")?.parse().ok()
             })
             .collect();
         numbers.sort_unstable();
@@ -308,9 +264,7 @@ impl PackStore {
         let mut active = None;
         for (position, &number) in numbers.iter().enumerate() {
             let is_last = position + 1 == numbers.len();
-            let sealed = std::fs::read(index_path(dir, number))
-                .ok()
-                .and_then(|bytes| decode_index(number, &bytes));
+            let sealed = std::fs::read(index_path(dir, number)).ok().and_then(|bytes| decode_index(number, &bytes));
             let records = match sealed {
                 Some(records) => records,
                 None => {
@@ -323,18 +277,11 @@ impl PackStore {
                     if valid_end < bytes.len() as u64 {
                         tracing::warn!(pack = %path.display(), cut = bytes.len() as u64 - valid_end, "cutting a torn tail");
                         let file = open_for_append(&path)?;
-                        file.set_len(valid_end)
-                            .and_then(|()| file.sync_all())
-                            .map_err(|e| BlobError::io(&path, e))?;
+                        file.set_len(valid_end).and_then(|()| file.sync_all()).map_err(|e| BlobError::io(&path, e))?;
                     }
                     if is_last && valid_end < limits::PACK_BYTES_MAX {
                         let file = Arc::new(open_for_append(&path)?);
-                        active = Some(ActivePack {
-                            number,
-                            file,
-                            len: valid_end,
-                            records: records.clone(),
-                        });
+                        active = Some(ActivePack { number, file, len: valid_end, records: records.clone() });
                     } else {
                         write_durably(&index_path(dir, number), &encode_index(&records))?;
                     }
@@ -363,29 +310,18 @@ impl PackStore {
         let path = pack_path(dir, number);
         let file = Arc::new(open_for_append(&path)?);
         sync_dir(dir)?;
-        Ok(ActivePack {
-            number,
-            file,
-            len: 0,
-            records: Vec::new(),
-        })
+        Ok(ActivePack { number, file, len: 0, records: Vec::new() })
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+        self.index.read().unwrap_or_else(|p| p.into_inner()).contains_key(id)
     }
 
     /// The ids not stored here, in the order given, each once.
     pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut seen = HashSet::new();
-        ids.iter()
-            .filter(|id| !index.contains_key(id) && seen.insert(**id))
-            .copied()
-            .collect()
+        ids.iter().filter(|id| !index.contains_key(id) && seen.insert(**id)).copied().collect()
     }
 
     /// Checks every chunk against its name, appends the new ones and makes
@@ -411,12 +347,7 @@ impl PackStore {
         if fresh.is_empty() {
             return Ok(outcome);
         }
-        let mut buffer = Vec::with_capacity(
-            fresh
-                .iter()
-                .map(|c| RECORD_HEADER_BYTES + c.bytes.len())
-                .sum(),
-        );
+        let mut buffer = Vec::with_capacity(fresh.iter().map(|c| RECORD_HEADER_BYTES + c.bytes.len()).sum());
         let mut written = Vec::with_capacity(fresh.len());
         let file = {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -433,10 +364,7 @@ impl PackStore {
                 written.push((chunk.id, location));
             }
             let path = pack_path(&self.dir, active.number);
-            active
-                .file
-                .write_all_at(&buffer, active.len)
-                .map_err(|e| BlobError::io(&path, e))?;
+            active.file.write_all_at(&buffer, active.len).map_err(|e| BlobError::io(&path, e))?;
             active.len += buffer.len() as u64;
             active.records.extend(written.iter().copied());
             let file = active.file.clone();
@@ -457,53 +385,31 @@ impl PackStore {
     /// Syncs the full pack, writes its index and starts the next pack.
     fn seal(&self, active: &mut ActivePack) -> Result<(), BlobError> {
         let path = pack_path(&self.dir, active.number);
-        active
-            .file
-            .sync_all()
-            .map_err(|e| BlobError::io(&path, e))?;
-        write_durably(
-            &index_path(&self.dir, active.number),
-            &encode_index(&active.records),
-        )?;
+        active.file.sync_all().map_err(|e| BlobError::io(&path, e))?;
+        write_durably(&index_path(&self.dir, active.number), &encode_index(&active.records))?;
         *active = Self::new_pack(&self.dir, active.number + 1)?;
         Ok(())
     }
 
     fn reader(&self, pack: u32) -> Result<Arc<File>, BlobError> {
-        if let Some(file) = self
-            .files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&pack)
-        {
+        if let Some(file) = self.files.read().unwrap_or_else(|p| p.into_inner()).get(&pack) {
             return Ok(file.clone());
         }
         let path = pack_path(&self.dir, pack);
         let file = Arc::new(File::open(&path).map_err(|e| BlobError::io(&path, e))?);
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pack, file.clone());
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(pack, file.clone());
         Ok(file)
     }
 
     /// A chunk's stored form, its record checked (`Damaged` if the disk
     /// changed it). Blocking.
     pub fn get(&self, id: &ChunkId) -> Result<Option<StoredChunk>, BlobError> {
-        let Some(location) = self
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
-        else {
+        let Some(location) = self.index.read().unwrap_or_else(|p| p.into_inner()).get(id).copied() else {
             return Ok(None);
         };
         let mut bytes = vec![0u8; RECORD_HEADER_BYTES + location.stored_len as usize];
         let path = pack_path(&self.dir, location.pack);
-        self.reader(location.pack)?
-            .read_exact_at(&mut bytes, location.offset)
-            .map_err(|e| BlobError::io(&path, e))?;
+        self.reader(location.pack)?.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
         match parse_record(&bytes) {
             Parsed::Record { id: found, .. } if found == *id => Ok(Some(StoredChunk {
                 id: *id,
@@ -515,35 +421,21 @@ impl PackStore {
                 // Forget the damaged copy, so the chunk counts as missing and
                 // the next upload of it (or a replica's copy) stores it again.
                 tracing::error!(chunk = %id, pack = %path.display(), "a stored chunk is damaged");
-                self.index
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-                Err(BlobError::Damaged {
-                    id: *id,
-                    path: path.display().to_string(),
-                })
+                self.index.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+                Err(BlobError::Damaged { id: *id, path: path.display().to_string() })
             }
         }
     }
 
     /// Every chunk id stored here, in no particular order (a copy).
     pub fn ids(&self) -> Vec<ChunkId> {
-        self.index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect()
+        self.index.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
     }
 
     /// Forgets a copy found bad elsewhere than [`PackStore::get`] (its bytes
     /// do not match its name although its record is intact).
     pub fn forget(&self, id: &ChunkId) {
-        self.index
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.index.write().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     pub fn stats(&self) -> PackStats {
@@ -575,24 +467,9 @@ mod tests {
         let chunks: Vec<StoredChunk> = (0..20).map(|i| chunk(i, 5000 + i as usize)).collect();
         {
             let store = PackStore::open(dir.path()).unwrap();
-            assert_eq!(
-                store.put(&chunks[..10]).unwrap(),
-                PutOutcome {
-                    stored: 10,
-                    present: 0
-                }
-            );
-            assert_eq!(
-                store.put(&chunks).unwrap(),
-                PutOutcome {
-                    stored: 10,
-                    present: 10
-                }
-            );
-            assert_eq!(
-                store.missing(&[chunks[3].id, chunk(99, 10).id]),
-                vec![chunk(99, 10).id]
-            );
+            assert_eq!(store.put(&chunks[..10]).unwrap(), PutOutcome { stored: 10, present: 0 });
+            assert_eq!(store.put(&chunks).unwrap(), PutOutcome { stored: 10, present: 10 });
+            assert_eq!(store.missing(&[chunks[3].id, chunk(99, 10).id]), vec![chunk(99, 10).id]);
         }
         let store = PackStore::open(dir.path()).unwrap();
         for c in &chunks {
@@ -608,10 +485,7 @@ mod tests {
         let good = chunk(1, 100);
         let mut bad = chunk(2, 100);
         bad.bytes[0] ^= 0xff;
-        assert!(matches!(
-            store.put(&[good.clone(), bad]),
-            Err(BlobError::Mismatch { .. })
-        ));
+        assert!(matches!(store.put(&[good.clone(), bad]), Err(BlobError::Mismatch { .. })));
         assert!(!store.contains(&good.id));
     }
 
@@ -632,21 +506,10 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
 
         let store = PackStore::open(dir.path()).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
-            3 * record as u64,
-            "the torn tail is cut"
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * record as u64, "the torn tail is cut");
         assert!(store.get(&chunks[0].id).unwrap().is_some());
-        assert!(
-            store.get(&chunks[2].id).unwrap().is_some(),
-            "records after damage are still found"
-        );
-        assert_eq!(
-            store.missing(&[chunks[1].id]),
-            vec![chunks[1].id],
-            "the damaged one counts as missing"
-        );
+        assert!(store.get(&chunks[2].id).unwrap().is_some(), "records after damage are still found");
+        assert_eq!(store.missing(&[chunks[1].id]), vec![chunks[1].id], "the damaged one counts as missing");
         // Putting it again repairs it.
         store.put(&chunks[1..2]).unwrap();
         assert_eq!(store.get(&chunks[1].id).unwrap().as_ref(), Some(&chunks[1]));
@@ -663,17 +526,9 @@ mod tests {
         bytes[RECORD_HEADER_BYTES + 7] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(store.get(&c.id), Err(BlobError::Damaged { .. })));
-        assert_eq!(
-            store.missing(&[c.id]),
-            vec![c.id],
-            "a damaged copy counts as missing"
-        );
+        assert_eq!(store.missing(&[c.id]), vec![c.id], "a damaged copy counts as missing");
         store.put(std::slice::from_ref(&c)).unwrap();
-        assert_eq!(
-            store.get(&c.id).unwrap().as_ref(),
-            Some(&c),
-            "an upload repairs it"
-        );
+        assert_eq!(store.get(&c.id).unwrap().as_ref(), Some(&c), "an upload repairs it");
     }
 
     #[test]

@@ -15,16 +15,9 @@ fn weight(chunk: &ChunkId, node: NodeId) -> u64 {
 
 /// The `copies` nodes (or all, if fewer) that hold `chunk`, best first.
 pub fn holders(chunk: &ChunkId, nodes: &[NodeId], copies: usize) -> Vec<NodeId> {
-    let mut ranked: Vec<(u64, NodeId)> = nodes
-        .iter()
-        .map(|&node| (weight(chunk, node), node))
-        .collect();
+    let mut ranked: Vec<(u64, NodeId)> = nodes.iter().map(|&node| (weight(chunk, node), node)).collect();
     ranked.sort_unstable_by(|a, b| b.cmp(a));
-    ranked
-        .into_iter()
-        .take(copies)
-        .map(|(_, node)| node)
-        .collect()
+    ranked.into_iter().take(copies).map(|(_, node)| node).collect()
 }
 
 #[cfg(test)]
@@ -49,10 +42,7 @@ mod tests {
         }
         // Each of four nodes holds about half the chunks (2,000 copies); the
         // new node's copies are the only ones that moved.
-        assert!(
-            counts[1..].iter().all(|&c| (1700..2300).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts[1..].iter().all(|&c| (1700..2300).contains(&c)), "{counts:?}");
         assert_eq!(moved, counts[4]);
     }
 }

@@ -57,39 +57,24 @@ const FAILED_NODE_PAUSE: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for ChunkStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkStore")
-            .field("node", &self.node)
-            .finish_non_exhaustive()
+        f.debug_struct("ChunkStore").field("node", &self.node).finish_non_exhaustive()
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, BlobError> {
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, BlobError> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| BlobError::Unavailable(format!("a chunk task failed: {error}")))
 }
 
 impl ChunkStore {
-    pub fn new(
-        local: Arc<PackStore>,
-        node: NodeId,
-        peers: Option<Arc<dyn ChunkPeers>>,
-    ) -> ChunkStore {
-        ChunkStore {
-            local,
-            node,
-            peers,
-            failed: std::sync::Mutex::new(HashMap::new()),
-        }
+    pub fn new(local: Arc<PackStore>, node: NodeId, peers: Option<Arc<dyn ChunkPeers>>) -> ChunkStore {
+        ChunkStore { local, node, peers, failed: std::sync::Mutex::new(HashMap::new()) }
     }
 
     fn is_down(&self, node: NodeId) -> bool {
         let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        failed
-            .get(&node)
-            .is_some_and(|when| when.elapsed() < FAILED_NODE_PAUSE)
+        failed.get(&node).is_some_and(|when| when.elapsed() < FAILED_NODE_PAUSE)
     }
 
     fn mark<T>(&self, node: NodeId, result: &Result<T, String>) {
@@ -110,19 +95,14 @@ impl ChunkStore {
     }
 
     /// The holders of each id, and the quorum; `None` for a single node.
-    fn holders(
-        &self,
-        ids: impl Iterator<Item = ChunkId>,
-    ) -> Option<(HashMap<ChunkId, Vec<NodeId>>, usize)> {
+    fn holders(&self, ids: impl Iterator<Item = ChunkId>) -> Option<(HashMap<ChunkId, Vec<NodeId>>, usize)> {
         let peers = self.peers.as_ref()?;
         let members = peers.members();
         if members.len() <= 1 {
             return None;
         }
         let copies = COPIES.min(members.len());
-        let holders = ids
-            .map(|id| (id, placement::holders(&id, &members, copies)))
-            .collect();
+        let holders = ids.map(|id| (id, placement::holders(&id, &members, copies))).collect();
         Some((holders, copies / 2 + 1))
     }
 
@@ -151,11 +131,7 @@ impl ChunkStore {
             }
         }
         let mut seen = HashSet::new();
-        Ok(ids
-            .iter()
-            .filter(|id| have.get(id).copied().unwrap_or(0) < quorum && seen.insert(**id))
-            .copied()
-            .collect())
+        Ok(ids.iter().filter(|id| have.get(id).copied().unwrap_or(0) < quorum && seen.insert(**id)).copied().collect())
     }
 
     /// Asks each node which of its ids it lacks (this node directly).
@@ -192,13 +168,7 @@ impl ChunkStore {
             let local = self.local.clone();
             return blocking(move || local.put(&chunks)).await?;
         };
-        let chunks = blocking(move || {
-            chunks
-                .iter()
-                .try_for_each(|c| c.open().map(|_| ()))
-                .map(|()| chunks)
-        })
-        .await??;
+        let chunks = blocking(move || chunks.iter().try_for_each(|c| c.open().map(|_| ())).map(|()| chunks)).await??;
         let mut sends: BTreeMap<NodeId, Vec<StoredChunk>> = BTreeMap::new();
         for chunk in &chunks {
             for node in &holders[&chunk.id] {
@@ -216,10 +186,7 @@ impl ChunkStore {
                 let local = self.local.clone();
                 tokio::spawn(async move {
                     let stored = blocking(move || local.put(&batch)).await;
-                    let stored = stored
-                        .and_then(|r| r)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string());
+                    let stored = stored.and_then(|r| r).map(|_| ()).map_err(|e| e.to_string());
                     let _ = results.send((node, ids, stored));
                 });
             } else if let Some(peers) = self.peers.as_ref().filter(|_| !self.is_down(node)) {
@@ -235,11 +202,7 @@ impl ChunkStore {
         drop(results);
         let mut copies: HashMap<ChunkId, usize> = HashMap::new();
         let mut failures = Vec::new();
-        while pending > 0
-            && chunks
-                .iter()
-                .any(|c| copies.get(&c.id).copied().unwrap_or(0) < quorum)
-        {
+        while pending > 0 && chunks.iter().any(|c| copies.get(&c.id).copied().unwrap_or(0) < quorum) {
             let Some((node, ids, result)) = answers.recv().await else {
                 break;
             };
@@ -248,53 +211,41 @@ impl ChunkStore {
                 self.mark(node, &result);
             }
             match result {
-                Ok(()) => ids
-                    .into_iter()
-                    .for_each(|id| *copies.entry(id).or_default() += 1),
+                Ok(()) => ids.into_iter().for_each(|id| *copies.entry(id).or_default() += 1),
                 Err(error) => failures.push(format!("node {node}: {error}")),
             }
         }
-        let short = chunks
-            .iter()
-            .filter(|c| copies.get(&c.id).copied().unwrap_or(0) < quorum)
-            .count();
+        let short = chunks.iter().filter(|c| copies.get(&c.id).copied().unwrap_or(0) < quorum).count();
         if short > 0 {
             return Err(BlobError::Unavailable(format!(
                 "{short} chunks did not reach {quorum} of their holders ({})",
                 failures.join("; ")
             )));
         }
-        Ok(PutOutcome {
-            stored: chunks.len() as u32,
-            present: 0,
-        })
+        Ok(PutOutcome { stored: chunks.len() as u32, present: 0 })
     }
 
     /// The chunks of `ids` that any member holds, each checked; the ids
     /// none has are returned apart. Copies found lacking or damaged on a
     /// holder are repaired in the background.
-    pub async fn get(
-        &self,
-        ids: &[ChunkId],
-    ) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), BlobError> {
+    pub async fn get(&self, ids: &[ChunkId]) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), BlobError> {
         let local = self.local.clone();
         let wanted = ids.to_vec();
-        let (mut found, mut lacking): (HashMap<ChunkId, StoredChunk>, Vec<ChunkId>) =
-            blocking(move || {
-                let mut found = HashMap::new();
-                let mut lacking = Vec::new();
-                for id in wanted {
-                    match local.get(&id) {
-                        Ok(Some(chunk)) => {
-                            found.insert(id, chunk);
-                        }
-                        Ok(None) | Err(BlobError::Damaged { .. }) => lacking.push(id),
-                        Err(other) => return Err(other),
+        let (mut found, mut lacking): (HashMap<ChunkId, StoredChunk>, Vec<ChunkId>) = blocking(move || {
+            let mut found = HashMap::new();
+            let mut lacking = Vec::new();
+            for id in wanted {
+                match local.get(&id) {
+                    Ok(Some(chunk)) => {
+                        found.insert(id, chunk);
                     }
+                    Ok(None) | Err(BlobError::Damaged { .. }) => lacking.push(id),
+                    Err(other) => return Err(other),
                 }
-                Ok((found, lacking))
-            })
-            .await??;
+            }
+            Ok((found, lacking))
+        })
+        .await??;
         lacking.sort_unstable();
         lacking.dedup();
         if let (Some(peers), false) = (&self.peers, lacking.is_empty()) {
@@ -304,13 +255,7 @@ impl ChunkStore {
             // Holders in rendezvous order, then everyone else.
             let order = |id: &ChunkId| -> Vec<NodeId> {
                 let mut order = placement::holders(id, &members, copies);
-                order.extend(
-                    reachable
-                        .iter()
-                        .filter(|n| !order.contains(n))
-                        .copied()
-                        .collect::<Vec<_>>(),
-                );
+                order.extend(reachable.iter().filter(|n| !order.contains(n)).copied().collect::<Vec<_>>());
                 order.retain(|n| *n != self.node);
                 order
             };
@@ -331,12 +276,8 @@ impl ChunkStore {
                         self.mark(node, &answer);
                         answer.unwrap_or_default()
                     };
-                    let got = blocking(move || {
-                        got.into_iter()
-                            .filter(|c| c.open().is_ok())
-                            .collect::<Vec<_>>()
-                    })
-                    .await?;
+                    let got =
+                        blocking(move || got.into_iter().filter(|c| c.open().is_ok()).collect::<Vec<_>>()).await?;
                     for chunk in got {
                         if ask.contains(&chunk.id) {
                             found.insert(chunk.id, chunk);
@@ -379,11 +320,7 @@ impl ChunkStore {
             let holders = placement::holders(id, members, copies);
             // The node asked last gave it; the ones asked before did not have it.
             let before = &asked[..asked.len().saturating_sub(1)];
-            let lacked: Vec<NodeId> = before
-                .iter()
-                .filter(|n| holders.contains(n))
-                .copied()
-                .collect();
+            let lacked: Vec<NodeId> = before.iter().filter(|n| holders.contains(n)).copied().collect();
             let here = holders.contains(&self.node).then_some(self.node);
             for node in lacked.into_iter().chain(here) {
                 sends.entry(node).or_default().push(chunk.clone());
@@ -460,10 +397,7 @@ impl ChunkStore {
             report.damaged += damaged.len() as u64;
             read += good.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
             if !damaged.is_empty() {
-                tracing::error!(
-                    count = damaged.len(),
-                    "scrub found damaged chunk copies; fetching them again"
-                );
+                tracing::error!(count = damaged.len(), "scrub found damaged chunk copies; fetching them again");
                 // `get` fetches from the other holders and repairs this node's copy.
                 self.get(&damaged).await?;
             }
@@ -493,10 +427,7 @@ impl ChunkStore {
         let mut sent = 0;
         for (node, _, answer) in self.ask_all(asks).await {
             let Ok(lacking) = answer else { continue };
-            let copies: Vec<StoredChunk> = lacking
-                .iter()
-                .filter_map(|id| by_id.get(id).cloned())
-                .collect();
+            let copies: Vec<StoredChunk> = lacking.iter().filter_map(|id| by_id.get(id).cloned()).collect();
             if copies.is_empty() {
                 continue;
             }

@@ -14,11 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TreeKind {
     /// 0
-    File {
-        size: u64,
-        hash: [u8; 32],
-        content: ChunkList,
-    },
+    File { size: u64, hash: [u8; 32], content: ChunkList },
     /// 1
     Dir,
     /// 2: the link's target, as bytes.
@@ -44,10 +40,7 @@ pub struct Tree {
 }
 
 fn malformed(reason: impl Into<String>) -> BlobError {
-    BlobError::Malformed {
-        what: "backup tree",
-        reason: reason.into(),
-    }
+    BlobError::Malformed { what: "backup tree", reason: reason.into() }
 }
 
 impl Tree {
@@ -56,10 +49,7 @@ impl Tree {
         for entry in &self.entries {
             let bytes = codec::encode(entry).map_err(|error| malformed(error.to_string()))?;
             if bytes.len() > limits::TREE_ENTRY_BYTES_MAX {
-                return Err(malformed(format!(
-                    "an entry of {} bytes is over the limit",
-                    bytes.len()
-                )));
+                return Err(malformed(format!("an entry of {} bytes is over the limit", bytes.len())));
             }
             out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             out.extend_from_slice(&bytes);
@@ -71,9 +61,7 @@ impl Tree {
     pub fn decode(mut bytes: &[u8]) -> Result<Tree, BlobError> {
         let mut entries = Vec::new();
         while !bytes.is_empty() {
-            let (length, rest) = bytes
-                .split_first_chunk::<4>()
-                .ok_or_else(|| malformed("cut inside a length"))?;
+            let (length, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| malformed("cut inside a length"))?;
             let length = u32::from_le_bytes(*length) as usize;
             if length > limits::TREE_ENTRY_BYTES_MAX || length > rest.len() {
                 return Err(malformed(format!("an entry length of {length} bytes")));
@@ -89,16 +77,9 @@ impl Tree {
     /// (tree chunks and, for a long list, list chunks).
     pub fn to_chunks(&self) -> Result<(ChunkList, Vec<StoredChunk>), BlobError> {
         let bytes = self.encode()?;
-        let mut chunks: Vec<StoredChunk> = chunks_of_slice(&bytes, ChunkerParams::default())
-            .map(StoredChunk::seal)
-            .collect();
-        let refs = chunks
-            .iter()
-            .map(|chunk| ChunkRef {
-                id: chunk.id,
-                len: chunk.plain_len,
-            })
-            .collect();
+        let mut chunks: Vec<StoredChunk> =
+            chunks_of_slice(&bytes, ChunkerParams::default()).map(StoredChunk::seal).collect();
+        let refs = chunks.iter().map(|chunk| ChunkRef { id: chunk.id, len: chunk.plain_len }).collect();
         let (list, list_chunks) = list::build(refs)?;
         chunks.extend(list_chunks);
         Ok((list, chunks))
@@ -127,20 +108,13 @@ mod tests {
             kind: TreeKind::Dir,
         }];
         for i in 0..files {
-            let refs = vec![ChunkRef {
-                id: ChunkId::of(&i.to_le_bytes()),
-                len: 1000,
-            }];
+            let refs = vec![ChunkRef { id: ChunkId::of(&i.to_le_bytes()), len: 1000 }];
             entries.push(TreeEntry {
                 path: format!("عکس‌ها/{i}.jpg").into_bytes(),
                 mode: 0o644,
                 mtime_secs: 1_700_000_000 + i as i64,
                 mtime_nanos: 0,
-                kind: TreeKind::File {
-                    size: 1000,
-                    hash: [i as u8; 32],
-                    content: ChunkList::Inline(refs),
-                },
+                kind: TreeKind::File { size: 1000, hash: [i as u8; 32], content: ChunkList::Inline(refs) },
             });
         }
         Tree { entries }
@@ -164,10 +138,7 @@ mod tests {
         assert!(chunks.len() > 1);
         let by_id: std::collections::HashMap<_, _> = chunks.iter().map(|c| (c.id, c)).collect();
         let refs = list::expand::<BlobError>(&list, |r| by_id[&r.id].open()).unwrap();
-        let bytes: Vec<u8> = refs
-            .iter()
-            .flat_map(|r| by_id[&r.id].open().unwrap())
-            .collect();
+        let bytes: Vec<u8> = refs.iter().flat_map(|r| by_id[&r.id].open().unwrap()).collect();
         assert_eq!(Tree::decode(&bytes).unwrap(), tree);
     }
 }

@@ -25,10 +25,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn io_error(path: &Path, source: std::io::Error) -> ClientError {
-    ClientError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    ClientError::Io { path: path.display().to_string(), source }
 }
 
 /// What a backup did.
@@ -93,11 +90,7 @@ fn walk(root: &Path) -> Result<Vec<Walked>, ClientError> {
                 subdirs.push((absolute.clone(), relative.clone()));
             }
             if metadata.is_dir() || metadata.is_file() || metadata.is_symlink() {
-                out.push(Walked {
-                    relative,
-                    absolute,
-                    metadata,
-                });
+                out.push(Walked { relative, absolute, metadata });
             }
         }
         // Reversed so the stack visits subfolders in name order.
@@ -133,34 +126,28 @@ fn read_folder(
     let mut pending_bytes = 0usize;
     let mut tree = Tree::default();
     let mut files_read = 0;
-    let mut queue = |id: ChunkId,
-                     plain: Vec<u8>,
-                     pending: &mut Batch,
-                     pending_bytes: &mut usize|
-     -> Result<(), ClientError> {
-        if !seen.insert(id) {
-            TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
-            return Ok(());
-        }
-        *pending_bytes += plain.len();
-        pending.push((id, plain));
-        if *pending_bytes >= UPLOAD_BATCH_BYTES {
-            *pending_bytes = 0;
-            batches
-                .blocking_send(std::mem::take(pending))
-                .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
-        }
-        Ok(())
-    };
+    let mut queue =
+        |id: ChunkId, plain: Vec<u8>, pending: &mut Batch, pending_bytes: &mut usize| -> Result<(), ClientError> {
+            if !seen.insert(id) {
+                TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
+                return Ok(());
+            }
+            *pending_bytes += plain.len();
+            pending.push((id, plain));
+            if *pending_bytes >= UPLOAD_BATCH_BYTES {
+                *pending_bytes = 0;
+                batches
+                    .blocking_send(std::mem::take(pending))
+                    .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
+            }
+            Ok(())
+        };
     for walked in entries {
         let kind = if walked.metadata.is_dir() {
             TreeKind::Dir
         } else if walked.metadata.is_symlink() {
-            let target =
-                fs::read_link(&walked.absolute).map_err(|e| io_error(&walked.absolute, e))?;
-            TreeKind::Symlink {
-                target: target.as_os_str().as_bytes().to_vec(),
-            }
+            let target = fs::read_link(&walked.absolute).map_err(|e| io_error(&walked.absolute, e))?;
+            TreeKind::Symlink { target: target.as_os_str().as_bytes().to_vec() }
         } else {
             let unchanged = previous.get(&walked.relative).filter(|old| {
                 matches!(old.kind, TreeKind::File { size, .. } if size == walked.metadata.len())
@@ -178,17 +165,11 @@ fn read_folder(
             let mut hasher = blake3::Hasher::new();
             let mut refs = Vec::new();
             let mut size = 0u64;
-            for chunk in chunks_of_reader(
-                BufReader::with_capacity(1 << 20, file),
-                ChunkerParams::default(),
-            ) {
+            for chunk in chunks_of_reader(BufReader::with_capacity(1 << 20, file), ChunkerParams::default()) {
                 let plain = chunk.map_err(|e| io_error(&walked.absolute, e))?;
                 hasher.update(&plain);
                 let id = ChunkId::of(&plain);
-                refs.push(ChunkRef {
-                    id,
-                    len: plain.len() as u32,
-                });
+                refs.push(ChunkRef { id, len: plain.len() as u32 });
                 size += plain.len() as u64;
                 TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
                 queue(id, plain, &mut pending, &mut pending_bytes)?;
@@ -198,18 +179,12 @@ fn read_folder(
                 queue(chunk.id, chunk.open()?, &mut pending, &mut pending_bytes)?;
             }
             TransferCounters::add(&counters.files, 1);
-            TreeKind::File {
-                size,
-                hash: *hasher.finalize().as_bytes(),
-                content,
-            }
+            TreeKind::File { size, hash: *hasher.finalize().as_bytes(), content }
         };
         tree.entries.push(tree_entry(&walked, kind));
     }
     if !pending.is_empty() {
-        batches
-            .blocking_send(pending)
-            .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
+        batches.blocking_send(pending).map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
     }
     Ok((tree, files_read))
 }
@@ -229,19 +204,11 @@ pub async fn backup(
     label: &str,
     counters: Arc<TransferCounters>,
 ) -> Result<BackupReport, ClientError> {
-    let parent = client
-        .snapshots()
-        .await?
-        .into_iter()
-        .rev()
-        .find(|s| s.label == label);
+    let parent = client.snapshots().await?.into_iter().rev().find(|s| s.label == label);
     let previous: HashMap<Vec<u8>, TreeEntry> = match &parent {
-        Some(parent) => fetch_tree(client, &parent.tree)
-            .await?
-            .entries
-            .into_iter()
-            .map(|e| (e.path.clone(), e))
-            .collect(),
+        Some(parent) => {
+            fetch_tree(client, &parent.tree).await?.entries.into_iter().map(|e| (e.path.clone(), e)).collect()
+        }
         None => HashMap::new(),
     };
     let root = dir.to_path_buf();
@@ -250,26 +217,20 @@ pub async fn backup(
         .map_err(|e| ClientError::Protocol(format!("walking the folder: {e}")))??;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Batch>(2);
     let reader_counters = counters.clone();
-    let reader = tokio::task::spawn_blocking(move || {
-        read_folder(entries, previous, sender, reader_counters)
-    });
+    let reader = tokio::task::spawn_blocking(move || read_folder(entries, previous, sender, reader_counters));
     // Batches overlap, so the streams never drain while the next batch's
     // "which are missing" question is on its way.
     let batches = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|batch| (batch, receiver))
     });
     let mut uploads = Box::pin(
-        batches
-            .map(|batch| client.upload_missing(batch, &counters))
-            .buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT),
+        batches.map(|batch| client.upload_missing(batch, &counters)).buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT),
     );
     while let Some(result) = uploads.next().await {
         result?;
     }
     drop(uploads);
-    let (tree, files_read) = reader
-        .await
-        .map_err(|e| ClientError::Protocol(format!("reading the folder: {e}")))??;
+    let (tree, files_read) = reader.await.map_err(|e| ClientError::Protocol(format!("reading the folder: {e}")))??;
 
     let stats = SnapshotStats {
         files: tree.file_chunk_lists().count() as u64,
@@ -283,14 +244,9 @@ pub async fn backup(
             .sum(),
     };
     let (tree_list, tree_chunks) = tree.to_chunks()?;
-    let plains = tree_chunks
-        .iter()
-        .map(|c| Ok((c.id, c.open()?)))
-        .collect::<Result<Batch, ClientError>>()?;
+    let plains = tree_chunks.iter().map(|c| Ok((c.id, c.open()?))).collect::<Result<Batch, ClientError>>()?;
     client.upload_missing(plains, &counters).await?;
-    let snapshot = client
-        .commit_snapshot(label, parent.map(|p| p.id), tree_list, stats)
-        .await?;
+    let snapshot = client.commit_snapshot(label, parent.map(|p| p.id), tree_list, stats).await?;
     Ok(BackupReport {
         snapshot,
         files: stats.files,
@@ -309,18 +265,15 @@ fn system_time(secs: i64, nanos: u32) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nanos)
     } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-            + Duration::from_nanos(u64::from(nanos))
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(u64::from(nanos))
     }
 }
 
 fn set_mode_and_time(path: &Path, entry: &TreeEntry) -> Result<(), ClientError> {
-    fs::set_permissions(path, fs::Permissions::from_mode(entry.mode))
-        .map_err(|e| io_error(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(entry.mode)).map_err(|e| io_error(path, e))?;
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     let when = system_time(entry.mtime_secs, entry.mtime_nanos);
-    file.set_times(FileTimes::new().set_modified(when).set_accessed(when))
-        .map_err(|e| io_error(path, e))
+    file.set_times(FileTimes::new().set_modified(when).set_accessed(when)).map_err(|e| io_error(path, e))
 }
 
 /// Restores `snapshot` into `target` (which must be empty or absent): byte
@@ -331,16 +284,8 @@ pub async fn restore(
     target: &Path,
     counters: Arc<TransferCounters>,
 ) -> Result<RestoreReport, ClientError> {
-    if target.exists()
-        && fs::read_dir(target)
-            .map_err(|e| io_error(target, e))?
-            .next()
-            .is_some()
-    {
-        return Err(io_error(
-            target,
-            std::io::Error::other("the restore target is not empty"),
-        ));
+    if target.exists() && fs::read_dir(target).map_err(|e| io_error(target, e))?.next().is_some() {
+        return Err(io_error(target, std::io::Error::other("the restore target is not empty")));
     }
     fs::create_dir_all(target).map_err(|e| io_error(target, e))?;
     let tree = fetch_tree(client, &snapshot.tree).await?;
@@ -355,14 +300,9 @@ pub async fn restore(
         match &entry.kind {
             TreeKind::Dir => fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?,
             TreeKind::Symlink { target: link } => {
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(link), &path)
-                    .map_err(|e| io_error(&path, e))?
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(link), &path).map_err(|e| io_error(&path, e))?
             }
-            TreeKind::File {
-                size,
-                hash,
-                content,
-            } => {
+            TreeKind::File { size, hash, content } => {
                 let key = (*size, *hash);
                 if written.contains_key(&key) {
                     copies.push((entry, path, key));
@@ -374,10 +314,7 @@ pub async fn restore(
         }
     }
 
-    let ids: Vec<ChunkId> = to_fetch
-        .iter()
-        .flat_map(|(_, _, refs)| refs.iter().map(|r| r.id))
-        .collect();
+    let ids: Vec<ChunkId> = to_fetch.iter().flat_map(|(_, _, refs)| refs.iter().map(|r| r.id)).collect();
     let mut chunks = Box::pin(client.chunk_stream(ids));
     let mut ready: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
     let mut bytes = 0u64;
@@ -403,10 +340,7 @@ pub async fn restore(
         }
         file.sync_all().map_err(|e| io_error(path, e))?;
         if hasher.finalize().as_bytes() != hash {
-            return Err(ClientError::Protocol(format!(
-                "{} does not match its recorded hash",
-                path.display()
-            )));
+            return Err(ClientError::Protocol(format!("{} does not match its recorded hash", path.display())));
         }
         bytes += size;
         counters.files.fetch_add(1, Ordering::Relaxed);
@@ -419,18 +353,10 @@ pub async fn restore(
         set_mode_and_time(path, entry)?;
     }
     // Folders last and deepest first, so writing into them does not move their times.
-    for entry in tree
-        .entries
-        .iter()
-        .rev()
-        .filter(|e| matches!(e.kind, TreeKind::Dir))
-    {
+    for entry in tree.entries.iter().rev().filter(|e| matches!(e.kind, TreeKind::Dir)) {
         set_mode_and_time(&relative_path(target, &entry.path), entry)?;
     }
-    Ok(RestoreReport {
-        files: (to_fetch.len() + copies.len()) as u64,
-        bytes,
-    })
+    Ok(RestoreReport { files: (to_fetch.len() + copies.len()) as u64, bytes })
 }
 
 /// Checks every snapshot: its tree reads back and every chunk it names is
@@ -448,10 +374,7 @@ pub async fn check(
         let tree = match fetch_tree(client, &snapshot.tree).await {
             Ok(tree) => tree,
             Err(error) => {
-                report.problems.push(format!(
-                    "snapshot {}: its tree does not read back: {error}",
-                    snapshot.id
-                ));
+                report.problems.push(format!("snapshot {}: its tree does not read back: {error}", snapshot.id));
                 continue;
             }
         };
@@ -470,10 +393,7 @@ pub async fn check(
     report.chunks = ids.len() as u64;
     let missing = client.missing_chunks(&ids).await?;
     if !missing.is_empty() {
-        report.problems.push(format!(
-            "{} chunks are missing from the cluster",
-            missing.len()
-        ));
+        report.problems.push(format!("{} chunks are missing from the cluster", missing.len()));
     }
     if read_data {
         let present: Vec<ChunkId> = {
@@ -485,14 +405,9 @@ pub async fn check(
             match batch {
                 Ok(plains) => {
                     report.chunks_read += plains.len() as u64;
-                    TransferCounters::add(
-                        &counters.plain_bytes,
-                        plains.iter().map(|p| p.len() as u64).sum(),
-                    );
+                    TransferCounters::add(&counters.plain_bytes, plains.iter().map(|p| p.len() as u64).sum());
                 }
-                Err(error) => report
-                    .problems
-                    .push(format!("a chunk did not read back: {error}")),
+                Err(error) => report.problems.push(format!("a chunk did not read back: {error}")),
             }
         }
     }
@@ -567,11 +482,7 @@ mod tests {
             snapshot(6, "a", 26),
             snapshot(7, "b", 2),
         ];
-        let rules = RetentionRules {
-            last: 1,
-            daily: 2,
-            weekly: 0,
-        };
+        let rules = RetentionRules { last: 1, daily: 2, weekly: 0 };
         // a keeps 6 (last, and day 1's newest) and 4 (day 0's newest); b keeps 7.
         assert_eq!(snapshots_to_forget(&list, rules), vec![1, 2, 3, 5]);
         assert!(snapshots_to_forget(&list, RetentionRules::default()).is_empty());
@@ -584,11 +495,8 @@ mod tests {
         fs::write(dir.path().join("a.txt"), "x").unwrap();
         fs::write(dir.path().join("b/c/d.txt"), "y").unwrap();
         fs::write(dir.path().join("b/z.txt"), "z").unwrap();
-        let names: Vec<String> = walk(dir.path())
-            .unwrap()
-            .iter()
-            .map(|w| String::from_utf8(w.relative.clone()).unwrap())
-            .collect();
+        let names: Vec<String> =
+            walk(dir.path()).unwrap().iter().map(|w| String::from_utf8(w.relative.clone()).unwrap()).collect();
         assert_eq!(names, vec!["a.txt", "b", "b/c", "b/z.txt", "b/c/d.txt"]);
     }
 }

@@ -11,9 +11,7 @@ macro_rules! expect {
     ($response:expr, $pattern:pat => $value:expr) => {
         match $response {
             $pattern => Ok($value),
-            other => Err(ClientError::Protocol(format!(
-                "unexpected response {other:?}"
-            ))),
+            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
         }
     };
 }
@@ -23,13 +21,12 @@ mod state;
 mod store;
 
 pub use backup::{
-    BackupReport, CheckReport, RestoreReport, RetentionRules, backup, check, restore,
-    snapshots_to_forget,
+    BackupReport, CheckReport, RestoreReport, RetentionRules, backup, check, restore, snapshots_to_forget,
 };
 pub use hamgam_proto::store::{EntryKind, FileEntry, SnapshotInfo};
 pub use hamgam_proto::{
-    ChatInfo, ChatKind, ChatList, DeviceInfo, Difference, ErrorBody, ErrorCode, HistoryAnchor,
-    MemberInfo, Message, MessagePage, Push, Role, Update, UpdateKind, UserInfo,
+    ChatInfo, ChatKind, ChatList, DeviceInfo, Difference, ErrorBody, ErrorCode, HistoryAnchor, MemberInfo, Message,
+    MessagePage, Push, Role, Update, UpdateKind, UserInfo,
 };
 pub use hamgam_transport::{Fingerprint, ObservedCa, Trust};
 pub use hamgam_types::{ChatId, DeviceId, UserId};
@@ -66,10 +63,7 @@ pub enum ClientError {
     Timeout,
     /// A local file could not be read or written.
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     /// Content that does not check out (a chunk, a list, a tree, a file's hash).
     #[error(transparent)]
     Content(#[from] hamgam_blob::BlobError),
@@ -116,21 +110,14 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("remote", &self.connection.remote_address())
-            .finish_non_exhaustive()
+        f.debug_struct("Client").field("remote", &self.connection.remote_address()).finish_non_exhaustive()
     }
 }
 
 impl Client {
     /// Connects, checks the node's certificate per `trust` and says hello.
-    pub async fn connect(
-        addr: SocketAddr,
-        trust: Trust,
-        client_name: &str,
-    ) -> Result<Client, ClientError> {
-        let endpoint = hamgam_transport::client_endpoint(addr)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+    pub async fn connect(addr: SocketAddr, trust: Trust, client_name: &str) -> Result<Client, ClientError> {
+        let endpoint = hamgam_transport::client_endpoint(addr).map_err(|e| ClientError::Connect(e.to_string()))?;
         let observed = match &trust {
             Trust::FirstUse(observed) => Some(observed.clone()),
             Trust::Pinned(_) => None,
@@ -139,8 +126,7 @@ impl Client {
             Trust::Pinned(fp) => Some(*fp),
             Trust::FirstUse(_) => None,
         };
-        let config = hamgam_transport::client_config(trust, ALPN)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let config = hamgam_transport::client_config(trust, ALPN).map_err(|e| ClientError::Connect(e.to_string()))?;
         let connecting = endpoint
             .connect_with(config, addr, hamgam_transport::SERVER_NAME)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -155,28 +141,17 @@ impl Client {
             })?;
         let ca = pinned.or_else(|| observed.and_then(|o| o.fingerprint()));
         let (mut send, mut recv) = connection.open_bi().await?;
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            client_name: client_name.to_string(),
-        };
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, client_name: client_name.to_string() };
         frame::write_frame(&mut send, FrameKind::Hello, &hello).await?;
         let _ = send.finish();
-        let reply: HelloReply = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            frame::read_frame(&mut recv, FrameKind::Welcome),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout)??;
+        let reply: HelloReply = tokio::time::timeout(REQUEST_TIMEOUT, frame::read_frame(&mut recv, FrameKind::Welcome))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
         let welcome = match reply {
             HelloReply::Welcome(welcome) => welcome,
             HelloReply::Refused(body) => return Err(ClientError::Server(body)),
         };
-        Ok(Client {
-            endpoint,
-            connection,
-            welcome,
-            ca,
-        })
+        Ok(Client { endpoint, connection, welcome, ca })
     }
 
     /// The cluster CA fingerprint this connection was verified against.
@@ -200,9 +175,7 @@ impl Client {
             let _ = send.finish();
             Ok::<Response, ClientError>(frame::read_frame(&mut recv, FrameKind::Response).await?)
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| ClientError::Timeout)?
     }
 
     /// Sends a request; an error response becomes `ClientError::Server`.
@@ -217,43 +190,22 @@ impl Client {
         expect!(self.call(&request).await?, Response::Done => ())
     }
 
-    pub async fn sign_up(
-        &self,
-        username: &str,
-        password: &str,
-        display_name: &str,
-    ) -> Result<UserId, ClientError> {
-        let request = Request::SignUp {
-            username: username.into(),
-            password: password.into(),
-            display_name: display_name.into(),
-        };
+    pub async fn sign_up(&self, username: &str, password: &str, display_name: &str) -> Result<UserId, ClientError> {
+        let request =
+            Request::SignUp { username: username.into(), password: password.into(), display_name: display_name.into() };
         expect!(self.call(&request).await?, Response::SignedUp { user } => user)
     }
 
     /// Logs in, creating a device session; this connection is then authenticated.
-    pub async fn log_in(
-        &self,
-        username: &str,
-        password: &str,
-        device_name: &str,
-    ) -> Result<Session, ClientError> {
-        let request = Request::LogIn {
-            username: username.into(),
-            password: password.into(),
-            device_name: device_name.into(),
-        };
+    pub async fn log_in(&self, username: &str, password: &str, device_name: &str) -> Result<Session, ClientError> {
+        let request =
+            Request::LogIn { username: username.into(), password: password.into(), device_name: device_name.into() };
         expect!(self.call(&request).await?, Response::LoggedIn { user, device, token } => Session { user, device, token })
     }
 
     /// Binds this connection to an existing session.
-    pub async fn authenticate(
-        &self,
-        token: &str,
-    ) -> Result<(UserId, DeviceId, String), ClientError> {
-        let request = Request::Authenticate {
-            token: token.into(),
-        };
+    pub async fn authenticate(&self, token: &str) -> Result<(UserId, DeviceId, String), ClientError> {
+        let request = Request::Authenticate { token: token.into() };
         expect!(self.call(&request).await?, Response::Authenticated { user, device, username } => (user, device, username))
     }
 
@@ -278,10 +230,7 @@ impl Client {
     }
 
     pub async fn create_group(&self, title: &str) -> Result<ChatInfo, ClientError> {
-        let request = Request::CreateGroup {
-            title: title.into(),
-            client_ref: rand::rng().next_u64(),
-        };
+        let request = Request::CreateGroup { title: title.into(), client_ref: rand::rng().next_u64() };
         expect!(self.call(&request).await?, Response::Chat(chat) => chat)
     }
 
@@ -293,12 +242,7 @@ impl Client {
         self.done(Request::RemoveMember { chat, user }).await
     }
 
-    pub async fn set_role(
-        &self,
-        chat: ChatId,
-        user: UserId,
-        role: Role,
-    ) -> Result<(), ClientError> {
+    pub async fn set_role(&self, chat: ChatId, user: UserId, role: Role) -> Result<(), ClientError> {
         self.done(Request::SetRole { chat, user, role }).await
     }
 
@@ -306,11 +250,7 @@ impl Client {
         self.done(Request::LeaveChat { chat }).await
     }
 
-    pub async fn list_chats(
-        &self,
-        after: Option<ChatId>,
-        limit: u32,
-    ) -> Result<ChatList, ClientError> {
+    pub async fn list_chats(&self, after: Option<ChatId>, limit: u32) -> Result<ChatList, ClientError> {
         expect!(self.call(&Request::ListChats { after, limit }).await?, Response::Chats(list) => list)
     }
 
@@ -336,39 +276,20 @@ impl Client {
     }
 
     /// Sends with a caller-chosen client id (the caller retries).
-    pub async fn send_with_id(
-        &self,
-        chat: ChatId,
-        client_msg_id: u64,
-        text: &str,
-    ) -> Result<(u64, u64), ClientError> {
-        let request = Request::SendMessage {
-            chat,
-            client_msg_id,
-            text: text.into(),
-        };
+    pub async fn send_with_id(&self, chat: ChatId, client_msg_id: u64, text: &str) -> Result<(u64, u64), ClientError> {
+        let request = Request::SendMessage { chat, client_msg_id, text: text.into() };
         expect!(self.call(&request).await?, Response::Sent { seq, date_ms } => (seq, date_ms))
     }
 
     pub async fn edit(&self, chat: ChatId, seq: u64, text: &str) -> Result<(), ClientError> {
-        self.done(Request::EditMessage {
-            chat,
-            seq,
-            text: text.into(),
-        })
-        .await
+        self.done(Request::EditMessage { chat, seq, text: text.into() }).await
     }
 
     pub async fn delete(&self, chat: ChatId, seq: u64) -> Result<(), ClientError> {
         self.done(Request::DeleteMessage { chat, seq }).await
     }
 
-    pub async fn history(
-        &self,
-        chat: ChatId,
-        anchor: HistoryAnchor,
-        limit: u32,
-    ) -> Result<MessagePage, ClientError> {
+    pub async fn history(&self, chat: ChatId, anchor: HistoryAnchor, limit: u32) -> Result<MessagePage, ClientError> {
         expect!(self.call(&Request::History { chat, anchor, limit }).await?, Response::Messages(page) => page)
     }
 
@@ -377,13 +298,8 @@ impl Client {
         let mut messages = Vec::new();
         let mut after = 0;
         loop {
-            let page = self
-                .history(
-                    chat,
-                    HistoryAnchor::After(after),
-                    hamgam_types::limits::HISTORY_PAGE_MAX as u32,
-                )
-                .await?;
+            let page =
+                self.history(chat, HistoryAnchor::After(after), hamgam_types::limits::HISTORY_PAGE_MAX as u32).await?;
             let Some(last) = page.messages.last() else {
                 break;
             };
@@ -404,37 +320,21 @@ impl Client {
         match self.call(&Request::Sync { since_pts, limit }).await? {
             Response::Difference(page) => Ok(SyncPage::Difference(page)),
             Response::TooLong { pts } => Ok(SyncPage::TooLong { pts }),
-            other => Err(ClientError::Protocol(format!(
-                "unexpected response {other:?}"
-            ))),
+            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
         }
     }
 
     /// Opens this device's push stream; updates after `since_pts` follow.
     pub async fn subscribe(&self, since_pts: u64) -> Result<PushStream, ClientError> {
         let (mut send, mut recv) = self.connection.open_bi().await?;
-        frame::write_frame(
-            &mut send,
-            FrameKind::Request,
-            &Request::Subscribe { since_pts },
-        )
-        .await?;
-        let first: Response = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            frame::read_frame(&mut recv, FrameKind::Response),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout)??;
+        frame::write_frame(&mut send, FrameKind::Request, &Request::Subscribe { since_pts }).await?;
+        let first: Response = tokio::time::timeout(REQUEST_TIMEOUT, frame::read_frame(&mut recv, FrameKind::Response))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
         match first {
-            Response::Subscribed { pts } => Ok(PushStream {
-                _send: send,
-                recv,
-                pts,
-            }),
+            Response::Subscribed { pts } => Ok(PushStream { _send: send, recv, pts }),
             Response::Error(body) => Err(ClientError::Server(body)),
-            other => Err(ClientError::Protocol(format!(
-                "unexpected response {other:?}"
-            ))),
+            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
         }
     }
 
@@ -446,10 +346,7 @@ impl Client {
 }
 
 fn is_retryable(error: &ClientError) -> bool {
-    matches!(
-        error.code(),
-        Some(ErrorCode::TIMEOUT | ErrorCode::UNAVAILABLE)
-    ) || matches!(error, ClientError::Timeout)
+    matches!(error.code(), Some(ErrorCode::TIMEOUT | ErrorCode::UNAVAILABLE)) || matches!(error, ClientError::Timeout)
 }
 
 /// A device's live push stream.
@@ -462,9 +359,7 @@ pub struct PushStream {
 
 impl std::fmt::Debug for PushStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushStream")
-            .field("pts", &self.pts)
-            .finish_non_exhaustive()
+        f.debug_struct("PushStream").field("pts", &self.pts).finish_non_exhaustive()
     }
 }
 

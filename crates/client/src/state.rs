@@ -31,8 +31,7 @@ impl LocalState {
         {
             return false;
         }
-        let messages: BTreeMap<(ChatId, u64), &Message> =
-            page.messages.iter().map(|m| ((m.chat, m.seq), m)).collect();
+        let messages: BTreeMap<(ChatId, u64), &Message> = page.messages.iter().map(|m| ((m.chat, m.seq), m)).collect();
         for update in &page.updates {
             match &update.kind {
                 UpdateKind::ChatJoined { chat } | UpdateKind::MembersChanged { chat } => {
@@ -45,21 +44,11 @@ impl LocalState {
                 | UpdateKind::MessageEdited { chat, seq }
                 | UpdateKind::MessageDeleted { chat, seq } => {
                     if let Some(message) = messages.get(&(*chat, *seq)) {
-                        self.chats
-                            .entry(*chat)
-                            .or_default()
-                            .messages
-                            .insert(*seq, (*message).clone());
+                        self.chats.entry(*chat).or_default().messages.insert(*seq, (*message).clone());
                     }
                 }
                 UpdateKind::ReadUpTo { chat, reader, seq } => {
-                    let marker = self
-                        .chats
-                        .entry(*chat)
-                        .or_default()
-                        .read
-                        .entry(*reader)
-                        .or_insert(0);
+                    let marker = self.chats.entry(*chat).or_default().read.entry(*reader).or_insert(0);
                     *marker = (*marker).max(*seq);
                 }
             }
@@ -73,15 +62,10 @@ impl LocalState {
     /// when the node says "too long", a fresh copy of every chat.
     pub async fn catch_up(&mut self, client: &Client) -> Result<(), ClientError> {
         loop {
-            match client
-                .sync_page(self.pts, limits::SYNC_PAGE_UPDATES_MAX as u32)
-                .await?
-            {
+            match client.sync_page(self.pts, limits::SYNC_PAGE_UPDATES_MAX as u32).await? {
                 SyncPage::Difference(page) => {
                     if !self.apply(&page) {
-                        return Err(ClientError::Protocol(
-                            "the node sent a page that does not continue".into(),
-                        ));
+                        return Err(ClientError::Protocol("the node sent a page that does not continue".into()));
                     }
                     if !page.more {
                         return Ok(());
@@ -97,9 +81,7 @@ impl LocalState {
         let mut fresh = LocalState::default();
         let mut after = None;
         loop {
-            let list = client
-                .list_chats(after, limits::CHAT_LIST_PAGE_MAX as u32)
-                .await?;
+            let list = client.list_chats(after, limits::CHAT_LIST_PAGE_MAX as u32).await?;
             if after.is_none() {
                 fresh.pts = list.pts;
             }

@@ -9,8 +9,7 @@ use futures_util::StreamExt;
 use hamgam_blob::{StoredChunk, list};
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::{
-    ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SnapshotInfo,
-    SnapshotStats, UsageReport,
+    ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport,
 };
 use hamgam_proto::{Request, Response};
 use hamgam_types::{ChunkId, limits};
@@ -66,12 +65,8 @@ impl Client {
     pub async fn missing_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
         let mut missing = Vec::new();
         for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
-            let request = Request::MissingChunks {
-                ids: batch.to_vec(),
-            };
-            missing.extend(
-                expect!(self.call(&request).await?, Response::MissingChunks { ids } => ids)?,
-            );
+            let request = Request::MissingChunks { ids: batch.to_vec() };
+            missing.extend(expect!(self.call(&request).await?, Response::MissingChunks { ids } => ids)?);
         }
         Ok(missing)
     }
@@ -81,9 +76,7 @@ impl Client {
     pub async fn put_chunks(&self, chunks: &[StoredChunk]) -> Result<(u32, u32), ClientError> {
         let exchange = async {
             let (mut send, mut recv) = self.connection.open_bi().await?;
-            let request = Request::PutChunks {
-                count: chunks.len() as u32,
-            };
+            let request = Request::PutChunks { count: chunks.len() as u32 };
             frame::write_frame(&mut send, FrameKind::Request, &request).await?;
             for chunk in chunks {
                 chunk.as_frame().write(&mut send).await?;
@@ -91,9 +84,7 @@ impl Client {
             let _ = send.finish();
             Ok::<Response, ClientError>(frame::read_frame(&mut recv, FrameKind::Response).await?)
         };
-        let response = tokio::time::timeout(TRANSFER_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout)??;
+        let response = tokio::time::timeout(TRANSFER_TIMEOUT, exchange).await.map_err(|_| ClientError::Timeout)??;
         match response {
             Response::ChunksStored { stored, present } => Ok((stored, present)),
             Response::Error(body) => Err(ClientError::Server(body)),
@@ -104,18 +95,10 @@ impl Client {
     /// Fetches chunks on one stream (at most `CHUNKS_PER_STREAM_MAX`) in
     /// their stored form; the ids the node did not have are returned apart.
     /// [`StoredChunk::open`] checks each against its name.
-    pub async fn get_chunks(
-        &self,
-        ids: &[ChunkId],
-    ) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), ClientError> {
+    pub async fn get_chunks(&self, ids: &[ChunkId]) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), ClientError> {
         let exchange = async {
             let (mut send, mut recv) = self.connection.open_bi().await?;
-            frame::write_frame(
-                &mut send,
-                FrameKind::Request,
-                &Request::GetChunks { ids: ids.to_vec() },
-            )
-            .await?;
+            frame::write_frame(&mut send, FrameKind::Request, &Request::GetChunks { ids: ids.to_vec() }).await?;
             let _ = send.finish();
             let missing = match frame::read_frame(&mut recv, FrameKind::Response).await? {
                 Response::ChunksFollow { missing } => missing,
@@ -125,26 +108,15 @@ impl Client {
             let mut chunks = Vec::with_capacity(ids.len() - missing.len());
             for _ in 0..ids.len().saturating_sub(missing.len()) {
                 let payload = frame::read_frame_payload(&mut recv, FrameKind::Chunk).await?;
-                chunks.push(StoredChunk::from_frame(
-                    &ChunkFrame::parse(&payload).map_err(protocol)?,
-                ));
+                chunks.push(StoredChunk::from_frame(&ChunkFrame::parse(&payload).map_err(protocol)?));
             }
             Ok((chunks, missing))
         };
-        tokio::time::timeout(TRANSFER_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(TRANSFER_TIMEOUT, exchange).await.map_err(|_| ClientError::Timeout)?
     }
 
-    pub async fn put_file(
-        &self,
-        path: &str,
-        manifest: FileManifest,
-    ) -> Result<FileEntry, ClientError> {
-        let request = Request::PutFile {
-            path: path.into(),
-            manifest,
-        };
+    pub async fn put_file(&self, path: &str, manifest: FileManifest) -> Result<FileEntry, ClientError> {
+        let request = Request::PutFile { path: path.into(), manifest };
         expect!(self.call(&request).await?, Response::File { entry, .. } => entry)
     }
 
@@ -152,26 +124,13 @@ impl Client {
         expect!(self.call(&Request::StatFile { path: path.into() }).await?, Response::File { entry, content } => (entry, content))
     }
 
-    pub async fn list_folder(
-        &self,
-        path: &str,
-        after: Option<String>,
-        limit: u32,
-    ) -> Result<FolderPage, ClientError> {
-        let request = Request::ListFolder {
-            path: path.into(),
-            after,
-            limit,
-        };
+    pub async fn list_folder(&self, path: &str, after: Option<String>, limit: u32) -> Result<FolderPage, ClientError> {
+        let request = Request::ListFolder { path: path.into(), after, limit };
         expect!(self.call(&request).await?, Response::Folder(page) => page)
     }
 
     pub async fn move_path(&self, from: &str, to: &str) -> Result<(), ClientError> {
-        self.done(Request::MovePath {
-            from: from.into(),
-            to: to.into(),
-        })
-        .await
+        self.done(Request::MovePath { from: from.into(), to: to.into() }).await
     }
 
     pub async fn delete_path(&self, path: &str) -> Result<(), ClientError> {
@@ -189,12 +148,7 @@ impl Client {
         tree: ChunkList,
         stats: SnapshotStats,
     ) -> Result<SnapshotInfo, ClientError> {
-        let request = Request::CommitSnapshot {
-            label: label.into(),
-            parent,
-            tree,
-            stats,
-        };
+        let request = Request::CommitSnapshot { label: label.into(), parent, tree, stats };
         expect!(self.call(&request).await?, Response::Snapshot(info) => info)
     }
 
@@ -203,11 +157,9 @@ impl Client {
         let mut all = Vec::new();
         let mut after = None;
         loop {
-            let request = Request::ListSnapshots {
-                after,
-                limit: limits::SNAPSHOT_PAGE_MAX as u32,
-            };
-            let (page, more) = expect!(self.call(&request).await?, Response::Snapshots { snapshots, more } => (snapshots, more))?;
+            let request = Request::ListSnapshots { after, limit: limits::SNAPSHOT_PAGE_MAX as u32 };
+            let (page, more) =
+                expect!(self.call(&request).await?, Response::Snapshots { snapshots, more } => (snapshots, more))?;
             after = page.last().map(|s| s.id);
             all.extend(page);
             if !more || after.is_none() {
@@ -218,10 +170,7 @@ impl Client {
 
     pub async fn forget_snapshots(&self, ids: &[u64]) -> Result<(), ClientError> {
         for batch in ids.chunks(limits::SNAPSHOT_PAGE_MAX) {
-            self.done(Request::ForgetSnapshots {
-                ids: batch.to_vec(),
-            })
-            .await?;
+            self.done(Request::ForgetSnapshots { ids: batch.to_vec() }).await?;
         }
         Ok(())
     }
@@ -235,8 +184,7 @@ impl Client {
         counters: &TransferCounters,
     ) -> Result<(), ClientError> {
         let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
-        let missing: std::collections::HashSet<ChunkId> =
-            self.missing_chunks(&ids).await?.into_iter().collect();
+        let missing: std::collections::HashSet<ChunkId> = self.missing_chunks(&ids).await?.into_iter().collect();
         let mut streams: Vec<Vec<Vec<u8>>> = Vec::new();
         let mut bytes = 0usize;
         for (id, plain) in chunks {
@@ -245,9 +193,7 @@ impl Client {
                 TransferCounters::add(&counters.chunks_skipped, 1);
                 continue;
             }
-            let full = streams
-                .last()
-                .is_none_or(|s| s.len() >= limits::CHUNKS_PER_STREAM_MAX || bytes >= STREAM_BYTES);
+            let full = streams.last().is_none_or(|s| s.len() >= limits::CHUNKS_PER_STREAM_MAX || bytes >= STREAM_BYTES);
             if full {
                 streams.push(Vec::new());
                 bytes = 0;
@@ -257,25 +203,18 @@ impl Client {
                 stream.push(plain);
             }
         }
-        let mut uploads =
-            futures_util::stream::iter(streams.into_iter().map(|plains| async move {
-                let sealed = tokio::task::spawn_blocking(move || {
-                    plains
-                        .into_iter()
-                        .map(StoredChunk::seal_owned)
-                        .collect::<Vec<_>>()
-                })
-                .await
-                .map_err(|error| protocol(format!("compressing chunks: {error}")))?;
-                self.put_chunks(&sealed).await?;
-                TransferCounters::add(
-                    &counters.wire_bytes,
-                    sealed.iter().map(|c| c.bytes.len() as u64).sum(),
-                );
-                TransferCounters::add(&counters.chunks_sent, sealed.len() as u64);
-                Ok::<(), ClientError>(())
-            }))
-            .buffer_unordered(PARALLEL_STREAMS);
+        let mut uploads = futures_util::stream::iter(streams.into_iter().map(|plains| async move {
+            let sealed = tokio::task::spawn_blocking(move || {
+                plains.into_iter().map(StoredChunk::seal_owned).collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|error| protocol(format!("compressing chunks: {error}")))?;
+            self.put_chunks(&sealed).await?;
+            TransferCounters::add(&counters.wire_bytes, sealed.iter().map(|c| c.bytes.len() as u64).sum());
+            TransferCounters::add(&counters.chunks_sent, sealed.len() as u64);
+            Ok::<(), ClientError>(())
+        }))
+        .buffer_unordered(PARALLEL_STREAMS);
         while let Some(result) = uploads.next().await {
             result?;
         }
@@ -290,9 +229,7 @@ impl Client {
                 let plains = self.fetch_plain(pieces).await?;
                 let mut refs = Vec::new();
                 for plain in plains {
-                    refs.extend(
-                        list::decode_piece(&plain).map_err(|error| protocol(error.to_string()))?,
-                    );
+                    refs.extend(list::decode_piece(&plain).map_err(|error| protocol(error.to_string()))?);
                 }
                 Ok(refs)
             }
@@ -316,24 +253,18 @@ impl Client {
         &self,
         ids: Vec<ChunkId>,
     ) -> impl futures_util::Stream<Item = Result<Vec<Vec<u8>>, ClientError>> + '_ {
-        let batches: Vec<Vec<ChunkId>> = ids
-            .chunks(limits::CHUNKS_PER_STREAM_MAX)
-            .map(<[ChunkId]>::to_vec)
-            .collect();
+        let batches: Vec<Vec<ChunkId>> = ids.chunks(limits::CHUNKS_PER_STREAM_MAX).map(<[ChunkId]>::to_vec).collect();
         futures_util::stream::iter(batches.into_iter().map(move |batch| async move {
             let (chunks, missing) = self.get_chunks(&batch).await?;
             if let Some(id) = missing.first() {
                 return Err(protocol(format!("chunk {id} is not stored in the cluster")));
             }
-            let by_id: HashMap<ChunkId, StoredChunk> =
-                chunks.into_iter().map(|c| (c.id, c)).collect();
+            let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
             tokio::task::spawn_blocking(move || {
                 batch
                     .iter()
                     .map(|id| {
-                        let chunk = by_id
-                            .get(id)
-                            .ok_or_else(|| protocol(format!("chunk {id} was not sent")))?;
+                        let chunk = by_id.get(id).ok_or_else(|| protocol(format!("chunk {id} was not sent")))?;
                         chunk.open().map_err(|error| protocol(error.to_string()))
                     })
                     .collect::<Result<Vec<_>, _>>()
@@ -352,10 +283,7 @@ fn read_file_chunks(
     counters: &TransferCounters,
 ) -> Result<(FileManifest, Vec<(ChunkId, Vec<u8>)>), ClientError> {
     use std::os::unix::fs::MetadataExt;
-    let io = |e| ClientError::Io {
-        path: local.display().to_string(),
-        source: e,
-    };
+    let io = |e| ClientError::Io { path: local.display().to_string(), source: e };
     let file = std::fs::File::open(local).map_err(io)?;
     let mtime_ms = (file.metadata().map_err(io)?.mtime().max(0) as u64) * 1000;
     let mut hasher = blake3::Hasher::new();
@@ -367,10 +295,7 @@ fn read_file_chunks(
         let plain = plain.map_err(io)?;
         hasher.update(&plain);
         let id = ChunkId::of(&plain);
-        refs.push(ChunkRef {
-            id,
-            len: plain.len() as u32,
-        });
+        refs.push(ChunkRef { id, len: plain.len() as u32 });
         size += plain.len() as u64;
         TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
         chunks.push((id, plain));
@@ -379,15 +304,7 @@ fn read_file_chunks(
     for chunk in list_chunks {
         chunks.push((chunk.id, chunk.open()?));
     }
-    Ok((
-        FileManifest {
-            size,
-            hash: *hasher.finalize().as_bytes(),
-            mtime_ms,
-            content,
-        },
-        chunks,
-    ))
+    Ok((FileManifest { size, hash: *hasher.finalize().as_bytes(), mtime_ms, content }, chunks))
 }
 
 impl Client {
@@ -447,10 +364,7 @@ impl Client {
         let mut hasher = blake3::Hasher::new();
         let mut written = 0u64;
         let mut next = covering.iter();
-        let io = |e| ClientError::Io {
-            path: "output".into(),
-            source: e,
-        };
+        let io = |e| ClientError::Io { path: "output".into(), source: e };
         while let Some(batch) = stream.next().await {
             for plain in batch? {
                 let Some((start, _)) = next.next() else { break };
@@ -463,9 +377,7 @@ impl Client {
             }
         }
         if whole && (written != entry.size || *hasher.finalize().as_bytes() != entry.hash) {
-            return Err(protocol(format!(
-                "{remote} does not match its recorded hash"
-            )));
+            return Err(protocol(format!("{remote} does not match its recorded hash")));
         }
         Ok(written)
     }

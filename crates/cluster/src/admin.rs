@@ -29,10 +29,7 @@ pub enum AdminRequest {
     /// Drain (or remove, or reactivate) a member, through shard 0.
     SetMemberState { node: NodeId, state: MemberState },
     /// One configuration change of a shard this node leads.
-    ChangeReplicas {
-        shard: ShardId,
-        change: ReplicaChange,
-    },
+    ChangeReplicas { shard: ShardId, change: ReplicaChange },
     /// Give up this node's (former) replica of a shard: for the placement
     /// driver, once the shard's leader no longer counts this node.
     ReleaseReplica { shard: ShardId },
@@ -69,10 +66,7 @@ pub enum AdminError {
     #[error("node at {addr} refused: {reason}")]
     Refused { addr: SocketAddr, reason: String },
     #[error("node at {addr} does not lead the shard (leader: {leader:?})")]
-    NotLeader {
-        addr: SocketAddr,
-        leader: Option<NodeId>,
-    },
+    NotLeader { addr: SocketAddr, leader: Option<NodeId> },
 }
 
 /// Serves one admin connection: each bidi stream is one request.
@@ -84,19 +78,12 @@ pub(crate) async fn serve_connection(
     view: Option<ClusterView>,
 ) {
     while let Ok((send, mut recv)) = connection.accept_bi().await {
-        let answer = match exchange::read_request(&mut recv, REQUEST_BYTES_MAX)
-            .await
-            .map(|b| hamgam_proto::codec::decode(&b))
-        {
+        let answer = match exchange::read_request(&mut recv, REQUEST_BYTES_MAX).await.map(|b| hamgam_proto::codec::decode(&b)) {
             Some(Ok(request)) => answer(request, &raft, node, &members, view.as_ref()).await,
-            Some(Err(error)) => {
-                AdminResponse::Refused(format!("the request does not decode: {error}"))
-            }
+            Some(Err(error)) => AdminResponse::Refused(format!("the request does not decode: {error}")),
             None => AdminResponse::Refused("the request was cut off or too large".into()),
         };
-        let Ok(bytes) = hamgam_proto::codec::encode(&answer) else {
-            return;
-        };
+        let Ok(bytes) = hamgam_proto::codec::encode(&answer) else { return };
         exchange::answer(send, &bytes).await;
     }
 }
@@ -118,18 +105,10 @@ async fn answer(
                         .read()
                         .unwrap_or_else(|p| p.into_inner())
                         .iter()
-                        .map(|(id, addr)| MemberRecord {
-                            id: *id,
-                            peer_addr: *addr,
-                            state: MemberState::Active,
-                        })
+                        .map(|(id, addr)| MemberRecord { id: *id, peer_addr: *addr, state: MemberState::Active })
                         .collect(),
                 };
-                AdminResponse::Status(NodeStatus {
-                    node,
-                    members,
-                    shards,
-                })
+                AdminResponse::Status(NodeStatus { node, members, shards })
             }
             Err(error) => AdminResponse::Refused(error.to_string()),
         },
@@ -143,35 +122,24 @@ async fn answer(
             Ok(()) => AdminResponse::Done,
             Err(error) => AdminResponse::Refused(error.to_string()),
         },
-        AdminRequest::ChangeReplicas { shard, change } => {
-            match raft.change_replicas(shard, change).await {
-                Ok(()) => AdminResponse::Done,
-                Err(ProposeError::NotLeader { leader, .. }) => AdminResponse::NotLeader(leader),
-                Err(error) => AdminResponse::Refused(error.to_string()),
-            }
-        }
+        AdminRequest::ChangeReplicas { shard, change } => match raft.change_replicas(shard, change).await {
+            Ok(()) => AdminResponse::Done,
+            Err(ProposeError::NotLeader { leader, .. }) => AdminResponse::NotLeader(leader),
+            Err(error) => AdminResponse::Refused(error.to_string()),
+        },
     }
 }
 
 /// Sends one request to the node whose peer endpoint is at `addr`,
 /// presenting `identity`.
-pub async fn query(
-    identity: &NodeIdentity,
-    addr: SocketAddr,
-    request: &AdminRequest,
-) -> Result<AdminResponse, AdminError> {
+pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<AdminResponse, AdminError> {
     let unreachable = |reason: String| AdminError::Unreachable { addr, reason };
     let config = hamgam_transport::peer_client_config(identity, ADMIN_ALPN)?;
     let bytes = hamgam_proto::codec::encode(request).map_err(|e| unreachable(e.to_string()))?;
-    let answer = exchange::ask(config, addr, &bytes, RESPONSE_BYTES_MAX, ADMIN_TIMEOUT)
-        .await
-        .map_err(unreachable)?;
-    match hamgam_proto::codec::decode::<AdminResponse>(&answer).map_err(|e| {
-        AdminError::BadAnswer {
-            addr,
-            reason: e.to_string(),
-        }
-    })? {
+    let answer = exchange::ask(config, addr, &bytes, RESPONSE_BYTES_MAX, ADMIN_TIMEOUT).await.map_err(unreachable)?;
+    match hamgam_proto::codec::decode::<AdminResponse>(&answer)
+        .map_err(|e| AdminError::BadAnswer { addr, reason: e.to_string() })?
+    {
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
         AdminResponse::NotLeader(leader) => Err(AdminError::NotLeader { addr, leader }),
         answer => Ok(answer),
@@ -179,32 +147,19 @@ pub async fn query(
 }
 
 /// Asks the node at `addr` for its status.
-pub async fn node_status(
-    identity: &NodeIdentity,
-    addr: SocketAddr,
-) -> Result<NodeStatus, AdminError> {
+pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
     match query(identity, addr, &AdminRequest::Status).await? {
         AdminResponse::Status(status) => Ok(status),
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
-        _ => Err(AdminError::BadAnswer {
-            addr,
-            reason: "an answer of another kind".into(),
-        }),
+        _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
     }
 }
 
 /// Asks the node at `addr` to do something; `Ok` once it is done.
-pub async fn command(
-    identity: &NodeIdentity,
-    addr: SocketAddr,
-    request: &AdminRequest,
-) -> Result<(), AdminError> {
+pub async fn command(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<(), AdminError> {
     match query(identity, addr, request).await? {
         AdminResponse::Done => Ok(()),
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
-        _ => Err(AdminError::BadAnswer {
-            addr,
-            reason: "an answer of another kind".into(),
-        }),
+        _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
     }
 }

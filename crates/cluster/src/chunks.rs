@@ -30,15 +30,10 @@ const FAILED: u8 = 1;
 const CHUNK_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 const IDS_BYTES_MAX: usize = limits::CHUNK_IDS_PER_REQUEST_MAX * 33 + 16;
 
-async fn read_frames(
-    recv: &mut quinn::RecvStream,
-    count: usize,
-) -> Result<Vec<StoredChunk>, String> {
+async fn read_frames(recv: &mut quinn::RecvStream, count: usize) -> Result<Vec<StoredChunk>, String> {
     let mut chunks = Vec::with_capacity(count);
     for _ in 0..count {
-        let payload = frame::read_frame_payload(recv, FrameKind::Chunk)
-            .await
-            .map_err(|e| e.to_string())?;
+        let payload = frame::read_frame_payload(recv, FrameKind::Chunk).await.map_err(|e| e.to_string())?;
         chunks.push(StoredChunk::from_frame(&ChunkFrame::parse(&payload)?));
     }
     Ok(chunks)
@@ -46,9 +41,7 @@ async fn read_frames(
 
 async fn read_count(recv: &mut quinn::RecvStream) -> Result<usize, String> {
     let mut count = [0u8; 4];
-    recv.read_exact(&mut count)
-        .await
-        .map_err(|e| e.to_string())?;
+    recv.read_exact(&mut count).await.map_err(|e| e.to_string())?;
     let count = u32::from_le_bytes(count) as usize;
     if count > limits::CHUNKS_PER_STREAM_MAX {
         return Err(format!("{count} chunks on one stream is over the limit"));
@@ -57,12 +50,7 @@ async fn read_count(recv: &mut quinn::RecvStream) -> Result<usize, String> {
 }
 
 /// Answers one chunk request of another node (the kind byte already read).
-pub(crate) async fn serve(
-    kind: u8,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    store: Arc<PackStore>,
-) {
+pub(crate) async fn serve(kind: u8, mut send: quinn::SendStream, mut recv: quinn::RecvStream, store: Arc<PackStore>) {
     let answer: Result<Vec<u8>, String> = async {
         match kind {
             wire::CHUNK_PUT => {
@@ -75,29 +63,21 @@ pub(crate) async fn serve(
                 Ok(vec![OK])
             }
             wire::CHUNK_MISSING => {
-                let body = recv
-                    .read_to_end(IDS_BYTES_MAX)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let body = recv.read_to_end(IDS_BYTES_MAX).await.map_err(|e| e.to_string())?;
                 let ids: Vec<ChunkId> = codec::decode(&body).map_err(|e| e.to_string())?;
                 let mut out = vec![OK];
                 codec::encode_into(&store.missing(&ids), &mut out).map_err(|e| e.to_string())?;
                 Ok(out)
             }
             wire::CHUNK_GET => {
-                let body = recv
-                    .read_to_end(IDS_BYTES_MAX)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let body = recv.read_to_end(IDS_BYTES_MAX).await.map_err(|e| e.to_string())?;
                 let ids: Vec<ChunkId> = codec::decode(&body).map_err(|e| e.to_string())?;
                 if ids.len() > limits::CHUNKS_PER_STREAM_MAX {
                     return Err("too many chunks asked at once".into());
                 }
                 let found = tokio::task::spawn_blocking(move || {
                     // A damaged copy is left out (and forgotten by the store).
-                    ids.iter()
-                        .filter_map(|id| store.get(id).ok().flatten())
-                        .collect::<Vec<_>>()
+                    ids.iter().filter_map(|id| store.get(id).ok().flatten()).collect::<Vec<_>>()
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -105,11 +85,7 @@ pub(crate) async fn serve(
                 header.extend_from_slice(&(found.len() as u32).to_le_bytes());
                 send.write_all(&header).await.map_err(|e| e.to_string())?;
                 for chunk in &found {
-                    chunk
-                        .as_frame()
-                        .write(&mut send)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    chunk.as_frame().write(&mut send).await.map_err(|e| e.to_string())?;
                 }
                 Ok(Vec::new())
             }
@@ -143,11 +119,7 @@ impl ChunkLinks {
     }
 }
 
-async fn open(
-    network: &PeerNetwork,
-    node: NodeId,
-    kind: u8,
-) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+async fn open(network: &PeerNetwork, node: NodeId, kind: u8) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
     let connection = network.connection(node).await?;
     let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(&[kind]).await.map_err(|e| e.to_string())?;
@@ -156,9 +128,7 @@ async fn open(
 
 async fn status(recv: &mut quinn::RecvStream) -> Result<(), String> {
     let mut first = [0u8; 1];
-    recv.read_exact(&mut first)
-        .await
-        .map_err(|e| e.to_string())?;
+    recv.read_exact(&mut first).await.map_err(|e| e.to_string())?;
     if first[0] == OK {
         return Ok(());
     }
@@ -167,9 +137,7 @@ async fn status(recv: &mut quinn::RecvStream) -> Result<(), String> {
 }
 
 async fn timed<T>(work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
-    tokio::time::timeout(CHUNK_EXCHANGE_TIMEOUT, work)
-        .await
-        .map_err(|_| "no answer in time".to_string())?
+    tokio::time::timeout(CHUNK_EXCHANGE_TIMEOUT, work).await.map_err(|_| "no answer in time".to_string())?
 }
 
 impl ChunkPeers for ChunkLinks {
@@ -186,15 +154,9 @@ impl ChunkPeers for ChunkLinks {
         Box::pin(timed(async move {
             for batch in chunks.chunks(limits::CHUNKS_PER_STREAM_MAX) {
                 let (mut send, mut recv) = open(&network, node, wire::CHUNK_PUT).await?;
-                send.write_all(&(batch.len() as u32).to_le_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                send.write_all(&(batch.len() as u32).to_le_bytes()).await.map_err(|e| e.to_string())?;
                 for chunk in batch {
-                    chunk
-                        .as_frame()
-                        .write(&mut send)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    chunk.as_frame().write(&mut send).await.map_err(|e| e.to_string())?;
                 }
                 send.finish().map_err(|e| e.to_string())?;
                 status(&mut recv).await?;
@@ -214,10 +176,7 @@ impl ChunkPeers for ChunkLinks {
                     .map_err(|e| e.to_string())?;
                 send.finish().map_err(|e| e.to_string())?;
                 status(&mut recv).await?;
-                let body = recv
-                    .read_to_end(IDS_BYTES_MAX)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let body = recv.read_to_end(IDS_BYTES_MAX).await.map_err(|e| e.to_string())?;
                 let answer: Vec<ChunkId> = codec::decode(&body).map_err(|e| e.to_string())?;
                 lacking.extend(answer);
             }

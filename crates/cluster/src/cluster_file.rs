@@ -52,10 +52,7 @@ impl ClusterFile {
 
     /// Where this node's peers reach it, if it has peers.
     pub fn own_peer_addr(&self) -> Option<SocketAddr> {
-        self.members
-            .iter()
-            .find(|m| m.id == self.node_id)
-            .map(|m| m.peer_addr)
+        self.members.iter().find(|m| m.id == self.node_id).map(|m| m.peer_addr)
     }
 
     /// The file in `dir`, or `None` if there is none yet.
@@ -64,19 +61,11 @@ impl ClusterFile {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => {
-                return Err(ClusterError::File {
-                    path: path.display().to_string(),
-                    reason: error.to_string(),
-                });
-            }
+            Err(error) => return Err(ClusterError::File { path: path.display().to_string(), reason: error.to_string() }),
         };
         toml::from_str(&text)
             .map(Some)
-            .map_err(|error| ClusterError::File {
-                path: path.display().to_string(),
-                reason: error.to_string(),
-            })
+            .map_err(|error| ClusterError::File { path: path.display().to_string(), reason: error.to_string() })
     }
 
     /// Writes the file into `dir` durably: a temporary file, fsynced, renamed.
@@ -89,13 +78,9 @@ impl ClusterFile {
         let text = toml::to_string(self).map_err(|e| failed(&e))?;
         let tmp = dir.join("cluster.toml.tmp");
         std::fs::write(&tmp, text).map_err(|e| failed(&e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| failed(&e))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| failed(&e))?;
         std::fs::rename(&tmp, &path).map_err(|e| failed(&e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| failed(&e))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| failed(&e))?;
         Ok(())
     }
 }

@@ -58,11 +58,7 @@ pub struct DriverConfig {
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        DriverConfig {
-            replicas: 3,
-            dead_after: Duration::from_secs(600),
-            interval: Duration::from_secs(1),
-        }
+        DriverConfig { replicas: 3, dead_after: Duration::from_secs(600), interval: Duration::from_secs(1) }
     }
 }
 
@@ -83,9 +79,7 @@ impl ShardReplicas {
     }
 
     fn caught_up(&self, node: NodeId) -> bool {
-        self.matched
-            .get(&node)
-            .is_some_and(|m| *m > 0 && m + CATCH_UP_SLACK >= self.last_index)
+        self.matched.get(&node).is_some_and(|m| *m > 0 && m + CATCH_UP_SLACK >= self.last_index)
     }
 
     /// Every replica, sorted: what shard 0 records.
@@ -128,11 +122,7 @@ pub struct PlannedChange {
 
 /// Plans at most one change per shard toward the goals in the module's
 /// documentation. Deterministic for the same inputs.
-pub fn plan(
-    members: &BTreeMap<NodeId, Standing>,
-    shards: &[ShardReplicas],
-    replicas: usize,
-) -> Vec<PlannedChange> {
+pub fn plan(members: &BTreeMap<NodeId, Standing>, shards: &[ShardReplicas], replicas: usize) -> Vec<PlannedChange> {
     let standing = |node: &NodeId| members.get(node).copied();
     let keeps = |node: &NodeId| standing(node).is_some_and(|s| s.keeps());
     let target = replicas.min(members.values().filter(|s| s.keeps()).count());
@@ -159,38 +149,21 @@ pub fn plan(
         if changes.len() >= CHANGES_PER_PASS {
             break;
         }
-        let change = |change| PlannedChange {
-            shard: shard.shard,
-            leader: shard.leader,
-            change,
-        };
+        let change = |change| PlannedChange { shard: shard.shard, leader: shard.leader, change };
         let kept_voters = shard.voters.iter().filter(|v| keeps(v)).count();
         if shard.shard == ShardId::CLUSTER {
-            let removed = |node: &NodeId| {
-                standing(node).is_none_or(|s| s.state == MemberState::Removed || s.dead)
-            };
+            let removed = |node: &NodeId| standing(node).is_none_or(|s| s.state == MemberState::Removed || s.dead);
             let planned = if let Some(gone) = shard.learners.iter().find(|n| removed(n)) {
                 Some(ReplicaChange::Remove(*gone))
             } else if kept_voters < target {
-                shard
-                    .learners
-                    .iter()
-                    .find(|n| keeps(n) && shard.caught_up(**n))
-                    .map(|n| ReplicaChange::AddVoter(*n))
+                shard.learners.iter().find(|n| keeps(n) && shard.caught_up(**n)).map(|n| ReplicaChange::AddVoter(*n))
             } else if shard.voters.len() > target {
-                let leaving = shard
-                    .voters
-                    .iter()
-                    .rev()
-                    .find(|v| !keeps(v))
-                    .or(shard.voters.iter().max());
+                let leaving = shard.voters.iter().rev().find(|v| !keeps(v)).or(shard.voters.iter().max());
                 leaving.map(|v| ReplicaChange::Remove(*v))
             } else {
                 members
                     .iter()
-                    .find(|(node, s)| {
-                        s.state != MemberState::Removed && !s.dead && s.up && !shard.hosts(**node)
-                    })
+                    .find(|(node, s)| s.state != MemberState::Removed && !s.dead && s.up && !shard.hosts(**node))
                     .map(|(node, _)| ReplicaChange::AddLearner(*node))
             };
             changes.extend(planned.map(change));
@@ -215,12 +188,11 @@ pub fn plan(
             continue;
         }
         if shard.voters.len() > target {
-            let leaving = shard.voters.iter().find(|v| !keeps(v)).or_else(|| {
-                shard
-                    .voters
-                    .iter()
-                    .max_by_key(|v| (load.get(*v).copied().unwrap_or(0), **v))
-            });
+            let leaving = shard
+                .voters
+                .iter()
+                .find(|v| !keeps(v))
+                .or_else(|| shard.voters.iter().max_by_key(|v| (load.get(*v).copied().unwrap_or(0), **v)));
             if let Some(voter) = leaving {
                 *load.entry(*voter).or_default() -= 1;
                 changes.push(change(ReplicaChange::Remove(*voter)));
@@ -228,11 +200,7 @@ pub fn plan(
             continue;
         }
         if balancing_moves < BALANCING_MOVES_PER_PASS {
-            let busiest = shard
-                .voters
-                .iter()
-                .max_by_key(|v| (load.get(*v).copied().unwrap_or(0), **v))
-                .copied();
+            let busiest = shard.voters.iter().max_by_key(|v| (load.get(*v).copied().unwrap_or(0), **v)).copied();
             let idlest = least_loaded(&load, shard);
             if let (Some(from), Some(to)) = (busiest, idlest)
                 && load[&from] > load.get(&to).copied().unwrap_or(0) + 1
@@ -254,10 +222,7 @@ pub fn leaders_reports(statuses: &HashMap<NodeId, NodeStatus>) -> Vec<ShardRepli
     let mut best: BTreeMap<ShardId, (u64, ShardReplicas)> = BTreeMap::new();
     for (node, status) in statuses {
         for report in status.shards.iter().filter(|r| r.leads()) {
-            if best
-                .get(&report.shard)
-                .is_some_and(|(term, _)| *term >= report.term)
-            {
+            if best.get(&report.shard).is_some_and(|(term, _)| *term >= report.term) {
                 continue;
             }
             let replicas = ShardReplicas {
@@ -295,9 +260,7 @@ pub async fn run(
             last_seen.clear();
             continue;
         }
-        let Some(view) = network.view().filter(|v| !v.members.is_empty()) else {
-            continue;
-        };
+        let Some(view) = network.view().filter(|v| !v.members.is_empty()) else { continue };
         let statuses = gather(&identity, &view.members).await;
         let now = Instant::now();
         let mut members = BTreeMap::new();
@@ -307,50 +270,28 @@ pub async fn run(
             if up {
                 *seen = now;
             }
-            let dead = member.state != MemberState::Removed
-                && now.duration_since(*seen) > config.dead_after;
-            members.insert(
-                member.id,
-                Standing {
-                    state: member.state,
-                    up,
-                    dead,
-                },
-            );
+            let dead = member.state != MemberState::Removed && now.duration_since(*seen) > config.dead_after;
+            members.insert(member.id, Standing { state: member.state, up, dead });
         }
         let shards = leaders_reports(&statuses);
-        let addrs: HashMap<NodeId, SocketAddr> =
-            view.members.iter().map(|m| (m.id, m.peer_addr)).collect();
+        let addrs: HashMap<NodeId, SocketAddr> = view.members.iter().map(|m| (m.id, m.peer_addr)).collect();
         let planned_changes = plan(&members, &shards, config.replicas);
-        tracing::debug!(
-            ?members,
-            shards = shards.len(),
-            changes = planned_changes.len(),
-            "placement pass"
-        );
+        tracing::debug!(?members, shards = shards.len(), changes = planned_changes.len(), "placement pass");
         let stale = stale_replicas(&statuses, &shards, &planned_changes);
         for planned in planned_changes {
             if cancel.is_cancelled() {
                 return;
             }
             match change(&identity, &addrs, planned).await {
-                Ok(()) => {
-                    tracing::info!(shard = %planned.shard, change = ?planned.change, "replicas changed")
-                }
-                Err(error) => {
-                    tracing::debug!(shard = %planned.shard, change = ?planned.change, %error, "a replica change did not happen; next pass")
-                }
+                Ok(()) => tracing::info!(shard = %planned.shard, change = ?planned.change, "replicas changed"),
+                Err(error) => tracing::debug!(shard = %planned.shard, change = ?planned.change, %error, "a replica change did not happen; next pass"),
             }
         }
         for (node, shard) in stale {
-            let Some(addr) = addrs.get(&node).copied() else {
-                continue;
-            };
+            let Some(addr) = addrs.get(&node).copied() else { continue };
             match admin::command(&identity, addr, &AdminRequest::ReleaseReplica { shard }).await {
                 Ok(()) => tracing::info!(%node, %shard, "a former replica was given up"),
-                Err(error) => {
-                    tracing::debug!(%node, %shard, %error, "a former replica was not given up; next pass")
-                }
+                Err(error) => tracing::debug!(%node, %shard, %error, "a former replica was not given up; next pass"),
             }
         }
         record_placement(&raft, &view, &shards).await;
@@ -371,10 +312,7 @@ pub fn stale_replicas(
             continue;
         }
         for (node, status) in statuses {
-            let holds_state = status
-                .shards
-                .iter()
-                .any(|r| r.shard == shard.shard && r.last_index > 0);
+            let holds_state = status.shards.iter().any(|r| r.shard == shard.shard && r.last_index > 0);
             if holds_state && !shard.hosts(*node) {
                 stale.push((*node, shard.shard));
             }
@@ -386,10 +324,7 @@ pub fn stale_replicas(
 }
 
 /// Every non-removed member's status; members that do not answer are left out.
-async fn gather(
-    identity: &Arc<NodeIdentity>,
-    members: &[MemberRecord],
-) -> HashMap<NodeId, NodeStatus> {
+async fn gather(identity: &Arc<NodeIdentity>, members: &[MemberRecord]) -> HashMap<NodeId, NodeStatus> {
     let mut asks = tokio::task::JoinSet::new();
     for member in members.iter().filter(|m| m.state != MemberState::Removed) {
         let (identity, id, addr) = (identity.clone(), member.id, member.peer_addr);
@@ -411,29 +346,19 @@ async fn change(
     addrs: &HashMap<NodeId, SocketAddr>,
     planned: PlannedChange,
 ) -> Result<(), AdminError> {
-    let request = AdminRequest::ChangeReplicas {
-        shard: planned.shard,
-        change: planned.change,
-    };
+    let request = AdminRequest::ChangeReplicas { shard: planned.shard, change: planned.change };
     let mut at = planned.leader;
     for _ in 0..20 {
-        let Some(addr) = addrs.get(&at).copied() else {
-            break;
-        };
+        let Some(addr) = addrs.get(&at).copied() else { break };
         match admin::command(identity, addr, &request).await {
-            Err(AdminError::NotLeader {
-                leader: Some(next), ..
-            }) => {
+            Err(AdminError::NotLeader { leader: Some(next), .. }) => {
                 at = next;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             other => return other,
         }
     }
-    Err(AdminError::Refused {
-        addr: addrs.get(&at).copied().unwrap_or(([0, 0, 0, 0], 0).into()),
-        reason: "the shard's leadership kept moving".into(),
-    })
+    Err(AdminError::Refused { addr: addrs.get(&at).copied().unwrap_or(([0, 0, 0, 0], 0).into()), reason: "the shard's leadership kept moving".into() })
 }
 
 /// Records in shard 0 each shard's replicas where the record differs.
@@ -443,10 +368,7 @@ async fn record_placement(raft: &RaftHandle, view: &ClusterView, shards: &[Shard
         if view.placement.get(&shard.shard) == Some(&replicas) {
             continue;
         }
-        let command = ClusterCommand::Placed {
-            shard: shard.shard,
-            replicas,
-        };
+        let command = ClusterCommand::Placed { shard: shard.shard, replicas };
         if let Err(reason) = propose_cluster(raft, &command).await {
             tracing::debug!(shard = %shard.shard, %reason, "could not record a shard's replicas");
             return;
@@ -459,18 +381,7 @@ mod tests {
     use super::*;
 
     fn active(ids: &[u64]) -> BTreeMap<NodeId, Standing> {
-        ids.iter()
-            .map(|id| {
-                (
-                    NodeId(*id),
-                    Standing {
-                        state: MemberState::Active,
-                        up: true,
-                        dead: false,
-                    },
-                )
-            })
-            .collect()
+        ids.iter().map(|id| (NodeId(*id), Standing { state: MemberState::Active, up: true, dead: false })).collect()
     }
 
     fn shard(id: u32, voters: &[u64], learners: &[u64]) -> ShardReplicas {
@@ -487,21 +398,14 @@ mod tests {
 
     /// Applies planned changes the way raft would (learners promoted at
     /// once), for up to `passes` passes; returns the shards.
-    fn converge(
-        members: &BTreeMap<NodeId, Standing>,
-        mut shards: Vec<ShardReplicas>,
-        passes: usize,
-    ) -> Vec<ShardReplicas> {
+    fn converge(members: &BTreeMap<NodeId, Standing>, mut shards: Vec<ShardReplicas>, passes: usize) -> Vec<ShardReplicas> {
         for _ in 0..passes {
             let changes = plan(members, &shards, 3);
             if changes.is_empty() {
                 break;
             }
             for planned in changes {
-                let shard = shards
-                    .iter_mut()
-                    .find(|s| s.shard == planned.shard)
-                    .unwrap();
+                let shard = shards.iter_mut().find(|s| s.shard == planned.shard).unwrap();
                 match planned.change {
                     ReplicaChange::AddLearner(n) => {
                         shard.learners.push(n);
@@ -550,12 +454,7 @@ mod tests {
         assert_eq!(load.len(), 5, "{load:?}");
         let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
         assert!(max - min <= 1, "{load:?}");
-        assert!(
-            shards
-                .iter()
-                .filter(|s| s.shard != ShardId::CLUSTER)
-                .all(|s| s.voters.len() == 3)
-        );
+        assert!(shards.iter().filter(|s| s.shard != ShardId::CLUSTER).all(|s| s.voters.len() == 3));
         let cluster = &shards[0];
         assert_eq!(cluster.voters.len(), 3);
         assert_eq!(cluster.learners.len(), 2, "shard 0 reaches every member");
@@ -567,26 +466,12 @@ mod tests {
         let shards: Vec<_> = (0..=64).map(|s| shard(s, &[1, 2, 3], &[])).collect();
         let shards = converge(&members, shards, 500);
         members.get_mut(&NodeId(4)).unwrap().state = MemberState::Draining;
-        members.insert(
-            NodeId(5),
-            Standing {
-                state: MemberState::Active,
-                up: false,
-                dead: true,
-            },
-        );
+        members.insert(NodeId(5), Standing { state: MemberState::Active, up: false, dead: true });
         let shards = converge(&members, shards, 500);
         let load = loads(&shards);
-        assert_eq!(
-            load.keys().copied().collect::<Vec<_>>(),
-            vec![NodeId(1), NodeId(2), NodeId(3)],
-            "{load:?}"
-        );
+        assert_eq!(load.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2), NodeId(3)], "{load:?}");
         assert!(shards.iter().all(|s| s.voters.len() == 3));
-        assert!(
-            shards[0].learners.iter().all(|n| *n == NodeId(4)),
-            "a draining member still follows shard 0"
-        );
+        assert!(shards[0].learners.iter().all(|n| *n == NodeId(4)), "a draining member still follows shard 0");
     }
 
     #[test]
@@ -603,60 +488,26 @@ mod tests {
             applied: last_index,
             matched: Vec::new(),
         };
-        let status = |node: u64, shards: Vec<hamgam_raftstore::ShardStatus>| NodeStatus {
-            node: NodeId(node),
-            members: Vec::new(),
-            shards,
-        };
+        let status = |node: u64, shards: Vec<hamgam_raftstore::ShardStatus>| NodeStatus { node: NodeId(node), members: Vec::new(), shards };
         let statuses: HashMap<NodeId, NodeStatus> = [
             (NodeId(1), status(1, vec![report(1, 50), report(2, 50)])),
             // Node 4 still holds state of shard 1 (removed) and of shard 2 (a learner now).
-            (
-                NodeId(4),
-                status(4, vec![report(1, 40), report(2, 10), report(3, 0)]),
-            ),
+            (NodeId(4), status(4, vec![report(1, 40), report(2, 10), report(3, 0)])),
         ]
         .into();
-        let shards = vec![
-            shard(1, &[1, 2, 3], &[]),
-            shard(2, &[1, 2, 3], &[4]),
-            shard(3, &[1, 2, 3], &[]),
-        ];
-        assert_eq!(
-            stale_replicas(&statuses, &shards, &[]),
-            vec![(NodeId(4), ShardId(1))]
-        );
-        let readding = PlannedChange {
-            shard: ShardId(1),
-            leader: NodeId(1),
-            change: ReplicaChange::AddLearner(NodeId(4)),
-        };
+        let shards = vec![shard(1, &[1, 2, 3], &[]), shard(2, &[1, 2, 3], &[4]), shard(3, &[1, 2, 3], &[])];
+        assert_eq!(stale_replicas(&statuses, &shards, &[]), vec![(NodeId(4), ShardId(1))]);
+        let readding = PlannedChange { shard: ShardId(1), leader: NodeId(1), change: ReplicaChange::AddLearner(NodeId(4)) };
         assert!(stale_replicas(&statuses, &shards, &[readding]).is_empty());
     }
 
     #[test]
     fn an_unreachable_member_keeps_its_replicas_until_it_counts_as_dead() {
         let mut members = active(&[1, 2, 3, 4]);
-        members.insert(
-            NodeId(3),
-            Standing {
-                state: MemberState::Active,
-                up: false,
-                dead: false,
-            },
-        );
+        members.insert(NodeId(3), Standing { state: MemberState::Active, up: false, dead: false });
         let shards: Vec<_> = (1..=8).map(|s| shard(s, &[1, 2, 3], &[])).collect();
         let changes = plan(&members, &shards, 3);
-        assert!(
-            changes
-                .iter()
-                .all(|c| c.change != ReplicaChange::Remove(NodeId(3))),
-            "{changes:?}"
-        );
-        assert!(
-            changes
-                .iter()
-                .all(|c| c.change != ReplicaChange::AddLearner(NodeId(3)))
-        );
+        assert!(changes.iter().all(|c| c.change != ReplicaChange::Remove(NodeId(3))), "{changes:?}");
+        assert!(changes.iter().all(|c| c.change != ReplicaChange::AddLearner(NodeId(3))));
     }
 }

@@ -24,16 +24,11 @@ pub(crate) async fn ask(
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
         send.write_all(request).await.map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
-        let answer = recv
-            .read_to_end(answer_max)
-            .await
-            .map_err(|e| e.to_string())?;
+        let answer = recv.read_to_end(answer_max).await.map_err(|e| e.to_string())?;
         connection.close(0u32.into(), b"done");
         Ok::<_, String>(answer)
     };
-    let answer = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?;
+    let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| format!("no answer within {timeout:?}"))?;
     // Lets the close reach the other side; never waits on a dead one.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     answer
@@ -41,10 +36,7 @@ pub(crate) async fn ask(
 
 /// Reads one request (at most `request_max` bytes) from a bidi stream,
 /// `None` when it was cut off or too large.
-pub(crate) async fn read_request(
-    recv: &mut quinn::RecvStream,
-    request_max: usize,
-) -> Option<Vec<u8>> {
+pub(crate) async fn read_request(recv: &mut quinn::RecvStream, request_max: usize) -> Option<Vec<u8>> {
     recv.read_to_end(request_max).await.ok()
 }
 

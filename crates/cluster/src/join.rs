@@ -70,10 +70,7 @@ fn mac_of(ca_key: &[u8], body: &[u8]) -> blake3::Hash {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl JoinToken {
@@ -93,10 +90,7 @@ impl JoinToken {
     }
 
     pub fn parse(text: &str) -> Result<JoinToken, JoinError> {
-        let hex = text
-            .trim()
-            .strip_prefix(TOKEN_PREFIX)
-            .ok_or(JoinError::Malformed)?;
+        let hex = text.trim().strip_prefix(TOKEN_PREFIX).ok_or(JoinError::Malformed)?;
         if hex.len() % 2 != 0 || hex.len() > 2 * 1024 || !hex.is_ascii() {
             return Err(JoinError::Malformed);
         }
@@ -106,11 +100,8 @@ impl JoinToken {
             .collect::<Result<_, _>>()
             .map_err(|_| JoinError::Malformed)?;
         let split = bytes.len().checked_sub(32).ok_or(JoinError::Malformed)?;
-        let body =
-            hamgam_proto::codec::decode(&bytes[..split]).map_err(|_| JoinError::Malformed)?;
-        let mac = bytes[split..]
-            .try_into()
-            .map_err(|_| JoinError::Malformed)?;
+        let body = hamgam_proto::codec::decode(&bytes[..split]).map_err(|_| JoinError::Malformed)?;
+        let mac = bytes[split..].try_into().map_err(|_| JoinError::Malformed)?;
         Ok(JoinToken { body, mac })
     }
 
@@ -127,10 +118,7 @@ impl JoinToken {
             return Err(JoinError::BadSignature);
         }
         if self.body.cluster_id != cluster_id {
-            return Err(JoinError::OtherCluster {
-                token: self.body.cluster_id.clone(),
-                ours: cluster_id.to_string(),
-            });
+            return Err(JoinError::OtherCluster { token: self.body.cluster_id.clone(), ours: cluster_id.to_string() });
         }
         if now_unix() > self.body.expires_unix {
             return Err(JoinError::Expired);
@@ -167,10 +155,7 @@ pub struct JoinGrant {
 
 impl std::fmt::Debug for JoinGrant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinGrant")
-            .field("node", &self.node)
-            .field("cluster_id", &self.cluster_id)
-            .finish_non_exhaustive()
+        f.debug_struct("JoinGrant").field("node", &self.node).field("cluster_id", &self.cluster_id).finish_non_exhaustive()
     }
 }
 
@@ -185,9 +170,7 @@ pub struct JoinAuthority {
 
 impl std::fmt::Debug for JoinAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinAuthority")
-            .field("cluster_id", &self.cluster_id)
-            .finish_non_exhaustive()
+        f.debug_struct("JoinAuthority").field("cluster_id", &self.cluster_id).finish_non_exhaustive()
     }
 }
 
@@ -196,29 +179,21 @@ impl JoinAuthority {
     /// signs its identity.
     async fn admit(&self, request: JoinRequest, raft: &RaftHandle) -> Result<JoinGrant, String> {
         let token = JoinToken::parse(&request.token).map_err(|e| e.to_string())?;
-        token
-            .verify(&self.ca_key, &self.cluster_id)
-            .map_err(|e| e.to_string())?;
-        let command = ClusterCommand::Join {
-            nonce: token.body.nonce,
-            peer_addr: request.peer_addr,
-        };
+        token.verify(&self.ca_key, &self.cluster_id).map_err(|e| e.to_string())?;
+        let command = ClusterCommand::Join { nonce: token.body.nonce, peer_addr: request.peer_addr };
         let node = match propose_cluster(raft, &command).await? {
             ClusterReply::Joined(node) => node,
             ClusterReply::Refused(reason) => return Err(reason),
             ClusterReply::Done => return Err("the cluster shard gave no id".into()),
         };
-        raft.read_index(ShardId::CLUSTER)
-            .await
-            .map_err(|e| e.to_string())?;
+        raft.read_index(ShardId::CLUSTER).await.map_err(|e| e.to_string())?;
         let members = read_members(&raft.reader(ShardId::CLUSTER))
             .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|m| m.state != MemberState::Removed)
             .map(|m| (m.id, m.peer_addr))
             .collect();
-        let identity = NodeIdentity::sign(self.ca_der.clone(), &self.ca_key, node)
-            .map_err(|e| e.to_string())?;
+        let identity = NodeIdentity::sign(self.ca_der.clone(), &self.ca_key, node).map_err(|e| e.to_string())?;
         let (ca_der, node_der, node_key) = identity.parts();
         tracing::info!(%node, peer_addr = %request.peer_addr, "a node joined the cluster");
         Ok(JoinGrant {
@@ -235,28 +210,15 @@ impl JoinAuthority {
 }
 
 /// Proposes a shard-0 command (from any node) and decodes its reply.
-pub async fn propose_cluster(
-    raft: &RaftHandle,
-    command: &ClusterCommand,
-) -> Result<ClusterReply, String> {
+pub async fn propose_cluster(raft: &RaftHandle, command: &ClusterCommand) -> Result<ClusterReply, String> {
     let bytes = hamgam_proto::codec::encode(command).map_err(|e| e.to_string())?;
-    let reply = raft
-        .propose(ShardId::CLUSTER, bytes)
-        .await
-        .map_err(|e| e.to_string())?;
-    hamgam_proto::codec::decode(&reply)
-        .map_err(|e| format!("the cluster shard's reply does not decode: {e}"))
+    let reply = raft.propose(ShardId::CLUSTER, bytes).await.map_err(|e| e.to_string())?;
+    hamgam_proto::codec::decode(&reply).map_err(|e| format!("the cluster shard's reply does not decode: {e}"))
 }
 
 /// Serves one join connection: one request on one bidi stream.
-pub(crate) async fn serve_connection(
-    connection: quinn::Connection,
-    raft: RaftHandle,
-    authority: Option<JoinAuthority>,
-) {
-    let Ok((send, mut recv)) = connection.accept_bi().await else {
-        return;
-    };
+pub(crate) async fn serve_connection(connection: quinn::Connection, raft: RaftHandle, authority: Option<JoinAuthority>) {
+    let Ok((send, mut recv)) = connection.accept_bi().await else { return };
     let request = exchange::read_request(&mut recv, REQUEST_BYTES_MAX).await;
     let answer = match request.map(|b| hamgam_proto::codec::decode::<JoinRequest>(&b)) {
         Some(Ok(request)) => match &authority {
@@ -264,10 +226,7 @@ pub(crate) async fn serve_connection(
                 Ok(grant) => JoinAnswer::Accepted(grant),
                 Err(reason) => JoinAnswer::Refused(reason),
             },
-            None => JoinAnswer::Refused(
-                "this node holds no CA key, so it cannot admit nodes; join via another member"
-                    .into(),
-            ),
+            None => JoinAnswer::Refused("this node holds no CA key, so it cannot admit nodes; join via another member".into()),
         },
         Some(Err(error)) => JoinAnswer::Refused(format!("the request does not decode: {error}")),
         None => JoinAnswer::Refused("the request was cut off or too large".into()),
@@ -275,30 +234,19 @@ pub(crate) async fn serve_connection(
     if let JoinAnswer::Refused(reason) = &answer {
         tracing::warn!(remote = %connection.remote_address(), %reason, "a join was refused");
     }
-    let Ok(bytes) = hamgam_proto::codec::encode(&answer) else {
-        return;
-    };
+    let Ok(bytes) = hamgam_proto::codec::encode(&answer) else { return };
     exchange::answer(send, &bytes).await;
 }
 
 /// Asks the member whose peer endpoint is at `via` to admit this node,
 /// which will listen for peers on `peer_addr`.
-pub async fn request_join(
-    via: SocketAddr,
-    token_text: &str,
-    peer_addr: SocketAddr,
-) -> Result<JoinGrant, JoinError> {
+pub async fn request_join(via: SocketAddr, token_text: &str, peer_addr: SocketAddr) -> Result<JoinGrant, JoinError> {
     let token = JoinToken::parse(token_text)?;
     let unreachable = |reason: String| JoinError::Unreachable { addr: via, reason };
     let config = hamgam_transport::client_config(Trust::Pinned(token.ca()), JOIN_ALPN)?;
-    let request = JoinRequest {
-        token: token_text.trim().to_string(),
-        peer_addr,
-    };
+    let request = JoinRequest { token: token_text.trim().to_string(), peer_addr };
     let bytes = hamgam_proto::codec::encode(&request).map_err(|e| unreachable(e.to_string()))?;
-    let answer = exchange::ask(config, via, &bytes, GRANT_BYTES_MAX, JOIN_TIMEOUT)
-        .await
-        .map_err(unreachable)?;
+    let answer = exchange::ask(config, via, &bytes, GRANT_BYTES_MAX, JOIN_TIMEOUT).await.map_err(unreachable)?;
     let answer = hamgam_proto::codec::decode::<JoinAnswer>(&answer)
         .map_err(|e| unreachable(format!("the answer does not decode: {e}")))?;
     match answer {
@@ -318,42 +266,19 @@ mod tests {
         let token = JoinToken::parse(&text).unwrap();
         assert_eq!(token.ca(), ca);
         token.verify(b"the ca key", "c1").unwrap();
-        assert!(matches!(
-            token.verify(b"another key", "c1"),
-            Err(JoinError::BadSignature)
-        ));
-        assert!(matches!(
-            token.verify(b"the ca key", "c2"),
-            Err(JoinError::OtherCluster { .. })
-        ));
+        assert!(matches!(token.verify(b"another key", "c1"), Err(JoinError::BadSignature)));
+        assert!(matches!(token.verify(b"the ca key", "c2"), Err(JoinError::OtherCluster { .. })));
 
         let mut tampered = token.clone();
         tampered.body.expires_unix += 3600;
-        assert!(matches!(
-            tampered.verify(b"the ca key", "c1"),
-            Err(JoinError::BadSignature)
-        ));
+        assert!(matches!(tampered.verify(b"the ca key", "c1"), Err(JoinError::BadSignature)));
 
-        let expired =
-            JoinToken::parse(&JoinToken::issue(b"the ca key", "c1", ca, Duration::ZERO)).unwrap();
+        let expired = JoinToken::parse(&JoinToken::issue(b"the ca key", "c1", ca, Duration::ZERO)).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(matches!(
-            expired.verify(b"the ca key", "c1"),
-            Err(JoinError::Expired)
-        ));
+        assert!(matches!(expired.verify(b"the ca key", "c1"), Err(JoinError::Expired)));
 
-        for bad in [
-            "",
-            "hamgam-join-",
-            "hamgam-join-zz",
-            "hamgam-join-00ff",
-            &text[..text.len() - 1],
-            "garbage",
-        ] {
-            assert!(
-                matches!(JoinToken::parse(bad), Err(JoinError::Malformed)),
-                "{bad:?}"
-            );
+        for bad in ["", "hamgam-join-", "hamgam-join-zz", "hamgam-join-00ff", &text[..text.len() - 1], "garbage"] {
+            assert!(matches!(JoinToken::parse(bad), Err(JoinError::Malformed)), "{bad:?}");
         }
     }
 }

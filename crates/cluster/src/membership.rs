@@ -57,18 +57,12 @@ pub enum ClusterCommand {
     Seed { members: Vec<(NodeId, SocketAddr)> },
     /// A node joining with a token whose `nonce` no join has used yet. The
     /// new member's id is one above the highest ever given.
-    Join {
-        nonce: [u8; 16],
-        peer_addr: SocketAddr,
-    },
+    Join { nonce: [u8; 16], peer_addr: SocketAddr },
     /// An operator's drain or remove.
     SetState { node: NodeId, state: MemberState },
     /// Where a shard's replicas are, recorded by the placement driver after
     /// each change so that nodes without a replica know whom to ask.
-    Placed {
-        shard: ShardId,
-        replicas: Vec<NodeId>,
-    },
+    Placed { shard: ShardId, replicas: Vec<NodeId> },
 }
 
 /// Shard 0's replies.
@@ -110,111 +104,69 @@ pub fn read_members(shard0: &impl KvRead) -> Result<Vec<MemberRecord>, StorageEr
 }
 
 /// The recorded replicas of every shard the driver has placed.
-pub fn read_placement(
-    shard0: &impl KvRead,
-    shards: usize,
-) -> Result<BTreeMap<ShardId, Vec<NodeId>>, StorageError> {
+pub fn read_placement(shard0: &impl KvRead, shards: usize) -> Result<BTreeMap<ShardId, Vec<NodeId>>, StorageError> {
     shard0
         .scan(&KeyRange::prefix(&[PLACED]), Order::Ascending, shards)?
         .into_iter()
         .map(|(key, value)| {
-            let id: [u8; 4] = key
-                .get(1..5)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| corrupt("placement key", "short"))?;
-            let replicas =
-                hamgam_proto::codec::decode(&value).map_err(|e| corrupt("placement", e))?;
+            let id: [u8; 4] = key.get(1..5).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("placement key", "short"))?;
+            let replicas = hamgam_proto::codec::decode(&value).map_err(|e| corrupt("placement", e))?;
             Ok((ShardId(u32::from_be_bytes(id)), replicas))
         })
         .collect()
 }
 
 /// Applies one shard-0 command. Deterministic: checks, then writes.
-fn apply_cluster(
-    command: &ClusterCommand,
-    kv: &mut ShardWriter<'_, '_>,
-) -> Result<ClusterReply, StorageError> {
+fn apply_cluster(command: &ClusterCommand, kv: &mut ShardWriter<'_, '_>) -> Result<ClusterReply, StorageError> {
     let members = read_members(kv)?;
-    let put_member =
-        |kv: &mut ShardWriter<'_, '_>, record: &MemberRecord| -> Result<(), StorageError> {
-            let bytes = hamgam_proto::codec::encode(record).map_err(|e| corrupt("member", e))?;
-            kv.put(&member_key(record.id), bytes);
-            Ok(())
-        };
+    let put_member = |kv: &mut ShardWriter<'_, '_>, record: &MemberRecord| -> Result<(), StorageError> {
+        let bytes = hamgam_proto::codec::encode(record).map_err(|e| corrupt("member", e))?;
+        kv.put(&member_key(record.id), bytes);
+        Ok(())
+    };
     match command {
         ClusterCommand::Seed { members: initial } => {
             if !members.is_empty() {
                 return Ok(ClusterReply::Done);
             }
             for &(id, peer_addr) in initial.iter().take(MEMBERS_MAX) {
-                put_member(
-                    kv,
-                    &MemberRecord {
-                        id,
-                        peer_addr,
-                        state: MemberState::Active,
-                    },
-                )?;
+                put_member(kv, &MemberRecord { id, peer_addr, state: MemberState::Active })?;
             }
             Ok(ClusterReply::Done)
         }
         ClusterCommand::Join { nonce, peer_addr } => {
             if members.is_empty() {
-                return Ok(ClusterReply::Refused(
-                    "the cluster's member list is not recorded yet; try again".into(),
-                ));
+                return Ok(ClusterReply::Refused("the cluster's member list is not recorded yet; try again".into()));
             }
             let mut nonce_key = vec![USED_NONCE];
             nonce_key.extend_from_slice(nonce);
             if kv.get(&nonce_key)?.is_some() {
-                return Ok(ClusterReply::Refused(
-                    "this join token was already used".into(),
-                ));
+                return Ok(ClusterReply::Refused("this join token was already used".into()));
             }
             if members.len() >= MEMBERS_MAX {
-                return Ok(ClusterReply::Refused(format!(
-                    "a cluster has at most {MEMBERS_MAX} members over its life"
-                )));
+                return Ok(ClusterReply::Refused(format!("a cluster has at most {MEMBERS_MAX} members over its life")));
             }
-            if let Some(taken) = members
-                .iter()
-                .find(|m| m.peer_addr == *peer_addr && m.state != MemberState::Removed)
-            {
-                return Ok(ClusterReply::Refused(format!(
-                    "node {} already listens on {peer_addr}",
-                    taken.id
-                )));
+            if let Some(taken) = members.iter().find(|m| m.peer_addr == *peer_addr && m.state != MemberState::Removed) {
+                return Ok(ClusterReply::Refused(format!("node {} already listens on {peer_addr}", taken.id)));
             }
             let id = NodeId(members.iter().map(|m| m.id.0).max().unwrap_or(0) + 1);
             kv.put(&nonce_key, Vec::new());
-            put_member(
-                kv,
-                &MemberRecord {
-                    id,
-                    peer_addr: *peer_addr,
-                    state: MemberState::Active,
-                },
-            )?;
+            put_member(kv, &MemberRecord { id, peer_addr: *peer_addr, state: MemberState::Active })?;
             Ok(ClusterReply::Joined(id))
         }
         ClusterCommand::SetState { node, state } => {
             let Some(mut record) = members.into_iter().find(|m| m.id == *node) else {
-                return Ok(ClusterReply::Refused(format!(
-                    "node {node} is not a member"
-                )));
+                return Ok(ClusterReply::Refused(format!("node {node} is not a member")));
             };
             if record.state == MemberState::Removed && *state != MemberState::Removed {
-                return Ok(ClusterReply::Refused(format!(
-                    "node {node} was removed; a removed node cannot come back"
-                )));
+                return Ok(ClusterReply::Refused(format!("node {node} was removed; a removed node cannot come back")));
             }
             record.state = *state;
             put_member(kv, &record)?;
             Ok(ClusterReply::Done)
         }
         ClusterCommand::Placed { shard, replicas } => {
-            let bytes =
-                hamgam_proto::codec::encode(replicas).map_err(|e| corrupt("placement", e))?;
+            let bytes = hamgam_proto::codec::encode(replicas).map_err(|e| corrupt("placement", e))?;
             kv.put(&placed_key(*shard), bytes);
             Ok(ClusterReply::Done)
         }
@@ -231,10 +183,7 @@ pub struct ClusterView {
 impl ClusterView {
     /// Reads the view from shard 0's applied state.
     pub fn read(shard0: &ShardReader, shards: usize) -> Result<ClusterView, StorageError> {
-        Ok(ClusterView {
-            members: read_members(shard0)?,
-            placement: read_placement(shard0, shards)?,
-        })
+        Ok(ClusterView { members: read_members(shard0)?, placement: read_placement(shard0, shards)? })
     }
 
     pub fn member(&self, node: NodeId) -> Option<&MemberRecord> {
@@ -243,11 +192,7 @@ impl ClusterView {
 
     /// Members that are not removed, with their peer addresses.
     pub fn reachable(&self) -> BTreeMap<NodeId, SocketAddr> {
-        self.members
-            .iter()
-            .filter(|m| m.state != MemberState::Removed)
-            .map(|m| (m.id, m.peer_addr))
-            .collect()
+        self.members.iter().filter(|m| m.state != MemberState::Removed).map(|m| (m.id, m.peer_addr)).collect()
     }
 }
 
@@ -271,16 +216,7 @@ impl ClusterMachine {
         shards: usize,
     ) -> Result<(ClusterMachine, watch::Receiver<ClusterView>), StorageError> {
         let (view, watcher) = watch::channel(ClusterView::read(&shard0, shards)?);
-        Ok((
-            ClusterMachine {
-                data,
-                shard0,
-                shards,
-                view,
-                changed: false,
-            },
-            watcher,
-        ))
+        Ok((ClusterMachine { data, shard0, shards, view, changed: false }, watcher))
     }
 }
 

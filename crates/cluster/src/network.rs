@@ -7,8 +7,8 @@ use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
 use hamgam_blob::PackStore;
 use hamgam_raftstore::{
-    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport,
-    RemoteRead, RemoteReadAnswer, RemoteReadReply,
+    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport, RemoteRead,
+    RemoteReadAnswer, RemoteReadReply,
 };
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId, limits};
@@ -68,9 +68,7 @@ pub struct PeerNetwork {
 
 impl std::fmt::Debug for PeerNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerNetwork")
-            .field("node", &self.node)
-            .finish_non_exhaustive()
+        f.debug_struct("PeerNetwork").field("node", &self.node).finish_non_exhaustive()
     }
 }
 
@@ -84,11 +82,7 @@ impl PeerNetwork {
         listen: SocketAddr,
         members: Members,
     ) -> Result<Arc<PeerNetwork>, ClusterError> {
-        let endpoint = hamgam_transport::peer_server_endpoint(
-            identity,
-            listen,
-            &[PEER_ALPN, ADMIN_ALPN, JOIN_ALPN],
-        )?;
+        let endpoint = hamgam_transport::peer_server_endpoint(identity, listen, &[PEER_ALPN, ADMIN_ALPN, JOIN_ALPN])?;
         let dial = hamgam_transport::peer_client_config(identity, PEER_ALPN)?;
         Ok(Arc::new(PeerNetwork {
             node,
@@ -119,10 +113,7 @@ impl PeerNetwork {
         self.with_view(|view| {
             view.members
                 .iter()
-                .filter(|m| {
-                    m.state == crate::MemberState::Active
-                        || (all && m.state != crate::MemberState::Removed)
-                })
+                .filter(|m| m.state == crate::MemberState::Active || (all && m.state != crate::MemberState::Removed))
                 .map(|m| m.id)
                 .collect()
         })
@@ -180,29 +171,15 @@ impl PeerNetwork {
         if *current == members {
             return;
         }
-        let gone: Vec<NodeId> = current
-            .keys()
-            .filter(|n| !members.contains_key(n))
-            .copied()
-            .collect();
-        let moved: Vec<NodeId> = members
-            .iter()
-            .filter(|(n, a)| current.get(n).is_some_and(|old| old != *a))
-            .map(|(n, _)| *n)
-            .collect();
+        let gone: Vec<NodeId> = current.keys().filter(|n| !members.contains_key(n)).copied().collect();
+        let moved: Vec<NodeId> =
+            members.iter().filter(|(n, a)| current.get(n).is_some_and(|old| old != *a)).map(|(n, _)| *n).collect();
         tracing::info!(?members, "the member list changed");
         *current = members;
         drop(current);
         for node in gone.into_iter().chain(moved) {
-            self.links
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&node);
-            if let Some(slot) = self
-                .connections
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&node)
+            self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+            if let Some(slot) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)
                 && let Ok(slot) = slot.try_lock()
                 && let Some(connection) = slot.as_ref()
             {
@@ -218,18 +195,12 @@ impl PeerNetwork {
 
     /// Reads shard 0's view in place (no copy), if this node follows one.
     fn with_view<T>(&self, read: impl FnOnce(&ClusterView) -> T) -> Option<T> {
-        self.view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|v| read(&v.borrow()))
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|v| read(&v.borrow()))
     }
 
     /// The recorded replicas of `shard`.
     pub fn replicas_of(&self, shard: ShardId) -> Vec<NodeId> {
-        self.with_view(|view| view.placement.get(&shard).cloned())
-            .flatten()
-            .unwrap_or_default()
+        self.with_view(|view| view.placement.get(&shard).cloned()).flatten().unwrap_or_default()
     }
 
     /// Members (not removed) that shard 0 records as holding no replica of
@@ -253,18 +224,14 @@ impl PeerNetwork {
 
     /// The raft store's way out.
     pub fn transport(self: &Arc<Self>) -> PeerTransport {
-        PeerTransport {
-            network: self.clone(),
-        }
+        PeerTransport { network: self.clone() }
     }
 
     /// The raft handle's way to a leader on another node.
     pub fn forwarder(self: &Arc<Self>) -> Arc<dyn ProposalForwarder> {
         // Weak: the raft handle holds the forwarder, and the network must
         // be free to go when the node stops.
-        Arc::new(Forwarder {
-            network: Arc::downgrade(self),
-        })
+        Arc::new(Forwarder { network: Arc::downgrade(self) })
     }
 
     /// Accepts connections from other nodes and hands what they send to `raft`.
@@ -299,10 +266,7 @@ impl PeerNetwork {
         self.tasks.close();
         self.tasks.wait().await;
         // Connections keep the endpoint's socket open; let them go.
-        self.connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
@@ -317,13 +281,7 @@ impl PeerNetwork {
             }
             return;
         }
-        let candidates: Vec<NodeId> = self
-            .members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let candidates: Vec<NodeId> = self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         let Some(peer) = hamgam_transport::peer_node(&connection, candidates) else {
             // No certificate, or the CA issued it to no member we know: not (or no longer) in the cluster.
             tracing::warn!(remote = %connection.remote_address(), "a peer connection without a member's certificate; closed");
@@ -387,13 +345,10 @@ impl PeerNetwork {
             .endpoint
             .connect_with(self.dial.clone(), addr, hamgam_transport::SERVER_NAME)
             .map_err(|e| e.to_string())?;
-        let connection = tokio::time::timeout(
-            Duration::from_millis(limits::PEER_DIAL_TIMEOUT_MS),
-            connecting,
-        )
-        .await
-        .map_err(|_| format!("node {node} at {addr} did not answer"))?
-        .map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(Duration::from_millis(limits::PEER_DIAL_TIMEOUT_MS), connecting)
+            .await
+            .map_err(|_| format!("node {node} at {addr} did not answer"))?
+            .map_err(|e| e.to_string())?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -409,8 +364,7 @@ impl PeerNetwork {
         }
         let (sender, queue) = mpsc::channel(limits::PEER_SEND_QUEUE_MAX);
         links.insert(node, sender.clone());
-        self.tasks
-            .spawn_on(self.clone().run_link(node, queue), &self.runtime);
+        self.tasks.spawn_on(self.clone().run_link(node, queue), &self.runtime);
         Some(sender)
     }
 
@@ -458,10 +412,7 @@ impl PeerNetwork {
     async fn open_raft_stream(&self, node: NodeId) -> Result<quinn::SendStream, String> {
         let connection = self.connection(node).await?;
         let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-        stream
-            .write_all(&[wire::RAFT_STREAM])
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.write_all(&[wire::RAFT_STREAM]).await.map_err(|e| e.to_string())?;
         Ok(stream)
     }
 
@@ -489,11 +440,7 @@ impl PeerNetwork {
                         false
                     }
                 };
-                let raft = network
-                    .raft
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                let raft = network.raft.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(raft) = raft {
                     raft.report_snapshot(shard, to, delivered).await;
                 }
@@ -502,30 +449,15 @@ impl PeerNetwork {
         );
     }
 
-    async fn forward(
-        &self,
-        leader: NodeId,
-        shard: ShardId,
-        command: Vec<u8>,
-    ) -> Result<Vec<u8>, ProposeError> {
+    async fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
         // Until the request is written, nothing was proposed: safe to retry.
         let unreachable = |_| ProposeError::NoLeader(shard);
         let connection = self.connection(leader).await.map_err(unreachable)?;
-        let (mut send, mut recv) = connection
-            .open_bi()
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+        send.write_all(&wire::encode_request(wire::PROPOSAL_STREAM, shard, &command))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        send.write_all(&wire::encode_request(
-            wire::PROPOSAL_STREAM,
-            shard,
-            &command,
-        ))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-        let lost = |reason: String| ProposeError::Forward {
-            node: leader,
-            reason,
-        };
+        let lost = |reason: String| ProposeError::Forward { node: leader, reason };
         send.finish().map_err(|e| lost(e.to_string()))?;
         let answer = tokio::select! {
             answer = recv.read_to_end(wire::ANSWER_BYTES_MAX) => answer.map_err(|e| lost(e.to_string()))?,
@@ -539,19 +471,11 @@ impl PeerNetwork {
     }
 
     /// Reads `shard` at `node`. Safe to retry anywhere: a read changes nothing.
-    async fn read(
-        &self,
-        node: NodeId,
-        shard: ShardId,
-        read: RemoteRead,
-    ) -> Result<RemoteReadAnswer, ProposeError> {
+    async fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
         let failed = |reason: String| ProposeError::Forward { node, reason };
         let body = hamgam_proto::codec::encode(&read).map_err(|e| failed(e.to_string()))?;
         let connection = self.connection(node).await.map_err(failed)?;
-        let (mut send, mut recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
         send.write_all(&wire::encode_request(wire::READ_STREAM, shard, &body))
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -582,12 +506,7 @@ impl PeerNetwork {
 }
 
 /// Reads raft frames from one peer's stream into the store until it ends.
-async fn read_uni_stream(
-    mut stream: quinn::RecvStream,
-    peer: NodeId,
-    raft: RaftHandle,
-    hints: Option<HintSink>,
-) {
+async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle, hints: Option<HintSink>) {
     let mut kind = [0u8; 1];
     if stream.read_exact(&mut kind).await.is_err() {
         return;
@@ -649,10 +568,7 @@ async fn answer_request(
         let _ = send.reset(1u32.into());
         return;
     }
-    if matches!(
-        kind[0],
-        wire::CHUNK_PUT | wire::CHUNK_MISSING | wire::CHUNK_GET
-    ) {
+    if matches!(kind[0], wire::CHUNK_PUT | wire::CHUNK_MISSING | wire::CHUNK_GET) {
         match chunks {
             Some(store) => crate::chunks::serve(kind[0], send, recv, store).await,
             None => {
@@ -669,20 +585,14 @@ async fn answer_request(
     request.push(kind[0]);
     request.extend_from_slice(&rest);
     let answer = match wire::decode_request(&request) {
-        Ok((wire::PROPOSAL_STREAM, shard, command)) => {
-            raft.propose_here(shard, command.to_vec()).await
-        }
-        Ok((wire::READ_STREAM, shard, body)) => {
-            match hamgam_proto::codec::decode::<RemoteRead>(body) {
-                Ok(read) => raft
-                    .serve_remote_read(shard, read)
-                    .await
-                    .and_then(|answer| {
-                        hamgam_proto::codec::encode(&answer).map_err(|_| ProposeError::Dropped)
-                    }),
-                Err(_) => Err(ProposeError::Dropped),
-            }
-        }
+        Ok((wire::PROPOSAL_STREAM, shard, command)) => raft.propose_here(shard, command.to_vec()).await,
+        Ok((wire::READ_STREAM, shard, body)) => match hamgam_proto::codec::decode::<RemoteRead>(body) {
+            Ok(read) => raft
+                .serve_remote_read(shard, read)
+                .await
+                .and_then(|answer| hamgam_proto::codec::encode(&answer).map_err(|_| ProposeError::Dropped)),
+            Err(_) => Err(ProposeError::Dropped),
+        },
         _ => Err(ProposeError::Dropped),
     };
     if send.write_all(&wire::encode_answer(&answer)).await.is_ok() {
@@ -733,10 +643,7 @@ impl ProposalForwarder for Forwarder {
     }
 
     fn replicas(&self, shard: ShardId) -> Vec<NodeId> {
-        self.network
-            .upgrade()
-            .map(|network| network.replicas_of(shard))
-            .unwrap_or_default()
+        self.network.upgrade().map(|network| network.replicas_of(shard)).unwrap_or_default()
     }
 
     fn read(&self, node: NodeId, shard: ShardId, read: RemoteRead) -> RemoteReadReply {

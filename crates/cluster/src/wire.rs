@@ -92,8 +92,7 @@ pub fn decode_raft(frame: &[u8]) -> Result<(ShardId, RaftMessage), WireError> {
         return Err(WireError::Short);
     }
     let shard = ShardId(u32_at(frame));
-    let message = RaftMessage::parse_from_bytes(&frame[4..])
-        .map_err(|e| WireError::BadMessage(e.to_string()))?;
+    let message = RaftMessage::parse_from_bytes(&frame[4..]).map_err(|e| WireError::BadMessage(e.to_string()))?;
     Ok((shard, message))
 }
 
@@ -164,37 +163,21 @@ pub fn encode_answer(answer: &Result<Vec<u8>, ProposeError>) -> Vec<u8> {
 /// Decodes an answer from node `from`. A node that stopped answers
 /// `Stopped` about itself; to the caller that is a dropped proposal, since
 /// the cluster goes on without it.
-pub fn decode_answer(
-    bytes: &[u8],
-    from: NodeId,
-) -> Result<Result<Vec<u8>, ProposeError>, WireError> {
+pub fn decode_answer(bytes: &[u8], from: NodeId) -> Result<Result<Vec<u8>, ProposeError>, WireError> {
     let (&tag, rest) = bytes.split_first().ok_or(WireError::Short)?;
-    let shard = || {
-        (rest.len() >= 4)
-            .then(|| ShardId(u32_at(rest)))
-            .ok_or(WireError::Short)
-    };
+    let shard = || (rest.len() >= 4).then(|| ShardId(u32_at(rest))).ok_or(WireError::Short);
     let u64_at = |at: usize| -> Result<u64, WireError> {
-        let bytes: [u8; 8] = rest
-            .get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(WireError::Short)?;
+        let bytes: [u8; 8] = rest.get(at..at + 8).and_then(|b| b.try_into().ok()).ok_or(WireError::Short)?;
         Ok(u64::from_le_bytes(bytes))
     };
     Ok(match tag {
         OK => Ok(rest.to_vec()),
         NOT_LEADER => {
             let leader = u64_at(4)?;
-            Err(ProposeError::NotLeader {
-                shard: shard()?,
-                leader: (leader != 0).then_some(NodeId(leader)),
-            })
+            Err(ProposeError::NotLeader { shard: shard()?, leader: (leader != 0).then_some(NodeId(leader)) })
         }
         DROPPED => Err(ProposeError::Dropped),
-        STOPPED => Err(ProposeError::Forward {
-            node: from,
-            reason: "the node is stopping".into(),
-        }),
+        STOPPED => Err(ProposeError::Forward { node: from, reason: "the node is stopping".into() }),
         UNKNOWN_SHARD => Err(ProposeError::UnknownShard(shard()?)),
         TOO_LARGE => Err(ProposeError::TooLarge(u64_at(0)? as usize)),
         NO_LEADER => Err(ProposeError::NoLeader(shard()?)),
@@ -219,15 +202,9 @@ mod tests {
         let (shard, decoded) = decode_raft(&out[4..]).unwrap();
         assert_eq!((shard, decoded), (ShardId(17), message));
         let max = limits::PEER_FRAME_BYTES_MAX;
-        assert_eq!(
-            frame_len(u32::MAX.to_le_bytes(), max),
-            Err(WireError::FrameTooLarge(u32::MAX as usize))
-        );
+        assert_eq!(frame_len(u32::MAX.to_le_bytes(), max), Err(WireError::FrameTooLarge(u32::MAX as usize)));
         assert_eq!(frame_len(2u32.to_le_bytes(), max), Err(WireError::Short));
-        assert!(
-            decode_raft(&[1, 0, 0, 0, 0xff, 0xff]).is_err(),
-            "garbage is refused, not misread"
-        );
+        assert!(decode_raft(&[1, 0, 0, 0, 0xff, 0xff]).is_err(), "garbage is refused, not misread");
     }
 
     #[test]
@@ -235,24 +212,15 @@ mod tests {
         let node = NodeId(4);
         let answers = [
             Ok(b"reply".to_vec()),
-            Err(ProposeError::NotLeader {
-                shard: ShardId(3),
-                leader: Some(NodeId(2)),
-            }),
-            Err(ProposeError::NotLeader {
-                shard: ShardId(3),
-                leader: None,
-            }),
+            Err(ProposeError::NotLeader { shard: ShardId(3), leader: Some(NodeId(2)) }),
+            Err(ProposeError::NotLeader { shard: ShardId(3), leader: None }),
             Err(ProposeError::Dropped),
             Err(ProposeError::UnknownShard(ShardId(70))),
             Err(ProposeError::TooLarge(300_000)),
             Err(ProposeError::NoLeader(ShardId(1))),
         ];
         for answer in answers {
-            assert_eq!(
-                decode_answer(&encode_answer(&answer), node).unwrap(),
-                answer
-            );
+            assert_eq!(decode_answer(&encode_answer(&answer), node).unwrap(), answer);
         }
         assert!(matches!(
             decode_answer(&encode_answer(&Err(ProposeError::Stopped)), node),

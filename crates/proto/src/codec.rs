@@ -44,8 +44,7 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Cod
 
 /// Decodes a whole value; leftover bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(map_decode_error)?;
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(map_decode_error)?;
     if used != bytes.len() {
         return Err(CodecError::TrailingBytes(bytes.len() - used));
     }
@@ -55,9 +54,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 /// Reads the variant index at the start of an encoded enum without decoding
 /// the rest, so an unknown request kind can be told apart from a broken one.
 pub fn peek_variant_index(bytes: &[u8]) -> Option<u32> {
-    bincode::decode_from_slice::<u32, _>(bytes, config())
-        .ok()
-        .map(|(index, _)| index)
+    bincode::decode_from_slice::<u32, _>(bytes, config()).ok().map(|(index, _)| index)
 }
 
 fn map_decode_error(error: bincode::error::DecodeError) -> CodecError {
@@ -77,10 +74,7 @@ mod tests {
         let mut bytes = encode(&value).unwrap();
         assert_eq!(decode::<(u32, String)>(&bytes).unwrap(), value);
         bytes.push(0);
-        assert_eq!(
-            decode::<(u32, String)>(&bytes),
-            Err(CodecError::TrailingBytes(1))
-        );
+        assert_eq!(decode::<(u32, String)>(&bytes), Err(CodecError::TrailingBytes(1)));
     }
 
     #[test]
@@ -95,9 +89,6 @@ mod tests {
         // varint marker 253 = u64 follows: a Vec claiming 2^62 elements.
         let mut bytes = vec![253u8];
         bytes.extend_from_slice(&(1u64 << 62).to_le_bytes());
-        assert!(matches!(
-            decode::<Vec<u64>>(&bytes),
-            Err(CodecError::Malformed(_))
-        ));
+        assert!(matches!(decode::<Vec<u64>>(&bytes), Err(CodecError::Malformed(_))));
     }
 }

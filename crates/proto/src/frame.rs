@@ -74,11 +74,7 @@ pub enum FrameError {
     UnexpectedKind { got: FrameKind, expected: FrameKind },
     /// The header announces more bytes than the kind allows.
     #[error("a {kind:?} frame of {length} bytes is over the limit of {max} bytes")]
-    TooLarge {
-        kind: FrameKind,
-        length: u32,
-        max: u32,
-    },
+    TooLarge { kind: FrameKind, length: u32, max: u32 },
     /// The payload is not a valid value.
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -100,24 +96,17 @@ where
 
 /// Writes one frame whose payload is already bytes (chunk frames, which
 /// are not codec values). The payload is checked against the kind's bound.
-pub async fn write_raw_frame<W>(
-    writer: &mut W,
-    kind: FrameKind,
-    parts: &[&[u8]],
-) -> Result<(), FrameError>
+pub async fn write_raw_frame<W>(writer: &mut W, kind: FrameKind, parts: &[&[u8]]) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
 {
     let length: usize = parts.iter().map(|part| part.len()).sum();
     let max = kind.payload_bytes_max();
-    let length = u32::try_from(length)
-        .ok()
-        .filter(|&n| n <= max)
-        .ok_or(FrameError::TooLarge {
-            kind,
-            length: u32::try_from(length).unwrap_or(u32::MAX),
-            max,
-        })?;
+    let length = u32::try_from(length).ok().filter(|&n| n <= max).ok_or(FrameError::TooLarge {
+        kind,
+        length: u32::try_from(length).unwrap_or(u32::MAX),
+        max,
+    })?;
     let mut header = [kind as u8, 0, 0, 0, 0];
     header[1..].copy_from_slice(&length.to_le_bytes());
     writer.write_all(&header).await?;
@@ -133,23 +122,17 @@ pub fn encode_frame<T: Serialize>(kind: FrameKind, value: &T) -> Result<Vec<u8>,
     codec::encode_into(value, &mut bytes)?;
     let length = bytes.len() - HEADER_BYTES;
     let max = kind.payload_bytes_max();
-    let length = u32::try_from(length)
-        .ok()
-        .filter(|&n| n <= max)
-        .ok_or(FrameError::TooLarge {
-            kind,
-            length: u32::try_from(length).unwrap_or(u32::MAX),
-            max,
-        })?;
+    let length = u32::try_from(length).ok().filter(|&n| n <= max).ok_or(FrameError::TooLarge {
+        kind,
+        length: u32::try_from(length).unwrap_or(u32::MAX),
+        max,
+    })?;
     bytes[1..HEADER_BYTES].copy_from_slice(&length.to_le_bytes());
     Ok(bytes)
 }
 
 /// Reads one frame's raw payload, requiring the given kind.
-pub async fn read_frame_payload<R>(
-    reader: &mut R,
-    expected: FrameKind,
-) -> Result<Vec<u8>, FrameError>
+pub async fn read_frame_payload<R>(reader: &mut R, expected: FrameKind) -> Result<Vec<u8>, FrameError>
 where
     R: AsyncRead + Unpin,
 {
@@ -158,16 +141,10 @@ where
     if first == 0 {
         return Err(FrameError::Closed);
     }
-    reader
-        .read_exact(&mut header[1..])
-        .await
-        .map_err(truncated)?;
+    reader.read_exact(&mut header[1..]).await.map_err(truncated)?;
     let kind = FrameKind::from_byte(header[0]).ok_or(FrameError::UnknownKind(header[0]))?;
     if kind != expected {
-        return Err(FrameError::UnexpectedKind {
-            got: kind,
-            expected,
-        });
+        return Err(FrameError::UnexpectedKind { got: kind, expected });
     }
     let length = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
     let max = kind.payload_bytes_max();
@@ -191,11 +168,7 @@ where
 }
 
 fn truncated(error: std::io::Error) -> FrameError {
-    if error.kind() == std::io::ErrorKind::UnexpectedEof {
-        FrameError::Truncated
-    } else {
-        FrameError::Io(error)
-    }
+    if error.kind() == std::io::ErrorKind::UnexpectedEof { FrameError::Truncated } else { FrameError::Io(error) }
 }
 
 #[cfg(test)]
@@ -206,46 +179,23 @@ mod tests {
     async fn oversize_header_is_refused_before_reading_the_payload() {
         // A Request header announcing 1 MiB, followed by nothing at all.
         let mut bytes: &[u8] = &[3, 0, 0, 0x10, 0];
-        let error = read_frame_payload(&mut bytes, FrameKind::Request)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                error,
-                FrameError::TooLarge {
-                    length: 1_048_576,
-                    ..
-                }
-            ),
-            "{error}"
-        );
+        let error = read_frame_payload(&mut bytes, FrameKind::Request).await.unwrap_err();
+        assert!(matches!(error, FrameError::TooLarge { length: 1_048_576, .. }), "{error}");
     }
 
     #[tokio::test]
     async fn truncated_and_unknown_frames_are_named() {
         let mut cut: &[u8] = &[3, 4, 0, 0, 0, 1];
-        assert!(matches!(
-            read_frame_payload(&mut cut, FrameKind::Request).await,
-            Err(FrameError::Truncated)
-        ));
+        assert!(matches!(read_frame_payload(&mut cut, FrameKind::Request).await, Err(FrameError::Truncated)));
         let mut unknown: &[u8] = &[99, 0, 0, 0, 0];
-        assert!(matches!(
-            read_frame_payload(&mut unknown, FrameKind::Request).await,
-            Err(FrameError::UnknownKind(99))
-        ));
+        assert!(matches!(read_frame_payload(&mut unknown, FrameKind::Request).await, Err(FrameError::UnknownKind(99))));
         let mut empty: &[u8] = &[];
-        assert!(matches!(
-            read_frame_payload(&mut empty, FrameKind::Request).await,
-            Err(FrameError::Closed)
-        ));
+        assert!(matches!(read_frame_payload(&mut empty, FrameKind::Request).await, Err(FrameError::Closed)));
     }
 
     #[test]
     fn encoding_refuses_values_over_the_kind_limit() {
         let big = vec![0u8; limits::HELLO_FRAME_BYTES_MAX as usize + 1];
-        assert!(matches!(
-            encode_frame(FrameKind::Hello, &big),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(encode_frame(FrameKind::Hello, &big), Err(FrameError::TooLarge { .. })));
     }
 }

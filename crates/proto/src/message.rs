@@ -2,9 +2,7 @@
 //! appended, never reordered or removed, and each carries its number in a
 //! comment. Structs never change shape within `hamgam/1`.
 
-use crate::store::{
-    ChunkList, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport,
-};
+use crate::store::{ChunkList, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport};
 use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, UserId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -41,17 +39,9 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// 0: create an account. Needs no session.
-    SignUp {
-        username: String,
-        password: String,
-        display_name: String,
-    },
+    SignUp { username: String, password: String, display_name: String },
     /// 1: log in; creates a device session and returns its token once.
-    LogIn {
-        username: String,
-        password: String,
-        device_name: String,
-    },
+    LogIn { username: String, password: String, device_name: String },
     /// 2: bind this connection to a device session.
     Authenticate { token: String },
     /// 3: end this device's session.
@@ -72,11 +62,7 @@ pub enum Request {
     /// 10
     RemoveMember { chat: ChatId, user: UserId },
     /// 11
-    SetRole {
-        chat: ChatId,
-        user: UserId,
-        role: Role,
-    },
+    SetRole { chat: ChatId, user: UserId, role: Role },
     /// 12
     LeaveChat { chat: ChatId },
     /// 13: the caller's chats in id order, starting after `after`.
@@ -85,25 +71,13 @@ pub enum Request {
     ChatMembers { chat: ChatId },
     /// 15: `client_msg_id` is random per message; a retry with the same id
     /// returns the first result and never makes a second message.
-    SendMessage {
-        chat: ChatId,
-        client_msg_id: u64,
-        text: String,
-    },
+    SendMessage { chat: ChatId, client_msg_id: u64, text: String },
     /// 16
-    EditMessage {
-        chat: ChatId,
-        seq: u64,
-        text: String,
-    },
+    EditMessage { chat: ChatId, seq: u64, text: String },
     /// 17
     DeleteMessage { chat: ChatId, seq: u64 },
     /// 18
-    History {
-        chat: ChatId,
-        anchor: HistoryAnchor,
-        limit: u32,
-    },
+    History { chat: ChatId, anchor: HistoryAnchor, limit: u32 },
     /// 19: moves the caller's read marker forward (never back).
     MarkRead { chat: ChatId, seq: u64 },
     /// 20: everything after `since_pts` in the caller's update sequence.
@@ -121,18 +95,11 @@ pub enum Request {
     GetChunks { ids: Vec<ChunkId> },
     /// 25: store (or replace) a file at `path`. Every chunk it names must be
     /// stored already.
-    PutFile {
-        path: String,
-        manifest: FileManifest,
-    },
+    PutFile { path: String, manifest: FileManifest },
     /// 26: a file's entry and chunk list.
     StatFile { path: String },
     /// 27: a folder's entries in name order, after the name `after`.
-    ListFolder {
-        path: String,
-        after: Option<String>,
-        limit: u32,
-    },
+    ListFolder { path: String, after: Option<String>, limit: u32 },
     /// 28: rename or move a file or a folder with what it holds.
     MovePath { from: String, to: String },
     /// 29: delete a file, or an empty folder.
@@ -140,12 +107,7 @@ pub enum Request {
     /// 30
     Usage,
     /// 31: record a backup snapshot whose tree and every chunk it names are stored.
-    CommitSnapshot {
-        label: String,
-        parent: Option<u64>,
-        tree: ChunkList,
-        stats: SnapshotStats,
-    },
+    CommitSnapshot { label: String, parent: Option<u64>, tree: ChunkList, stats: SnapshotStats },
     /// 32: the caller's snapshots in id order, after `after`.
     ListSnapshots { after: Option<u64>, limit: u32 },
     /// 33
@@ -218,17 +180,9 @@ pub enum Response {
     /// 1
     SignedUp { user: UserId },
     /// 2: the token is shown once; the node keeps only its hash.
-    LoggedIn {
-        user: UserId,
-        device: DeviceId,
-        token: String,
-    },
+    LoggedIn { user: UserId, device: DeviceId, token: String },
     /// 3
-    Authenticated {
-        user: UserId,
-        device: DeviceId,
-        username: String,
-    },
+    Authenticated { user: UserId, device: DeviceId, username: String },
     /// 4: the request took effect and has nothing to return.
     Done,
     /// 5
@@ -260,10 +214,7 @@ pub enum Response {
     /// 18: chunk frames follow for every asked id except these.
     ChunksFollow { missing: Vec<ChunkId> },
     /// 19
-    File {
-        entry: FileEntry,
-        content: ChunkList,
-    },
+    File { entry: FileEntry, content: ChunkList },
     /// 20
     Folder(FolderPage),
     /// 21
@@ -271,10 +222,7 @@ pub enum Response {
     /// 22
     Snapshot(SnapshotInfo),
     /// 23
-    Snapshots {
-        snapshots: Vec<SnapshotInfo>,
-        more: bool,
-    },
+    Snapshots { snapshots: Vec<SnapshotInfo>, more: bool },
 }
 
 /// Frames on a subscribe stream after [`Response::Subscribed`].
@@ -398,11 +346,7 @@ pub enum UpdateKind {
     /// 5: someone else joined, left or changed role.
     MembersChanged { chat: ChatId },
     /// 6: `reader` has read up to `seq`.
-    ReadUpTo {
-        chat: ChatId,
-        reader: UserId,
-        seq: u64,
-    },
+    ReadUpTo { chat: ChatId, reader: UserId, seq: u64 },
 }
 
 /// A page of updates with the messages they point at.
@@ -429,22 +373,13 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody {
-            code,
-            message: message.into(),
-        }
+        ErrorBody { code, message: message.into() }
     }
 }
 
 impl fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} ({}): {}",
-            self.code.name(),
-            self.code.0,
-            self.message
-        )
+        write!(f, "{} ({}): {}", self.code.name(), self.code.0, self.message)
     }
 }
 
@@ -549,11 +484,7 @@ mod tests {
     /// fails, the change broke every deployed client; make a new ALPN instead.
     #[test]
     fn golden_bytes_of_a_send_request_frame() {
-        let request = Request::SendMessage {
-            chat: ChatId(300),
-            client_msg_id: 7,
-            text: "سلام".into(),
-        };
+        let request = Request::SendMessage { chat: ChatId(300), client_msg_id: 7, text: "سلام".into() };
         let frame = encode_frame(FrameKind::Request, &request).unwrap();
         let expected: &[u8] = &[
             3, // frame kind: request
@@ -575,9 +506,7 @@ mod tests {
 
     #[test]
     fn unknown_error_codes_still_decode() {
-        let body: ErrorBody =
-            codec::decode(&codec::encode(&ErrorBody::new(ErrorCode(999), "later")).unwrap())
-                .unwrap();
+        let body: ErrorBody = codec::decode(&codec::encode(&ErrorBody::new(ErrorCode(999), "later")).unwrap()).unwrap();
         assert_eq!(body.code.name(), "UNKNOWN");
         assert_eq!(ErrorCode::NOT_MEMBER.name(), "NOT_MEMBER");
     }

@@ -168,29 +168,17 @@ impl<'a> ChunkFrame<'a> {
     /// (the store checks it, as it must also check what it reads from disk).
     pub fn parse(payload: &'a [u8]) -> Result<ChunkFrame<'a>, String> {
         if payload.len() < CHUNK_FRAME_HEADER_BYTES {
-            return Err(format!(
-                "a chunk frame of {} bytes is shorter than its header",
-                payload.len()
-            ));
+            return Err(format!("a chunk frame of {} bytes is shorter than its header", payload.len()));
         }
         let (header, bytes) = payload.split_at(CHUNK_FRAME_HEADER_BYTES);
         let mut id = [0u8; 32];
         id.copy_from_slice(&header[..32]);
-        let codec = ChunkCodec::from_byte(header[32])
-            .ok_or_else(|| format!("unknown chunk codec {}", header[32]))?;
+        let codec = ChunkCodec::from_byte(header[32]).ok_or_else(|| format!("unknown chunk codec {}", header[32]))?;
         let plain_len = u32::from_le_bytes([header[33], header[34], header[35], header[36]]);
         if plain_len > limits::CHUNK_MAX_BYTES {
-            return Err(format!(
-                "a chunk of {plain_len} bytes is over the limit of {} bytes",
-                limits::CHUNK_MAX_BYTES
-            ));
+            return Err(format!("a chunk of {plain_len} bytes is over the limit of {} bytes", limits::CHUNK_MAX_BYTES));
         }
-        Ok(ChunkFrame {
-            id: ChunkId(id),
-            codec,
-            plain_len,
-            bytes,
-        })
+        Ok(ChunkFrame { id: ChunkId(id), codec, plain_len, bytes })
     }
 
     /// Writes this chunk as one frame.
@@ -214,12 +202,7 @@ mod tests {
     #[tokio::test]
     async fn a_chunk_frame_round_trips_and_its_layout_is_pinned() {
         let id = ChunkId([7; 32]);
-        let frame = ChunkFrame {
-            id,
-            codec: ChunkCodec::Zstd,
-            plain_len: 300,
-            bytes: b"abc",
-        };
+        let frame = ChunkFrame { id, codec: ChunkCodec::Zstd, plain_len: 300, bytes: b"abc" };
         let mut wire = Vec::new();
         frame.write(&mut wire).await.unwrap();
         let mut expected = vec![6, 40, 0, 0, 0];
@@ -227,9 +210,7 @@ mod tests {
         expected.extend_from_slice(&[1, 44, 1, 0, 0]);
         expected.extend_from_slice(b"abc");
         assert_eq!(wire, expected);
-        let payload = read_frame_payload(&mut wire.as_slice(), FrameKind::Chunk)
-            .await
-            .unwrap();
+        let payload = read_frame_payload(&mut wire.as_slice(), FrameKind::Chunk).await.unwrap();
         assert_eq!(ChunkFrame::parse(&payload).unwrap(), frame);
     }
 
@@ -241,10 +222,6 @@ mod tests {
         assert!(ChunkFrame::parse(&payload).unwrap_err().contains("codec"));
         payload[32] = 0;
         payload[33..].copy_from_slice(&(limits::CHUNK_MAX_BYTES + 1).to_le_bytes());
-        assert!(
-            ChunkFrame::parse(&payload)
-                .unwrap_err()
-                .contains("over the limit")
-        );
+        assert!(ChunkFrame::parse(&payload).unwrap_err().contains("over the limit"));
     }
 }

@@ -89,8 +89,7 @@ fn decode_applied(bytes: &[u8]) -> Result<BTreeMap<ShardId, ApplyState>, String>
         let term = word8(take(8)?);
         let conf_len = word4(take(4)?) as usize;
         let mut conf = ConfState::default();
-        conf.merge_from_bytes(take(conf_len)?)
-            .map_err(|e| e.to_string())?;
+        conf.merge_from_bytes(take(conf_len)?).map_err(|e| e.to_string())?;
         states.insert(shard, ApplyState { index, term, conf });
     }
     Ok(states)
@@ -99,11 +98,8 @@ fn decode_applied(bytes: &[u8]) -> Result<BTreeMap<ShardId, ApplyState>, String>
 pub(crate) fn read_applied(db: &dyn Db) -> Result<BTreeMap<ShardId, ApplyState>, StoreError> {
     match db.get(APPLIED_KEY)? {
         None => Ok(BTreeMap::new()),
-        Some(bytes) => decode_applied(&bytes).map_err(|reason| StoreError::Corrupt {
-            shard: ShardId(u32::MAX),
-            what: "applied state",
-            reason,
-        }),
+        Some(bytes) => decode_applied(&bytes)
+            .map_err(|reason| StoreError::Corrupt { shard: ShardId(u32::MAX), what: "applied state", reason }),
     }
 }
 
@@ -128,17 +124,10 @@ pub(crate) enum ApplyInput {
     /// Make a snapshot of the shard's applied state for a lagging follower.
     GenerateSnapshot(ShardId),
     /// Replace the shard's state with the leader's snapshot, durably, then say so.
-    InstallSnapshot {
-        shard: ShardId,
-        snapshot: Snapshot,
-        done: std::sync::mpsc::SyncSender<Result<(), StoreError>>,
-    },
+    InstallSnapshot { shard: ShardId, snapshot: Snapshot, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
     /// This node is no longer a replica of the shard: reset it to empty,
     /// durably, say so, then delete its data.
-    Release {
-        shard: ShardId,
-        done: std::sync::mpsc::SyncSender<Result<(), StoreError>>,
-    },
+    Release { shard: ShardId, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
     Stop,
 }
 
@@ -156,10 +145,7 @@ pub(crate) struct ApplyProgress {
 impl ApplyProgress {
     pub(crate) fn new(states: &BTreeMap<ShardId, ApplyState>) -> ApplyProgress {
         ApplyProgress {
-            applied: states
-                .iter()
-                .map(|(s, a)| (*s, AtomicU64::new(a.index)))
-                .collect(),
+            applied: states.iter().map(|(s, a)| (*s, AtomicU64::new(a.index))).collect(),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
             snapshots: Mutex::new(Vec::new()),
@@ -167,9 +153,7 @@ impl ApplyProgress {
     }
 
     pub(crate) fn applied(&self, shard: ShardId) -> u64 {
-        self.applied
-            .get(&shard)
-            .map_or(0, |a| a.load(Ordering::Acquire))
+        self.applied.get(&shard).map_or(0, |a| a.load(Ordering::Acquire))
     }
 
     pub(crate) fn take_error(&self) -> Option<StoreError> {
@@ -205,30 +189,18 @@ impl Applier {
                     Err(_) => break,
                 }
             }
-            let mut result = if rounds.is_empty() {
-                Ok(())
-            } else {
-                self.apply(rounds)
-            };
+            let mut result = if rounds.is_empty() { Ok(()) } else { self.apply(rounds) };
             let mut stop = false;
             match other {
                 _ if result.is_err() => {}
                 None => {}
                 Some(ApplyInput::Stop) => stop = true,
                 Some(ApplyInput::GenerateSnapshot(shard)) => result = self.generate_snapshot(shard),
-                Some(ApplyInput::InstallSnapshot {
-                    shard,
-                    snapshot,
-                    done,
-                }) => {
+                Some(ApplyInput::InstallSnapshot { shard, snapshot, done }) => {
                     result = self.install_snapshot(shard, &snapshot);
                     let answer = match &result {
                         Ok(()) => Ok(()),
-                        Err(error) => Err(StoreError::Corrupt {
-                            shard,
-                            what: "snapshot",
-                            reason: error.to_string(),
-                        }),
+                        Err(error) => Err(StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() }),
                     };
                     let _ = done.send(answer);
                 }
@@ -239,11 +211,7 @@ impl Applier {
             }
             if let Err(error) = result {
                 tracing::error!(?error, "apply failed; the store stops");
-                *self
-                    .progress
-                    .error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(error);
+                *self.progress.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                 self.progress.failed.store(true, Ordering::Release);
                 wake();
                 return;
@@ -258,13 +226,9 @@ impl Applier {
 
     /// A snapshot of `shard` as of its applied index, for the store loop to send.
     fn generate_snapshot(&mut self, shard: ShardId) -> Result<(), StoreError> {
-        let Some(state) = self.states.get(&shard) else {
-            return Ok(());
-        };
+        let Some(state) = self.states.get(&shard) else { return Ok(()) };
         let prefix = state_machine_prefix(shard);
-        let pairs = self
-            .db
-            .scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX)?;
+        let pairs = self.db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX)?;
         let mut data = Vec::new();
         data.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
         for (key, value) in &pairs {
@@ -278,20 +242,13 @@ impl Applier {
             tracing::error!(%shard, bytes = data.len(), "a shard is too large to ship as one snapshot");
             return Ok(());
         }
-        let mut snapshot = Snapshot {
-            data: data.into(),
-            ..Default::default()
-        };
+        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
         let meta = snapshot.mut_metadata();
         meta.index = state.index;
         meta.term = state.term;
         meta.set_conf_state(state.conf.clone());
         tracing::info!(%shard, index = state.index, bytes = snapshot.data.len(), keys = pairs.len(), "made a snapshot");
-        self.progress
-            .snapshots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((shard, snapshot));
+        self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()).push((shard, snapshot));
         self.stats.snapshots_made.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -303,29 +260,14 @@ impl Applier {
     /// the store loop, then deletes the shard's keys in bounded batches. A
     /// crash in between leaves keys that the next snapshot installed for
     /// the shard deletes.
-    fn release(
-        &mut self,
-        shard: ShardId,
-        done: &std::sync::mpsc::SyncSender<Result<(), StoreError>>,
-    ) -> Result<(), StoreError> {
+    fn release(&mut self, shard: ShardId, done: &std::sync::mpsc::SyncSender<Result<(), StoreError>>) -> Result<(), StoreError> {
         let db = self.db.clone();
-        self.states.insert(
-            shard,
-            ApplyState {
-                index: 0,
-                term: 0,
-                conf: ConfState::default(),
-            },
-        );
+        self.states.insert(shard, ApplyState { index: 0, term: 0, conf: ConfState::default() });
         let mut txn = Txn::new(&*db);
         write_applied(&mut txn, &self.states);
         let reset = db.write(&txn.into_batch()).and_then(|()| db.persist());
         if let Err(error) = reset {
-            let _ = done.send(Err(StoreError::Corrupt {
-                shard,
-                what: "release",
-                reason: error.to_string(),
-            }));
+            let _ = done.send(Err(StoreError::Corrupt { shard, what: "release", reason: error.to_string() }));
             return Err(error.into());
         }
         if let Some(applied) = self.progress.applied.get(&shard) {
@@ -352,11 +294,7 @@ impl Applier {
     }
 
     fn install_snapshot(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
-        let corrupt = |reason: &str| StoreError::Corrupt {
-            shard,
-            what: "snapshot",
-            reason: reason.into(),
-        };
+        let corrupt = |reason: &str| StoreError::Corrupt { shard, what: "snapshot", reason: reason.into() };
         let prefix = state_machine_prefix(shard);
         let db = self.db.clone();
         let mut txn = Txn::new(&*db);
@@ -375,21 +313,13 @@ impl Applier {
         let count = u64::from_le_bytes(take(8)?.try_into().map_err(|_| corrupt("count"))?);
         let mut writer = Prefixed::new(&mut txn, &prefix);
         for _ in 0..count {
-            let key_len =
-                u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("key length"))?)
-                    as usize;
+            let key_len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("key length"))?) as usize;
             let key = take(key_len)?.to_vec();
-            let value_len =
-                u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("value length"))?)
-                    as usize;
+            let value_len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("value length"))?) as usize;
             writer.put(&key, take(value_len)?.to_vec());
         }
         let meta = snapshot.get_metadata();
-        let state = ApplyState {
-            index: meta.index,
-            term: meta.term,
-            conf: meta.get_conf_state().clone(),
-        };
+        let state = ApplyState { index: meta.index, term: meta.term, conf: meta.get_conf_state().clone() };
         self.states.insert(shard, state);
         write_applied(&mut txn, &self.states);
         db.write(&txn.into_batch())?;
@@ -398,9 +328,7 @@ impl Applier {
             applied.store(meta.index, Ordering::Release);
         }
         self.machine.snapshot_installed(shard);
-        self.stats
-            .snapshots_installed
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%shard, index = meta.index, keys = count, "installed a snapshot from the leader");
         Ok(())
     }
@@ -412,9 +340,7 @@ impl Applier {
         let (mut commands, mut entries_applied) = (0u64, 0u64);
         for task in rounds.into_iter().flatten() {
             let shard = task.shard;
-            let Some(state) = self.states.get_mut(&shard) else {
-                continue;
-            };
+            let Some(state) = self.states.get_mut(&shard) else { continue };
             for (entry, replies) in task.entries {
                 if entry.index <= state.index {
                     continue;
@@ -423,44 +349,26 @@ impl Applier {
                     EntryType::EntryNormal => {
                         let mut results = Vec::new();
                         if !entry.data.is_empty() {
-                            let batch =
-                                crate::store::decode_batch(&entry.data).map_err(|reason| {
-                                    StoreError::Corrupt {
-                                        shard,
-                                        what: "committed entry",
-                                        reason,
-                                    }
-                                })?;
+                            let batch = crate::store::decode_batch(&entry.data)
+                                .map_err(|reason| StoreError::Corrupt { shard, what: "committed entry", reason })?;
                             let mut writer = Prefixed::new(&mut txn, &state_machine_prefix(shard));
                             for command in batch {
-                                results.push(self.machine.apply(
-                                    shard,
-                                    entry.index,
-                                    command,
-                                    &mut writer,
-                                )?);
+                                results.push(self.machine.apply(shard, entry.index, command, &mut writer)?);
                             }
                             commands += results.len() as u64;
                         }
                         if replies.len() == results.len() {
                             answers.extend(replies.into_iter().zip(results.into_iter().map(Ok)));
                         } else {
-                            answers.extend(
-                                replies.into_iter().map(|r| (r, Err(ProposeError::Dropped))),
-                            );
+                            answers.extend(replies.into_iter().map(|r| (r, Err(ProposeError::Dropped))));
                         }
                     }
                     EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                        let Some((_, conf)) =
-                            task.confs.iter().find(|(index, _)| *index == entry.index)
-                        else {
+                        let Some((_, conf)) = task.confs.iter().find(|(index, _)| *index == entry.index) else {
                             return Err(StoreError::Corrupt {
                                 shard,
                                 what: "configuration change",
-                                reason: format!(
-                                    "no configuration computed for entry {}",
-                                    entry.index
-                                ),
+                                reason: format!("no configuration computed for entry {}", entry.index),
                             });
                         };
                         state.conf = conf.clone();
@@ -476,9 +384,7 @@ impl Applier {
         let batch = txn.into_batch();
         db.write(&batch)?;
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .keys_written
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         for (shard, state) in &self.states {
             if let Some(applied) = self.progress.applied.get(shard) {
                 applied.store(state.index, Ordering::Release);
@@ -488,12 +394,8 @@ impl Applier {
         for (reply, answer) in answers {
             let _ = reply.send(answer);
         }
-        self.stats
-            .commands_applied
-            .fetch_add(commands, Ordering::Relaxed);
-        self.stats
-            .entries_applied
-            .fetch_add(entries_applied, Ordering::Relaxed);
+        self.stats.commands_applied.fetch_add(commands, Ordering::Relaxed);
+        self.stats.entries_applied.fetch_add(entries_applied, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -507,22 +409,8 @@ mod tests {
         let mut conf = ConfState::default();
         conf.voters = vec![1, 2, 3];
         let states = BTreeMap::from([
-            (
-                ShardId(0),
-                ApplyState {
-                    index: 7,
-                    term: 2,
-                    conf: conf.clone(),
-                },
-            ),
-            (
-                ShardId(5),
-                ApplyState {
-                    index: 0,
-                    term: 0,
-                    conf: ConfState::default(),
-                },
-            ),
+            (ShardId(0), ApplyState { index: 7, term: 2, conf: conf.clone() }),
+            (ShardId(5), ApplyState { index: 0, term: 0, conf: ConfState::default() }),
         ]);
         let bytes = encode_applied(&states);
         assert_eq!(decode_applied(&bytes).unwrap(), states);

@@ -29,9 +29,7 @@ mod store;
 pub mod wal;
 
 pub use raft::eraftpb::{Message as RaftMessage, MessageType as RaftMessageType};
-pub use store::{
-    RaftHandle, ReplicaChange, ReplicaRole, ShardStatus, Store, StoreConfig, StoreStats,
-};
+pub use store::{RaftHandle, ReplicaChange, ReplicaRole, ShardStatus, Store, StoreConfig, StoreStats};
 
 use hamgam_storage::{Db, Prefixed, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId};
@@ -65,19 +63,13 @@ impl RaftTransport for NoPeers {
 pub type ForwardedReply = Pin<Box<dyn Future<Output = Result<Vec<u8>, ProposeError>> + Send>>;
 
 /// The answer a remote read resolves to.
-pub type RemoteReadReply =
-    Pin<Box<dyn Future<Output = Result<RemoteReadAnswer, ProposeError>> + Send>>;
+pub type RemoteReadReply = Pin<Box<dyn Future<Output = Result<RemoteReadAnswer, ProposeError>> + Send>>;
 
 /// A read of a shard hosted on another node, on keys of that shard's range.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RemoteRead {
     Get(Vec<u8>),
-    Scan {
-        start: Vec<u8>,
-        end: Option<Vec<u8>>,
-        descending: bool,
-        limit: u32,
-    },
+    Scan { start: Vec<u8>, end: Option<Vec<u8>>, descending: bool, limit: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -151,10 +143,7 @@ pub fn shard_reader(db: Arc<dyn Db>, shard: ShardId) -> ShardReader {
 pub enum ProposeError {
     /// This node does not lead the shard; `leader` is the last one it knew.
     #[error("this node does not lead shard {shard} (leader: {leader:?})")]
-    NotLeader {
-        shard: ShardId,
-        leader: Option<NodeId>,
-    },
+    NotLeader { shard: ShardId, leader: Option<NodeId> },
     /// The proposal was lost in a leader change. It may or may not have been
     /// applied: retry only commands that are idempotent.
     #[error("the proposal was dropped by a leader change")]
@@ -189,11 +178,7 @@ pub enum StoreError {
     Raft { shard: ShardId, source: raft::Error },
     /// A committed entry or stored record does not decode: the log or database is damaged.
     #[error("corrupt {what} in shard {shard}: {reason}")]
-    Corrupt {
-        shard: ShardId,
-        what: &'static str,
-        reason: String,
-    },
+    Corrupt { shard: ShardId, what: &'static str, reason: String },
     #[error("could not start the store thread: {0}")]
     Thread(std::io::Error),
 }

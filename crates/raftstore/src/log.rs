@@ -171,10 +171,7 @@ impl ShardLog {
 
 impl Storage for ShardLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(
-            self.hard_state.clone(),
-            self.conf_state.clone(),
-        ))
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
     }
 
     fn entries(
@@ -201,8 +198,7 @@ impl Storage for ShardLog {
         if idx < self.truncated_index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        self.entry_term(idx)
-            .ok_or(raft::Error::Store(StorageError::Unavailable))
+        self.entry_term(idx).ok_or(raft::Error::Store(StorageError::Unavailable))
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -227,9 +223,7 @@ impl Storage for ShardLog {
             }
         }
         self.snapshot_wanted.set(true);
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -253,15 +247,9 @@ mod tests {
         assert_eq!(log.term(3).unwrap(), 2);
         log.compact(2);
         assert_eq!(log.first_index().unwrap(), 3);
-        assert_eq!(
-            log.term(2).unwrap(),
-            1,
-            "the term before the first entry is kept"
-        );
+        assert_eq!(log.term(2).unwrap(), 1, "the term before the first entry is kept");
         assert!(log.term(1).is_err());
-        let got = log
-            .entries(3, 5, None, GetEntriesContext::empty(false))
-            .unwrap();
+        let got = log.entries(3, 5, None, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), vec![3, 4]);
     }
 
@@ -269,13 +257,7 @@ mod tests {
     fn recover_starts_after_applied_and_lifts_commit() {
         let mut hs = HardState::default();
         hs.commit = 1;
-        let log = ShardLog::recover(
-            hs,
-            ConfState::default(),
-            2,
-            1,
-            vec![entry(1, 1), entry(2, 1), entry(3, 1)],
-        );
+        let log = ShardLog::recover(hs, ConfState::default(), 2, 1, vec![entry(1, 1), entry(2, 1), entry(3, 1)]);
         assert_eq!(log.first_index().unwrap(), 3);
         assert_eq!(log.last_index().unwrap(), 3);
         assert_eq!(log.hard_state().commit, 2);

@@ -18,22 +18,15 @@
 //! 6. starts a checkpoint (off the loop, in its own thread) when enough WAL
 //!    has accumulated; when it reports back, WAL segments behind it go.
 
-use crate::apply::{
-    Applier, ApplyInput, ApplyProgress, ApplyState, ApplyTask, Reply, read_applied, write_applied,
-};
+use crate::apply::{ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Reply, read_applied, write_applied};
 use crate::log::ShardLog;
 use crate::wal::{ShardWrite, Wal};
-use crate::{
-    ProposalForwarder, ProposeError, RaftTransport, RemoteRead, RemoteReadAnswer, ShardReader,
-    StateMachine, StoreError, shard_reader,
-};
+use crate::{ProposalForwarder, ProposeError, RaftTransport, RemoteRead, RemoteReadAnswer, ShardReader, StateMachine, StoreError, shard_reader};
+use raft::SnapshotStatus;
 use hamgam_storage::{Db, KeyRange, KvRead, Order, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
 use protobuf::Message as _;
-use raft::SnapshotStatus;
-use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
-};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -70,16 +63,8 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// A store whose every shard has this node as its only voter.
-    pub fn single_node(
-        node: NodeId,
-        wal_dir: PathBuf,
-        shards: impl IntoIterator<Item = ShardId>,
-    ) -> StoreConfig {
-        StoreConfig {
-            node,
-            wal_dir,
-            shards: shards.into_iter().map(|s| (s, vec![node])).collect(),
-        }
+    pub fn single_node(node: NodeId, wal_dir: PathBuf, shards: impl IntoIterator<Item = ShardId>) -> StoreConfig {
+        StoreConfig { node, wal_dir, shards: shards.into_iter().map(|s| (s, vec![node])).collect() }
     }
 }
 
@@ -97,14 +82,9 @@ impl RemoteShard {
         let raft = self.raft.clone();
         let shard = self.shard;
         let asked = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current()
-                .block_on(async move { raft.read_remote(shard, read).await })
+            tokio::runtime::Handle::current().block_on(async move { raft.read_remote(shard, read).await })
         });
-        asked.map_err(|error| {
-            StorageError::Unreachable(format!(
-                "shard {shard} is hosted elsewhere and could not be read: {error}"
-            ))
-        })
+        asked.map_err(|error| StorageError::Unreachable(format!("shard {shard} is hosted elsewhere and could not be read: {error}")))
     }
 }
 
@@ -112,18 +92,11 @@ impl hamgam_storage::KvRead for RemoteShard {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         match self.ask(RemoteRead::Get(key.to_vec()))? {
             RemoteReadAnswer::Value(value) => Ok(value),
-            RemoteReadAnswer::Pairs(_) => Err(StorageError::Unreachable(
-                "a remote get answered with pairs".into(),
-            )),
+            RemoteReadAnswer::Pairs(_) => Err(StorageError::Unreachable("a remote get answered with pairs".into())),
         }
     }
 
-    fn scan(
-        &self,
-        range: &KeyRange,
-        order: Order,
-        limit: usize,
-    ) -> Result<hamgam_storage::KvPairs, StorageError> {
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<hamgam_storage::KvPairs, StorageError> {
         let read = RemoteRead::Scan {
             start: range.start.clone(),
             end: range.end.clone(),
@@ -132,19 +105,14 @@ impl hamgam_storage::KvRead for RemoteShard {
         };
         match self.ask(read)? {
             RemoteReadAnswer::Pairs(pairs) => Ok(pairs),
-            RemoteReadAnswer::Value(_) => Err(StorageError::Unreachable(
-                "a remote scan answered with a value".into(),
-            )),
+            RemoteReadAnswer::Value(_) => Err(StorageError::Unreachable("a remote scan answered with a value".into())),
         }
     }
 }
 
 impl Db for RemoteShard {
     fn write(&self, _batch: &hamgam_storage::WriteBatch) -> Result<(), StorageError> {
-        Err(StorageError::Unreachable(format!(
-            "shard {} is hosted elsewhere: not writable here",
-            self.shard
-        )))
+        Err(StorageError::Unreachable(format!("shard {} is hosted elsewhere: not writable here", self.shard)))
     }
 
     fn persist(&self) -> Result<(), StorageError> {
@@ -217,38 +185,15 @@ pub struct StoreStats {
 }
 
 enum Input {
-    Propose {
-        shard: ShardId,
-        command: Vec<u8>,
-        reply: Reply,
-    },
+    Propose { shard: ShardId, command: Vec<u8>, reply: Reply },
     /// A raft message from another node.
-    Step {
-        shard: ShardId,
-        message: Message,
-    },
+    Step { shard: ShardId, message: Message },
     /// Whether a snapshot sent to `to` arrived.
-    SnapshotSent {
-        shard: ShardId,
-        to: NodeId,
-        delivered: bool,
-    },
-    ReadIndex {
-        shard: ShardId,
-        reply: ReadReply,
-    },
-    ChangeReplicas {
-        shard: ShardId,
-        change: ReplicaChange,
-        reply: Reply,
-    },
-    Status {
-        reply: oneshot::Sender<Vec<ShardStatus>>,
-    },
-    Release {
-        shard: ShardId,
-        reply: oneshot::Sender<Result<(), ProposeError>>,
-    },
+    SnapshotSent { shard: ShardId, to: NodeId, delivered: bool },
+    ReadIndex { shard: ShardId, reply: ReadReply },
+    ChangeReplicas { shard: ShardId, change: ReplicaChange, reply: Reply },
+    Status { reply: oneshot::Sender<Vec<ShardStatus>> },
+    Release { shard: ShardId, reply: oneshot::Sender<Result<(), ProposeError>> },
     Wake,
     CheckpointDone(Result<BTreeMap<ShardId, u64>, hamgam_storage::StorageError>),
     Stop,
@@ -325,15 +270,11 @@ impl RaftHandle {
                     }
                     tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
                 }
-                Err(ProposeError::NoLeader(_) | ProposeError::UnknownShard(_))
-                    if Instant::now() < deadline =>
-                {
+                Err(ProposeError::NoLeader(_) | ProposeError::UnknownShard(_)) if Instant::now() < deadline => {
                     self.forget_leader(shard);
                     tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
                 }
-                Err(ProposeError::NotLeader { shard, .. }) => {
-                    return Err(ProposeError::NoLeader(shard));
-                }
+                Err(ProposeError::NotLeader { shard, .. }) => return Err(ProposeError::NoLeader(shard)),
                 other => return other,
             }
         }
@@ -341,9 +282,7 @@ impl RaftHandle {
 
     /// Whether this node is a replica (voter or learner) of `shard`.
     pub fn hosts(&self, shard: ShardId) -> bool {
-        self.replicas
-            .get(&shard)
-            .is_some_and(|flags| flags.load(Ordering::Acquire) & HOSTED != 0)
+        self.replicas.get(&shard).is_some_and(|flags| flags.load(Ordering::Acquire) & HOSTED != 0)
     }
 
     /// Where to send a request for `shard`: its leader as this node knows it;
@@ -380,28 +319,20 @@ impl RaftHandle {
     /// Reads `shard`'s state at a replica elsewhere, fresh (see
     /// [`RaftHandle::serve_remote_read`]): the leader if known, else each
     /// recorded replica in turn.
-    pub async fn read_remote(
-        &self,
-        shard: ShardId,
-        read: RemoteRead,
-    ) -> Result<RemoteReadAnswer, ProposeError> {
+    pub async fn read_remote(&self, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
         let forwarder = self.forwarder.get().ok_or(ProposeError::NoLeader(shard))?;
         let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
         let mut attempt = 0usize;
         loop {
-            let Some(node) = self
-                .leader_or_replica(shard, attempt)
-                .filter(|n| *n != self.node)
-            else {
+            let Some(node) = self.leader_or_replica(shard, attempt).filter(|n| *n != self.node) else {
                 return Err(ProposeError::NoLeader(shard));
             };
             attempt += 1;
             match forwarder.read(node, shard, read.clone()).await {
                 Ok(answer) => return Ok(answer),
-                Err(ProposeError::NotLeader {
-                    leader: Some(leader),
-                    ..
-                }) if Instant::now() < deadline => self.note_leader(shard, leader),
+                Err(ProposeError::NotLeader { leader: Some(leader), .. }) if Instant::now() < deadline => {
+                    self.note_leader(shard, leader)
+                }
                 Err(_) if Instant::now() < deadline => {
                     self.forget_leader(shard);
                     tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
@@ -413,63 +344,32 @@ impl RaftHandle {
 
     /// Answers another node's read of `shard`: after a ReadIndex, from this
     /// replica's applied state, only within the shard's range.
-    pub async fn serve_remote_read(
-        &self,
-        shard: ShardId,
-        read: RemoteRead,
-    ) -> Result<RemoteReadAnswer, ProposeError> {
+    pub async fn serve_remote_read(&self, shard: ShardId, read: RemoteRead) -> Result<RemoteReadAnswer, ProposeError> {
         if !self.hosts(shard) {
-            return Err(ProposeError::NotLeader {
-                shard,
-                leader: self.leader(shard).filter(|l| *l != self.node),
-            });
+            return Err(ProposeError::NotLeader { shard, leader: self.leader(shard).filter(|l| *l != self.node) });
         }
         self.read_index(shard).await?;
         // Keys arrive whole (the asking side's view adds the shard's
         // prefix); anything outside the shard's range is refused.
         let prefix = crate::state_machine_prefix(shard);
         let range = KeyRange::prefix(&prefix);
-        let failed = |error: hamgam_storage::StorageError| ProposeError::Forward {
-            node: self.node,
-            reason: error.to_string(),
-        };
+        let failed = |error: hamgam_storage::StorageError| ProposeError::Forward { node: self.node, reason: error.to_string() };
         match read {
-            RemoteRead::Get(key) if range.contains(&key) => self
-                .db
-                .get(&key)
-                .map(RemoteReadAnswer::Value)
-                .map_err(failed),
-            RemoteRead::Scan {
-                start,
-                end,
-                descending,
-                limit,
-            } if range.contains(&start) && end.is_some() && end.as_ref() <= range.end.as_ref() => {
-                let order = if descending {
-                    Order::Descending
-                } else {
-                    Order::Ascending
-                };
+            RemoteRead::Get(key) if range.contains(&key) => self.db.get(&key).map(RemoteReadAnswer::Value).map_err(failed),
+            RemoteRead::Scan { start, end, descending, limit }
+                if range.contains(&start) && end.is_some() && end.as_ref() <= range.end.as_ref() =>
+            {
+                let order = if descending { Order::Descending } else { Order::Ascending };
                 let limit = (limit as usize).min(limits::REMOTE_SCAN_PAIRS_MAX);
-                self.db
-                    .scan(&KeyRange { start, end }, order, limit)
-                    .map(RemoteReadAnswer::Pairs)
-                    .map_err(failed)
+                self.db.scan(&KeyRange { start, end }, order, limit).map(RemoteReadAnswer::Pairs).map_err(failed)
             }
-            _ => Err(ProposeError::Forward {
-                node: self.node,
-                reason: format!("a read outside shard {shard}"),
-            }),
+            _ => Err(ProposeError::Forward { node: self.node, reason: format!("a read outside shard {shard}") }),
         }
     }
 
     /// Proposes `command` to `shard` on this node only: `NotLeader` if this
     /// node does not lead it. Forwarded proposals arrive here.
-    pub async fn propose_here(
-        &self,
-        shard: ShardId,
-        command: Vec<u8>,
-    ) -> Result<Vec<u8>, ProposeError> {
+    pub async fn propose_here(&self, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
         if command.len() > limits::COMMAND_BYTES_MAX {
             return Err(ProposeError::TooLarge(command.len()));
         }
@@ -477,14 +377,7 @@ impl RaftHandle {
             return Err(ProposeError::UnknownShard(shard));
         }
         let (reply, answer) = oneshot::channel();
-        self.inputs
-            .send(Input::Propose {
-                shard,
-                command,
-                reply,
-            })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
+        self.inputs.send(Input::Propose { shard, command, reply }).await.map_err(|_| ProposeError::Stopped)?;
         answer.await.map_err(|_| ProposeError::Stopped)?
     }
 
@@ -497,14 +390,7 @@ impl RaftHandle {
     /// The transport reports whether a snapshot reached `to`, so raft resumes
     /// replicating to it (or sends another).
     pub async fn report_snapshot(&self, shard: ShardId, to: NodeId, delivered: bool) {
-        let _ = self
-            .inputs
-            .send(Input::SnapshotSent {
-                shard,
-                to,
-                delivered,
-            })
-            .await;
+        let _ = self.inputs.send(Input::SnapshotSent { shard, to, delivered }).await;
     }
 
     /// Waits until this node's applied state of `shard` includes everything
@@ -527,16 +413,11 @@ impl RaftHandle {
         let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
         loop {
             let (reply, answer) = oneshot::channel();
-            self.inputs
-                .send(Input::ReadIndex { shard, reply })
-                .await
-                .map_err(|_| ProposeError::Stopped)?;
+            self.inputs.send(Input::ReadIndex { shard, reply }).await.map_err(|_| ProposeError::Stopped)?;
             let attempt = Duration::from_millis(limits::RAFT_TICK_MS * 10);
             match tokio::time::timeout(attempt, answer).await {
                 Ok(Ok(Ok(()))) => return Ok(()),
-                Ok(Ok(Err(ProposeError::Stopped))) | Ok(Err(_)) => {
-                    return Err(ProposeError::Stopped);
-                }
+                Ok(Ok(Err(ProposeError::Stopped))) | Ok(Err(_)) => return Err(ProposeError::Stopped),
                 // Dropped by an election or lost on the way: ask again.
                 Ok(Ok(Err(_))) | Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 5)).await;
@@ -551,22 +432,11 @@ impl RaftHandle {
     /// elsewhere); while another change is pending it waits its turn. A
     /// leader asked to remove itself hands leadership to a caught-up voter
     /// instead and answers `NotLeader` naming it: ask again there.
-    pub async fn change_replicas(
-        &self,
-        shard: ShardId,
-        change: ReplicaChange,
-    ) -> Result<(), ProposeError> {
+    pub async fn change_replicas(&self, shard: ShardId, change: ReplicaChange) -> Result<(), ProposeError> {
         let deadline = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
         loop {
             let (reply, answer) = oneshot::channel();
-            self.inputs
-                .send(Input::ChangeReplicas {
-                    shard,
-                    change,
-                    reply,
-                })
-                .await
-                .map_err(|_| ProposeError::Stopped)?;
+            self.inputs.send(Input::ChangeReplicas { shard, change, reply }).await.map_err(|_| ProposeError::Stopped)?;
             match answer.await.map_err(|_| ProposeError::Stopped)? {
                 // The previous change is not applied yet. Asking again is
                 // safe even if this one was lost in a leader change and
@@ -588,20 +458,14 @@ impl RaftHandle {
     /// The placement driver, which alone changes replicas, calls it.
     pub async fn release_replica(&self, shard: ShardId) -> Result<(), ProposeError> {
         let (reply, answer) = oneshot::channel();
-        self.inputs
-            .send(Input::Release { shard, reply })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
+        self.inputs.send(Input::Release { shard, reply }).await.map_err(|_| ProposeError::Stopped)?;
         answer.await.map_err(|_| ProposeError::Stopped)?
     }
 
     /// Every hosted shard as the store loop sees it now.
     pub async fn status(&self) -> Result<Vec<ShardStatus>, ProposeError> {
         let (reply, answer) = oneshot::channel();
-        self.inputs
-            .send(Input::Status { reply })
-            .await
-            .map_err(|_| ProposeError::Stopped)?;
+        self.inputs.send(Input::Status { reply }).await.map_err(|_| ProposeError::Stopped)?;
         answer.await.map_err(|_| ProposeError::Stopped)
     }
 
@@ -613,10 +477,7 @@ impl RaftHandle {
         if self.hosts(shard) || self.forwarder.get().is_none() {
             return self.local_reader(shard);
         }
-        let remote: Arc<dyn Db> = Arc::new(RemoteShard {
-            shard,
-            raft: self.clone(),
-        });
+        let remote: Arc<dyn Db> = Arc::new(RemoteShard { shard, raft: self.clone() });
         shard_reader(remote, shard)
     }
 
@@ -633,9 +494,7 @@ impl RaftHandle {
 
     /// True once every hosted shard knows a leader.
     pub fn all_leaders_known(&self) -> bool {
-        self.leaders
-            .values()
-            .all(|id| id.load(Ordering::Relaxed) != raft::INVALID_ID)
+        self.leaders.values().all(|id| id.load(Ordering::Relaxed) != raft::INVALID_ID)
     }
 
     pub fn stats(&self) -> &StoreStats {
@@ -671,24 +530,13 @@ impl Store {
             states.entry(shard).or_insert_with(|| {
                 bootstrapped = true;
                 if voters.is_empty() {
-                    return ApplyState {
-                        index: 0,
-                        term: 0,
-                        conf: ConfState::default(),
-                    };
+                    return ApplyState { index: 0, term: 0, conf: ConfState::default() };
                 }
                 // Every initial replica starts at the same point, after the
                 // first entry; so a replica added later, which starts at 0,
                 // always gets a snapshot first, carrying the configuration.
-                let conf = ConfState {
-                    voters: voters.iter().map(|n| n.0).collect(),
-                    ..Default::default()
-                };
-                ApplyState {
-                    index: BOOTSTRAP_INDEX,
-                    term: BOOTSTRAP_INDEX,
-                    conf,
-                }
+                let conf = ConfState { voters: voters.iter().map(|n| n.0).collect(), ..Default::default() };
+                ApplyState { index: BOOTSTRAP_INDEX, term: BOOTSTRAP_INDEX, conf }
             });
         }
         let mut peers = BTreeMap::new();
@@ -705,8 +553,7 @@ impl Store {
             let mut node = new_raw_node(config.node, shard, apply_state.index, log, &logger)?;
             if is_sole_voter(&apply_state.conf, config.node) {
                 // Sole voter: no one to wait for, lead at once.
-                node.campaign()
-                    .map_err(|source| StoreError::Raft { shard, source })?;
+                node.campaign().map_err(|source| StoreError::Raft { shard, source })?;
             }
             peers.insert(shard, Peer::new(node, apply_state.index));
         }
@@ -723,19 +570,10 @@ impl Store {
 
         let (inputs, queue) = mpsc::channel(limits::STORE_QUEUE_MAX);
         let (running_tx, running) = watch::channel(true);
-        let leaders: Arc<BTreeMap<ShardId, AtomicU64>> = Arc::new(
-            config
-                .shards
-                .keys()
-                .map(|s| (*s, AtomicU64::new(raft::INVALID_ID)))
-                .collect(),
-        );
-        let replicas: Arc<BTreeMap<ShardId, AtomicU8>> = Arc::new(
-            states
-                .iter()
-                .map(|(s, a)| (*s, AtomicU8::new(replica_flags(&a.conf, config.node))))
-                .collect(),
-        );
+        let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
+            Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
+        let replicas: Arc<BTreeMap<ShardId, AtomicU8>> =
+            Arc::new(states.iter().map(|(s, a)| (*s, AtomicU8::new(replica_flags(&a.conf, config.node)))).collect());
         let stats = Arc::new(StoreStats::default());
         let handle = RaftHandle {
             node: config.node,
@@ -763,13 +601,7 @@ impl Store {
 
         let progress = Arc::new(ApplyProgress::new(&states));
         let (apply_inputs, apply_queue) = std::sync::mpsc::sync_channel(APPLY_QUEUE_ROUNDS_MAX);
-        let applier = Applier {
-            db: db.clone(),
-            machine,
-            states,
-            progress: progress.clone(),
-            stats: stats.clone(),
-        };
+        let applier = Applier { db: db.clone(), machine, states, progress: progress.clone(), stats: stats.clone() };
         let wake_inputs = inputs.clone();
         let apply_thread = std::thread::Builder::new()
             .name("raft-apply".into())
@@ -800,12 +632,7 @@ impl Store {
             progress,
             last_tick: Instant::now(),
             ticks: 0,
-            checkpoint: CheckpointState {
-                in_flight: false,
-                thread: None,
-                wal_bytes: 0,
-                last: Instant::now(),
-            },
+            checkpoint: CheckpointState { in_flight: false, thread: None, wal_bytes: 0, last: Instant::now() },
         };
         let thread = std::thread::Builder::new()
             .name("raftstore".into())
@@ -824,10 +651,7 @@ impl Store {
                 result
             })
             .map_err(StoreError::Thread)?;
-        Ok(Store {
-            handle,
-            thread: Some(thread),
-        })
+        Ok(Store { handle, thread: Some(thread) })
     }
 
     pub fn handle(&self) -> RaftHandle {
@@ -853,16 +677,11 @@ impl Store {
             Some(thread) => {
                 if !thread.is_finished() {
                     // The queue may be full: keep offering Stop until taken.
-                    while !thread.is_finished() && self.handle.inputs.try_send(Input::Stop).is_err()
-                    {
+                    while !thread.is_finished() && self.handle.inputs.try_send(Input::Stop).is_err() {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 }
-                thread.join().unwrap_or_else(|_| {
-                    Err(StoreError::Thread(std::io::Error::other(
-                        "store thread panicked",
-                    )))
-                })
+                thread.join().unwrap_or_else(|_| Err(StoreError::Thread(std::io::Error::other("store thread panicked"))))
             }
             None => Ok(()),
         }
@@ -951,9 +770,7 @@ fn new_raw_node(
         max_committed_size_per_ready: 16 << 20,
         ..Default::default()
     };
-    raft_config
-        .validate()
-        .map_err(|source| StoreError::Raft { shard, source })?;
+    raft_config.validate().map_err(|source| StoreError::Raft { shard, source })?;
     RawNode::new(&raft_config, log, logger).map_err(|source| StoreError::Raft { shard, source })
 }
 
@@ -969,13 +786,7 @@ struct Peer {
 
 impl Peer {
     fn new(node: RawNode<ShardLog>, applied: u64) -> Peer {
-        Peer {
-            node,
-            batch: Vec::new(),
-            batch_bytes: 0,
-            inflight: VecDeque::new(),
-            applied,
-        }
+        Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied }
     }
 
     fn is_leader(&self) -> bool {
@@ -985,31 +796,21 @@ impl Peer {
     /// The refusal for a proposal made here while another node leads.
     fn not_leader(&self, shard: ShardId) -> ProposeError {
         let leader = self.node.raft.leader_id;
-        ProposeError::NotLeader {
-            shard,
-            leader: (leader != raft::INVALID_ID).then_some(NodeId(leader)),
-        }
+        ProposeError::NotLeader { shard, leader: (leader != raft::INVALID_ID).then_some(NodeId(leader)) }
     }
 
     /// The refusal when raft declined a proposal before appending it (a
     /// leadership transfer is under way): nothing was proposed, so the
     /// caller may retry, with the node taking over.
     fn refused_unproposed(&self, shard: ShardId) -> ProposeError {
-        ProposeError::NotLeader {
-            shard,
-            leader: self.node.raft.lead_transferee.map(NodeId),
-        }
+        ProposeError::NotLeader { shard, leader: self.node.raft.lead_transferee.map(NodeId) }
     }
 
     /// The entry just appended is answered to `replies` once applied.
     fn await_last_entry(&mut self, replies: Vec<Reply>) {
         let index = self.node.raft.raft_log.last_index();
         let term = self.node.raft.term;
-        self.inflight.push_back(Inflight {
-            index,
-            term,
-            replies,
-        });
+        self.inflight.push_back(Inflight { index, term, replies });
     }
 
     /// Refuses the commands gathered but not yet proposed (safe to retry).
@@ -1111,10 +912,7 @@ impl StoreLoop {
                 }
             }
             if self.progress.failed.load(Ordering::Acquire) {
-                return Err(self
-                    .progress
-                    .take_error()
-                    .unwrap_or(StoreError::Thread(std::io::Error::other("apply failed"))));
+                return Err(self.progress.take_error().unwrap_or(StoreError::Thread(std::io::Error::other("apply failed"))));
             }
             self.advance_applied();
             self.answer_reads();
@@ -1134,11 +932,7 @@ impl StoreLoop {
     /// Returns true when the loop must stop.
     fn handle(&mut self, input: Input) -> Result<bool, StoreError> {
         match input {
-            Input::Propose {
-                shard,
-                command,
-                reply,
-            } => {
+            Input::Propose { shard, command, reply } => {
                 let Some(peer) = self.peers.get_mut(&shard) else {
                     let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
                     return Ok(false);
@@ -1160,17 +954,9 @@ impl StoreLoop {
                     tracing::debug!(%shard, %error, "raft refused a message");
                 }
             }
-            Input::SnapshotSent {
-                shard,
-                to,
-                delivered,
-            } => {
+            Input::SnapshotSent { shard, to, delivered } => {
                 if let Some(peer) = self.peers.get_mut(&shard) {
-                    let status = if delivered {
-                        SnapshotStatus::Finish
-                    } else {
-                        SnapshotStatus::Failure
-                    };
+                    let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
                     peer.node.report_snapshot(to.0, status);
                 }
             }
@@ -1186,15 +972,9 @@ impl StoreLoop {
                 let context = self.reads.next_context;
                 self.reads.next_context += 1;
                 peer.node.read_index(context.to_le_bytes().to_vec());
-                self.reads
-                    .asked
-                    .insert(context, (shard, Instant::now(), reply));
+                self.reads.asked.insert(context, (shard, Instant::now(), reply));
             }
-            Input::ChangeReplicas {
-                shard,
-                change,
-                reply,
-            } => {
+            Input::ChangeReplicas { shard, change, reply } => {
                 let Some(peer) = self.peers.get_mut(&shard) else {
                     let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
                     return Ok(false);
@@ -1217,12 +997,7 @@ impl StoreLoop {
                         .ids()
                         .iter()
                         .filter(|id| *id != raft.id)
-                        .filter_map(|id| {
-                            raft.prs()
-                                .get(id)
-                                .filter(|p| p.recent_active)
-                                .map(|p| (p.matched, id))
-                        })
+                        .filter_map(|id| raft.prs().get(id).filter(|p| p.recent_active).map(|p| (p.matched, id)))
                         .max()
                         .map(|(_, id)| id);
                     if let Some(successor) = successor {
@@ -1243,11 +1018,7 @@ impl StoreLoop {
                     let _ = reply.send(Err(ProposeError::Dropped));
                     return Ok(false);
                 }
-                let change = ConfChange {
-                    change_type,
-                    node_id: node.0,
-                    ..Default::default()
-                };
+                let change = ConfChange { change_type, node_id: node.0, ..Default::default() };
                 match peer.node.propose_conf_change(Vec::new(), change) {
                     Ok(()) => peer.await_last_entry(vec![reply]),
                     Err(error) => {
@@ -1277,15 +1048,11 @@ impl StoreLoop {
                 let durable = result?;
                 let released = self.wal.release_through(&durable)?;
                 self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .wal_segments_released
-                    .fetch_add(released as u64, Ordering::Relaxed);
+                self.stats.wal_segments_released.fetch_add(released as u64, Ordering::Relaxed);
             }
             Input::Stop => return Ok(true),
             #[cfg(test)]
-            Input::Crash => {
-                return Err(StoreError::Thread(std::io::Error::other("simulated crash")));
-            }
+            Input::Crash => return Err(StoreError::Thread(std::io::Error::other("simulated crash"))),
         }
         Ok(false)
     }
@@ -1301,31 +1068,14 @@ impl StoreLoop {
                     StateRole::Follower => ReplicaRole::Follower,
                 };
                 let mut matched: Vec<(NodeId, u64)> = if role == ReplicaRole::Leader {
-                    raft.prs()
-                        .iter()
-                        .map(|(id, progress)| (NodeId(*id), progress.matched))
-                        .collect()
+                    raft.prs().iter().map(|(id, progress)| (NodeId(*id), progress.matched)).collect()
                 } else {
                     Vec::new()
                 };
                 matched.sort();
-                let mut voters: Vec<NodeId> = raft
-                    .prs()
-                    .conf()
-                    .voters()
-                    .ids()
-                    .iter()
-                    .map(NodeId)
-                    .collect();
+                let mut voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().map(NodeId).collect();
                 voters.sort();
-                let mut learners: Vec<NodeId> = raft
-                    .prs()
-                    .conf()
-                    .learners()
-                    .iter()
-                    .copied()
-                    .map(NodeId)
-                    .collect();
+                let mut learners: Vec<NodeId> = raft.prs().conf().learners().iter().copied().map(NodeId).collect();
                 learners.sort();
                 ShardStatus {
                     shard,
@@ -1360,17 +1110,12 @@ impl StoreLoop {
             }
             let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
             voters.sort_unstable();
-            let Some(&preferred) = voters.get(shard.0 as usize % voters.len().max(1)) else {
-                continue;
-            };
+            let Some(&preferred) = voters.get(shard.0 as usize % voters.len().max(1)) else { continue };
             if preferred == raft.id {
                 continue;
             }
             let last = raft.raft_log.last_index();
-            let ready = raft
-                .prs()
-                .get(preferred)
-                .is_some_and(|p| p.recent_active && p.matched == last);
+            let ready = raft.prs().get(preferred).is_some_and(|p| p.recent_active && p.matched == last);
             if ready {
                 tracing::debug!(%shard, to = preferred, "handing leadership to the preferred leader");
                 peer.node.transfer_leader(preferred);
@@ -1395,13 +1140,8 @@ impl StoreLoop {
         // A read raft never answered (lost in an election, or no leader to
         // ask) is refused; the caller asks again.
         let limit = Duration::from_millis(limits::RAFT_TICK_MS * 10);
-        let expired: Vec<u64> = self
-            .reads
-            .asked
-            .iter()
-            .filter(|(_, (_, asked, _))| asked.elapsed() >= limit)
-            .map(|(c, _)| *c)
-            .collect();
+        let expired: Vec<u64> =
+            self.reads.asked.iter().filter(|(_, (_, asked, _))| asked.elapsed() >= limit).map(|(c, _)| *c).collect();
         for context in expired {
             if let Some((shard, _, reply)) = self.reads.asked.remove(&context) {
                 let _ = reply.send(Err(ProposeError::NoLeader(shard)));
@@ -1457,31 +1197,20 @@ impl StoreLoop {
                 }
             }
             // 1. Messages a leader may send before its own write is durable.
-            self.outbound
-                .extend(ready.take_messages().into_iter().map(|m| (shard, m)));
+            self.outbound.extend(ready.take_messages().into_iter().map(|m| (shard, m)));
             // 2. A snapshot from the leader: applied (after every round
             // already handed over) and made durable before anything else of
             // this shard. Rare: only a replica far behind gets one.
             if !ready.snapshot().is_empty() {
                 if !committed.is_empty() {
-                    send_to_applier(
-                        &self.apply_inputs,
-                        ApplyInput::Round(std::mem::take(&mut committed)),
-                    )?;
+                    send_to_applier(&self.apply_inputs, ApplyInput::Round(std::mem::take(&mut committed)))?;
                 }
                 let snapshot = ready.snapshot().clone();
                 let install = snapshot.clone();
-                ask_applier(&self.apply_inputs, |done| ApplyInput::InstallSnapshot {
-                    shard,
-                    snapshot: install,
-                    done,
-                })?;
+                ask_applier(&self.apply_inputs, |done| ApplyInput::InstallSnapshot { shard, snapshot: install, done })?;
                 peer.node.mut_store().apply_snapshot(&snapshot);
                 let conf = snapshot.get_metadata().get_conf_state();
-                self.replicas[&shard].store(
-                    replica_flags(conf, NodeId(peer.node.raft.id)),
-                    Ordering::Release,
-                );
+                self.replicas[&shard].store(replica_flags(conf, NodeId(peer.node.raft.id)), Ordering::Release);
                 // Proposals waiting here were for entries the snapshot replaced.
                 peer.fail_all(&ProposeError::Dropped);
             }
@@ -1517,24 +1246,12 @@ impl StoreLoop {
         }
 
         for (shard, mut ready) in readies {
-            let Some(peer) = self.peers.get_mut(&shard) else {
-                continue;
-            };
+            let Some(peer) = self.peers.get_mut(&shard) else { continue };
             // 6. Messages that must wait until our write is durable (votes, acks).
-            self.outbound.extend(
-                ready
-                    .take_persisted_messages()
-                    .into_iter()
-                    .map(|m| (shard, m)),
-            );
+            self.outbound.extend(ready.take_persisted_messages().into_iter().map(|m| (shard, m)));
             for state in ready.take_read_states() {
-                let context = state
-                    .request_ctx
-                    .as_slice()
-                    .try_into()
-                    .map(u64::from_le_bytes);
-                if let Some((_, _, reply)) = context.ok().and_then(|c| self.reads.asked.remove(&c))
-                {
+                let context = state.request_ctx.as_slice().try_into().map(u64::from_le_bytes);
+                if let Some((_, _, reply)) = context.ok().and_then(|c| self.reads.asked.remove(&c)) {
                     self.reads.awaiting_apply.push((shard, state.index, reply));
                 }
             }
@@ -1545,8 +1262,7 @@ impl StoreLoop {
             if let Some(commit) = light.commit_index() {
                 peer.node.mut_store().set_commit(commit);
             }
-            self.outbound
-                .extend(light.take_messages().into_iter().map(|m| (shard, m)));
+            self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
                 committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
@@ -1567,21 +1283,10 @@ impl StoreLoop {
     /// shard. A later re-add then starts from a snapshot, as a new replica
     /// does.
     fn release_replica(&mut self, shard: ShardId) -> Result<(), StoreError> {
-        ask_applier(&self.apply_inputs, |done| ApplyInput::Release {
-            shard,
-            done,
-        })?;
-        let Some(peer) = self.peers.get_mut(&shard) else {
-            return Ok(());
-        };
-        peer.fail_all(&ProposeError::NotLeader {
-            shard,
-            leader: None,
-        });
-        let hard_state = raft::eraftpb::HardState {
-            term: peer.node.raft.term,
-            ..Default::default()
-        };
+        ask_applier(&self.apply_inputs, |done| ApplyInput::Release { shard, done })?;
+        let Some(peer) = self.peers.get_mut(&shard) else { return Ok(()) };
+        peer.fail_all(&ProposeError::NotLeader { shard, leader: None });
+        let hard_state = raft::eraftpb::HardState { term: peer.node.raft.term, ..Default::default() };
         let log = ShardLog::recover(hard_state, ConfState::default(), 0, 0, Vec::new());
         *peer = Peer::new(new_raw_node(self.node, shard, 0, log, &self.logger)?, 0);
         self.wal.forget_shard(shard);
@@ -1593,13 +1298,7 @@ impl StoreLoop {
     /// Has snapshots made for the shards whose followers need one, and hands
     /// finished ones to their logs.
     fn tend_snapshots(&mut self) -> Result<(), StoreError> {
-        let made = std::mem::take(
-            &mut *self
-                .progress
-                .snapshots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let made = std::mem::take(&mut *self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
         for (shard, snapshot) in made {
             self.snapshots_in_flight.remove(&shard);
             if let Some(peer) = self.peers.get_mut(&shard) {
@@ -1609,10 +1308,7 @@ impl StoreLoop {
         let wanted: Vec<ShardId> = self
             .peers
             .iter()
-            .filter(|(shard, peer)| {
-                peer.node.store().take_snapshot_wanted()
-                    && !self.snapshots_in_flight.contains(shard)
-            })
+            .filter(|(shard, peer)| peer.node.store().take_snapshot_wanted() && !self.snapshots_in_flight.contains(shard))
             .map(|(shard, _)| *shard)
             .collect();
         for shard in wanted {
@@ -1634,8 +1330,7 @@ impl StoreLoop {
             // Keep a short tail of applied entries in memory for followers
             // that lag a little; the WAL keeps them on disk until a checkpoint.
             let store = peer.node.mut_store();
-            if applied > store.first_index_in_memory() + 2 * limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED
-            {
+            if applied > store.first_index_in_memory() + 2 * limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED {
                 store.compact(applied - limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED);
             }
         }
@@ -1655,35 +1350,24 @@ impl StoreLoop {
             return;
         }
         let due = self.checkpoint.wal_bytes >= limits::CHECKPOINT_WAL_BYTES
-            || self.checkpoint.last.elapsed()
-                >= Duration::from_millis(limits::CHECKPOINT_INTERVAL_MS);
+            || self.checkpoint.last.elapsed() >= Duration::from_millis(limits::CHECKPOINT_INTERVAL_MS);
         if !due {
             return;
         }
         // Everything applied so far is already written to the database; the
         // checkpoint makes it durable, so these indexes become safe to
         // truncate the WAL behind once it reports success.
-        let applied: BTreeMap<ShardId, u64> = self
-            .peers
-            .keys()
-            .map(|s| (*s, self.progress.applied(*s)))
-            .collect();
+        let applied: BTreeMap<ShardId, u64> = self.peers.keys().map(|s| (*s, self.progress.applied(*s))).collect();
         let db = self.db.clone();
         let inputs = self.inputs.clone();
-        let spawned = std::thread::Builder::new()
-            .name("raft-checkpoint".into())
-            .spawn(move || {
-                let result = db.persist().map(|()| applied);
-                let _ = inputs.blocking_send(Input::CheckpointDone(result));
-            });
+        let spawned = std::thread::Builder::new().name("raft-checkpoint".into()).spawn(move || {
+            let result = db.persist().map(|()| applied);
+            let _ = inputs.blocking_send(Input::CheckpointDone(result));
+        });
         match spawned {
             Ok(thread) => {
-                self.checkpoint = CheckpointState {
-                    in_flight: true,
-                    thread: Some(thread),
-                    wal_bytes: 0,
-                    last: Instant::now(),
-                };
+                self.checkpoint =
+                    CheckpointState { in_flight: true, thread: Some(thread), wal_bytes: 0, last: Instant::now() };
             }
             Err(error) => tracing::warn!(?error, "could not start a checkpoint; will retry"),
         }
@@ -1697,11 +1381,7 @@ impl StoreLoop {
             return Err(error);
         }
         self.db.persist()?;
-        let applied: BTreeMap<ShardId, u64> = self
-            .peers
-            .keys()
-            .map(|s| (*s, self.progress.applied(*s)))
-            .collect();
+        let applied: BTreeMap<ShardId, u64> = self.peers.keys().map(|s| (*s, self.progress.applied(*s))).collect();
         self.wal.release_through(&applied)?;
         let stats = &self.stats;
         tracing::info!(
@@ -1730,10 +1410,7 @@ impl StoreLoop {
 }
 
 /// Blocks only when the apply thread is far behind: backpressure.
-fn send_to_applier(
-    apply_inputs: &std::sync::mpsc::SyncSender<ApplyInput>,
-    input: ApplyInput,
-) -> Result<(), StoreError> {
+fn send_to_applier(apply_inputs: &std::sync::mpsc::SyncSender<ApplyInput>, input: ApplyInput) -> Result<(), StoreError> {
     apply_inputs.send(input).map_err(|_| applier_gone())
 }
 
@@ -1787,12 +1464,7 @@ const SOLE_VOTER: u8 = 2;
 
 fn replica_flags(conf: &ConfState, node: NodeId) -> u8 {
     let hosted = conf.voters.contains(&node.0) || conf.learners.contains(&node.0);
-    (if hosted { HOSTED } else { 0 })
-        | (if is_sole_voter(conf, node) {
-            SOLE_VOTER
-        } else {
-            0
-        })
+    (if hosted { HOSTED } else { 0 }) | (if is_sole_voter(conf, node) { SOLE_VOTER } else { 0 })
 }
 
 /// Readies committed entries of `shard` for the apply thread: pairs them
@@ -1814,12 +1486,10 @@ fn prepare_apply(
         };
         let applied = match entry.get_entry_type() {
             EntryType::EntryNormal => continue,
-            EntryType::EntryConfChange => peer
-                .node
-                .apply_conf_change(&ConfChange::parse_from_bytes(&entry.data).map_err(corrupt)?),
-            EntryType::EntryConfChangeV2 => peer
-                .node
-                .apply_conf_change(&ConfChangeV2::parse_from_bytes(&entry.data).map_err(corrupt)?),
+            EntryType::EntryConfChange => peer.node.apply_conf_change(&ConfChange::parse_from_bytes(&entry.data).map_err(corrupt)?),
+            EntryType::EntryConfChangeV2 => {
+                peer.node.apply_conf_change(&ConfChangeV2::parse_from_bytes(&entry.data).map_err(corrupt)?)
+            }
         };
         // A change that does not fit the configuration (adding a voter
         // twice, removing the last one) fails alike on every replica and
@@ -1831,18 +1501,11 @@ fn prepare_apply(
         tracing::info!(%shard, index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
         peer.node.mut_store().set_conf_state(conf.clone());
         if let Some(flags) = replicas.get(&shard) {
-            flags.store(
-                replica_flags(&conf, NodeId(peer.node.raft.id)),
-                Ordering::Release,
-            );
+            flags.store(replica_flags(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
         }
         confs.push((entry.index, conf));
     }
-    Ok(ApplyTask {
-        shard,
-        entries: attach_replies(peer, entries),
-        confs,
-    })
+    Ok(ApplyTask { shard, entries: attach_replies(peer, entries), confs })
 }
 
 /// Pairs committed entries with the proposers waiting for them. Proposals
@@ -1856,9 +1519,7 @@ fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply
                 if front.index > entry.index {
                     break;
                 }
-                let Some(inflight) = peer.inflight.pop_front() else {
-                    break;
-                };
+                let Some(inflight) = peer.inflight.pop_front() else { break };
                 if inflight.index == entry.index && inflight.term == entry.term {
                     replies = inflight.replies;
                     break;
@@ -1871,6 +1532,7 @@ fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply
         })
         .collect()
 }
+
 
 #[cfg(test)]
 mod tests {
@@ -1890,9 +1552,7 @@ mod tests {
             command: &[u8],
             kv: &mut ShardWriter<'_, '_>,
         ) -> Result<Vec<u8>, hamgam_storage::StorageError> {
-            let old = kv
-                .get(b"total")?
-                .map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
+            let old = kv.get(b"total")?.map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
             let new = old + command.len() as u64;
             kv.put(b"total", new.to_le_bytes().to_vec());
             Ok(new.to_le_bytes().to_vec())
@@ -1905,28 +1565,18 @@ mod tests {
     }
 
     fn total_in(reader: &ShardReader) -> u64 {
-        reader
-            .get(b"total")
-            .unwrap()
-            .map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
+        reader.get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
     }
 
     fn config(dir: &std::path::Path) -> StoreConfig {
-        StoreConfig::single_node(
-            NodeId(1),
-            dir.join("wal"),
-            [ShardId(0), ShardId(1), ShardId(2)],
-        )
+        StoreConfig::single_node(NodeId(1), dir.join("wal"), [ShardId(0), ShardId(1), ShardId(2)])
     }
 
     #[test]
     fn entry_batches_round_trip_and_reject_garbage() {
         let commands = vec![b"a".to_vec(), Vec::new(), b"ccc".to_vec()];
         let encoded = encode_batch(&commands);
-        assert_eq!(
-            decode_batch(&encoded).unwrap(),
-            vec![&b"a"[..], &b""[..], &b"ccc"[..]]
-        );
+        assert_eq!(decode_batch(&encoded).unwrap(), vec![&b"a"[..], &b""[..], &b"ccc"[..]]);
         assert!(decode_batch(&encoded[..encoded.len() - 1]).is_err());
         assert!(decode_batch(&[9, 0, 0, 0, 0]).is_err());
     }
@@ -1935,30 +1585,19 @@ mod tests {
     async fn concurrent_proposals_apply_once_each_and_share_fsyncs() {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Db> = Arc::new(MemDb::new());
-        let store = Store::open(
-            config(dir.path()),
-            db,
-            Box::new(Counter),
-            Box::new(crate::NoPeers),
-        )
-        .unwrap();
+        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         let mut tasks = Vec::new();
         for i in 0..400u32 {
             let handle = handle.clone();
-            tasks.push(tokio::spawn(async move {
-                handle.propose(ShardId(1 + i % 2), vec![0u8; 3]).await
-            }));
+            tasks.push(tokio::spawn(async move { handle.propose(ShardId(1 + i % 2), vec![0u8; 3]).await }));
         }
         for task in tasks {
             task.await.unwrap().unwrap();
         }
         assert_eq!(total(&handle, 1) + total(&handle, 2), 1200);
         let rounds = handle.stats().wal_rounds.load(Ordering::Relaxed);
-        assert!(
-            rounds < 400,
-            "400 proposals took {rounds} WAL rounds: no batching"
-        );
+        assert!(rounds < 400, "400 proposals took {rounds} WAL rounds: no batching");
         store.stop().unwrap();
     }
 
@@ -1967,13 +1606,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-            let store = Store::open(
-                config(dir.path()),
-                db,
-                Box::new(Counter),
-                Box::new(crate::NoPeers),
-            )
-            .unwrap();
+            let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
             let handle = store.handle();
             for _ in 0..10 {
                 handle.propose(ShardId(1), vec![1; 5]).await.unwrap();
@@ -1982,13 +1615,7 @@ mod tests {
         }
         {
             let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-            let store = Store::open(
-                config(dir.path()),
-                db,
-                Box::new(Counter),
-                Box::new(crate::NoPeers),
-            )
-            .unwrap();
+            let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
             let handle = store.handle();
             assert_eq!(total(&handle, 1), 50);
             let reply = handle.propose(ShardId(1), vec![1; 5]).await.unwrap();
@@ -1998,18 +1625,8 @@ mod tests {
         {
             // After a crash the WAL replays what the database did not persist.
             let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-            let store = Store::open(
-                config(dir.path()),
-                db,
-                Box::new(Counter),
-                Box::new(crate::NoPeers),
-            )
-            .unwrap();
-            let reply = store
-                .handle()
-                .propose(ShardId(1), vec![1; 5])
-                .await
-                .unwrap();
+            let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
+            let reply = store.handle().propose(ShardId(1), vec![1; 5]).await.unwrap();
             assert_eq!(reply, 60u64.to_le_bytes());
             store.stop().unwrap();
         }
@@ -2020,29 +1637,13 @@ mod tests {
         // The database loses everything (as if its unsynced writes vanished in
         // a power cut); the WAL must bring every acknowledged command back.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            config(dir.path()),
-            Arc::new(MemDb::new()),
-            Box::new(Counter),
-            Box::new(crate::NoPeers),
-        )
-        .unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         for _ in 0..7 {
-            store
-                .handle()
-                .propose(ShardId(2), vec![1; 2])
-                .await
-                .unwrap();
+            store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
         }
         store.crash();
         let db: Arc<dyn Db> = Arc::new(MemDb::new());
-        let store = Store::open(
-            config(dir.path()),
-            db,
-            Box::new(Counter),
-            Box::new(crate::NoPeers),
-        )
-        .unwrap();
+        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         // Replay happens in the first passes; a new proposal orders after it.
         let reply = handle.propose(ShardId(2), vec![1; 2]).await.unwrap();
@@ -2054,13 +1655,7 @@ mod tests {
     async fn checkpoints_keep_the_wal_bounded_while_writes_go_on() {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Db> = Arc::new(SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
-        let store = Store::open(
-            config(dir.path()),
-            db,
-            Box::new(Counter),
-            Box::new(crate::NoPeers),
-        )
-        .unwrap();
+        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
         // Five times the checkpoint volume, in 128 KiB commands.
         let command = vec![7u8; 128 << 10];
@@ -2072,14 +1667,8 @@ mod tests {
         let released = handle.stats().wal_segments_released.load(Ordering::Relaxed);
         // A segment goes at the checkpoint after the one that closed it
         // (writes go on while a checkpoint runs), so releases trail by one.
-        assert!(
-            checkpoints >= 3,
-            "checkpoints ran on their own ({checkpoints})"
-        );
-        assert!(
-            released >= checkpoints - 1,
-            "{released} segments deleted after {checkpoints} checkpoints"
-        );
+        assert!(checkpoints >= 3, "checkpoints ran on their own ({checkpoints})");
+        assert!(released >= checkpoints - 1, "{released} segments deleted after {checkpoints} checkpoints");
         let wal_bytes: u64 = std::fs::read_dir(dir.path().join("wal"))
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
@@ -2091,11 +1680,7 @@ mod tests {
             wal_bytes <= 3 * limits::CHECKPOINT_WAL_BYTES,
             "the WAL holds {wal_bytes} bytes of {written} written ({checkpoints} checkpoints)"
         );
-        assert_eq!(
-            total(&handle, 1),
-            written,
-            "and nothing was lost on the way"
-        );
+        assert_eq!(total(&handle, 1), written, "and nothing was lost on the way");
         store.stop().unwrap();
     }
 
@@ -2123,12 +1708,7 @@ mod tests {
     }
 
     impl ProposalForwarder for InProcess {
-        fn forward(
-            &self,
-            leader: NodeId,
-            shard: ShardId,
-            command: Vec<u8>,
-        ) -> crate::ForwardedReply {
+        fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> crate::ForwardedReply {
             let target = self.get(leader);
             Box::pin(async move {
                 match target {
@@ -2142,12 +1722,7 @@ mod tests {
             self.handles.lock().unwrap().keys().copied().collect()
         }
 
-        fn read(
-            &self,
-            node: NodeId,
-            shard: ShardId,
-            read: crate::RemoteRead,
-        ) -> crate::RemoteReadReply {
+        fn read(&self, node: NodeId, shard: ShardId, read: crate::RemoteRead) -> crate::RemoteReadReply {
             let target = self.get(node);
             Box::pin(async move {
                 match target {
@@ -2174,23 +1749,13 @@ mod tests {
     async fn three_replicas_agree_read_fresh_and_survive_losing_the_leader() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = [NodeId(1), NodeId(2), NodeId(3)];
-        let shards: BTreeMap<ShardId, Vec<NodeId>> =
-            [(ShardId(1), nodes.to_vec()), (ShardId(2), nodes.to_vec())].into();
+        let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), nodes.to_vec()), (ShardId(2), nodes.to_vec())].into();
         let network = InProcess::default();
         let mut stores = BTreeMap::new();
         for node in nodes {
-            let config = StoreConfig {
-                node,
-                wal_dir: dir.path().join(format!("wal-{}", node.0)),
-                shards: shards.clone(),
-            };
-            let store = Store::open(
-                config,
-                Arc::new(MemDb::new()),
-                Box::new(Counter),
-                Box::new(network.clone()),
-            )
-            .unwrap();
+            let config = StoreConfig { node, wal_dir: dir.path().join(format!("wal-{}", node.0)), shards: shards.clone() };
+            let store =
+                Store::open(config, Arc::new(MemDb::new()), Box::new(Counter), Box::new(network.clone())).unwrap();
             store.handle().set_forwarder(Arc::new(network.clone()));
             network.handles.lock().unwrap().insert(node, store.handle());
             stores.insert(node, store);
@@ -2213,11 +1778,7 @@ mod tests {
         network.handles.lock().unwrap().remove(&leader);
         let survivor = stores[&follower].handle();
         let reply = survivor.propose(ShardId(1), vec![0; 2]).await.unwrap();
-        assert_eq!(
-            reply,
-            62u64.to_le_bytes(),
-            "the new leader continues from the acknowledged state"
-        );
+        assert_eq!(reply, 62u64.to_le_bytes(), "the new leader continues from the acknowledged state");
         let new_leader = wait_for_leader(&survivor, ShardId(1), Some(leader)).await;
         assert_ne!(new_leader, leader);
         for store in stores.values() {
@@ -2237,10 +1798,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!(
-            "shard {shard} never reached {expected} (at {})",
-            total(handle, shard)
-        );
+        panic!("shard {shard} never reached {expected} (at {})", total(handle, shard));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2250,13 +1808,8 @@ mod tests {
         let network = InProcess::default();
         let open = |node: NodeId, voters: Vec<NodeId>, db: Arc<MemDb>| {
             let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), voters)].into();
-            let config = StoreConfig {
-                node,
-                wal_dir: dir.path().join(format!("wal-{}", node.0)),
-                shards,
-            };
-            let store =
-                Store::open(config, db, Box::new(Counter), Box::new(network.clone())).unwrap();
+            let config = StoreConfig { node, wal_dir: dir.path().join(format!("wal-{}", node.0)), shards };
+            let store = Store::open(config, db, Box::new(Counter), Box::new(network.clone())).unwrap();
             store.handle().set_forwarder(Arc::new(network.clone()));
             network.handles.lock().unwrap().insert(node, store.handle());
             store
@@ -2281,45 +1834,22 @@ mod tests {
         // the leader through a replica, reads go to one and are fresh.
         let outsider = stores[&NodeId(4)].handle();
         assert!(!outsider.hosts(ShardId(1)));
-        assert_eq!(
-            outsider.propose(ShardId(1), vec![0; 2]).await.unwrap(),
-            42u64.to_le_bytes()
-        );
-        assert_eq!(
-            total_in(&outsider.reader(ShardId(1))),
-            42,
-            "a read elsewhere sees the write just made"
-        );
+        assert_eq!(outsider.propose(ShardId(1), vec![0; 2]).await.unwrap(), 42u64.to_le_bytes());
+        assert_eq!(total_in(&outsider.reader(ShardId(1))), 42, "a read elsewhere sees the write just made");
         assert_eq!(total(&outsider, 1), 0, "and nothing was written here");
         assert!(matches!(
-            stores[&NodeId(4)]
-                .handle()
-                .change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4)))
-                .await,
+            stores[&NodeId(4)].handle().change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await,
             Err(ProposeError::NotLeader { .. })
         ));
 
-        lead.change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4)))
-            .await
-            .unwrap();
+        lead.change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await.unwrap();
         eventually_total(&stores[&NodeId(4)].handle(), 1, 42).await;
         assert!(outsider.hosts(ShardId(1)));
-        assert_eq!(
-            stores[&NodeId(4)]
-                .handle()
-                .stats()
-                .snapshots_installed
-                .load(Ordering::Relaxed),
-            1
-        );
-        lead.change_replicas(ShardId(1), ReplicaChange::AddVoter(NodeId(4)))
-            .await
-            .unwrap();
+        assert_eq!(stores[&NodeId(4)].handle().stats().snapshots_installed.load(Ordering::Relaxed), 1);
+        lead.change_replicas(ShardId(1), ReplicaChange::AddVoter(NodeId(4))).await.unwrap();
         // Take out a follower other than the leader: three voters again.
         let removed = initial.iter().copied().find(|n| *n != leader).unwrap();
-        lead.change_replicas(ShardId(1), ReplicaChange::Remove(removed))
-            .await
-            .unwrap();
+        lead.change_replicas(ShardId(1), ReplicaChange::Remove(removed)).await.unwrap();
         let status = lead.status().await.unwrap();
         let mut expected: Vec<NodeId> = initial.iter().copied().filter(|n| *n != removed).collect();
         expected.push(NodeId(4));
@@ -2334,14 +1864,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            !gone.hosts(ShardId(1)),
-            "the removed node still counts itself a replica"
-        );
-        assert!(
-            total(&gone, 1) > 0,
-            "its data stays until it is told to give the replica up"
-        );
+        assert!(!gone.hosts(ShardId(1)), "the removed node still counts itself a replica");
+        assert!(total(&gone, 1) > 0, "its data stays until it is told to give the replica up");
         gone.release_replica(ShardId(1)).await.unwrap();
         assert!(!gone.hosts(ShardId(1)));
         // The reset is durable when the call returns; the keys go right after.
@@ -2357,11 +1881,7 @@ mod tests {
         network.handles.lock().unwrap().remove(&removed);
         let reopened = open(removed, initial.clone(), removed_db);
         let view = reopened.handle().status().await.unwrap();
-        assert_eq!(
-            (view[0].applied, view[0].voters.len()),
-            (0, 0),
-            "empty after a restart: {view:?}"
-        );
+        assert_eq!((view[0].applied, view[0].voters.len()), (0, 0), "empty after a restart: {view:?}");
         network.handles.lock().unwrap().remove(&removed);
         reopened.stop().unwrap();
 
@@ -2377,39 +1897,19 @@ mod tests {
         let status = restarted.handle().status().await.unwrap();
         assert_eq!(status[0].voters, expected);
         stores.insert(NodeId(4), restarted);
-        let other = expected
-            .iter()
-            .copied()
-            .find(|n| *n != leader && *n != NodeId(4))
-            .unwrap();
+        let other = expected.iter().copied().find(|n| *n != leader && *n != NodeId(4)).unwrap();
         stores.remove(&other).unwrap().stop().unwrap();
         network.handles.lock().unwrap().remove(&other);
         // Leader and node 4 are two of three: a quorum only with node 4.
-        let reply = stores[&leader]
-            .handle()
-            .propose(ShardId(1), vec![0; 2])
-            .await
-            .unwrap();
+        let reply = stores[&leader].handle().propose(ShardId(1), vec![0; 2]).await.unwrap();
         assert_eq!(reply, 46u64.to_le_bytes());
 
         // A leader asked to remove itself hands leadership to node 4 (the
         // only other voter that is up) and names it; there the removal goes.
-        let refused = stores[&leader]
-            .handle()
-            .change_replicas(ShardId(1), ReplicaChange::Remove(leader))
-            .await;
-        assert_eq!(
-            refused,
-            Err(ProposeError::NotLeader {
-                shard: ShardId(1),
-                leader: Some(NodeId(4))
-            })
-        );
+        let refused = stores[&leader].handle().change_replicas(ShardId(1), ReplicaChange::Remove(leader)).await;
+        assert_eq!(refused, Err(ProposeError::NotLeader { shard: ShardId(1), leader: Some(NodeId(4)) }));
         let successor = stores[&NodeId(4)].handle();
-        assert_eq!(
-            wait_for_leader(&successor, ShardId(1), Some(leader)).await,
-            NodeId(4)
-        );
+        assert_eq!(wait_for_leader(&successor, ShardId(1), Some(leader)).await, NodeId(4));
         for (_, store) in stores {
             store.stop().unwrap();
         }
@@ -2418,27 +1918,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_shards_and_oversize_commands_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            config(dir.path()),
-            Arc::new(MemDb::new()),
-            Box::new(Counter),
-            Box::new(crate::NoPeers),
-        )
-        .unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
         let handle = store.handle();
-        assert_eq!(
-            handle.propose(ShardId(99), vec![]).await,
-            Err(ProposeError::UnknownShard(ShardId(99)))
-        );
+        assert_eq!(handle.propose(ShardId(99), vec![]).await, Err(ProposeError::UnknownShard(ShardId(99))));
         let big = vec![0; limits::COMMAND_BYTES_MAX + 1];
-        assert!(matches!(
-            handle.propose(ShardId(1), big).await,
-            Err(ProposeError::TooLarge(_))
-        ));
+        assert!(matches!(handle.propose(ShardId(1), big).await, Err(ProposeError::TooLarge(_))));
         store.stop().unwrap();
-        assert_eq!(
-            handle.propose(ShardId(1), vec![1]).await,
-            Err(ProposeError::Stopped)
-        );
+        assert_eq!(handle.propose(ShardId(1), vec![1]).await, Err(ProposeError::Stopped));
     }
 }

@@ -44,17 +44,10 @@ const FRAME_HEADER_BYTES: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
     #[error("WAL I/O failed on {path:?}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A record before the tail failed its checksum or does not parse.
     #[error("WAL corrupt in {path} at byte {offset}: {reason}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
 }
 
 /// What one shard writes in a round.
@@ -97,10 +90,7 @@ pub struct Wal {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
-    move |source| WalError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| WalError::Io { path: path.to_path_buf(), source }
 }
 
 fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
@@ -108,9 +98,7 @@ fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 impl Wal {
@@ -122,9 +110,7 @@ impl Wal {
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".wal")) else {
-                continue;
-            };
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".wal")) else { continue };
             if let Ok(sequence) = u64::from_str_radix(stem, 16) {
                 sequences.push(sequence);
             }
@@ -137,17 +123,10 @@ impl Wal {
             let path = segment_path(dir, sequence);
             let is_last = i + 1 == sequences.len();
             let max_index = replay_segment(&path, is_last, &mut recovered)?;
-            segments.push(Segment {
-                sequence,
-                path,
-                max_index,
-            });
+            segments.push(Segment { sequence, path, max_index });
         }
 
-        let hard_states = recovered
-            .iter()
-            .map(|(shard, r)| (*shard, r.hard_state.clone()))
-            .collect();
+        let hard_states = recovered.iter().map(|(shard, r)| (*shard, r.hard_state.clone())).collect();
         let next_sequence = segments.last().map_or(1, |s| s.sequence + 1);
         // Appends always go to a fresh segment after a restart: the old tail
         // may have been truncated, and a new header records the hard states.
@@ -220,21 +199,17 @@ impl Wal {
     /// applied index of its shard. Call only with indexes whose state is
     /// durable on disk (after a checkpoint). The active segment is closed
     /// first if it holds entries, so it can go in the same release.
-    pub fn release_through(
-        &mut self,
-        durable_applied: &BTreeMap<ShardId, u64>,
-    ) -> Result<usize, WalError> {
+    pub fn release_through(&mut self, durable_applied: &BTreeMap<ShardId, u64>) -> Result<usize, WalError> {
         if !self.active.max_index.is_empty() {
             self.rotate()?;
         }
         let mut released = 0;
         let mut kept = Vec::with_capacity(self.closed.len());
         for segment in std::mem::take(&mut self.closed) {
-            let covered = segment.max_index.iter().all(|(shard, max)| {
-                durable_applied
-                    .get(shard)
-                    .is_some_and(|applied| applied >= max)
-            });
+            let covered = segment
+                .max_index
+                .iter()
+                .all(|(shard, max)| durable_applied.get(shard).is_some_and(|applied| applied >= max));
             if covered {
                 std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
                 released += 1;
@@ -291,9 +266,7 @@ impl Wal {
         put_u32(&mut record, len_u32(body.len()));
         put_u32(&mut record, crc32fast::hash(body));
         record.extend_from_slice(body);
-        self.file
-            .write_all(&record)
-            .map_err(io_err(&self.active.path))?;
+        self.file.write_all(&record).map_err(io_err(&self.active.path))?;
         self.active_bytes += record.len() as u64;
         self.bytes_appended += record.len() as u64;
         Ok(())
@@ -302,20 +275,9 @@ impl Wal {
 
 fn create_segment(dir: &Path, sequence: u64) -> Result<(Segment, File), WalError> {
     let path = segment_path(dir, sequence);
-    let file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
+    let file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
     sync_dir(dir)?;
-    Ok((
-        Segment {
-            sequence,
-            path,
-            max_index: BTreeMap::new(),
-        },
-        file,
-    ))
+    Ok((Segment { sequence, path, max_index: BTreeMap::new() }, file))
 }
 
 /// Replays one segment into `recovered`; returns the highest index per shard.
@@ -330,31 +292,22 @@ fn replay_segment(
     while offset < bytes.len() {
         match parse_record(&bytes[offset..]) {
             Ok((body, used)) => {
-                apply_record(body, recovered, &mut max_index).map_err(|reason| {
-                    WalError::Corrupt {
-                        path: path.to_path_buf(),
-                        offset: offset as u64,
-                        reason,
-                    }
+                apply_record(body, recovered, &mut max_index).map_err(|reason| WalError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset: offset as u64,
+                    reason,
                 })?;
                 offset += used;
             }
             Err(reason) if is_last => {
                 tracing::warn!(path = %path.display(), offset, %reason, "truncating a torn WAL tail");
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io_err(path))?;
+                let file = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
                 file.set_len(offset as u64).map_err(io_err(path))?;
                 file.sync_all().map_err(io_err(path))?;
                 break;
             }
             Err(reason) => {
-                return Err(WalError::Corrupt {
-                    path: path.to_path_buf(),
-                    offset: offset as u64,
-                    reason,
-                });
+                return Err(WalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, reason });
             }
         }
     }
@@ -510,21 +463,12 @@ impl Reader<'_> {
 
     fn hard_state(&mut self) -> Result<HardState, String> {
         let (term, vote, commit) = (self.u64()?, self.u64()?, self.u64()?);
-        Ok(HardState {
-            term,
-            vote,
-            commit,
-            ..Default::default()
-        })
+        Ok(HardState { term, vote, commit, ..Default::default() })
     }
 
     fn entry(&mut self) -> Result<Entry, String> {
         let (index, term) = (self.u64()?, self.u64()?);
-        let mut entry = Entry {
-            index,
-            term,
-            ..Default::default()
-        };
+        let mut entry = Entry { index, term, ..Default::default() };
         entry.set_entry_type(match self.u8()? {
             0 => EntryType::EntryNormal,
             1 => EntryType::EntryConfChange,
@@ -553,13 +497,7 @@ mod tests {
         let mut hs = HardState::default();
         hs.term = 1;
         hs.commit = commit;
-        BTreeMap::from([(
-            ShardId(shard),
-            ShardWrite {
-                hard_state: Some(hs),
-                entries,
-            },
-        )])
+        BTreeMap::from([(ShardId(shard), ShardWrite { hard_state: Some(hs), entries })])
     }
 
     #[test]
@@ -568,34 +506,15 @@ mod tests {
         {
             let (mut wal, recovered) = Wal::open(dir.path()).unwrap();
             assert!(recovered.is_empty());
-            wal.append_round(&round(
-                1,
-                vec![entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")],
-                1,
-            ))
-            .unwrap();
+            wal.append_round(&round(1, vec![entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")], 1)).unwrap();
             // A new leader overwrites 3 and appends 4.
-            wal.append_round(&round(1, vec![entry(3, 2, b"C"), entry(4, 2, b"d")], 2))
-                .unwrap();
-            wal.append_round(&round(2, vec![entry(1, 1, b"x")], 1))
-                .unwrap();
+            wal.append_round(&round(1, vec![entry(3, 2, b"C"), entry(4, 2, b"d")], 2)).unwrap();
+            wal.append_round(&round(2, vec![entry(1, 1, b"x")], 1)).unwrap();
         }
         let (_wal, recovered) = Wal::open(dir.path()).unwrap();
         let one = &recovered[&ShardId(1)];
-        let got: Vec<_> = one
-            .entries
-            .iter()
-            .map(|e| (e.index, e.term, e.data.to_vec()))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                (1, 1, b"a".to_vec()),
-                (2, 1, b"b".to_vec()),
-                (3, 2, b"C".to_vec()),
-                (4, 2, b"d".to_vec())
-            ]
-        );
+        let got: Vec<_> = one.entries.iter().map(|e| (e.index, e.term, e.data.to_vec())).collect();
+        assert_eq!(got, vec![(1, 1, b"a".to_vec()), (2, 1, b"b".to_vec()), (3, 2, b"C".to_vec()), (4, 2, b"d".to_vec())]);
         assert_eq!(one.hard_state.commit, 2);
         assert_eq!(recovered[&ShardId(2)].entries.len(), 1);
     }
@@ -606,20 +525,13 @@ mod tests {
         let path;
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            wal.append_round(&round(1, vec![entry(1, 1, b"kept")], 1))
-                .unwrap();
-            wal.append_round(&round(1, vec![entry(2, 1, b"torn")], 2))
-                .unwrap();
+            wal.append_round(&round(1, vec![entry(1, 1, b"kept")], 1)).unwrap();
+            wal.append_round(&round(1, vec![entry(2, 1, b"torn")], 2)).unwrap();
             path = wal.active.path.clone();
         }
         // Cut the last record in half, as a crash mid-write would.
         let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 7)
-            .unwrap();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 7).unwrap();
         let (_wal, recovered) = Wal::open(dir.path()).unwrap();
         let entries = &recovered[&ShardId(1)].entries;
         assert_eq!(entries.len(), 1);
@@ -632,24 +544,19 @@ mod tests {
         let first;
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            wal.append_round(&round(1, vec![entry(1, 1, b"payload")], 1))
-                .unwrap();
+            wal.append_round(&round(1, vec![entry(1, 1, b"payload")], 1)).unwrap();
             first = wal.active.path.clone();
         }
         {
             // A second open starts a new segment, so the first is no longer the tail.
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            wal.append_round(&round(1, vec![entry(2, 1, b"more")], 2))
-                .unwrap();
+            wal.append_round(&round(1, vec![entry(2, 1, b"more")], 2)).unwrap();
         }
         let mut bytes = std::fs::read(&first).unwrap();
         let last = bytes.len() - 3;
         bytes[last] ^= 0xff;
         std::fs::write(&first, bytes).unwrap();
-        assert!(matches!(
-            Wal::open(dir.path()),
-            Err(WalError::Corrupt { .. })
-        ));
+        assert!(matches!(Wal::open(dir.path()), Err(WalError::Corrupt { .. })));
     }
 
     #[test]
@@ -657,29 +564,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            wal.append_round(&round(1, vec![entry(1, 1, b"a"), entry(2, 1, b"b")], 2))
-                .unwrap();
+            wal.append_round(&round(1, vec![entry(1, 1, b"a"), entry(2, 1, b"b")], 2)).unwrap();
             // Only entry 1 is durable: the segment holding entry 2 stays.
-            assert_eq!(
-                wal.release_through(&BTreeMap::from([(ShardId(1), 1)]))
-                    .unwrap(),
-                0
-            );
+            assert_eq!(wal.release_through(&BTreeMap::from([(ShardId(1), 1)])).unwrap(), 0);
             assert_eq!(wal.segment_count(), 2);
             // Entry 2 of shard 1 is durably applied: the closed segment goes.
-            assert_eq!(
-                wal.release_through(&BTreeMap::from([(ShardId(1), 2)]))
-                    .unwrap(),
-                1
-            );
+            assert_eq!(wal.release_through(&BTreeMap::from([(ShardId(1), 2)])).unwrap(), 1);
             assert_eq!(wal.segment_count(), 1);
         }
         let (_wal, recovered) = Wal::open(dir.path()).unwrap();
         let one = &recovered[&ShardId(1)];
         assert!(one.entries.is_empty());
-        assert_eq!(
-            one.hard_state.commit, 2,
-            "the new segment's header carries the hard state"
-        );
+        assert_eq!(one.hard_state.commit, 2, "the new segment's header carries the hard state");
     }
 }

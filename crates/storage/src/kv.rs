@@ -18,17 +18,11 @@ pub struct KeyRange {
 impl KeyRange {
     /// Every key that starts with `prefix`.
     pub fn prefix(prefix: &[u8]) -> Self {
-        KeyRange {
-            start: prefix.to_vec(),
-            end: prefix_end(prefix),
-        }
+        KeyRange { start: prefix.to_vec(), end: prefix_end(prefix) }
     }
 
     pub fn between(start: &[u8], end: &[u8]) -> Self {
-        KeyRange {
-            start: start.to_vec(),
-            end: Some(end.to_vec()),
-        }
+        KeyRange { start: start.to_vec(), end: Some(end.to_vec()) }
     }
 
     pub fn contains(&self, key: &[u8]) -> bool {
@@ -113,10 +107,7 @@ pub struct Prefixed<T> {
 
 impl<T> Prefixed<T> {
     pub fn new(inner: T, prefix: &[u8]) -> Self {
-        Prefixed {
-            inner,
-            prefix: prefix.to_vec(),
-        }
+        Prefixed { inner, prefix: prefix.to_vec() }
     }
 
     pub fn into_inner(self) -> T {

@@ -29,10 +29,7 @@ pub enum StorageError {
     Backend(String),
     /// A file operation outside the engine failed.
     #[error("storage I/O failed on {path}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     /// The data lives on another node that could not be read now (a
     /// shard hosted elsewhere); retrying later may succeed.
     #[error("{0}")]

@@ -1,4 +1,4 @@
-use crate::{Db, KeyRange, KvPairs, KvRead, Order, StorageError, WriteBatch};
+use crate::{KvPairs, Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
@@ -18,9 +18,7 @@ impl MemDb {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
         // A poisoned lock means a writer panicked mid-batch; the map itself is
         // still a valid map, and in-memory data has no durability to protect.
-        self.map
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.map.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -40,15 +38,8 @@ impl KvRead for MemDb {
         }
         let iter = map.range((Bound::Included(range.start.clone()), end));
         let pairs = match order {
-            Order::Ascending => iter
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            Order::Descending => iter
-                .rev()
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            Order::Ascending => iter.take(limit).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Order::Descending => iter.rev().take(limit).map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         Ok(pairs)
     }
@@ -56,10 +47,7 @@ impl KvRead for MemDb {
 
 impl Db for MemDb {
     fn write(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        let mut map = self
-            .map
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = self.map.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (key, value) in batch.ops() {
             match value {
                 Some(value) => map.insert(key.clone(), value.clone()),

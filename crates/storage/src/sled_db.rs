@@ -1,4 +1,4 @@
-use crate::{Db, KeyRange, KvPairs, KvRead, Order, StorageError, WriteBatch};
+use crate::{KvPairs, Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -28,10 +28,7 @@ impl SledDb {
             .flush_every_ms(None)
             .open()
             .map_err(backend)?;
-        Ok(SledDb {
-            db,
-            dir: dir.to_path_buf(),
-        })
+        Ok(SledDb { db, dir: dir.to_path_buf() })
     }
 }
 
@@ -40,10 +37,7 @@ fn backend(error: sled::Error) -> StorageError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| StorageError::Io { path: path.display().to_string(), source }
 }
 
 /// fsyncs every regular file below `dir`, then the directories themselves.
@@ -64,9 +58,7 @@ fn sync_tree(dir: &Path) -> Result<(), StorageError> {
             }
         }
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
 }
 
 impl KvRead for SledDb {
@@ -83,12 +75,11 @@ impl KvRead for SledDb {
             None => self.db.range(range.start.as_slice()..),
         };
         let mut pairs = Vec::new();
-        let mut push =
-            |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StorageError> {
-                let (k, v) = item.map_err(backend)?;
-                pairs.push((k.to_vec(), v.to_vec()));
-                Ok(pairs.len() < limit)
-            };
+        let mut push = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StorageError> {
+            let (k, v) = item.map_err(backend)?;
+            pairs.push((k.to_vec(), v.to_vec()));
+            Ok(pairs.len() < limit)
+        };
         if limit == 0 {
             return Ok(Vec::new());
         }

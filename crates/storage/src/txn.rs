@@ -1,4 +1,4 @@
-use crate::{Db, KeyRange, KvPairs, KvRead, KvWrite, Order, StorageError};
+use crate::{KvPairs, Db, KeyRange, KvRead, KvWrite, Order, StorageError};
 use std::collections::BTreeMap;
 
 /// Writes to apply atomically, in key order (later writes to a key win).
@@ -42,18 +42,13 @@ pub struct Txn<'a> {
 
 impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Txn")
-            .field("writes", &self.writes.len())
-            .finish()
+        f.debug_struct("Txn").field("writes", &self.writes.len()).finish()
     }
 }
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a dyn Db) -> Self {
-        Txn {
-            db,
-            writes: BTreeMap::new(),
-        }
+        Txn { db, writes: BTreeMap::new() }
     }
 
     /// Number of distinct keys written so far.
@@ -66,9 +61,7 @@ impl<'a> Txn<'a> {
     }
 
     pub fn into_batch(self) -> WriteBatch {
-        WriteBatch {
-            ops: self.writes.into_iter().collect(),
-        }
+        WriteBatch { ops: self.writes.into_iter().collect() }
     }
 }
 
@@ -83,18 +76,13 @@ impl KvRead for Txn<'_> {
     fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
         let overlay: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = match &range.end {
             Some(end) if *end <= range.start => return Ok(Vec::new()),
-            Some(end) => self
-                .writes
-                .range(range.start.clone()..end.clone())
-                .collect(),
+            Some(end) => self.writes.range(range.start.clone()..end.clone()).collect(),
             None => self.writes.range(range.start.clone()..).collect(),
         };
         // Each overlay key can hide at most one database key, so reading
         // `limit + overlay.len()` keys from the database always leaves at
         // least `limit` survivors ahead of anything not read.
-        let base = self
-            .db
-            .scan(range, order, limit.saturating_add(overlay.len()))?;
+        let base = self.db.scan(range, order, limit.saturating_add(overlay.len()))?;
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = base.into_iter().collect();
         for (key, value) in overlay {
             match value {
@@ -157,8 +145,7 @@ mod tests {
                     model.remove(&vec![*k]);
                 }
                 Op::Commit => {
-                    db.write(&std::mem::replace(&mut txn, Txn::new(db)).into_batch())
-                        .unwrap();
+                    db.write(&std::mem::replace(&mut txn, Txn::new(db)).into_batch()).unwrap();
                 }
             }
             let range = KeyRange::between(&[lo], &[hi]);
@@ -166,17 +153,10 @@ mod tests {
                 let got = txn.scan(&range, order, limit).unwrap();
                 let want: Vec<_> = match order {
                     _ if lo >= hi => Vec::new(),
-                    Order::Ascending => model
-                        .range(vec![lo]..vec![hi])
-                        .take(limit)
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    Order::Descending => model
-                        .range(vec![lo]..vec![hi])
-                        .rev()
-                        .take(limit)
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    Order::Ascending => model.range(vec![lo]..vec![hi]).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    Order::Descending => {
+                        model.range(vec![lo]..vec![hi]).rev().take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+                    }
                 };
                 assert_eq!(got, want, "{order:?} scan of [{lo}, {hi}) limit {limit}");
             }
@@ -229,9 +209,7 @@ mod tests {
             let mut view = Prefixed::new(&mut txn, b"A-");
             view.put(b"x", b"mine".to_vec());
             assert_eq!(view.get(b"x").unwrap(), Some(b"mine".to_vec()));
-            let all = view
-                .scan(&KeyRange::prefix(b""), Order::Ascending, 10)
-                .unwrap();
+            let all = view.scan(&KeyRange::prefix(b""), Order::Ascending, 10).unwrap();
             assert_eq!(all, vec![(b"x".to_vec(), b"mine".to_vec())]);
         }
         db.write(&txn.into_batch()).unwrap();

@@ -16,11 +16,7 @@ pub(crate) struct BoundedCache<K, V> {
 
 impl<K: Eq + Hash, V> BoundedCache<K, V> {
     pub(crate) fn new(weight_max: usize) -> Self {
-        BoundedCache {
-            map: HashMap::new(),
-            weight: 0,
-            weight_max,
-        }
+        BoundedCache { map: HashMap::new(), weight: 0, weight_max }
     }
 
     pub(crate) fn clear(&mut self) {
@@ -55,6 +51,7 @@ impl<K: Eq + Hash, V> BoundedCache<K, V> {
             *old = weight.max(1);
         }
     }
+
 }
 
 #[cfg(test)]
@@ -70,9 +67,6 @@ mod tests {
         }
         assert_eq!(cache.get(&99), Some(&99));
         cache.reweigh(&99, 5);
-        assert_eq!(
-            cache.weight,
-            cache.map.values().map(|(_, w)| w).sum::<usize>()
-        );
+        assert_eq!(cache.weight, cache.map.values().map(|(_, w)| w).sum::<usize>());
     }
 }

@@ -11,120 +11,42 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// 0: in the username's shard; allocates a user id that maps to that shard.
-    SignUp {
-        username_key: String,
-        username: String,
-        display_name: String,
-        password_phc: String,
-        now_ms: u64,
-    },
+    SignUp { username_key: String, username: String, display_name: String, password_phc: String, now_ms: u64 },
     /// 1
-    CreateSession {
-        user: UserId,
-        device: DeviceId,
-        name: String,
-        token_hash: [u8; 32],
-        now_ms: u64,
-    },
+    CreateSession { user: UserId, device: DeviceId, name: String, token_hash: [u8; 32], now_ms: u64 },
     /// 2
     RevokeSession { user: UserId, device: DeviceId },
     /// 3: `chat` must be `direct_chat_id(a, b)`.
-    CreateDirect {
-        chat: ChatId,
-        a: UserId,
-        b: UserId,
-        now_ms: u64,
-    },
+    CreateDirect { chat: ChatId, a: UserId, b: UserId, now_ms: u64 },
     /// 4
-    CreateGroup {
-        chat: ChatId,
-        owner: UserId,
-        title: String,
-        now_ms: u64,
-    },
+    CreateGroup { chat: ChatId, owner: UserId, title: String, now_ms: u64 },
     /// 5
-    AddMember {
-        chat: ChatId,
-        actor: UserId,
-        user: UserId,
-        now_ms: u64,
-    },
+    AddMember { chat: ChatId, actor: UserId, user: UserId, now_ms: u64 },
     /// 6
-    RemoveMember {
-        chat: ChatId,
-        actor: UserId,
-        user: UserId,
-    },
+    RemoveMember { chat: ChatId, actor: UserId, user: UserId },
     /// 7
-    SetRole {
-        chat: ChatId,
-        actor: UserId,
-        user: UserId,
-        role: Role,
-    },
+    SetRole { chat: ChatId, actor: UserId, user: UserId, role: Role },
     /// 8
     Leave { chat: ChatId, user: UserId },
     /// 9
-    Send {
-        chat: ChatId,
-        sender: UserId,
-        client_msg_id: u64,
-        text: String,
-        now_ms: u64,
-    },
+    Send { chat: ChatId, sender: UserId, client_msg_id: u64, text: String, now_ms: u64 },
     /// 10
-    Edit {
-        chat: ChatId,
-        actor: UserId,
-        seq: u64,
-        text: String,
-        now_ms: u64,
-    },
+    Edit { chat: ChatId, actor: UserId, seq: u64, text: String, now_ms: u64 },
     /// 11
-    Delete {
-        chat: ChatId,
-        actor: UserId,
-        seq: u64,
-    },
+    Delete { chat: ChatId, actor: UserId, seq: u64 },
     /// 12
-    MarkRead {
-        chat: ChatId,
-        user: UserId,
-        seq: u64,
-    },
+    MarkRead { chat: ChatId, user: UserId, seq: u64 },
     /// 13: outbox records of `source` for users of `target`, applied in `target`.
-    Deliver {
-        source: ShardId,
-        target: ShardId,
-        records: Vec<(u64, OutboxRecord)>,
-    },
+    Deliver { source: ShardId, target: ShardId, records: Vec<(u64, OutboxRecord)> },
     /// 14: `target` has applied `source`'s outbox through `through`; applied in `source`.
-    OutboxAck {
-        source: ShardId,
-        target: ShardId,
-        through: u64,
-    },
+    OutboxAck { source: ShardId, target: ShardId, through: u64 },
     /// 15: outbox records of several sources for users of `target`, applied
     /// in `target`: one command and one inbox write for a whole round.
-    DeliverMany {
-        target: ShardId,
-        batches: Vec<(ShardId, Vec<(u64, OutboxRecord)>)>,
-    },
+    DeliverMany { target: ShardId, batches: Vec<(ShardId, Vec<(u64, OutboxRecord)>)> },
     /// 16: store or replace a file; its chunks were checked by the proposer.
-    PutFile {
-        user: UserId,
-        path: String,
-        manifest: FileManifest,
-        quota_bytes: u64,
-        now_ms: u64,
-    },
+    PutFile { user: UserId, path: String, manifest: FileManifest, quota_bytes: u64, now_ms: u64 },
     /// 17: rename or move a file, or a folder with everything in it.
-    MovePath {
-        user: UserId,
-        from: String,
-        to: String,
-        now_ms: u64,
-    },
+    MovePath { user: UserId, from: String, to: String, now_ms: u64 },
     /// 18: delete a file or an empty folder.
     DeletePath { user: UserId, path: String },
     /// 19: record a backup snapshot; its chunks were checked by the proposer,

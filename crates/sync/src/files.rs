@@ -13,9 +13,7 @@ use crate::keys;
 use crate::machine::get_record;
 use crate::records::{self, EntryRecord, UsageRecord};
 use crate::{DomainError, SyncError};
-use hamgam_proto::store::{
-    ChunkList, EntryKind, FileEntry, FileManifest, SnapshotInfo, SnapshotStats,
-};
+use hamgam_proto::store::{ChunkList, EntryKind, FileEntry, FileManifest, SnapshotInfo, SnapshotStats};
 use hamgam_storage::{KeyRange, KvRead, KvWrite, Order};
 use hamgam_types::{UserId, limits};
 
@@ -33,20 +31,14 @@ pub fn normalize_path(path: &str) -> Result<String, DomainError> {
         return Ok("/".into());
     }
     if trimmed.chars().count() > limits::FILE_PATH_CHARS_MAX {
-        return Err(invalid(&format!(
-            "longer than {} characters",
-            limits::FILE_PATH_CHARS_MAX
-        )));
+        return Err(invalid(&format!("longer than {} characters", limits::FILE_PATH_CHARS_MAX)));
     }
     for name in trimmed[1..].split('/') {
         if name.is_empty() || name == "." || name == ".." {
             return Err(invalid("empty, . and .. names are not allowed"));
         }
         if name.chars().count() > limits::FILE_NAME_CHARS_MAX {
-            return Err(invalid(&format!(
-                "a name is longer than {} characters",
-                limits::FILE_NAME_CHARS_MAX
-            )));
+            return Err(invalid(&format!("a name is longer than {} characters", limits::FILE_NAME_CHARS_MAX)));
         }
         if name.chars().any(char::is_control) {
             return Err(invalid("control characters are not allowed"));
@@ -84,42 +76,26 @@ fn refuse<T>(error: DomainError) -> Result<T, SyncError> {
 fn check_quota(usage: &UsageRecord, freed: u64, adding: u64, quota: u64) -> Result<(), SyncError> {
     let used = usage.used_bytes.saturating_sub(freed);
     if used.saturating_add(adding) > quota {
-        return refuse(DomainError::QuotaExceeded {
-            used,
-            adding,
-            quota,
-        });
+        return refuse(DomainError::QuotaExceeded { used, adding, quota });
     }
     Ok(())
 }
 
 /// Makes every missing ancestor folder of `path`; refuses if one is a file.
-fn ensure_folders(
-    kv: &mut impl KvWrite,
-    user: UserId,
-    path: &str,
-    now_ms: u64,
-) -> Result<(), SyncError> {
+fn ensure_folders(kv: &mut impl KvWrite, user: UserId, path: &str, now_ms: u64) -> Result<(), SyncError> {
     let (parent, _) = split_path(path);
     let mut at = 0;
     while at < parent.len() {
-        let end = parent[at + 1..]
-            .find('/')
-            .map_or(parent.len(), |i| at + 1 + i);
+        let end = parent[at + 1..].find('/').map_or(parent.len(), |i| at + 1 + i);
         let folder = &parent[..end];
         match entry_at(kv, user, folder)? {
             Some(existing) if existing.kind == EntryKind::Folder => {}
             Some(_) => {
-                return refuse(DomainError::Conflict(format!(
-                    "{folder} is a file, not a folder"
-                )));
+                return refuse(DomainError::Conflict(format!("{folder} is a file, not a folder")));
             }
             None => {
                 let (grand, name) = split_path(folder);
-                kv.put(
-                    &keys::entry(user, grand, name),
-                    records::encode(&EntryRecord::folder(now_ms)),
-                );
+                kv.put(&keys::entry(user, grand, name), records::encode(&EntryRecord::folder(now_ms)));
             }
         }
         at = end;
@@ -137,14 +113,10 @@ pub(crate) fn put_file(
 ) -> Result<Reply, SyncError> {
     let path = normalize_path(path)?;
     if path == "/" {
-        return refuse(DomainError::InvalidArgument(
-            "a file cannot be stored at /".into(),
-        ));
+        return refuse(DomainError::InvalidArgument("a file cannot be stored at /".into()));
     }
     if !manifest.content.within_bounds() {
-        return refuse(DomainError::InvalidArgument(
-            "the chunk list is over its bound".into(),
-        ));
+        return refuse(DomainError::InvalidArgument("the chunk list is over its bound".into()));
     }
     let replaced = match entry_at(kv, user, &path)? {
         Some(existing) if existing.kind == EntryKind::Folder => {
@@ -175,21 +147,10 @@ pub(crate) fn put_file(
 }
 
 /// Every entry below a folder (at any depth), bounded.
-fn subtree(
-    kv: &impl KvRead,
-    user: UserId,
-    folder: &str,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SyncError> {
+fn subtree(kv: &impl KvRead, user: UserId, folder: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SyncError> {
     let mut pairs = Vec::new();
-    for prefix in [
-        keys::folder_entries(user, folder),
-        keys::folder_subtree(user, folder),
-    ] {
-        pairs.extend(kv.scan(
-            &KeyRange::prefix(&prefix),
-            Order::Ascending,
-            limits::FOLDER_ENTRIES_MAX + 1,
-        )?);
+    for prefix in [keys::folder_entries(user, folder), keys::folder_subtree(user, folder)] {
+        pairs.extend(kv.scan(&KeyRange::prefix(&prefix), Order::Ascending, limits::FOLDER_ENTRIES_MAX + 1)?);
         if pairs.len() > limits::FOLDER_ENTRIES_MAX {
             return refuse(DomainError::LimitReached(format!(
                 "{folder} holds more than {} entries; move its subfolders one by one",
@@ -209,14 +170,10 @@ pub(crate) fn move_path(
 ) -> Result<Reply, SyncError> {
     let (from, to) = (normalize_path(from)?, normalize_path(to)?);
     if from == "/" || to == "/" {
-        return refuse(DomainError::InvalidArgument(
-            "the root cannot be moved or replaced".into(),
-        ));
+        return refuse(DomainError::InvalidArgument("the root cannot be moved or replaced".into()));
     }
     if to == from || to.starts_with(&format!("{from}/")) {
-        return refuse(DomainError::InvalidArgument(format!(
-            "{from} cannot be moved into itself"
-        )));
+        return refuse(DomainError::InvalidArgument(format!("{from} cannot be moved into itself")));
     }
     let Some(record) = entry_at(kv, user, &from)? else {
         return refuse(DomainError::PathNotFound(from));
@@ -224,17 +181,11 @@ pub(crate) fn move_path(
     if entry_at(kv, user, &to)?.is_some() {
         return refuse(DomainError::Conflict(format!("{to} already exists")));
     }
-    let children = if record.kind == EntryKind::Folder {
-        subtree(kv, user, &from)?
-    } else {
-        Vec::new()
-    };
+    let children = if record.kind == EntryKind::Folder { subtree(kv, user, &from)? } else { Vec::new() };
     ensure_folders(kv, user, &to, now_ms)?;
     for (key, value) in children {
-        let (parent, name) = keys::split_entry(user, &key).ok_or(SyncError::Corrupt {
-            what: "file entry key",
-            reason: "unreadable".into(),
-        })?;
+        let (parent, name) = keys::split_entry(user, &key)
+            .ok_or(SyncError::Corrupt { what: "file entry key", reason: "unreadable".into() })?;
         let moved_parent = format!("{to}{}", &parent[from.len()..]);
         kv.delete(&key);
         kv.put(&keys::entry(user, &moved_parent, name), value);
@@ -242,30 +193,17 @@ pub(crate) fn move_path(
     let (from_parent, from_name) = split_path(&from);
     kv.delete(&keys::entry(user, from_parent, from_name));
     let (to_parent, to_name) = split_path(&to);
-    kv.put(
-        &keys::entry(user, to_parent, to_name),
-        records::encode(&record),
-    );
+    kv.put(&keys::entry(user, to_parent, to_name), records::encode(&record));
     Ok(Reply::Done)
 }
 
-pub(crate) fn delete_path(
-    kv: &mut impl KvWrite,
-    user: UserId,
-    path: &str,
-) -> Result<Reply, SyncError> {
+pub(crate) fn delete_path(kv: &mut impl KvWrite, user: UserId, path: &str) -> Result<Reply, SyncError> {
     let path = normalize_path(path)?;
     let Some(record) = entry_at(kv, user, &path)? else {
         return refuse(DomainError::PathNotFound(path));
     };
     if record.kind == EntryKind::Folder
-        && !kv
-            .scan(
-                &KeyRange::prefix(&keys::folder_entries(user, &path)),
-                Order::Ascending,
-                1,
-            )?
-            .is_empty()
+        && !kv.scan(&KeyRange::prefix(&keys::folder_entries(user, &path)), Order::Ascending, 1)?.is_empty()
     {
         return refuse(DomainError::Conflict(format!("{path} is not empty")));
     }
@@ -297,9 +235,7 @@ pub(crate) fn add_snapshot(
     now_ms: u64,
 ) -> Result<Reply, SyncError> {
     if new.label.chars().count() > limits::SNAPSHOT_LABEL_CHARS_MAX || !new.tree.within_bounds() {
-        return refuse(DomainError::InvalidArgument(
-            "the snapshot's label or tree is over its bound".into(),
-        ));
+        return refuse(DomainError::InvalidArgument("the snapshot's label or tree is over its bound".into()));
     }
     let mut usage = read_usage(kv, user)?;
     if usage.snapshots as usize >= limits::SNAPSHOTS_PER_USER_MAX {
@@ -311,11 +247,7 @@ pub(crate) fn add_snapshot(
     check_quota(&usage, 0, new.added_bytes, quota_bytes)?;
     let prefix = keys::snapshots_of(user);
     let last = kv.scan(&KeyRange::prefix(&prefix), Order::Descending, 1)?;
-    let id = last
-        .first()
-        .and_then(|(key, _)| keys::last_u64(key))
-        .unwrap_or(0)
-        + 1;
+    let id = last.first().and_then(|(key, _)| keys::last_u64(key)).unwrap_or(0) + 1;
     let info = SnapshotInfo {
         id,
         label: new.label,
@@ -332,11 +264,7 @@ pub(crate) fn add_snapshot(
     Ok(Reply::Snapshot { id })
 }
 
-pub(crate) fn forget_snapshots(
-    kv: &mut impl KvWrite,
-    user: UserId,
-    ids: &[u64],
-) -> Result<Reply, SyncError> {
+pub(crate) fn forget_snapshots(kv: &mut impl KvWrite, user: UserId, ids: &[u64]) -> Result<Reply, SyncError> {
     if ids.len() > limits::SNAPSHOT_PAGE_MAX {
         return refuse(DomainError::InvalidArgument(format!(
             "at most {} snapshots at once",
@@ -374,25 +302,15 @@ fn to_entry(path: String, record: &EntryRecord) -> FileEntry {
 }
 
 /// A file's entry and chunk list, or a folder's entry (with an empty list).
-pub(crate) fn stat(
-    kv: &impl KvRead,
-    user: UserId,
-    path: &str,
-) -> Result<(FileEntry, ChunkList), SyncError> {
+pub(crate) fn stat(kv: &impl KvRead, user: UserId, path: &str) -> Result<(FileEntry, ChunkList), SyncError> {
     let path = normalize_path(path)?;
     if path == "/" {
-        return Ok((
-            to_entry(path, &EntryRecord::folder(0)),
-            ChunkList::Inline(Vec::new()),
-        ));
+        return Ok((to_entry(path, &EntryRecord::folder(0)), ChunkList::Inline(Vec::new())));
     }
     let Some(mut record) = entry_at(kv, user, &path)? else {
         return refuse(DomainError::PathNotFound(path));
     };
-    let content = record
-        .content
-        .take()
-        .unwrap_or(ChunkList::Inline(Vec::new()));
+    let content = record.content.take().unwrap_or(ChunkList::Inline(Vec::new()));
     Ok((to_entry(path, &record), content))
 }
 
@@ -427,10 +345,8 @@ pub(crate) fn list_folder(
         .into_iter()
         .take(limit)
         .map(|(key, value)| {
-            let (_, name) = keys::split_entry(user, &key).ok_or(SyncError::Corrupt {
-                what: "file entry key",
-                reason: "unreadable".into(),
-            })?;
+            let (_, name) = keys::split_entry(user, &key)
+                .ok_or(SyncError::Corrupt { what: "file entry key", reason: "unreadable".into() })?;
             let record: EntryRecord = records::decode("file entry", &value)?;
             Ok(to_entry(join(folder, name), &record))
         })
@@ -464,8 +380,7 @@ pub(crate) fn snapshots(
 }
 
 pub(crate) fn snapshot(kv: &impl KvRead, user: UserId, id: u64) -> Result<SnapshotInfo, SyncError> {
-    get_record(kv, "snapshot", &keys::snapshot(user, id))?
-        .ok_or(SyncError::Domain(DomainError::SnapshotNotFound(id)))
+    get_record(kv, "snapshot", &keys::snapshot(user, id))?.ok_or(SyncError::Domain(DomainError::SnapshotNotFound(id)))
 }
 
 #[cfg(test)]
@@ -476,9 +391,7 @@ mod tests {
     fn paths_are_normalized_and_bad_ones_refused() {
         assert_eq!(normalize_path("/عکس‌ها/سفر/").unwrap(), "/عکس‌ها/سفر");
         assert_eq!(normalize_path("/").unwrap(), "/");
-        for bad in [
-            "relative", "/a//b", "/a/../b", "/a/./b", "/a\u{0}b", "/a\nb",
-        ] {
+        for bad in ["relative", "/a//b", "/a/../b", "/a/./b", "/a\u{0}b", "/a\nb"] {
             assert!(normalize_path(bad).is_err(), "{bad:?}");
         }
         let long_name = format!("/{}", "ب".repeat(limits::FILE_NAME_CHARS_MAX + 1));

@@ -145,10 +145,7 @@ pub fn folder_subtree(user: UserId, folder: &str) -> Vec<u8> {
 pub fn split_entry(user: UserId, key: &[u8]) -> Option<(&str, &str)> {
     let rest = key.strip_prefix(self::key(ENTRY, &[user.0]).as_slice())?;
     let zero = rest.iter().position(|&b| b == 0)?;
-    Some((
-        std::str::from_utf8(&rest[..zero]).ok()?,
-        std::str::from_utf8(&rest[zero + 1..]).ok()?,
-    ))
+    Some((std::str::from_utf8(&rest[..zero]).ok()?, std::str::from_utf8(&rest[zero + 1..]).ok()?))
 }
 
 pub fn snapshot(user: UserId, id: u64) -> Vec<u8> {

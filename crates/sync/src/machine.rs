@@ -19,8 +19,8 @@ use crate::command::{Command, Reply, direct_chat_id};
 use crate::files;
 use crate::keys;
 use crate::records::{
-    self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta,
-    OutboxRecord, ShardMeta, UserMeta, UserRecord,
+    self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta,
+    UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
@@ -114,10 +114,7 @@ struct ChatState {
 
 impl ChatState {
     fn member(&self, user: UserId) -> Option<MemberRecord> {
-        self.members
-            .binary_search_by_key(&user, |(u, _)| *u)
-            .ok()
-            .map(|i| self.members[i].1)
+        self.members.binary_search_by_key(&user, |(u, _)| *u).ok().map(|i| self.members[i].1)
     }
 }
 
@@ -174,10 +171,7 @@ impl StateMachine for SyncMachine {
     ) -> Result<Vec<u8>, StorageError> {
         let outcome = match codec::decode::<Command>(command) {
             Ok(command) => self.apply_command(shard, command, kv),
-            Err(error) => Err(SyncError::Corrupt {
-                what: "command",
-                reason: error.to_string(),
-            }),
+            Err(error) => Err(SyncError::Corrupt { what: "command", reason: error.to_string() }),
         };
         let reply: Result<Reply, DomainError> = match outcome {
             Ok(reply) => Ok(reply),
@@ -203,8 +197,7 @@ impl StateMachine for SyncMachine {
 
     fn after_round(&mut self) {
         if !self.fresh_outbox.is_empty() {
-            self.signals
-                .publish_outbox(std::mem::take(&mut self.fresh_outbox));
+            self.signals.publish_outbox(std::mem::take(&mut self.fresh_outbox));
         }
         for (user, pts) in std::mem::take(&mut self.updated_users) {
             self.signals.listener.user_updated(user, pts);
@@ -222,9 +215,7 @@ pub(crate) fn get_record<T: DeserializeOwned>(
     what: &'static str,
     key: &[u8],
 ) -> Result<Option<T>, SyncError> {
-    kv.get(key)?
-        .map(|bytes| records::decode(what, &bytes))
-        .transpose()
+    kv.get(key)?.map(|bytes| records::decode(what, &bytes)).transpose()
 }
 
 fn put_record<T: Serialize>(kv: &mut impl KvWrite, key: &[u8], value: &T) {
@@ -235,10 +226,8 @@ fn get_u64(kv: &impl KvRead, key: &[u8]) -> Result<Option<u64>, SyncError> {
     match kv.get(key)? {
         None => Ok(None),
         Some(bytes) => {
-            let array: [u8; 8] = bytes.try_into().map_err(|_| SyncError::Corrupt {
-                what: "counter",
-                reason: "not 8 bytes".into(),
-            })?;
+            let array: [u8; 8] =
+                bytes.try_into().map_err(|_| SyncError::Corrupt { what: "counter", reason: "not 8 bytes".into() })?;
             Ok(Some(u64::from_be_bytes(array)))
         }
     }
@@ -252,10 +241,9 @@ fn put_u64(kv: &mut impl KvWrite, key: &[u8], value: u64) {
 fn edge_u64(kv: &impl KvRead, prefix: &[u8], order: Order) -> Result<Option<u64>, SyncError> {
     match kv.scan(&KeyRange::prefix(prefix), order, 1)?.first() {
         None => Ok(None),
-        Some((key, _)) => keys::last_u64(key).map(Some).ok_or(SyncError::Corrupt {
-            what: "key",
-            reason: "short".into(),
-        }),
+        Some((key, _)) => {
+            keys::last_u64(key).map(Some).ok_or(SyncError::Corrupt { what: "key", reason: "short".into() })
+        }
     }
 }
 
@@ -265,23 +253,14 @@ pub(crate) fn read_last_seq(kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncE
 }
 
 /// A user's position: the first and last update keys. `None` if no such user.
-pub(crate) fn read_user_meta(
-    kv: &impl KvRead,
-    user: UserId,
-) -> Result<Option<UserMeta>, SyncError> {
+pub(crate) fn read_user_meta(kv: &impl KvRead, user: UserId) -> Result<Option<UserMeta>, SyncError> {
     if kv.get(&keys::user(user))?.is_none() {
         return Ok(None);
     }
     let prefix = keys::updates_of(user);
-    let meta = match (
-        edge_u64(kv, &prefix, Order::Ascending)?,
-        edge_u64(kv, &prefix, Order::Descending)?,
-    ) {
+    let meta = match (edge_u64(kv, &prefix, Order::Ascending)?, edge_u64(kv, &prefix, Order::Descending)?) {
         (Some(first_pts), Some(pts)) => UserMeta { pts, first_pts },
-        _ => UserMeta {
-            pts: 0,
-            first_pts: 1,
-        },
+        _ => UserMeta { pts: 0, first_pts: 1 },
     };
     Ok(Some(meta))
 }
@@ -292,41 +271,22 @@ pub(crate) fn read_user_meta(
 /// the outbox is empty (it is written when an acknowledgement empties it).
 pub(crate) fn read_outbox_meta(kv: &impl KvRead, target: ShardId) -> Result<OutboxMeta, SyncError> {
     let prefix = keys::outbox_of(target);
-    match (
-        edge_u64(kv, &prefix, Order::Ascending)?,
-        edge_u64(kv, &prefix, Order::Descending)?,
-    ) {
-        (Some(first), Some(last)) => Ok(OutboxMeta {
-            acked: first - 1,
-            next_seq: last + 1,
-        }),
+    match (edge_u64(kv, &prefix, Order::Ascending)?, edge_u64(kv, &prefix, Order::Descending)?) {
+        (Some(first), Some(last)) => Ok(OutboxMeta { acked: first - 1, next_seq: last + 1 }),
         _ => {
             let acked = get_u64(kv, &keys::outbox_meta(target))?.unwrap_or(0);
-            Ok(OutboxMeta {
-                acked,
-                next_seq: acked + 1,
-            })
+            Ok(OutboxMeta { acked, next_seq: acked + 1 })
         }
     }
 }
 
 /// Members of a chat, bounded by the group size limit, sorted by user id.
-pub(crate) fn scan_members(
-    kv: &impl KvRead,
-    chat: ChatId,
-) -> Result<Vec<(UserId, MemberRecord)>, SyncError> {
-    let pairs = kv.scan(
-        &KeyRange::prefix(&keys::members_of(chat)),
-        Order::Ascending,
-        limits::GROUP_MEMBERS_MAX + 1,
-    )?;
+pub(crate) fn scan_members(kv: &impl KvRead, chat: ChatId) -> Result<Vec<(UserId, MemberRecord)>, SyncError> {
+    let pairs = kv.scan(&KeyRange::prefix(&keys::members_of(chat)), Order::Ascending, limits::GROUP_MEMBERS_MAX + 1)?;
     pairs
         .into_iter()
         .map(|(key, value)| {
-            let user = keys::last_u64(&key).ok_or(SyncError::Corrupt {
-                what: "member key",
-                reason: "short".into(),
-            })?;
+            let user = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "member key", reason: "short".into() })?;
             Ok((UserId(user), records::decode("member", &value)?))
         })
         .collect()
@@ -346,25 +306,19 @@ impl SyncMachine {
         let Some(record) = get_record::<ChatRecord>(kv, "chat", &keys::chat(chat))? else {
             return Ok(None);
         };
-        let state = ChatState {
-            record,
-            members: scan_members(kv, chat)?,
-        };
+        let state = ChatState { record, members: scan_members(kv, chat)? };
         self.chats.insert(chat, state.clone(), state.members.len());
         Ok(Some(state))
     }
 
     fn existing_chat(&mut self, kv: &impl KvRead, chat: ChatId) -> Result<ChatState, SyncError> {
-        self.chat(kv, chat)?
-            .ok_or(SyncError::Domain(DomainError::ChatNotFound))
+        self.chat(kv, chat)?.ok_or(SyncError::Domain(DomainError::ChatNotFound))
     }
 
     fn group(&mut self, kv: &impl KvRead, chat: ChatId) -> Result<ChatState, SyncError> {
         let state = self.existing_chat(kv, chat)?;
         if state.record.kind != ChatKind::Group {
-            return refuse(DomainError::PermissionDenied(
-                "the members of a direct chat do not change".into(),
-            ));
+            return refuse(DomainError::PermissionDenied("the members of a direct chat do not change".into()));
         }
         Ok(state)
     }
@@ -389,18 +343,11 @@ impl SyncMachine {
             put_record(kv, &keys::member(chat, *user), member);
         }
         let weight = members.len();
-        self.chats
-            .insert(chat, ChatState { record, members }, weight);
+        self.chats.insert(chat, ChatState { record, members }, weight);
         self.last_seqs.insert(chat, 0, 1);
     }
 
-    fn put_member(
-        &mut self,
-        kv: &mut impl KvWrite,
-        chat: ChatId,
-        user: UserId,
-        member: MemberRecord,
-    ) {
+    fn put_member(&mut self, kv: &mut impl KvWrite, chat: ChatId, user: UserId, member: MemberRecord) {
         put_record(kv, &keys::member(chat, user), &member);
         if let Some(state) = self.chats.get_mut(&chat) {
             match state.members.binary_search_by_key(&user, |(u, _)| *u) {
@@ -443,39 +390,22 @@ impl SyncMachine {
 }
 
 fn role_in(state: &ChatState, user: UserId) -> Result<Role, SyncError> {
-    state
-        .member(user)
-        .map(|m| m.role)
-        .ok_or(SyncError::Domain(DomainError::NotMember))
+    state.member(user).map(|m| m.role).ok_or(SyncError::Domain(DomainError::NotMember))
 }
 
 // ---- commands ----------------------------------------------------------------------
 
 impl SyncMachine {
-    fn apply_command(
-        &mut self,
-        shard: ShardId,
-        command: Command,
-        kv: &mut impl KvWrite,
-    ) -> Result<Reply, SyncError> {
+    fn apply_command(&mut self, shard: ShardId, command: Command, kv: &mut impl KvWrite) -> Result<Reply, SyncError> {
         if command.shard(&self.placement) != shard {
-            return refuse(DomainError::Internal(format!(
-                "command for another shard arrived at shard {shard}"
-            )));
+            return refuse(DomainError::Internal(format!("command for another shard arrived at shard {shard}")));
         }
         match command {
-            Command::SignUp {
-                username_key,
-                username,
-                display_name,
-                password_phc,
-                now_ms,
-            } => {
+            Command::SignUp { username_key, username, display_name, password_phc, now_ms } => {
                 if kv.get(&keys::username(&username_key))?.is_some() {
                     return refuse(DomainError::UsernameTaken);
                 }
-                let mut meta: ShardMeta =
-                    get_record(kv, "shard meta", &keys::shard_meta())?.unwrap_or_default();
+                let mut meta: ShardMeta = get_record(kv, "shard meta", &keys::shard_meta())?.unwrap_or_default();
                 let user = self.placement.user_id_for(shard, meta.users_created);
                 meta.users_created += 1;
                 put_record(kv, &keys::shard_meta(), &meta);
@@ -483,31 +413,13 @@ impl SyncMachine {
                 put_record(
                     kv,
                     &keys::user(user),
-                    &UserRecord {
-                        username,
-                        display_name,
-                        password_phc,
-                        created_ms: now_ms,
-                    },
+                    &UserRecord { username, display_name, password_phc, created_ms: now_ms },
                 );
-                self.users.insert(
-                    user,
-                    UserMeta {
-                        pts: 0,
-                        first_pts: 1,
-                    },
-                    1,
-                );
+                self.users.insert(user, UserMeta { pts: 0, first_pts: 1 }, 1);
                 Ok(Reply::SignedUp { user })
             }
 
-            Command::CreateSession {
-                user,
-                device,
-                name,
-                token_hash,
-                now_ms,
-            } => {
+            Command::CreateSession { user, device, name, token_hash, now_ms } => {
                 if self.user_meta(kv, user)?.is_none() {
                     return refuse(DomainError::UserNotFound);
                 }
@@ -525,15 +437,7 @@ impl SyncMachine {
                 if kv.get(&keys::device(user, device))?.is_some() {
                     return refuse(DomainError::Conflict("device id in use".into()));
                 }
-                put_record(
-                    kv,
-                    &keys::device(user, device),
-                    &DeviceRecord {
-                        name,
-                        token_hash,
-                        created_ms: now_ms,
-                    },
-                );
+                put_record(kv, &keys::device(user, device), &DeviceRecord { name, token_hash, created_ms: now_ms });
                 Ok(Reply::Done)
             }
 
@@ -548,22 +452,15 @@ impl SyncMachine {
 
             Command::CreateDirect { chat, a, b, now_ms } => {
                 if a == b {
-                    return refuse(DomainError::InvalidArgument(
-                        "a direct chat needs two different people".into(),
-                    ));
+                    return refuse(DomainError::InvalidArgument("a direct chat needs two different people".into()));
                 }
                 if chat != direct_chat_id(&self.placement, a, b) {
-                    return refuse(DomainError::Internal(
-                        "direct chat id does not match its pair".into(),
-                    ));
+                    return refuse(DomainError::Internal("direct chat id does not match its pair".into()));
                 }
                 let pair = if a < b { (a, b) } else { (b, a) };
                 if let Some(existing) = self.chat(kv, chat)? {
                     return if existing.record.pair == Some(pair) {
-                        Ok(Reply::Chat {
-                            chat,
-                            created: false,
-                        })
+                        Ok(Reply::Chat { chat, created: false })
                     } else {
                         refuse(DomainError::Conflict("chat id in use".into()))
                     };
@@ -576,38 +473,17 @@ impl SyncMachine {
                     member_count: 2,
                     created_ms: now_ms,
                 };
-                let member = MemberRecord {
-                    role: Role::Member,
-                    read_seq: 0,
-                    joined_ms: now_ms,
-                };
+                let member = MemberRecord { role: Role::Member, read_seq: 0, joined_ms: now_ms };
                 self.create_chat(kv, chat, record, vec![(pair.0, member), (pair.1, member)]);
-                self.emit(
-                    shard,
-                    kv,
-                    [a, b].map(|user| (user, UpdateKind::ChatJoined { chat })),
-                )?;
-                Ok(Reply::Chat {
-                    chat,
-                    created: true,
-                })
+                self.emit(shard, kv, [a, b].map(|user| (user, UpdateKind::ChatJoined { chat })))?;
+                Ok(Reply::Chat { chat, created: true })
             }
 
-            Command::CreateGroup {
-                chat,
-                owner,
-                title,
-                now_ms,
-            } => {
+            Command::CreateGroup { chat, owner, title, now_ms } => {
                 text::check_label("a group title", &title, limits::GROUP_TITLE_CHARS_MAX, true)?;
                 if let Some(existing) = self.chat(kv, chat)? {
-                    return if existing.record.kind == ChatKind::Group
-                        && existing.record.creator == owner
-                    {
-                        Ok(Reply::Chat {
-                            chat,
-                            created: false,
-                        })
+                    return if existing.record.kind == ChatKind::Group && existing.record.creator == owner {
+                        Ok(Reply::Chat { chat, created: false })
                     } else {
                         refuse(DomainError::Conflict("chat id in use".into()))
                     };
@@ -620,30 +496,16 @@ impl SyncMachine {
                     member_count: 1,
                     created_ms: now_ms,
                 };
-                let member = MemberRecord {
-                    role: Role::Owner,
-                    read_seq: 0,
-                    joined_ms: now_ms,
-                };
+                let member = MemberRecord { role: Role::Owner, read_seq: 0, joined_ms: now_ms };
                 self.create_chat(kv, chat, record, vec![(owner, member)]);
                 self.emit(shard, kv, [(owner, UpdateKind::ChatJoined { chat })])?;
-                Ok(Reply::Chat {
-                    chat,
-                    created: true,
-                })
+                Ok(Reply::Chat { chat, created: true })
             }
 
-            Command::AddMember {
-                chat,
-                actor,
-                user,
-                now_ms,
-            } => {
+            Command::AddMember { chat, actor, user, now_ms } => {
                 let mut state = self.group(kv, chat)?;
                 if role_in(&state, actor)? < Role::Admin {
-                    return refuse(DomainError::PermissionDenied(
-                        "only the owner and admins add members".into(),
-                    ));
+                    return refuse(DomainError::PermissionDenied("only the owner and admins add members".into()));
                 }
                 if state.member(user).is_some() {
                     return refuse(DomainError::AlreadyMember);
@@ -656,23 +518,9 @@ impl SyncMachine {
                 }
                 state.record.member_count += 1;
                 self.put_chat_record(kv, chat, &state.record);
-                self.put_member(
-                    kv,
-                    chat,
-                    user,
-                    MemberRecord {
-                        role: Role::Member,
-                        read_seq: 0,
-                        joined_ms: now_ms,
-                    },
-                );
+                self.put_member(kv, chat, user, MemberRecord { role: Role::Member, read_seq: 0, joined_ms: now_ms });
                 let mut updates = vec![(user, UpdateKind::ChatJoined { chat })];
-                updates.extend(
-                    state
-                        .members
-                        .iter()
-                        .map(|(other, _)| (*other, UpdateKind::MembersChanged { chat })),
-                );
+                updates.extend(state.members.iter().map(|(other, _)| (*other, UpdateKind::MembersChanged { chat })));
                 self.emit(shard, kv, updates)?;
                 Ok(Reply::Done)
             }
@@ -680,15 +528,11 @@ impl SyncMachine {
             Command::RemoveMember { chat, actor, user } => {
                 let mut state = self.group(kv, chat)?;
                 if actor == user {
-                    return refuse(DomainError::InvalidArgument(
-                        "to remove yourself, leave the chat".into(),
-                    ));
+                    return refuse(DomainError::InvalidArgument("to remove yourself, leave the chat".into()));
                 }
                 let actor_role = role_in(&state, actor)?;
                 let Some(target) = state.member(user) else {
-                    return refuse(DomainError::InvalidArgument(
-                        "that person is not a member".into(),
-                    ));
+                    return refuse(DomainError::InvalidArgument("that person is not a member".into()));
                 };
                 if actor_role < Role::Admin || target.role >= actor_role {
                     return refuse(DomainError::PermissionDenied(
@@ -710,46 +554,26 @@ impl SyncMachine {
                 Ok(Reply::Done)
             }
 
-            Command::SetRole {
-                chat,
-                actor,
-                user,
-                role,
-            } => {
+            Command::SetRole { chat, actor, user, role } => {
                 let state = self.group(kv, chat)?;
                 if role_in(&state, actor)? != Role::Owner {
-                    return refuse(DomainError::PermissionDenied(
-                        "only the owner changes roles".into(),
-                    ));
+                    return refuse(DomainError::PermissionDenied("only the owner changes roles".into()));
                 }
                 if actor == user {
-                    return refuse(DomainError::InvalidArgument(
-                        "the owner hands ownership to another member".into(),
-                    ));
+                    return refuse(DomainError::InvalidArgument("the owner hands ownership to another member".into()));
                 }
                 let Some(mut target) = state.member(user) else {
-                    return refuse(DomainError::InvalidArgument(
-                        "that person is not a member".into(),
-                    ));
+                    return refuse(DomainError::InvalidArgument("that person is not a member".into()));
                 };
                 if role == Role::Owner {
                     // Handing over ownership: the old owner stays as an admin.
-                    let mut old_owner = state
-                        .member(actor)
-                        .ok_or(SyncError::Domain(DomainError::NotMember))?;
+                    let mut old_owner = state.member(actor).ok_or(SyncError::Domain(DomainError::NotMember))?;
                     old_owner.role = Role::Admin;
                     self.put_member(kv, chat, actor, old_owner);
                 }
                 target.role = role;
                 self.put_member(kv, chat, user, target);
-                self.emit(
-                    shard,
-                    kv,
-                    state
-                        .members
-                        .iter()
-                        .map(|(m, _)| (*m, UpdateKind::MembersChanged { chat })),
-                )?;
+                self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::MembersChanged { chat })))?;
                 Ok(Reply::Done)
             }
 
@@ -759,17 +583,11 @@ impl SyncMachine {
                 self.delete_member(kv, chat, user);
                 state.record.member_count -= 1;
                 self.put_chat_record(kv, chat, &state.record);
-                let remaining: Vec<(UserId, MemberRecord)> = state
-                    .members
-                    .iter()
-                    .copied()
-                    .filter(|(m, _)| *m != user)
-                    .collect();
+                let remaining: Vec<(UserId, MemberRecord)> =
+                    state.members.iter().copied().filter(|(m, _)| *m != user).collect();
                 if role == Role::Owner
-                    && let Some((heir, mut record)) = remaining
-                        .iter()
-                        .copied()
-                        .max_by_key(|(id, m)| (m.role, std::cmp::Reverse((m.joined_ms, *id))))
+                    && let Some((heir, mut record)) =
+                        remaining.iter().copied().max_by_key(|(id, m)| (m.role, std::cmp::Reverse((m.joined_ms, *id))))
                 {
                     // The group keeps an owner: the senior admin, else the
                     // longest-standing member.
@@ -777,92 +595,46 @@ impl SyncMachine {
                     self.put_member(kv, chat, heir, record);
                 }
                 let mut updates = vec![(user, UpdateKind::ChatLeft { chat })];
-                updates.extend(
-                    remaining
-                        .iter()
-                        .map(|(other, _)| (*other, UpdateKind::MembersChanged { chat })),
-                );
+                updates.extend(remaining.iter().map(|(other, _)| (*other, UpdateKind::MembersChanged { chat })));
                 self.emit(shard, kv, updates)?;
                 Ok(Reply::Done)
             }
 
-            Command::Send {
-                chat,
-                sender,
-                client_msg_id,
-                text,
-                now_ms,
-            } => {
+            Command::Send { chat, sender, client_msg_id, text, now_ms } => {
                 let state = self.existing_chat(kv, chat)?;
                 role_in(&state, sender)?;
                 let dedup_key = keys::dedup(chat, sender, client_msg_id);
                 if let Some(seq) = get_u64(kv, &dedup_key)? {
                     // A retry: answer with the first result, make nothing new.
                     let first: MessageRecord =
-                        get_record(kv, "message", &keys::message(chat, seq))?.ok_or(
-                            SyncError::Corrupt {
-                                what: "message",
-                                reason: format!("dedup points at missing seq {seq}"),
-                            },
-                        )?;
-                    return Ok(Reply::Sent {
-                        seq,
-                        date_ms: first.date_ms,
-                    });
+                        get_record(kv, "message", &keys::message(chat, seq))?.ok_or(SyncError::Corrupt {
+                            what: "message",
+                            reason: format!("dedup points at missing seq {seq}"),
+                        })?;
+                    return Ok(Reply::Sent { seq, date_ms: first.date_ms });
                 }
                 text::check_message_text(&text)?;
                 let seq = self.last_seq(kv, chat)? + 1;
-                let record = MessageRecord {
-                    sender,
-                    date_ms: now_ms,
-                    text,
-                    edit_date_ms: None,
-                    deleted: false,
-                };
+                let record = MessageRecord { sender, date_ms: now_ms, text, edit_date_ms: None, deleted: false };
                 put_record(kv, &keys::message(chat, seq), &record);
                 put_u64(kv, &dedup_key, seq);
                 self.last_seqs.insert(chat, seq, 1);
-                self.emit(
-                    shard,
-                    kv,
-                    state
-                        .members
-                        .iter()
-                        .map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })),
-                )?;
-                Ok(Reply::Sent {
-                    seq,
-                    date_ms: now_ms,
-                })
+                self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
+                Ok(Reply::Sent { seq, date_ms: now_ms })
             }
 
-            Command::Edit {
-                chat,
-                actor,
-                seq,
-                text,
-                now_ms,
-            } => {
+            Command::Edit { chat, actor, seq, text, now_ms } => {
                 let state = self.existing_chat(kv, chat)?;
                 role_in(&state, actor)?;
                 let mut message = live_message(kv, chat, seq)?;
                 if message.sender != actor {
-                    return refuse(DomainError::PermissionDenied(
-                        "only the sender edits a message".into(),
-                    ));
+                    return refuse(DomainError::PermissionDenied("only the sender edits a message".into()));
                 }
                 text::check_message_text(&text)?;
                 message.text = text;
                 message.edit_date_ms = Some(now_ms);
                 put_record(kv, &keys::message(chat, seq), &message);
-                self.emit(
-                    shard,
-                    kv,
-                    state
-                        .members
-                        .iter()
-                        .map(|(m, _)| (*m, UpdateKind::MessageEdited { chat, seq })),
-                )?;
+                self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::MessageEdited { chat, seq })))?;
                 Ok(Reply::Done)
             }
 
@@ -883,10 +655,7 @@ impl SyncMachine {
                 self.emit(
                     shard,
                     kv,
-                    state
-                        .members
-                        .iter()
-                        .map(|(m, _)| (*m, UpdateKind::MessageDeleted { chat, seq })),
+                    state.members.iter().map(|(m, _)| (*m, UpdateKind::MessageDeleted { chat, seq })),
                 )?;
                 Ok(Reply::Done)
             }
@@ -901,84 +670,40 @@ impl SyncMachine {
                 let target = seq.min(self.last_seq(kv, chat)?);
                 if target <= member.read_seq {
                     // Never backwards: answer with where the marker already is.
-                    return Ok(Reply::ReadMarker {
-                        seq: member.read_seq,
-                    });
+                    return Ok(Reply::ReadMarker { seq: member.read_seq });
                 }
                 member.read_seq = target;
                 self.put_member(kv, chat, user, member);
                 self.emit(
                     shard,
                     kv,
-                    state.members.iter().map(|(m, _)| {
-                        (
-                            *m,
-                            UpdateKind::ReadUpTo {
-                                chat,
-                                reader: user,
-                                seq: target,
-                            },
-                        )
-                    }),
+                    state.members.iter().map(|(m, _)| (*m, UpdateKind::ReadUpTo { chat, reader: user, seq: target })),
                 )?;
                 Ok(Reply::ReadMarker { seq: target })
             }
 
-            Command::PutFile {
-                user,
-                path,
-                manifest,
-                quota_bytes,
-                now_ms,
-            } => files::put_file(kv, user, &path, manifest, quota_bytes, now_ms),
-            Command::MovePath {
-                user,
-                from,
-                to,
-                now_ms,
-            } => files::move_path(kv, user, &from, &to, now_ms),
+            Command::PutFile { user, path, manifest, quota_bytes, now_ms } => {
+                files::put_file(kv, user, &path, manifest, quota_bytes, now_ms)
+            }
+            Command::MovePath { user, from, to, now_ms } => files::move_path(kv, user, &from, &to, now_ms),
             Command::DeletePath { user, path } => files::delete_path(kv, user, &path),
-            Command::AddSnapshot {
-                user,
-                label,
-                parent,
-                tree,
-                stats,
-                added_bytes,
-                quota_bytes,
-                now_ms,
-            } => {
-                let new = files::NewSnapshot {
-                    label,
-                    parent,
-                    tree,
-                    stats,
-                    added_bytes,
-                };
+            Command::AddSnapshot { user, label, parent, tree, stats, added_bytes, quota_bytes, now_ms } => {
+                let new = files::NewSnapshot { label, parent, tree, stats, added_bytes };
                 files::add_snapshot(kv, user, new, quota_bytes, now_ms)
             }
             Command::ForgetSnapshots { user, ids } => files::forget_snapshots(kv, user, &ids),
 
-            Command::Deliver {
-                source,
-                target: _,
-                records,
-            } => self.deliver(shard, kv, vec![(source, records)]),
+            Command::Deliver { source, target: _, records } => self.deliver(shard, kv, vec![(source, records)]),
             Command::DeliverMany { target: _, batches } => self.deliver(shard, kv, batches),
 
-            Command::OutboxAck {
-                source: _,
-                target,
-                through,
-            } => {
+            Command::OutboxAck { source: _, target, through } => {
                 let mut meta = read_outbox_meta(kv, target)?;
                 if let Some(next) = self.outbox_next.get(&(shard, target)) {
                     meta.next_seq = meta.next_seq.max(*next);
                 }
                 // Bounded: a delivery never carries more than this many records.
-                let through = through
-                    .min(meta.next_seq - 1)
-                    .min(meta.acked + limits::OUTBOX_RECORDS_PER_DELIVERY_MAX as u64);
+                let through =
+                    through.min(meta.next_seq - 1).min(meta.acked + limits::OUTBOX_RECORDS_PER_DELIVERY_MAX as u64);
                 if through <= meta.acked {
                     return Ok(Reply::Done);
                 }
@@ -1004,8 +729,7 @@ impl SyncMachine {
     ) -> Result<Reply, SyncError> {
         let mut inbox = match self.inboxes.get(&shard) {
             Some(inbox) => inbox.clone(),
-            None => get_record::<InboxMarks>(kv, "inbox marks", &keys::inbox_marks())?
-                .unwrap_or_default(),
+            None => get_record::<InboxMarks>(kv, "inbox marks", &keys::inbox_marks())?.unwrap_or_default(),
         };
         for (source, records) in batches {
             let mut last = inbox.marks.get(&source.0).copied().unwrap_or(0);
@@ -1053,21 +777,13 @@ impl SyncMachine {
             let record = OutboxRecord { items };
             put_record(kv, &keys::outbox(target, next), &record);
             self.outbox_next.insert((shard, target), next + 1, 1);
-            self.fresh_outbox
-                .entry((shard, target))
-                .or_default()
-                .push_back((next, record));
+            self.fresh_outbox.entry((shard, target)).or_default().push_back((next, record));
         }
         Ok(())
     }
 
     /// Appends one update to a user's sequence, trimming the oldest beyond retention.
-    fn append_update(
-        &mut self,
-        kv: &mut impl KvWrite,
-        user: UserId,
-        kind: UpdateKind,
-    ) -> Result<(), SyncError> {
+    fn append_update(&mut self, kv: &mut impl KvWrite, user: UserId, kind: UpdateKind) -> Result<(), SyncError> {
         let Some(mut meta) = self.user_meta(kv, user)? else {
             tracing::warn!(%user, "update for a user this shard does not hold; dropped");
             return Ok(());
@@ -1080,8 +796,7 @@ impl SyncMachine {
         }
         put_record(kv, &keys::update(user, meta.pts), &kind);
         let mut trimmed = 0;
-        while meta.pts + 1 - meta.first_pts > self.updates_retained
-            && trimmed < limits::UPDATES_TRIMMED_PER_APPEND_MAX
+        while meta.pts + 1 - meta.first_pts > self.updates_retained && trimmed < limits::UPDATES_TRIMMED_PER_APPEND_MAX
         {
             kv.delete(&keys::update(user, meta.first_pts));
             meta.first_pts += 1;

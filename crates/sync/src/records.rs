@@ -21,18 +21,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, SyncError> {
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => codec::decode(body).map_err(|e| SyncError::Corrupt {
-            what,
-            reason: e.to_string(),
-        }),
-        Some((version, _)) => Err(SyncError::Corrupt {
-            what,
-            reason: format!("unknown record version {version}"),
-        }),
-        None => Err(SyncError::Corrupt {
-            what,
-            reason: "empty record".into(),
-        }),
+        Some((&RECORD_VERSION, body)) => {
+            codec::decode(body).map_err(|e| SyncError::Corrupt { what, reason: e.to_string() })
+        }
+        Some((version, _)) => Err(SyncError::Corrupt { what, reason: format!("unknown record version {version}") }),
+        None => Err(SyncError::Corrupt { what, reason: "empty record".into() }),
     }
 }
 

@@ -16,18 +16,14 @@
 use crate::command::{Command, Reply};
 use crate::files;
 use crate::keys;
-use crate::machine::{
-    Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members,
-};
+use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members};
 use crate::records::{
-    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord,
-    UserMeta, UserRecord,
+    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{ChunkList, FileEntry, FolderPage, SnapshotInfo};
 use hamgam_proto::{
-    ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update,
-    UpdateKind, codec,
+    ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update, UpdateKind, codec,
 };
 use hamgam_raftstore::{RaftHandle, ShardReader};
 use hamgam_storage::{KeyRange, KvRead, Order};
@@ -63,18 +59,8 @@ const UPDATE_BYTES: usize = 32;
 const DELIVERY_BYTES_MAX: usize = limits::COMMAND_BYTES_MAX / 2;
 
 impl SyncService {
-    pub fn new(
-        raft: RaftHandle,
-        placement: Placement,
-        node: NodeId,
-        signals: Arc<Signals>,
-    ) -> SyncService {
-        SyncService {
-            raft,
-            placement,
-            node,
-            signals,
-        }
+    pub fn new(raft: RaftHandle, placement: Placement, node: NodeId, signals: Arc<Signals>) -> SyncService {
+        SyncService { raft, placement, node, signals }
     }
 
     pub fn placement(&self) -> &Placement {
@@ -88,45 +74,30 @@ impl SyncService {
     /// Runs a command on its shard and returns the domain's reply.
     pub async fn execute(&self, command: Command) -> Result<Reply, SyncError> {
         let shard = command.shard(&self.placement);
-        let bytes = codec::encode(&command).map_err(|e| SyncError::Corrupt {
-            what: "command",
-            reason: e.to_string(),
-        })?;
+        let bytes =
+            codec::encode(&command).map_err(|e| SyncError::Corrupt { what: "command", reason: e.to_string() })?;
         let timeout = Duration::from_millis(limits::REQUEST_COMMIT_TIMEOUT_MS);
-        let answer = tokio::time::timeout(timeout, self.raft.propose(shard, bytes))
-            .await
-            .map_err(|_| SyncError::Timeout)??;
+        let answer =
+            tokio::time::timeout(timeout, self.raft.propose(shard, bytes)).await.map_err(|_| SyncError::Timeout)??;
         let reply: Result<Reply, DomainError> =
-            codec::decode(&answer).map_err(|e| SyncError::Corrupt {
-                what: "reply",
-                reason: e.to_string(),
-            })?;
+            codec::decode(&answer).map_err(|e| SyncError::Corrupt { what: "reply", reason: e.to_string() })?;
         Ok(reply?)
     }
 
     /// Waits until this node's state of `user`'s shard holds every write
     /// acknowledged anywhere before the call.
     pub async fn fresh_user(&self, user: UserId) -> Result<(), SyncError> {
-        Ok(self
-            .raft
-            .read_index(self.placement.shard_of_user(user))
-            .await?)
+        Ok(self.raft.read_index(self.placement.shard_of_user(user)).await?)
     }
 
     /// As [`SyncService::fresh_user`], for a chat's shard.
     pub async fn fresh_chat(&self, chat: ChatId) -> Result<(), SyncError> {
-        Ok(self
-            .raft
-            .read_index(self.placement.shard_of_chat(chat))
-            .await?)
+        Ok(self.raft.read_index(self.placement.shard_of_chat(chat)).await?)
     }
 
     /// As [`SyncService::fresh_user`], for the shard of a username's index.
     pub async fn fresh_username(&self, username_key: &str) -> Result<(), SyncError> {
-        Ok(self
-            .raft
-            .read_index(self.placement.shard_of_username(username_key))
-            .await?)
+        Ok(self.raft.read_index(self.placement.shard_of_username(username_key)).await?)
     }
 
     fn user_reader(&self, user: UserId) -> ShardReader {
@@ -152,8 +123,7 @@ impl SyncService {
         after: Option<&str>,
         limit: u32,
     ) -> Result<FolderPage, SyncError> {
-        let (entries, more) =
-            files::list_folder(&self.user_reader(user), user, path, after, limit as usize)?;
+        let (entries, more) = files::list_folder(&self.user_reader(user), user, path, after, limit as usize)?;
         Ok(FolderPage { entries, more })
     }
 
@@ -177,16 +147,13 @@ impl SyncService {
     // ---- users and devices ---------------------------------------------------
 
     pub fn user_by_username(&self, username_key: &str) -> Result<Option<UserId>, SyncError> {
-        let reader = self
-            .raft
-            .reader(self.placement.shard_of_username(username_key));
+        let reader = self.raft.reader(self.placement.shard_of_username(username_key));
         match reader.get(&keys::username(username_key))? {
             None => Ok(None),
             Some(bytes) => {
-                let id: [u8; 8] = bytes.try_into().map_err(|_| SyncError::Corrupt {
-                    what: "username index",
-                    reason: "not 8 bytes".into(),
-                })?;
+                let id: [u8; 8] = bytes
+                    .try_into()
+                    .map_err(|_| SyncError::Corrupt { what: "username index", reason: "not 8 bytes".into() })?;
                 Ok(Some(UserId(u64::from_be_bytes(id))))
             }
         }
@@ -201,16 +168,8 @@ impl SyncService {
         read_user_meta(&self.user_reader(user), user)
     }
 
-    pub fn device(
-        &self,
-        user: UserId,
-        device: DeviceId,
-    ) -> Result<Option<DeviceRecord>, SyncError> {
-        get_record(
-            &self.user_reader(user),
-            "device",
-            &keys::device(user, device),
-        )
+    pub fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, SyncError> {
+        get_record(&self.user_reader(user), "device", &keys::device(user, device))
     }
 
     pub fn devices(&self, user: UserId) -> Result<Vec<(DeviceId, DeviceRecord)>, SyncError> {
@@ -222,10 +181,8 @@ impl SyncService {
         pairs
             .into_iter()
             .map(|(key, value)| {
-                let id = keys::last_u64(&key).ok_or(SyncError::Corrupt {
-                    what: "device key",
-                    reason: "short".into(),
-                })?;
+                let id =
+                    keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "device key", reason: "short".into() })?;
                 Ok((DeviceId(id), records::decode("device", &value)?))
             })
             .collect()
@@ -248,16 +205,13 @@ impl SyncService {
     /// The caller's membership, or `NotMember` (also for chats that do not exist,
     /// so outsiders cannot probe which chats exist).
     fn require_member(&self, chat: ChatId, viewer: UserId) -> Result<MemberRecord, SyncError> {
-        self.member(chat, viewer)?
-            .ok_or(SyncError::Domain(DomainError::NotMember))
+        self.member(chat, viewer)?.ok_or(SyncError::Domain(DomainError::NotMember))
     }
 
     /// A chat as `viewer` sees it; only for members.
     pub fn chat_info(&self, chat: ChatId, viewer: UserId) -> Result<ChatInfo, SyncError> {
         let member = self.require_member(chat, viewer)?;
-        let record = self
-            .chat_record(chat)?
-            .ok_or(SyncError::Domain(DomainError::ChatNotFound))?;
+        let record = self.chat_record(chat)?.ok_or(SyncError::Domain(DomainError::ChatNotFound))?;
         Ok(ChatInfo {
             chat,
             kind: record.kind,
@@ -275,21 +229,12 @@ impl SyncService {
         self.require_member(chat, viewer)?;
         Ok(scan_members(&self.chat_reader(chat), chat)?
             .into_iter()
-            .map(|(user, m)| MemberInfo {
-                user,
-                role: m.role,
-                read_seq: m.read_seq,
-            })
+            .map(|(user, m)| MemberInfo { user, role: m.role, read_seq: m.read_seq })
             .collect())
     }
 
     /// The caller's chats in id order after `after`, with the pts to sync from.
-    pub fn list_chats(
-        &self,
-        user: UserId,
-        after: Option<ChatId>,
-        limit: u32,
-    ) -> Result<ChatList, SyncError> {
+    pub fn list_chats(&self, user: UserId, after: Option<ChatId>, limit: u32) -> Result<ChatList, SyncError> {
         // Read pts first: anything that changes after it is in the next sync.
         let pts = self.user_meta(user)?.map_or(0, |m| m.pts);
         let limit = (limit as usize).clamp(1, limits::CHAT_LIST_PAGE_MAX);
@@ -299,10 +244,7 @@ impl SyncService {
             Some(after) => {
                 let mut start = keys::dialog(user, after);
                 start.push(0); // the first key after `after`
-                KeyRange {
-                    start,
-                    end: KeyRange::prefix(&prefix).end,
-                }
+                KeyRange { start, end: KeyRange::prefix(&prefix).end }
             }
         };
         let reader = self.user_reader(user);
@@ -310,10 +252,8 @@ impl SyncService {
         let more = dialogs.len() > limit;
         let mut chats = Vec::with_capacity(limit);
         for (key, _) in dialogs.into_iter().take(limit) {
-            let chat = ChatId(keys::last_u64(&key).ok_or(SyncError::Corrupt {
-                what: "dialog key",
-                reason: "short".into(),
-            })?);
+            let chat =
+                ChatId(keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "dialog key", reason: "short".into() })?);
             match self.chat_info(chat, user) {
                 Ok(info) => chats.push(info),
                 // The leave is applied in the chat's shard before the dialog
@@ -322,26 +262,14 @@ impl SyncService {
                 Err(other) => return Err(other),
             }
         }
-        let next_after = if more {
-            chats.last().map(|c| c.chat)
-        } else {
-            None
-        };
-        Ok(ChatList {
-            chats,
-            pts,
-            next_after,
-        })
+        let next_after = if more { chats.last().map(|c| c.chat) } else { None };
+        Ok(ChatList { chats, pts, next_after })
     }
 
     // ---- messages ----------------------------------------------------------------
 
     fn message(&self, chat: ChatId, seq: u64) -> Result<Option<Message>, SyncError> {
-        let record: Option<MessageRecord> = get_record(
-            &self.chat_reader(chat),
-            "message",
-            &keys::message(chat, seq),
-        )?;
+        let record: Option<MessageRecord> = get_record(&self.chat_reader(chat), "message", &keys::message(chat, seq))?;
         Ok(record.map(|r| to_message(chat, seq, r)))
     }
 
@@ -357,14 +285,10 @@ impl SyncService {
         let limit = (limit as usize).clamp(1, limits::HISTORY_PAGE_MAX);
         let last_seq = self.last_seq(chat)?;
         let (range, order) = match anchor {
-            HistoryAnchor::Latest => (
-                KeyRange::prefix(&keys::messages_of(chat)),
-                Order::Descending,
-            ),
-            HistoryAnchor::Before(seq) => (
-                KeyRange::between(&keys::message(chat, 0), &keys::message(chat, seq)),
-                Order::Descending,
-            ),
+            HistoryAnchor::Latest => (KeyRange::prefix(&keys::messages_of(chat)), Order::Descending),
+            HistoryAnchor::Before(seq) => {
+                (KeyRange::between(&keys::message(chat, 0), &keys::message(chat, seq)), Order::Descending)
+            }
             HistoryAnchor::After(seq) => (
                 KeyRange {
                     start: keys::message(chat, seq.saturating_add(1)),
@@ -377,10 +301,8 @@ impl SyncService {
         let mut messages = pairs
             .into_iter()
             .map(|(key, value)| {
-                let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt {
-                    what: "message key",
-                    reason: "short".into(),
-                })?;
+                let seq =
+                    keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "message key", reason: "short".into() })?;
                 Ok(to_message(chat, seq, records::decode("message", &value)?))
             })
             .collect::<Result<Vec<_>, SyncError>>()?;
@@ -395,47 +317,29 @@ impl SyncService {
                 HistoryAnchor::After(seq) => (seq > 1 && last_seq > 0, false),
             },
         };
-        Ok(MessagePage {
-            messages,
-            more_before,
-            more_after,
-        })
+        Ok(MessagePage { messages, more_before, more_after })
     }
 
     // ---- update sequence -----------------------------------------------------------
 
     /// Everything after `since` in `user`'s update sequence, one bounded page,
     /// with the current state of every message the page points at.
-    pub fn difference(
-        &self,
-        user: UserId,
-        since: u64,
-        limit: u32,
-    ) -> Result<DifferenceOutcome, SyncError> {
-        let meta = self
-            .user_meta(user)?
-            .ok_or(SyncError::Domain(DomainError::UserNotFound))?;
+    pub fn difference(&self, user: UserId, since: u64, limit: u32) -> Result<DifferenceOutcome, SyncError> {
+        let meta = self.user_meta(user)?.ok_or(SyncError::Domain(DomainError::UserNotFound))?;
         if since > meta.pts || since + 1 < meta.first_pts {
             return Ok(DifferenceOutcome::TooLong { pts: meta.pts });
         }
         let limit = (limit as usize).clamp(1, limits::SYNC_PAGE_UPDATES_MAX);
-        let range = KeyRange {
-            start: keys::update(user, since + 1),
-            end: KeyRange::prefix(&keys::updates_of(user)).end,
-        };
-        let pairs = self
-            .user_reader(user)
-            .scan(&range, Order::Ascending, limit)?;
+        let range =
+            KeyRange { start: keys::update(user, since + 1), end: KeyRange::prefix(&keys::updates_of(user)).end };
+        let pairs = self.user_reader(user).scan(&range, Order::Ascending, limit)?;
 
         let mut updates = Vec::with_capacity(pairs.len());
         let mut messages = Vec::new();
         let mut seen: HashSet<(ChatId, u64)> = HashSet::new();
         let mut bytes = 0usize;
         for (key, value) in pairs {
-            let pts = keys::last_u64(&key).ok_or(SyncError::Corrupt {
-                what: "update key",
-                reason: "short".into(),
-            })?;
+            let pts = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "update key", reason: "short".into() })?;
             let kind: UpdateKind = records::decode("update", &value)?;
             let pointer = match &kind {
                 UpdateKind::NewMessage { chat, seq }
@@ -463,12 +367,7 @@ impl SyncService {
             updates.push(Update { pts, kind });
         }
         let pts = updates.last().map_or(since, |u| u.pts);
-        Ok(DifferenceOutcome::Page(Difference {
-            updates,
-            messages,
-            pts,
-            more: pts < meta.pts,
-        }))
+        Ok(DifferenceOutcome::Page(Difference { updates, messages, pts, more: pts < meta.pts }))
     }
 
     // ---- outbox deliverer ------------------------------------------------------------
@@ -482,8 +381,7 @@ impl SyncService {
     pub async fn run_outbox(self, cancel: CancellationToken) {
         self.mark_all_pending_outboxes();
         let retry = Duration::from_millis(limits::OUTBOX_RETRY_MS);
-        let mut ack_tick =
-            tokio::time::interval(Duration::from_millis(limits::OUTBOX_ACK_INTERVAL_MS));
+        let mut ack_tick = tokio::time::interval(Duration::from_millis(limits::OUTBOX_ACK_INTERVAL_MS));
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut pairs: HashMap<(ShardId, ShardId), PairState> = HashMap::new();
         let mut busy_targets: HashSet<ShardId> = HashSet::new();
@@ -539,17 +437,11 @@ impl SyncService {
             }
             // Every dirty pair whose target has no delivery in flight, grouped by target.
             let ready: BTreeMap<ShardId, Vec<ShardId>> = {
-                let mut dirty = self
-                    .signals
-                    .outbox_dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut dirty = self.signals.outbox_dirty.lock().unwrap_or_else(|p| p.into_inner());
                 let mut ready: BTreeMap<ShardId, Vec<ShardId>> = BTreeMap::new();
                 let room = limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(tasks.len());
                 for &(source, target) in dirty.iter() {
-                    if busy_targets.contains(&target)
-                        || (!ready.contains_key(&target) && ready.len() >= room)
-                    {
+                    if busy_targets.contains(&target) || (!ready.contains_key(&target) && ready.len() >= room) {
                         continue;
                     }
                     ready.entry(target).or_default().push(source);
@@ -566,20 +458,13 @@ impl SyncService {
                 let work: Vec<SourceWork> = sources
                     .into_iter()
                     .map(|source| {
-                        (
-                            source,
-                            pairs.entry((source, target)).or_default().next,
-                            self.take_fresh((source, target)),
-                        )
+                        (source, pairs.entry((source, target)).or_default().next, self.take_fresh((source, target)))
                     })
                     .collect();
                 let service = self.clone();
-                tasks.spawn(async move {
-                    TaskDone::Delivered {
-                        target,
-                        results: service.deliver_to(target, work).await,
-                    }
-                });
+                tasks.spawn(
+                    async move { TaskDone::Delivered { target, results: service.deliver_to(target, work).await } },
+                );
             }
             if ack_due {
                 for (pair, state) in pairs.iter_mut() {
@@ -588,14 +473,8 @@ impl SyncService {
                         let (pair, through, service) = (*pair, state.delivered, self.clone());
                         tasks.spawn(async move {
                             let (source, target) = pair;
-                            let result = service
-                                .execute(Command::OutboxAck {
-                                    source,
-                                    target,
-                                    through,
-                                })
-                                .await
-                                .map(|_| through);
+                            let result =
+                                service.execute(Command::OutboxAck { source, target, through }).await.map(|_| through);
                             TaskDone::Acked { pair, result }
                         });
                     }
@@ -606,11 +485,7 @@ impl SyncService {
     }
 
     fn take_fresh(&self, pair: (ShardId, ShardId)) -> Vec<(u64, OutboxRecord)> {
-        let mut queues = self
-            .signals
-            .outbox_fresh
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut queues = self.signals.outbox_fresh.lock().unwrap_or_else(|p| p.into_inner());
         let Some(queue) = queues.get_mut(&pair) else {
             return Vec::new();
         };
@@ -631,11 +506,7 @@ impl SyncService {
         for source in self.placement.all_shards() {
             let reader = self.raft.local_reader(source);
             for target in self.placement.all_shards() {
-                match reader.scan(
-                    &KeyRange::prefix(&keys::outbox_of(target)),
-                    Order::Ascending,
-                    1,
-                ) {
+                match reader.scan(&KeyRange::prefix(&keys::outbox_of(target)), Order::Ascending, 1) {
                     Ok(found) if !found.is_empty() => pending.push((source, target)),
                     Ok(_) => {}
                     Err(error) => tracing::error!(%source, %error, "cannot read outbox state"),
@@ -649,11 +520,7 @@ impl SyncService {
     /// each starting at its `next` (or where the source's outbox says, when
     /// this node does not know). Fresh records are used when they continue
     /// exactly from there; storage is read otherwise.
-    async fn deliver_to(
-        &self,
-        target: ShardId,
-        work: Vec<SourceWork>,
-    ) -> Vec<((ShardId, ShardId), Delivery)> {
+    async fn deliver_to(&self, target: ShardId, work: Vec<SourceWork>) -> Vec<((ShardId, ShardId), Delivery)> {
         let mut outcomes = Vec::with_capacity(work.len());
         let mut batches = Vec::new();
         let mut budget = DELIVERY_BYTES_MAX;
@@ -710,24 +577,17 @@ impl SyncService {
             Some(next) => next,
             None => read_outbox_meta(&reader, target)?.acked + 1,
         };
-        let fresh: Vec<(u64, OutboxRecord)> =
-            fresh.into_iter().filter(|(seq, _)| *seq >= start).collect();
-        let contiguous = fresh.first().is_some_and(|(seq, _)| *seq == start)
-            && fresh.windows(2).all(|w| w[1].0 == w[0].0 + 1);
+        let fresh: Vec<(u64, OutboxRecord)> = fresh.into_iter().filter(|(seq, _)| *seq >= start).collect();
+        let contiguous =
+            fresh.first().is_some_and(|(seq, _)| *seq == start) && fresh.windows(2).all(|w| w[1].0 == w[0].0 + 1);
         if contiguous {
             let bytes: usize = fresh.iter().map(|(_, r)| 16 + 24 * r.items.len()).sum();
             *budget = budget.saturating_sub(bytes);
             return Ok((fresh, false));
         }
-        let range = KeyRange {
-            start: keys::outbox(target, start),
-            end: KeyRange::prefix(&keys::outbox_of(target)).end,
-        };
-        let pairs = reader.scan(
-            &range,
-            Order::Ascending,
-            limits::OUTBOX_RECORDS_PER_DELIVERY_MAX,
-        )?;
+        let range =
+            KeyRange { start: keys::outbox(target, start), end: KeyRange::prefix(&keys::outbox_of(target)).end };
+        let pairs = reader.scan(&range, Order::Ascending, limits::OUTBOX_RECORDS_PER_DELIVERY_MAX)?;
         let found = pairs.len();
         let mut records = Vec::with_capacity(found);
         for (key, value) in pairs {
@@ -735,10 +595,7 @@ impl SyncService {
                 break;
             }
             *budget = budget.saturating_sub(value.len());
-            let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt {
-                what: "outbox key",
-                reason: "short".into(),
-            })?;
+            let seq = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "outbox key", reason: "short".into() })?;
             records.push((seq, records::decode("outbox record", &value)?));
         }
         let more = records.len() < found || found == limits::OUTBOX_RECORDS_PER_DELIVERY_MAX;
@@ -776,14 +633,8 @@ struct PairState {
 }
 
 enum TaskDone {
-    Delivered {
-        target: ShardId,
-        results: Vec<((ShardId, ShardId), Delivery)>,
-    },
-    Acked {
-        pair: (ShardId, ShardId),
-        result: Result<u64, SyncError>,
-    },
+    Delivered { target: ShardId, results: Vec<((ShardId, ShardId), Delivery)> },
+    Acked { pair: (ShardId, ShardId), result: Result<u64, SyncError> },
 }
 
 fn to_message(chat: ChatId, seq: u64, record: MessageRecord) -> Message {

@@ -2,8 +2,7 @@
 //! over an in-memory database.
 
 use crate::{
-    Command, DifferenceOutcome, DomainError, Reply, Signals, SyncError, SyncMachine, SyncService,
-    UpdateListener,
+    Command, DifferenceOutcome, DomainError, Reply, Signals, SyncError, SyncMachine, SyncService, UpdateListener,
 };
 use hamgam_proto::{HistoryAnchor, Role, UpdateKind};
 use hamgam_raftstore::{Store, StoreConfig};
@@ -57,15 +56,8 @@ async fn harness_full(data_shards: u32, retained: u64, deliver: bool) -> Harness
     let signals = Signals::new(recorder.clone());
     let machine = SyncMachine::new(placement, signals.clone()).with_updates_retained(retained);
     let db: Arc<dyn Db> = Arc::new(MemDb::new());
-    let config =
-        StoreConfig::single_node(NodeId(1), dir.path().join("wal"), placement.all_shards());
-    let store = Store::open(
-        config,
-        db,
-        Box::new(machine),
-        Box::new(hamgam_raftstore::NoPeers),
-    )
-    .unwrap();
+    let config = StoreConfig::single_node(NodeId(1), dir.path().join("wal"), placement.all_shards());
+    let store = Store::open(config, db, Box::new(machine), Box::new(hamgam_raftstore::NoPeers)).unwrap();
     for _ in 0..200 {
         if store.handle().all_leaders_known() {
             break;
@@ -77,13 +69,7 @@ async fn harness_full(data_shards: u32, retained: u64, deliver: bool) -> Harness
     if deliver {
         tokio::spawn(service.clone().run_outbox(cancel.clone()));
     }
-    Harness {
-        service,
-        recorder,
-        cancel,
-        store: Some(store),
-        _dir: dir,
-    }
+    Harness { service, recorder, cancel, store: Some(store), _dir: dir }
 }
 
 async fn harness() -> Harness {
@@ -111,48 +97,20 @@ impl Harness {
 
     async fn direct(&self, a: UserId, b: UserId) -> ChatId {
         let chat = crate::direct_chat_id(self.service.placement(), a, b);
-        self.service
-            .execute(Command::CreateDirect {
-                chat,
-                a,
-                b,
-                now_ms: now(),
-            })
-            .await
-            .unwrap();
+        self.service.execute(Command::CreateDirect { chat, a, b, now_ms: now() }).await.unwrap();
         chat
     }
 
     async fn group(&self, owner: UserId, title: &str) -> ChatId {
         let chat = crate::group_chat_id(self.service.placement(), owner, 42);
-        self.service
-            .execute(Command::CreateGroup {
-                chat,
-                owner,
-                title: title.into(),
-                now_ms: now(),
-            })
-            .await
-            .unwrap();
+        self.service.execute(Command::CreateGroup { chat, owner, title: title.into(), now_ms: now() }).await.unwrap();
         chat
     }
 
-    async fn send(
-        &self,
-        chat: ChatId,
-        sender: UserId,
-        client_msg_id: u64,
-        text: &str,
-    ) -> Result<u64, SyncError> {
+    async fn send(&self, chat: ChatId, sender: UserId, client_msg_id: u64, text: &str) -> Result<u64, SyncError> {
         let reply = self
             .service
-            .execute(Command::Send {
-                chat,
-                sender,
-                client_msg_id,
-                text: text.into(),
-                now_ms: now(),
-            })
+            .execute(Command::Send { chat, sender, client_msg_id, text: text.into(), now_ms: now() })
             .await?;
         match reply {
             Reply::Sent { seq, .. } => Ok(seq),
@@ -203,10 +161,7 @@ async fn usernames_are_unique_without_case_and_ids_map_to_their_shard() {
     );
     assert_eq!(error, DomainError::UsernameTaken);
     assert_eq!(h.service.user_by_username("sara").unwrap(), Some(sara));
-    assert_eq!(
-        h.service.placement().shard_of_user(sara),
-        h.service.placement().shard_of_username("sara")
-    );
+    assert_eq!(h.service.placement().shard_of_user(sara), h.service.placement().shard_of_username("sara"));
     assert_eq!(h.service.user(sara).unwrap().unwrap().username, "Sara");
 }
 
@@ -216,155 +171,61 @@ async fn a_direct_chat_delivers_pointers_to_both_people_and_retries_make_no_seco
     let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
     let chat = h.direct(ali, sara).await;
     // Starting the same chat from the other side finds the same chat.
-    let again = h
-        .service
-        .execute(Command::CreateDirect {
-            chat,
-            a: sara,
-            b: ali,
-            now_ms: now(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        again,
-        Reply::Chat {
-            chat,
-            created: false
-        }
-    );
+    let again = h.service.execute(Command::CreateDirect { chat, a: sara, b: ali, now_ms: now() }).await.unwrap();
+    assert_eq!(again, Reply::Chat { chat, created: false });
 
     let text = "سلام، حالت چطوره؟ می‌خواهم فردا ببینمت.";
     assert_eq!(h.send(chat, ali, 7, text).await.unwrap(), 1);
-    assert_eq!(
-        h.send(chat, ali, 7, text).await.unwrap(),
-        1,
-        "a retry returns the first result"
-    );
-    assert_eq!(
-        h.send(chat, sara, 7, "hi").await.unwrap(),
-        2,
-        "client ids are per sender"
-    );
+    assert_eq!(h.send(chat, ali, 7, text).await.unwrap(), 1, "a retry returns the first result");
+    assert_eq!(h.send(chat, sara, 7, "hi").await.unwrap(), 2, "client ids are per sender");
 
     // joined + two messages, for each person.
     h.wait_pts(ali, 3).await;
     h.wait_pts(sara, 3).await;
     let page = h.page(sara, 0, 100);
     assert_eq!(page.updates.len(), 3);
-    assert!(matches!(
-        page.updates[0].kind,
-        UpdateKind::ChatJoined { .. }
-    ));
-    assert_eq!(
-        page.updates[1].kind,
-        UpdateKind::NewMessage { chat, seq: 1 }
-    );
-    assert_eq!(
-        page.messages[0].text.as_bytes(),
-        text.as_bytes(),
-        "Persian text round-trips byte for byte"
-    );
+    assert!(matches!(page.updates[0].kind, UpdateKind::ChatJoined { .. }));
+    assert_eq!(page.updates[1].kind, UpdateKind::NewMessage { chat, seq: 1 });
+    assert_eq!(page.messages[0].text.as_bytes(), text.as_bytes(), "Persian text round-trips byte for byte");
     assert!(!page.more);
-    assert_eq!(
-        h.recorder.latest.lock().unwrap().get(&sara),
-        Some(&3),
-        "the listener heard of the updates"
-    );
+    assert_eq!(h.recorder.latest.lock().unwrap().get(&sara), Some(&3), "the listener heard of the updates");
 
     let stranger = h.sign_up("stranger").await;
-    assert_eq!(
-        domain(h.send(chat, stranger, 1, "hi").await),
-        DomainError::NotMember
-    );
-    assert_eq!(
-        domain(h.service.history(chat, stranger, HistoryAnchor::Latest, 10)),
-        DomainError::NotMember
-    );
+    assert_eq!(domain(h.send(chat, stranger, 1, "hi").await), DomainError::NotMember);
+    assert_eq!(domain(h.service.history(chat, stranger, HistoryAnchor::Latest, 10)), DomainError::NotMember);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_roles_decide_who_adds_removes_and_inherits() {
     let h = harness().await;
-    let [owner, admin, member, other] = [
-        h.sign_up("owner").await,
-        h.sign_up("admin").await,
-        h.sign_up("member").await,
-        h.sign_up("other").await,
-    ];
+    let [owner, admin, member, other] =
+        [h.sign_up("owner").await, h.sign_up("admin").await, h.sign_up("member").await, h.sign_up("other").await];
     let chat = h.group(owner, "خانواده").await;
-    let add = |actor, user| {
-        h.service.execute(Command::AddMember {
-            chat,
-            actor,
-            user,
-            now_ms: now(),
-        })
-    };
+    let add = |actor, user| h.service.execute(Command::AddMember { chat, actor, user, now_ms: now() });
     add(owner, admin).await.unwrap();
     add(owner, member).await.unwrap();
     assert_eq!(domain(add(owner, member).await), DomainError::AlreadyMember);
-    assert!(matches!(
-        domain(add(member, other).await),
-        DomainError::PermissionDenied(_)
-    ));
-    h.service
-        .execute(Command::SetRole {
-            chat,
-            actor: owner,
-            user: admin,
-            role: Role::Admin,
-        })
-        .await
-        .unwrap();
+    assert!(matches!(domain(add(member, other).await), DomainError::PermissionDenied(_)));
+    h.service.execute(Command::SetRole { chat, actor: owner, user: admin, role: Role::Admin }).await.unwrap();
     add(admin, other).await.unwrap();
     // An admin cannot remove another admin or the owner; the owner can.
-    let remove = |actor, user| {
-        h.service
-            .execute(Command::RemoveMember { chat, actor, user })
-    };
-    assert!(matches!(
-        domain(remove(admin, owner).await),
-        DomainError::PermissionDenied(_)
-    ));
+    let remove = |actor, user| h.service.execute(Command::RemoveMember { chat, actor, user });
+    assert!(matches!(domain(remove(admin, owner).await), DomainError::PermissionDenied(_)));
     remove(admin, other).await.unwrap();
-    assert_eq!(
-        domain(h.send(chat, other, 1, "still here?").await),
-        DomainError::NotMember
-    );
+    assert_eq!(domain(h.send(chat, other, 1, "still here?").await), DomainError::NotMember);
     // The owner leaves: the admin inherits.
-    h.service
-        .execute(Command::Leave { chat, user: owner })
-        .await
-        .unwrap();
+    h.service.execute(Command::Leave { chat, user: owner }).await.unwrap();
     let members = h.service.members(chat, admin).unwrap();
     assert_eq!(members.len(), 2);
-    assert_eq!(
-        members.iter().find(|m| m.user == admin).unwrap().role,
-        Role::Owner
-    );
+    assert_eq!(members.iter().find(|m| m.user == admin).unwrap().role, Role::Owner);
     // Direct chats have fixed members.
     let direct = h.direct(admin, member).await;
-    let error = domain(
-        h.service
-            .execute(Command::AddMember {
-                chat: direct,
-                actor: admin,
-                user: other,
-                now_ms: now(),
-            })
-            .await,
-    );
+    let error =
+        domain(h.service.execute(Command::AddMember { chat: direct, actor: admin, user: other, now_ms: now() }).await);
     assert!(matches!(error, DomainError::PermissionDenied(_)));
     // Everyone who was ever in the group heard about it; the removed member's chat list is empty.
     h.wait_pts(other, 2).await;
-    assert!(
-        h.service
-            .list_chats(other, None, 10)
-            .unwrap()
-            .chats
-            .is_empty()
-    );
+    assert!(h.service.list_chats(other, None, 10).unwrap().chats.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,60 +234,22 @@ async fn only_senders_edit_and_deleted_messages_stay_as_tombstones() {
     let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
     let chat = h.direct(ali, sara).await;
     let seq = h.send(chat, ali, 1, "first").await.unwrap();
-    let edit = |actor, text: &str| {
-        h.service.execute(Command::Edit {
-            chat,
-            actor,
-            seq,
-            text: text.into(),
-            now_ms: now() + 5,
-        })
-    };
-    assert!(matches!(
-        domain(edit(sara, "hijack").await),
-        DomainError::PermissionDenied(_)
-    ));
+    let edit =
+        |actor, text: &str| h.service.execute(Command::Edit { chat, actor, seq, text: text.into(), now_ms: now() + 5 });
+    assert!(matches!(domain(edit(sara, "hijack").await), DomainError::PermissionDenied(_)));
     edit(ali, "ویرایش شد").await.unwrap();
-    let page = h
-        .service
-        .history(chat, sara, HistoryAnchor::Latest, 10)
-        .unwrap();
+    let page = h.service.history(chat, sara, HistoryAnchor::Latest, 10).unwrap();
     assert_eq!(page.messages[0].text, "ویرایش شد");
     assert_eq!(page.messages[0].edit_date_ms, Some(now() + 5));
     assert!(matches!(
-        domain(
-            h.service
-                .execute(Command::Delete {
-                    chat,
-                    actor: sara,
-                    seq
-                })
-                .await
-        ),
+        domain(h.service.execute(Command::Delete { chat, actor: sara, seq }).await),
         DomainError::PermissionDenied(_)
     ));
-    h.service
-        .execute(Command::Delete {
-            chat,
-            actor: ali,
-            seq,
-        })
-        .await
-        .unwrap();
-    let page = h
-        .service
-        .history(chat, sara, HistoryAnchor::Latest, 10)
-        .unwrap();
+    h.service.execute(Command::Delete { chat, actor: ali, seq }).await.unwrap();
+    let page = h.service.history(chat, sara, HistoryAnchor::Latest, 10).unwrap();
     assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
-    assert_eq!(
-        domain(edit(ali, "again").await),
-        DomainError::MessageNotFound
-    );
-    assert_eq!(
-        h.send(chat, sara, 1, "next").await.unwrap(),
-        2,
-        "seq stays gap-free after a delete"
-    );
+    assert_eq!(domain(edit(ali, "again").await), DomainError::MessageNotFound);
+    assert_eq!(h.send(chat, sara, 1, "next").await.unwrap(), 2, "seq stays gap-free after a delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,32 +260,15 @@ async fn read_markers_never_move_backwards() {
     for i in 0..5 {
         h.send(chat, ali, i, "x").await.unwrap();
     }
-    let mark = |seq| {
-        h.service.execute(Command::MarkRead {
-            chat,
-            user: sara,
-            seq,
-        })
-    };
+    let mark = |seq| h.service.execute(Command::MarkRead { chat, user: sara, seq });
     assert_eq!(mark(3).await.unwrap(), Reply::ReadMarker { seq: 3 });
     assert_eq!(mark(1).await.unwrap(), Reply::ReadMarker { seq: 3 });
-    assert_eq!(
-        mark(99).await.unwrap(),
-        Reply::ReadMarker { seq: 5 },
-        "capped at the last message"
-    );
+    assert_eq!(mark(99).await.unwrap(), Reply::ReadMarker { seq: 5 }, "capped at the last message");
     assert_eq!(h.service.chat_info(chat, sara).unwrap().my_read_seq, 5);
     // Ali hears that Sara read up to 5 (joined + 5 messages + 2 read moves).
     h.wait_pts(ali, 8).await;
     let page = h.page(ali, 0, 100);
-    assert_eq!(
-        page.updates.last().unwrap().kind,
-        UpdateKind::ReadUpTo {
-            chat,
-            reader: sara,
-            seq: 5
-        }
-    );
+    assert_eq!(page.updates.last().unwrap().kind, UpdateKind::ReadUpTo { chat, reader: sara, seq: 5 });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,35 +279,17 @@ async fn history_pages_in_both_directions() {
     for i in 1..=25u64 {
         h.send(chat, ali, i, &format!("m{i}")).await.unwrap();
     }
-    let latest = h
-        .service
-        .history(chat, sara, HistoryAnchor::Latest, 10)
-        .unwrap();
-    assert_eq!(
-        latest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (16..=25).collect::<Vec<_>>()
-    );
+    let latest = h.service.history(chat, sara, HistoryAnchor::Latest, 10).unwrap();
+    assert_eq!(latest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
     assert!(latest.more_before && !latest.more_after);
-    let before = h
-        .service
-        .history(chat, sara, HistoryAnchor::Before(16), 10)
-        .unwrap();
+    let before = h.service.history(chat, sara, HistoryAnchor::Before(16), 10).unwrap();
     assert_eq!(before.messages.first().unwrap().seq, 6);
     assert_eq!(before.messages.last().unwrap().seq, 15);
-    let first = h
-        .service
-        .history(chat, sara, HistoryAnchor::Before(6), 10)
-        .unwrap();
+    let first = h.service.history(chat, sara, HistoryAnchor::Before(6), 10).unwrap();
     assert_eq!(first.messages.len(), 5);
     assert!(!first.more_before && first.more_after);
-    let after = h
-        .service
-        .history(chat, sara, HistoryAnchor::After(20), 10)
-        .unwrap();
-    assert_eq!(
-        after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (21..=25).collect::<Vec<_>>()
-    );
+    let after = h.service.history(chat, sara, HistoryAnchor::After(20), 10).unwrap();
+    assert_eq!(after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (21..=25).collect::<Vec<_>>());
     assert!(after.more_before && !after.more_after);
 }
 
@@ -544,11 +332,7 @@ async fn a_device_ten_thousand_updates_behind_catches_up_in_bounded_pages() {
         }
     }
     assert_eq!(pts, 10_001);
-    assert_eq!(
-        seqs,
-        (1..=10_000).collect::<Vec<_>>(),
-        "every message once, in order"
-    );
+    assert_eq!(seqs, (1..=10_000).collect::<Vec<_>>(), "every message once, in order");
     assert!(pages >= 11, "pages are bounded");
 }
 
@@ -562,18 +346,9 @@ async fn a_device_behind_retention_is_told_too_long() {
     }
     h.wait_pts(sara, 121).await;
     let meta = h.service.user_meta(sara).unwrap().unwrap();
-    assert!(
-        meta.pts - meta.first_pts < 60,
-        "old updates are trimmed: {meta:?}"
-    );
-    assert_eq!(
-        h.service.difference(sara, 0, 100).unwrap(),
-        DifferenceOutcome::TooLong { pts: 121 }
-    );
-    assert_eq!(
-        h.service.difference(sara, 500, 100).unwrap(),
-        DifferenceOutcome::TooLong { pts: 121 }
-    );
+    assert!(meta.pts - meta.first_pts < 60, "old updates are trimmed: {meta:?}");
+    assert_eq!(h.service.difference(sara, 0, 100).unwrap(), DifferenceOutcome::TooLong { pts: 121 });
+    assert_eq!(h.service.difference(sara, 500, 100).unwrap(), DifferenceOutcome::TooLong { pts: 121 });
     // The fallback: the chat list gives the pts to continue from.
     let list = h.service.list_chats(sara, None, 10).unwrap();
     assert_eq!(list.chats[0].last_seq, 120);
@@ -592,37 +367,18 @@ async fn device_sessions_are_bounded_and_revocable() {
         now_ms: now(),
     };
     h.service.execute(session(1)).await.unwrap();
-    assert!(matches!(
-        domain(h.service.execute(session(1)).await),
-        DomainError::Conflict(_)
-    ));
+    assert!(matches!(domain(h.service.execute(session(1)).await), DomainError::Conflict(_)));
     assert_eq!(h.service.devices(ali).unwrap().len(), 1);
-    h.service
-        .execute(Command::RevokeSession {
-            user: ali,
-            device: DeviceId(1),
-        })
-        .await
-        .unwrap();
+    h.service.execute(Command::RevokeSession { user: ali, device: DeviceId(1) }).await.unwrap();
     assert!(h.service.device(ali, DeviceId(1)).unwrap().is_none());
     assert_eq!(
-        domain(
-            h.service
-                .execute(Command::RevokeSession {
-                    user: ali,
-                    device: DeviceId(1)
-                })
-                .await
-        ),
+        domain(h.service.execute(Command::RevokeSession { user: ali, device: DeviceId(1) }).await),
         DomainError::DeviceNotFound
     );
     for device in 0..hamgam_types::limits::DEVICES_PER_USER_MAX as u64 {
         h.service.execute(session(100 + device)).await.unwrap();
     }
-    assert!(matches!(
-        domain(h.service.execute(session(1)).await),
-        DomainError::LimitReached(_)
-    ));
+    assert!(matches!(domain(h.service.execute(session(1)).await), DomainError::LimitReached(_)));
 }
 
 fn outbox_records(service: &SyncService) -> usize {
@@ -631,12 +387,7 @@ fn outbox_records(service: &SyncService) -> usize {
         .placement()
         .all_shards()
         .map(|shard| {
-            service
-                .raft()
-                .reader(shard)
-                .scan(&KeyRange::prefix(&[0x30]), Order::Ascending, 10_000)
-                .unwrap()
-                .len()
+            service.raft().reader(shard).scan(&KeyRange::prefix(&[0x30]), Order::Ascending, 10_000).unwrap().len()
         })
         .sum()
 }
@@ -657,10 +408,7 @@ async fn delivered_outbox_records_are_acknowledged_and_deleted() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!(
-        "{} outbox records were never acknowledged",
-        outbox_records(&h.service)
-    );
+    panic!("{} outbox records were never acknowledged", outbox_records(&h.service));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,32 +425,17 @@ async fn a_deliverer_that_starts_late_delivers_from_storage_exactly_once() {
     let group = h.group(users[0], "late").await;
     for user in &users[1..] {
         h.service
-            .execute(Command::AddMember {
-                chat: group,
-                actor: users[0],
-                user: *user,
-                now_ms: now(),
-            })
+            .execute(Command::AddMember { chat: group, actor: users[0], user: *user, now_ms: now() })
             .await
             .unwrap();
     }
     for i in 0..30 {
-        h.send(group, users[(i % 4) as usize], i, &format!("پیام {i}"))
-            .await
-            .unwrap();
+        h.send(group, users[(i % 4) as usize], i, &format!("پیام {i}")).await.unwrap();
     }
-    assert!(
-        outbox_records(&h.service) > 0,
-        "the members' updates wait in the outbox"
-    );
+    assert!(outbox_records(&h.service) > 0, "the members' updates wait in the outbox");
     // A new service with empty in-memory state, like a restarted node.
     let recorder = Arc::new(Recorder::default());
-    let fresh = SyncService::new(
-        h.service.raft().clone(),
-        *h.service.placement(),
-        NodeId(1),
-        Signals::new(recorder),
-    );
+    let fresh = SyncService::new(h.service.raft().clone(), *h.service.placement(), NodeId(1), Signals::new(recorder));
     tokio::spawn(fresh.clone().run_outbox(h.cancel.clone()));
     // Joined + 3 member changes (seen by the owner) or fewer, then 30 messages.
     for user in &users {
@@ -716,11 +449,7 @@ async fn a_deliverer_that_starts_late_delivers_from_storage_exactly_once() {
                 _ => None,
             })
             .collect();
-        assert_eq!(
-            seqs,
-            (1..=30).collect::<Vec<_>>(),
-            "every message once, in order, for {user}"
-        );
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "every message once, in order, for {user}");
     }
 }
 
@@ -733,10 +462,7 @@ fn manifest(size: u64, seed: u8) -> hamgam_proto::store::FileManifest {
         size,
         hash: [seed; 32],
         mtime_ms: 1,
-        content: ChunkList::Inline(vec![ChunkRef {
-            id,
-            len: size as u32,
-        }]),
+        content: ChunkList::Inline(vec![ChunkRef { id, len: size as u32 }]),
     }
 }
 
@@ -751,96 +477,37 @@ async fn files_make_their_folders_move_with_them_and_count_against_the_quota() {
         quota_bytes: quota,
         now_ms: now(),
     };
-    h.service
-        .execute(put("/عکس‌ها/سفر/یزد.jpg", 600, 1000))
-        .await
-        .unwrap();
-    h.service
-        .execute(put("/عکس‌ها/a.jpg", 300, 1000))
-        .await
-        .unwrap();
+    h.service.execute(put("/عکس‌ها/سفر/یزد.jpg", 600, 1000)).await.unwrap();
+    h.service.execute(put("/عکس‌ها/a.jpg", 300, 1000)).await.unwrap();
     let over = h.service.execute(put("/b.jpg", 200, 1000)).await;
-    assert!(matches!(
-        domain(over),
-        DomainError::QuotaExceeded {
-            used: 900,
-            adding: 200,
-            quota: 1000
-        }
-    ));
+    assert!(matches!(domain(over), DomainError::QuotaExceeded { used: 900, adding: 200, quota: 1000 }));
     // Replacing a file counts only the difference.
-    h.service
-        .execute(put("/عکس‌ها/a.jpg", 350, 1000))
-        .await
-        .unwrap();
+    h.service.execute(put("/عکس‌ها/a.jpg", 350, 1000)).await.unwrap();
     assert_eq!(h.service.usage(user).unwrap().used_bytes, 950);
 
     let names = |path: &str| -> Vec<String> {
-        h.service
-            .list_folder(user, path, None, 100)
-            .unwrap()
-            .entries
-            .into_iter()
-            .map(|e| e.path)
-            .collect()
+        h.service.list_folder(user, path, None, 100).unwrap().entries.into_iter().map(|e| e.path).collect()
     };
     assert_eq!(names("/"), vec!["/عکس‌ها"]);
     assert_eq!(names("/عکس‌ها"), vec!["/عکس‌ها/a.jpg", "/عکس‌ها/سفر"]);
     let first = h.service.list_folder(user, "/عکس‌ها", None, 1).unwrap();
     assert!(first.more);
-    let second = h
-        .service
-        .list_folder(user, "/عکس‌ها", Some("a.jpg"), 1)
-        .unwrap();
+    let second = h.service.list_folder(user, "/عکس‌ها", Some("a.jpg"), 1).unwrap();
     assert_eq!(second.entries[0].path, "/عکس‌ها/سفر");
 
     // A folder moves with everything in it; it cannot move into itself.
-    let moved = Command::MovePath {
-        user,
-        from: "/عکس‌ها".into(),
-        to: "/قدیمی/عکس".into(),
-        now_ms: now(),
-    };
+    let moved =
+        Command::MovePath { user, from: "/عکس‌ها".into(), to: "/قدیمی/عکس".into(), now_ms: now() };
     h.service.execute(moved).await.unwrap();
-    assert_eq!(
-        h.service
-            .stat_path(user, "/قدیمی/عکس/سفر/یزد.jpg")
-            .unwrap()
-            .0
-            .size,
-        600
-    );
-    assert!(matches!(
-        domain(h.service.stat_path(user, "/عکس‌ها/a.jpg")),
-        DomainError::PathNotFound(_)
-    ));
-    let into_itself = Command::MovePath {
-        user,
-        from: "/قدیمی".into(),
-        to: "/قدیمی/x".into(),
-        now_ms: now(),
-    };
-    assert!(matches!(
-        domain(h.service.execute(into_itself).await),
-        DomainError::InvalidArgument(_)
-    ));
+    assert_eq!(h.service.stat_path(user, "/قدیمی/عکس/سفر/یزد.jpg").unwrap().0.size, 600);
+    assert!(matches!(domain(h.service.stat_path(user, "/عکس‌ها/a.jpg")), DomainError::PathNotFound(_)));
+    let into_itself = Command::MovePath { user, from: "/قدیمی".into(), to: "/قدیمی/x".into(), now_ms: now() };
+    assert!(matches!(domain(h.service.execute(into_itself).await), DomainError::InvalidArgument(_)));
 
     // Only empty folders are deleted; deleting a file frees its bytes.
-    let not_empty = h
-        .service
-        .execute(Command::DeletePath {
-            user,
-            path: "/قدیمی/عکس".into(),
-        })
-        .await;
+    let not_empty = h.service.execute(Command::DeletePath { user, path: "/قدیمی/عکس".into() }).await;
     assert!(matches!(domain(not_empty), DomainError::Conflict(_)));
-    h.service
-        .execute(Command::DeletePath {
-            user,
-            path: "/قدیمی/عکس/a.jpg".into(),
-        })
-        .await
-        .unwrap();
+    h.service.execute(Command::DeletePath { user, path: "/قدیمی/عکس/a.jpg".into() }).await.unwrap();
     let usage = h.service.usage(user).unwrap();
     assert_eq!((usage.used_bytes, usage.files), (600, 1));
 }
@@ -856,10 +523,7 @@ async fn snapshots_are_numbered_listed_and_forgotten() {
             label: "/home/reza/تصاویر".into(),
             parent: None,
             tree: ChunkList::Inline(Vec::new()),
-            stats: SnapshotStats {
-                files: 3,
-                bytes: 500,
-            },
+            stats: SnapshotStats { files: 3, bytes: 500 },
             added_bytes: added,
             quota_bytes: 10_000,
             now_ms: now(),
@@ -870,15 +534,9 @@ async fn snapshots_are_numbered_listed_and_forgotten() {
     assert_eq!(list.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2]);
     assert!(!more);
     assert_eq!(h.service.usage(user).unwrap().used_bytes, 520);
-    h.service
-        .execute(Command::ForgetSnapshots { user, ids: vec![1] })
-        .await
-        .unwrap();
+    h.service.execute(Command::ForgetSnapshots { user, ids: vec![1] }).await.unwrap();
     assert_eq!(h.service.snapshots(user, None, 10).unwrap().0[0].id, 2);
     assert_eq!(h.service.usage(user).unwrap().used_bytes, 20);
-    let missing = h
-        .service
-        .execute(Command::ForgetSnapshots { user, ids: vec![1] })
-        .await;
+    let missing = h.service.execute(Command::ForgetSnapshots { user, ids: vec![1] }).await;
     assert!(matches!(domain(missing), DomainError::SnapshotNotFound(1)));
 }

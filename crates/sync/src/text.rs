@@ -16,28 +16,18 @@ pub fn username_key(username: &str) -> Result<String, DomainError> {
             limits::USERNAME_CHARS_MAX
         )));
     }
-    if !username
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_')
-    {
-        return Err(DomainError::InvalidUsername(
-            "a username uses only letters a-z, digits and _".into(),
-        ));
+    if !username.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DomainError::InvalidUsername("a username uses only letters a-z, digits and _".into()));
     }
     if !username.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        return Err(DomainError::InvalidUsername(
-            "a username starts with a letter".into(),
-        ));
+        return Err(DomainError::InvalidUsername("a username starts with a letter".into()));
     }
     Ok(username.to_ascii_lowercase())
 }
 
 pub fn check_password(password: &str) -> Result<(), DomainError> {
     if password.len() > limits::PASSWORD_BYTES_MAX {
-        return Err(DomainError::WeakPassword(format!(
-            "a password has at most {} bytes",
-            limits::PASSWORD_BYTES_MAX
-        )));
+        return Err(DomainError::WeakPassword(format!("a password has at most {} bytes", limits::PASSWORD_BYTES_MAX)));
     }
     if password.chars().count() < limits::PASSWORD_CHARS_MIN {
         return Err(DomainError::WeakPassword(format!(
@@ -51,10 +41,7 @@ pub fn check_password(password: &str) -> Result<(), DomainError> {
 pub fn check_message_text(text: &str) -> Result<(), DomainError> {
     let chars = text.chars().count();
     if chars > limits::MESSAGE_TEXT_CHARS_MAX {
-        return Err(DomainError::TextTooLong {
-            chars,
-            max: limits::MESSAGE_TEXT_CHARS_MAX,
-        });
+        return Err(DomainError::TextTooLong { chars, max: limits::MESSAGE_TEXT_CHARS_MAX });
     }
     if is_blank(text) {
         return Err(DomainError::TextEmpty);
@@ -63,25 +50,16 @@ pub fn check_message_text(text: &str) -> Result<(), DomainError> {
 }
 
 /// A label (display name, group title, device name): bounded, one line.
-pub fn check_label(
-    what: &'static str,
-    text: &str,
-    chars_max: usize,
-    required: bool,
-) -> Result<(), DomainError> {
+pub fn check_label(what: &'static str, text: &str, chars_max: usize, required: bool) -> Result<(), DomainError> {
     let chars = text.chars().count();
     if chars > chars_max {
-        return Err(DomainError::InvalidArgument(format!(
-            "{what} has at most {chars_max} characters"
-        )));
+        return Err(DomainError::InvalidArgument(format!("{what} has at most {chars_max} characters")));
     }
     if required && is_blank(text) {
         return Err(DomainError::InvalidArgument(format!("{what} is empty")));
     }
     if text.chars().any(|c| c.is_control()) {
-        return Err(DomainError::InvalidArgument(format!(
-            "{what} holds control characters"
-        )));
+        return Err(DomainError::InvalidArgument(format!("{what} holds control characters")));
     }
     Ok(())
 }
@@ -89,8 +67,7 @@ pub fn check_label(
 /// Blank means nothing a reader would see: whitespace and the invisible
 /// joiners common in Persian text (ZWNJ U+200C, ZWJ U+200D) count as nothing.
 fn is_blank(text: &str) -> bool {
-    text.chars()
-        .all(|c| c.is_whitespace() || matches!(c, '\u{200c}' | '\u{200d}' | '\u{feff}'))
+    text.chars().all(|c| c.is_whitespace() || matches!(c, '\u{200c}' | '\u{200d}' | '\u{feff}'))
 }
 
 #[cfg(test)]
@@ -112,13 +89,7 @@ mod tests {
         assert_eq!(persian.len(), 2 * limits::MESSAGE_TEXT_CHARS_MAX);
         assert!(check_message_text(&persian).is_ok());
         let over = "س".repeat(limits::MESSAGE_TEXT_CHARS_MAX + 1);
-        assert!(matches!(
-            check_message_text(&over),
-            Err(DomainError::TextTooLong { .. })
-        ));
-        assert_eq!(
-            check_message_text(" \u{200c}\n"),
-            Err(DomainError::TextEmpty)
-        );
+        assert!(matches!(check_message_text(&over), Err(DomainError::TextTooLong { .. })));
+        assert_eq!(check_message_text(" \u{200c}\n"), Err(DomainError::TextEmpty));
     }
 }

@@ -1,9 +1,6 @@
 use crate::TransportError;
 use hamgam_types::NodeId;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -71,17 +68,12 @@ pub struct NodeIdentity {
 
 impl fmt::Debug for NodeIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeIdentity")
-            .field("ca", &self.ca_fingerprint())
-            .finish_non_exhaustive()
+        f.debug_struct("NodeIdentity").field("ca", &self.ca_fingerprint()).finish_non_exhaustive()
     }
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
-    move |source| TransportError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| TransportError::Io { path: path.display().to_string(), source }
 }
 
 fn cert_error(error: rcgen::Error) -> TransportError {
@@ -126,11 +118,7 @@ impl NodeIdentity {
             return Ok(None);
         }
         let [ca, node, key] = paths.map(|p| std::fs::read(&p).map_err(io_error(&p)));
-        Ok(Some(NodeIdentity {
-            ca_der: ca?,
-            node_der: node?,
-            node_key: key?,
-        }))
+        Ok(Some(NodeIdentity { ca_der: ca?, node_der: node?, node_key: key? }))
     }
 
     /// Uses the cluster CA held in `ca_dir` (its `ca.der` and `ca.key`) to
@@ -165,22 +153,14 @@ impl NodeIdentity {
     }
 
     /// A new identity for `node`, signed with the CA key `ca_key` (PKCS#8).
-    pub fn sign(
-        ca_der: Vec<u8>,
-        ca_key: &[u8],
-        node: NodeId,
-    ) -> Result<NodeIdentity, TransportError> {
+    pub fn sign(ca_der: Vec<u8>, ca_key: &[u8], node: NodeId) -> Result<NodeIdentity, TransportError> {
         let ca_key = KeyPair::try_from(ca_key).map_err(cert_error)?;
         NodeIdentity::sign_node(ca_der, &ca_key, node)
     }
 
     /// An identity received whole (a joining node's, from the member that signed it).
     pub fn from_parts(ca_der: Vec<u8>, node_der: Vec<u8>, node_key: Vec<u8>) -> NodeIdentity {
-        NodeIdentity {
-            ca_der,
-            node_der,
-            node_key,
-        }
+        NodeIdentity { ca_der, node_der, node_key }
     }
 
     /// The CA certificate, the node certificate and the node key (PKCS#8), as DER.
@@ -188,38 +168,20 @@ impl NodeIdentity {
         (&self.ca_der, &self.node_der, &self.node_key)
     }
 
-    fn sign_node(
-        ca_der: Vec<u8>,
-        ca_key: &KeyPair,
-        node: NodeId,
-    ) -> Result<NodeIdentity, TransportError> {
+    fn sign_node(ca_der: Vec<u8>, ca_key: &KeyPair, node: NodeId) -> Result<NodeIdentity, TransportError> {
         let node_key = KeyPair::generate().map_err(cert_error)?;
-        let names = vec![
-            crate::SERVER_NAME.to_string(),
-            NodeIdentity::node_name(node),
-        ];
+        let names = vec![crate::SERVER_NAME.to_string(), NodeIdentity::node_name(node)];
         let mut node_params = CertificateParams::new(names).map_err(cert_error)?;
-        node_params
-            .distinguished_name
-            .push(DnType::CommonName, format!("node-{}", node.0));
+        node_params.distinguished_name.push(DnType::CommonName, format!("node-{}", node.0));
         node_params.is_ca = IsCa::NoCa;
         node_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        node_params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        node_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         node_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         node_params.not_after = rcgen::date_time_ymd(2124, 1, 1);
         // The issuer is named by the CA's parameters, rebuilt identically.
         let issuer = Issuer::new(ca_params(), ca_key);
-        let node_cert = node_params
-            .signed_by(&node_key, &issuer)
-            .map_err(cert_error)?;
-        Ok(NodeIdentity {
-            ca_der,
-            node_der: node_cert.der().to_vec(),
-            node_key: node_key.serialize_der(),
-        })
+        let node_cert = node_params.signed_by(&node_key, &issuer).map_err(cert_error)?;
+        Ok(NodeIdentity { ca_der, node_der: node_cert.der().to_vec(), node_key: node_key.serialize_der() })
     }
 
     /// Writes the identity into `dir` (keys with mode 0600), durably.
@@ -228,9 +190,7 @@ impl NodeIdentity {
         write_file(&dir.join("ca.der"), &self.ca_der, false)?;
         write_file(&dir.join("node.key"), &self.node_key, true)?;
         write_file(&dir.join("node.der"), &self.node_der, false)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(dir))
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
     }
 
     /// The name a node's certificate carries for its peers to check.
@@ -248,10 +208,7 @@ impl NodeIdentity {
     }
 
     pub(crate) fn chain(&self) -> Vec<CertificateDer<'static>> {
-        vec![
-            CertificateDer::from(self.node_der.clone()),
-            CertificateDer::from(self.ca_der.clone()),
-        ]
+        vec![CertificateDer::from(self.node_der.clone()), CertificateDer::from(self.ca_der.clone())]
     }
 
     pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
@@ -263,15 +220,9 @@ impl NodeIdentity {
 /// they must never change for an existing cluster.
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Hamgam cluster CA");
+    params.distinguished_name.push(DnType::CommonName, "Hamgam cluster CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     params

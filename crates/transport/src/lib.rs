@@ -35,19 +35,13 @@ const UDP_BUFFER_BYTES: usize = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("TLS identity I/O failed on {path}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("cannot make a certificate: {0}")]
     Certificate(String),
     #[error("TLS configuration failed: {0}")]
     Tls(String),
     #[error("cannot open a UDP socket on {addr}")]
-    Socket {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Socket { addr: SocketAddr, source: std::io::Error },
     #[error("not a fingerprint (expected 32 hex bytes, colons optional): {0}")]
     BadFingerprint(String),
 }
@@ -59,8 +53,7 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket_error = |source| TransportError::Socket { addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(socket_error)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(socket_error)?;
     // Best effort: the kernel caps these at net.core.[rw]mem_max.
     if let Err(error) = socket.set_recv_buffer_size(UDP_BUFFER_BYTES) {
         tracing::debug!(%error, "could not raise the UDP receive buffer");
@@ -133,11 +126,7 @@ fn serve(
 }
 
 /// The client-facing endpoint on `addr`: clients present no certificate.
-pub fn server_endpoint(
-    identity: &NodeIdentity,
-    addr: SocketAddr,
-    alpn: &[u8],
-) -> Result<quinn::Endpoint, TransportError> {
+pub fn server_endpoint(identity: &NodeIdentity, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Endpoint, TransportError> {
     let anyone = Arc::new(rustls::server::NoClientAuth);
     serve(identity, addr, &[alpn], anyone, client_transport_config())
 }
@@ -158,13 +147,10 @@ pub fn peer_server_endpoint(
 ) -> Result<quinn::Endpoint, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(identity.ca()).map_err(tls_error)?;
-    let members = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        crypto_provider(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(tls_error)?;
+    let members = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(tls_error)?;
     serve(identity, addr, alpns, members, peer_transport_config())
 }
 
@@ -184,9 +170,7 @@ fn dial(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
     let mut tls = match identity {
-        Some(identity) => builder
-            .with_client_auth_cert(identity.chain(), identity.private_key())
-            .map_err(tls_error)?,
+        Some(identity) => builder.with_client_auth_cert(identity.chain(), identity.private_key()).map_err(tls_error)?,
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
@@ -198,33 +182,20 @@ fn dial(
 
 /// Client configuration for dialling another node: presents this node's
 /// certificate and accepts only a server under the same cluster CA.
-pub fn peer_client_config(
-    identity: &NodeIdentity,
-    alpn: &[u8],
-) -> Result<quinn::ClientConfig, TransportError> {
-    dial(
-        Trust::Pinned(identity.ca_fingerprint()),
-        Some(identity),
-        alpn,
-        peer_transport_config(),
-    )
+pub fn peer_client_config(identity: &NodeIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+    dial(Trust::Pinned(identity.ca_fingerprint()), Some(identity), alpn, peer_transport_config())
 }
 
 /// The protocol a connection agreed on during its handshake.
 pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
     let data = connection.handshake_data()?;
-    data.downcast_ref::<quinn::crypto::rustls::HandshakeData>()?
-        .protocol
-        .clone()
+    data.downcast_ref::<quinn::crypto::rustls::HandshakeData>()?.protocol.clone()
 }
 
 /// Which of `candidates` the other end of `connection` is, judged by the
 /// node name in the certificate it proved it holds (TLS has already checked
 /// that the cluster CA issued it). `None` if it names none of them.
-pub fn peer_node(
-    connection: &quinn::Connection,
-    candidates: impl IntoIterator<Item = hamgam_types::NodeId>,
-) -> Option<hamgam_types::NodeId> {
+pub fn peer_node(connection: &quinn::Connection, candidates: impl IntoIterator<Item = hamgam_types::NodeId>) -> Option<hamgam_types::NodeId> {
     let identity = connection.peer_identity()?;
     let chain = identity.downcast_ref::<Vec<rustls::pki_types::CertificateDer<'static>>>()?;
     let cert = webpki::EndEntityCert::try_from(chain.first()?).ok()?;
@@ -236,13 +207,9 @@ pub fn peer_node(
 
 /// A client endpoint bound to an ephemeral port of the right address family.
 pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, TransportError> {
-    let bind: SocketAddr = if server.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .map_err(|_| TransportError::Tls("bad bind address".into()))?;
+    let bind: SocketAddr = if server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(|_| TransportError::Tls("bad bind address".into()))?;
     endpoint(bind, None)
 }
 
@@ -258,13 +225,8 @@ mod tests {
 
     /// Dials `server` as `dialer` (or with no certificate) and returns which
     /// node the server decided it was, or the error.
-    async fn dial(
-        server: &NodeIdentity,
-        dialer: Option<&NodeIdentity>,
-    ) -> Result<Option<NodeId>, String> {
-        let endpoint =
-            peer_server_endpoint(server, "127.0.0.1:0".parse().unwrap(), &[b"peer-test/1"])
-                .unwrap();
+    async fn dial(server: &NodeIdentity, dialer: Option<&NodeIdentity>) -> Result<Option<NodeId>, String> {
+        let endpoint = peer_server_endpoint(server, "127.0.0.1:0".parse().unwrap(), &[b"peer-test/1"]).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let accept = tokio::spawn(async move {
             let connection = endpoint.accept().await?.await.ok()?;
@@ -289,26 +251,15 @@ mod tests {
     async fn peers_must_hold_a_certificate_from_the_cluster_ca_and_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
         let first = NodeIdentity::load_or_create(&dir.path().join("n1"), NodeId(1)).unwrap();
-        let third =
-            NodeIdentity::issue(&dir.path().join("n1"), NodeId(3), &dir.path().join("n3")).unwrap();
+        let third = NodeIdentity::issue(&dir.path().join("n1"), NodeId(3), &dir.path().join("n3")).unwrap();
         assert_eq!(third.ca_fingerprint(), first.ca_fingerprint());
-        assert!(
-            !dir.path().join("n3/ca.key").exists(),
-            "an issued identity does not carry the CA key"
-        );
+        assert!(!dir.path().join("n3/ca.key").exists(), "an issued identity does not carry the CA key");
 
         assert_eq!(dial(&first, Some(&third)).await, Ok(Some(NodeId(3))));
         assert_eq!(dial(&third, Some(&first)).await, Ok(Some(NodeId(1))));
 
         let stranger = NodeIdentity::load_or_create(&dir.path().join("other"), NodeId(3)).unwrap();
-        assert!(
-            dial(&first, Some(&stranger)).await.is_err(),
-            "a node of another cluster is refused"
-        );
-        assert_eq!(
-            dial(&first, None).await,
-            Ok(None),
-            "a caller without a certificate is no node"
-        );
+        assert!(dial(&first, Some(&stranger)).await.is_err(), "a node of another cluster is refused");
+        assert_eq!(dial(&first, None).await, Ok(None), "a caller without a certificate is no node");
     }
 }

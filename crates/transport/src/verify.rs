@@ -54,9 +54,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(ca) = intermediates.last() else {
-            return Err(rustls::Error::General(
-                "the node sent no cluster CA certificate".into(),
-            ));
+            return Err(rustls::Error::General("the node sent no cluster CA certificate".into()));
         };
         let presented = Fingerprint::of(ca);
         match &self.trust {
@@ -67,20 +65,14 @@ impl ServerCertVerifier for PinnedCaVerifier {
             }
             Trust::Pinned(_) => {}
             Trust::FirstUse(observed) => {
-                *observed
-                    .fingerprint
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(presented);
+                *observed.fingerprint.lock().unwrap_or_else(|p| p.into_inner()) = Some(presented);
             }
         }
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         webpki.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -90,12 +82,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -104,26 +91,17 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::{
-        NodeIdentity, SERVER_NAME, Trust, client_config, client_endpoint, server_endpoint,
-    };
+    use crate::{NodeIdentity, SERVER_NAME, Trust, client_config, client_endpoint, server_endpoint};
     use std::sync::Arc;
 
     async fn connect(identity: &NodeIdentity, trust: Trust) -> Result<(), String> {
@@ -136,11 +114,7 @@ mod tests {
         });
         let client = client_endpoint(addr).unwrap();
         let config = client_config(trust, b"test/1").unwrap();
-        let result = match client
-            .connect_with(config, addr, SERVER_NAME)
-            .unwrap()
-            .await
-        {
+        let result = match client.connect_with(config, addr, SERVER_NAME).unwrap().await {
             Ok(_) => Ok(()),
             Err(error) => Err(error.to_string()),
         };
@@ -153,27 +127,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let identity = NodeIdentity::load_or_create(dir.path(), hamgam_types::NodeId(1)).unwrap();
         let reloaded = NodeIdentity::load_or_create(dir.path(), hamgam_types::NodeId(1)).unwrap();
-        assert_eq!(
-            identity.ca_fingerprint(),
-            reloaded.ca_fingerprint(),
-            "the identity is reused after a restart"
-        );
+        assert_eq!(identity.ca_fingerprint(), reloaded.ca_fingerprint(), "the identity is reused after a restart");
 
         let observed = Arc::new(crate::ObservedCa::default());
-        connect(&identity, Trust::FirstUse(observed.clone()))
-            .await
-            .unwrap();
+        connect(&identity, Trust::FirstUse(observed.clone())).await.unwrap();
         assert_eq!(observed.fingerprint(), Some(identity.ca_fingerprint()));
-        connect(&identity, Trust::Pinned(identity.ca_fingerprint()))
-            .await
-            .unwrap();
+        connect(&identity, Trust::Pinned(identity.ca_fingerprint())).await.unwrap();
 
         let other_dir = tempfile::tempdir().unwrap();
-        let impostor =
-            NodeIdentity::load_or_create(other_dir.path(), hamgam_types::NodeId(1)).unwrap();
-        let error = connect(&impostor, Trust::Pinned(identity.ca_fingerprint()))
-            .await
-            .unwrap_err();
+        let impostor = NodeIdentity::load_or_create(other_dir.path(), hamgam_types::NodeId(1)).unwrap();
+        let error = connect(&impostor, Trust::Pinned(identity.ca_fingerprint())).await.unwrap_err();
         assert!(error.contains("certificate changed"), "{error}");
     }
 
@@ -183,13 +146,7 @@ mod tests {
         let text = fp.to_string();
         assert_eq!(text.len(), 95);
         assert_eq!(text.parse::<crate::Fingerprint>().unwrap(), fp);
-        assert_eq!(
-            text.replace(':', "")
-                .to_lowercase()
-                .parse::<crate::Fingerprint>()
-                .unwrap(),
-            fp
-        );
+        assert_eq!(text.replace(':', "").to_lowercase().parse::<crate::Fingerprint>().unwrap(), fp);
         assert!("abc".parse::<crate::Fingerprint>().is_err());
     }
 }

@@ -62,11 +62,7 @@ impl Placement {
         let n = u128::from(self.data_shards);
         let wanted = u128::from(self.shard_of_user(user).0 - 1);
         let base = u128::from(hash) / n * n;
-        let id = if base + wanted <= u128::from(u64::MAX) {
-            base + wanted
-        } else {
-            base - n + wanted
-        };
+        let id = if base + wanted <= u128::from(u64::MAX) { base + wanted } else { base - n + wanted };
         // Below u64::MAX by construction.
         ChatId(id as u64)
     }
@@ -96,17 +92,9 @@ mod tests {
     fn chats_placed_near_a_user_share_its_shard() {
         for shards in [1u32, 7, 64] {
             let placement = Placement::new(shards);
-            for (hash, user) in [
-                (0u64, 5u64),
-                (u64::MAX, 3),
-                (u64::MAX - 1, 63),
-                (1234567, 0),
-            ] {
+            for (hash, user) in [(0u64, 5u64), (u64::MAX, 3), (u64::MAX - 1, 63), (1234567, 0)] {
                 let chat = placement.chat_id_near(hash, UserId(user));
-                assert_eq!(
-                    placement.shard_of_chat(chat),
-                    placement.shard_of_user(UserId(user))
-                );
+                assert_eq!(placement.shard_of_chat(chat), placement.shard_of_user(UserId(user)));
                 assert!(hash.abs_diff(chat.0) < 2 * u64::from(shards));
             }
         }
@@ -120,9 +108,6 @@ mod tests {
             seen[placement.shard_of_username(&format!("user{i}")).0 as usize] += 1;
         }
         assert_eq!(seen[0], 0, "nothing lands on the cluster shard");
-        assert!(
-            seen[1..].iter().all(|&n| n > 150),
-            "uneven spread: {seen:?}"
-        );
+        assert!(seen[1..].iter().all(|&n| n > 150), "uneven spread: {seen:?}");
     }
 }

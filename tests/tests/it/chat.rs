@@ -2,9 +2,7 @@
 //! read markers, push, catch-up, restarts.
 
 use crate::support::{Node, PASSWORD, eventually};
-use hamgam_client::{
-    ChatKind, ErrorCode, HistoryAnchor, LocalState, Push, Role, SyncPage, UpdateKind,
-};
+use hamgam_client::{ChatKind, ErrorCode, HistoryAnchor, LocalState, Push, Role, SyncPage, UpdateKind};
 use std::time::Duration;
 
 const PERSIAN: &str = "سلام! امروز ساعت ۵ جلسه داریم؟ می‌خواهم گزارش را با هم مرور کنیم.";
@@ -17,97 +15,47 @@ async fn two_people_chat_in_persian_and_a_restart_keeps_everything() {
     let (bob, bob_id) = node.user("Bob").await;
 
     let found = alice.resolve("bob").await.unwrap();
-    assert_eq!(
-        (found.user, found.username.as_str()),
-        (bob_id, "Bob"),
-        "usernames are case-insensitive"
-    );
+    assert_eq!((found.user, found.username.as_str()), (bob_id, "Bob"), "usernames are case-insensitive");
     let chat = alice.direct_chat(bob_id).await.unwrap();
     assert_eq!(chat.kind, ChatKind::Direct);
-    assert_eq!(
-        bob.direct_chat(alice_id).await.unwrap().chat,
-        chat.chat,
-        "one direct chat per pair"
-    );
+    assert_eq!(bob.direct_chat(alice_id).await.unwrap().chat, chat.chat, "one direct chat per pair");
 
     let (seq, _) = alice.send(chat.chat, PERSIAN).await.unwrap();
     assert_eq!(seq, 1);
     bob.send(chat.chat, "👍 باشه").await.unwrap();
     let long = "ک".repeat(4096);
     alice.send(chat.chat, &long).await.unwrap();
-    let page = bob
-        .history(chat.chat, HistoryAnchor::Latest, 50)
-        .await
-        .unwrap();
+    let page = bob.history(chat.chat, HistoryAnchor::Latest, 50).await.unwrap();
     let texts: Vec<&str> = page.messages.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, vec![PERSIAN, "👍 باشه", long.as_str()]);
-    assert_eq!(
-        page.messages[0].text.as_bytes(),
-        PERSIAN.as_bytes(),
-        "byte for byte"
-    );
+    assert_eq!(page.messages[0].text.as_bytes(), PERSIAN.as_bytes(), "byte for byte");
     assert_eq!(bob.mark_read(chat.chat, 2).await.unwrap(), 2);
-    assert_eq!(
-        bob.mark_read(chat.chat, 1).await.unwrap(),
-        2,
-        "read markers never move back"
-    );
+    assert_eq!(bob.mark_read(chat.chat, 1).await.unwrap(), 2, "read markers never move back");
 
     let group = alice.create_group("همکاران").await.unwrap();
     alice.add_member(group.chat, bob_id).await.unwrap();
-    alice
-        .set_role(group.chat, bob_id, Role::Admin)
-        .await
-        .unwrap();
+    alice.set_role(group.chat, bob_id, Role::Admin).await.unwrap();
     bob.send(group.chat, "اولین پیام گروه").await.unwrap();
 
     let alice_session = alice.log_in("alice", PASSWORD, "second").await.unwrap();
-    assert_eq!(
-        node.stop().code(),
-        Some(0),
-        "SIGTERM stops the node cleanly"
-    );
+    assert_eq!(node.stop().code(), Some(0), "SIGTERM stops the node cleanly");
 
     let mut node = Node::start_at(&node.dir.clone(), node.addr);
     let restarted = node.client().await;
-    restarted
-        .authenticate(&alice_session.token)
-        .await
-        .expect("sessions survive a restart");
-    let page = restarted
-        .history(chat.chat, HistoryAnchor::Latest, 50)
-        .await
-        .unwrap();
+    restarted.authenticate(&alice_session.token).await.expect("sessions survive a restart");
+    let page = restarted.history(chat.chat, HistoryAnchor::Latest, 50).await.unwrap();
     assert_eq!(page.messages.len(), 3);
     assert_eq!(page.messages[0].text, PERSIAN);
     let members = restarted.members(group.chat).await.unwrap();
-    assert_eq!(
-        members.iter().find(|m| m.user == bob_id).unwrap().role,
-        Role::Admin
-    );
+    assert_eq!(members.iter().find(|m| m.user == bob_id).unwrap().role, Role::Admin);
     let chats = restarted.list_chats(None, 10).await.unwrap();
     assert_eq!(chats.chats.len(), 2);
     let direct = chats.chats.iter().find(|c| c.chat == chat.chat).unwrap();
     assert_eq!(direct.last_seq, 3);
     // A new message after the restart continues the same sequence.
-    assert_eq!(
-        restarted
-            .send(chat.chat, "بعد از راه‌اندازی دوباره")
-            .await
-            .unwrap()
-            .0,
-        4
-    );
+    assert_eq!(restarted.send(chat.chat, "بعد از راه‌اندازی دوباره").await.unwrap().0, 4);
     let bob_again = node.device("bob", "tablet").await;
-    assert_eq!(
-        bob_again
-            .history(group.chat, HistoryAnchor::Latest, 10)
-            .await
-            .unwrap()
-            .messages[0]
-            .text,
-        "اولین پیام گروه"
-    );
+    assert_eq!(bob_again.history(group.chat, HistoryAnchor::Latest, 10).await.unwrap().messages[0].text, "اولین پیام گروه");
     assert_eq!(node.stop().code(), Some(0));
 }
 
@@ -130,19 +78,11 @@ async fn live_push_reaches_every_device_and_two_devices_converge() {
     // Both devices hear everything live, in order, with the messages attached.
     let mut phone = LocalState::default();
     let mut laptop = LocalState::default();
-    for (stream, state) in [
-        (&mut phone_push, &mut phone),
-        (&mut laptop_push, &mut laptop),
-    ] {
+    for (stream, state) in [(&mut phone_push, &mut phone), (&mut laptop_push, &mut laptop)] {
         while state.pts < 22 {
-            let push = tokio::time::timeout(Duration::from_secs(10), stream.next())
-                .await
-                .expect("a push in time")
-                .unwrap();
+            let push = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("a push in time").unwrap();
             match push {
-                Some(Push::Updates(page)) => {
-                    assert!(state.apply(&page), "pushes continue from the last one")
-                }
+                Some(Push::Updates(page)) => assert!(state.apply(&page), "pushes continue from the last one"),
                 other => panic!("unexpected push {other:?}"),
             }
         }
@@ -173,10 +113,7 @@ async fn a_device_offline_across_ten_thousand_updates_catches_up_completely() {
         (state.pts == 1).then_some(state)
     })
     .await;
-    assert!(
-        before.chats.contains_key(&chat),
-        "only the chat's creation so far"
-    );
+    assert!(before.chats.contains_key(&chat), "only the chat's creation so far");
 
     // 10,000 messages while the old phone is away, sent 64 at a time.
     let alice = std::sync::Arc::new(alice);
@@ -216,16 +153,8 @@ async fn a_device_offline_across_ten_thousand_updates_catches_up_completely() {
     assert_eq!(state.pts, 10_001);
     let messages = &state.chats[&chat].messages;
     assert_eq!(messages.len(), 10_000);
-    assert!(
-        messages.keys().copied().eq(1..=10_000),
-        "every message exactly once, gap-free"
-    );
-    assert!(
-        state.chats[&chat]
-            .messages
-            .values()
-            .all(|m| m.text.starts_with("پیام شماره"))
-    );
+    assert!(messages.keys().copied().eq(1..=10_000), "every message exactly once, gap-free");
+    assert!(state.chats[&chat].messages.values().all(|m| m.text.starts_with("پیام شماره")));
     // The same result through the SDK's own catch-up.
     let mut fresh = LocalState::default();
     fresh.catch_up(&offline).await.unwrap();
@@ -248,78 +177,37 @@ async fn group_roles_history_paging_edits_and_deletes_over_the_wire() {
     for i in 1..=30 {
         member.send(group, &format!("m{i}")).await.unwrap();
     }
-    let latest = other
-        .history(group, HistoryAnchor::Latest, 10)
-        .await
-        .unwrap();
+    let latest = other.history(group, HistoryAnchor::Latest, 10).await.unwrap();
     assert_eq!(latest.messages.first().unwrap().seq, 21);
     assert!(latest.more_before && !latest.more_after);
-    let older = other
-        .history(group, HistoryAnchor::Before(21), 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        older.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (11..=20).collect::<Vec<_>>()
-    );
-    let newer = other
-        .history(group, HistoryAnchor::After(25), 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        newer.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (26..=30).collect::<Vec<_>>()
-    );
+    let older = other.history(group, HistoryAnchor::Before(21), 10).await.unwrap();
+    assert_eq!(older.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (11..=20).collect::<Vec<_>>());
+    let newer = other.history(group, HistoryAnchor::After(25), 10).await.unwrap();
+    assert_eq!(newer.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (26..=30).collect::<Vec<_>>());
 
-    assert_eq!(
-        other.edit(group, 5, "not mine").await.unwrap_err().code(),
-        Some(ErrorCode::PERMISSION_DENIED)
-    );
+    assert_eq!(other.edit(group, 5, "not mine").await.unwrap_err().code(), Some(ErrorCode::PERMISSION_DENIED));
     member.edit(group, 5, "m5 ویرایش‌شده").await.unwrap();
     member.delete(group, 6).await.unwrap();
-    let page = other
-        .history(group, HistoryAnchor::After(4), 2)
-        .await
-        .unwrap();
+    let page = other.history(group, HistoryAnchor::After(4), 2).await.unwrap();
     assert_eq!(page.messages[0].text, "m5 ویرایش‌شده");
     assert!(page.messages[0].edit_date_ms.is_some());
     assert!(page.messages[1].deleted && page.messages[1].text.is_empty());
 
     // The removed member stops seeing the group; the others hear of it.
     owner.remove_member(group, other_id).await.unwrap();
-    assert_eq!(
-        other
-            .history(group, HistoryAnchor::Latest, 1)
-            .await
-            .unwrap_err()
-            .code(),
-        Some(ErrorCode::NOT_MEMBER)
-    );
+    assert_eq!(other.history(group, HistoryAnchor::Latest, 1).await.unwrap_err().code(), Some(ErrorCode::NOT_MEMBER));
     // Updates reach other users' shards through the outbox, a moment later.
     eventually(Duration::from_secs(10), || async {
-        let SyncPage::Difference(page) = other.sync_page(0, 1000).await.unwrap() else {
-            return None;
-        };
-        page.updates
-            .iter()
-            .any(|u| u.kind == UpdateKind::ChatLeft { chat: group })
-            .then_some(())
+        let SyncPage::Difference(page) = other.sync_page(0, 1000).await.unwrap() else { return None };
+        page.updates.iter().any(|u| u.kind == UpdateKind::ChatLeft { chat: group }).then_some(())
     })
     .await;
     let mut state = LocalState::default();
     state.catch_up(&other).await.unwrap();
-    assert!(
-        !state.chats.contains_key(&group),
-        "ChatLeft removes the chat from the device"
-    );
+    assert!(!state.chats.contains_key(&group), "ChatLeft removes the chat from the device");
     let seen = eventually(Duration::from_secs(10), || async {
-        let SyncPage::Difference(page) = member.sync_page(0, 1000).await.unwrap() else {
-            return None;
-        };
-        page.updates
-            .iter()
-            .any(|u| u.kind == UpdateKind::MembersChanged { chat: group })
-            .then_some(page)
+        let SyncPage::Difference(page) = member.sync_page(0, 1000).await.unwrap() else { return None };
+        page.updates.iter().any(|u| u.kind == UpdateKind::MembersChanged { chat: group }).then_some(page)
     })
     .await;
     assert!(seen.messages.iter().any(|m| m.chat == group && m.seq == 30));

@@ -28,9 +28,7 @@ pub const DATA_SHARDS: u32 = 8;
 /// Writes a new cluster of three under `root` and starts its nodes, each
 /// with `config` added to its configuration.
 pub fn start_cluster(root: &Path, config: &str) -> Vec<Node> {
-    let members: Vec<String> = (1..=NODES)
-        .map(|id| format!("{id}={}", free_udp_addr()))
-        .collect();
+    let members: Vec<String> = (1..=NODES).map(|id| format!("{id}={}", free_udp_addr())).collect();
     let init = Command::new(NODE_BIN)
         .arg("init")
         .arg("--out")
@@ -41,21 +39,8 @@ pub fn start_cluster(root: &Path, config: &str) -> Vec<Node> {
         .arg(DATA_SHARDS.to_string())
         .output()
         .expect("run hamgam-node init");
-    assert!(
-        init.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    (1..=NODES)
-        .map(|id| {
-            Node::start_with(
-                &root.join(format!("node-{id}")),
-                free_udp_addr(),
-                &[],
-                config,
-            )
-        })
-        .collect()
+    assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+    (1..=NODES).map(|id| Node::start_with(&root.join(format!("node-{id}")), free_udp_addr(), &[], config)).collect()
 }
 
 /// The cluster as `hamgam admin status` sees it, once every shard has a leader.
@@ -97,14 +82,7 @@ impl Senders {
         }
         let (group, chats_of) = group_and_pairs(&clients, &ids, group_title).await;
         let chats: Vec<ChatId> = chats_of.iter().flatten().copied().collect();
-        Senders {
-            names,
-            ids,
-            clients,
-            group,
-            chats_of,
-            chats,
-        }
+        Senders { names, ids, clients, group, chats_of, chats }
     }
 }
 
@@ -120,48 +98,26 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     let mut nodes = start_cluster(dir.path(), "");
     status_with_leaders(&nodes[0]).await;
 
-    let Senders {
-        names,
-        clients,
-        group,
-        chats_of,
-        chats,
-        ..
-    } = Senders::sign_up(&nodes, "گروه آزمون").await;
+    let Senders { names, clients, group, chats_of, chats, .. } = Senders::sign_up(&nodes, "گروه آزمون").await;
 
     // Load from every node; then kill the node leading most of the chats' shards.
     let signals = Arc::new(Burst::default());
     let shared: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, client) in shared.iter().enumerate() {
-        tasks.spawn(burst(
-            client.clone(),
-            i,
-            chats_of[i].clone(),
-            0,
-            signals.clone(),
-        ));
+        tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), 0, signals.clone()));
     }
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let leaders = ClusterStatus::gather(&nodes[0].dir, None)
-        .await
-        .unwrap()
-        .leaders();
+    let leaders = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap().leaders();
     let placement = Placement::new(DATA_SHARDS);
-    let busy: BTreeSet<ShardId> = chats
-        .iter()
-        .map(|chat| placement.shard_of_chat(*chat))
-        .collect();
+    let busy: BTreeSet<ShardId> = chats.iter().map(|chat| placement.shard_of_chat(*chat)).collect();
     let mut led: BTreeMap<NodeId, usize> = BTreeMap::new();
     for shard in &busy {
         if let Some(leader) = leaders.get(shard) {
             *led.entry(*leader).or_default() += 1;
         }
     }
-    let (&busiest, _) = led
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .expect("the chats' shards have leaders");
+    let (&busiest, _) = led.iter().max_by_key(|(_, n)| **n).expect("the chats' shards have leaders");
     let victim = (busiest.0 - 1) as usize;
     let victim_addr = nodes[victim].addr;
     nodes[victim].kill();
@@ -169,9 +125,7 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     // Its clients notice their node is gone, as an app on a dead network does.
     for (i, client) in shared.iter().enumerate() {
         if home(i) == victim {
-            client
-                .connection()
-                .close(quinn::VarInt::from_u32(0), b"node gone");
+            client.connection().close(quinn::VarInt::from_u32(0), b"node gone");
         }
     }
     // The other two elect new leaders and keep acknowledging.
@@ -183,16 +137,9 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     }
     let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
     let after = signals.acked_after_kill.load(Ordering::Relaxed);
-    eprintln!(
-        "killed node {busiest}, which led {} of the {} shards the chats live on: {acked} acknowledged, {after} after the kill",
-        led[&busiest],
-        busy.len()
-    );
+    eprintln!("killed node {busiest}, which led {} of the {} shards the chats live on: {acked} acknowledged, {after} after the kill", led[&busiest], busy.len());
     assert!(acked > 30, "the burst made progress ({acked} acknowledged)");
-    assert!(
-        after > 5,
-        "the surviving nodes kept acknowledging after the kill ({after})"
-    );
+    assert!(after > 5, "the surviving nodes kept acknowledging after the kill ({after})");
 
     // The killed node returns; its clients reconnect to it.
     let dir_of_victim = nodes[victim].dir.clone();
@@ -211,9 +158,7 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
         let status = ClusterStatus::gather(&nodes[0].dir, None).await.ok()?;
         let shards = status.shards();
         let current = shards.len() == DATA_SHARDS as usize + 1
-            && shards
-                .values()
-                .all(|s| s.leader.is_some() && s.lag.iter().all(|(_, lag)| *lag == Some(0)));
+            && shards.values().all(|s| s.leader.is_some() && s.lag.iter().all(|(_, lag)| *lag == Some(0)));
         current.then_some(())
     })
     .await;
@@ -228,18 +173,10 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     let writer = (0..SENDERS).find(|i| home(*i) == lone).unwrap();
     let client_msg_id = rand::random::<u64>();
     let text = "تنها: این نباید پذیرفته شود".to_string();
-    let refused = clients[writer]
-        .send_with_id(group, client_msg_id, &text)
-        .await;
-    assert!(
-        refused.is_err(),
-        "a node cut off from the others acknowledged a write: {refused:?}"
-    );
+    let refused = clients[writer].send_with_id(group, client_msg_id, &text).await;
+    assert!(refused.is_err(), "a node cut off from the others acknowledged a write: {refused:?}");
     let stale = clients[writer].full_history(group).await;
-    assert!(
-        stale.is_err(),
-        "a node cut off from the others served a read that must be fresh"
-    );
+    assert!(stale.is_err(), "a node cut off from the others served a read that must be fresh");
     for (i, node) in nodes.iter().enumerate() {
         if i != lone {
             node.resume();
@@ -247,10 +184,7 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
     }
     // Back together: the refused write, retried with its client id, exists once.
     let (seq, _) = eventually(Duration::from_secs(60), || async {
-        clients[writer]
-            .send_with_id(group, client_msg_id, &text)
-            .await
-            .ok()
+        clients[writer].send_with_id(group, client_msg_id, &text).await.ok()
     })
     .await;
     all.insert(text, (group, seq));

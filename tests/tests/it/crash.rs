@@ -42,13 +42,7 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
         let shared: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, client) in shared.iter().enumerate() {
-            tasks.spawn(burst(
-                client.clone(),
-                i,
-                chats_of[i].clone(),
-                round,
-                signals.clone(),
-            ));
+            tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), round, signals.clone()));
         }
         // Let the burst run, then kill the node while writes are in flight.
         tokio::time::sleep(Duration::from_millis(1500 + 500 * u64::from(round))).await;
@@ -56,19 +50,14 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
         // A dead node sends nothing back; drop the connections instead of
         // waiting out the request timeout, as an app does when its network goes.
         for client in &shared {
-            client
-                .connection()
-                .close(quinn::VarInt::from_u32(0), b"node gone");
+            client.connection().close(quinn::VarInt::from_u32(0), b"node gone");
         }
         let mut ledgers = Vec::new();
         while let Some(done) = tasks.join_next().await {
             ledgers.push(done.unwrap());
         }
         let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
-        assert!(
-            acked > 20,
-            "the burst made progress before the kill ({acked} acknowledged)"
-        );
+        assert!(acked > 20, "the burst made progress before the kill ({acked} acknowledged)");
 
         node = Node::start_at(&node.dir.clone(), node.addr);
         clients = log_in(&node, &names).await;
@@ -83,15 +72,8 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_message_and_duplicates_non
     // cross-shard outbox lost nothing across two kills.
     for (i, client) in clients.iter().enumerate() {
         // Sender i is in the group, its own direct chat and the previous sender's.
-        let member_of = [
-            group,
-            chats_of[i][1],
-            chats_of[(i + SENDERS - 1) % SENDERS][1],
-        ];
-        let expected = all
-            .values()
-            .filter(|(chat, _)| member_of.contains(chat))
-            .count();
+        let member_of = [group, chats_of[i][1], chats_of[(i + SENDERS - 1) % SENDERS][1]];
+        let expected = all.values().filter(|(chat, _)| member_of.contains(chat)).count();
         let state = eventually(Duration::from_secs(30), || async {
             let mut state = LocalState::default();
             state.catch_up(client).await.ok()?;

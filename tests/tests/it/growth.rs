@@ -31,15 +31,8 @@ const CONFIG: &str = "[cluster]\ndead_after_secs = 5\n";
 /// Starts `hamgam-node join` for a new node under `root`, admitted by
 /// `via`'s node; returns it and the token it used.
 fn join(root: &Path, name: &str, via: &Node) -> (Node, String) {
-    let token = Operator::open(&via.dir, None)
-        .unwrap()
-        .join_token(Duration::from_secs(600))
-        .unwrap();
-    let via_peer = ClusterFile::read(&via.dir)
-        .unwrap()
-        .unwrap()
-        .own_peer_addr()
-        .unwrap();
+    let token = Operator::open(&via.dir, None).unwrap().join_token(Duration::from_secs(600)).unwrap();
+    let via_peer = ClusterFile::read(&via.dir).unwrap().unwrap().own_peer_addr().unwrap();
     let args = vec![
         "join".to_string(),
         "--via".to_string(),
@@ -49,10 +42,7 @@ fn join(root: &Path, name: &str, via: &Node) -> (Node, String) {
         "--peer-listen".to_string(),
         free_udp_addr().to_string(),
     ];
-    (
-        Node::start_with(&root.join(name), free_udp_addr(), &args, CONFIG),
-        token,
-    )
+    (Node::start_with(&root.join(name), free_udp_addr(), &args, CONFIG), token)
 }
 
 /// Waits until the data replicas sit only on `holders`, evenly (at most one
@@ -71,10 +61,7 @@ async fn balanced_on(via: &Node, holders: &[NodeId]) -> BTreeMap<NodeId, usize> 
             let settled = view.leader.is_some()
                 && view.voters.len() == 3
                 && view.learners.is_empty()
-                && view
-                    .lag
-                    .iter()
-                    .all(|(_, lag)| lag.is_some_and(|lag| lag < 1_000));
+                && view.lag.iter().all(|(_, lag)| lag.is_some_and(|lag| lag < 1_000));
             if !settled {
                 return None;
             }
@@ -98,28 +85,17 @@ async fn under_load<F: std::future::Future<Output = ()>>(
     let signals = Arc::new(Burst::default());
     let mut tasks = tokio::task::JoinSet::new();
     for (i, client) in clients.iter().enumerate() {
-        tasks.spawn(burst(
-            client.clone(),
-            i,
-            chats_of[i].clone(),
-            round,
-            signals.clone(),
-        ));
+        tasks.spawn(burst(client.clone(), i, chats_of[i].clone(), round, signals.clone()));
     }
     phase.await;
-    signals
-        .stop
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    signals.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut ledgers = Vec::new();
     while let Some(done) = tasks.join_next().await {
         ledgers.push(done.unwrap());
     }
     let acked: usize = ledgers.iter().map(|(_, l)| l.acked.len()).sum();
     eprintln!("round {round}: {acked} acknowledged");
-    assert!(
-        acked > 30,
-        "the burst made progress in round {round} ({acked} acknowledged)"
-    );
+    assert!(acked > 30, "the burst made progress in round {round} ({acked} acknowledged)");
     ledgers
 }
 
@@ -128,14 +104,7 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(dir.path(), CONFIG);
     status_with_leaders(&nodes[0]).await;
-    let Senders {
-        names,
-        ids,
-        clients,
-        group,
-        chats_of,
-        chats,
-    } = Senders::sign_up(&nodes, "گروه رشد").await;
+    let Senders { names, ids, clients, group, chats_of, chats } = Senders::sign_up(&nodes, "گروه رشد").await;
     let senders: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
     let mut all = BTreeMap::new();
 
@@ -159,9 +128,7 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
         let shards = status.shards();
         let stale = status.nodes.iter().any(|(node, view)| {
             view.status.as_ref().is_ok_and(|s| {
-                s.shards.iter().any(|r| {
-                    r.last_index > 0 && shards.get(&r.shard).is_some_and(|v| !v.hosts(*node))
-                })
+                s.shards.iter().any(|r| r.last_index > 0 && shards.get(&r.shard).is_some_and(|v| !v.hosts(*node)))
             })
         });
         (!stale).then_some(())
@@ -169,30 +136,14 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     .await;
 
     // A token admits one node; one not made with the cluster's CA key none.
-    let via_peer = ClusterFile::read(&nodes[2].dir)
-        .unwrap()
-        .unwrap()
-        .own_peer_addr()
-        .unwrap();
+    let via_peer = ClusterFile::read(&nodes[2].dir).unwrap().unwrap().own_peer_addr().unwrap();
     let again = hamgam_cluster::join::request_join(via_peer, &used_token, free_udp_addr()).await;
-    assert!(
-        matches!(&again, Err(JoinError::Refused(reason)) if reason.contains("already used")),
-        "{again:?}"
-    );
-    let ca = Operator::open(&nodes[0].dir, None)
-        .unwrap()
-        .identity
-        .ca_fingerprint();
-    let cluster_id = ClusterFile::read(&nodes[0].dir)
-        .unwrap()
-        .unwrap()
-        .cluster_id;
+    assert!(matches!(&again, Err(JoinError::Refused(reason)) if reason.contains("already used")), "{again:?}");
+    let ca = Operator::open(&nodes[0].dir, None).unwrap().identity.ca_fingerprint();
+    let cluster_id = ClusterFile::read(&nodes[0].dir).unwrap().unwrap().cluster_id;
     let forged = JoinToken::issue(b"not the CA key", &cluster_id, ca, Duration::from_secs(600));
     let refused = hamgam_cluster::join::request_join(via_peer, &forged, free_udp_addr()).await;
-    assert!(
-        matches!(&refused, Err(JoinError::Refused(reason)) if reason.contains("not from this cluster")),
-        "{refused:?}"
-    );
+    assert!(matches!(&refused, Err(JoinError::Refused(reason)) if reason.contains("not from this cluster")), "{refused:?}");
     // Each sender settles (retries what failed) from a second device on its node.
     let mut readers: Vec<Client> = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -208,37 +159,21 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
 
     // Live push reaches a device connected to a node that holds no replica
     // of its user's shard (the shard's leader relays the hint).
-    let shards = ClusterStatus::gather(&nodes[0].dir, None)
-        .await
-        .unwrap()
-        .shards();
+    let shards = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap().shards();
     let placement = Placement::new(DATA_SHARDS);
     let (listener, outsider) = (0..ids.len())
         .find_map(|i| {
             let shard = &shards[&placement.shard_of_user(ids[i])];
-            (1..=5u64)
-                .map(NodeId)
-                .find(|n| !shard.hosts(*n))
-                .map(|n| (i, n))
+            (1..=5u64).map(NodeId).find(|n| !shard.hosts(*n)).map(|n| (i, n))
         })
         .expect("with five nodes and three replicas, some node lacks some user's shard");
-    let outsider_node = if outsider.0 <= 3 {
-        &nodes[outsider.0 as usize - 1]
-    } else {
-        &joined[outsider.0 as usize - 4]
-    };
+    let outsider_node = if outsider.0 <= 3 { &nodes[outsider.0 as usize - 1] } else { &joined[outsider.0 as usize - 4] };
     let device = log_in(outsider_node, &names[listener]).await;
     let pts = device.subscribe(0).await.unwrap().pts;
     let mut push = device.subscribe(pts).await.unwrap();
     let speaker = (listener + 1) % ids.len();
-    let (sent_seq, _) = readers[speaker]
-        .send(group, "برای همه: پیام زنده")
-        .await
-        .unwrap();
-    let pushed = tokio::time::timeout(Duration::from_secs(10), push.next())
-        .await
-        .expect("a push in time")
-        .unwrap();
+    let (sent_seq, _) = readers[speaker].send(group, "برای همه: پیام زنده").await.unwrap();
+    let pushed = tokio::time::timeout(Duration::from_secs(10), push.next()).await.expect("a push in time").unwrap();
     assert!(matches!(pushed, Some(Push::Updates(_))), "{pushed:?}");
     all.insert("برای همه: پیام زنده".to_string(), (group, sent_seq));
     drop((push, device));
@@ -250,17 +185,11 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
         joined[1].kill();
         let load = balanced_on(&nodes[0], &[NodeId(1), NodeId(2), NodeId(3), NodeId(4)]).await;
         eprintln!("node 5 dead: its replicas rebuilt, data replicas per node {load:?}");
-        operator
-            .set_member_state(joined_ids[0], MemberState::Draining)
-            .await
-            .unwrap();
+        operator.set_member_state(joined_ids[0], MemberState::Draining).await.unwrap();
         let load = balanced_on(&nodes[0], &[NodeId(1), NodeId(2), NodeId(3)]).await;
         eprintln!("node 4 drained: data replicas per node {load:?}");
         for node in joined_ids {
-            operator
-                .set_member_state(node, MemberState::Removed)
-                .await
-                .unwrap();
+            operator.set_member_state(node, MemberState::Removed).await.unwrap();
         }
     })
     .await;
@@ -268,11 +197,7 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     settle(&readers, ledgers, &mut all).await;
     assert_histories(&readers, &chats, &all).await;
     let status = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap();
-    assert_eq!(
-        status.nodes.keys().copied().collect::<Vec<_>>(),
-        vec![NodeId(1), NodeId(2), NodeId(3)],
-        "removed nodes are gone"
-    );
+    assert_eq!(status.nodes.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2), NodeId(3)], "removed nodes are gone");
 
     for node in &mut nodes {
         assert_eq!(node.stop().code(), Some(0));

@@ -11,22 +11,14 @@ use std::time::Duration;
 
 /// A group of every user (created by the first), and a direct chat of each
 /// user with the next: the chats each sender writes in, per sender.
-pub async fn group_and_pairs(
-    clients: &[Client],
-    ids: &[UserId],
-    title: &str,
-) -> (ChatId, Vec<Vec<ChatId>>) {
+pub async fn group_and_pairs(clients: &[Client], ids: &[UserId], title: &str) -> (ChatId, Vec<Vec<ChatId>>) {
     let group = clients[0].create_group(title).await.unwrap().chat;
     for id in &ids[1..] {
         clients[0].add_member(group, *id).await.unwrap();
     }
     let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; clients.len()];
     for (i, chats) in chats_of.iter_mut().enumerate() {
-        let direct = clients[i]
-            .direct_chat(ids[(i + 1) % ids.len()])
-            .await
-            .unwrap()
-            .chat;
+        let direct = clients[i].direct_chat(ids[(i + 1) % ids.len()]).await.unwrap().chat;
         chats.push(direct);
     }
     (group, chats_of)
@@ -53,13 +45,7 @@ pub struct Burst {
 /// Sends to `chats` in turn until told to stop or until its connection is
 /// closed. A failed send is kept as pending (to retry later with the same
 /// client id) and the sender goes on: another node may still serve it.
-pub async fn burst(
-    client: Arc<Client>,
-    me: usize,
-    chats: Vec<ChatId>,
-    round: u32,
-    signals: Arc<Burst>,
-) -> (usize, Ledger) {
+pub async fn burst(client: Arc<Client>, me: usize, chats: Vec<ChatId>, round: u32, signals: Arc<Burst>) -> (usize, Ledger) {
     let mut ledger = Ledger::default();
     let mut n = 0u64;
     while !signals.stop.load(Ordering::Relaxed) {
@@ -89,21 +75,11 @@ pub async fn burst(
 /// Retries every pending send from its own sender with its client id (it
 /// exists exactly once whether or not it applied before), checks a second
 /// retry returns the same seq, and adds everything to `all`.
-pub async fn settle(
-    clients: &[Client],
-    ledgers: Vec<(usize, Ledger)>,
-    all: &mut BTreeMap<String, (ChatId, u64)>,
-) {
+pub async fn settle(clients: &[Client], ledgers: Vec<(usize, Ledger)>, all: &mut BTreeMap<String, (ChatId, u64)>) {
     for (sender, mut ledger) in ledgers {
         for (chat, client_msg_id, text) in std::mem::take(&mut ledger.pending) {
-            let (seq, _) = clients[sender]
-                .send_with_id(chat, client_msg_id, &text)
-                .await
-                .unwrap();
-            let (again, _) = clients[sender]
-                .send_with_id(chat, client_msg_id, &text)
-                .await
-                .unwrap();
+            let (seq, _) = clients[sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
+            let (again, _) = clients[sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
             assert_eq!(again, seq, "a retry returns the first result");
             ledger.acked.insert(text, (chat, seq));
         }
@@ -116,11 +92,7 @@ pub async fn settle(
 /// Every chat: gap-free, each acknowledged message exactly once at its seq,
 /// nothing else, and the same list for every member, each reading through
 /// its own connection (and so its own node).
-pub async fn assert_histories(
-    clients: &[Client],
-    chats: &[ChatId],
-    all: &BTreeMap<String, (ChatId, u64)>,
-) {
+pub async fn assert_histories(clients: &[Client], chats: &[ChatId], all: &BTreeMap<String, (ChatId, u64)>) {
     let mut chats = chats.to_vec();
     chats.sort();
     chats.dedup();
@@ -132,31 +104,17 @@ pub async fn assert_histories(
             }
         }
         assert!(views.len() >= 2);
-        assert!(
-            views.windows(2).all(|w| w[0] == w[1]),
-            "every member sees the same order"
-        );
+        assert!(views.windows(2).all(|w| w[0] == w[1]), "every member sees the same order");
         let history = &views[0];
-        assert!(
-            history.iter().map(|m| m.seq).eq(1..=history.len() as u64),
-            "seq is gap-free"
-        );
+        assert!(history.iter().map(|m| m.seq).eq(1..=history.len() as u64), "seq is gap-free");
         let mut seen: HashMap<&str, u64> = HashMap::new();
         for message in history {
-            assert!(
-                seen.insert(message.text.as_str(), message.seq).is_none(),
-                "duplicate: {}",
-                message.text
-            );
+            assert!(seen.insert(message.text.as_str(), message.seq).is_none(), "duplicate: {}", message.text);
         }
         let mut sent = 0;
         for (text, (at_chat, seq)) in all {
             if *at_chat == chat {
-                assert_eq!(
-                    seen.get(text.as_str()),
-                    Some(seq),
-                    "acknowledged {text} lost or moved"
-                );
+                assert_eq!(seen.get(text.as_str()), Some(seq), "acknowledged {text} lost or moved");
                 sent += 1;
             }
         }

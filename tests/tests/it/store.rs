@@ -23,26 +23,11 @@ fn random_bytes(rng: &mut impl Rng, len: usize) -> Vec<u8> {
 }
 
 fn text_bytes(rng: &mut impl Rng, len: usize) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "سلام",
-        "دنیا",
-        "پیام",
-        "می‌روم",
-        "hamgam",
-        "chat",
-        "خانه",
-        "کتاب",
-        "2024",
-        "ok",
-    ];
+    const WORDS: &[&str] = &["سلام", "دنیا", "پیام", "می‌روم", "hamgam", "chat", "خانه", "کتاب", "2024", "ok"];
     let mut out = Vec::with_capacity(len + 16);
     while out.len() < len {
         out.extend_from_slice(WORDS[rng.random_range(0..WORDS.len())].as_bytes());
-        out.push(if rng.random_range(0..12) == 0 {
-            b'\n'
-        } else {
-            b' '
-        });
+        out.push(if rng.random_range(0..12) == 0 { b'\n' } else { b' ' });
     }
     out
 }
@@ -52,10 +37,7 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32, mtime_secs: u64) {
     std::fs::write(path, bytes).expect("write a file");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("set mode");
     let when = UNIX_EPOCH + Duration::from_secs(mtime_secs);
-    let file = std::fs::File::options()
-        .write(true)
-        .open(path)
-        .expect("open");
+    let file = std::fs::File::options().write(true).open(path).expect("open");
     file.set_modified(when).expect("set mtime");
 }
 
@@ -68,19 +50,9 @@ fn make_data_set(root: &Path, seed: u64) {
     for i in 0..6 {
         let len = rng.random_range(200_000..1_500_000);
         let bytes = random_bytes(&mut rng, len);
-        write_file(
-            &root.join(format!("عکس‌ها/سفر/{i}.jpg")),
-            &bytes,
-            0o644,
-            base + i,
-        );
+        write_file(&root.join(format!("عکس‌ها/سفر/{i}.jpg")), &bytes, 0o644, base + i);
         if i % 3 == 0 {
-            write_file(
-                &root.join(format!("چت‌ها/forwarded-{i}.jpg")),
-                &bytes,
-                0o600,
-                base + 50 + i,
-            );
+            write_file(&root.join(format!("چت‌ها/forwarded-{i}.jpg")), &bytes, 0o600, base + 50 + i);
         }
     }
     let video = random_bytes(&mut rng, 3_000_000);
@@ -88,20 +60,10 @@ fn make_data_set(root: &Path, seed: u64) {
     for i in 0..5 {
         let len = rng.random_range(10_000..400_000);
         let text = text_bytes(&mut rng, len);
-        write_file(
-            &root.join(format!("چت‌ها/export-{i}.txt")),
-            &text,
-            0o644,
-            base + 200 + i,
-        );
+        write_file(&root.join(format!("چت‌ها/export-{i}.txt")), &text, 0o644, base + 200 + i);
     }
     write_file(&root.join("empty.txt"), b"", 0o644, base + 300);
-    write_file(
-        &root.join("bin/run.sh"),
-        b"#!/bin/sh\necho hi\n",
-        0o755,
-        base + 301,
-    );
+    write_file(&root.join("bin/run.sh"), b"#!/bin/sh\necho hi\n", 0o755, base + 301);
     std::os::unix::fs::symlink("videos/clip.mp4", root.join("latest.mp4")).expect("make a link");
 }
 
@@ -124,15 +86,7 @@ fn inventory(root: &Path) -> BTreeMap<PathBuf, (String, u32, i64, [u8; 32])> {
                 ("file", blake3::hash(&std::fs::read(&path).expect("read")))
             };
             let mtime = if meta.is_symlink() { 0 } else { meta.mtime() };
-            out.insert(
-                relative,
-                (
-                    kind.to_string(),
-                    meta.mode() & 0o7777,
-                    mtime,
-                    *hash.as_bytes(),
-                ),
-            );
+            out.insert(relative, (kind.to_string(), meta.mode() & 0o7777, mtime, *hash.as_bytes()));
         }
     }
     out
@@ -152,21 +106,12 @@ fn cli(profile: &Path, node: &Node, args: &[&str], stdin: Option<&str>) -> Strin
         .spawn()
         .expect("run the CLI");
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
     }
     drop(child.stdin.take());
     let output = child.wait_with_output().expect("CLI output");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "hamgam {args:?} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "hamgam {args:?} failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
     stdout
 }
 
@@ -178,66 +123,30 @@ fn a_folder_backed_up_with_the_cli_restores_byte_for_byte_with_modes_and_times()
     let source = dir.path().join("پوشه من");
     make_data_set(&source, 1);
     let password = format!("{PASSWORD}\n");
-    cli(
-        &profile,
-        &node,
-        &["signup", "neda", "--password-stdin"],
-        Some(&password),
-    );
-    cli(
-        &profile,
-        &node,
-        &["login", "neda", "--password-stdin"],
-        Some(&password),
-    );
+    cli(&profile, &node, &["signup", "neda", "--password-stdin"], Some(&password));
+    cli(&profile, &node, &["login", "neda", "--password-stdin"], Some(&password));
 
-    let first = cli(
-        &profile,
-        &node,
-        &["backup", source.to_str().expect("UTF-8")],
-        None,
-    );
+    let first = cli(&profile, &node, &["backup", source.to_str().expect("UTF-8")], None);
     assert!(first.starts_with("snapshot 1 of "), "{first}");
     // Nothing changed: nothing is read or sent again.
-    let second = cli(
-        &profile,
-        &node,
-        &["backup", source.to_str().expect("UTF-8")],
-        None,
-    );
+    let second = cli(&profile, &node, &["backup", source.to_str().expect("UTF-8")], None);
     assert!(second.contains("read 0 B in 0 files, sent 0 B"), "{second}");
     let list = cli(&profile, &node, &["snapshots"], None);
     assert_eq!(list.lines().count(), 2, "{list}");
 
     let restored = dir.path().join("restored");
-    cli(
-        &profile,
-        &node,
-        &["restore", "1", restored.to_str().expect("UTF-8")],
-        None,
-    );
-    assert_eq!(
-        inventory(&restored),
-        inventory(&source),
-        "the restore equals the original"
-    );
+    cli(&profile, &node, &["restore", "1", restored.to_str().expect("UTF-8")], None);
+    assert_eq!(inventory(&restored), inventory(&source), "the restore equals the original");
     let check = cli(&profile, &node, &["check", "--read-data"], None);
     assert!(check.contains("no problems"), "{check}");
 
     // Retention: keep the newest only.
     cli(&profile, &node, &["forget", "--keep-last", "1"], None);
     let list = cli(&profile, &node, &["snapshots"], None);
-    assert!(
-        list.trim_start().starts_with('2') && list.lines().count() == 1,
-        "{list}"
-    );
+    assert!(list.trim_start().starts_with('2') && list.lines().count() == 1, "{list}");
 }
 
-async fn backup(
-    client: &Client,
-    dir: &Path,
-    label: &str,
-) -> Result<hamgam_client::BackupReport, ClientError> {
+async fn backup(client: &Client, dir: &Path, label: &str) -> Result<hamgam_client::BackupReport, ClientError> {
     hamgam_client::backup(client, dir, label, Arc::new(TransferCounters::default())).await
 }
 
@@ -255,40 +164,19 @@ async fn inserting_one_byte_into_a_100_mib_file_sends_under_1_mib() {
 
     big.insert(37 << 20, 0x42);
     write_file(&source.join("movie.mkv"), &big, 0o644, 1_700_000_100);
-    let second = backup(&client, &source, "big")
-        .await
-        .expect("second backup");
-    assert!(
-        second.wire_bytes < 1 << 20,
-        "sent {} bytes for one inserted byte",
-        second.wire_bytes
-    );
-    assert_eq!(
-        second.snapshot.added_bytes,
-        big.len() as u64,
-        "the changed file counts once more"
-    );
+    let second = backup(&client, &source, "big").await.expect("second backup");
+    assert!(second.wire_bytes < 1 << 20, "sent {} bytes for one inserted byte", second.wire_bytes);
+    assert_eq!(second.snapshot.added_bytes, big.len() as u64, "the changed file counts once more");
 
     let restored = dir.path().join("restored");
-    hamgam_client::restore(
-        &client,
-        &second.snapshot,
-        &restored,
-        Arc::new(TransferCounters::default()),
-    )
-    .await
-    .expect("restore");
-    assert_eq!(
-        std::fs::read(restored.join("movie.mkv")).expect("read"),
-        big
-    );
+    hamgam_client::restore(&client, &second.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("restore");
+    assert_eq!(std::fs::read(restored.join("movie.mkv")).expect("read"), big);
 }
 
 fn folder_bytes(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .expect("read")
-        .map(|e| e.expect("entry").metadata().expect("meta").len())
-        .sum()
+    std::fs::read_dir(path).expect("read").map(|e| e.expect("entry").metadata().expect("meta").len()).sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -302,45 +190,23 @@ async fn two_users_uploading_the_same_file_store_it_once() {
     std::fs::write(&photo, random_bytes(&mut rng, 5 << 20)).expect("write");
 
     let counters = TransferCounters::default();
-    alice
-        .upload_file(&photo, "/عکس.jpg", &counters)
-        .await
-        .expect("alice uploads");
+    alice.upload_file(&photo, "/عکس.jpg", &counters).await.expect("alice uploads");
     assert!(TransferCounters::get(&counters.wire_bytes) >= 5 << 20);
     let chunks = dir.path().join("node/chunks");
     let stored = folder_bytes(&chunks);
 
     let counters = TransferCounters::default();
-    bob.upload_file(&photo, "/forwarded.jpg", &counters)
-        .await
-        .expect("bob uploads");
-    assert_eq!(
-        TransferCounters::get(&counters.wire_bytes),
-        0,
-        "no chunk bytes for a stored file"
-    );
+    bob.upload_file(&photo, "/forwarded.jpg", &counters).await.expect("bob uploads");
+    assert_eq!(TransferCounters::get(&counters.wire_bytes), 0, "no chunk bytes for a stored file");
     assert_eq!(folder_bytes(&chunks), stored, "the store did not grow");
     let mut out = Vec::new();
-    bob.download_file("/forwarded.jpg", None, &mut out, &counters)
-        .await
-        .expect("bob downloads");
+    bob.download_file("/forwarded.jpg", None, &mut out, &counters).await.expect("bob downloads");
     assert_eq!(out, std::fs::read(&photo).expect("read"));
     // A byte range fetches only those bytes.
     let mut part = Vec::new();
-    bob.download_file(
-        "/forwarded.jpg",
-        Some(3_000_000..3_000_100),
-        &mut part,
-        &counters,
-    )
-    .await
-    .expect("range");
+    bob.download_file("/forwarded.jpg", Some(3_000_000..3_000_100), &mut part, &counters).await.expect("range");
     assert_eq!(part, out[3_000_000..3_000_100]);
-    assert_eq!(
-        bob.usage().await.expect("usage").used_bytes,
-        5 << 20,
-        "each user counts logical bytes"
-    );
+    assert_eq!(bob.usage().await.expect("usage").used_bytes, 5 << 20, "each user counts logical bytes");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -352,61 +218,38 @@ async fn a_backup_cut_off_by_a_killed_node_resends_only_what_was_not_stored() {
     let source = dir.path().join("videos");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for i in 0..12 {
-        write_file(
-            &source.join(format!("{i}.mp4")),
-            &random_bytes(&mut rng, 4 << 20),
-            0o644,
-            1_700_000_000,
-        );
+        write_file(&source.join(format!("{i}.mp4")), &random_bytes(&mut rng, 4 << 20), 0o644, 1_700_000_000);
     }
     let total = 48u64 << 20;
 
     let counters = Arc::new(TransferCounters::default());
     let running = {
         let (client, source, counters) = (client, source.clone(), counters.clone());
-        tokio::spawn(
-            async move { hamgam_client::backup(&client, &source, "videos", counters).await },
-        )
+        tokio::spawn(async move { hamgam_client::backup(&client, &source, "videos", counters).await })
     };
     // Kill the node once some chunks were acknowledged (so are durable).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while TransferCounters::get(&counters.wire_bytes) < 8 << 20 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload made no progress"
-        );
+        assert!(std::time::Instant::now() < deadline, "the upload made no progress");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     node.kill();
     let acknowledged = TransferCounters::get(&counters.wire_bytes);
-    assert!(
-        running.await.expect("join").is_err(),
-        "the cut-off backup fails"
-    );
-    assert!(
-        acknowledged < total,
-        "the node was killed mid-upload ({acknowledged} bytes in)"
-    );
+    assert!(running.await.expect("join").is_err(), "the cut-off backup fails");
+    assert!(acknowledged < total, "the node was killed mid-upload ({acknowledged} bytes in)");
 
     let node = Node::start_at(&data, node.addr);
     let client = node.device("parisa", "again").await;
-    let resumed = backup(&client, &source, "videos")
-        .await
-        .expect("resumed backup");
+    let resumed = backup(&client, &source, "videos").await.expect("resumed backup");
     assert!(
         resumed.wire_bytes <= total - acknowledged + (1 << 20),
         "resent {} bytes; {acknowledged} of {total} were acknowledged before the kill",
         resumed.wire_bytes
     );
     let restored = dir.path().join("restored");
-    hamgam_client::restore(
-        &client,
-        &resumed.snapshot,
-        &restored,
-        Arc::new(TransferCounters::default()),
-    )
-    .await
-    .expect("restore");
+    hamgam_client::restore(&client, &resumed.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("restore");
     assert_eq!(inventory(&restored), inventory(&source));
 }
 
@@ -418,12 +261,7 @@ async fn a_damaged_chunk_is_found_by_check_and_repaired_by_the_next_upload() {
     let (client, _) = node.user("omid").await;
     let source = dir.path().join("docs");
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
-    write_file(
-        &source.join("a.bin"),
-        &random_bytes(&mut rng, 1 << 20),
-        0o644,
-        1_700_000_000,
-    );
+    write_file(&source.join("a.bin"), &random_bytes(&mut rng, 1 << 20), 0o644, 1_700_000_000);
     let first = backup(&client, &source, "docs").await.expect("backup");
 
     // Flip one byte in the middle of the pack file.
@@ -437,50 +275,23 @@ async fn a_damaged_chunk_is_found_by_check_and_repaired_by_the_next_upload() {
     bytes[middle] ^= 0xff;
     std::fs::write(&pack, &bytes).expect("damage the pack");
 
-    let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default()))
-        .await
-        .expect("check");
-    assert!(
-        !report.problems.is_empty(),
-        "the damage is found: {report:?}"
-    );
+    let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default())).await.expect("check");
+    assert!(!report.problems.is_empty(), "the damage is found: {report:?}");
     let restored = dir.path().join("restored");
-    let failed = hamgam_client::restore(
-        &client,
-        &first.snapshot,
-        &restored,
-        Arc::new(TransferCounters::default()),
-    )
-    .await;
+    let failed =
+        hamgam_client::restore(&client, &first.snapshot, &restored, Arc::new(TransferCounters::default())).await;
     assert!(failed.is_err(), "a restore never writes damaged bytes");
 
     // Touch the file so the next backup reads it again and re-sends the lost chunk.
-    write_file(
-        &source.join("a.bin"),
-        &std::fs::read(source.join("a.bin")).expect("read"),
-        0o644,
-        1_700_000_001,
-    );
-    let repaired = backup(&client, &source, "docs")
-        .await
-        .expect("backup again");
-    assert!(
-        repaired.wire_bytes > 0 && repaired.wire_bytes < 1 << 20,
-        "{repaired:?}"
-    );
-    let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default()))
-        .await
-        .expect("check");
+    write_file(&source.join("a.bin"), &std::fs::read(source.join("a.bin")).expect("read"), 0o644, 1_700_000_001);
+    let repaired = backup(&client, &source, "docs").await.expect("backup again");
+    assert!(repaired.wire_bytes > 0 && repaired.wire_bytes < 1 << 20, "{repaired:?}");
+    let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default())).await.expect("check");
     assert!(report.problems.is_empty(), "{report:?}");
     let restored = dir.path().join("restored-2");
-    hamgam_client::restore(
-        &client,
-        &first.snapshot,
-        &restored,
-        Arc::new(TransferCounters::default()),
-    )
-    .await
-    .expect("the first snapshot restores again");
+    hamgam_client::restore(&client, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("the first snapshot restores again");
 }
 
 fn code<T>(result: Result<T, ClientError>) -> Option<ErrorCode> {
@@ -496,63 +307,36 @@ async fn bad_store_input_is_refused_and_the_connection_goes_on() {
     // A chunk whose bytes are not what its name says.
     let mut lying = StoredChunk::seal(b"real bytes");
     lying.id = ChunkId([1; 32]);
-    assert_eq!(
-        code(client.put_chunks(&[lying]).await),
-        Some(ErrorCode::CHUNK_MISMATCH)
-    );
+    assert_eq!(code(client.put_chunks(&[lying]).await), Some(ErrorCode::CHUNK_MISMATCH));
     // A file naming chunks that were never uploaded.
     let manifest = FileManifest {
         size: 10,
         hash: [0; 32],
         mtime_ms: 0,
-        content: ChunkList::Inline(vec![ChunkRef {
-            id: ChunkId([2; 32]),
-            len: 10,
-        }]),
+        content: ChunkList::Inline(vec![ChunkRef { id: ChunkId([2; 32]), len: 10 }]),
     };
-    assert_eq!(
-        code(client.put_file("/x", manifest).await),
-        Some(ErrorCode::CHUNKS_MISSING)
-    );
+    assert_eq!(code(client.put_file("/x", manifest).await), Some(ErrorCode::CHUNKS_MISSING));
     // A file whose chunks hold another length than it says.
     let good = StoredChunk::seal(b"0123456789");
-    client
-        .put_chunks(std::slice::from_ref(&good))
-        .await
-        .expect("store a chunk");
+    client.put_chunks(std::slice::from_ref(&good)).await.expect("store a chunk");
     let wrong_size = FileManifest {
         size: 11,
         hash: [0; 32],
         mtime_ms: 0,
-        content: ChunkList::Inline(vec![ChunkRef {
-            id: good.id,
-            len: 10,
-        }]),
+        content: ChunkList::Inline(vec![ChunkRef { id: good.id, len: 10 }]),
     };
-    assert_eq!(
-        code(client.put_file("/x", wrong_size).await),
-        Some(ErrorCode::INVALID_ARGUMENT)
-    );
+    assert_eq!(code(client.put_file("/x", wrong_size).await), Some(ErrorCode::INVALID_ARGUMENT));
     // Too many ids at once, a path with "..", a snapshot that does not exist.
     let ids = vec![ChunkId([3; 32]); hamgam_types::limits::CHUNK_IDS_PER_REQUEST_MAX + 1];
     let request = hamgam_proto::Request::MissingChunks { ids };
     assert!(
         matches!(client.call(&request).await, Err(ClientError::Server(b)) if b.code == ErrorCode::INVALID_ARGUMENT)
     );
-    assert_eq!(
-        code(client.stat_file("/a/../b").await),
-        Some(ErrorCode::INVALID_ARGUMENT)
-    );
-    assert_eq!(
-        code(client.forget_snapshots(&[99]).await),
-        Some(ErrorCode::NOT_FOUND)
-    );
+    assert_eq!(code(client.stat_file("/a/../b").await), Some(ErrorCode::INVALID_ARGUMENT));
+    assert_eq!(code(client.forget_snapshots(&[99]).await), Some(ErrorCode::NOT_FOUND));
     // Nothing was stored, and the connection still works.
     assert_eq!(client.usage().await.expect("usage").used_bytes, 0);
-    assert_eq!(
-        client.missing_chunks(&[good.id]).await.expect("ask"),
-        Vec::<ChunkId>::new()
-    );
+    assert_eq!(client.missing_chunks(&[good.id]).await.expect("ask"), Vec::<ChunkId>::new());
 }
 
 /// Every chunk id of the files under `root`.
@@ -561,10 +345,7 @@ fn chunk_ids(root: &Path) -> Vec<ChunkId> {
     for (path, (kind, ..)) in inventory(root) {
         if kind == "file" {
             let bytes = std::fs::read(root.join(path)).expect("read");
-            ids.extend(
-                hamgam_blob::chunks_of_slice(&bytes, hamgam_blob::ChunkerParams::default())
-                    .map(ChunkId::of),
-            );
+            ids.extend(hamgam_blob::chunks_of_slice(&bytes, hamgam_blob::ChunkerParams::default()).map(ChunkId::of));
         }
     }
     ids
@@ -590,77 +371,43 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
     let (client, _) = nodes[0].user("laleh").await;
     let source = root.path().join("source");
     make_data_set(&source, 3);
-    let first = backup(&client, &source, "laleh")
-        .await
-        .expect("backup through node 1");
+    let first = backup(&client, &source, "laleh").await.expect("backup through node 1");
 
     // Three members: every chunk is on all three.
     let ids = chunk_ids(&source);
     for node in &nodes {
         let pack = hamgam_blob::PackStore::open(&node.dir.join("chunks")).expect("open a copy");
         let lacking = pack.missing(&ids);
-        assert!(
-            lacking.is_empty(),
-            "{} lacks {} chunks",
-            node.dir.display(),
-            lacking.len()
-        );
+        assert!(lacking.is_empty(), "{} lacks {} chunks", node.dir.display(), lacking.len());
     }
 
     // Through another node, and with the first one dead.
     nodes[0].kill();
     let other = nodes[1].device("laleh", "tablet").await;
     let restored = root.path().join("restored-1");
-    hamgam_client::restore(
-        &other,
-        &first.snapshot,
-        &restored,
-        Arc::new(TransferCounters::default()),
-    )
-    .await
-    .expect("restore through node 2 with node 1 dead");
+    hamgam_client::restore(&other, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("restore through node 2 with node 1 dead");
     assert_eq!(inventory(&restored), inventory(&source));
     // Writes need two of three holders: still possible.
-    write_file(
-        &source.join("new.txt"),
-        b"written while node 1 is down",
-        0o644,
-        1_700_000_500,
-    );
-    backup(&other, &source, "laleh")
-        .await
-        .expect("a backup with one node dead");
+    write_file(&source.join("new.txt"), b"written while node 1 is down", 0o644, 1_700_000_500);
+    backup(&other, &source, "laleh").await.expect("a backup with one node dead");
 
     // Damage node 2's copy: a restore through node 2 reads node 3's and repairs node 2's.
     damage_middle_of_first_pack(&nodes[1].dir.join("chunks"));
     let restored = root.path().join("restored-2");
-    hamgam_client::restore(
-        &other,
-        &first.snapshot,
-        &restored,
-        Arc::new(TransferCounters::default()),
-    )
-    .await
-    .expect("restore despite a damaged copy");
+    hamgam_client::restore(&other, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("restore despite a damaged copy");
     assert_eq!(
-        inventory(&restored)
-            .into_iter()
-            .filter(|(p, _)| p.as_os_str() != "new.txt")
-            .collect::<Vec<_>>(),
-        inventory(&source)
-            .into_iter()
-            .filter(|(p, _)| p.as_os_str() != "new.txt")
-            .collect::<Vec<_>>()
+        inventory(&restored).into_iter().filter(|(p, _)| p.as_os_str() != "new.txt").collect::<Vec<_>>(),
+        inventory(&source).into_iter().filter(|(p, _)| p.as_os_str() != "new.txt").collect::<Vec<_>>()
     );
     tokio::time::sleep(Duration::from_millis(500)).await; // the repair runs in the background
     nodes[1].stop();
-    let pack =
-        hamgam_blob::PackStore::open(&nodes[1].dir.join("chunks")).expect("open node 2's copy");
+    let pack = hamgam_blob::PackStore::open(&nodes[1].dir.join("chunks")).expect("open node 2's copy");
     for id in &ids {
-        assert!(
-            pack.get(id).expect("no damage left").is_some(),
-            "node 2 lacks {id:?} after repair"
-        );
+        assert!(pack.get(id).expect("no damage left").is_some(), "node 2 lacks {id:?} after repair");
     }
 }
 
@@ -676,13 +423,9 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
     nodes[2].kill();
     let source = root.path().join("source");
     make_data_set(&source, 4);
-    backup(&client, &source, "sepideh")
-        .await
-        .expect("backup with node 3 down");
+    backup(&client, &source, "sepideh").await.expect("backup with node 3 down");
     let ids = chunk_ids(&source);
-    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks"))
-        .expect("open")
-        .missing(&ids);
+    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks")).expect("open").missing(&ids);
     assert_eq!(lacking.len(), {
         let mut unique = ids.clone();
         unique.sort_unstable();
@@ -703,9 +446,7 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
         logs.iter()
             .zip(&offsets)
             .all(|(log, &from)| {
-                read_log(log)
-                    .get(from..)
-                    .is_some_and(|new| new.contains("found every chunk copy well"))
+                read_log(log).get(from..).is_some_and(|new| new.contains("found every chunk copy well"))
             })
             .then_some(())
     })
@@ -721,11 +462,6 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
                 lacking += 1;
             }
         }
-        assert_eq!(
-            lacking,
-            0,
-            "{} still lacks {lacking} chunk copies",
-            node.dir.display()
-        );
+        assert_eq!(lacking, 0, "{} still lacks {lacking} chunk copies", node.dir.display());
     }
 }

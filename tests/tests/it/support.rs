@@ -68,8 +68,7 @@ impl Node {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ")
-                {
+                if let Some((_, fp)) = line.split_once("fingerprint (SHA-256 of the cluster CA): ") {
                     let _ = tx.send(fp.trim().to_string());
                 }
             }
@@ -82,22 +81,13 @@ impl Node {
                 panic!("the node did not start; its log:\n{log}");
             }
         };
-        Node {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            addr,
-            fingerprint,
-        }
+        Node { child: Some(child), dir: dir.to_path_buf(), addr, fingerprint }
     }
 
     /// SIGTERM, then wait: the clean shutdown path.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .expect("send SIGTERM");
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("send SIGTERM");
         wait_with_timeout(&mut child, Duration::from_secs(30))
     }
 
@@ -120,47 +110,30 @@ impl Node {
 
     fn signal(&self, signal: &str) {
         let child = self.child.as_ref().expect("running");
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(child.id().to_string())
-            .status()
-            .expect("send a signal");
+        let status = Command::new("kill").arg(signal).arg(child.id().to_string()).status().expect("send a signal");
         assert!(status.success(), "kill {signal} failed");
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.addr, Trust::Pinned(self.fingerprint), "hamgam-tests")
-            .await
-            .expect("connect to the node")
+        Client::connect(self.addr, Trust::Pinned(self.fingerprint), "hamgam-tests").await.expect("connect to the node")
     }
 
     /// A new user, logged in on a fresh connection.
     pub async fn user(&self, username: &str) -> (Client, UserId) {
         let client = self.client().await;
-        client
-            .sign_up(username, PASSWORD, "")
-            .await
-            .expect("sign up");
-        let session = client
-            .log_in(username, PASSWORD, "test device")
-            .await
-            .expect("log in");
+        client.sign_up(username, PASSWORD, "").await.expect("sign up");
+        let session = client.log_in(username, PASSWORD, "test device").await.expect("log in");
         (client, session.user)
     }
 
     /// Another device of an existing user.
     pub async fn device(&self, username: &str, device: &str) -> Client {
         let client = self.client().await;
-        client
-            .log_in(username, PASSWORD, device)
-            .await
-            .expect("log in");
+        client.log_in(username, PASSWORD, device).await.expect("log in");
         client
     }
 }
@@ -199,10 +172,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {timeout:?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

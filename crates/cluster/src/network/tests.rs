@@ -8,16 +8,8 @@ use hamgam_storage::{KvRead, KvWrite, SledDb, StorageError};
 struct Counter;
 
 impl StateMachine for Counter {
-    fn apply(
-        &mut self,
-        _: ShardId,
-        _: u64,
-        command: &[u8],
-        kv: &mut ShardWriter<'_, '_>,
-    ) -> Result<Vec<u8>, StorageError> {
-        let old = kv
-            .get(b"total")?
-            .map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])));
+    fn apply(&mut self, _: ShardId, _: u64, command: &[u8], kv: &mut ShardWriter<'_, '_>) -> Result<Vec<u8>, StorageError> {
+        let old = kv.get(b"total")?.map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])));
         let new = old + command.len() as u64;
         kv.put(b"total", new.to_le_bytes().to_vec());
         Ok(new.to_le_bytes().to_vec())
@@ -25,10 +17,7 @@ impl StateMachine for Counter {
 }
 
 fn total(raft: &RaftHandle, shard: ShardId) -> u64 {
-    raft.reader(shard)
-        .get(b"total")
-        .unwrap()
-        .map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
+    raft.reader(shard).get(b"total").unwrap().map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()))
 }
 
 struct TestNode {
@@ -36,15 +25,8 @@ struct TestNode {
     network: Arc<PeerNetwork>,
 }
 
-async fn start(
-    dir: &std::path::Path,
-    node: NodeId,
-    members: &Members,
-    shards: &BTreeMap<ShardId, Vec<NodeId>>,
-) -> TestNode {
-    let identity = NodeIdentity::load(&dir.join(format!("tls-{}", node.0)))
-        .unwrap()
-        .unwrap();
+async fn start(dir: &std::path::Path, node: NodeId, members: &Members, shards: &BTreeMap<ShardId, Vec<NodeId>>) -> TestNode {
+    let identity = NodeIdentity::load(&dir.join(format!("tls-{}", node.0))).unwrap().unwrap();
     let listen = members.read().unwrap()[&node];
     // A stopped node's socket is freed once its connections finish closing.
     let mut attempts = 0;
@@ -59,29 +41,16 @@ async fn start(
             Err(error) => panic!("cannot bind {listen}: {error}"),
         }
     };
-    let config = StoreConfig {
-        node,
-        wal_dir: dir.join(format!("wal-{}", node.0)),
-        shards: shards.clone(),
-    };
+    let config = StoreConfig { node, wal_dir: dir.join(format!("wal-{}", node.0)), shards: shards.clone() };
     let db = SledDb::open(&dir.join(format!("db-{}", node.0)), 8 << 20).unwrap();
-    let store = Store::open(
-        config,
-        Arc::new(db),
-        Box::new(Counter),
-        Box::new(network.transport()),
-    )
-    .unwrap();
+    let store = Store::open(config, Arc::new(db), Box::new(Counter), Box::new(network.transport())).unwrap();
     store.handle().set_forwarder(network.forwarder());
     network.serve(store.handle());
     TestNode { store, network }
 }
 
 fn free_udp_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,16 +59,9 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     let nodes = [NodeId(1), NodeId(2), NodeId(3)];
     NodeIdentity::load_or_create(&dir.path().join("tls-1"), nodes[0]).unwrap();
     for node in &nodes[1..] {
-        NodeIdentity::issue(
-            &dir.path().join("tls-1"),
-            *node,
-            &dir.path().join(format!("tls-{}", node.0)),
-        )
-        .unwrap();
+        NodeIdentity::issue(&dir.path().join("tls-1"), *node, &dir.path().join(format!("tls-{}", node.0))).unwrap();
     }
-    let members: Members = Arc::new(RwLock::new(
-        nodes.iter().map(|n| (*n, free_udp_port())).collect(),
-    ));
+    let members: Members = Arc::new(RwLock::new(nodes.iter().map(|n| (*n, free_udp_port())).collect()));
     let shard = ShardId(1);
     let shards: BTreeMap<ShardId, Vec<NodeId>> = [(shard, nodes.to_vec())].into();
     let mut running = BTreeMap::new();
@@ -111,9 +73,7 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     let mut tasks = Vec::new();
     for i in 0..60usize {
         let raft = running[&nodes[i % 3]].store.handle();
-        tasks.push(tokio::spawn(async move {
-            raft.propose(shard, vec![0; 3]).await
-        }));
+        tasks.push(tokio::spawn(async move { raft.propose(shard, vec![0; 3]).await }));
     }
     for task in tasks {
         task.await.unwrap().unwrap();
@@ -121,11 +81,7 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     for test_node in running.values() {
         let raft = test_node.store.handle();
         raft.read_index(shard).await.unwrap();
-        assert_eq!(
-            total(&raft, shard),
-            180,
-            "every replica applied every command once"
-        );
+        assert_eq!(total(&raft, shard), 180, "every replica applied every command once");
     }
 
     // The leader goes; the other two elect a new one and keep every write.
@@ -158,14 +114,8 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     let raft = back.store.handle();
     raft.read_index(shard).await.unwrap();
     assert_eq!(total(&raft, shard), 183);
-    let installed = raft
-        .stats()
-        .snapshots_installed
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(
-        installed, 1,
-        "it caught up by a snapshot, the leader's log no longer reaching back far enough"
-    );
+    let installed = raft.stats().snapshots_installed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(installed, 1, "it caught up by a snapshot, the leader's log no longer reaching back far enough");
     running.insert(leader, back);
     for (_, test_node) in running {
         test_node.network.shutdown().await;
