@@ -8,7 +8,7 @@
 //! A restore writes every file from its chunks, each checked against its
 //! name, checks the whole file's hash, and sets permissions and times.
 
-use crate::store::{TransferCounters, UPLOAD_BATCH_BYTES, UPLOAD_BATCHES_IN_FLIGHT};
+use crate::store::{PlainChunks, TransferCounters, UPLOAD_BATCH_BYTES, UPLOAD_BATCHES_IN_FLIGHT};
 use crate::{Client, ClientError};
 use futures_util::StreamExt;
 use hamgam_blob::{ChunkerParams, Tree, TreeEntry, TreeKind, chunks_of_reader, list};
@@ -109,39 +109,39 @@ fn tree_entry(walked: &Walked, kind: TreeKind) -> TreeEntry {
     }
 }
 
-/// Chunks of one or more files, by name and plain bytes, on their way to upload.
-type Batch = Vec<(ChunkId, Vec<u8>)>;
-
 /// The blocking half of a backup: reads and cuts changed files, hands
 /// batches of chunks not seen before in this run to the uploader, and
 /// returns the new tree.
 fn read_folder(
     entries: Vec<Walked>,
     previous: HashMap<Vec<u8>, TreeEntry>,
-    batches: tokio::sync::mpsc::Sender<Batch>,
+    batches: tokio::sync::mpsc::Sender<PlainChunks>,
     counters: Arc<TransferCounters>,
 ) -> Result<(Tree, u64), ClientError> {
     let mut seen: HashSet<ChunkId> = HashSet::new();
-    let mut pending: Batch = Vec::new();
+    let mut pending: PlainChunks = Vec::new();
     let mut pending_bytes = 0usize;
     let mut tree = Tree::default();
     let mut files_read = 0;
-    let mut queue =
-        |id: ChunkId, plain: Vec<u8>, pending: &mut Batch, pending_bytes: &mut usize| -> Result<(), ClientError> {
-            if !seen.insert(id) {
-                TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
-                return Ok(());
-            }
-            *pending_bytes += plain.len();
-            pending.push((id, plain));
-            if *pending_bytes >= UPLOAD_BATCH_BYTES {
-                *pending_bytes = 0;
-                batches
-                    .blocking_send(std::mem::take(pending))
-                    .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
-            }
-            Ok(())
-        };
+    let mut queue = |id: ChunkId,
+                     plain: Vec<u8>,
+                     pending: &mut PlainChunks,
+                     pending_bytes: &mut usize|
+     -> Result<(), ClientError> {
+        if !seen.insert(id) {
+            TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
+            return Ok(());
+        }
+        *pending_bytes += plain.len();
+        pending.push((id, plain));
+        if *pending_bytes >= UPLOAD_BATCH_BYTES {
+            *pending_bytes = 0;
+            batches
+                .blocking_send(std::mem::take(pending))
+                .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
+        }
+        Ok(())
+    };
     for walked in entries {
         let kind = if walked.metadata.is_dir() {
             TreeKind::Dir
@@ -215,10 +215,10 @@ pub async fn backup(
     let entries = tokio::task::spawn_blocking(move || walk(&root))
         .await
         .map_err(|e| ClientError::Protocol(format!("walking the folder: {e}")))??;
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Batch>(2);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<PlainChunks>(2);
     let reader_counters = counters.clone();
     let reader = tokio::task::spawn_blocking(move || read_folder(entries, previous, sender, reader_counters));
-    // Batches overlap, so the streams never drain while the next batch's
+    // PlainChunkses overlap, so the streams never drain while the next batch's
     // "which are missing" question is on its way.
     let batches = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|batch| (batch, receiver))
@@ -244,7 +244,7 @@ pub async fn backup(
             .sum(),
     };
     let (tree_list, tree_chunks) = tree.to_chunks()?;
-    let plains = tree_chunks.iter().map(|c| Ok((c.id, c.open()?))).collect::<Result<Batch, ClientError>>()?;
+    let plains = tree_chunks.iter().map(|c| Ok((c.id, c.open()?))).collect::<Result<PlainChunks, ClientError>>()?;
     client.upload_missing(plains, &counters).await?;
     let snapshot = client.commit_snapshot(label, parent.map(|p| p.id), tree_list, stats).await?;
     Ok(BackupReport {
@@ -256,6 +256,9 @@ pub async fn backup(
         deduplicated_bytes: TransferCounters::get(&counters.deduplicated_bytes),
     })
 }
+
+/// A file's content as a restore knows it: its size and whole-file hash.
+type ContentKey = (u64, [u8; 32]);
 
 fn relative_path(target: &Path, relative: &[u8]) -> PathBuf {
     target.join(std::ffi::OsStr::from_bytes(relative))
@@ -292,9 +295,9 @@ pub async fn restore(
 
     // Folders and links first; a file whose content was already written in
     // this restore is copied locally instead of fetched again.
-    let mut written: HashMap<(u64, [u8; 32]), PathBuf> = HashMap::new();
+    let mut written: HashMap<ContentKey, PathBuf> = HashMap::new();
     let mut to_fetch: Vec<(&TreeEntry, PathBuf, Vec<ChunkRef>)> = Vec::new();
-    let mut copies: Vec<(&TreeEntry, PathBuf, (u64, [u8; 32]))> = Vec::new();
+    let mut copies: Vec<(&TreeEntry, PathBuf, ContentKey)> = Vec::new();
     for entry in &tree.entries {
         let path = relative_path(target, &entry.path);
         match &entry.kind {
@@ -304,11 +307,12 @@ pub async fn restore(
             }
             TreeKind::File { size, hash, content } => {
                 let key = (*size, *hash);
-                if written.contains_key(&key) {
-                    copies.push((entry, path, key));
-                } else {
-                    written.insert(key, path.clone());
-                    to_fetch.push((entry, path, client.expand_list(content).await?));
+                match written.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(_) => copies.push((entry, path, key)),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(path.clone());
+                        to_fetch.push((entry, path, client.expand_list(content).await?));
+                    }
                 }
             }
         }

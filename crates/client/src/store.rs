@@ -28,6 +28,9 @@ const STREAM_BYTES: usize = 4 << 20;
 /// A chunk stream may take longer than a plain request.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Chunks by name and plain bytes, on their way to an upload.
+pub(crate) type PlainChunks = Vec<(ChunkId, Vec<u8>)>;
+
 /// Counters a transfer updates as it goes, for progress bars and reports.
 #[derive(Debug, Default)]
 pub struct TransferCounters {
@@ -178,11 +181,7 @@ impl Client {
     /// Uploads what the cluster lacks of `chunks` (plain bytes by name):
     /// asks first, compresses only the missing ones, and sends them over
     /// parallel streams.
-    pub async fn upload_missing(
-        &self,
-        chunks: Vec<(ChunkId, Vec<u8>)>,
-        counters: &TransferCounters,
-    ) -> Result<(), ClientError> {
+    pub async fn upload_missing(&self, chunks: PlainChunks, counters: &TransferCounters) -> Result<(), ClientError> {
         let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
         let missing: std::collections::HashSet<ChunkId> = self.missing_chunks(&ids).await?.into_iter().collect();
         let mut streams: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -281,7 +280,7 @@ impl Client {
 fn read_file_chunks(
     local: &std::path::Path,
     counters: &TransferCounters,
-) -> Result<(FileManifest, Vec<(ChunkId, Vec<u8>)>), ClientError> {
+) -> Result<(FileManifest, PlainChunks), ClientError> {
     use std::os::unix::fs::MetadataExt;
     let io = |e| ClientError::Io { path: local.display().to_string(), source: e };
     let file = std::fs::File::open(local).map_err(io)?;
@@ -319,7 +318,7 @@ impl Client {
     ) -> Result<FileEntry, ClientError> {
         let (manifest, chunks) = read_file_chunks(local, counters)?;
         let batch_chunks = UPLOAD_BATCH_BYTES / limits::CHUNK_AVG_BYTES as usize;
-        let mut batches: Vec<Vec<(ChunkId, Vec<u8>)>> = Vec::new();
+        let mut batches: Vec<PlainChunks> = Vec::new();
         for chunk in chunks {
             match batches.last_mut() {
                 Some(batch) if batch.len() < batch_chunks => batch.push(chunk),

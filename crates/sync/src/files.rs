@@ -14,7 +14,7 @@ use crate::machine::get_record;
 use crate::records::{self, EntryRecord, UsageRecord};
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{ChunkList, EntryKind, FileEntry, FileManifest, SnapshotInfo, SnapshotStats};
-use hamgam_storage::{KeyRange, KvRead, KvWrite, Order};
+use hamgam_storage::{KeyRange, KvPairs, KvRead, KvWrite, Order};
 use hamgam_types::{UserId, limits};
 
 /// A path as stored: `/`-separated, starting with `/`, no trailing `/`, no
@@ -147,7 +147,7 @@ pub(crate) fn put_file(
 }
 
 /// Every entry below a folder (at any depth), bounded.
-fn subtree(kv: &impl KvRead, user: UserId, folder: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SyncError> {
+fn subtree(kv: &impl KvRead, user: UserId, folder: &str) -> Result<KvPairs, SyncError> {
     let mut pairs = Vec::new();
     for prefix in [keys::folder_entries(user, folder), keys::folder_subtree(user, folder)] {
         pairs.extend(kv.scan(&KeyRange::prefix(&prefix), Order::Ascending, limits::FOLDER_ENTRIES_MAX + 1)?);
