@@ -136,6 +136,21 @@ async fn status(recv: &mut quinn::RecvStream) -> Result<(), String> {
     Err(String::from_utf8_lossy(&reason).into_owned())
 }
 
+/// Sends a request of `kind` about `ids` and reads the answer's status;
+/// the rest of the answer is left on the returned stream.
+async fn ask_about(
+    network: &PeerNetwork,
+    node: NodeId,
+    kind: u8,
+    ids: &[ChunkId],
+) -> Result<quinn::RecvStream, String> {
+    let (mut send, mut recv) = open(network, node, kind).await?;
+    send.write_all(&codec::encode(&ids.to_vec()).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    status(&mut recv).await?;
+    Ok(recv)
+}
+
 async fn timed<T>(work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::time::timeout(CHUNK_EXCHANGE_TIMEOUT, work).await.map_err(|_| "no answer in time".to_string())?
 }
@@ -170,12 +185,7 @@ impl ChunkPeers for ChunkLinks {
         Box::pin(timed(async move {
             let mut lacking = Vec::new();
             for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
-                let (mut send, mut recv) = open(&network, node, wire::CHUNK_MISSING).await?;
-                send.write_all(&codec::encode(&batch.to_vec()).map_err(|e| e.to_string())?)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                send.finish().map_err(|e| e.to_string())?;
-                status(&mut recv).await?;
+                let mut recv = ask_about(&network, node, wire::CHUNK_MISSING, batch).await?;
                 let body = recv.read_to_end(IDS_BYTES_MAX).await.map_err(|e| e.to_string())?;
                 let answer: Vec<ChunkId> = codec::decode(&body).map_err(|e| e.to_string())?;
                 lacking.extend(answer);
@@ -189,12 +199,7 @@ impl ChunkPeers for ChunkLinks {
         Box::pin(timed(async move {
             let mut found = Vec::new();
             for batch in ids.chunks(limits::CHUNKS_PER_STREAM_MAX) {
-                let (mut send, mut recv) = open(&network, node, wire::CHUNK_GET).await?;
-                send.write_all(&codec::encode(&batch.to_vec()).map_err(|e| e.to_string())?)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                send.finish().map_err(|e| e.to_string())?;
-                status(&mut recv).await?;
+                let mut recv = ask_about(&network, node, wire::CHUNK_GET, batch).await?;
                 let count = read_count(&mut recv).await?;
                 found.extend(read_frames(&mut recv, count).await?);
             }

@@ -94,19 +94,23 @@ where
     Ok(())
 }
 
+/// A payload length as the header carries it, if the kind allows it.
+fn checked_length(kind: FrameKind, length: usize) -> Result<u32, FrameError> {
+    let max = kind.payload_bytes_max();
+    u32::try_from(length).ok().filter(|&n| n <= max).ok_or(FrameError::TooLarge {
+        kind,
+        length: u32::try_from(length).unwrap_or(u32::MAX),
+        max,
+    })
+}
+
 /// Writes one frame whose payload is already bytes (chunk frames, which
 /// are not codec values). The payload is checked against the kind's bound.
 pub async fn write_raw_frame<W>(writer: &mut W, kind: FrameKind, parts: &[&[u8]]) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
 {
-    let length: usize = parts.iter().map(|part| part.len()).sum();
-    let max = kind.payload_bytes_max();
-    let length = u32::try_from(length).ok().filter(|&n| n <= max).ok_or(FrameError::TooLarge {
-        kind,
-        length: u32::try_from(length).unwrap_or(u32::MAX),
-        max,
-    })?;
+    let length = checked_length(kind, parts.iter().map(|part| part.len()).sum())?;
     let mut header = [kind as u8, 0, 0, 0, 0];
     header[1..].copy_from_slice(&length.to_le_bytes());
     writer.write_all(&header).await?;
@@ -120,13 +124,7 @@ where
 pub fn encode_frame<T: Serialize>(kind: FrameKind, value: &T) -> Result<Vec<u8>, FrameError> {
     let mut bytes = vec![kind as u8, 0, 0, 0, 0];
     codec::encode_into(value, &mut bytes)?;
-    let length = bytes.len() - HEADER_BYTES;
-    let max = kind.payload_bytes_max();
-    let length = u32::try_from(length).ok().filter(|&n| n <= max).ok_or(FrameError::TooLarge {
-        kind,
-        length: u32::try_from(length).unwrap_or(u32::MAX),
-        max,
-    })?;
+    let length = checked_length(kind, bytes.len() - HEADER_BYTES)?;
     bytes[1..HEADER_BYTES].copy_from_slice(&length.to_le_bytes());
     Ok(bytes)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn hamgam(profile: &Path, node: &Node, args: &[&str], stdin: Option<&str>) -> Output {
+pub(crate) fn hamgam(profile: &Path, node: &Node, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(CLI_BIN)
         .arg("--profile")
         .arg(profile)
@@ -25,13 +25,13 @@ fn hamgam(profile: &Path, node: &Node, args: &[&str], stdin: Option<&str>) -> Ou
     child.wait_with_output().expect("CLI output")
 }
 
-fn ok(output: Output) -> String {
+pub(crate) fn ok(output: Output) -> String {
     let stdout = String::from_utf8(output.stdout).expect("UTF-8 output");
     assert!(output.status.success(), "CLI failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
     stdout
 }
 
-fn sign_up_and_log_in(profile: &Path, node: &Node, name: &str) {
+pub(crate) fn sign_up_and_log_in(profile: &Path, node: &Node, name: &str) {
     let password = format!("{PASSWORD}\n");
     ok(hamgam(profile, node, &["signup", name, "--password-stdin"], Some(&password)));
     ok(hamgam(profile, node, &["login", name, "--password-stdin", "--device", "cli-test"], Some(&password)));

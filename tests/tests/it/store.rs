@@ -3,7 +3,7 @@
 //! changed, an upload cut off by SIGKILL that resumes with only what is
 //! missing, damaged chunks found and repaired, and bad input refused.
 
-use crate::support::{CLI_BIN, Node, PASSWORD};
+use crate::support::Node;
 use hamgam_blob::StoredChunk;
 use hamgam_client::{Client, ClientError, ErrorCode, TransferCounters};
 use hamgam_proto::store::{ChunkList, ChunkRef, FileManifest};
@@ -12,7 +12,6 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -92,27 +91,8 @@ fn inventory(root: &Path) -> BTreeMap<PathBuf, (String, u32, i64, [u8; 32])> {
     out
 }
 
-fn cli(profile: &Path, node: &Node, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new(CLI_BIN)
-        .arg("--profile")
-        .arg(profile)
-        .arg("--server")
-        .arg(node.addr.to_string())
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the CLI");
-    if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
-    }
-    drop(child.stdin.take());
-    let output = child.wait_with_output().expect("CLI output");
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(output.status.success(), "hamgam {args:?} failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
-    stdout
+fn cli(profile: &Path, node: &Node, args: &[&str]) -> String {
+    crate::cli::ok(crate::cli::hamgam(profile, node, args, None))
 }
 
 #[test]
@@ -122,27 +102,25 @@ fn a_folder_backed_up_with_the_cli_restores_byte_for_byte_with_modes_and_times()
     let profile = dir.path().join("profile");
     let source = dir.path().join("پوشه من");
     make_data_set(&source, 1);
-    let password = format!("{PASSWORD}\n");
-    cli(&profile, &node, &["signup", "neda", "--password-stdin"], Some(&password));
-    cli(&profile, &node, &["login", "neda", "--password-stdin"], Some(&password));
+    crate::cli::sign_up_and_log_in(&profile, &node, "neda");
 
-    let first = cli(&profile, &node, &["backup", source.to_str().expect("UTF-8")], None);
+    let first = cli(&profile, &node, &["backup", source.to_str().expect("UTF-8")]);
     assert!(first.starts_with("snapshot 1 of "), "{first}");
     // Nothing changed: nothing is read or sent again.
-    let second = cli(&profile, &node, &["backup", source.to_str().expect("UTF-8")], None);
+    let second = cli(&profile, &node, &["backup", source.to_str().expect("UTF-8")]);
     assert!(second.contains("read 0 B in 0 files, sent 0 B"), "{second}");
-    let list = cli(&profile, &node, &["snapshots"], None);
+    let list = cli(&profile, &node, &["snapshots"]);
     assert_eq!(list.lines().count(), 2, "{list}");
 
     let restored = dir.path().join("restored");
-    cli(&profile, &node, &["restore", "1", restored.to_str().expect("UTF-8")], None);
+    cli(&profile, &node, &["restore", "1", restored.to_str().expect("UTF-8")]);
     assert_eq!(inventory(&restored), inventory(&source), "the restore equals the original");
-    let check = cli(&profile, &node, &["check", "--read-data"], None);
+    let check = cli(&profile, &node, &["check", "--read-data"]);
     assert!(check.contains("no problems"), "{check}");
 
     // Retention: keep the newest only.
-    cli(&profile, &node, &["forget", "--keep-last", "1"], None);
-    let list = cli(&profile, &node, &["snapshots"], None);
+    cli(&profile, &node, &["forget", "--keep-last", "1"]);
+    let list = cli(&profile, &node, &["snapshots"]);
     assert!(list.trim_start().starts_with('2') && list.lines().count() == 1, "{list}");
 }
 
@@ -264,16 +242,7 @@ async fn a_damaged_chunk_is_found_by_check_and_repaired_by_the_next_upload() {
     write_file(&source.join("a.bin"), &random_bytes(&mut rng, 1 << 20), 0o644, 1_700_000_000);
     let first = backup(&client, &source, "docs").await.expect("backup");
 
-    // Flip one byte in the middle of the pack file.
-    let pack = std::fs::read_dir(data.join("chunks"))
-        .expect("chunks")
-        .map(|e| e.expect("entry").path())
-        .find(|p| p.extension().is_some_and(|x| x == "dat"))
-        .expect("a pack");
-    let mut bytes = std::fs::read(&pack).expect("read the pack");
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&pack, &bytes).expect("damage the pack");
+    damage_middle_of_first_pack(&data.join("chunks"));
 
     let report = hamgam_client::check(&client, true, Arc::new(TransferCounters::default())).await.expect("check");
     assert!(!report.problems.is_empty(), "the damage is found: {report:?}");
