@@ -565,11 +565,12 @@ async fn scrub_chunks(
             pass = chunks.scrub(bytes_per_sec) => pass,
         };
         match pass {
-            Ok(report) if report.damaged > 0 || report.copies_sent > 0 => tracing::warn!(
+            Ok(report) if !report.clean() => tracing::warn!(
                 checked = report.checked,
                 damaged = report.damaged,
                 copies_sent = report.copies_sent,
-                "scrub pass repaired chunk copies"
+                unverified = report.unverified,
+                "scrub pass mended chunk copies or could not check some"
             ),
             Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
             Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),

@@ -356,6 +356,16 @@ pub struct ScrubReport {
     pub damaged: u64,
     /// Copies sent to holders that lacked them.
     pub copies_sent: u64,
+    /// Copies that could not be checked (their holder did not answer, or
+    /// would not take a copy); a pass with any is not a clean pass.
+    pub unverified: u64,
+}
+
+impl ScrubReport {
+    /// Every copy was found well, and nothing had to be mended.
+    pub fn clean(&self) -> bool {
+        self.damaged == 0 && self.copies_sent == 0 && self.unverified == 0
+    }
 }
 
 /// Chunks checked per step of a scrub pass.
@@ -401,7 +411,9 @@ impl ChunkStore {
                 // `get` fetches from the other holders and repairs this node's copy.
                 self.get(&damaged).await?;
             }
-            report.copies_sent += self.replicate(good).await;
+            let (sent, unverified) = self.replicate(good).await;
+            report.copies_sent += sent;
+            report.unverified += unverified;
             // Throttle: never read faster than the budget.
             let due = Duration::from_secs_f64(read as f64 / bytes_per_sec.max(1) as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -411,34 +423,39 @@ impl ChunkStore {
         Ok(report)
     }
 
-    /// Sends each chunk to its holders that lack it; returns the copies sent.
-    async fn replicate(&self, chunks: Vec<StoredChunk>) -> u64 {
+    /// Sends each chunk to its holders that lack it; returns the copies
+    /// sent and the copies that could not be checked.
+    async fn replicate(&self, chunks: Vec<StoredChunk>) -> (u64, u64) {
         let Some((holders, _)) = self.holders(chunks.iter().map(|c| c.id)) else {
-            return 0;
+            return (0, 0);
         };
-        let Some(peers) = &self.peers else { return 0 };
+        let Some(peers) = &self.peers else { return (0, 0) };
         let mut asks: BTreeMap<NodeId, Vec<ChunkId>> = BTreeMap::new();
         for (id, nodes) in &holders {
             for node in nodes.iter().filter(|n| **n != self.node) {
                 asks.entry(*node).or_default().push(*id);
             }
         }
+        let asked: u64 = asks.values().map(|ids| ids.len() as u64).sum();
         let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
-        let mut sent = 0;
-        for (node, _, answer) in self.ask_all(asks).await {
+        let (mut sent, mut checked) = (0, 0);
+        for (node, ids, answer) in self.ask_all(asks).await {
             let Ok(lacking) = answer else { continue };
             let copies: Vec<StoredChunk> = lacking.iter().filter_map(|id| by_id.get(id).cloned()).collect();
-            if copies.is_empty() {
-                continue;
-            }
             let count = copies.len() as u64;
-            let result = peers.put(node, copies).await;
-            self.mark(node, &result);
-            match result {
-                Ok(()) => sent += count,
-                Err(error) => tracing::warn!(%node, %error, "scrub could not send a chunk copy"),
+            if count > 0 {
+                let result = peers.put(node, copies).await;
+                self.mark(node, &result);
+                match result {
+                    Ok(()) => sent += count,
+                    Err(error) => {
+                        tracing::warn!(%node, %error, "scrub could not send a chunk copy");
+                        continue;
+                    }
+                }
             }
+            checked += ids.len() as u64;
         }
-        sent
+        (sent, asked - checked)
     }
 }
