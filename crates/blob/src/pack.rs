@@ -331,6 +331,12 @@ impl PackStore {
         for chunk in chunks {
             chunk.open()?;
         }
+        self.put_checked(chunks)
+    }
+
+    /// [`PackStore::put`] of chunks the caller has just checked against
+    /// their names (each check is a decompression and a hash).
+    pub(crate) fn put_checked(&self, chunks: &[StoredChunk]) -> Result<PutOutcome, BlobError> {
         let mut outcome = PutOutcome::default();
         let mut fresh: Vec<&StoredChunk> = Vec::new();
         {

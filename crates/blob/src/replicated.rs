@@ -185,7 +185,8 @@ impl ChunkStore {
             if node == self.node {
                 let local = self.local.clone();
                 tokio::spawn(async move {
-                    let stored = blocking(move || local.put(&batch)).await;
+                    // Checked against their names above.
+                    let stored = blocking(move || local.put_checked(&batch)).await;
                     let stored = stored.and_then(|r| r).map(|_| ()).map_err(|e| e.to_string());
                     let _ = results.send((node, ids, stored));
                 });
@@ -331,7 +332,8 @@ impl ChunkStore {
             if node == self.node {
                 let local = self.local.clone();
                 tokio::task::spawn_blocking(move || {
-                    if let Err(error) = local.put(&batch) {
+                    // Each was checked against its name when it was fetched.
+                    if let Err(error) = local.put_checked(&batch) {
                         tracing::warn!(%error, "repairing a local chunk copy failed");
                     }
                 });
