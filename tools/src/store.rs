@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use hamgam_client::{Client, RetentionRules, TransferCounters};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,10 @@ impl Progress {
             loop {
                 let done =
                     TransferCounters::get(&counters.plain_bytes) + TransferCounters::get(&counters.unchanged_bytes);
+                let total = TransferCounters::get(&counters.total_bytes);
+                if total > 0 {
+                    ticking.set_length(total);
+                }
                 ticking.set_position(done);
                 ticking.set_message(format!(
                     "sent {}, saved by dedup {}",
@@ -113,25 +117,6 @@ impl Progress {
         self.ticker.abort();
         self.bar.finish_and_clear();
     }
-}
-
-/// Total size of the files under `dir` (for the progress bar's length).
-fn folder_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
-                Ok(kind) if kind.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
-                _ => {}
-            }
-        }
-    }
-    total
 }
 
 pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Result<()> {
@@ -192,7 +177,8 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
             let absolute = std::fs::canonicalize(&dir).with_context(|| format!("opening {}", dir.display()))?;
             let label = label.unwrap_or_else(|| absolute.display().to_string());
             let started = Instant::now();
-            let progress = Progress::start(folder_bytes(&absolute), counters.clone());
+            // The backup's walk sets the bar's length.
+            let progress = Progress::start(0, counters.clone());
             let report = hamgam_client::backup(&client, &absolute, &label, counters.clone()).await;
             progress.finish();
             let report = report.map_err(explain)?;

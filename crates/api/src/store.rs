@@ -127,17 +127,22 @@ async fn expand(store: &ChunkStore, content: &ChunkList) -> Result<Vec<ChunkRef>
     }
 }
 
-/// Checks every chunk of a list is stored; returns the data chunks' total length.
-async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
-    let refs = expand(store, content).await?;
+/// Checks every one of `ids` is stored, asking in batches.
+async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiError> {
     let mut missing = 0;
-    for batch in refs.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
-        let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
-        missing += store.missing(&ids).await?.len();
+    for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
+        missing += store.missing(batch).await?.len();
     }
     if missing > 0 {
         return Err(chunks_missing(missing));
     }
+    Ok(())
+}
+
+/// Checks every chunk of a list is stored; returns the data chunks' total length.
+async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
+    let refs = expand(store, content).await?;
+    check_stored(store, &refs.iter().map(|r| r.id).collect::<Vec<_>>()).await?;
     Ok(refs.iter().map(|r| u64::from(r.len)).sum())
 }
 
@@ -200,9 +205,12 @@ pub(crate) async fn commit_snapshot(
     };
     let store = &shared.chunks;
     let new_tree = read_tree(store, &tree).await?;
+    // Every file's chunks, each asked about once, in batches across files.
+    let mut ids = HashSet::new();
     for (_, content) in new_tree.file_chunk_lists() {
-        check_list(store, content).await?;
+        ids.extend(expand(store, content).await?.iter().map(|r| r.id));
     }
+    check_stored(store, &ids.into_iter().collect::<Vec<_>>()).await?;
     // What the snapshot adds: files whose content its parent did not have.
     let known: HashSet<(u64, [u8; 32])> = match parent_tree {
         Some(parent) => file_contents(&read_tree(store, &parent).await?).collect(),

@@ -8,15 +8,15 @@
 //! A restore writes every file from its chunks, each checked against its
 //! name, checks the whole file's hash, and sets permissions and times.
 
-use crate::store::{PlainChunks, TransferCounters, UPLOAD_BATCH_BYTES, UPLOAD_BATCHES_IN_FLIGHT};
+use crate::store::{PlainChunks, TransferCounters, UPLOAD_BATCH_BYTES, UPLOAD_BATCHES_IN_FLIGHT, cut_file};
 use crate::{Client, ClientError};
 use futures_util::StreamExt;
-use hamgam_blob::{ChunkerParams, Tree, TreeEntry, TreeKind, chunks_of_reader, list};
+use hamgam_blob::{Tree, TreeEntry, TreeKind};
 use hamgam_proto::store::{ChunkList, ChunkRef, SnapshotInfo, SnapshotStats};
 use hamgam_types::ChunkId;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, FileTimes, Metadata};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -161,25 +161,10 @@ fn read_folder(
                 continue;
             }
             files_read += 1;
-            let file = File::open(&walked.absolute).map_err(|e| io_error(&walked.absolute, e))?;
-            let mut hasher = blake3::Hasher::new();
-            let mut refs = Vec::new();
-            let mut size = 0u64;
-            for chunk in chunks_of_reader(BufReader::with_capacity(1 << 20, file), ChunkerParams::default()) {
-                let plain = chunk.map_err(|e| io_error(&walked.absolute, e))?;
-                hasher.update(&plain);
-                let id = ChunkId::of(&plain);
-                refs.push(ChunkRef { id, len: plain.len() as u32 });
-                size += plain.len() as u64;
-                TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
-                queue(id, plain, &mut pending, &mut pending_bytes)?;
-            }
-            let (content, list_chunks) = list::build(refs)?;
-            for chunk in list_chunks {
-                queue(chunk.id, chunk.open()?, &mut pending, &mut pending_bytes)?;
-            }
+            let cut =
+                cut_file(&walked.absolute, &counters, |id, plain| queue(id, plain, &mut pending, &mut pending_bytes))?;
             TransferCounters::add(&counters.files, 1);
-            TreeKind::File { size, hash: *hasher.finalize().as_bytes(), content }
+            TreeKind::File { size: cut.size, hash: cut.hash, content: cut.content }
         };
         tree.entries.push(tree_entry(&walked, kind));
     }
@@ -215,6 +200,8 @@ pub async fn backup(
     let entries = tokio::task::spawn_blocking(move || walk(&root))
         .await
         .map_err(|e| ClientError::Protocol(format!("walking the folder: {e}")))??;
+    let folder_bytes = entries.iter().filter(|w| w.metadata.is_file()).map(|w| w.metadata.len()).sum();
+    counters.total_bytes.store(folder_bytes, Ordering::Relaxed);
     let (sender, receiver) = tokio::sync::mpsc::channel::<PlainChunks>(2);
     let reader_counters = counters.clone();
     let reader = tokio::task::spawn_blocking(move || read_folder(entries, previous, sender, reader_counters));

@@ -47,6 +47,8 @@ pub struct TransferCounters {
     pub files: AtomicU64,
     /// Plain bytes of files a backup did not read again (unchanged since its parent).
     pub unchanged_bytes: AtomicU64,
+    /// Plain bytes of the whole transfer, once known (a backup knows after its walk).
+    pub total_bytes: AtomicU64,
 }
 
 impl TransferCounters {
@@ -275,19 +277,24 @@ impl Client {
     }
 }
 
-/// Reads a local file, cuts it into chunks and returns its manifest with the
-/// chunks (data and list chunks) by name and plain bytes.
-fn read_file_chunks(
+/// A local file as chunks: its plain size, whole-file blake3 and chunk list.
+pub(crate) struct CutFile {
+    pub size: u64,
+    pub hash: [u8; 32],
+    pub content: ChunkList,
+}
+
+/// Reads a local file and cuts it into chunks, handing each data chunk and
+/// (for a long list) each list chunk to `take` by name and plain bytes.
+pub(crate) fn cut_file(
     local: &std::path::Path,
     counters: &TransferCounters,
-) -> Result<(FileManifest, PlainChunks), ClientError> {
-    use std::os::unix::fs::MetadataExt;
+    mut take: impl FnMut(ChunkId, Vec<u8>) -> Result<(), ClientError>,
+) -> Result<CutFile, ClientError> {
     let io = |e| ClientError::Io { path: local.display().to_string(), source: e };
     let file = std::fs::File::open(local).map_err(io)?;
-    let mtime_ms = (file.metadata().map_err(io)?.mtime().max(0) as u64) * 1000;
     let mut hasher = blake3::Hasher::new();
     let mut refs = Vec::new();
-    let mut chunks = Vec::new();
     let mut size = 0;
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
     for plain in hamgam_blob::chunks_of_reader(reader, hamgam_blob::ChunkerParams::default()) {
@@ -297,13 +304,13 @@ fn read_file_chunks(
         refs.push(ChunkRef { id, len: plain.len() as u32 });
         size += plain.len() as u64;
         TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
-        chunks.push((id, plain));
+        take(id, plain)?;
     }
     let (content, list_chunks) = list::build(refs)?;
     for chunk in list_chunks {
-        chunks.push((chunk.id, chunk.open()?));
+        take(chunk.id, chunk.open()?)?;
     }
-    Ok((FileManifest { size, hash: *hasher.finalize().as_bytes(), mtime_ms, content }, chunks))
+    Ok(CutFile { size, hash: *hasher.finalize().as_bytes(), content })
 }
 
 impl Client {
@@ -316,7 +323,17 @@ impl Client {
         remote: &str,
         counters: &TransferCounters,
     ) -> Result<FileEntry, ClientError> {
-        let (manifest, chunks) = read_file_chunks(local, counters)?;
+        use std::os::unix::fs::MetadataExt;
+        let mtime = std::fs::metadata(local)
+            .map_err(|e| ClientError::Io { path: local.display().to_string(), source: e })?
+            .mtime();
+        let mut chunks = PlainChunks::new();
+        let cut = cut_file(local, counters, |id, plain| {
+            chunks.push((id, plain));
+            Ok(())
+        })?;
+        let manifest =
+            FileManifest { size: cut.size, hash: cut.hash, mtime_ms: mtime.max(0) as u64 * 1000, content: cut.content };
         let batch_chunks = UPLOAD_BATCH_BYTES / limits::CHUNK_AVG_BYTES as usize;
         let mut batches: Vec<PlainChunks> = Vec::new();
         for chunk in chunks {

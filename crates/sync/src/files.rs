@@ -10,7 +10,7 @@
 
 use crate::command::Reply;
 use crate::keys;
-use crate::machine::get_record;
+use crate::machine::{get_record, scan_page};
 use crate::records::{self, EntryRecord, UsageRecord};
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{ChunkList, EntryKind, FileEntry, FileManifest, SnapshotInfo, SnapshotStats};
@@ -339,11 +339,9 @@ pub(crate) fn list_folder(
         range.start = start;
     }
     let limit = limit.clamp(1, limits::FOLDER_PAGE_MAX);
-    let pairs = kv.scan(&range, Order::Ascending, limit + 1)?;
-    let more = pairs.len() > limit;
+    let (pairs, more) = scan_page(kv, &range, limit)?;
     let entries = pairs
         .into_iter()
-        .take(limit)
         .map(|(key, value)| {
             let (_, name) = keys::split_entry(user, &key)
                 .ok_or(SyncError::Corrupt { what: "file entry key", reason: "unreadable".into() })?;
@@ -369,13 +367,9 @@ pub(crate) fn snapshots(
         range.start = keys::snapshot(user, after.saturating_add(1));
     }
     let limit = limit.clamp(1, limits::SNAPSHOT_PAGE_MAX);
-    let pairs = kv.scan(&range, Order::Ascending, limit + 1)?;
-    let more = pairs.len() > limit;
-    let snapshots = pairs
-        .into_iter()
-        .take(limit)
-        .map(|(_, value)| records::decode("snapshot", &value))
-        .collect::<Result<_, _>>()?;
+    let (pairs, more) = scan_page(kv, &range, limit)?;
+    let snapshots =
+        pairs.into_iter().map(|(_, value)| records::decode("snapshot", &value)).collect::<Result<_, _>>()?;
     Ok((snapshots, more))
 }
 

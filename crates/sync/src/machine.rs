@@ -25,7 +25,7 @@ use crate::records::{
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
 use hamgam_raftstore::{ShardWriter, StateMachine};
-use hamgam_storage::{KeyRange, KvRead, KvWrite, Order, StorageError};
+use hamgam_storage::{KeyRange, KvPairs, KvRead, KvWrite, Order, StorageError};
 use hamgam_types::{ChatId, Placement, ShardId, UserId, limits};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -245,6 +245,14 @@ fn edge_u64(kv: &impl KvRead, prefix: &[u8], order: Order) -> Result<Option<u64>
             keys::last_u64(key).map(Some).ok_or(SyncError::Corrupt { what: "key", reason: "short".into() })
         }
     }
+}
+
+/// One page of a scan: at most `limit` pairs, and whether more follow.
+pub(crate) fn scan_page(kv: &impl KvRead, range: &KeyRange, limit: usize) -> Result<(KvPairs, bool), SyncError> {
+    let mut pairs = kv.scan(range, Order::Ascending, limit + 1)?;
+    let more = pairs.len() > limit;
+    pairs.truncate(limit);
+    Ok((pairs, more))
 }
 
 /// A chat's last seq: its last message key (messages are never removed).

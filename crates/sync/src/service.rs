@@ -16,7 +16,7 @@
 use crate::command::{Command, Reply};
 use crate::files;
 use crate::keys;
-use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members};
+use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members, scan_page};
 use crate::records::{
     self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
 };
@@ -248,10 +248,9 @@ impl SyncService {
             }
         };
         let reader = self.user_reader(user);
-        let dialogs = reader.scan(&range, Order::Ascending, limit + 1)?;
-        let more = dialogs.len() > limit;
+        let (dialogs, more) = scan_page(&reader, &range, limit)?;
         let mut chats = Vec::with_capacity(limit);
-        for (key, _) in dialogs.into_iter().take(limit) {
+        for (key, _) in dialogs {
             let chat =
                 ChatId(keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "dialog key", reason: "short".into() })?);
             match self.chat_info(chat, user) {
