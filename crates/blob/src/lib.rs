@@ -22,9 +22,21 @@ mod replicated;
 mod tree;
 
 pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice};
-pub use pack::{PackStats, PackStore, PutOutcome};
+pub use pack::{CollectReport, PackStats, PackStore, PutOutcome, wall_clock_ms};
 pub use replicated::{COPIES, ChunkPeers, ChunkStore, PeerFuture, ScrubReport};
 pub use tree::{Tree, TreeEntry, TreeKind};
+
+/// Why a node is asked which chunks it lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    /// The answer will be relied on (an upload skips what is present, a
+    /// commit names it): every chunk found is touched, which keeps it from
+    /// garbage collection for a grace period.
+    Relied,
+    /// Only looking (the scrubber): nothing is touched, so looking never
+    /// keeps garbage alive.
+    Audit,
+}
 
 use hamgam_types::ChunkId;
 

@@ -17,8 +17,16 @@
 //! batch. Concurrent batches append under a lock and sync outside it, so
 //! their fsyncs overlap. A chunk enters the in-memory index only after its
 //! sync, so nothing reports a chunk as present before it is durable.
+//!
+//! Garbage collection ([`PackStore::collect`]) drops from the index every
+//! chunk that is neither live nor touched (stored, or reported present)
+//! since a cutoff, under the index's write lock, so a chunk is either
+//! dropped before an upload or a presence answer sees it (and then counts
+//! as missing and is stored again) or it is kept. Packs whose bytes are
+//! mostly dropped are rewritten: their kept records are appended to the
+//! active pack and synced before the old pack is removed.
 
-use crate::{BlobError, StoredChunk};
+use crate::{BlobError, Presence, StoredChunk};
 use hamgam_proto::store::ChunkCodec;
 use hamgam_types::{ChunkId, limits};
 use std::collections::{HashMap, HashSet};
@@ -26,7 +34,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 const RECORD_MAGIC: [u8; 4] = *b"HGC1";
 const RECORD_HEADER_BYTES: usize = 4 + 32 + 1 + 4 + 4 + 4;
@@ -42,6 +52,29 @@ struct Location {
     stored_len: u32,
     plain_len: u32,
     codec: ChunkCodec,
+}
+
+/// An index entry: where the chunk is, and when something last relied on
+/// it being here (milliseconds since the Unix epoch).
+#[derive(Debug)]
+struct Slot {
+    location: Location,
+    touched_ms: AtomicU64,
+}
+
+impl Slot {
+    fn new(location: Location, now_ms: u64) -> Slot {
+        Slot { location, touched_ms: AtomicU64::new(now_ms) }
+    }
+
+    fn touch(&self, now_ms: u64) {
+        self.touched_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+}
+
+/// The wall clock in milliseconds since the Unix epoch.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 struct ActivePack {
@@ -72,13 +105,29 @@ pub struct PackStats {
     pub plain_bytes: u64,
 }
 
+/// What one garbage collection did on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CollectReport {
+    /// Chunks kept: live, or touched since the cutoff.
+    pub kept: u64,
+    /// Chunks dropped from the index.
+    pub dropped: u64,
+    /// Stored bytes of the dropped chunks.
+    pub dropped_bytes: u64,
+    /// Packs rewritten or removed, and the disk bytes that freed.
+    pub packs_rewritten: u32,
+    pub freed_bytes: u64,
+}
+
 /// The chunk store of one node.
 pub struct PackStore {
     dir: PathBuf,
-    index: RwLock<HashMap<ChunkId, Location>>,
+    index: RwLock<HashMap<ChunkId, Slot>>,
     active: Mutex<ActivePack>,
     /// Read handles by pack number.
     files: RwLock<HashMap<u32, Arc<File>>>,
+    /// One collection at a time.
+    collecting: Mutex<()>,
 }
 
 impl std::fmt::Debug for PackStore {
@@ -260,6 +309,7 @@ impl PackStore {
             .collect();
         numbers.sort_unstable();
 
+        let opened_ms = wall_clock_ms();
         let mut index = HashMap::new();
         let mut active = None;
         for (position, &number) in numbers.iter().enumerate() {
@@ -289,9 +339,11 @@ impl PackStore {
                 }
             };
             // A later record of the same chunk is a repair of an earlier
-            // (damaged) one: it wins.
+            // (damaged) one: it wins. Touch times are not kept on disk:
+            // every chunk counts as touched when the store opens, which
+            // only delays its collection by one grace period.
             for (id, location) in records {
-                index.insert(id, location);
+                index.insert(id, Slot::new(location, opened_ms));
             }
         }
         let active = match active {
@@ -303,6 +355,7 @@ impl PackStore {
             index: RwLock::new(index),
             active: Mutex::new(active),
             files: RwLock::new(HashMap::new()),
+            collecting: Mutex::new(()),
         })
     }
 
@@ -317,11 +370,22 @@ impl PackStore {
         self.index.read().unwrap_or_else(|p| p.into_inner()).contains_key(id)
     }
 
-    /// The ids not stored here, in the order given, each once.
-    pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+    /// The ids not stored here, in the order given, each once. Those found
+    /// are touched if the answer is [`Presence::Relied`] on.
+    pub fn missing(&self, ids: &[ChunkId], presence: Presence) -> Vec<ChunkId> {
+        let now_ms = wall_clock_ms();
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut seen = HashSet::new();
-        ids.iter().filter(|id| !index.contains_key(id) && seen.insert(**id)).copied().collect()
+        let mut missing = Vec::new();
+        for id in ids {
+            match index.get(id) {
+                Some(slot) if presence == Presence::Relied => slot.touch(now_ms),
+                Some(_) => {}
+                None if seen.insert(*id) => missing.push(*id),
+                None => {}
+            }
+        }
+        missing
     }
 
     /// Checks every chunk against its name, appends the new ones and makes
@@ -340,10 +404,14 @@ impl PackStore {
         let mut outcome = PutOutcome::default();
         let mut fresh: Vec<&StoredChunk> = Vec::new();
         {
+            let now_ms = wall_clock_ms();
             let index = self.index.read().unwrap_or_else(|p| p.into_inner());
             let mut seen = HashSet::new();
             for chunk in chunks {
-                if index.contains_key(&chunk.id) || !seen.insert(chunk.id) {
+                if let Some(slot) = index.get(&chunk.id) {
+                    slot.touch(now_ms);
+                    outcome.present += 1;
+                } else if !seen.insert(chunk.id) {
                     outcome.present += 1;
                 } else {
                     fresh.push(chunk);
@@ -353,11 +421,24 @@ impl PackStore {
         if fresh.is_empty() {
             return Ok(outcome);
         }
+        let written = self.append(&fresh)?;
+        outcome.stored = written.len() as u32;
+        let now_ms = wall_clock_ms();
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for (id, location) in written {
+            index.entry(id).or_insert_with(|| Slot::new(location, now_ms));
+        }
+        Ok(outcome)
+    }
+
+    /// Appends records to the active pack (sealing it when full) and makes
+    /// them durable; returns where each went. The index is not touched.
+    fn append(&self, fresh: &[&StoredChunk]) -> Result<Vec<(ChunkId, Location)>, BlobError> {
         let mut buffer = Vec::with_capacity(fresh.iter().map(|c| RECORD_HEADER_BYTES + c.bytes.len()).sum());
         let mut written = Vec::with_capacity(fresh.len());
         let file = {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            for chunk in &fresh {
+            for chunk in fresh {
                 let offset = active.len + buffer.len() as u64;
                 encode_record(chunk, &mut buffer);
                 let location = Location {
@@ -380,12 +461,7 @@ impl PackStore {
             file
         };
         file.sync_data().map_err(|e| BlobError::io(&self.dir, e))?;
-        outcome.stored = written.len() as u32;
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-        for (id, location) in written {
-            index.entry(id).or_insert(location);
-        }
-        Ok(outcome)
+        Ok(written)
     }
 
     /// Syncs the full pack, writes its index and starts the next pack.
@@ -410,12 +486,19 @@ impl PackStore {
     /// A chunk's stored form, its record checked (`Damaged` if the disk
     /// changed it). Blocking.
     pub fn get(&self, id: &ChunkId) -> Result<Option<StoredChunk>, BlobError> {
-        let Some(location) = self.index.read().unwrap_or_else(|p| p.into_inner()).get(id).copied() else {
-            return Ok(None);
+        // The handle is taken with the location, under the index lock: a
+        // collection that rewrites the pack removes it only after moving
+        // the index, and an open handle still reads a removed file.
+        let (location, file) = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let Some(slot) = index.get(id) else {
+                return Ok(None);
+            };
+            (slot.location, self.reader(slot.location.pack)?)
         };
         let mut bytes = vec![0u8; RECORD_HEADER_BYTES + location.stored_len as usize];
         let path = pack_path(&self.dir, location.pack);
-        self.reader(location.pack)?.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
+        file.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
         match parse_record(&bytes) {
             Parsed::Record { id: found, .. } if found == *id => Ok(Some(StoredChunk {
                 id: *id,
@@ -446,12 +529,167 @@ impl PackStore {
 
     pub fn stats(&self) -> PackStats {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        let packs = self.active.lock().unwrap_or_else(|p| p.into_inner()).number;
+        let packs = index.values().map(|s| s.location.pack).collect::<HashSet<_>>().len() as u32;
         PackStats {
             chunks: index.len() as u64,
             packs,
-            stored_bytes: index.values().map(|l| u64::from(l.stored_len)).sum(),
-            plain_bytes: index.values().map(|l| u64::from(l.plain_len)).sum(),
+            stored_bytes: index.values().map(|s| u64::from(s.location.stored_len)).sum(),
+            plain_bytes: index.values().map(|s| u64::from(s.location.plain_len)).sum(),
+        }
+    }
+}
+
+/// Bytes a record of `location` takes in its pack.
+fn record_bytes(location: &Location) -> u64 {
+    RECORD_HEADER_BYTES as u64 + u64::from(location.stored_len)
+}
+
+/// A pack is rewritten once at least this share of its bytes is garbage:
+/// rewriting costs a copy of the rest, so a mostly-live pack waits.
+const REWRITE_GARBAGE_NUMERATOR: u64 = 1;
+const REWRITE_GARBAGE_DENOMINATOR: u64 = 4;
+
+/// Kept records are copied in batches of about this many bytes.
+const REWRITE_BATCH_BYTES: u64 = 16 << 20;
+
+impl PackStore {
+    /// Drops every chunk that is not in `live` and was not touched at or
+    /// after `cutoff_ms`, then rewrites the packs that are mostly garbage.
+    /// Blocking. The caller's `live` must be complete: a chunk it misses
+    /// and nobody touched since the cutoff is gone.
+    pub fn collect(&self, live: &HashSet<ChunkId>, cutoff_ms: u64) -> Result<CollectReport, BlobError> {
+        let _one_at_a_time = self.collecting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = CollectReport::default();
+        let mut live_bytes: HashMap<u32, u64> = HashMap::new();
+        {
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            index.retain(|id, slot| {
+                let keep = live.contains(id) || slot.touched_ms.load(Ordering::Relaxed) >= cutoff_ms;
+                if keep {
+                    *live_bytes.entry(slot.location.pack).or_default() += record_bytes(&slot.location);
+                } else {
+                    report.dropped += 1;
+                    report.dropped_bytes += u64::from(slot.location.stored_len);
+                }
+                keep
+            });
+            report.kept = index.len() as u64;
+        }
+        for (number, length) in self.packs_to_rewrite(&live_bytes)? {
+            self.rewrite(number)?;
+            report.packs_rewritten += 1;
+            report.freed_bytes += length - live_bytes.get(&number).copied().unwrap_or(0);
+        }
+        Ok(report)
+    }
+
+    /// Packs (with their lengths) whose garbage share calls for a rewrite;
+    /// the active pack is sealed first if it is one of them.
+    fn packs_to_rewrite(&self, live_bytes: &HashMap<u32, u64>) -> Result<Vec<(u32, u64)>, BlobError> {
+        let worth_it = |number: u32, length: u64| {
+            let garbage = length.saturating_sub(live_bytes.get(&number).copied().unwrap_or(0));
+            garbage > 0 && garbage * REWRITE_GARBAGE_DENOMINATOR >= length * REWRITE_GARBAGE_NUMERATOR
+        };
+        let mut chosen = Vec::new();
+        let active_number = {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if worth_it(active.number, active.len) {
+                chosen.push((active.number, active.len));
+                self.seal(&mut active)?;
+            }
+            active.number
+        };
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| BlobError::io(&self.dir, e))? {
+            let entry = entry.map_err(|e| BlobError::io(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(number) = name.to_str().and_then(|n| n.strip_prefix("pack-")?.strip_suffix(".dat")?.parse().ok())
+            else {
+                continue;
+            };
+            if number >= active_number || chosen.iter().any(|(n, _)| *n == number) {
+                continue;
+            }
+            let length = entry.metadata().map_err(|e| BlobError::io(&entry.path(), e))?.len();
+            if worth_it(number, length) {
+                chosen.push((number, length));
+            }
+        }
+        chosen.sort_unstable();
+        Ok(chosen)
+    }
+
+    /// Copies a sealed pack's indexed records to the active pack, moves the
+    /// index to the copies once they are durable, then removes the pack.
+    fn rewrite(&self, number: u32) -> Result<(), BlobError> {
+        let path = pack_path(&self.dir, number);
+        let mut kept: Vec<(ChunkId, Location)> = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            index.iter().filter(|(_, s)| s.location.pack == number).map(|(id, s)| (*id, s.location)).collect()
+        };
+        kept.sort_unstable_by_key(|(_, location)| location.offset);
+        let file = self.reader(number)?;
+        let mut at = 0;
+        while at < kept.len() {
+            let mut batch = Vec::new();
+            let mut bytes_in_batch = 0;
+            while at < kept.len() && (batch.is_empty() || bytes_in_batch < REWRITE_BATCH_BYTES) {
+                let (id, location) = kept[at];
+                at += 1;
+                bytes_in_batch += record_bytes(&location);
+                let mut bytes = vec![0u8; record_bytes(&location) as usize];
+                file.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
+                match parse_record(&bytes) {
+                    Parsed::Record { id: found, .. } if found == id => batch.push((
+                        location,
+                        StoredChunk {
+                            id,
+                            codec: location.codec,
+                            plain_len: location.plain_len,
+                            bytes: bytes.split_off(RECORD_HEADER_BYTES),
+                        },
+                    )),
+                    _ => {
+                        // Not copied: the chunk counts as missing here and
+                        // the scrubber or the next upload brings it back.
+                        tracing::error!(chunk = %id, pack = %path.display(), "a stored chunk is damaged");
+                        self.forget_at(&id, &location);
+                    }
+                }
+            }
+            let written = self.append(&batch.iter().map(|(_, chunk)| chunk).collect::<Vec<_>>())?;
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            for ((old, _), (id, new)) in batch.iter().zip(written) {
+                if let Some(slot) = index.get_mut(&id)
+                    && slot.location == *old
+                {
+                    slot.location = new;
+                }
+            }
+        }
+        {
+            // Readers take a pack's handle under the index lock, so once no
+            // slot names the pack, no new read can start on it.
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            debug_assert!(index.values().all(|s| s.location.pack != number));
+            self.files.write().unwrap_or_else(|p| p.into_inner()).remove(&number);
+        }
+        // The data first: a leftover index without its pack is ignored,
+        // while a pack without its index is only scanned again.
+        std::fs::remove_file(&path).map_err(|e| BlobError::io(&path, e))?;
+        let index_file = index_path(&self.dir, number);
+        if let Err(error) = std::fs::remove_file(&index_file)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(BlobError::io(&index_file, error));
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Forgets `id` if its index entry is still `location`.
+    fn forget_at(&self, id: &ChunkId, location: &Location) {
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if index.get(id).is_some_and(|s| s.location == *location) {
+            index.remove(id);
         }
     }
 }
@@ -475,7 +713,7 @@ mod tests {
             let store = PackStore::open(dir.path()).unwrap();
             assert_eq!(store.put(&chunks[..10]).unwrap(), PutOutcome { stored: 10, present: 0 });
             assert_eq!(store.put(&chunks).unwrap(), PutOutcome { stored: 10, present: 10 });
-            assert_eq!(store.missing(&[chunks[3].id, chunk(99, 10).id]), vec![chunk(99, 10).id]);
+            assert_eq!(store.missing(&[chunks[3].id, chunk(99, 10).id], Presence::Relied), vec![chunk(99, 10).id]);
         }
         let store = PackStore::open(dir.path()).unwrap();
         for c in &chunks {
@@ -515,7 +753,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * record as u64, "the torn tail is cut");
         assert!(store.get(&chunks[0].id).unwrap().is_some());
         assert!(store.get(&chunks[2].id).unwrap().is_some(), "records after damage are still found");
-        assert_eq!(store.missing(&[chunks[1].id]), vec![chunks[1].id], "the damaged one counts as missing");
+        assert_eq!(store.missing(&[chunks[1].id], Presence::Relied), vec![chunks[1].id], "the damaged one counts as missing");
         // Putting it again repairs it.
         store.put(&chunks[1..2]).unwrap();
         assert_eq!(store.get(&chunks[1].id).unwrap().as_ref(), Some(&chunks[1]));
@@ -532,7 +770,7 @@ mod tests {
         bytes[RECORD_HEADER_BYTES + 7] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(store.get(&c.id), Err(BlobError::Damaged { .. })));
-        assert_eq!(store.missing(&[c.id]), vec![c.id], "a damaged copy counts as missing");
+        assert_eq!(store.missing(&[c.id], Presence::Relied), vec![c.id], "a damaged copy counts as missing");
         store.put(std::slice::from_ref(&c)).unwrap();
         assert_eq!(store.get(&c.id).unwrap().as_ref(), Some(&c), "an upload repairs it");
     }
@@ -554,5 +792,71 @@ mod tests {
         let store = PackStore::open(dir.path()).unwrap();
         assert!(chunks.iter().all(|c| store.contains(&c.id)));
         assert_eq!(store.active.lock().unwrap().number, 2);
+    }
+
+    #[test]
+    fn collection_drops_garbage_keeps_live_and_touched_and_shrinks_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<StoredChunk> = (0..40).map(|i| chunk(i, 20_000)).collect();
+        let store = PackStore::open(dir.path()).unwrap();
+        store.put(&chunks).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let cutoff = wall_clock_ms();
+        let live: HashSet<ChunkId> = chunks[..10].iter().map(|c| c.id).collect();
+        assert!(store.missing(&[chunks[10].id], Presence::Relied).is_empty(), "asking about a chunk touches it");
+        store.put(&chunks[11..12]).unwrap(); // present: touched too
+        let disk_before = disk_bytes(dir.path());
+
+        let report = store.collect(&live, cutoff).unwrap();
+        assert_eq!((report.kept, report.dropped), (12, 28));
+        assert_eq!(report.packs_rewritten, 1);
+        assert!(disk_bytes(dir.path()) < disk_before / 2, "the mostly-garbage pack was rewritten");
+        for (i, c) in chunks.iter().enumerate() {
+            let expected = if i < 12 { Some(c) } else { None };
+            assert_eq!(store.get(&c.id).unwrap().as_ref(), expected, "chunk {i}");
+        }
+        // A second pass finds nothing more; a reopen finds the same chunks.
+        assert_eq!(store.collect(&live, cutoff).unwrap().dropped, 0);
+        drop(store);
+        let store = PackStore::open(dir.path()).unwrap();
+        assert_eq!(store.stats().chunks, 12);
+        assert_eq!(store.missing(&chunks.iter().map(|c| c.id).collect::<Vec<_>>(), Presence::Relied).len(), 28);
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+    }
+
+    /// Uploads and presence answers racing a collection: whatever a caller
+    /// was told is stored (or stored itself) after the cutoff survives, in
+    /// every round, and what nobody touched is gone.
+    #[test]
+    fn collection_racing_uploads_never_loses_a_chunk_relied_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(PackStore::open(dir.path()).unwrap());
+        for round in 0..15u64 {
+            let garbage: Vec<StoredChunk> = (0..150).map(|i| chunk(round * 1000 + i, 3000 + i as usize)).collect();
+            store.put(&garbage).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let cutoff = wall_clock_ms();
+            let collector = {
+                let store = store.clone();
+                std::thread::spawn(move || store.collect(&HashSet::new(), cutoff).unwrap())
+            };
+            // Rely on every third chunk: ask, and upload it if it is missing.
+            let mut relied_on = Vec::new();
+            for c in garbage.iter().step_by(3) {
+                if !store.missing(&[c.id], Presence::Relied).is_empty() {
+                    store.put(std::slice::from_ref(c)).unwrap();
+                }
+                relied_on.push(c);
+            }
+            collector.join().unwrap();
+            for c in &relied_on {
+                assert_eq!(store.get(&c.id).unwrap().as_ref(), Some(*c), "round {round}: a chunk relied on was lost");
+            }
+            let untouched = garbage.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, c)| c.id);
+            assert_eq!(store.missing(&untouched.collect::<Vec<_>>(), Presence::Relied).len(), 100, "round {round}");
+        }
     }
 }

@@ -14,7 +14,7 @@
 //!
 //! A single node is the same code with no peers: R = 1, quorum 1.
 
-use crate::{BlobError, PackStore, PutOutcome, StoredChunk, placement};
+use crate::{BlobError, PackStore, Presence, PutOutcome, StoredChunk, placement};
 use hamgam_types::{ChunkId, NodeId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -32,8 +32,8 @@ pub trait ChunkPeers: Send + Sync + 'static {
     fn reachable(&self) -> Vec<NodeId>;
     /// Stores chunks on `node`, durably, or fails.
     fn put(&self, node: NodeId, chunks: Vec<StoredChunk>) -> PeerFuture<()>;
-    /// Which of `ids` `node` lacks.
-    fn missing(&self, node: NodeId, ids: Vec<ChunkId>) -> PeerFuture<Vec<ChunkId>>;
+    /// Which of `ids` `node` lacks; `presence` says whether the answer is relied on.
+    fn missing(&self, node: NodeId, ids: Vec<ChunkId>, presence: Presence) -> PeerFuture<Vec<ChunkId>>;
     /// The chunks `node` has of `ids` (unchecked: the caller checks).
     fn get(&self, node: NodeId, ids: Vec<ChunkId>) -> PeerFuture<Vec<StoredChunk>>;
 }
@@ -106,10 +106,11 @@ impl ChunkStore {
         Some((holders, copies / 2 + 1))
     }
 
-    /// Which of `ids` are not stored on a quorum of their holders.
+    /// Which of `ids` are not stored on a quorum of their holders. The
+    /// answer is relied on: the copies found are touched.
     pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, BlobError> {
         let Some((holders, quorum)) = self.holders(ids.iter().copied()) else {
-            return Ok(self.local.missing(ids));
+            return Ok(self.local.missing(ids, Presence::Relied));
         };
         let mut asks: BTreeMap<NodeId, Vec<ChunkId>> = BTreeMap::new();
         for (id, nodes) in &holders {
@@ -118,7 +119,7 @@ impl ChunkStore {
             }
         }
         let mut have: HashMap<ChunkId, usize> = HashMap::new();
-        for (node, asked, answer) in self.ask_all(asks).await {
+        for (node, asked, answer) in self.ask_all(asks, Presence::Relied).await {
             let lacking: HashSet<ChunkId> = match answer {
                 Ok(lacking) => lacking.into_iter().collect(),
                 Err(error) => {
@@ -138,14 +139,15 @@ impl ChunkStore {
     async fn ask_all(
         &self,
         asks: BTreeMap<NodeId, Vec<ChunkId>>,
+        presence: Presence,
     ) -> Vec<(NodeId, Vec<ChunkId>, Result<Vec<ChunkId>, String>)> {
         let mut tasks = tokio::task::JoinSet::new();
         for (node, ids) in asks {
             if node == self.node {
-                let lacking = self.local.missing(&ids);
+                let lacking = self.local.missing(&ids, presence);
                 tasks.spawn(async move { (node, ids, Ok(lacking)) });
             } else if let Some(peers) = self.peers.as_ref().filter(|_| !self.is_down(node)) {
-                let ask = peers.missing(node, ids.clone());
+                let ask = peers.missing(node, ids.clone(), presence);
                 tasks.spawn(async move { (node, ids, ask.await) });
             }
         }
@@ -441,7 +443,7 @@ impl ChunkStore {
         let asked: u64 = asks.values().map(|ids| ids.len() as u64).sum();
         let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
         let (mut sent, mut checked) = (0, 0);
-        for (node, ids, answer) in self.ask_all(asks).await {
+        for (node, ids, answer) in self.ask_all(asks, Presence::Audit).await {
             let Ok(lacking) = answer else { continue };
             let copies: Vec<StoredChunk> = lacking.iter().filter_map(|id| by_id.get(id).cloned()).collect();
             let count = copies.len() as u64;

@@ -7,16 +7,20 @@
 //! ```text
 //! CHUNK_PUT      u32 count, then `count` chunk frames  ->  0 | 1 + reason
 //! CHUNK_MISSING  codec Vec<ChunkId>                    ->  0 + codec Vec<ChunkId> (lacking)
+//! CHUNK_AUDIT    as CHUNK_MISSING, but the chunks found are not touched
 //! CHUNK_GET      codec Vec<ChunkId>                    ->  0 + u32 count + chunk frames (found)
 //! ```
 //!
+//! An answer to CHUNK_MISSING is relied on (an upload skips what is present,
+//! a commit names it), so the chunks found are touched and kept from garbage
+//! collection for a grace period; the scrubber's CHUNK_AUDIT only looks.
 //! Chunk frames use the client protocol's layout. Every count is bounded
 //! before anything is read; a stored chunk is checked against its name by
 //! the pack store, and a fetched one by the caller.
 
 use crate::network::PeerNetwork;
 use crate::wire;
-use hamgam_blob::{ChunkPeers, PackStore, PeerFuture, StoredChunk};
+use hamgam_blob::{ChunkPeers, PackStore, PeerFuture, Presence, StoredChunk};
 use hamgam_proto::codec;
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::ChunkFrame;
@@ -62,11 +66,12 @@ pub(crate) async fn serve(kind: u8, mut send: quinn::SendStream, mut recv: quinn
                     .map_err(|e| e.to_string())?;
                 Ok(vec![OK])
             }
-            wire::CHUNK_MISSING => {
+            wire::CHUNK_MISSING | wire::CHUNK_AUDIT => {
                 let body = recv.read_to_end(IDS_BYTES_MAX).await.map_err(|e| e.to_string())?;
                 let ids: Vec<ChunkId> = codec::decode(&body).map_err(|e| e.to_string())?;
+                let presence = if kind == wire::CHUNK_AUDIT { Presence::Audit } else { Presence::Relied };
                 let mut out = vec![OK];
-                codec::encode_into(&store.missing(&ids), &mut out).map_err(|e| e.to_string())?;
+                codec::encode_into(&store.missing(&ids, presence), &mut out).map_err(|e| e.to_string())?;
                 Ok(out)
             }
             wire::CHUNK_GET => {
@@ -180,12 +185,16 @@ impl ChunkPeers for ChunkLinks {
         }))
     }
 
-    fn missing(&self, node: NodeId, ids: Vec<ChunkId>) -> PeerFuture<Vec<ChunkId>> {
+    fn missing(&self, node: NodeId, ids: Vec<ChunkId>, presence: Presence) -> PeerFuture<Vec<ChunkId>> {
         let network = self.network.clone();
+        let kind = match presence {
+            Presence::Relied => wire::CHUNK_MISSING,
+            Presence::Audit => wire::CHUNK_AUDIT,
+        };
         Box::pin(timed(async move {
             let mut lacking = Vec::new();
             for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
-                let mut recv = ask_about(&network, node, wire::CHUNK_MISSING, batch).await?;
+                let mut recv = ask_about(&network, node, kind, batch).await?;
                 let body = recv.read_to_end(IDS_BYTES_MAX).await.map_err(|e| e.to_string())?;
                 let answer: Vec<ChunkId> = codec::decode(&body).map_err(|e| e.to_string())?;
                 lacking.extend(answer);

@@ -568,7 +568,7 @@ async fn answer_request(
         let _ = send.reset(1u32.into());
         return;
     }
-    if matches!(kind[0], wire::CHUNK_PUT | wire::CHUNK_MISSING | wire::CHUNK_GET) {
+    if matches!(kind[0], wire::CHUNK_PUT | wire::CHUNK_MISSING | wire::CHUNK_AUDIT | wire::CHUNK_GET) {
         match chunks {
             Some(store) => crate::chunks::serve(kind[0], send, recv, store).await,
             None => {

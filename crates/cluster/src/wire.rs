@@ -102,6 +102,7 @@ pub const READ_STREAM: u8 = 3;
 pub const CHUNK_PUT: u8 = 4;
 pub const CHUNK_MISSING: u8 = 5;
 pub const CHUNK_GET: u8 = 6;
+pub const CHUNK_AUDIT: u8 = 7;
 
 /// A bidi request: its kind, the shard, and the body.
 pub fn encode_request(kind: u8, shard: ShardId, body: &[u8]) -> Vec<u8> {

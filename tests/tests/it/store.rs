@@ -346,7 +346,7 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
     let ids = chunk_ids(&source);
     for node in &nodes {
         let pack = hamgam_blob::PackStore::open(&node.dir.join("chunks")).expect("open a copy");
-        let lacking = pack.missing(&ids);
+        let lacking = pack.missing(&ids, hamgam_blob::Presence::Audit);
         assert!(lacking.is_empty(), "{} lacks {} chunks", node.dir.display(), lacking.len());
     }
 
@@ -394,7 +394,7 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
     make_data_set(&source, 4);
     backup(&client, &source, "sepideh").await.expect("backup with node 3 down");
     let ids = chunk_ids(&source);
-    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks")).expect("open").missing(&ids);
+    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks")).expect("open").missing(&ids, hamgam_blob::Presence::Audit);
     assert_eq!(lacking.len(), {
         let mut unique = ids.clone();
         unique.sort_unstable();
