@@ -49,6 +49,7 @@ impl From<DomainError> for ApiError {
             | DomainError::PathNotFound(_)
             | DomainError::SnapshotNotFound(_) => ErrorCode::NOT_FOUND,
             DomainError::QuotaExceeded { .. } => ErrorCode::QUOTA_EXCEEDED,
+            DomainError::ChecksExpired => ErrorCode::CHUNKS_MISSING,
             DomainError::NotMember => ErrorCode::NOT_MEMBER,
             DomainError::PermissionDenied(_) => ErrorCode::PERMISSION_DENIED,
             DomainError::AlreadyMember | DomainError::Conflict(_) => ErrorCode::CONFLICT,

@@ -63,6 +63,10 @@ pub enum Command {
     },
     /// 20
     ForgetSnapshots { user: UserId, ids: Vec<u64> },
+    /// 21: garbage collection is about to read `shard`'s chunk roots; from
+    /// now on a command naming chunks checked before `floor_ms` is refused
+    /// (see docs/design/store.md, "Garbage collection").
+    GcBarrier { shard: ShardId, floor_ms: u64 },
 }
 
 impl Command {
@@ -88,6 +92,7 @@ impl Command {
             | Command::Delete { chat, .. }
             | Command::MarkRead { chat, .. } => placement.shard_of_chat(*chat),
             Command::Deliver { target, .. } | Command::DeliverMany { target, .. } => *target,
+            Command::GcBarrier { shard, .. } => *shard,
             Command::OutboxAck { source, .. } => *source,
         }
     }

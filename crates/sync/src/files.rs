@@ -103,6 +103,29 @@ fn ensure_folders(kv: &mut impl KvWrite, user: UserId, path: &str, now_ms: u64) 
     Ok(())
 }
 
+/// The time before which chunk checks no longer count in this shard (0
+/// before any garbage collection).
+fn gc_floor(kv: &impl KvRead) -> Result<u64, SyncError> {
+    Ok(get_record(kv, "gc floor", &keys::gc_floor())?.unwrap_or(0))
+}
+
+pub(crate) fn raise_gc_floor(kv: &mut impl KvWrite, floor_ms: u64) -> Result<Reply, SyncError> {
+    if floor_ms > gc_floor(kv)? {
+        kv.put(&keys::gc_floor(), records::encode(&floor_ms));
+    }
+    Ok(Reply::Done)
+}
+
+/// A command naming chunks carries, as its `now_ms`, the time its proposer
+/// began checking them; a collection may have released chunks checked
+/// before the floor, so such a command must check again.
+fn require_fresh_checks(kv: &impl KvRead, checked_ms: u64) -> Result<(), SyncError> {
+    if checked_ms < gc_floor(kv)? {
+        return refuse(DomainError::ChecksExpired);
+    }
+    Ok(())
+}
+
 pub(crate) fn put_file(
     kv: &mut impl KvWrite,
     user: UserId,
@@ -111,6 +134,7 @@ pub(crate) fn put_file(
     quota_bytes: u64,
     now_ms: u64,
 ) -> Result<Reply, SyncError> {
+    require_fresh_checks(kv, now_ms)?;
     let path = normalize_path(path)?;
     if path == "/" {
         return refuse(DomainError::InvalidArgument("a file cannot be stored at /".into()));
@@ -194,6 +218,8 @@ pub(crate) fn move_path(
     kv.delete(&keys::entry(user, from_parent, from_name));
     let (to_parent, to_name) = split_path(&to);
     kv.put(&keys::entry(user, to_parent, to_name), records::encode(&record));
+    let moves: u64 = get_record(kv, "move counter", &keys::moves(user))?.unwrap_or(0);
+    kv.put(&keys::moves(user), records::encode(&(moves + 1)));
     Ok(Reply::Done)
 }
 
@@ -234,6 +260,7 @@ pub(crate) fn add_snapshot(
     quota_bytes: u64,
     now_ms: u64,
 ) -> Result<Reply, SyncError> {
+    require_fresh_checks(kv, now_ms)?;
     if new.label.chars().count() > limits::SNAPSHOT_LABEL_CHARS_MAX || !new.tree.within_bounds() {
         return refuse(DomainError::InvalidArgument("the snapshot's label or tree is over its bound".into()));
     }
@@ -350,6 +377,83 @@ pub(crate) fn list_folder(
         })
         .collect::<Result<_, SyncError>>()?;
     Ok((entries, more))
+}
+
+/// A chunk list some record of a shard needs, for garbage collection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkRoot {
+    /// A stored file's content.
+    File(ChunkList),
+    /// A snapshot's tree: its chunks, and every chunk its entries name.
+    Tree(ChunkList),
+}
+
+/// How often a user's entries are read again because a move ran during
+/// the read, before the collection gives up on this pass.
+const ROOT_SCAN_ATTEMPTS: usize = 5;
+
+/// One page of the chunk roots of a shard, from the key `from` on: every
+/// file of one user, or a page of snapshots. The second value is where the
+/// next page starts (`None` after the last).
+///
+/// Files are read user by user, between two reads of the user's move
+/// counter: a move re-keys entries, and one moved from the unread part of
+/// the scan to the read part would otherwise be missed. If the counter
+/// changed, the user is read again. Snapshot keys never change.
+pub(crate) fn chunk_roots(
+    kv: &impl KvRead,
+    from: Option<&[u8]>,
+) -> Result<(Vec<ChunkRoot>, Option<Vec<u8>>), SyncError> {
+    let mut entries = KeyRange::prefix(&keys::all_entries());
+    let first = entries.start.clone();
+    let from = from.unwrap_or(&first);
+    if entries.contains(from) {
+        entries.start = from.to_vec();
+        if let Some((key, _)) = kv.scan(&entries, Order::Ascending, 1)?.into_iter().next() {
+            let user = keys::entry_user(&key)
+                .ok_or(SyncError::Corrupt { what: "file entry key", reason: "unreadable".into() })?;
+            let roots = file_roots_of(kv, user)?;
+            return Ok((roots, KeyRange::prefix(&keys::entries_of(user)).end));
+        }
+    }
+    let mut snapshots = KeyRange::prefix(&keys::all_snapshots());
+    if from > snapshots.start.as_slice() {
+        snapshots.start = from.to_vec();
+    }
+    let (pairs, more) = scan_page(kv, &snapshots, limits::SNAPSHOT_PAGE_MAX)?;
+    let roots = pairs
+        .iter()
+        .map(|(_, value)| Ok(ChunkRoot::Tree(records::decode::<SnapshotInfo>("snapshot", value)?.tree)))
+        .collect::<Result<_, SyncError>>()?;
+    let next = pairs.last().filter(|_| more).map(|(key, _)| [key.as_slice(), &[0]].concat());
+    Ok((roots, next))
+}
+
+/// The content of every file of `user`, read while no move ran.
+fn file_roots_of(kv: &impl KvRead, user: UserId) -> Result<Vec<ChunkRoot>, SyncError> {
+    let moves = |kv: &_| -> Result<u64, SyncError> { Ok(get_record(kv, "move counter", &keys::moves(user))?.unwrap_or(0)) };
+    for _ in 0..ROOT_SCAN_ATTEMPTS {
+        let before = moves(kv)?;
+        let mut roots = Vec::new();
+        let mut range = KeyRange::prefix(&keys::entries_of(user));
+        loop {
+            let (pairs, more) = scan_page(kv, &range, limits::FOLDER_PAGE_MAX)?;
+            for (_, value) in &pairs {
+                let record: EntryRecord = records::decode("file entry", value)?;
+                roots.extend(record.content.map(ChunkRoot::File));
+            }
+            match pairs.last() {
+                Some((key, _)) if more => range.start = [key.as_slice(), &[0]].concat(),
+                _ => break,
+            }
+        }
+        if moves(kv)? == before {
+            return Ok(roots);
+        }
+    }
+    Err(SyncError::Domain(DomainError::Conflict(format!(
+        "user {user}'s files kept moving while they were read; collection will try again next time"
+    ))))
 }
 
 pub(crate) fn usage(kv: &impl KvRead, user: UserId) -> Result<UsageRecord, SyncError> {

@@ -24,6 +24,10 @@ const DEDUP: u8 = 0x24;
 const ENTRY: u8 = 0x40;
 const SNAPSHOT: u8 = 0x41;
 const USAGE: u8 = 0x42;
+// Garbage collection's floor, one per shard.
+const GC_FLOOR: u8 = 0x43;
+// How many moves a user's namespace has seen (collection reads it around a scan).
+const MOVES: u8 = 0x44;
 // The cross-shard outbox of any shard.
 const OUTBOX: u8 = 0x30;
 const OUTBOX_META: u8 = 0x31;
@@ -158,6 +162,37 @@ pub fn snapshots_of(user: UserId) -> Vec<u8> {
 
 pub fn usage(user: UserId) -> Vec<u8> {
     key(USAGE, &[user.0])
+}
+
+pub fn gc_floor() -> Vec<u8> {
+    vec![GC_FLOOR]
+}
+
+pub fn moves(user: UserId) -> Vec<u8> {
+    key(MOVES, &[user.0])
+}
+
+/// Every file entry of a shard, all users.
+pub fn all_entries() -> Vec<u8> {
+    vec![ENTRY]
+}
+
+/// The prefix of every entry of `user`.
+pub fn entries_of(user: UserId) -> Vec<u8> {
+    key(ENTRY, &[user.0])
+}
+
+/// The user of an entry key.
+pub fn entry_user(key: &[u8]) -> Option<UserId> {
+    if key.first() != Some(&ENTRY) {
+        return None;
+    }
+    Some(UserId(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?)))
+}
+
+/// Every snapshot of a shard, all users.
+pub fn all_snapshots() -> Vec<u8> {
+    vec![SNAPSHOT]
 }
 
 /// The trailing big-endian u64 of a key (a seq, pts or id).

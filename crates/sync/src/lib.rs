@@ -29,7 +29,7 @@ pub mod text;
 mod tests;
 
 pub use command::{Command, Reply, direct_chat_id, group_chat_id};
-pub use files::{normalize_path, split_path};
+pub use files::{ChunkRoot, normalize_path, split_path};
 pub use machine::{Signals, SyncMachine, UpdateListener};
 pub use service::{DifferenceOutcome, SyncService};
 
@@ -78,6 +78,10 @@ pub enum DomainError {
     SnapshotNotFound(u64),
     #[error("the quota of {quota} bytes would be exceeded ({used} used, {adding} more)")]
     QuotaExceeded { used: u64, adding: u64, quota: u64 },
+    /// The chunks were checked before a garbage collection began reading
+    /// this shard: they may be gone. Ask which are missing and send them.
+    #[error("the chunks were checked too long ago and may have been collected; ask which are missing and retry")]
+    ChecksExpired,
     /// Stored state that does not decode; logged where it was found.
     #[error("internal error: {0}")]
     Internal(String),

@@ -700,6 +700,7 @@ impl SyncMachine {
                 files::add_snapshot(kv, user, new, quota_bytes, now_ms)
             }
             Command::ForgetSnapshots { user, ids } => files::forget_snapshots(kv, user, &ids),
+            Command::GcBarrier { shard: _, floor_ms } => files::raise_gc_floor(kv, floor_ms),
 
             Command::Deliver { source, target: _, records } => self.deliver(shard, kv, vec![(source, records)]),
             Command::DeliverMany { target: _, batches } => self.deliver(shard, kv, batches),

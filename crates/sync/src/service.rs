@@ -14,7 +14,7 @@
 //! the target's inbox marks, so every update lands exactly once.
 
 use crate::command::{Command, Reply};
-use crate::files;
+use crate::files::{self, ChunkRoot};
 use crate::keys;
 use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members, scan_page};
 use crate::records::{
@@ -125,6 +125,25 @@ impl SyncService {
     ) -> Result<FolderPage, SyncError> {
         let (entries, more) = files::list_folder(&self.user_reader(user), user, path, after, limit as usize)?;
         Ok(FolderPage { entries, more })
+    }
+
+    /// One page of `shard`'s chunk roots from the key `from` on (see
+    /// [`files::chunk_roots`]); a shard hosted elsewhere is read there.
+    /// Call [`SyncService::fresh_shard`] first.
+    pub fn chunk_roots(
+        &self,
+        shard: ShardId,
+        from: Option<&[u8]>,
+    ) -> Result<(Vec<ChunkRoot>, Option<Vec<u8>>), SyncError> {
+        files::chunk_roots(&self.raft.reader(shard), from)
+    }
+
+    /// As [`SyncService::fresh_user`], for a whole shard.
+    pub async fn fresh_shard(&self, shard: ShardId) -> Result<(), SyncError> {
+        if !self.raft.hosts(shard) {
+            return Ok(()); // a read elsewhere is fresh by itself
+        }
+        Ok(self.raft.read_index(shard).await?)
     }
 
     pub fn usage(&self, user: UserId) -> Result<UsageRecord, SyncError> {

@@ -540,3 +540,70 @@ async fn snapshots_are_numbered_listed_and_forgotten() {
     let missing = h.service.execute(Command::ForgetSnapshots { user, ids: vec![1] }).await;
     assert!(matches!(domain(missing), DomainError::SnapshotNotFound(1)));
 }
+
+#[tokio::test]
+async fn collection_reads_every_root_and_refuses_commands_checked_before_its_floor() {
+    use hamgam_proto::store::{ChunkList, SnapshotStats};
+    use crate::ChunkRoot;
+    let h = harness_with(2, hamgam_types::limits::UPDATES_RETAINED_PER_USER).await;
+    let users = [h.sign_up("sara").await, h.sign_up("omid").await, h.sign_up("nima").await];
+    for (i, user) in users.iter().enumerate() {
+        for f in 0..3u8 {
+            let path = format!("/پوشه/{f}.jpg");
+            let manifest = manifest(10, i as u8 * 10 + f);
+            let command = Command::PutFile { user: *user, path, manifest, quota_bytes: 1 << 30, now_ms: now() };
+            h.service.execute(command).await.unwrap();
+        }
+    }
+    let tree = ChunkList::Inline(manifest(5, 99).content.refs().to_vec());
+    let snapshot = |now_ms| Command::AddSnapshot {
+        user: users[0],
+        label: "phone".into(),
+        parent: None,
+        tree: tree.clone(),
+        stats: SnapshotStats { files: 1, bytes: 5 },
+        added_bytes: 5,
+        quota_bytes: 1 << 30,
+        now_ms,
+    };
+    h.service.execute(snapshot(now())).await.unwrap();
+
+    // Every root of every shard, page by page: nine files and one tree.
+    let mut roots = Vec::new();
+    for shard in h.service.placement().all_shards() {
+        h.service.fresh_shard(shard).await.unwrap();
+        let mut from = None;
+        loop {
+            let (page, next) = h.service.chunk_roots(shard, from.as_deref()).unwrap();
+            roots.extend(page);
+            match next {
+                Some(next) => from = Some(next),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(roots.iter().filter(|r| matches!(r, ChunkRoot::File(_))).count(), 9);
+    assert_eq!(roots.iter().filter(|r| matches!(r, ChunkRoot::Tree(t) if *t == tree)).count(), 1);
+
+    // After a barrier, a command whose chunks were checked before its floor
+    // must check again; one checked after it goes through.
+    let shard = h.service.placement().shard_of_user(users[0]);
+    h.service.execute(Command::GcBarrier { shard, floor_ms: now() + 1000 }).await.unwrap();
+    h.service.execute(Command::GcBarrier { shard, floor_ms: now() }).await.unwrap(); // never lowers it
+    let stale = Command::PutFile {
+        user: users[0],
+        path: "/late.jpg".into(),
+        manifest: manifest(10, 77),
+        quota_bytes: 1 << 30,
+        now_ms: now() + 999,
+    };
+    assert!(matches!(domain(h.service.execute(stale).await), DomainError::ChecksExpired));
+    assert!(matches!(domain(h.service.execute(snapshot(now() + 999)).await), DomainError::ChecksExpired));
+    h.service.execute(snapshot(now() + 1000)).await.unwrap();
+    // A move counts, so a reader can tell a move ran while it read.
+    let moved = Command::MovePath { user: users[0], from: "/پوشه".into(), to: "/تازه".into(), now_ms: now() };
+    h.service.execute(moved).await.unwrap();
+    let reader = h.service.raft().reader(shard);
+    let moves: u64 = crate::machine::get_record(&reader, "moves", &crate::keys::moves(users[0])).unwrap().unwrap();
+    assert_eq!(moves, 1);
+}
