@@ -54,6 +54,13 @@ pub struct StorageConfig {
     pub scrub_interval_secs: u64,
     /// Read budget of the scrubber, so it never crowds out clients.
     pub scrub_mib_per_sec: u64,
+    /// Seconds between garbage collection passes on this node.
+    pub gc_interval_secs: u64,
+    /// How long a chunk nothing names is kept after it was last stored or
+    /// reported present: what an upload in progress may take between
+    /// asking which chunks are missing and committing its file. Node clocks
+    /// must agree to within half of it.
+    pub gc_grace_secs: u64,
 }
 
 impl Default for Config {
@@ -89,6 +96,8 @@ impl Default for StorageConfig {
             user_quota_gib: hamgam_types::limits::USER_QUOTA_BYTES_DEFAULT >> 30,
             scrub_interval_secs: 6 * 3600,
             scrub_mib_per_sec: 16,
+            gc_interval_secs: 24 * 3600,
+            gc_grace_secs: 24 * 3600,
         }
     }
 }
@@ -114,6 +123,9 @@ impl Config {
         }
         if self.storage.scrub_interval_secs < 1 || self.storage.scrub_mib_per_sec < 1 {
             bail!("storage.scrub_interval_secs and storage.scrub_mib_per_sec must be at least 1");
+        }
+        if self.storage.gc_interval_secs < 1 || self.storage.gc_grace_secs < 2 {
+            bail!("storage.gc_interval_secs must be at least 1 and storage.gc_grace_secs at least 2");
         }
         if !(1..=1 << 20).contains(&self.storage.user_quota_gib) {
             bail!("storage.user_quota_gib must be between 1 and 1048576");

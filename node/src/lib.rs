@@ -15,7 +15,8 @@
 //! stream (owned by the API server's task tracker, stopped by its
 //! cancellation token); the outbox deliverer, and on a clustered node the
 //! placement driver, the member-list seeding and the `cluster.toml`
-//! recorder (all stopped by the node's token);
+//! recorder, the chunk scrubber and garbage collector ([`upkeep`]) (all
+//! stopped by the node's token);
 //! the raft store thread, its ticker and checkpoint threads (stopped by
 //! `Store::stop`); the peer network's accept loop, one task per peer
 //! connection and stream, one link task per other node and the task that
@@ -23,6 +24,7 @@
 
 mod config;
 mod relay;
+mod upkeep;
 
 pub use config::Config;
 
@@ -429,10 +431,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Arc::new(hamgam_cluster::ChunkLinks::new(network.clone())) as Arc<dyn hamgam_blob::ChunkPeers>
     });
     let chunks = Arc::new(hamgam_blob::ChunkStore::new(pack, node, peers));
-    let scrubber = tokio::spawn(scrub_chunks(
+    let scrubber = tokio::spawn(upkeep::scrub_chunks(
         chunks.clone(),
         Duration::from_secs(config.storage.scrub_interval_secs),
         config.storage.scrub_mib_per_sec << 20,
+        cancel.clone(),
+    ));
+    let collector = tokio::spawn(upkeep::collect_garbage(
+        sync.clone(),
+        chunks.clone(),
+        Duration::from_secs(config.storage.gc_interval_secs),
+        Duration::from_secs(config.storage.gc_grace_secs),
         cancel.clone(),
     ));
     let api = ApiServer::start(endpoint, sync, chunks, hub, api_config)?;
@@ -462,6 +471,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = outbox.await;
     let _ = scrubber.await;
+    let _ = collector.await;
     for task in cluster_tasks {
         let _ = task.await;
     }
@@ -547,33 +557,3 @@ async fn shutdown_signal() {
     }
 }
 
-/// Checks every local chunk and its copies on the other holders once per
-/// `interval`, reading at most `bytes_per_sec`, until cancelled.
-async fn scrub_chunks(
-    chunks: Arc<hamgam_blob::ChunkStore>,
-    interval: Duration,
-    bytes_per_sec: u64,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        let pass = tokio::select! {
-            () = cancel.cancelled() => return,
-            pass = chunks.scrub(bytes_per_sec) => pass,
-        };
-        match pass {
-            Ok(report) if !report.clean() => tracing::warn!(
-                checked = report.checked,
-                damaged = report.damaged,
-                copies_sent = report.copies_sent,
-                unverified = report.unverified,
-                "scrub pass mended chunk copies or could not check some"
-            ),
-            Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
-            Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
-        }
-    }
-}

@@ -4,16 +4,19 @@
 //!
 //! Nothing is committed that names a chunk the cluster does not hold on a
 //! quorum of its holders: a file's or snapshot's every chunk (list chunks
-//! and tree chunks included) is checked before the command is proposed. Chunk bytes are checked against
-//! their names when they arrive, so a bad upload can never stand in for
-//! someone else's content under its name.
+//! and tree chunks included) is checked before the command is proposed,
+//! and the command carries the time the check began, so a garbage
+//! collection that started reading the shard since refuses it (see
+//! docs/design/store.md). Chunk bytes are checked against their names when
+//! they arrive, so a bad upload can never stand in for someone else's
+//! content under its name.
 
 use crate::connection::Session;
 use crate::handlers::{now_ms, require_auth};
 use crate::{ApiError, Shared};
-use hamgam_blob::{BlobError, ChunkStore, StoredChunk, Tree, TreeKind, list};
+use hamgam_blob::{BlobError, ChunkStore, StoredChunk, Tree, TreeKind};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
-use hamgam_proto::store::{ChunkFrame, ChunkList, ChunkRef, FileManifest, SnapshotStats};
+use hamgam_proto::store::{ChunkFrame, ChunkList, FileManifest, SnapshotStats};
 use hamgam_proto::{ErrorCode, Response};
 use hamgam_sync::{Command, Reply};
 use hamgam_types::{ChunkId, limits};
@@ -26,6 +29,7 @@ impl From<BlobError> for ApiError {
             BlobError::Mismatch { .. } => ApiError::new(ErrorCode::CHUNK_MISMATCH, error.to_string()),
             BlobError::Damaged { .. } => ApiError::new(ErrorCode::DATA_CORRUPT, error.to_string()),
             BlobError::Malformed { .. } => ApiError::new(ErrorCode::INVALID_ARGUMENT, error.to_string()),
+            BlobError::Missing(_) => ApiError::new(ErrorCode::CHUNKS_MISSING, error.to_string()),
             BlobError::Unavailable(_) => ApiError::unavailable(format!("{error}; retry")),
             BlobError::Io { .. } => ApiError::internal(error.to_string()),
         }
@@ -90,43 +94,6 @@ pub(crate) async fn get_chunks(
     Ok(())
 }
 
-/// The plain bytes of chunks, in order, from wherever the cluster keeps them.
-async fn read_plain(store: &ChunkStore, refs: &[ChunkRef]) -> Result<Vec<Vec<u8>>, ApiError> {
-    let mut plains = Vec::with_capacity(refs.len());
-    for batch in refs.chunks(limits::CHUNKS_PER_STREAM_MAX) {
-        let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
-        let (chunks, missing) = store.get(&ids).await?;
-        if !missing.is_empty() {
-            return Err(chunks_missing(missing.len()));
-        }
-        for chunk in chunks {
-            plains.push(chunk.open()?);
-        }
-    }
-    Ok(plains)
-}
-
-fn chunks_missing(count: usize) -> ApiError {
-    ApiError::new(ErrorCode::CHUNKS_MISSING, format!("{count} chunks named are not stored; upload them first"))
-}
-
-/// The data chunks of a list (reading its list chunks if it is indirect).
-async fn expand(store: &ChunkStore, content: &ChunkList) -> Result<Vec<ChunkRef>, ApiError> {
-    if !content.within_bounds() {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, "a chunk list is over its bound"));
-    }
-    match content {
-        ChunkList::Inline(refs) => Ok(refs.clone()),
-        ChunkList::Indirect(pieces) => {
-            let mut refs = Vec::new();
-            for plain in read_plain(store, pieces).await? {
-                refs.extend(list::decode_piece(&plain)?);
-            }
-            Ok(refs)
-        }
-    }
-}
-
 /// Checks every one of `ids` is stored, asking in batches.
 async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiError> {
     let mut missing = 0;
@@ -134,26 +101,16 @@ async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiErro
         missing += store.missing(batch).await?.len();
     }
     if missing > 0 {
-        return Err(chunks_missing(missing));
+        return Err(BlobError::Missing(missing).into());
     }
     Ok(())
 }
 
 /// Checks every chunk of a list is stored; returns the data chunks' total length.
 async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
-    let refs = expand(store, content).await?;
+    let refs = store.expand(content).await?;
     check_stored(store, &refs.iter().map(|r| r.id).collect::<Vec<_>>()).await?;
     Ok(refs.iter().map(|r| u64::from(r.len)).sum())
-}
-
-/// A snapshot's tree, read back from its chunks.
-async fn read_tree(store: &ChunkStore, tree: &ChunkList) -> Result<Tree, ApiError> {
-    let refs = expand(store, tree).await?;
-    let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
-    if total > limits::TREE_BYTES_MAX {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("a tree of {total} bytes is over the limit")));
-    }
-    Ok(Tree::decode(&read_plain(store, &refs).await?.concat())?)
 }
 
 pub(crate) async fn put_file(
@@ -164,6 +121,9 @@ pub(crate) async fn put_file(
 ) -> Result<Response, ApiError> {
     let auth = require_auth(shared, session)?;
     let path = hamgam_sync::normalize_path(&path)?;
+    // Taken before the check: the command carries when its chunks were
+    // last known stored, which garbage collection's floor is compared with.
+    let checked_from = now_ms();
     let length = check_list(&shared.chunks, &manifest.content).await?;
     if length != manifest.size {
         return Err(ApiError::new(
@@ -176,7 +136,7 @@ pub(crate) async fn put_file(
         path: path.clone(),
         manifest,
         quota_bytes: shared.config.user_quota_bytes,
-        now_ms: now_ms(),
+        now_ms: checked_from,
     };
     shared.sync.execute(command).await?;
     stat_file(shared, session, path).await
@@ -204,16 +164,17 @@ pub(crate) async fn commit_snapshot(
         None => None,
     };
     let store = &shared.chunks;
-    let new_tree = read_tree(store, &tree).await?;
+    let checked_from = now_ms(); // as in `put_file`
+    let new_tree = store.read_tree(&tree).await?;
     // Every file's chunks, each asked about once, in batches across files.
     let mut ids = HashSet::new();
     for (_, content) in new_tree.file_chunk_lists() {
-        ids.extend(expand(store, content).await?.iter().map(|r| r.id));
+        ids.extend(store.expand(content).await?.iter().map(|r| r.id));
     }
     check_stored(store, &ids.into_iter().collect::<Vec<_>>()).await?;
     // What the snapshot adds: files whose content its parent did not have.
     let known: HashSet<(u64, [u8; 32])> = match parent_tree {
-        Some(parent) => file_contents(&read_tree(store, &parent).await?).collect(),
+        Some(parent) => file_contents(&store.read_tree(&parent).await?).collect(),
         None => HashSet::new(),
     };
     let added_bytes = file_contents(&new_tree).filter(|content| !known.contains(content)).map(|(size, _)| size).sum();
@@ -225,7 +186,7 @@ pub(crate) async fn commit_snapshot(
         stats,
         added_bytes,
         quota_bytes: shared.config.user_quota_bytes,
-        now_ms: now_ms(),
+        now_ms: checked_from,
     };
     match shared.sync.execute(command).await? {
         Reply::Snapshot { id } => {

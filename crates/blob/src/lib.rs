@@ -53,6 +53,9 @@ pub enum BlobError {
     /// Encoded metadata (a chunk list or a tree) does not decode.
     #[error("malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
+    /// Chunks named are not stored anywhere that answered.
+    #[error("{0} chunks named are not stored; upload them first")]
+    Missing(usize),
     /// Not enough of a chunk's holders could be reached; retry later.
     #[error("{0}")]
     Unavailable(String),

@@ -14,7 +14,9 @@
 //!
 //! A single node is the same code with no peers: R = 1, quorum 1.
 
-use crate::{BlobError, PackStore, Presence, PutOutcome, StoredChunk, placement};
+use crate::{BlobError, PackStore, Presence, PutOutcome, StoredChunk, Tree, list, placement};
+use hamgam_proto::store::{ChunkList, ChunkRef};
+use hamgam_types::limits;
 use hamgam_types::{ChunkId, NodeId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -374,6 +376,51 @@ impl ScrubReport {
 
 /// Chunks checked per step of a scrub pass.
 const SCRUB_STEP_CHUNKS: usize = 64;
+
+impl ChunkStore {
+    /// The plain bytes of chunks, in order, from wherever the cluster keeps them.
+    pub async fn read_plain(&self, refs: &[ChunkRef]) -> Result<Vec<Vec<u8>>, BlobError> {
+        let mut plains = Vec::with_capacity(refs.len());
+        for batch in refs.chunks(limits::CHUNKS_PER_STREAM_MAX) {
+            let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
+            let (chunks, missing) = self.get(&ids).await?;
+            if !missing.is_empty() {
+                return Err(BlobError::Missing(missing.len()));
+            }
+            for chunk in chunks {
+                plains.push(chunk.open()?);
+            }
+        }
+        Ok(plains)
+    }
+
+    /// The data chunks of a list (reading its list chunks if it is indirect).
+    pub async fn expand(&self, content: &ChunkList) -> Result<Vec<ChunkRef>, BlobError> {
+        if !content.within_bounds() {
+            return Err(BlobError::Malformed { what: "chunk list", reason: "over its bound".into() });
+        }
+        match content {
+            ChunkList::Inline(refs) => Ok(refs.clone()),
+            ChunkList::Indirect(pieces) => {
+                let mut refs = Vec::new();
+                for plain in self.read_plain(pieces).await? {
+                    refs.extend(list::decode_piece(&plain)?);
+                }
+                Ok(refs)
+            }
+        }
+    }
+
+    /// A snapshot's tree, read back from its chunks.
+    pub async fn read_tree(&self, tree: &ChunkList) -> Result<Tree, BlobError> {
+        let refs = self.expand(tree).await?;
+        let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        if total > limits::TREE_BYTES_MAX {
+            return Err(BlobError::Malformed { what: "tree", reason: format!("{total} bytes is over the limit") });
+        }
+        Tree::decode(&self.read_plain(&refs).await?.concat())
+    }
+}
 
 impl ChunkStore {
     /// One pass over this node's chunks: each is read back and checked

@@ -11,7 +11,7 @@ use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::{
     ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport,
 };
-use hamgam_proto::{Request, Response};
+use hamgam_proto::{ErrorCode, Request, Response};
 use hamgam_types::{ChunkId, limits};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,8 @@ pub const PARALLEL_STREAMS: usize = 8;
 pub const UPLOAD_BATCH_BYTES: usize = 16 << 20;
 /// Upload batches in flight at once.
 pub const UPLOAD_BATCHES_IN_FLIGHT: usize = 3;
+/// How many times `upload_file` asks again after its commit found a chunk gone.
+pub const UPLOAD_ATTEMPTS: u32 = 3;
 /// Bytes one upload stream carries (at most `CHUNKS_PER_STREAM_MAX` chunks).
 const STREAM_BYTES: usize = 4 << 20;
 /// A chunk stream may take longer than a plain request.
@@ -317,7 +319,29 @@ impl Client {
     /// Stores a local file at `remote`, sending only the chunks the cluster
     /// lacks. (Holds the file's chunks in memory: for files up to a few GiB;
     /// folders go through `backup`, which streams.)
+    ///
+    /// Refused with `CHUNKS_MISSING` (a chunk reported present was
+    /// collected as garbage before the file was committed, which takes an
+    /// upload longer than the node's grace period), it asks again and sends
+    /// what is missing, up to [`UPLOAD_ATTEMPTS`] times.
     pub async fn upload_file(
+        &self,
+        local: &std::path::Path,
+        remote: &str,
+        counters: &TransferCounters,
+    ) -> Result<FileEntry, ClientError> {
+        let mut attempt = 1;
+        loop {
+            match self.upload_file_once(local, remote, counters).await {
+                Err(error) if error.code() == Some(ErrorCode::CHUNKS_MISSING) && attempt < UPLOAD_ATTEMPTS => {
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn upload_file_once(
         &self,
         local: &std::path::Path,
         remote: &str,

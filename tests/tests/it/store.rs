@@ -434,3 +434,123 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
         assert_eq!(lacking, 0, "{} still lacks {lacking} chunk copies", node.dir.display());
     }
 }
+
+/// The `dropped=N` of each collection pass in the node's log.
+fn collected_counts(log: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // Without the terminal colour codes the log may carry.
+    let mut plain = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for c in text.chars() {
+        match c {
+            '\u{1b}' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            _ if in_escape => {}
+            _ => plain.push(c),
+        }
+    }
+    plain
+        .lines()
+        .filter(|line| line.contains("garbage collection pass done"))
+        .filter_map(|line| line.split("dropped=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
+/// Garbage collection running every second with a two-second grace period
+/// while two users keep storing, deleting and storing again files whose
+/// chunks are being released: every file that exists, and a snapshot,
+/// always read back whole; and what nothing needs is really removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn collection_racing_uploads_that_reuse_released_chunks_deletes_nothing_needed() {
+    let config = "[storage]\ngc_interval_secs = 1\ngc_grace_secs = 2\n";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("node");
+    let node = Node::start_with(&data, crate::support::free_udp_addr(), &[], config);
+    let log = data.with_extension("log");
+    let (first, _) = node.user("gc_one").await;
+    let (second, _) = node.user("gc_two").await;
+
+    // A pool of contents; two of them are also kept by a backup snapshot.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let pool: Vec<PathBuf> = (0..8)
+        .map(|i| {
+            let path = dir.path().join(format!("pool/{i}.mp4"));
+            write_file(&path, &random_bytes(&mut rng, 1 << 20), 0o644, 1_700_000_000);
+            path
+        })
+        .collect();
+    let kept = dir.path().join("kept");
+    for i in 0..2 {
+        write_file(&kept.join(format!("{i}.mp4")), &std::fs::read(&pool[i]).expect("read"), 0o644, 1_700_000_000);
+    }
+    let snapshot = backup(&first, &kept, "kept").await.expect("backup").snapshot;
+    let counters = TransferCounters::default();
+    for (i, path) in pool.iter().enumerate() {
+        first.upload_file(path, &format!("/pool/{i}.mp4"), &counters).await.expect("upload");
+        first.delete_path(&format!("/pool/{i}.mp4")).await.expect("delete");
+    }
+    // Wait until a pass has released the deleted files' chunks.
+    crate::support::eventually(Duration::from_secs(60), || async {
+        collected_counts(&log).iter().any(|&n| n > 0).then_some(())
+    })
+    .await;
+
+    // Both users store pool contents again (the released chunks are sent
+    // again, or found still there), delete some, and wait around the grace
+    // period, so that uploads meet passes at every stage.
+    let race = |client: Client, seed: u64, pool: Vec<PathBuf>| async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut stored: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let counters = TransferCounters::default();
+        for round in 0..24 {
+            let content = &pool[rng.random_range(0..pool.len())];
+            let remote = format!("/live/{round}.mp4");
+            client.upload_file(content, &remote, &counters).await.expect("an upload during collection");
+            stored.insert(remote, content.clone());
+            if rng.random_range(0..3) == 0 {
+                let victim = stored.keys().next().cloned().expect("one stored");
+                client.delete_path(&victim).await.expect("delete");
+                stored.remove(&victim);
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..900))).await;
+        }
+        (client, stored, TransferCounters::get(&counters.wire_bytes))
+    };
+    let (one, two) = tokio::join!(race(first, 1, pool.clone()), race(second, 2, pool.clone()));
+    assert!(one.2 + two.2 > 0, "some released chunks were sent again");
+    let passes_before = collected_counts(&log).len();
+    crate::support::eventually(Duration::from_secs(60), || async {
+        (collected_counts(&log).len() >= passes_before + 3).then_some(())
+    })
+    .await;
+
+    // Every file that exists reads back whole after those passes.
+    for (client, stored, _) in [&one, &two] {
+        for (remote, local) in stored {
+            let mut out = Vec::new();
+            client.download_file(remote, None, &mut out, &counters).await.expect("a stored file reads back");
+            assert_eq!(out, std::fs::read(local).expect("read"), "{remote}");
+        }
+    }
+    let restored = dir.path().join("restored");
+    hamgam_client::restore(&one.0, &snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("the snapshot restores");
+    assert_eq!(inventory(&restored), inventory(&kept));
+
+    // With every file deleted, only the snapshot's chunks stay on disk.
+    for (client, stored, _) in [&one, &two] {
+        for remote in stored.keys() {
+            client.delete_path(remote).await.expect("delete");
+        }
+    }
+    let chunks = data.join("chunks");
+    let left = crate::support::eventually(Duration::from_secs(60), || async {
+        let bytes = folder_bytes(&chunks);
+        (bytes < 3 << 20).then_some(bytes)
+    })
+    .await;
+    assert!(left >= 2 << 20, "the snapshot's two files are still stored ({left} bytes)");
+    let report = hamgam_client::check(&one.0, true, Arc::new(TransferCounters::default())).await.expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
