@@ -382,7 +382,8 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unasked() {
-    let config = "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\n";
+    // Collection runs too, and must keep every chunk the snapshot names.
+    let config = "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\ngc_interval_secs = 1\ngc_grace_secs = 2\n";
     let root = tempfile::tempdir().expect("temp dir");
     let mut nodes = crate::cluster::start_cluster(root.path(), config);
     crate::cluster::status_with_leaders(&nodes[0]).await;
@@ -418,6 +419,11 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
                 read_log(log).get(from..).is_some_and(|new| new.contains("found every chunk copy well"))
             })
             .then_some(())
+    })
+    .await;
+    // Collection passes complete on every node (reading shards hosted elsewhere).
+    crate::support::eventually(Duration::from_secs(60), || async {
+        logs.iter().all(|log| !collected_counts(log).is_empty()).then_some(())
     })
     .await;
     for node in nodes.iter_mut() {
