@@ -278,7 +278,7 @@ fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
     Ok(password)
 }
 
-async fn resolve_chat(client: &Client, chat: &str) -> anyhow::Result<ChatId> {
+pub(crate) async fn resolve_chat(client: &Client, chat: &str) -> anyhow::Result<ChatId> {
     if let Some(username) = chat.strip_prefix('@') {
         let user = client.resolve(username).await.map_err(explain)?;
         return Ok(client.direct_chat(user.user).await.map_err(explain)?.chat);
@@ -296,10 +296,15 @@ fn describe_chat(info: &ChatInfo) -> String {
 }
 
 fn print_message(message: &Message, me: UserId) {
+    print_message_with_file(message, me, None);
+}
+
+fn print_message_with_file(message: &Message, me: UserId, file: Option<&hamgam_client::SharedFile>) {
     let who = if message.sender == me { "me".to_string() } else { format!("user {}", message.sender) };
     let text = if message.deleted { "(deleted)" } else { message.text.as_str() };
     let edited = if message.edit_date_ms.is_some() { " (edited)" } else { "" };
-    println!("[chat {}] #{} {who}: {text}{edited}", message.chat, message.seq);
+    let file = file.map_or(String::new(), |f| format!(" [file {} ({})]", f.name, crate::store::bytes(f.size)));
+    println!("[chat {}] #{} {who}: {text}{file}{edited}", message.chat, message.seq);
 }
 
 fn print_update_page(page: &hamgam_client::Difference, me: UserId) {
@@ -463,12 +468,14 @@ async fn user_command(command: UserCommand, ctx: Invocation) -> anyhow::Result<(
                 (_, Some(seq)) => HistoryAnchor::After(seq),
                 _ => HistoryAnchor::Latest,
             };
-            let page = client.history(chat, anchor, limit).await.map_err(explain)?;
+            let (page, files) = client.history_with_files(chat, anchor, limit).await.map_err(explain)?;
+            let files: std::collections::HashMap<u64, &hamgam_client::SharedFile> =
+                files.iter().map(|(seq, file)| (*seq, file)).collect();
             if page.more_before {
                 println!("(older messages: --before {})", page.messages.first().map_or(0, |m| m.seq));
             }
             for message in &page.messages {
-                print_message(message, UserId(session.user));
+                print_message_with_file(message, UserId(session.user), files.get(&message.seq).copied());
             }
             if page.more_after {
                 println!("(newer messages: --after {})", page.messages.last().map_or(0, |m| m.seq));

@@ -3,10 +3,10 @@
 //! `forget`, `check`). Long transfers show a progress bar with bytes, rate,
 //! time left and what deduplication saved.
 
-use crate::cli::{Invocation, explain};
+use crate::cli::{Invocation, explain, resolve_chat};
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use hamgam_client::{Client, RetentionRules, TransferCounters};
+use hamgam_client::{Client, HistoryAnchor, RetentionRules, SharedFile, TransferCounters};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +35,18 @@ pub enum StoreCommand {
     Rm { path: String },
     /// Show what you use of your quota.
     Usage,
+    /// Share a stored file into a chat (CHAT: a chat id or @username); no
+    /// byte of it is sent again.
+    Share {
+        chat: String,
+        remote: String,
+        #[arg(long, default_value = "")]
+        caption: String,
+    },
+    /// Fetch the file shared in message SEQ of a chat.
+    GetShared { chat: String, seq: u64, local: PathBuf },
+    /// Keep the file shared in message SEQ of a chat in your store at REMOTE.
+    SaveShared { chat: String, seq: u64, remote: String },
     /// Back up a folder as a new snapshot (only what changed is read and sent).
     Backup {
         dir: PathBuf,
@@ -75,7 +87,7 @@ fn parse_range(text: &str) -> Result<std::ops::Range<u64>, String> {
     Ok(start..end)
 }
 
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }
 
@@ -116,6 +128,16 @@ impl Progress {
     fn finish(self) {
         self.ticker.abort();
         self.bar.finish_and_clear();
+    }
+}
+
+/// The file shared in message `seq` of `chat`.
+async fn shared_file(client: &Client, chat: &str, seq: u64) -> anyhow::Result<SharedFile> {
+    let chat = resolve_chat(client, chat).await?;
+    let (_, files) = client.history_with_files(chat, HistoryAnchor::After(seq.saturating_sub(1)), 1).await.map_err(explain)?;
+    match files.into_iter().find(|(at, _)| *at == seq) {
+        Some((_, file)) => Ok(file),
+        None => bail!("message #{seq} of chat {chat} carries no file"),
     }
 }
 
@@ -162,6 +184,26 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
         StoreCommand::Rm { path } => {
             client.delete_path(&path).await.map_err(explain)?;
             println!("deleted {path}");
+        }
+        StoreCommand::Share { chat, remote, caption } => {
+            let chat = resolve_chat(&client, &chat).await?;
+            let (seq, _) = client.share_file(chat, &remote, &caption).await.map_err(explain)?;
+            println!("shared {remote} as #{seq} in chat {chat}");
+        }
+        StoreCommand::GetShared { chat, seq, local } => {
+            let file = shared_file(&client, &chat, seq).await?;
+            let mut out = std::fs::File::create(&local).with_context(|| format!("creating {}", local.display()))?;
+            let progress = Progress::start(file.size, counters.clone());
+            let written = client.download_shared(&file, None, &mut out, &counters).await;
+            progress.finish();
+            let written = written.map_err(explain)?;
+            out.sync_all().with_context(|| format!("writing {}", local.display()))?;
+            println!("wrote {} ({}) to {}", file.name, bytes(written), local.display());
+        }
+        StoreCommand::SaveShared { chat, seq, remote } => {
+            let file = shared_file(&client, &chat, seq).await?;
+            let entry = client.save_shared(&file, &remote).await.map_err(explain)?;
+            println!("stored {} ({}; nothing sent)", entry.path, bytes(entry.size));
         }
         StoreCommand::Usage => {
             let usage = client.usage().await.map_err(explain)?;

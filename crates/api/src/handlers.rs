@@ -306,6 +306,15 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
             sync.execute(Command::ForgetSnapshots { user: auth.user, ids }).await?;
             Ok(Response::Done)
         }
+        Request::ShareFile { chat, client_msg_id, path, caption } => {
+            store::share_file(shared, session, chat, client_msg_id, path, caption).await
+        }
+        Request::HistoryWithFiles { chat, anchor, limit } => {
+            let auth = require_auth(shared, session)?;
+            sync.fresh_chat(chat).await?;
+            let (page, files) = sync.history_with_files(chat, auth.user, anchor, limit)?;
+            Ok(Response::MessagesWithFiles { page, files })
+        }
     }
 }
 

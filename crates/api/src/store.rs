@@ -16,10 +16,10 @@ use crate::handlers::{now_ms, require_auth};
 use crate::{ApiError, Shared};
 use hamgam_blob::{BlobError, ChunkStore, StoredChunk, Tree, TreeKind};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
-use hamgam_proto::store::{ChunkFrame, ChunkList, FileManifest, SnapshotStats};
+use hamgam_proto::store::{ChunkFrame, ChunkList, EntryKind, FileManifest, SharedFile, SnapshotStats};
 use hamgam_proto::{ErrorCode, Response};
 use hamgam_sync::{Command, Reply};
-use hamgam_types::{ChunkId, limits};
+use hamgam_types::{ChatId, ChunkId, limits};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -140,6 +140,38 @@ pub(crate) async fn put_file(
     };
     shared.sync.execute(command).await?;
     stat_file(shared, session, path).await
+}
+
+/// Shares the caller's stored file into a chat: the file's chunks are
+/// checked (and so kept from collection) and the chat's shard records a
+/// message carrying the file's manifest. No chunk moves.
+pub(crate) async fn share_file(
+    shared: &Shared,
+    session: &Session,
+    chat: ChatId,
+    client_msg_id: u64,
+    path: String,
+    caption: String,
+) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    if !caption.is_empty() {
+        hamgam_sync::text::check_message_text(&caption)?;
+    }
+    shared.sync.fresh_user(auth.user).await?;
+    let (entry, content) = shared.sync.stat_path(auth.user, &path)?;
+    if entry.kind != EntryKind::File {
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{} is a folder; share files", entry.path)));
+    }
+    let checked_from = now_ms(); // as in `put_file`
+    check_list(&shared.chunks, &content).await?;
+    let name = hamgam_sync::split_path(&entry.path).1.to_string();
+    let file = SharedFile { name, size: entry.size, hash: entry.hash, content };
+    let command =
+        Command::SendFile { chat, sender: auth.user, client_msg_id, caption, file, now_ms: checked_from };
+    match shared.sync.execute(command).await? {
+        Reply::Sent { seq, date_ms } => Ok(Response::Sent { seq, date_ms }),
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+    }
 }
 
 pub(crate) async fn stat_file(shared: &Shared, session: &Session, path: String) -> Result<Response, ApiError> {

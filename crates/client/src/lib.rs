@@ -23,7 +23,7 @@ mod store;
 pub use backup::{
     BackupReport, CheckReport, RestoreReport, RetentionRules, backup, check, restore, snapshots_to_forget,
 };
-pub use hamgam_proto::store::{EntryKind, FileEntry, SnapshotInfo};
+pub use hamgam_proto::store::{EntryKind, FileEntry, SharedFile, SnapshotInfo};
 pub use hamgam_proto::{
     ChatInfo, ChatKind, ChatList, DeviceInfo, Difference, ErrorBody, ErrorCode, HistoryAnchor, MemberInfo, Message,
     MessagePage, Push, Role, Update, UpdateKind, UserInfo,

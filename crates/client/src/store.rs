@@ -9,10 +9,11 @@ use futures_util::StreamExt;
 use hamgam_blob::{StoredChunk, list};
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::{
-    ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport,
+    ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats,
+    UsageReport,
 };
-use hamgam_proto::{ErrorCode, Request, Response};
-use hamgam_types::{ChunkId, limits};
+use hamgam_proto::{ErrorCode, HistoryAnchor, MessagePage, Request, Response};
+use hamgam_types::{ChatId, ChunkId, limits};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -386,10 +387,67 @@ impl Client {
         counters: &TransferCounters,
     ) -> Result<u64, ClientError> {
         let (entry, content) = self.stat_file(remote).await?;
-        let refs = self.expand_list(&content).await?;
+        self.download_content(remote, (entry.size, entry.hash, &content), range, out, counters).await
+    }
+
+    /// As [`Client::download_file`], for a file shared in a chat.
+    pub async fn download_shared(
+        &self,
+        file: &SharedFile,
+        range: Option<std::ops::Range<u64>>,
+        out: &mut impl std::io::Write,
+        counters: &TransferCounters,
+    ) -> Result<u64, ClientError> {
+        self.download_content(&file.name, (file.size, file.hash, &file.content), range, out, counters).await
+    }
+
+    /// Keeps a file shared in a chat in the caller's own store at `remote`:
+    /// its chunks are already stored, so nothing but the manifest is sent.
+    pub async fn save_shared(&self, file: &SharedFile, remote: &str) -> Result<FileEntry, ClientError> {
+        let mtime_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let manifest =
+            FileManifest { size: file.size, hash: file.hash, mtime_ms: mtime_ms as u64, content: file.content.clone() };
+        self.put_file(remote, manifest).await
+    }
+
+    /// Shares the caller's stored file at `remote` into `chat` as a
+    /// message; returns its (seq, date). No chunk is sent.
+    pub async fn share_file(&self, chat: ChatId, remote: &str, caption: &str) -> Result<(u64, u64), ClientError> {
+        use rand::RngCore;
+        let request = Request::ShareFile {
+            chat,
+            client_msg_id: rand::rng().next_u64(),
+            path: remote.to_string(),
+            caption: caption.to_string(),
+        };
+        expect!(self.call(&request).await?, Response::Sent { seq, date_ms } => (seq, date_ms))
+    }
+
+    /// A history page with the files shared in its messages.
+    pub async fn history_with_files(
+        &self,
+        chat: ChatId,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> Result<(MessagePage, Vec<(u64, SharedFile)>), ClientError> {
+        let request = Request::HistoryWithFiles { chat, anchor, limit };
+        expect!(self.call(&request).await?, Response::MessagesWithFiles { page, files } => (page, files))
+    }
+
+    /// Bytes `range` of content of `size` bytes and hash `hash` named by
+    /// `content`, each chunk checked; a whole file against its hash too.
+    async fn download_content(
+        &self,
+        what: &str,
+        (size, hash, content): (u64, [u8; 32], &ChunkList),
+        range: Option<std::ops::Range<u64>>,
+        out: &mut impl std::io::Write,
+        counters: &TransferCounters,
+    ) -> Result<u64, ClientError> {
+        let refs = self.expand_list(content).await?;
         let whole = range.is_none();
-        let range = range.unwrap_or(0..entry.size);
-        let range = range.start.min(entry.size)..range.end.min(entry.size);
+        let range = range.unwrap_or(0..size);
+        let range = range.start.min(size)..range.end.min(size);
         // The chunks overlapping the range, with each one's offset in the file.
         let mut offset = 0u64;
         let mut covering = Vec::new();
@@ -416,8 +474,8 @@ impl Client {
                 TransferCounters::add(&counters.plain_bytes, (to - from) as u64);
             }
         }
-        if whole && (written != entry.size || *hasher.finalize().as_bytes() != entry.hash) {
-            return Err(protocol(format!("{remote} does not match its recorded hash")));
+        if whole && (written != size || *hasher.finalize().as_bytes() != hash) {
+            return Err(protocol(format!("{what} does not match its recorded hash")));
         }
         Ok(written)
     }

@@ -2,7 +2,9 @@
 //! appended, never reordered or removed, and each carries its number in a
 //! comment. Structs never change shape within `hamgam/1`.
 
-use crate::store::{ChunkList, FileEntry, FileManifest, FolderPage, SnapshotInfo, SnapshotStats, UsageReport};
+use crate::store::{
+    ChunkList, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats, UsageReport,
+};
 use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, UserId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -112,12 +114,19 @@ pub enum Request {
     ListSnapshots { after: Option<u64>, limit: u32 },
     /// 33
     ForgetSnapshots { ids: Vec<u64> },
+    /// 34: share the caller's stored file at `path` into `chat` as a
+    /// message with `caption` (may be empty); no chunk is sent again.
+    /// `client_msg_id` works as for `SendMessage`.
+    ShareFile { chat: ChatId, client_msg_id: u64, path: String, caption: String },
+    /// 35: as `History`, with the files shared in the page's messages (at
+    /// most `HISTORY_WITH_FILES_PAGE_MAX` messages).
+    HistoryWithFiles { chat: ChatId, anchor: HistoryAnchor, limit: u32 },
 }
 
 impl Request {
     /// Number of request kinds this version knows; a higher variant index is
     /// an unknown request, not a malformed one.
-    pub const KINDS: u32 = 34;
+    pub const KINDS: u32 = 36;
 
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
@@ -156,6 +165,8 @@ impl Request {
             Request::CommitSnapshot { .. } => "commit_snapshot",
             Request::ListSnapshots { .. } => "list_snapshots",
             Request::ForgetSnapshots { .. } => "forget_snapshots",
+            Request::ShareFile { .. } => "share_file",
+            Request::HistoryWithFiles { .. } => "history_with_files",
         }
     }
 }
@@ -223,6 +234,8 @@ pub enum Response {
     Snapshot(SnapshotInfo),
     /// 23
     Snapshots { snapshots: Vec<SnapshotInfo>, more: bool },
+    /// 24: a history page and the file shared in each of its messages that has one.
+    MessagesWithFiles { page: MessagePage, files: Vec<(u64, SharedFile)> },
 }
 
 /// Frames on a subscribe stream after [`Response::Subscribed`].
@@ -476,7 +489,8 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_matches_the_kind_count() {
-        let bytes = codec::encode(&Request::ForgetSnapshots { ids: vec![] }).unwrap();
+        let request = Request::HistoryWithFiles { chat: ChatId(1), anchor: HistoryAnchor::Latest, limit: 1 };
+        let bytes = codec::encode(&request).unwrap();
         assert_eq!(codec::peek_variant_index(&bytes), Some(Request::KINDS - 1));
     }
 

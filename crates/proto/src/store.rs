@@ -66,6 +66,19 @@ pub enum EntryKind {
     Folder,
 }
 
+/// A stored file as shared into a chat: what a member needs to fetch it
+/// (its chunks are named in `content`) or to keep it in their own store
+/// without sending a byte of it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedFile {
+    /// The file's name (its path's last part), bounded like any name.
+    pub name: String,
+    pub size: u64,
+    /// blake3 of the whole file.
+    pub hash: [u8; 32],
+    pub content: ChunkList,
+}
+
 /// A file or folder of a user's store, as listed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {

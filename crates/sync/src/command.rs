@@ -4,7 +4,7 @@
 
 use crate::records::OutboxRecord;
 use hamgam_proto::Role;
-use hamgam_proto::store::{ChunkList, FileManifest, SnapshotStats};
+use hamgam_proto::store::{ChunkList, FileManifest, SharedFile, SnapshotStats};
 use hamgam_types::{ChatId, DeviceId, Placement, ShardId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +67,9 @@ pub enum Command {
     /// now on a command naming chunks checked before `floor_ms` is refused
     /// (see docs/design/store.md, "Garbage collection").
     GcBarrier { shard: ShardId, floor_ms: u64 },
+    /// 22: a message carrying a stored file; its chunks were checked by the
+    /// proposer from `now_ms` on. The caption may be empty.
+    SendFile { chat: ChatId, sender: UserId, client_msg_id: u64, caption: String, file: SharedFile, now_ms: u64 },
 }
 
 impl Command {
@@ -88,6 +91,7 @@ impl Command {
             | Command::SetRole { chat, .. }
             | Command::Leave { chat, .. }
             | Command::Send { chat, .. }
+            | Command::SendFile { chat, .. }
             | Command::Edit { chat, .. }
             | Command::Delete { chat, .. }
             | Command::MarkRead { chat, .. } => placement.shard_of_chat(*chat),

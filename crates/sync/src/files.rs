@@ -13,7 +13,7 @@ use crate::keys;
 use crate::machine::{get_record, scan_page};
 use crate::records::{self, EntryRecord, UsageRecord};
 use crate::{DomainError, SyncError};
-use hamgam_proto::store::{ChunkList, EntryKind, FileEntry, FileManifest, SnapshotInfo, SnapshotStats};
+use hamgam_proto::store::{ChunkList, EntryKind, FileEntry, FileManifest, SharedFile, SnapshotInfo, SnapshotStats};
 use hamgam_storage::{KeyRange, KvPairs, KvRead, KvWrite, Order};
 use hamgam_types::{UserId, limits};
 
@@ -119,7 +119,7 @@ pub(crate) fn raise_gc_floor(kv: &mut impl KvWrite, floor_ms: u64) -> Result<Rep
 /// A command naming chunks carries, as its `now_ms`, the time its proposer
 /// began checking them; a collection may have released chunks checked
 /// before the floor, so such a command must check again.
-fn require_fresh_checks(kv: &impl KvRead, checked_ms: u64) -> Result<(), SyncError> {
+pub(crate) fn require_fresh_checks(kv: &impl KvRead, checked_ms: u64) -> Result<(), SyncError> {
     if checked_ms < gc_floor(kv)? {
         return refuse(DomainError::ChecksExpired);
     }
@@ -379,6 +379,18 @@ pub(crate) fn list_folder(
     Ok((entries, more))
 }
 
+/// A shared file's name and list are within their bounds.
+pub(crate) fn check_shared_file(file: &SharedFile) -> Result<(), SyncError> {
+    let name_ok = !file.name.is_empty()
+        && file.name.chars().count() <= limits::FILE_NAME_CHARS_MAX
+        && !file.name.contains('/')
+        && !file.name.chars().any(char::is_control);
+    if !name_ok || !file.content.within_bounds() {
+        return refuse(DomainError::InvalidArgument("the shared file's name or chunk list is not valid".into()));
+    }
+    Ok(())
+}
+
 /// A chunk list some record of a shard needs, for garbage collection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChunkRoot {
@@ -392,40 +404,65 @@ pub enum ChunkRoot {
 /// the read, before the collection gives up on this pass.
 const ROOT_SCAN_ATTEMPTS: usize = 5;
 
-/// One page of the chunk roots of a shard, from the key `from` on: every
-/// file of one user, or a page of snapshots. The second value is where the
-/// next page starts (`None` after the last).
+/// One page of the chunk roots of a shard, from the key `from` on: files
+/// shared in chats, then every file of one user, then snapshots. The
+/// second value is where the next page starts (`None` after the last).
 ///
 /// Files are read user by user, between two reads of the user's move
 /// counter: a move re-keys entries, and one moved from the unread part of
 /// the scan to the read part would otherwise be missed. If the counter
-/// changed, the user is read again. Snapshot keys never change.
+/// changed, the user is read again. Shared files and snapshots are keyed
+/// by what never changes.
 pub(crate) fn chunk_roots(
     kv: &impl KvRead,
     from: Option<&[u8]>,
 ) -> Result<(Vec<ChunkRoot>, Option<Vec<u8>>), SyncError> {
+    // The tables in key order.
+    let shared = KeyRange::prefix(&keys::all_shared_files());
     let mut entries = KeyRange::prefix(&keys::all_entries());
-    let first = entries.start.clone();
-    let from = from.unwrap_or(&first);
-    if entries.contains(from) {
-        entries.start = from.to_vec();
-        if let Some((key, _)) = kv.scan(&entries, Order::Ascending, 1)?.into_iter().next() {
-            let user = keys::entry_user(&key)
-                .ok_or(SyncError::Corrupt { what: "file entry key", reason: "unreadable".into() })?;
-            let roots = file_roots_of(kv, user)?;
-            return Ok((roots, KeyRange::prefix(&keys::entries_of(user)).end));
-        }
+    let snapshots = KeyRange::prefix(&keys::all_snapshots());
+    let from = from.map_or_else(|| shared.start.clone(), <[u8]>::to_vec);
+    if from < entries.start {
+        let shared_root =
+            |value: &[u8]| Ok(ChunkRoot::File(records::decode::<SharedFile>("shared file", value)?.content));
+        return stable_page(kv, &shared, &from, shared_root, Some(entries.start.clone()));
     }
-    let mut snapshots = KeyRange::prefix(&keys::all_snapshots());
-    if from > snapshots.start.as_slice() {
-        snapshots.start = from.to_vec();
+    if entries.contains(&from) {
+        entries.start = from;
+        let Some((key, _)) = kv.scan(&entries, Order::Ascending, 1)?.into_iter().next() else {
+            return Ok((Vec::new(), Some(snapshots.start)));
+        };
+        let user =
+            keys::entry_user(&key).ok_or(SyncError::Corrupt { what: "file entry key", reason: "unreadable".into() })?;
+        let next = KeyRange::prefix(&keys::entries_of(user)).end;
+        return Ok((file_roots_of(kv, user)?, next));
     }
-    let (pairs, more) = scan_page(kv, &snapshots, limits::SNAPSHOT_PAGE_MAX)?;
-    let roots = pairs
-        .iter()
-        .map(|(_, value)| Ok(ChunkRoot::Tree(records::decode::<SnapshotInfo>("snapshot", value)?.tree)))
-        .collect::<Result<_, SyncError>>()?;
-    let next = pairs.last().filter(|_| more).map(|(key, _)| [key.as_slice(), &[0]].concat());
+    if snapshots.contains(&from) {
+        let tree = |value: &[u8]| Ok(ChunkRoot::Tree(records::decode::<SnapshotInfo>("snapshot", value)?.tree));
+        return stable_page(kv, &snapshots, &from, tree, None);
+    }
+    Ok((Vec::new(), None))
+}
+
+/// One page of a table whose keys never move, from `from`; after its last
+/// page the next starts at `after_table`.
+fn stable_page(
+    kv: &impl KvRead,
+    table: &KeyRange,
+    from: &[u8],
+    root: impl Fn(&[u8]) -> Result<ChunkRoot, SyncError>,
+    after_table: Option<Vec<u8>>,
+) -> Result<(Vec<ChunkRoot>, Option<Vec<u8>>), SyncError> {
+    let mut range = table.clone();
+    if from > range.start.as_slice() {
+        range.start = from.to_vec();
+    }
+    let (pairs, more) = scan_page(kv, &range, limits::SNAPSHOT_PAGE_MAX)?;
+    let roots = pairs.iter().map(|(_, value)| root(value)).collect::<Result<_, _>>()?;
+    let next = match pairs.last() {
+        Some((key, _)) if more => Some([key.as_slice(), &[0]].concat()),
+        _ => after_table,
+    };
     Ok((roots, next))
 }
 

@@ -20,6 +20,8 @@ const CHAT: u8 = 0x20;
 const MEMBER: u8 = 0x22;
 const MESSAGE: u8 = 0x23;
 const DEDUP: u8 = 0x24;
+// The file shared in a message, by (chat, seq).
+const SHARED_FILE: u8 = 0x25;
 // The cloud store's tables, in a user's shard.
 const ENTRY: u8 = 0x40;
 const SNAPSHOT: u8 = 0x41;
@@ -98,6 +100,15 @@ pub fn members_of(chat: ChatId) -> Vec<u8> {
 
 pub fn message(chat: ChatId, seq: u64) -> Vec<u8> {
     key(MESSAGE, &[chat.0, seq])
+}
+
+pub fn shared_file(chat: ChatId, seq: u64) -> Vec<u8> {
+    key(SHARED_FILE, &[chat.0, seq])
+}
+
+/// Every file shared in any chat of a shard.
+pub fn all_shared_files() -> Vec<u8> {
+    vec![SHARED_FILE]
 }
 
 pub fn messages_of(chat: ChatId) -> Vec<u8> {

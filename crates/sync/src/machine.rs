@@ -24,6 +24,7 @@ use crate::records::{
 };
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
+use hamgam_proto::store::SharedFile;
 use hamgam_raftstore::{ShardWriter, StateMachine};
 use hamgam_storage::{KeyRange, KvPairs, KvRead, KvWrite, Order, StorageError};
 use hamgam_types::{ChatId, Placement, ShardId, UserId, limits};
@@ -323,6 +324,31 @@ impl SyncMachine {
         self.chat(kv, chat)?.ok_or(SyncError::Domain(DomainError::ChatNotFound))
     }
 
+    /// Stores a message (with its shared file, if any) once per client
+    /// message id: a retry is answered with the first result.
+    fn send(&mut self, shard: ShardId, kv: &mut impl KvWrite, new: NewMessage) -> Result<Reply, SyncError> {
+        let NewMessage { chat, sender, client_msg_id, text, file, now_ms } = new;
+        let state = self.existing_chat(kv, chat)?;
+        role_in(&state, sender)?;
+        let dedup_key = keys::dedup(chat, sender, client_msg_id);
+        if let Some(seq) = get_u64(kv, &dedup_key)? {
+            let first: MessageRecord = get_record(kv, "message", &keys::message(chat, seq))?
+                .ok_or(SyncError::Corrupt { what: "message", reason: format!("dedup points at missing seq {seq}") })?;
+            return Ok(Reply::Sent { seq, date_ms: first.date_ms });
+        }
+        let seq = self.last_seq(kv, chat)? + 1;
+        if let Some(file) = &file {
+            files::require_fresh_checks(kv, now_ms)?;
+            put_record(kv, &keys::shared_file(chat, seq), file);
+        }
+        let record = MessageRecord { sender, date_ms: now_ms, text, edit_date_ms: None, deleted: false };
+        put_record(kv, &keys::message(chat, seq), &record);
+        put_u64(kv, &dedup_key, seq);
+        self.last_seqs.insert(chat, seq, 1);
+        self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
+        Ok(Reply::Sent { seq, date_ms: now_ms })
+    }
+
     fn group(&mut self, kv: &impl KvRead, chat: ChatId) -> Result<ChatState, SyncError> {
         let state = self.existing_chat(kv, chat)?;
         if state.record.kind != ChatKind::Group {
@@ -609,26 +635,16 @@ impl SyncMachine {
             }
 
             Command::Send { chat, sender, client_msg_id, text, now_ms } => {
-                let state = self.existing_chat(kv, chat)?;
-                role_in(&state, sender)?;
-                let dedup_key = keys::dedup(chat, sender, client_msg_id);
-                if let Some(seq) = get_u64(kv, &dedup_key)? {
-                    // A retry: answer with the first result, make nothing new.
-                    let first: MessageRecord =
-                        get_record(kv, "message", &keys::message(chat, seq))?.ok_or(SyncError::Corrupt {
-                            what: "message",
-                            reason: format!("dedup points at missing seq {seq}"),
-                        })?;
-                    return Ok(Reply::Sent { seq, date_ms: first.date_ms });
-                }
                 text::check_message_text(&text)?;
-                let seq = self.last_seq(kv, chat)? + 1;
-                let record = MessageRecord { sender, date_ms: now_ms, text, edit_date_ms: None, deleted: false };
-                put_record(kv, &keys::message(chat, seq), &record);
-                put_u64(kv, &dedup_key, seq);
-                self.last_seqs.insert(chat, seq, 1);
-                self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
-                Ok(Reply::Sent { seq, date_ms: now_ms })
+                self.send(shard, kv, NewMessage { chat, sender, client_msg_id, text, file: None, now_ms })
+            }
+
+            Command::SendFile { chat, sender, client_msg_id, caption, file, now_ms } => {
+                if !caption.is_empty() {
+                    text::check_message_text(&caption)?;
+                }
+                files::check_shared_file(&file)?;
+                self.send(shard, kv, NewMessage { chat, sender, client_msg_id, text: caption, file: Some(file), now_ms })
             }
 
             Command::Edit { chat, actor, seq, text, now_ms } => {
@@ -660,6 +676,7 @@ impl SyncMachine {
                 message.text.clear();
                 message.deleted = true;
                 put_record(kv, &keys::message(chat, seq), &message);
+                kv.delete(&keys::shared_file(chat, seq));
                 self.emit(
                     shard,
                     kv,
@@ -815,6 +832,16 @@ impl SyncMachine {
         self.updated_users.insert(user, meta.pts);
         Ok(())
     }
+}
+
+/// What [`SyncMachine::send`] stores.
+struct NewMessage {
+    chat: ChatId,
+    sender: UserId,
+    client_msg_id: u64,
+    text: String,
+    file: Option<SharedFile>,
+    now_ms: u64,
 }
 
 fn live_message(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<MessageRecord, SyncError> {

@@ -21,7 +21,7 @@ use crate::records::{
     self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError};
-use hamgam_proto::store::{ChunkList, FileEntry, FolderPage, SnapshotInfo};
+use hamgam_proto::store::{ChunkList, FileEntry, FolderPage, SharedFile, SnapshotInfo};
 use hamgam_proto::{
     ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update, UpdateKind, codec,
 };
@@ -336,6 +336,27 @@ impl SyncService {
             },
         };
         Ok(MessagePage { messages, more_before, more_after })
+    }
+
+    /// A history page and the file shared in each of its messages that
+    /// carries one (at most `HISTORY_WITH_FILES_PAGE_MAX` messages).
+    pub fn history_with_files(
+        &self,
+        chat: ChatId,
+        viewer: UserId,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> Result<(MessagePage, Vec<(u64, SharedFile)>), SyncError> {
+        let limit = limit.min(limits::HISTORY_WITH_FILES_PAGE_MAX as u32);
+        let page = self.history(chat, viewer, anchor, limit)?;
+        let reader = self.chat_reader(chat);
+        let mut files = Vec::new();
+        for message in page.messages.iter().filter(|m| !m.deleted) {
+            if let Some(file) = get_record(&reader, "shared file", &keys::shared_file(chat, message.seq))? {
+                files.push((message.seq, file));
+            }
+        }
+        Ok((page, files))
     }
 
     // ---- update sequence -----------------------------------------------------------

@@ -28,6 +28,10 @@ pub const DEVICES_PER_USER_MAX: usize = 64;
 pub const GROUP_MEMBERS_MAX: usize = 1000;
 /// Messages returned by one history request.
 pub const HISTORY_PAGE_MAX: usize = 200;
+/// Messages in one history page that carries shared files: each file
+/// may name 512 chunks inline (about 19 KiB), so the page stays well under
+/// a response frame.
+pub const HISTORY_WITH_FILES_PAGE_MAX: usize = 50;
 /// Chats returned by one chat-list request.
 pub const CHAT_LIST_PAGE_MAX: usize = 500;
 /// Updates and bytes returned by one sync page.

@@ -308,6 +308,62 @@ async fn bad_store_input_is_refused_and_the_connection_goes_on() {
     assert_eq!(client.missing_chunks(&[good.id]).await.expect("ask"), Vec::<ChunkId>::new());
 }
 
+/// A stored photo shared into a chat: no chunk bytes move, the other
+/// member sees it in history with its caption, fetches it whole, keeps it
+/// in their own store for free, and still has it after the sender deletes
+/// their copy; outsiders and bad shares are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_file_shared_into_a_chat_is_sent_once_and_kept_by_the_chat() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (alice, _) = node.user("alice").await;
+    let (bob, bob_id) = node.user("bob").await;
+    let (carol, _) = node.user("carol").await;
+    let photo = dir.path().join("yazd.jpg");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let bytes = random_bytes(&mut rng, 3 << 20);
+    std::fs::write(&photo, &bytes).expect("write");
+    let counters = TransferCounters::default();
+    alice.upload_file(&photo, "/سفر/یزد.jpg", &counters).await.expect("upload");
+    let chunks = dir.path().join("node/chunks");
+    let stored = folder_bytes(&chunks);
+
+    let chat = alice.direct_chat(bob_id).await.expect("direct chat").chat;
+    let (seq, _) = alice.share_file(chat, "/سفر/یزد.jpg", "سفر یزد").await.expect("share");
+    let (page, files) = bob.history_with_files(chat, hamgam_client::HistoryAnchor::Latest, 10).await.expect("history");
+    let message = page.messages.iter().find(|m| m.seq == seq).expect("the message");
+    assert_eq!(message.text, "سفر یزد");
+    let (_, file) = files.iter().find(|(at, _)| *at == seq).expect("the shared file").clone();
+    assert_eq!((file.name.as_str(), file.size), ("یزد.jpg", 3 << 20));
+
+    alice.delete_path("/سفر/یزد.jpg").await.expect("the sender deletes their copy");
+    let mut out = Vec::new();
+    bob.download_shared(&file, None, &mut out, &counters).await.expect("bob fetches it");
+    assert_eq!(out, bytes);
+    bob.save_shared(&file, "/از آلیس/یزد.jpg").await.expect("bob keeps it");
+    assert_eq!(bob.usage().await.expect("usage").used_bytes, 3 << 20);
+    assert_eq!(folder_bytes(&chunks), stored, "sharing and keeping stored nothing new");
+
+    // Outsiders, missing files, folders and retries.
+    let history = carol.history_with_files(chat, hamgam_client::HistoryAnchor::Latest, 10).await;
+    assert_eq!(code(history), Some(ErrorCode::NOT_MEMBER));
+    bob.upload_file(&photo, "/mine.jpg", &counters).await.expect("upload");
+    assert_eq!(code(carol.share_file(chat, "/nothing.jpg", "").await), Some(ErrorCode::NOT_FOUND));
+    carol.upload_file(&photo, "/hers.jpg", &counters).await.expect("upload");
+    assert_eq!(code(carol.share_file(chat, "/hers.jpg", "").await), Some(ErrorCode::NOT_MEMBER));
+    assert_eq!(code(bob.share_file(chat, "/از آلیس", "").await), Some(ErrorCode::INVALID_ARGUMENT));
+    let request = hamgam_proto::Request::ShareFile {
+        chat,
+        client_msg_id: 77,
+        path: "/mine.jpg".into(),
+        caption: "x".repeat(5000),
+    };
+    assert!(matches!(bob.call(&request).await, Err(ClientError::Server(b)) if b.code == ErrorCode::TEXT_TOO_LONG));
+    let request = hamgam_proto::Request::ShareFile { chat, client_msg_id: 77, path: "/mine.jpg".into(), caption: "".into() };
+    let first = bob.call(&request).await.expect("share");
+    assert_eq!(bob.call(&request).await.expect("a retry"), first, "a retried share makes no second message");
+}
+
 /// Every chunk id of the files under `root`.
 fn chunk_ids(root: &Path) -> Vec<ChunkId> {
     let mut ids = Vec::new();
@@ -474,7 +530,7 @@ async fn collection_racing_uploads_that_reuse_released_chunks_deletes_nothing_ne
     let node = Node::start_with(&data, crate::support::free_udp_addr(), &[], config);
     let log = data.with_extension("log");
     let (first, _) = node.user("gc_one").await;
-    let (second, _) = node.user("gc_two").await;
+    let (second, second_id) = node.user("gc_two").await;
 
     // A pool of contents; two of them are also kept by a backup snapshot.
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
@@ -491,8 +547,13 @@ async fn collection_racing_uploads_that_reuse_released_chunks_deletes_nothing_ne
     }
     let snapshot = backup(&first, &kept, "kept").await.expect("backup").snapshot;
     let counters = TransferCounters::default();
+    let chat = first.direct_chat(second_id).await.expect("chat").chat;
     for (i, path) in pool.iter().enumerate() {
         first.upload_file(path, &format!("/pool/{i}.mp4"), &counters).await.expect("upload");
+        if i == 2 {
+            // A file shared into a chat is kept by the chat.
+            first.share_file(chat, "/pool/2.mp4", "").await.expect("share");
+        }
         first.delete_path(&format!("/pool/{i}.mp4")).await.expect("delete");
     }
     // Wait until a pass has released the deleted files' chunks.
@@ -543,8 +604,12 @@ async fn collection_racing_uploads_that_reuse_released_chunks_deletes_nothing_ne
         .await
         .expect("the snapshot restores");
     assert_eq!(inventory(&restored), inventory(&kept));
+    let (_, files) = two.0.history_with_files(chat, hamgam_client::HistoryAnchor::Latest, 10).await.expect("history");
+    let mut out = Vec::new();
+    two.0.download_shared(&files[0].1, None, &mut out, &counters).await.expect("the shared file reads back");
+    assert_eq!(out, std::fs::read(&pool[2]).expect("read"));
 
-    // With every file deleted, only the snapshot's chunks stay on disk.
+    // With every file deleted, only the snapshot's and the chat's chunks stay on disk.
     for (client, stored, _) in [&one, &two] {
         for remote in stored.keys() {
             client.delete_path(remote).await.expect("delete");
@@ -553,10 +618,10 @@ async fn collection_racing_uploads_that_reuse_released_chunks_deletes_nothing_ne
     let chunks = data.join("chunks");
     let left = crate::support::eventually(Duration::from_secs(60), || async {
         let bytes = folder_bytes(&chunks);
-        (bytes < 3 << 20).then_some(bytes)
+        (bytes < 4 << 20).then_some(bytes)
     })
     .await;
-    assert!(left >= 2 << 20, "the snapshot's two files are still stored ({left} bytes)");
+    assert!(left >= 3 << 20, "the snapshot's two files and the shared one are still stored ({left} bytes)");
     let report = hamgam_client::check(&one.0, true, Arc::new(TransferCounters::default())).await.expect("check");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
