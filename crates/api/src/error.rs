@@ -47,7 +47,8 @@ impl From<DomainError> for ApiError {
             | DomainError::ChatNotFound
             | DomainError::MessageNotFound
             | DomainError::PathNotFound(_)
-            | DomainError::SnapshotNotFound(_) => ErrorCode::NOT_FOUND,
+            | DomainError::SnapshotNotFound(_)
+            | DomainError::NotFound(_) => ErrorCode::NOT_FOUND,
             DomainError::QuotaExceeded { .. } => ErrorCode::QUOTA_EXCEEDED,
             DomainError::ChecksExpired => ErrorCode::CHUNKS_MISSING,
             DomainError::NotMember => ErrorCode::NOT_MEMBER,

@@ -6,6 +6,7 @@
 
 use crate::auth::Token;
 use crate::connection::{Auth, Session, check_token};
+use crate::gallery::{self, AlbumChange};
 use crate::{ApiError, Shared, store};
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::UsageReport;
@@ -39,7 +40,7 @@ pub(crate) fn require_auth(shared: &Shared, session: &Session) -> Result<Auth, A
     Ok(auth)
 }
 
-async fn require_user_exists(shared: &Shared, user: UserId) -> Result<(), ApiError> {
+pub(crate) async fn require_user_exists(shared: &Shared, user: UserId) -> Result<(), ApiError> {
     shared.sync.fresh_user(user).await?;
     match shared.sync.user_meta(user)? {
         Some(_) => Ok(()),
@@ -47,7 +48,7 @@ async fn require_user_exists(shared: &Shared, user: UserId) -> Result<(), ApiErr
     }
 }
 
-fn unexpected(reply: Reply) -> ApiError {
+pub(crate) fn unexpected(reply: Reply) -> ApiError {
     ApiError::internal(format!("unexpected reply {reply:?}"))
 }
 
@@ -308,6 +309,26 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         }
         Request::ShareFile { chat, client_msg_id, path, caption } => {
             store::share_file(shared, session, chat, client_msg_id, path, caption).await
+        }
+        Request::CreateAlbum { title, visibility, client_ref } => {
+            gallery::create_album(shared, session, title, visibility, client_ref).await
+        }
+        Request::SetAlbumVisibility { album, visibility } => {
+            gallery::change_album(shared, session, AlbumChange::Visibility { album, visibility }).await
+        }
+        Request::AddToAlbum { album, path, thumbnail } => {
+            gallery::add_to_album(shared, session, album, path, thumbnail).await
+        }
+        Request::RemoveFromAlbum { album, item } => {
+            gallery::change_album(shared, session, AlbumChange::Remove { album, item }).await
+        }
+        Request::DeleteAlbum { album } => gallery::change_album(shared, session, AlbumChange::Delete { album }).await,
+        Request::ListAlbums { owner, after, limit } => gallery::list_albums(shared, session, owner, after, limit).await,
+        Request::ListAlbumItems { owner, album, after, limit } => {
+            gallery::list_items(shared, session, owner, album, after, limit).await
+        }
+        Request::LikeItem { owner, album, item, like } => {
+            gallery::like_item(shared, session, owner, album, item, like).await
         }
         Request::HistoryWithFiles { chat, anchor, limit } => {
             let auth = require_auth(shared, session)?;

@@ -6,7 +6,8 @@
 //! effect on the next request), failed-login and per-connection rate limits,
 //! request handlers that turn wire requests into domain commands and reads,
 //! live push ([`PushHub`]), and the cloud store's requests (chunk uploads
-//! and downloads checked against their names, files, folders, snapshots).
+//! and downloads checked against their names, files, folders, snapshots,
+//! sharing into chats, gallery albums with visibility and likes).
 //!
 //! Entry types: [`ApiServer::start`] and [`ApiServer::shutdown`].
 //!
@@ -18,6 +19,7 @@
 mod auth;
 mod connection;
 mod error;
+mod gallery;
 mod handlers;
 mod push;
 mod store;

@@ -95,7 +95,7 @@ pub(crate) async fn get_chunks(
 }
 
 /// Checks every one of `ids` is stored, asking in batches.
-async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiError> {
+pub(crate) async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiError> {
     let mut missing = 0;
     for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
         missing += store.missing(batch).await?.len();
@@ -107,7 +107,7 @@ async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiErro
 }
 
 /// Checks every chunk of a list is stored; returns the data chunks' total length.
-async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
+pub(crate) async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
     let refs = store.expand(content).await?;
     check_stored(store, &refs.iter().map(|r| r.id).collect::<Vec<_>>()).await?;
     Ok(refs.iter().map(|r| u64::from(r.len)).sum())

@@ -17,13 +17,15 @@ macro_rules! expect {
 }
 
 mod backup;
+mod gallery;
 mod state;
 mod store;
 
 pub use backup::{
     BackupReport, CheckReport, RestoreReport, RetentionRules, backup, check, restore, snapshots_to_forget,
 };
-pub use hamgam_proto::store::{EntryKind, FileEntry, SharedFile, SnapshotInfo};
+pub use gallery::make_thumbnail;
+pub use hamgam_proto::store::{AlbumInfo, AlbumItem, EntryKind, FileEntry, SharedFile, SnapshotInfo, Visibility};
 pub use hamgam_proto::{
     ChatInfo, ChatKind, ChatList, DeviceInfo, Difference, ErrorBody, ErrorCode, HistoryAnchor, MemberInfo, Message,
     MessagePage, Push, Role, Update, UpdateKind, UserInfo,

@@ -3,7 +3,8 @@
 //! comment. Structs never change shape within `hamgam/1`.
 
 use crate::store::{
-    ChunkList, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats, UsageReport,
+    AlbumInfo, AlbumItem, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo,
+    SnapshotStats, UsageReport, Visibility,
 };
 use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, UserId};
 use serde::{Deserialize, Serialize};
@@ -121,12 +122,30 @@ pub enum Request {
     /// 35: as `History`, with the files shared in the page's messages (at
     /// most `HISTORY_WITH_FILES_PAGE_MAX` messages).
     HistoryWithFiles { chat: ChatId, anchor: HistoryAnchor, limit: u32 },
+    /// 36: a new album; `client_ref` is random per album the client means
+    /// to create, so a retry finds the album it made.
+    CreateAlbum { title: String, visibility: Visibility, client_ref: u64 },
+    /// 37
+    SetAlbumVisibility { album: u64, visibility: Visibility },
+    /// 38: add the caller's stored file at `path` to an album, with the
+    /// thumbnail chunk the client made and stored (JPEG and PNG photos).
+    AddToAlbum { album: u64, path: String, thumbnail: Option<ChunkRef> },
+    /// 39
+    RemoveFromAlbum { album: u64, item: u64 },
+    /// 40: only an empty album.
+    DeleteAlbum { album: u64 },
+    /// 41: `owner`'s albums the caller may see, in id order after `after`.
+    ListAlbums { owner: UserId, after: Option<u64>, limit: u32 },
+    /// 42: an album's items in the order added, after `after`.
+    ListAlbumItems { owner: UserId, album: u64, after: Option<u64>, limit: u32 },
+    /// 43: like (or, with `like: false`, unlike) an item the caller may see.
+    LikeItem { owner: UserId, album: u64, item: u64, like: bool },
 }
 
 impl Request {
     /// Number of request kinds this version knows; a higher variant index is
     /// an unknown request, not a malformed one.
-    pub const KINDS: u32 = 36;
+    pub const KINDS: u32 = 44;
 
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
@@ -167,6 +186,14 @@ impl Request {
             Request::ForgetSnapshots { .. } => "forget_snapshots",
             Request::ShareFile { .. } => "share_file",
             Request::HistoryWithFiles { .. } => "history_with_files",
+            Request::CreateAlbum { .. } => "create_album",
+            Request::SetAlbumVisibility { .. } => "set_album_visibility",
+            Request::AddToAlbum { .. } => "add_to_album",
+            Request::RemoveFromAlbum { .. } => "remove_from_album",
+            Request::DeleteAlbum { .. } => "delete_album",
+            Request::ListAlbums { .. } => "list_albums",
+            Request::ListAlbumItems { .. } => "list_album_items",
+            Request::LikeItem { .. } => "like_item",
         }
     }
 }
@@ -236,6 +263,16 @@ pub enum Response {
     Snapshots { snapshots: Vec<SnapshotInfo>, more: bool },
     /// 24: a history page and the file shared in each of its messages that has one.
     MessagesWithFiles { page: MessagePage, files: Vec<(u64, SharedFile)> },
+    /// 25
+    Album(AlbumInfo),
+    /// 26
+    Albums { albums: Vec<AlbumInfo>, more: bool },
+    /// 27
+    AlbumItemAdded { item: u64 },
+    /// 28
+    AlbumItems { items: Vec<AlbumItem>, more: bool },
+    /// 29: the item's likes after the request.
+    Likes { count: u64 },
 }
 
 /// Frames on a subscribe stream after [`Response::Subscribed`].
@@ -489,7 +526,7 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_matches_the_kind_count() {
-        let request = Request::HistoryWithFiles { chat: ChatId(1), anchor: HistoryAnchor::Latest, limit: 1 };
+        let request = Request::LikeItem { owner: UserId(1), album: 1, item: 1, like: true };
         let bytes = codec::encode(&request).unwrap();
         assert_eq!(codec::peek_variant_index(&bytes), Some(Request::KINDS - 1));
     }

@@ -6,7 +6,7 @@
 //! wire nor the node pays for it again.
 
 use crate::frame::{FrameError, FrameKind};
-use hamgam_types::{ChunkId, limits};
+use hamgam_types::{ChunkId, UserId, limits};
 use serde::{Deserialize, Serialize};
 
 /// One chunk of a file, in file order: its name and plain length.
@@ -77,6 +77,42 @@ pub struct SharedFile {
     /// blake3 of the whole file.
     pub hash: [u8; 32],
     pub content: ChunkList,
+}
+
+/// Who may see an album and its items besides its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Visibility {
+    /// 0: the owner only.
+    Private,
+    /// 1: people the owner has a direct chat with.
+    Contacts,
+    /// 2: anyone signed in.
+    Public,
+}
+
+/// An album of a gallery, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlbumInfo {
+    pub owner: UserId,
+    pub album: u64,
+    pub title: String,
+    pub visibility: Visibility,
+    pub items: u64,
+    pub created_ms: u64,
+}
+
+/// A photo or video in an album.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlbumItem {
+    pub item: u64,
+    pub file: SharedFile,
+    /// A small JPEG (at most 320 pixels a side) made when a JPEG or PNG
+    /// photo was added: one chunk, fetched like any other.
+    pub thumbnail: Option<ChunkRef>,
+    pub added_ms: u64,
+    pub likes: u64,
+    /// Whether the person listing has liked it.
+    pub liked: bool,
 }
 
 /// A file or folder of a user's store, as listed.

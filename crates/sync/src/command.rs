@@ -4,7 +4,7 @@
 
 use crate::records::OutboxRecord;
 use hamgam_proto::Role;
-use hamgam_proto::store::{ChunkList, FileManifest, SharedFile, SnapshotStats};
+use hamgam_proto::store::{ChunkList, ChunkRef, FileManifest, SharedFile, SnapshotStats, Visibility};
 use hamgam_types::{ChatId, DeviceId, Placement, ShardId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,19 @@ pub enum Command {
     /// 22: a message carrying a stored file; its chunks were checked by the
     /// proposer from `now_ms` on. The caption may be empty.
     SendFile { chat: ChatId, sender: UserId, client_msg_id: u64, caption: String, file: SharedFile, now_ms: u64 },
+    /// 23: `album` is derived from the owner and the client's reference, so
+    /// a retry finds the album it made.
+    CreateAlbum { owner: UserId, album: u64, title: String, visibility: Visibility, now_ms: u64 },
+    /// 24
+    SetAlbumVisibility { owner: UserId, album: u64, visibility: Visibility },
+    /// 25: the file's (and thumbnail's) chunks were checked by the proposer from `now_ms` on.
+    AddAlbumItem { owner: UserId, album: u64, file: SharedFile, thumbnail: Option<ChunkRef>, now_ms: u64 },
+    /// 26
+    RemoveAlbumItem { owner: UserId, album: u64, item: u64 },
+    /// 27: only an empty album.
+    DeleteAlbum { owner: UserId, album: u64 },
+    /// 28: the proposer checked that `liker` may see the album.
+    LikeItem { owner: UserId, album: u64, item: u64, liker: UserId, like: bool },
 }
 
 impl Command {
@@ -84,6 +97,12 @@ impl Command {
             | Command::DeletePath { user, .. }
             | Command::AddSnapshot { user, .. }
             | Command::ForgetSnapshots { user, .. } => placement.shard_of_user(*user),
+            Command::CreateAlbum { owner, .. }
+            | Command::SetAlbumVisibility { owner, .. }
+            | Command::AddAlbumItem { owner, .. }
+            | Command::RemoveAlbumItem { owner, .. }
+            | Command::DeleteAlbum { owner, .. }
+            | Command::LikeItem { owner, .. } => placement.shard_of_user(*owner),
             Command::CreateDirect { chat, .. }
             | Command::CreateGroup { chat, .. }
             | Command::AddMember { chat, .. }
@@ -118,6 +137,10 @@ pub enum Reply {
     ReadMarker { seq: u64 },
     /// 5
     Snapshot { id: u64 },
+    /// 6
+    AlbumItem { item: u64 },
+    /// 7: an item's likes after a like or unlike.
+    Likes { count: u64 },
 }
 
 fn id_from_hash(hash: blake3::Hash) -> u64 {
@@ -134,6 +157,15 @@ pub fn direct_chat_id(placement: &Placement, a: UserId, b: UserId) -> ChatId {
     hasher.update(&low.0.to_le_bytes());
     hasher.update(&high.0.to_le_bytes());
     placement.chat_id_near(id_from_hash(hasher.finalize()), low)
+}
+
+/// An album's id, derived from its owner and the client's random reference,
+/// so a retried create finds the album it made.
+pub fn album_id(owner: UserId, client_ref: u64) -> u64 {
+    let mut hasher = blake3::Hasher::new_derive_key("hamgam album v1");
+    hasher.update(&owner.0.to_le_bytes());
+    hasher.update(&client_ref.to_le_bytes());
+    id_from_hash(hasher.finalize())
 }
 
 /// A group's id, derived from its creator and the client's random reference,

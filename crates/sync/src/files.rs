@@ -11,7 +11,7 @@
 use crate::command::Reply;
 use crate::keys;
 use crate::machine::{get_record, scan_page};
-use crate::records::{self, EntryRecord, UsageRecord};
+use crate::records::{self, AlbumItemRecord, EntryRecord, UsageRecord};
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{ChunkList, EntryKind, FileEntry, FileManifest, SharedFile, SnapshotInfo, SnapshotStats};
 use hamgam_storage::{KeyRange, KvPairs, KvRead, KvWrite, Order};
@@ -405,14 +405,15 @@ pub enum ChunkRoot {
 const ROOT_SCAN_ATTEMPTS: usize = 5;
 
 /// One page of the chunk roots of a shard, from the key `from` on: files
-/// shared in chats, then every file of one user, then snapshots. The
+/// shared in chats, then every file of one user, then snapshots, then
+/// album items (a file and its thumbnail). The
 /// second value is where the next page starts (`None` after the last).
 ///
 /// Files are read user by user, between two reads of the user's move
 /// counter: a move re-keys entries, and one moved from the unread part of
 /// the scan to the read part would otherwise be missed. If the counter
-/// changed, the user is read again. Shared files and snapshots are keyed
-/// by what never changes.
+/// changed, the user is read again. Shared files, snapshots and album
+/// items are keyed by what never changes.
 pub(crate) fn chunk_roots(
     kv: &impl KvRead,
     from: Option<&[u8]>,
@@ -422,9 +423,10 @@ pub(crate) fn chunk_roots(
     let mut entries = KeyRange::prefix(&keys::all_entries());
     let snapshots = KeyRange::prefix(&keys::all_snapshots());
     let from = from.map_or_else(|| shared.start.clone(), <[u8]>::to_vec);
+    let album_items = KeyRange::prefix(&keys::all_album_items());
     if from < entries.start {
         let shared_root =
-            |value: &[u8]| Ok(ChunkRoot::File(records::decode::<SharedFile>("shared file", value)?.content));
+            |value: &[u8]| Ok(vec![ChunkRoot::File(records::decode::<SharedFile>("shared file", value)?.content)]);
         return stable_page(kv, &shared, &from, shared_root, Some(entries.start.clone()));
     }
     if entries.contains(&from) {
@@ -438,8 +440,17 @@ pub(crate) fn chunk_roots(
         return Ok((file_roots_of(kv, user)?, next));
     }
     if snapshots.contains(&from) {
-        let tree = |value: &[u8]| Ok(ChunkRoot::Tree(records::decode::<SnapshotInfo>("snapshot", value)?.tree));
-        return stable_page(kv, &snapshots, &from, tree, None);
+        let tree = |value: &[u8]| Ok(vec![ChunkRoot::Tree(records::decode::<SnapshotInfo>("snapshot", value)?.tree)]);
+        return stable_page(kv, &snapshots, &from, tree, Some(album_items.start.clone()));
+    }
+    if from < album_items.end.clone().unwrap_or_default() {
+        let item_roots = |value: &[u8]| {
+            let item: AlbumItemRecord = records::decode("album item", value)?;
+            let mut roots = vec![ChunkRoot::File(item.file.content)];
+            roots.extend(item.thumbnail.map(|thumb| ChunkRoot::File(ChunkList::Inline(vec![thumb]))));
+            Ok(roots)
+        };
+        return stable_page(kv, &album_items, &from, item_roots, None);
     }
     Ok((Vec::new(), None))
 }
@@ -450,7 +461,7 @@ fn stable_page(
     kv: &impl KvRead,
     table: &KeyRange,
     from: &[u8],
-    root: impl Fn(&[u8]) -> Result<ChunkRoot, SyncError>,
+    roots_of: impl Fn(&[u8]) -> Result<Vec<ChunkRoot>, SyncError>,
     after_table: Option<Vec<u8>>,
 ) -> Result<(Vec<ChunkRoot>, Option<Vec<u8>>), SyncError> {
     let mut range = table.clone();
@@ -458,7 +469,10 @@ fn stable_page(
         range.start = from.to_vec();
     }
     let (pairs, more) = scan_page(kv, &range, limits::SNAPSHOT_PAGE_MAX)?;
-    let roots = pairs.iter().map(|(_, value)| root(value)).collect::<Result<_, _>>()?;
+    let mut roots = Vec::new();
+    for (_, value) in &pairs {
+        roots.extend(roots_of(value)?);
+    }
     let next = match pairs.last() {
         Some((key, _)) if more => Some([key.as_slice(), &[0]].concat()),
         _ => after_table,

@@ -30,6 +30,10 @@ const USAGE: u8 = 0x42;
 const GC_FLOOR: u8 = 0x43;
 // How many moves a user's namespace has seen (collection reads it around a scan).
 const MOVES: u8 = 0x44;
+// Galleries, in the owner's shard.
+const ALBUM: u8 = 0x48;
+const ALBUM_ITEM: u8 = 0x49;
+const LIKE: u8 = 0x4A;
 // The cross-shard outbox of any shard.
 const OUTBOX: u8 = 0x30;
 const OUTBOX_META: u8 = 0x31;
@@ -177,6 +181,35 @@ pub fn usage(user: UserId) -> Vec<u8> {
 
 pub fn gc_floor() -> Vec<u8> {
     vec![GC_FLOOR]
+}
+
+pub fn album(owner: UserId, album: u64) -> Vec<u8> {
+    key(ALBUM, &[owner.0, album])
+}
+
+pub fn albums_of(owner: UserId) -> Vec<u8> {
+    key(ALBUM, &[owner.0])
+}
+
+pub fn album_item(owner: UserId, album: u64, item: u64) -> Vec<u8> {
+    key(ALBUM_ITEM, &[owner.0, album, item])
+}
+
+pub fn album_items(owner: UserId, album: u64) -> Vec<u8> {
+    key(ALBUM_ITEM, &[owner.0, album])
+}
+
+/// Every album item of a shard, all users.
+pub fn all_album_items() -> Vec<u8> {
+    vec![ALBUM_ITEM]
+}
+
+pub fn like(owner: UserId, album: u64, item: u64, liker: UserId) -> Vec<u8> {
+    key(LIKE, &[owner.0, album, item, liker.0])
+}
+
+pub fn likes_of(owner: UserId, album: u64, item: u64) -> Vec<u8> {
+    key(LIKE, &[owner.0, album, item])
 }
 
 pub fn moves(user: UserId) -> Vec<u8> {

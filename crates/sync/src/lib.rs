@@ -19,6 +19,7 @@
 mod cache;
 mod command;
 mod files;
+mod gallery;
 mod keys;
 mod machine;
 pub mod records;
@@ -28,7 +29,7 @@ pub mod text;
 #[cfg(test)]
 mod tests;
 
-pub use command::{Command, Reply, direct_chat_id, group_chat_id};
+pub use command::{Command, Reply, album_id, direct_chat_id, group_chat_id};
 pub use files::{ChunkRoot, normalize_path, split_path};
 pub use machine::{Signals, SyncMachine, UpdateListener};
 pub use service::{DifferenceOutcome, SyncService};
@@ -76,6 +77,9 @@ pub enum DomainError {
     PathNotFound(String),
     #[error("no such snapshot: {0}")]
     SnapshotNotFound(u64),
+    /// Anything else that is not there (or not visible to the asker).
+    #[error("{0}")]
+    NotFound(String),
     #[error("the quota of {quota} bytes would be exceeded ({used} used, {adding} more)")]
     QuotaExceeded { used: u64, adding: u64, quota: u64 },
     /// The chunks were checked before a garbage collection began reading

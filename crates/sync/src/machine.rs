@@ -17,6 +17,7 @@
 use crate::cache::BoundedCache;
 use crate::command::{Command, Reply, direct_chat_id};
 use crate::files;
+use crate::gallery;
 use crate::keys;
 use crate::records::{
     self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta,
@@ -718,6 +719,20 @@ impl SyncMachine {
             }
             Command::ForgetSnapshots { user, ids } => files::forget_snapshots(kv, user, &ids),
             Command::GcBarrier { shard: _, floor_ms } => files::raise_gc_floor(kv, floor_ms),
+            Command::CreateAlbum { owner, album, title, visibility, now_ms } => {
+                gallery::create_album(kv, owner, album, &title, visibility, now_ms)
+            }
+            Command::SetAlbumVisibility { owner, album, visibility } => {
+                gallery::set_visibility(kv, owner, album, visibility)
+            }
+            Command::AddAlbumItem { owner, album, file, thumbnail, now_ms } => {
+                gallery::add_item(kv, owner, album, file, thumbnail, now_ms)
+            }
+            Command::RemoveAlbumItem { owner, album, item } => gallery::remove_item(kv, owner, album, item),
+            Command::DeleteAlbum { owner, album } => gallery::delete_album(kv, owner, album),
+            Command::LikeItem { owner, album, item, liker, like } => {
+                gallery::like_item(kv, owner, album, item, liker, like)
+            }
 
             Command::Deliver { source, target: _, records } => self.deliver(shard, kv, vec![(source, records)]),
             Command::DeliverMany { target: _, batches } => self.deliver(shard, kv, batches),

@@ -2,7 +2,7 @@
 //! encoding of the record, so a later version can migrate old values.
 
 use crate::SyncError;
-use hamgam_proto::store::{ChunkList, EntryKind};
+use hamgam_proto::store::{ChunkList, ChunkRef, EntryKind, SharedFile, Visibility};
 use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
 use hamgam_types::UserId;
 use serde::de::DeserializeOwned;
@@ -136,6 +136,26 @@ impl EntryRecord {
             content: None,
         }
     }
+}
+
+/// An album of a user's gallery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlbumRecord {
+    pub title: String,
+    pub visibility: Visibility,
+    pub created_ms: u64,
+    pub items: u64,
+    /// Item ids are never reused, so a like never lands on another photo.
+    pub next_item: u64,
+}
+
+/// A photo or video in an album.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlbumItemRecord {
+    pub file: SharedFile,
+    pub thumbnail: Option<ChunkRef>,
+    pub added_ms: u64,
+    pub likes: u64,
 }
 
 /// A user's use of the cloud store (see `files` for what counts).

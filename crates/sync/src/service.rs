@@ -14,14 +14,16 @@
 //! the target's inbox marks, so every update lands exactly once.
 
 use crate::command::{Command, Reply};
+use crate::command::direct_chat_id;
 use crate::files::{self, ChunkRoot};
+use crate::gallery;
 use crate::keys;
 use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members, scan_page};
 use crate::records::{
     self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError};
-use hamgam_proto::store::{ChunkList, FileEntry, FolderPage, SharedFile, SnapshotInfo};
+use hamgam_proto::store::{AlbumInfo, AlbumItem, ChunkList, FileEntry, FolderPage, SharedFile, SnapshotInfo, Visibility};
 use hamgam_proto::{
     ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update, UpdateKind, codec,
 };
@@ -336,6 +338,45 @@ impl SyncService {
             },
         };
         Ok(MessagePage { messages, more_before, more_after })
+    }
+
+    // ---- galleries -----------------------------------------------------------------
+    // Callers wanting a fresh view call `fresh_user` on the owner first.
+
+    /// `owner`'s albums whose visibility is one of `visible`, one page.
+    pub fn albums(
+        &self,
+        owner: UserId,
+        visible: &[Visibility],
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<AlbumInfo>, bool), SyncError> {
+        gallery::albums(&self.user_reader(owner), owner, visible, after, limit as usize)
+    }
+
+    /// One album as `viewer` sees it; a private one only for its owner.
+    pub fn album(&self, owner: UserId, album: u64, viewer: UserId) -> Result<AlbumInfo, SyncError> {
+        gallery::album(&self.user_reader(owner), owner, album, viewer)
+    }
+
+    /// One page of an album's items for `viewer`.
+    pub fn album_items(
+        &self,
+        owner: UserId,
+        album: u64,
+        viewer: UserId,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<AlbumItem>, bool), SyncError> {
+        gallery::items(&self.user_reader(owner), owner, album, viewer, after, limit as usize)
+    }
+
+    /// Whether `a` and `b` have a direct chat (what "contacts" means for
+    /// a gallery). Fresh.
+    pub async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, SyncError> {
+        let chat = direct_chat_id(&self.placement, a, b);
+        self.fresh_chat(chat).await?;
+        Ok(self.member(chat, b)?.is_some())
     }
 
     /// A history page and the file shared in each of its messages that

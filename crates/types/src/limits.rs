@@ -197,3 +197,15 @@ pub const OUTBOX_ACK_RECORDS: u64 = 256;
 /// Fresh outbox records handed to the deliverer in memory per shard pair;
 /// beyond this the deliverer reads them back from storage.
 pub const OUTBOX_FRESH_RECORDS_MAX: usize = 4096;
+
+/// Characters of an album's title.
+pub const ALBUM_TITLE_CHARS_MAX: usize = 128;
+/// Albums one user keeps.
+pub const ALBUMS_PER_USER_MAX: usize = 1000;
+/// Items in one album.
+pub const ALBUM_ITEMS_MAX: u64 = 100_000;
+/// Albums or album items returned by one request; an item carries its
+/// file's chunk list (up to about 19 KiB inline).
+pub const ALBUM_PAGE_MAX: usize = 100;
+/// The longest side of a thumbnail, in pixels.
+pub const THUMBNAIL_SIDE_MAX: u32 = 320;

@@ -1,0 +1,148 @@
+//! Handlers of galleries: albums of stored files, who may see them, likes.
+//!
+//! Visibility is decided here for every request of someone other than the
+//! owner: a private album does not exist for them, a contacts album exists
+//! only for people who have a direct chat with the owner (read fresh from
+//! the chat's shard), a public one for anyone signed in. Adding an item
+//! checks its file's and thumbnail's chunks like any commit that names
+//! chunks.
+
+use crate::connection::Session;
+use crate::handlers::{now_ms, require_auth, require_user_exists, unexpected};
+use crate::store::{check_list, check_stored};
+use crate::{ApiError, Shared};
+use hamgam_proto::store::{AlbumInfo, ChunkRef, EntryKind, SharedFile, Visibility};
+use hamgam_proto::{ErrorCode, Response};
+use hamgam_sync::{Command, DomainError, Reply, album_id};
+use hamgam_types::{UserId, limits};
+
+/// The visibilities `viewer` may see of `owner`'s albums.
+async fn visible_to(shared: &Shared, owner: UserId, viewer: UserId) -> Result<&'static [Visibility], ApiError> {
+    Ok(if owner == viewer {
+        &[Visibility::Private, Visibility::Contacts, Visibility::Public]
+    } else if shared.sync.are_contacts(owner, viewer).await? {
+        &[Visibility::Contacts, Visibility::Public]
+    } else {
+        &[Visibility::Public]
+    })
+}
+
+/// The album, if `viewer` may see it; "no such album" otherwise, so an
+/// album's existence is not told to those who may not see it.
+async fn visible_album(shared: &Shared, owner: UserId, album: u64, viewer: UserId) -> Result<AlbumInfo, ApiError> {
+    shared.sync.fresh_user(owner).await?;
+    let info = shared.sync.album(owner, album, viewer)?;
+    if !visible_to(shared, owner, viewer).await?.contains(&info.visibility) {
+        return Err(DomainError::NotFound("no such album".into()).into());
+    }
+    Ok(info)
+}
+
+pub(crate) async fn create_album(
+    shared: &Shared,
+    session: &Session,
+    title: String,
+    visibility: Visibility,
+    client_ref: u64,
+) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    let album = album_id(auth.user, client_ref);
+    let command = Command::CreateAlbum { owner: auth.user, album, title, visibility, now_ms: now_ms() };
+    shared.sync.execute(command).await?;
+    shared.sync.fresh_user(auth.user).await?;
+    Ok(Response::Album(shared.sync.album(auth.user, album, auth.user)?))
+}
+
+pub(crate) async fn add_to_album(
+    shared: &Shared,
+    session: &Session,
+    album: u64,
+    path: String,
+    thumbnail: Option<ChunkRef>,
+) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    shared.sync.fresh_user(auth.user).await?;
+    let (entry, content) = shared.sync.stat_path(auth.user, &path)?;
+    if entry.kind != EntryKind::File {
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{} is a folder", entry.path)));
+    }
+    if thumbnail.is_some_and(|t| t.len as usize > limits::CHUNK_MAX_BYTES as usize) {
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, "a thumbnail is one chunk"));
+    }
+    // Taken before the checks, as for every command that names chunks.
+    let checked_from = now_ms();
+    check_list(&shared.chunks, &content).await?;
+    if let Some(thumbnail) = &thumbnail {
+        check_stored(&shared.chunks, &[thumbnail.id]).await?;
+    }
+    let name = hamgam_sync::split_path(&entry.path).1.to_string();
+    let file = SharedFile { name, size: entry.size, hash: entry.hash, content };
+    let command = Command::AddAlbumItem { owner: auth.user, album, file, thumbnail, now_ms: checked_from };
+    match shared.sync.execute(command).await? {
+        Reply::AlbumItem { item } => Ok(Response::AlbumItemAdded { item }),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) async fn list_albums(
+    shared: &Shared,
+    session: &Session,
+    owner: UserId,
+    after: Option<u64>,
+    limit: u32,
+) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    require_user_exists(shared, owner).await?;
+    let visible = visible_to(shared, owner, auth.user).await?;
+    let (albums, more) = shared.sync.albums(owner, visible, after, limit)?;
+    Ok(Response::Albums { albums, more })
+}
+
+pub(crate) async fn list_items(
+    shared: &Shared,
+    session: &Session,
+    owner: UserId,
+    album: u64,
+    after: Option<u64>,
+    limit: u32,
+) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    visible_album(shared, owner, album, auth.user).await?;
+    let (items, more) = shared.sync.album_items(owner, album, auth.user, after, limit)?;
+    Ok(Response::AlbumItems { items, more })
+}
+
+pub(crate) async fn like_item(
+    shared: &Shared,
+    session: &Session,
+    owner: UserId,
+    album: u64,
+    item: u64,
+    like: bool,
+) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    visible_album(shared, owner, album, auth.user).await?;
+    match shared.sync.execute(Command::LikeItem { owner, album, item, liker: auth.user, like }).await? {
+        Reply::Likes { count } => Ok(Response::Likes { count }),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The owner's own changes that need no reply beyond `Done`.
+pub(crate) async fn change_album(shared: &Shared, session: &Session, change: AlbumChange) -> Result<Response, ApiError> {
+    let auth = require_auth(shared, session)?;
+    let owner = auth.user;
+    let command = match change {
+        AlbumChange::Visibility { album, visibility } => Command::SetAlbumVisibility { owner, album, visibility },
+        AlbumChange::Remove { album, item } => Command::RemoveAlbumItem { owner, album, item },
+        AlbumChange::Delete { album } => Command::DeleteAlbum { owner, album },
+    };
+    shared.sync.execute(command).await?;
+    Ok(Response::Done)
+}
+
+pub(crate) enum AlbumChange {
+    Visibility { album: u64, visibility: Visibility },
+    Remove { album: u64, item: u64 },
+    Delete { album: u64 },
+}
