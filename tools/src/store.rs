@@ -6,7 +6,7 @@
 use crate::cli::{Invocation, explain, resolve_chat};
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use hamgam_client::{Client, HistoryAnchor, RetentionRules, SharedFile, TransferCounters};
+use hamgam_client::{Client, HistoryAnchor, RetentionRules, SharedFile, TransferCounters, UserId, Visibility};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +42,11 @@ pub enum StoreCommand {
         remote: String,
         #[arg(long, default_value = "")]
         caption: String,
+    },
+    /// Gallery albums: yours, or another person's that you may see.
+    Album {
+        #[command(subcommand)]
+        command: AlbumCommand,
     },
     /// Fetch the file shared in message SEQ of a chat.
     GetShared { chat: String, seq: u64, local: PathBuf },
@@ -141,10 +146,132 @@ async fn shared_file(client: &Client, chat: &str, seq: u64) -> anyhow::Result<Sh
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AlbumCommand {
+    /// Make an album.
+    New {
+        title: String,
+        #[arg(long, value_parser = parse_visibility, default_value = "private")]
+        visibility: Visibility,
+    },
+    /// Store a local photo or video and add it to ALBUM (a thumbnail is made for JPEG and PNG photos).
+    Add {
+        album: u64,
+        local: PathBuf,
+        /// Where in your store (default: /gallery/NAME).
+        #[arg(long = "as")]
+        remote: Option<String>,
+    },
+    /// List albums (yours, or @user's that you may see).
+    Ls { owner: Option<String> },
+    /// List an album's items.
+    Show {
+        album: u64,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Like (or --undo) an item of someone's album.
+    Like {
+        owner: String,
+        album: u64,
+        item: u64,
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Who may see an album: private, contacts or public.
+    Visibility {
+        album: u64,
+        #[arg(value_parser = parse_visibility)]
+        visibility: Visibility,
+    },
+    /// Remove an item from an album.
+    Rm { album: u64, item: u64 },
+}
+
+fn parse_visibility(text: &str) -> Result<Visibility, String> {
+    match text {
+        "private" => Ok(Visibility::Private),
+        "contacts" => Ok(Visibility::Contacts),
+        "public" => Ok(Visibility::Public),
+        other => Err(format!("{other:?}: say private, contacts or public")),
+    }
+}
+
+/// `@username` to a user id, or the caller's own id.
+async fn album_owner(client: &Client, owner: Option<&str>, me: UserId) -> anyhow::Result<UserId> {
+    match owner {
+        Some(name) => Ok(client.resolve(name.trim_start_matches('@')).await.map_err(explain)?.user),
+        None => Ok(me),
+    }
+}
+
+async fn run_album(command: AlbumCommand, client: &Client, me: UserId, counters: &Arc<TransferCounters>) -> anyhow::Result<()> {
+    match command {
+        AlbumCommand::New { title, visibility } => {
+            let album = client.create_album(&title, visibility).await.map_err(explain)?;
+            println!("album {} \"{}\" ({:?})", album.album, album.title, album.visibility);
+        }
+        AlbumCommand::Add { album, local, remote } => {
+            let name = local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let remote = remote.unwrap_or_else(|| format!("/gallery/{name}"));
+            let size = std::fs::metadata(&local).with_context(|| format!("reading {}", local.display()))?.len();
+            let progress = Progress::start(size, counters.clone());
+            let item = client.add_to_album(album, &local, &remote, counters).await;
+            progress.finish();
+            println!("added {remote} to album {album} as item {}", item.map_err(explain)?);
+        }
+        AlbumCommand::Ls { owner } => {
+            let owner = album_owner(client, owner.as_deref(), me).await?;
+            let mut after = None;
+            loop {
+                let (albums, more) = client.albums(owner, after, 100).await.map_err(explain)?;
+                for album in &albums {
+                    println!("{}  \"{}\"  {:?}, {} items", album.album, album.title, album.visibility, album.items);
+                }
+                match albums.last() {
+                    Some(last) if more => after = Some(last.album),
+                    _ => break,
+                }
+            }
+        }
+        AlbumCommand::Show { album, owner } => {
+            let owner = album_owner(client, owner.as_deref(), me).await?;
+            let mut after = None;
+            loop {
+                let (items, more) = client.album_items(owner, album, after, 100).await.map_err(explain)?;
+                for item in &items {
+                    let liked = if item.liked { ", liked by you" } else { "" };
+                    let thumb = if item.thumbnail.is_some() { ", thumbnail" } else { "" };
+                    println!("#{}  {}  {}  {} likes{liked}{thumb}", item.item, item.file.name, bytes(item.file.size), item.likes);
+                }
+                match items.last() {
+                    Some(last) if more => after = Some(last.item),
+                    _ => break,
+                }
+            }
+        }
+        AlbumCommand::Like { owner, album, item, undo } => {
+            let owner = album_owner(client, Some(&owner), me).await?;
+            let count = client.like(owner, album, item, !undo).await.map_err(explain)?;
+            println!("item {item} has {count} likes");
+        }
+        AlbumCommand::Visibility { album, visibility } => {
+            client.set_album_visibility(album, visibility).await.map_err(explain)?;
+            println!("album {album} is now {visibility:?}");
+        }
+        AlbumCommand::Rm { album, item } => {
+            client.remove_from_album(album, item).await.map_err(explain)?;
+            println!("removed item {item} from album {album}");
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Result<()> {
-    let (client, _) = ctx.session().await?;
+    let (client, session) = ctx.session().await?;
     let counters = Arc::new(TransferCounters::default());
     match command {
+        StoreCommand::Album { command } => run_album(command, &client, UserId(session.user), &counters).await?,
         StoreCommand::Put { local, remote } => {
             let size = std::fs::metadata(&local).with_context(|| format!("reading {}", local.display()))?.len();
             let progress = Progress::start(size, counters.clone());

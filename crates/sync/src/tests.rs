@@ -567,8 +567,23 @@ async fn collection_reads_every_root_and_refuses_commands_checked_before_its_flo
         now_ms,
     };
     h.service.execute(snapshot(now())).await.unwrap();
+    let album = crate::album_id(users[1], 7);
+    let create = Command::CreateAlbum {
+        owner: users[1],
+        album,
+        title: "سفر".into(),
+        visibility: hamgam_proto::store::Visibility::Public,
+        now_ms: now(),
+    };
+    h.service.execute(create).await.unwrap();
+    let photo = manifest(10, 50);
+    let thumbnail = manifest(1, 51).content.refs()[0];
+    let file = hamgam_proto::store::SharedFile { name: "a.jpg".into(), size: 10, hash: photo.hash, content: photo.content };
+    let add = Command::AddAlbumItem { owner: users[1], album, file, thumbnail: Some(thumbnail), now_ms: now() };
+    h.service.execute(add).await.unwrap();
 
-    // Every root of every shard, page by page: nine files and one tree.
+    // Every root of every shard, page by page: nine files, one tree, and
+    // an album item's file and thumbnail.
     let mut roots = Vec::new();
     for shard in (1..=h.service.placement().data_shards()).map(hamgam_types::ShardId) {
         h.service.fresh_shard(shard).await.unwrap();
@@ -582,7 +597,8 @@ async fn collection_reads_every_root_and_refuses_commands_checked_before_its_flo
             }
         }
     }
-    assert_eq!(roots.iter().filter(|r| matches!(r, ChunkRoot::File(_))).count(), 9);
+    assert_eq!(roots.iter().filter(|r| matches!(r, ChunkRoot::File(_))).count(), 11);
+    assert!(roots.contains(&ChunkRoot::File(ChunkList::Inline(vec![thumbnail]))));
     assert_eq!(roots.iter().filter(|r| matches!(r, ChunkRoot::Tree(t) if *t == tree)).count(), 1);
 
     // After a barrier, a command whose chunks were checked before its floor

@@ -8,6 +8,7 @@ mod chat;
 mod cli;
 mod cluster;
 mod crash;
+mod gallery;
 mod growth;
 mod ledger;
 mod store;
