@@ -139,7 +139,8 @@ impl Progress {
 /// The file shared in message `seq` of `chat`.
 async fn shared_file(client: &Client, chat: &str, seq: u64) -> anyhow::Result<SharedFile> {
     let chat = resolve_chat(client, chat).await?;
-    let (_, files) = client.history_with_files(chat, HistoryAnchor::After(seq.saturating_sub(1)), 1).await.map_err(explain)?;
+    let (_, files) =
+        client.history_with_files(chat, HistoryAnchor::After(seq.saturating_sub(1)), 1).await.map_err(explain)?;
     match files.into_iter().find(|(at, _)| *at == seq) {
         Some((_, file)) => Ok(file),
         None => bail!("message #{seq} of chat {chat} carries no file"),
@@ -205,7 +206,12 @@ async fn album_owner(client: &Client, owner: Option<&str>, me: UserId) -> anyhow
     }
 }
 
-async fn run_album(command: AlbumCommand, client: &Client, me: UserId, counters: &Arc<TransferCounters>) -> anyhow::Result<()> {
+async fn run_album(
+    command: AlbumCommand,
+    client: &Client,
+    me: UserId,
+    counters: &Arc<TransferCounters>,
+) -> anyhow::Result<()> {
     match command {
         AlbumCommand::New { title, visibility } => {
             let album = client.create_album(&title, visibility).await.map_err(explain)?;
@@ -242,7 +248,13 @@ async fn run_album(command: AlbumCommand, client: &Client, me: UserId, counters:
                 for item in &items {
                     let liked = if item.liked { ", liked by you" } else { "" };
                     let thumb = if item.thumbnail.is_some() { ", thumbnail" } else { "" };
-                    println!("#{}  {}  {}  {} likes{liked}{thumb}", item.item, item.file.name, bytes(item.file.size), item.likes);
+                    println!(
+                        "#{}  {}  {}  {} likes{liked}{thumb}",
+                        item.item,
+                        item.file.name,
+                        bytes(item.file.size),
+                        item.likes
+                    );
                 }
                 match items.last() {
                     Some(last) if more => after = Some(last.item),

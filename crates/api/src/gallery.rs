@@ -129,7 +129,11 @@ pub(crate) async fn like_item(
 }
 
 /// The owner's own changes that need no reply beyond `Done`.
-pub(crate) async fn change_album(shared: &Shared, session: &Session, change: AlbumChange) -> Result<Response, ApiError> {
+pub(crate) async fn change_album(
+    shared: &Shared,
+    session: &Session,
+    change: AlbumChange,
+) -> Result<Response, ApiError> {
     let auth = require_auth(shared, session)?;
     let owner = auth.user;
     let command = match change {

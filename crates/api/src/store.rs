@@ -166,8 +166,7 @@ pub(crate) async fn share_file(
     check_list(&shared.chunks, &content).await?;
     let name = hamgam_sync::split_path(&entry.path).1.to_string();
     let file = SharedFile { name, size: entry.size, hash: entry.hash, content };
-    let command =
-        Command::SendFile { chat, sender: auth.user, client_msg_id, caption, file, now_ms: checked_from };
+    let command = Command::SendFile { chat, sender: auth.user, client_msg_id, caption, file, now_ms: checked_from };
     match shared.sync.execute(command).await? {
         Reply::Sent { seq, date_ms } => Ok(Response::Sent { seq, date_ms }),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),

@@ -753,7 +753,11 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * record as u64, "the torn tail is cut");
         assert!(store.get(&chunks[0].id).unwrap().is_some());
         assert!(store.get(&chunks[2].id).unwrap().is_some(), "records after damage are still found");
-        assert_eq!(store.missing(&[chunks[1].id], Presence::Relied), vec![chunks[1].id], "the damaged one counts as missing");
+        assert_eq!(
+            store.missing(&[chunks[1].id], Presence::Relied),
+            vec![chunks[1].id],
+            "the damaged one counts as missing"
+        );
         // Putting it again repairs it.
         store.put(&chunks[1..2]).unwrap();
         assert_eq!(store.get(&chunks[1].id).unwrap().as_ref(), Some(&chunks[1]));

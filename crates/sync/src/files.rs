@@ -482,7 +482,8 @@ fn stable_page(
 
 /// The content of every file of `user`, read while no move ran.
 fn file_roots_of(kv: &impl KvRead, user: UserId) -> Result<Vec<ChunkRoot>, SyncError> {
-    let moves = |kv: &_| -> Result<u64, SyncError> { Ok(get_record(kv, "move counter", &keys::moves(user))?.unwrap_or(0)) };
+    let moves =
+        |kv: &_| -> Result<u64, SyncError> { Ok(get_record(kv, "move counter", &keys::moves(user))?.unwrap_or(0)) };
     for _ in 0..ROOT_SCAN_ATTEMPTS {
         let before = moves(kv)?;
         let mut roots = Vec::new();

@@ -54,7 +54,8 @@ pub(crate) fn create_album(
         return Ok(Reply::Done); // a retry
     }
     text::check_label("an album title", title, limits::ALBUM_TITLE_CHARS_MAX, true)?;
-    let existing = kv.scan(&KeyRange::prefix(&keys::albums_of(owner)), Order::Ascending, limits::ALBUMS_PER_USER_MAX)?;
+    let existing =
+        kv.scan(&KeyRange::prefix(&keys::albums_of(owner)), Order::Ascending, limits::ALBUMS_PER_USER_MAX)?;
     if existing.len() >= limits::ALBUMS_PER_USER_MAX {
         return refuse(DomainError::LimitReached(format!("{} albums; delete one first", limits::ALBUMS_PER_USER_MAX)));
     }

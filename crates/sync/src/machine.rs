@@ -24,8 +24,8 @@ use crate::records::{
     UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
-use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
 use hamgam_proto::store::SharedFile;
+use hamgam_proto::{ChatKind, Role, UpdateKind, codec};
 use hamgam_raftstore::{ShardWriter, StateMachine};
 use hamgam_storage::{KeyRange, KvPairs, KvRead, KvWrite, Order, StorageError};
 use hamgam_types::{ChatId, Placement, ShardId, UserId, limits};
@@ -645,7 +645,11 @@ impl SyncMachine {
                     text::check_message_text(&caption)?;
                 }
                 files::check_shared_file(&file)?;
-                self.send(shard, kv, NewMessage { chat, sender, client_msg_id, text: caption, file: Some(file), now_ms })
+                self.send(
+                    shard,
+                    kv,
+                    NewMessage { chat, sender, client_msg_id, text: caption, file: Some(file), now_ms },
+                )
             }
 
             Command::Edit { chat, actor, seq, text, now_ms } => {

@@ -13,8 +13,8 @@
 //! `OutboxAck` to each source. A delivery retried after a crash is skipped by
 //! the target's inbox marks, so every update lands exactly once.
 
-use crate::command::{Command, Reply};
 use crate::command::direct_chat_id;
+use crate::command::{Command, Reply};
 use crate::files::{self, ChunkRoot};
 use crate::gallery;
 use crate::keys;
@@ -23,7 +23,9 @@ use crate::records::{
     self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError};
-use hamgam_proto::store::{AlbumInfo, AlbumItem, ChunkList, FileEntry, FolderPage, SharedFile, SnapshotInfo, Visibility};
+use hamgam_proto::store::{
+    AlbumInfo, AlbumItem, ChunkList, FileEntry, FolderPage, SharedFile, SnapshotInfo, Visibility,
+};
 use hamgam_proto::{
     ChatInfo, ChatList, Difference, HistoryAnchor, MemberInfo, Message, MessagePage, Update, UpdateKind, codec,
 };

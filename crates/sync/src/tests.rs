@@ -543,8 +543,8 @@ async fn snapshots_are_numbered_listed_and_forgotten() {
 
 #[tokio::test]
 async fn collection_reads_every_root_and_refuses_commands_checked_before_its_floor() {
-    use hamgam_proto::store::{ChunkList, SnapshotStats};
     use crate::ChunkRoot;
+    use hamgam_proto::store::{ChunkList, SnapshotStats};
     let h = harness_with(2, hamgam_types::limits::UPDATES_RETAINED_PER_USER).await;
     let users = [h.sign_up("sara").await, h.sign_up("omid").await, h.sign_up("nima").await];
     for (i, user) in users.iter().enumerate() {
@@ -578,7 +578,8 @@ async fn collection_reads_every_root_and_refuses_commands_checked_before_its_flo
     h.service.execute(create).await.unwrap();
     let photo = manifest(10, 50);
     let thumbnail = manifest(1, 51).content.refs()[0];
-    let file = hamgam_proto::store::SharedFile { name: "a.jpg".into(), size: 10, hash: photo.hash, content: photo.content };
+    let file =
+        hamgam_proto::store::SharedFile { name: "a.jpg".into(), size: 10, hash: photo.hash, content: photo.content };
     let add = Command::AddAlbumItem { owner: users[1], album, file, thumbnail: Some(thumbnail), now_ms: now() };
     h.service.execute(add).await.unwrap();
 

@@ -359,7 +359,8 @@ async fn a_stored_file_shared_into_a_chat_is_sent_once_and_kept_by_the_chat() {
         caption: "x".repeat(5000),
     };
     assert!(matches!(bob.call(&request).await, Err(ClientError::Server(b)) if b.code == ErrorCode::TEXT_TOO_LONG));
-    let request = hamgam_proto::Request::ShareFile { chat, client_msg_id: 77, path: "/mine.jpg".into(), caption: "".into() };
+    let request =
+        hamgam_proto::Request::ShareFile { chat, client_msg_id: 77, path: "/mine.jpg".into(), caption: "".into() };
     let first = bob.call(&request).await.expect("share");
     assert_eq!(bob.call(&request).await.expect("a retry"), first, "a retried share makes no second message");
 }
@@ -439,7 +440,8 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unasked() {
     // Collection runs too, and must keep every chunk the snapshot names.
-    let config = "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\ngc_interval_secs = 1\ngc_grace_secs = 2\n";
+    let config =
+        "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\ngc_interval_secs = 1\ngc_grace_secs = 2\n";
     let root = tempfile::tempdir().expect("temp dir");
     let mut nodes = crate::cluster::start_cluster(root.path(), config);
     crate::cluster::status_with_leaders(&nodes[0]).await;
@@ -451,7 +453,9 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
     make_data_set(&source, 4);
     backup(&client, &source, "sepideh").await.expect("backup with node 3 down");
     let ids = chunk_ids(&source);
-    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks")).expect("open").missing(&ids, hamgam_blob::Presence::Audit);
+    let lacking = hamgam_blob::PackStore::open(&nodes[2].dir.join("chunks"))
+        .expect("open")
+        .missing(&ids, hamgam_blob::Presence::Audit);
     assert_eq!(lacking.len(), {
         let mut unique = ids.clone();
         unique.sort_unstable();
