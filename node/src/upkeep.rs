@@ -29,6 +29,25 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Runs `pass` once per `interval` until cancelled; a pass in progress
+/// is dropped when the node stops.
+async fn every<F, Fut>(interval: Duration, cancel: &CancellationToken, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = pass() => {}
+        }
+    }
+}
+
 /// Checks every local chunk and its copies on the other holders once per
 /// `interval`, reading at most `bytes_per_sec`, until cancelled.
 pub(crate) async fn scrub_chunks(
@@ -37,16 +56,8 @@ pub(crate) async fn scrub_chunks(
     bytes_per_sec: u64,
     cancel: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        let pass = tokio::select! {
-            () = cancel.cancelled() => return,
-            pass = chunks.scrub(bytes_per_sec) => pass,
-        };
-        match pass {
+    every(interval, &cancel, || async {
+        match chunks.scrub(bytes_per_sec).await {
             Ok(report) if !report.clean() => tracing::warn!(
                 checked = report.checked,
                 damaged = report.damaged,
@@ -57,7 +68,8 @@ pub(crate) async fn scrub_chunks(
             Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
             Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
         }
-    }
+    })
+    .await;
 }
 
 /// Runs a collection pass once per `interval` until cancelled.
@@ -68,16 +80,8 @@ pub(crate) async fn collect_garbage(
     grace: Duration,
     cancel: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        let pass = tokio::select! {
-            () = cancel.cancelled() => return,
-            pass = collect_once(&sync, &chunks, grace) => pass,
-        };
-        match pass {
+    every(interval, &cancel, || async {
+        match collect_once(&sync, &chunks, grace).await {
             Ok((live, report)) => tracing::info!(
                 live,
                 kept = report.kept,
@@ -89,7 +93,8 @@ pub(crate) async fn collect_garbage(
             ),
             Err(error) => tracing::warn!("garbage collection pass stopped, nothing removed: {error:#}"),
         }
-    }
+    })
+    .await;
 }
 
 /// One pass: returns the size of the live set and what the sweep did.

@@ -9,9 +9,9 @@
 
 use crate::connection::Session;
 use crate::handlers::{now_ms, require_auth, require_user_exists, unexpected};
-use crate::store::{check_list, check_stored};
+use crate::store::checked_shared_file;
 use crate::{ApiError, Shared};
-use hamgam_proto::store::{AlbumInfo, ChunkRef, EntryKind, SharedFile, Visibility};
+use hamgam_proto::store::{AlbumInfo, ChunkRef, Visibility};
 use hamgam_proto::{ErrorCode, Response};
 use hamgam_sync::{Command, DomainError, Reply, album_id};
 use hamgam_types::{UserId, limits};
@@ -61,22 +61,11 @@ pub(crate) async fn add_to_album(
     thumbnail: Option<ChunkRef>,
 ) -> Result<Response, ApiError> {
     let auth = require_auth(shared, session)?;
-    shared.sync.fresh_user(auth.user).await?;
-    let (entry, content) = shared.sync.stat_path(auth.user, &path)?;
-    if entry.kind != EntryKind::File {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{} is a folder", entry.path)));
-    }
-    if thumbnail.is_some_and(|t| t.len as usize > limits::CHUNK_MAX_BYTES as usize) {
+    if thumbnail.is_some_and(|t| t.len > limits::CHUNK_MAX_BYTES) {
         return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, "a thumbnail is one chunk"));
     }
-    // Taken before the checks, as for every command that names chunks.
-    let checked_from = now_ms();
-    check_list(&shared.chunks, &content).await?;
-    if let Some(thumbnail) = &thumbnail {
-        check_stored(&shared.chunks, &[thumbnail.id]).await?;
-    }
-    let name = hamgam_sync::split_path(&entry.path).1.to_string();
-    let file = SharedFile { name, size: entry.size, hash: entry.hash, content };
+    let thumbnail_ids: Vec<_> = thumbnail.iter().map(|t| t.id).collect();
+    let (file, checked_from) = checked_shared_file(shared, auth.user, &path, &thumbnail_ids).await?;
     let command = Command::AddAlbumItem { owner: auth.user, album, file, thumbnail, now_ms: checked_from };
     match shared.sync.execute(command).await? {
         Reply::AlbumItem { item } => Ok(Response::AlbumItemAdded { item }),

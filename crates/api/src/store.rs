@@ -19,7 +19,7 @@ use hamgam_proto::frame::{self, FrameError, FrameKind};
 use hamgam_proto::store::{ChunkFrame, ChunkList, EntryKind, FileManifest, SharedFile, SnapshotStats};
 use hamgam_proto::{ErrorCode, Response};
 use hamgam_sync::{Command, Reply};
-use hamgam_types::{ChatId, ChunkId, limits};
+use hamgam_types::{ChatId, ChunkId, UserId, limits};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -95,7 +95,7 @@ pub(crate) async fn get_chunks(
 }
 
 /// Checks every one of `ids` is stored, asking in batches.
-pub(crate) async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiError> {
+async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<(), ApiError> {
     let mut missing = 0;
     for batch in ids.chunks(limits::CHUNK_IDS_PER_REQUEST_MAX) {
         missing += store.missing(batch).await?.len();
@@ -107,7 +107,7 @@ pub(crate) async fn check_stored(store: &ChunkStore, ids: &[ChunkId]) -> Result<
 }
 
 /// Checks every chunk of a list is stored; returns the data chunks' total length.
-pub(crate) async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
+async fn check_list(store: &ChunkStore, content: &ChunkList) -> Result<u64, ApiError> {
     let refs = store.expand(content).await?;
     check_stored(store, &refs.iter().map(|r| r.id).collect::<Vec<_>>()).await?;
     Ok(refs.iter().map(|r| u64::from(r.len)).sum())
@@ -157,20 +157,33 @@ pub(crate) async fn share_file(
     if !caption.is_empty() {
         hamgam_sync::text::check_message_text(&caption)?;
     }
-    shared.sync.fresh_user(auth.user).await?;
-    let (entry, content) = shared.sync.stat_path(auth.user, &path)?;
-    if entry.kind != EntryKind::File {
-        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{} is a folder; share files", entry.path)));
-    }
-    let checked_from = now_ms(); // as in `put_file`
-    check_list(&shared.chunks, &content).await?;
-    let name = hamgam_sync::split_path(&entry.path).1.to_string();
-    let file = SharedFile { name, size: entry.size, hash: entry.hash, content };
+    let (file, checked_from) = checked_shared_file(shared, auth.user, &path, &[]).await?;
     let command = Command::SendFile { chat, sender: auth.user, client_msg_id, caption, file, now_ms: checked_from };
     match shared.sync.execute(command).await? {
         Reply::Sent { seq, date_ms } => Ok(Response::Sent { seq, date_ms }),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
+}
+
+/// `user`'s stored file at `path` as it travels into a chat or an album,
+/// its chunks (and `also`, a thumbnail) checked; with the time the check
+/// began, which the command carries (as in `put_file`).
+pub(crate) async fn checked_shared_file(
+    shared: &Shared,
+    user: UserId,
+    path: &str,
+    also: &[ChunkId],
+) -> Result<(SharedFile, u64), ApiError> {
+    shared.sync.fresh_user(user).await?;
+    let (entry, content) = shared.sync.stat_path(user, path)?;
+    if entry.kind != EntryKind::File {
+        return Err(ApiError::new(ErrorCode::INVALID_ARGUMENT, format!("{} is a folder, not a file", entry.path)));
+    }
+    let checked_from = now_ms();
+    check_list(&shared.chunks, &content).await?;
+    check_stored(&shared.chunks, also).await?;
+    let name = hamgam_sync::split_path(&entry.path).1.to_string();
+    Ok((SharedFile { name, size: entry.size, hash: entry.hash, content }, checked_from))
 }
 
 pub(crate) async fn stat_file(shared: &Shared, session: &Session, path: String) -> Result<Response, ApiError> {
