@@ -61,13 +61,13 @@ thread_local! {
 }
 
 /// The chunk compressed, if that saves at least a sixteenth.
-fn compress(plain: &[u8]) -> Option<StoredChunk> {
+fn compress_named(id: ChunkId, plain: &[u8]) -> Option<StoredChunk> {
     let packed = COMPRESSOR.with(|cell| {
         let mut compressor = cell.borrow_mut();
         compressor.as_mut().and_then(|c| c.compress(plain).ok())
     })?;
     (packed.len() <= plain.len() - plain.len() / 16).then(|| StoredChunk {
-        id: ChunkId::of(plain),
+        id,
         codec: ChunkCodec::Zstd,
         plain_len: len32(plain),
         bytes: packed,
@@ -79,27 +79,20 @@ impl StoredChunk {
     /// sixteenth; media, which does not compress, is kept plain (zstd gives
     /// up on it quickly).
     pub fn seal(plain: &[u8]) -> StoredChunk {
-        match compress(plain) {
+        let id = ChunkId::of(plain);
+        match compress_named(id, plain) {
             Some(sealed) => sealed,
-            None => StoredChunk {
-                id: ChunkId::of(plain),
-                codec: ChunkCodec::Plain,
-                plain_len: len32(plain),
-                bytes: plain.to_vec(),
-            },
+            None => StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(plain), bytes: plain.to_vec() },
         }
     }
 
-    /// [`StoredChunk::seal`] of bytes the caller gives up: a chunk kept plain is not copied.
-    pub fn seal_owned(plain: Vec<u8>) -> StoredChunk {
-        match compress(&plain) {
+    /// [`StoredChunk::seal`] of bytes the caller has named (`id` must be
+    /// `ChunkId::of(&plain)`; the node checks) and gives up: no second
+    /// hash, and a chunk kept plain is not copied.
+    pub fn seal_named(id: ChunkId, plain: Vec<u8>) -> StoredChunk {
+        match compress_named(id, &plain) {
             Some(sealed) => sealed,
-            None => StoredChunk {
-                id: ChunkId::of(&plain),
-                codec: ChunkCodec::Plain,
-                plain_len: len32(&plain),
-                bytes: plain,
-            },
+            None => StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(&plain), bytes: plain },
         }
     }
 

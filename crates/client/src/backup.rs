@@ -8,7 +8,7 @@
 //! A restore writes every file from its chunks, each checked against its
 //! name, checks the whole file's hash, and sets permissions and times.
 
-use crate::store::{PlainChunks, TransferCounters, UPLOAD_BATCH_BYTES, UPLOAD_BATCHES_IN_FLIGHT, cut_file};
+use crate::store::{Batches, PlainChunks, TransferCounters, cut_file};
 use crate::{Client, ClientError};
 use futures_util::StreamExt;
 use hamgam_blob::{Tree, TreeEntry, TreeKind};
@@ -115,32 +115,18 @@ fn tree_entry(walked: &Walked, kind: TreeKind) -> TreeEntry {
 fn read_folder(
     entries: Vec<Walked>,
     previous: HashMap<Vec<u8>, TreeEntry>,
-    batches: tokio::sync::mpsc::Sender<PlainChunks>,
-    counters: Arc<TransferCounters>,
+    batches: &mut Batches,
+    counters: &TransferCounters,
 ) -> Result<(Tree, u64), ClientError> {
     let mut seen: HashSet<ChunkId> = HashSet::new();
-    let mut pending: PlainChunks = Vec::new();
-    let mut pending_bytes = 0usize;
     let mut tree = Tree::default();
     let mut files_read = 0;
-    let mut queue = |id: ChunkId,
-                     plain: Vec<u8>,
-                     pending: &mut PlainChunks,
-                     pending_bytes: &mut usize|
-     -> Result<(), ClientError> {
+    let mut queue = |id: ChunkId, plain: Vec<u8>| -> Result<(), ClientError> {
         if !seen.insert(id) {
             TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
             return Ok(());
         }
-        *pending_bytes += plain.len();
-        pending.push((id, plain));
-        if *pending_bytes >= UPLOAD_BATCH_BYTES {
-            *pending_bytes = 0;
-            batches
-                .blocking_send(std::mem::take(pending))
-                .map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
-        }
-        Ok(())
+        batches.push(id, plain)
     };
     for walked in entries {
         let kind = if walked.metadata.is_dir() {
@@ -161,15 +147,11 @@ fn read_folder(
                 continue;
             }
             files_read += 1;
-            let cut =
-                cut_file(&walked.absolute, &counters, |id, plain| queue(id, plain, &mut pending, &mut pending_bytes))?;
+            let cut = cut_file(&walked.absolute, counters, &mut queue)?;
             TransferCounters::add(&counters.files, 1);
             TreeKind::File { size: cut.size, hash: cut.hash, content: cut.content }
         };
         tree.entries.push(tree_entry(&walked, kind));
-    }
-    if !pending.is_empty() {
-        batches.blocking_send(pending).map_err(|_| ClientError::Protocol("the upload stopped".into()))?;
     }
     Ok((tree, files_read))
 }
@@ -202,22 +184,10 @@ pub async fn backup(
         .map_err(|e| ClientError::Protocol(format!("walking the folder: {e}")))??;
     let folder_bytes = entries.iter().filter(|w| w.metadata.is_file()).map(|w| w.metadata.len()).sum();
     counters.total_bytes.store(folder_bytes, Ordering::Relaxed);
-    let (sender, receiver) = tokio::sync::mpsc::channel::<PlainChunks>(2);
-    let reader_counters = counters.clone();
-    let reader = tokio::task::spawn_blocking(move || read_folder(entries, previous, sender, reader_counters));
-    // PlainChunkses overlap, so the streams never drain while the next batch's
-    // "which are missing" question is on its way.
-    let batches = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|batch| (batch, receiver))
-    });
-    let mut uploads = Box::pin(
-        batches.map(|batch| client.upload_missing(batch, &counters)).buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT),
-    );
-    while let Some(result) = uploads.next().await {
-        result?;
-    }
-    drop(uploads);
-    let (tree, files_read) = reader.await.map_err(|e| ClientError::Protocol(format!("reading the folder: {e}")))??;
+    let reader_counters = (*counters).clone();
+    let (tree, files_read) = client
+        .upload_while_cutting(&counters, move |batches| read_folder(entries, previous, batches, &reader_counters))
+        .await?;
 
     let stats = SnapshotStats {
         files: tree.file_chunk_lists().count() as u64,

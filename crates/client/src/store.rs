@@ -35,8 +35,22 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) type PlainChunks = Vec<(ChunkId, Vec<u8>)>;
 
 /// Counters a transfer updates as it goes, for progress bars and reports.
+/// Cloning shares them: a blocking reader and the uploader count into the
+/// same numbers.
+#[derive(Clone, Debug, Default)]
+pub struct TransferCounters(std::sync::Arc<Counts>);
+
+impl std::ops::Deref for TransferCounters {
+    type Target = Counts;
+
+    fn deref(&self) -> &Counts {
+        &self.0
+    }
+}
+
+/// The numbers behind [`TransferCounters`].
 #[derive(Debug, Default)]
-pub struct TransferCounters {
+pub struct Counts {
     /// Plain bytes of the content (read for an upload, written for a download).
     pub plain_bytes: AtomicU64,
     /// Bytes that crossed the network as chunk payloads.
@@ -189,7 +203,7 @@ impl Client {
     pub async fn upload_missing(&self, chunks: PlainChunks, counters: &TransferCounters) -> Result<(), ClientError> {
         let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
         let missing: std::collections::HashSet<ChunkId> = self.missing_chunks(&ids).await?.into_iter().collect();
-        let mut streams: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut streams: Vec<PlainChunks> = Vec::new();
         let mut bytes = 0usize;
         for (id, plain) in chunks {
             if !missing.contains(&id) {
@@ -204,12 +218,13 @@ impl Client {
             }
             bytes += plain.len();
             if let Some(stream) = streams.last_mut() {
-                stream.push(plain);
+                stream.push((id, plain));
             }
         }
         let mut uploads = futures_util::stream::iter(streams.into_iter().map(|plains| async move {
             let sealed = tokio::task::spawn_blocking(move || {
-                plains.into_iter().map(StoredChunk::seal_owned).collect::<Vec<_>>()
+                // Named already: sealing does not hash them again.
+                plains.into_iter().map(|(id, plain)| StoredChunk::seal_named(id, plain)).collect::<Vec<_>>()
             })
             .await
             .map_err(|error| protocol(format!("compressing chunks: {error}")))?;
@@ -277,6 +292,33 @@ impl Client {
             .map_err(|error| protocol(format!("opening chunks: {error}")))?
         }))
         .buffered(PARALLEL_STREAMS)
+    }
+}
+
+/// Where a blocking reader hands chunks to [`Client::upload_while_cutting`]:
+/// gathered into batches of about [`UPLOAD_BATCH_BYTES`].
+pub(crate) struct Batches {
+    sender: tokio::sync::mpsc::Sender<PlainChunks>,
+    pending: PlainChunks,
+    pending_bytes: usize,
+}
+
+impl Batches {
+    pub(crate) fn push(&mut self, id: ChunkId, plain: Vec<u8>) -> Result<(), ClientError> {
+        self.pending_bytes += plain.len();
+        self.pending.push((id, plain));
+        if self.pending_bytes >= UPLOAD_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ClientError> {
+        self.pending_bytes = 0;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.sender.blocking_send(std::mem::take(&mut self.pending)).map_err(|_| protocol("the upload stopped"))
     }
 }
 
@@ -352,28 +394,52 @@ impl Client {
         let mtime = std::fs::metadata(local)
             .map_err(|e| ClientError::Io { path: local.display().to_string(), source: e })?
             .mtime();
-        let mut chunks = PlainChunks::new();
-        let cut = cut_file(local, counters, |id, plain| {
-            chunks.push((id, plain));
-            Ok(())
-        })?;
+        let (path, cut_counters) = (local.to_path_buf(), counters.clone());
+        let cut = self
+            .upload_while_cutting(counters, move |batches| {
+                cut_file(&path, &cut_counters, |id, plain| batches.push(id, plain))
+            })
+            .await?;
         let manifest =
             FileManifest { size: cut.size, hash: cut.hash, mtime_ms: mtime.max(0) as u64 * 1000, content: cut.content };
-        let batch_chunks = UPLOAD_BATCH_BYTES / limits::CHUNK_AVG_BYTES as usize;
-        let mut batches: Vec<PlainChunks> = Vec::new();
-        for chunk in chunks {
-            match batches.last_mut() {
-                Some(batch) if batch.len() < batch_chunks => batch.push(chunk),
-                _ => batches.push(vec![chunk]),
+        self.put_file(remote, manifest).await
+    }
+
+    /// Runs `cut` on a blocking thread while the chunks it hands to its
+    /// [`Batches`] are uploaded here, up to [`UPLOAD_BATCHES_IN_FLIGHT`]
+    /// batches at once, so reading, cutting and sending overlap. Returns
+    /// what `cut` returned, once every batch is stored.
+    pub(crate) async fn upload_while_cutting<T: Send + 'static>(
+        &self,
+        counters: &TransferCounters,
+        cut: impl FnOnce(&mut Batches) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, ClientError> {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<PlainChunks>(2);
+        let cutter = tokio::task::spawn_blocking(move || {
+            let mut batches = Batches { sender, pending: Vec::new(), pending_bytes: 0 };
+            let outcome = cut(&mut batches)?;
+            batches.flush()?;
+            Ok::<T, ClientError>(outcome)
+        });
+        let received = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|batch| (batch, receiver))
+        });
+        let mut uploads =
+            Box::pin(received.map(|batch| self.upload_missing(batch, counters)).buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT));
+        let mut failed = None;
+        while let Some(result) = uploads.next().await {
+            if let Err(error) = result {
+                failed = Some(error);
+                break;
             }
         }
-        let mut uploads = futures_util::stream::iter(batches)
-            .map(|batch| self.upload_missing(batch, counters))
-            .buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT);
-        while let Some(result) = uploads.next().await {
-            result?;
+        // Dropping the uploads drops the receiver, which stops the cutter.
+        drop(uploads);
+        let cut = cutter.await.map_err(|e| protocol(format!("reading the content: {e}")))?;
+        match failed {
+            Some(error) => Err(error),
+            None => cut,
         }
-        self.put_file(remote, manifest).await
     }
 
     /// Writes bytes `range` (all if `None`) of the stored file `remote` to
