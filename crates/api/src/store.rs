@@ -16,7 +16,7 @@ use crate::handlers::{now_ms, require_auth};
 use crate::{ApiError, Shared};
 use hamgam_blob::{BlobError, ChunkStore, StoredChunk, Tree, TreeKind};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
-use hamgam_proto::store::{ChunkFrame, ChunkList, EntryKind, FileManifest, SharedFile, SnapshotStats};
+use hamgam_proto::store::{ChunkList, EntryKind, FileManifest, SharedFile, SnapshotStats};
 use hamgam_proto::{ErrorCode, Response};
 use hamgam_sync::{Command, Reply};
 use hamgam_types::{ChatId, ChunkId, UserId, limits};
@@ -68,8 +68,9 @@ pub(crate) async fn put_chunks(
             }
             other => ApiError::new(ErrorCode::MALFORMED_FRAME, format!("reading chunk frames: {other}")),
         })?;
-        let frame = ChunkFrame::parse(&payload).map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
-        chunks.push(StoredChunk::from_frame(&frame));
+        let chunk =
+            StoredChunk::from_payload(payload).map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
+        chunks.push(chunk);
     }
     let outcome = shared.chunks.put(chunks).await?;
     Ok(Response::ChunksStored { stored: outcome.stored, present: outcome.present })

@@ -393,7 +393,7 @@ impl PackStore {
     /// one bad chunk stores nothing.
     pub fn put(&self, chunks: &[StoredChunk]) -> Result<PutOutcome, BlobError> {
         for chunk in chunks {
-            chunk.open()?;
+            chunk.check()?;
         }
         self.put_checked(chunks)
     }

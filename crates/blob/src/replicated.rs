@@ -172,7 +172,7 @@ impl ChunkStore {
             let local = self.local.clone();
             return blocking(move || local.put(&chunks)).await?;
         };
-        let chunks = blocking(move || chunks.iter().try_for_each(|c| c.open().map(|_| ())).map(|()| chunks)).await??;
+        let chunks = blocking(move || chunks.iter().try_for_each(StoredChunk::check).map(|()| chunks)).await??;
         let mut sends: BTreeMap<NodeId, Vec<StoredChunk>> = BTreeMap::new();
         for chunk in &chunks {
             for node in &holders[&chunk.id] {
@@ -282,7 +282,7 @@ impl ChunkStore {
                         answer.unwrap_or_default()
                     };
                     let got =
-                        blocking(move || got.into_iter().filter(|c| c.open().is_ok()).collect::<Vec<_>>()).await?;
+                        blocking(move || got.into_iter().filter(|c| c.check().is_ok()).collect::<Vec<_>>()).await?;
                     for chunk in got {
                         if ask.contains(&chunk.id) {
                             found.insert(chunk.id, chunk);
@@ -442,7 +442,7 @@ impl ChunkStore {
                 let mut damaged = Vec::new();
                 for id in wanted {
                     match local.get(&id) {
-                        Ok(Some(chunk)) if chunk.open().is_ok() => good.push(chunk),
+                        Ok(Some(chunk)) if chunk.check().is_ok() => good.push(chunk),
                         Ok(None) => {}
                         Ok(Some(_)) | Err(BlobError::Damaged { .. }) => {
                             local.forget(&id);

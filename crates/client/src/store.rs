@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use hamgam_blob::{StoredChunk, list};
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::{
-    ChunkFrame, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats,
+    ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats,
     UsageReport,
 };
 use hamgam_proto::{ErrorCode, HistoryAnchor, MessagePage, Request, Response};
@@ -130,7 +130,7 @@ impl Client {
             let mut chunks = Vec::with_capacity(ids.len() - missing.len());
             for _ in 0..ids.len().saturating_sub(missing.len()) {
                 let payload = frame::read_frame_payload(&mut recv, FrameKind::Chunk).await?;
-                chunks.push(StoredChunk::from_frame(&ChunkFrame::parse(&payload).map_err(protocol)?));
+                chunks.push(StoredChunk::from_payload(payload).map_err(protocol)?);
             }
             Ok((chunks, missing))
         };

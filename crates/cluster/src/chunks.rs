@@ -23,7 +23,6 @@ use crate::wire;
 use hamgam_blob::{ChunkPeers, PackStore, PeerFuture, Presence, StoredChunk};
 use hamgam_proto::codec;
 use hamgam_proto::frame::{self, FrameKind};
-use hamgam_proto::store::ChunkFrame;
 use hamgam_types::{ChunkId, NodeId, limits};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +37,7 @@ async fn read_frames(recv: &mut quinn::RecvStream, count: usize) -> Result<Vec<S
     let mut chunks = Vec::with_capacity(count);
     for _ in 0..count {
         let payload = frame::read_frame_payload(recv, FrameKind::Chunk).await.map_err(|e| e.to_string())?;
-        chunks.push(StoredChunk::from_frame(&ChunkFrame::parse(&payload)?));
+        chunks.push(StoredChunk::from_payload(payload)?);
     }
     Ok(chunks)
 }
