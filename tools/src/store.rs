@@ -6,7 +6,9 @@
 use crate::cli::{Invocation, explain, resolve_chat};
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use hamgam_client::{Client, HistoryAnchor, RetentionRules, SharedFile, TransferCounters, UserId, Visibility};
+use hamgam_client::{
+    Client, Durability, HistoryAnchor, RetentionRules, SharedFile, TransferCounters, UserId, Visibility,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,7 +64,14 @@ pub enum StoreCommand {
     /// List your backup snapshots.
     Snapshots,
     /// Restore a snapshot into an empty or new folder.
-    Restore { snapshot: u64, dir: PathBuf },
+    Restore {
+        snapshot: u64,
+        dir: PathBuf,
+        /// Do not wait for the disk at the end (as cp, tar and restic do not):
+        /// faster, but a power cut right after may lose restored files.
+        #[arg(long)]
+        no_sync: bool,
+    },
     /// Forget snapshots the retention rules do not keep (per label).
     Forget {
         #[arg(long, default_value_t = 0)]
@@ -388,14 +397,15 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
                 );
             }
         }
-        StoreCommand::Restore { snapshot, dir } => {
+        StoreCommand::Restore { snapshot, dir, no_sync } => {
             let snapshots = client.snapshots().await.map_err(explain)?;
             let Some(info) = snapshots.into_iter().find(|s| s.id == snapshot) else {
                 bail!("there is no snapshot {snapshot}; `hamgam snapshots` lists them");
             };
             let started = Instant::now();
             let progress = Progress::start(info.stats.bytes, counters.clone());
-            let report = hamgam_client::restore(&client, &info, &dir, counters.clone()).await;
+            let durability = if no_sync { Durability::LeftToTheSystem } else { Durability::Synced };
+            let report = hamgam_client::restore_with(&client, &info, &dir, counters.clone(), durability).await;
             progress.finish();
             let report = report.map_err(explain)?;
             println!(

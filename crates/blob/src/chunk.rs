@@ -171,7 +171,11 @@ impl StoredChunk {
         }
         let checked = |plain: &[u8]| {
             if plain.len() != self.plain_len as usize {
-                return Err(mismatch(format!("holds {} plain bytes, not the {} declared", plain.len(), self.plain_len)));
+                return Err(mismatch(format!(
+                    "holds {} plain bytes, not the {} declared",
+                    plain.len(),
+                    self.plain_len
+                )));
             }
             if ChunkId::of(plain) != self.id {
                 return Err(mismatch("the bytes hash to another name".into()));

@@ -244,6 +244,27 @@ pub async fn restore(
     target: &Path,
     counters: Arc<TransferCounters>,
 ) -> Result<RestoreReport, ClientError> {
+    restore_with(client, snapshot, target, counters, Durability::Synced).await
+}
+
+/// Whether a restore waits until what it wrote is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Every file and folder is fsynced before the restore returns.
+    Synced,
+    /// Writing back is left to the operating system, as `cp`, `tar` and
+    /// restic leave it: faster, but a power cut right after may lose files.
+    LeftToTheSystem,
+}
+
+/// [`restore`], choosing whether to wait for the disk.
+pub async fn restore_with(
+    client: &Client,
+    snapshot: &SnapshotInfo,
+    target: &Path,
+    counters: Arc<TransferCounters>,
+    durability: Durability,
+) -> Result<RestoreReport, ClientError> {
     if target.exists() && fs::read_dir(target).map_err(|e| io_error(target, e))?.next().is_some() {
         return Err(io_error(target, std::io::Error::other("the restore target is not empty")));
     }
@@ -275,38 +296,37 @@ pub async fn restore(
         }
     }
 
+    // The chunks arrive here in file order; a blocking writer hashes and
+    // writes them, so fetching goes on while the disk is written.
     let ids: Vec<ChunkId> = to_fetch.iter().flat_map(|(_, _, refs)| refs.iter().map(|r| r.id)).collect();
+    let jobs: Vec<(TreeEntry, PathBuf, usize)> =
+        to_fetch.iter().map(|(entry, path, refs)| ((*entry).clone(), path.clone(), refs.len())).collect();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(RESTORE_CHUNKS_QUEUED);
+    let writer_counters = counters.clone();
+    let writer = tokio::task::spawn_blocking(move || write_files(jobs, receiver, &writer_counters));
     let mut chunks = Box::pin(client.chunk_stream(ids));
-    let mut ready: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
-    let mut bytes = 0u64;
-    for (entry, path, refs) in &to_fetch {
-        let TreeKind::File { size, hash, .. } = &entry.kind else {
-            continue;
-        };
-        let mut file = File::create(path).map_err(|e| io_error(path, e))?;
-        let mut hasher = blake3::Hasher::new();
-        for _ in refs {
-            while ready.is_empty() {
-                match chunks.next().await {
-                    Some(batch) => ready.extend(batch?),
-                    None => {
-                        return Err(ClientError::Protocol("the chunk stream ended early".into()));
+    let mut fetch_failed = None;
+    'fetch: while let Some(batch) = chunks.next().await {
+        match batch {
+            Ok(plains) => {
+                for plain in plains {
+                    if sender.send(plain).await.is_err() {
+                        break 'fetch; // the writer stopped; its error says why
                     }
                 }
             }
-            let plain = ready.pop_front().unwrap_or_default();
-            hasher.update(&plain);
-            file.write_all(&plain).map_err(|e| io_error(path, e))?;
-            TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
+            Err(error) => {
+                fetch_failed = Some(error);
+                break;
+            }
         }
-        file.sync_all().map_err(|e| io_error(path, e))?;
-        if hasher.finalize().as_bytes() != hash {
-            return Err(ClientError::Protocol(format!("{} does not match its recorded hash", path.display())));
-        }
-        bytes += size;
-        counters.files.fetch_add(1, Ordering::Relaxed);
-        set_mode_and_time(path, entry)?;
     }
+    drop(sender);
+    let written_files = writer.await.map_err(|e| ClientError::Protocol(format!("writing the files: {e}")))?;
+    if let Some(error) = fetch_failed {
+        return Err(error);
+    }
+    let mut bytes = written_files?;
     for (entry, path, key) in &copies {
         fs::copy(&written[key], path).map_err(|e| io_error(path, e))?;
         bytes += key.0;
@@ -317,7 +337,80 @@ pub async fn restore(
     for entry in tree.entries.iter().rev().filter(|e| matches!(e.kind, TreeKind::Dir)) {
         set_mode_and_time(&relative_path(target, &entry.path), entry)?;
     }
+    // Written first, synced together at the end (see `make_durable`).
+    let mut written_paths: Vec<PathBuf> = to_fetch.iter().map(|(_, path, _)| path.clone()).collect();
+    written_paths.extend(copies.iter().map(|(_, path, _)| path.clone()));
+    written_paths.extend(
+        tree.entries.iter().filter(|e| matches!(e.kind, TreeKind::Dir)).map(|e| relative_path(target, &e.path)),
+    );
+    written_paths.push(target.to_path_buf());
+    if durability == Durability::Synced {
+        tokio::task::spawn_blocking(move || make_durable(&written_paths))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("syncing the restored files: {e}")))??;
+    }
     Ok(RestoreReport { files: (to_fetch.len() + copies.len()) as u64, bytes })
+}
+
+/// Plain chunks fetched ahead of the writer (each at most 256 KiB).
+const RESTORE_CHUNKS_QUEUED: usize = 64;
+
+/// The blocking half of a restore: writes each file from its chunks as
+/// they arrive in order, checks its hash, sets its mode and time. Returns
+/// the bytes written.
+fn write_files(
+    jobs: Vec<(TreeEntry, PathBuf, usize)>,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    counters: &TransferCounters,
+) -> Result<u64, ClientError> {
+    let mut bytes = 0;
+    for (entry, path, count) in jobs {
+        let TreeKind::File { size, hash, .. } = &entry.kind else {
+            continue;
+        };
+        let mut file = File::create(&path).map_err(|e| io_error(&path, e))?;
+        let mut hasher = blake3::Hasher::new();
+        for _ in 0..count {
+            let plain =
+                chunks.blocking_recv().ok_or_else(|| ClientError::Protocol("the chunk stream ended early".into()))?;
+            hasher.update(&plain);
+            file.write_all(&plain).map_err(|e| io_error(&path, e))?;
+            TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
+        }
+        if hasher.finalize().as_bytes() != hash {
+            return Err(ClientError::Protocol(format!("{} does not match its recorded hash", path.display())));
+        }
+        bytes += size;
+        counters.files.fetch_add(1, Ordering::Relaxed);
+        set_mode_and_time(&path, &entry)?;
+    }
+    Ok(bytes)
+}
+
+/// Threads that fsync restored files at once (see [`make_durable`]).
+const SYNC_THREADS: usize = 8;
+
+/// fsyncs every restored file and folder, several at a time, once all are
+/// written: by then the kernel has written most of them back, and
+/// concurrent syncs share the file system's journal commits, where a sync
+/// after each file would wait for the disk once per file.
+fn make_durable(paths: &[PathBuf]) -> Result<(), ClientError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..SYNC_THREADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    while let Some(path) = paths.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        File::open(path).and_then(|f| f.sync_all()).map_err(|e| io_error(path, e))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or_else(|_| Err(ClientError::Protocol("a sync thread failed".into()))))
+    })
 }
 
 /// Checks every snapshot: its tree reads back and every chunk it names is

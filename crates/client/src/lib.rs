@@ -22,7 +22,8 @@ mod state;
 mod store;
 
 pub use backup::{
-    BackupReport, CheckReport, RestoreReport, RetentionRules, backup, check, restore, snapshots_to_forget,
+    BackupReport, CheckReport, Durability, RestoreReport, RetentionRules, backup, check, restore, restore_with,
+    snapshots_to_forget,
 };
 pub use gallery::make_thumbnail;
 pub use hamgam_proto::store::{AlbumInfo, AlbumItem, EntryKind, FileEntry, SharedFile, SnapshotInfo, Visibility};

@@ -9,8 +9,7 @@ use futures_util::StreamExt;
 use hamgam_blob::{StoredChunk, list};
 use hamgam_proto::frame::{self, FrameKind};
 use hamgam_proto::store::{
-    ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats,
-    UsageReport,
+    ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats, UsageReport,
 };
 use hamgam_proto::{ErrorCode, HistoryAnchor, MessagePage, Request, Response};
 use hamgam_types::{ChatId, ChunkId, limits};
@@ -424,8 +423,9 @@ impl Client {
         let received = futures_util::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|batch| (batch, receiver))
         });
-        let mut uploads =
-            Box::pin(received.map(|batch| self.upload_missing(batch, counters)).buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT));
+        let mut uploads = Box::pin(
+            received.map(|batch| self.upload_missing(batch, counters)).buffer_unordered(UPLOAD_BATCHES_IN_FLIGHT),
+        );
         let mut failed = None;
         while let Some(result) = uploads.next().await {
             if let Err(error) = result {
