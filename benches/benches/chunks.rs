@@ -52,7 +52,9 @@ fn bytes_benches(c: &mut Criterion) {
             b.iter(|| chunks_of_slice(black_box(&data), params).map(ChunkId::of).count())
         });
         let pieces: Vec<&[u8]> = chunks_of_slice(&data, params).collect();
-        group.bench_function("seal", |b| b.iter(|| pieces.iter().map(|p| StoredChunk::seal(p).bytes.len()).sum::<usize>()));
+        group.bench_function("seal", |b| {
+            b.iter(|| pieces.iter().map(|p| StoredChunk::seal(p).bytes.len()).sum::<usize>())
+        });
         let sealed: Vec<StoredChunk> = pieces.iter().map(|p| StoredChunk::seal(p)).collect();
         group.bench_function("open_and_check", |b| {
             b.iter(|| sealed.iter().map(|c| c.open().map(|p| p.len()).unwrap_or(0)).sum::<usize>())
