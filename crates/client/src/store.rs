@@ -20,9 +20,12 @@ use std::time::Duration;
 /// Chunk streams one transfer keeps open at once.
 pub const PARALLEL_STREAMS: usize = 8;
 /// Plain bytes gathered before asking which chunks are missing.
-pub const UPLOAD_BATCH_BYTES: usize = 16 << 20;
-/// Upload batches in flight at once.
-pub const UPLOAD_BATCHES_IN_FLIGHT: usize = 3;
+pub const UPLOAD_BATCH_BYTES: usize = 8 << 20;
+/// Upload batches in flight at once. Six of 8 MiB hold as much as three of
+/// 16 MiB did, but keep the streams busier while a batch waits for its
+/// "which are missing" answer or the node's sync (a 1 GiB backup: 5.43 s
+/// against 5.83 s, the mean of eight alternating runs).
+pub const UPLOAD_BATCHES_IN_FLIGHT: usize = 6;
 /// How many times `upload_file` asks again after its commit found a chunk gone.
 pub const UPLOAD_ATTEMPTS: u32 = 3;
 /// Bytes one upload stream carries (at most `CHUNKS_PER_STREAM_MAX` chunks).
