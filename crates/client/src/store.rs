@@ -19,6 +19,12 @@ use std::time::Duration;
 
 /// Chunk streams one transfer keeps open at once.
 pub const PARALLEL_STREAMS: usize = 8;
+/// Chunks asked for on one download stream, and download streams in
+/// flight: sixteen requests of 16 chunks hold half what eight of 64 did and
+/// start writing sooner (a 1 GiB restore without the final sync: 4.58 s
+/// against 4.91 s, the mean of eight alternating runs).
+const DOWNLOAD_CHUNKS_PER_STREAM: usize = 16;
+const DOWNLOAD_STREAMS: usize = 16;
 /// Plain bytes gathered before asking which chunks are missing.
 pub const UPLOAD_BATCH_BYTES: usize = 8 << 20;
 /// Upload batches in flight at once. Six of 8 MiB hold as much as three of
@@ -274,7 +280,7 @@ impl Client {
         &self,
         ids: Vec<ChunkId>,
     ) -> impl futures_util::Stream<Item = Result<Vec<Vec<u8>>, ClientError>> + '_ {
-        let batches: Vec<Vec<ChunkId>> = ids.chunks(limits::CHUNKS_PER_STREAM_MAX).map(<[ChunkId]>::to_vec).collect();
+        let batches: Vec<Vec<ChunkId>> = ids.chunks(DOWNLOAD_CHUNKS_PER_STREAM).map(<[ChunkId]>::to_vec).collect();
         futures_util::stream::iter(batches.into_iter().map(move |batch| async move {
             let (chunks, missing) = self.get_chunks(&batch).await?;
             if let Some(id) = missing.first() {
@@ -293,7 +299,7 @@ impl Client {
             .await
             .map_err(|error| protocol(format!("opening chunks: {error}")))?
         }))
-        .buffered(PARALLEL_STREAMS)
+        .buffered(DOWNLOAD_STREAMS)
     }
 }
 
