@@ -152,7 +152,17 @@ impl StoredChunk {
     /// The plain bytes, checked against the name. Decompression is bounded
     /// by the declared plain length, which is itself bounded.
     pub fn open(&self) -> Result<Vec<u8>, BlobError> {
-        self.with_plain(<[u8]>::to_vec)
+        match self.codec {
+            ChunkCodec::Plain => {
+                self.check_plain(&self.bytes)?;
+                Ok(self.bytes.clone())
+            }
+            ChunkCodec::Zstd => {
+                let mut plain = Vec::new();
+                self.decompress_checked(&mut plain)?;
+                Ok(plain)
+            }
+        }
     }
 
     /// Checks the bytes against the name without keeping the plain bytes:
@@ -160,40 +170,46 @@ impl StoredChunk {
     /// decompressed into this thread's reused buffer. What a node does to
     /// every chunk it receives.
     pub fn check(&self) -> Result<(), BlobError> {
-        self.with_plain(|_| ())
+        match self.codec {
+            ChunkCodec::Plain => self.check_plain(&self.bytes),
+            ChunkCodec::Zstd => DECOMPRESSED.with(|cell| self.decompress_checked(&mut cell.borrow_mut())),
+        }
     }
 
-    /// Runs `take` on the checked plain bytes.
-    fn with_plain<T>(&self, take: impl FnOnce(&[u8]) -> T) -> Result<T, BlobError> {
-        let mismatch = |reason: String| BlobError::Mismatch { id: self.id, reason };
+    fn mismatch(&self, reason: String) -> BlobError {
+        BlobError::Mismatch { id: self.id, reason }
+    }
+
+    /// The declared plain length, if within the chunk limit.
+    fn declared_len(&self) -> Result<usize, BlobError> {
         if self.plain_len > limits::CHUNK_MAX_BYTES {
-            return Err(mismatch(format!("declares {} plain bytes, over the chunk limit", self.plain_len)));
+            return Err(self.mismatch(format!("declares {} plain bytes, over the chunk limit", self.plain_len)));
         }
-        let checked = |plain: &[u8]| {
-            if plain.len() != self.plain_len as usize {
-                return Err(mismatch(format!(
-                    "holds {} plain bytes, not the {} declared",
-                    plain.len(),
-                    self.plain_len
-                )));
-            }
-            if ChunkId::of(plain) != self.id {
-                return Err(mismatch("the bytes hash to another name".into()));
-            }
-            Ok(take(plain))
-        };
-        match self.codec {
-            ChunkCodec::Plain => checked(&self.bytes),
-            ChunkCodec::Zstd => DECOMPRESSED.with(|cell| {
-                let mut buffer = cell.borrow_mut();
-                // One spare byte, so content longer than declared is told
-                // apart from content of exactly the declared length.
-                buffer.resize(self.plain_len as usize + 1, 0);
-                let length = zstd::bulk::decompress_to_buffer(&self.bytes, &mut buffer[..])
-                    .map_err(|error| mismatch(format!("does not decompress: {error}")))?;
-                checked(&buffer[..length])
-            }),
+        Ok(self.plain_len as usize)
+    }
+
+    /// `plain` has the declared length and hashes to the name.
+    fn check_plain(&self, plain: &[u8]) -> Result<(), BlobError> {
+        if plain.len() != self.declared_len()? {
+            let reason = format!("holds {} plain bytes, not the {} declared", plain.len(), self.plain_len);
+            return Err(self.mismatch(reason));
         }
+        if ChunkId::of(plain) != self.id {
+            return Err(self.mismatch("the bytes hash to another name".into()));
+        }
+        Ok(())
+    }
+
+    /// Decompresses into `buffer` (replacing what it held), bounded by the
+    /// declared plain length, and checks the result.
+    fn decompress_checked(&self, buffer: &mut Vec<u8>) -> Result<(), BlobError> {
+        // One spare byte, so content longer than declared is told apart
+        // from content of exactly the declared length.
+        buffer.resize(self.declared_len()? + 1, 0);
+        let length = zstd::bulk::decompress_to_buffer(&self.bytes, &mut buffer[..])
+            .map_err(|error| self.mismatch(format!("does not decompress: {error}")))?;
+        buffer.truncate(length);
+        self.check_plain(buffer)
     }
 }
 

@@ -39,6 +39,19 @@ pub fn make_thumbnail(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// [`make_thumbnail`] of a local file, read whole only if its first
+/// bytes say it is a JPEG or PNG photo (a video is not read again).
+fn thumbnail_of_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, ClientError> {
+    use std::io::Read;
+    let io = |e| ClientError::Io { path: path.display().to_string(), source: e };
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path).map_err(io)?.take(16).read_to_end(&mut head).map_err(io)?;
+    if !matches!(image::guess_format(&head), Ok(image::ImageFormat::Jpeg | image::ImageFormat::Png)) {
+        return Ok(None);
+    }
+    Ok(make_thumbnail(&std::fs::read(path).map_err(io)?))
+}
+
 impl Client {
     /// A new album (`client_ref` makes a retry find the same album).
     pub async fn create_album(&self, title: &str, visibility: Visibility) -> Result<AlbumInfo, ClientError> {
@@ -62,11 +75,10 @@ impl Client {
         counters: &TransferCounters,
     ) -> Result<u64, ClientError> {
         self.upload_file(local, remote, counters).await?;
-        let bytes =
-            std::fs::read(local).map_err(|e| ClientError::Io { path: local.display().to_string(), source: e })?;
-        let made = tokio::task::spawn_blocking(move || make_thumbnail(&bytes))
+        let path = local.to_path_buf();
+        let made = tokio::task::spawn_blocking(move || thumbnail_of_file(&path))
             .await
-            .map_err(|e| ClientError::Protocol(format!("making a thumbnail failed: {e}")))?;
+            .map_err(|e| ClientError::Protocol(format!("making a thumbnail failed: {e}")))??;
         let thumbnail = match made {
             Some(jpeg) => Some(self.store_thumbnail(&jpeg).await?),
             None => None,
