@@ -33,6 +33,9 @@ pub enum AdminRequest {
     /// Give up this node's (former) replica of a shard: for the placement
     /// driver, once the shard's leader no longer counts this node.
     ReleaseReplica { shard: ShardId },
+    /// Hand the lead of a shard this node leads to voter `to`: for the
+    /// placement driver, which spreads leaders over the members.
+    TransferLeader { shard: ShardId, to: NodeId },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +123,14 @@ async fn answer(
         }
         AdminRequest::ReleaseReplica { shard } => match raft.release_replica(shard).await {
             Ok(()) => AdminResponse::Done,
+            Err(error) => AdminResponse::Refused(error.to_string()),
+        },
+        AdminRequest::TransferLeader { shard, to } => match raft.transfer_leader(shard, to).await {
+            Ok(true) => AdminResponse::Done,
+            Ok(false) => AdminResponse::Refused(format!(
+                "node {to} is not an active voter of shard {shard} close to its leader, or a hand-over is under way"
+            )),
+            Err(ProposeError::NotLeader { leader, .. }) => AdminResponse::NotLeader(leader),
             Err(error) => AdminResponse::Refused(error.to_string()),
         },
         AdminRequest::ChangeReplicas { shard, change } => match raft.change_replicas(shard, change).await {

@@ -5,7 +5,9 @@
 //! admin request operators use), plans at most one configuration change per
 //! shard ([`plan`], a pure function), asks each shard's leader to make it,
 //! and records each shard's replicas in shard 0 so that nodes without a
-//! replica know whom to ask.
+//! replica know whom to ask. It also spreads the data shards' leaders (and
+//! with them the work of proposing and replicating) evenly over the members
+//! ([`plan_leaders`]), asking each leader to hand over.
 //!
 //! Goals, in order: no replica on a removed, draining or dead member; every
 //! shard at `min(3, members that keep replicas)` voters; replicas spread so
@@ -32,7 +34,7 @@ use crate::membership::{ClusterCommand, ClusterView, MemberRecord, MemberState};
 use hamgam_raftstore::{RaftHandle, ReplicaChange};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +48,9 @@ const BALANCING_MOVES_PER_PASS: usize = 4;
 const CHANGES_PER_PASS: usize = 16;
 /// Former replicas given up per pass (each deletes a shard's data on a node).
 const RELEASES_PER_PASS: usize = 8;
+/// Leaders handed over per pass (each pauses that shard's writes for a
+/// moment: proposals made during a hand-over are refused and retried).
+const LEADER_MOVES_PER_PASS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -217,6 +222,94 @@ pub fn plan(members: &BTreeMap<NodeId, Standing>, shards: &[ShardReplicas], repl
     changes
 }
 
+/// One hand-over of a shard's lead, asked of its current leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderMove {
+    pub shard: ShardId,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// Plans hand-overs that spread the leaders of the data shards over the
+/// members that may take new work (active and answering): first away from
+/// members that may not (draining ones), then, repeatedly, from a member
+/// leading the most to one leading at least two fewer, directly when they
+/// share a shard, else along the shortest chain of hand-overs. Each step
+/// lowers the sum of the squared leader counts, so repeated passes settle
+/// and never swing back and forth. Only
+/// voters close to the leader's log take over; shards in `busy` (changing
+/// replicas this pass) and shard 0 (whose leader runs this driver) stay.
+/// A preference per shard fixed in advance (say voter `shard mod 3`)
+/// cannot do this: with more than three members, which voters a shard has
+/// decides how many shards each member is preferred for. Deterministic.
+pub fn plan_leaders(
+    members: &BTreeMap<NodeId, Standing>,
+    shards: &[ShardReplicas],
+    busy: &[ShardId],
+) -> Vec<LeaderMove> {
+    let may_lead = |node: &NodeId| members.get(node).is_some_and(|s| s.takes_new());
+    let data = || shards.iter().filter(|s| s.shard != ShardId::CLUSTER);
+    let mut led: BTreeMap<NodeId, usize> = members.keys().filter(|n| may_lead(n)).map(|n| (*n, 0)).collect();
+    for shard in data() {
+        if let Some(count) = led.get_mut(&shard.leader) {
+            *count += 1;
+        }
+    }
+    let takers = |shard: &ShardReplicas| -> Vec<NodeId> {
+        shard.voters.iter().copied().filter(|v| *v != shard.leader && may_lead(v) && shard.caught_up(*v)).collect()
+    };
+    let movable = |shard: &&ShardReplicas| !busy.contains(&shard.shard);
+    let mut moves: Vec<LeaderMove> = Vec::new();
+    for shard in data().filter(movable).filter(|s| !may_lead(&s.leader)) {
+        if moves.len() >= LEADER_MOVES_PER_PASS {
+            return moves;
+        }
+        if let Some(to) = takers(shard).into_iter().min_by_key(|v| (led[v], *v)) {
+            *led.entry(to).or_default() += 1;
+            moves.push(LeaderMove { shard: shard.shard, from: shard.leader, to });
+        }
+    }
+    // Even out: a chain of hand-overs from a member leading the most to
+    // one leading at least two fewer (the shortest chain; members between
+    // give one lead and take one, so only the ends change).
+    while moves.len() < LEADER_MOVES_PER_PASS {
+        let Some(most) = led.values().max().copied() else { break };
+        let mut queue: VecDeque<NodeId> = led.iter().filter(|(_, n)| **n == most).map(|(node, _)| *node).collect();
+        let mut reached: BTreeMap<NodeId, Option<(NodeId, ShardId)>> = queue.iter().map(|n| (*n, None)).collect();
+        let mut end = None;
+        while let Some(node) = queue.pop_front() {
+            if led[&node] + 2 <= most {
+                end = Some(node);
+                break;
+            }
+            let led_here =
+                data().filter(movable).filter(|s| s.leader == node && !moves.iter().any(|m| m.shard == s.shard));
+            for shard in led_here {
+                for to in takers(shard) {
+                    if let std::collections::btree_map::Entry::Vacant(entry) = reached.entry(to) {
+                        entry.insert(Some((node, shard.shard)));
+                        queue.push_back(to);
+                    }
+                }
+            }
+        }
+        let Some(end) = end else { break };
+        let mut chain = Vec::new();
+        let mut at = end;
+        while let Some(Some((from, shard))) = reached.get(&at) {
+            chain.push(LeaderMove { shard: *shard, from: *from, to: at });
+            at = *from;
+        }
+        if moves.len() + chain.len() > LEADER_MOVES_PER_PASS {
+            break;
+        }
+        *led.entry(at).or_default() -= 1;
+        *led.entry(end).or_default() += 1;
+        moves.extend(chain.into_iter().rev());
+    }
+    moves
+}
+
 /// Each shard's report from the replica that leads it in the highest term.
 pub fn leaders_reports(statuses: &HashMap<NodeId, NodeStatus>) -> Vec<ShardReplicas> {
     let mut best: BTreeMap<ShardId, (u64, ShardReplicas)> = BTreeMap::new();
@@ -276,7 +369,15 @@ pub async fn run(
         let shards = leaders_reports(&statuses);
         let addrs: HashMap<NodeId, SocketAddr> = view.members.iter().map(|m| (m.id, m.peer_addr)).collect();
         let planned_changes = plan(&members, &shards, config.replicas);
-        tracing::debug!(?members, shards = shards.len(), changes = planned_changes.len(), "placement pass");
+        let changing: Vec<ShardId> = planned_changes.iter().map(|c| c.shard).collect();
+        let leader_moves = plan_leaders(&members, &shards, &changing);
+        tracing::debug!(
+            ?members,
+            shards = shards.len(),
+            changes = planned_changes.len(),
+            leader_moves = leader_moves.len(),
+            "placement pass"
+        );
         let stale = stale_replicas(&statuses, &shards, &planned_changes);
         for planned in planned_changes {
             if cancel.is_cancelled() {
@@ -285,6 +386,18 @@ pub async fn run(
             match change(&identity, &addrs, planned).await {
                 Ok(()) => tracing::info!(shard = %planned.shard, change = ?planned.change, "replicas changed"),
                 Err(error) => tracing::debug!(shard = %planned.shard, change = ?planned.change, %error, "a replica change did not happen; next pass"),
+            }
+        }
+        for planned in leader_moves {
+            let Some(addr) = addrs.get(&planned.from).copied() else { continue };
+            let request = AdminRequest::TransferLeader { shard: planned.shard, to: planned.to };
+            match admin::command(&identity, addr, &request).await {
+                Ok(()) => {
+                    tracing::debug!(shard = %planned.shard, from = %planned.from, to = %planned.to, "leadership handed over")
+                }
+                Err(error) => {
+                    tracing::debug!(shard = %planned.shard, to = %planned.to, %error, "a leadership hand-over did not start; next pass")
+                }
             }
         }
         for (node, shard) in stale {
@@ -509,5 +622,86 @@ mod tests {
         let changes = plan(&members, &shards, 3);
         assert!(changes.iter().all(|c| c.change != ReplicaChange::Remove(NodeId(3))), "{changes:?}");
         assert!(changes.iter().all(|c| c.change != ReplicaChange::AddLearner(NodeId(3))));
+    }
+
+    /// Applies leader hand-overs as raft would, pass after pass, until the
+    /// planner has nothing left; returns the shards and the passes taken.
+    fn settle_leaders(
+        members: &BTreeMap<NodeId, Standing>,
+        mut shards: Vec<ShardReplicas>,
+    ) -> (Vec<ShardReplicas>, usize) {
+        for pass in 0..64 {
+            let moves = plan_leaders(members, &shards, &[]);
+            if moves.is_empty() {
+                return (shards, pass);
+            }
+            for planned in moves {
+                let shard = shards.iter_mut().find(|s| s.shard == planned.shard).unwrap();
+                assert_eq!(shard.leader, planned.from);
+                assert!(shard.voters.contains(&planned.to), "{planned:?} to a non-voter");
+                shard.leader = planned.to;
+            }
+        }
+        panic!("leader hand-overs did not settle in 64 passes");
+    }
+
+    fn led(shards: &[ShardReplicas]) -> BTreeMap<NodeId, usize> {
+        let mut led = BTreeMap::new();
+        for shard in shards.iter().filter(|s| s.shard != ShardId::CLUSTER) {
+            *led.entry(shard.leader).or_default() += 1;
+        }
+        led
+    }
+
+    #[test]
+    fn leaders_spread_evenly_after_growing_from_three_members_to_five() {
+        // The replicas as the placement planner spreads them over five
+        // members; every shard first led by its lowest voter (5 members,
+        // 64 data shards: 12 or 13 each).
+        let members = active(&[1, 2, 3, 4, 5]);
+        let grown = converge(&members, (0..=64).map(|s| shard(s, &[1, 2, 3], &[])).collect(), 100);
+        let lowest_first: Vec<ShardReplicas> = grown
+            .into_iter()
+            .map(|mut s| {
+                s.leader = *s.voters.iter().min().unwrap();
+                s
+            })
+            .collect();
+        let before = led(&lowest_first);
+        let (settled, passes) = settle_leaders(&members, lowest_first);
+        let after = led(&settled);
+        assert_eq!(after.len(), 5, "every member leads some shards: {after:?} (before: {before:?})");
+        let (min, max) = (after.values().min().unwrap(), after.values().max().unwrap());
+        assert!(max - min <= 1, "leaders per member {after:?} (before: {before:?})");
+        assert!(passes <= 8, "{passes} passes");
+        assert_eq!(settled.iter().find(|s| s.shard == ShardId::CLUSTER).unwrap().leader, NodeId(1), "shard 0 stays");
+    }
+
+    #[test]
+    fn a_spread_of_leaders_is_left_alone() {
+        let shards: Vec<_> = (1..=9)
+            .map(|s| {
+                let mut one = shard(s, &[1, 2, 3], &[]);
+                one.leader = NodeId(u64::from(s % 3) + 1);
+                one
+            })
+            .collect();
+        assert!(plan_leaders(&active(&[1, 2, 3]), &shards, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_draining_member_hands_over_every_lead_and_only_to_voters_that_keep_up() {
+        let mut members = active(&[1, 2, 3, 4]);
+        members.insert(NodeId(1), Standing { state: MemberState::Draining, up: true, dead: false });
+        let mut shards: Vec<_> = (1..=6).map(|s| shard(s, &[1, 2, 3], &[])).collect();
+        // Voter 2 of shard 1 is far behind: only 3 may take that one over.
+        shards[0].matched.insert(NodeId(2), 10);
+        let moves = plan_leaders(&members, &shards, &[ShardId(6)]);
+        let moved: Vec<ShardId> = moves.iter().map(|m| m.shard).collect();
+        assert_eq!(moved, (1..=5).map(ShardId).collect::<Vec<_>>(), "shard 6 changes replicas this pass: {moves:?}");
+        assert!(moves.iter().all(|m| m.from == NodeId(1) && m.to != NodeId(4)), "{moves:?}");
+        assert_eq!(moves[0].to, NodeId(3));
+        let to_two = moves.iter().filter(|m| m.to == NodeId(2)).count();
+        assert!((2..=3).contains(&to_two), "the leads are shared between 2 and 3: {moves:?}");
     }
 }

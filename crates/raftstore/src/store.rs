@@ -39,11 +39,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// store loop waits, which pushes back on proposers.
 const APPLY_QUEUE_ROUNDS_MAX: usize = 64;
 
-/// Ticks between passes that hand leaders back to their preferred node,
-/// and how many shards one pass may hand over (each is a short pause in
-/// that shard's writes, so they are spread out).
-const LEADER_BALANCE_TICKS: u64 = 10;
-const LEADER_TRANSFERS_PER_PASS: usize = 4;
+/// How far behind the leader's last entry a voter may be and still be
+/// handed the lead: raft sends it the rest before the hand-over.
+const LEADER_TRANSFER_SLACK: u64 = 100;
 
 /// Where a new shard's initial replicas start their logs.
 const BOOTSTRAP_INDEX: u64 = 1;
@@ -192,6 +190,7 @@ enum Input {
     SnapshotSent { shard: ShardId, to: NodeId, delivered: bool },
     ReadIndex { shard: ShardId, reply: ReadReply },
     ChangeReplicas { shard: ShardId, change: ReplicaChange, reply: Reply },
+    TransferLeader { shard: ShardId, to: NodeId, reply: oneshot::Sender<Result<bool, ProposeError>> },
     Status { reply: oneshot::Sender<Vec<ShardStatus>> },
     Release { shard: ShardId, reply: oneshot::Sender<Result<(), ProposeError>> },
     Wake,
@@ -449,6 +448,18 @@ impl RaftHandle {
         }
     }
 
+    /// Starts handing the lead of `shard` to voter `to`: `Ok(true)` once
+    /// raft has begun (the hand-over itself completes within an election
+    /// timeout, or is abandoned), `Ok(false)` when `to` is not an active
+    /// voter within a few entries of this leader, or a hand-over is already
+    /// under way. Only on the shard's leader (`NotLeader` elsewhere). The
+    /// placement driver decides who leads what, for the whole cluster.
+    pub async fn transfer_leader(&self, shard: ShardId, to: NodeId) -> Result<bool, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs.send(Input::TransferLeader { shard, to, reply }).await.map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
     /// Gives up this node's replica of `shard`: returns once its state is
     /// reset to empty, durably; the apply thread deletes its data right
     /// after, in batches. Only for a replica the shard's leader no
@@ -631,7 +642,6 @@ impl Store {
             apply_thread: Some(apply_thread),
             progress,
             last_tick: Instant::now(),
-            ticks: 0,
             checkpoint: CheckpointState { in_flight: false, thread: None, wal_bytes: 0, last: Instant::now() },
         };
         let thread = std::thread::Builder::new()
@@ -881,7 +891,6 @@ struct StoreLoop {
     apply_thread: Option<std::thread::JoinHandle<()>>,
     progress: Arc<ApplyProgress>,
     last_tick: Instant,
-    ticks: u64,
     checkpoint: CheckpointState,
 }
 
@@ -1027,6 +1036,31 @@ impl StoreLoop {
                     }
                 }
             }
+            Input::TransferLeader { shard, to, reply } => {
+                let Some(peer) = self.peers.get_mut(&shard) else {
+                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
+                    return Ok(false);
+                };
+                if !peer.is_leader() {
+                    let _ = reply.send(Err(peer.not_leader(shard)));
+                    return Ok(false);
+                }
+                let raft = &peer.node.raft;
+                if to.0 == raft.id {
+                    let _ = reply.send(Ok(true));
+                    return Ok(false);
+                }
+                let last = raft.raft_log.last_index();
+                let voter = raft.prs().conf().voters().contains(to.0);
+                let close =
+                    raft.prs().get(to.0).is_some_and(|p| p.recent_active && p.matched + LEADER_TRANSFER_SLACK >= last);
+                let ready = voter && close && raft.lead_transferee.is_none();
+                if ready {
+                    tracing::debug!(%shard, %to, "handing leadership over");
+                    peer.node.transfer_leader(to.0);
+                }
+                let _ = reply.send(Ok(ready));
+            }
             Input::Release { shard, reply } => {
                 let Some(peer) = self.peers.get(&shard) else {
                     let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
@@ -1093,49 +1127,14 @@ impl StoreLoop {
             .collect()
     }
 
-    /// Hands leadership of a few shards this node leads to their preferred
-    /// leader: voter number `shard mod voters` in id order, so leaders (and
-    /// with them the work of proposing and replicating) spread evenly over
-    /// the nodes. Only to a voter that is active and has every entry, so the
-    /// transfer is quick; a dead preferred leader simply keeps none.
-    fn balance_leaders(&mut self) {
-        let mut started = 0;
-        for (shard, peer) in self.peers.iter_mut() {
-            if started >= LEADER_TRANSFERS_PER_PASS {
-                break;
-            }
-            let raft = &peer.node.raft;
-            if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
-                continue;
-            }
-            let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
-            voters.sort_unstable();
-            let Some(&preferred) = voters.get(shard.0 as usize % voters.len().max(1)) else { continue };
-            if preferred == raft.id {
-                continue;
-            }
-            let last = raft.raft_log.last_index();
-            let ready = raft.prs().get(preferred).is_some_and(|p| p.recent_active && p.matched == last);
-            if ready {
-                tracing::debug!(%shard, to = preferred, "handing leadership to the preferred leader");
-                peer.node.transfer_leader(preferred);
-                started += 1;
-            }
-        }
-    }
-
     fn tick_if_due(&mut self) {
         let interval = Duration::from_millis(limits::RAFT_TICK_MS);
         if self.last_tick.elapsed() < interval {
             return;
         }
         self.last_tick = Instant::now();
-        self.ticks += 1;
         for peer in self.peers.values_mut() {
             peer.node.tick();
-        }
-        if self.ticks.is_multiple_of(LEADER_BALANCE_TICKS) {
-            self.balance_leaders();
         }
         // A read raft never answered (lost in an election, or no leader to
         // ask) is refused; the caller asks again.

@@ -86,6 +86,21 @@ impl Senders {
     }
 }
 
+/// Waits until the data shards' leaders sit only on `holders`, evenly (at
+/// most one apart). Returns the leads per holder.
+pub async fn leaders_spread_on(via: &Node, holders: &[NodeId]) -> BTreeMap<NodeId, usize> {
+    eventually(Duration::from_secs(60), || async {
+        let status = ClusterStatus::gather(&via.dir, None).await.ok()?;
+        let mut led: BTreeMap<NodeId, usize> = holders.iter().map(|n| (*n, 0)).collect();
+        for view in status.shards().values().filter(|s| s.shard != ShardId::CLUSTER) {
+            *led.get_mut(&view.leader?)? += 1;
+        }
+        let (min, max) = (led.values().min()?, led.values().max()?);
+        (max - min <= 1).then_some(led)
+    })
+    .await
+}
+
 pub async fn log_in(node: &Node, name: &str) -> Client {
     let client = node.client().await;
     client.log_in(name, PASSWORD, "burst").await.unwrap();
@@ -162,6 +177,9 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
         current.then_some(())
     })
     .await;
+    // And the placement driver hands it its share of the leads again.
+    let led = leaders_spread_on(&nodes[0], &[NodeId(1), NodeId(2), NodeId(3)]).await;
+    eprintln!("after the restart: data shards led per node {led:?}");
 
     // Cut node 1 off: stop the other two.
     let lone = 0;

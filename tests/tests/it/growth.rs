@@ -12,7 +12,7 @@
 //! After each phase every acknowledged message is there exactly once, in
 //! one order for every member.
 
-use crate::cluster::{DATA_SHARDS, Senders, home, log_in, start_cluster, status_with_leaders};
+use crate::cluster::{DATA_SHARDS, Senders, home, leaders_spread_on, log_in, start_cluster, status_with_leaders};
 use crate::ledger::{Burst, assert_histories, burst, settle};
 use crate::support::{Node, eventually, free_udp_addr};
 use hamgam_client::{ChatId, Client, Push};
@@ -119,6 +119,8 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
         joined.push(join(&root, "node-5", &nodes[1]).0);
         let load = balanced_on(&nodes[0], &(1..=5).map(NodeId).collect::<Vec<_>>()).await;
         eprintln!("grown to five: data replicas per node {load:?}");
+        let led = leaders_spread_on(&nodes[0], &(1..=5).map(NodeId).collect::<Vec<_>>()).await;
+        eprintln!("grown to five: data shards led per node {led:?}");
     })
     .await;
     let joined_ids = [NodeId(4), NodeId(5)];
