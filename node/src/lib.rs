@@ -353,7 +353,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let machine = SyncMachine::new(placement, signals.clone());
     let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
     let (machine, view) = ClusterMachine::new(Box::new(machine), shard0, shards.len())?;
-    let store_config = StoreConfig { node, wal_dir: config.data.join("wal"), shards };
+    let store_config = StoreConfig { node, dir: config.data.clone(), shards };
     let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), transport))?;
     let raft = store.handle();
     let cancel = CancellationToken::new();

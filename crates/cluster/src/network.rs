@@ -7,8 +7,8 @@ use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
 use hamgam_blob::PackStore;
 use hamgam_raftstore::{
-    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftTransport, RemoteRead,
-    RemoteReadAnswer, RemoteReadReply,
+    ForwardedReply, ProposalForwarder, ProposeError, RaftHandle, RaftMessage, RaftMessageType, RaftTransport,
+    RemoteRead, RemoteReadAnswer, RemoteReadReply,
 };
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId, limits};
@@ -19,6 +19,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// A snapshot file travels in pieces of this size: the most either node
+/// holds of it in memory.
+const SNAPSHOT_PIECE_BYTES: usize = 1 << 20;
 
 /// Where each node of the cluster listens for its peers. Shared, so that a
 /// membership change can update it while links run.
@@ -416,18 +420,35 @@ impl PeerNetwork {
         Ok(stream)
     }
 
-    /// Sends a snapshot on its own stream and tells raft whether it arrived.
+    /// Sends a snapshot on its own stream (the message, then its file in
+    /// pieces) and tells raft whether it arrived.
     fn send_snapshot(self: &Arc<Self>, shard: ShardId, message: RaftMessage) {
         let network = self.clone();
         self.tasks.spawn_on(
             async move {
                 let to = NodeId(message.to);
-                let mut frame = vec![wire::SNAPSHOT_STREAM];
-                wire::encode_raft(shard, &message, &mut frame);
+                let raft = network.raft.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(raft) = raft else { return };
                 let sent = async {
+                    let mut file = raft.outgoing_snapshot(shard, &message).map_err(|e| e.to_string())?;
+                    let mut frame = vec![wire::SNAPSHOT_STREAM];
+                    wire::encode_raft(shard, &message, &mut frame);
                     let connection = network.connection(to).await?;
                     let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
                     stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    let mut piece = vec![0u8; SNAPSHOT_PIECE_BYTES];
+                    let mut left = file.len;
+                    while left > 0 {
+                        let want = piece.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                        // A read of at most one piece from the page cache or disk.
+                        let n = tokio::task::block_in_place(|| std::io::Read::read(&mut file, &mut piece[..want]))
+                            .map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            return Err("the snapshot file is shorter than its reference".to_string());
+                        }
+                        stream.write_all(&piece[..n]).await.map_err(|e| e.to_string())?;
+                        left -= n as u64;
+                    }
                     stream.finish().map_err(|e| e.to_string())?;
                     // Resolves once the peer has read it all (or dropped it).
                     stream.stopped().await.map_err(|e| e.to_string())?;
@@ -440,10 +461,7 @@ impl PeerNetwork {
                         false
                     }
                 };
-                let raft = network.raft.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(raft) = raft {
-                    raft.report_snapshot(shard, to, delivered).await;
-                }
+                raft.report_snapshot(shard, to, delivered).await;
             },
             &self.runtime,
         );
@@ -511,15 +529,16 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
     if stream.read_exact(&mut kind).await.is_err() {
         return;
     }
-    let max = match kind[0] {
-        wire::RAFT_STREAM => limits::PEER_FRAME_BYTES_MAX,
-        wire::SNAPSHOT_STREAM => limits::SNAPSHOT_BYTES_MAX + limits::PEER_FRAME_BYTES_MAX,
+    match kind[0] {
+        wire::RAFT_STREAM => {}
+        wire::SNAPSHOT_STREAM => return receive_snapshot(stream, peer, raft).await,
         other => {
             tracing::warn!(%peer, kind = other, "a stream of unknown kind; dropped");
             let _ = stream.stop(1u32.into());
             return;
         }
-    };
+    }
+    let max = limits::PEER_FRAME_BYTES_MAX;
     let mut header = [0u8; 4];
     loop {
         if stream.read_exact(&mut header).await.is_err() {
@@ -538,6 +557,9 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
             return;
         }
         match wire::decode_frame(&frame) {
+            Ok(wire::Frame::Raft(shard, message)) if message.get_msg_type() == RaftMessageType::MsgSnapshot => {
+                tracing::warn!(%peer, %shard, "a snapshot message outside a snapshot stream; dropped");
+            }
             Ok(wire::Frame::Raft(shard, message)) if message.from == peer.0 => {
                 // A full store queue drops the message; raft resends.
                 raft.step(shard, message);
@@ -551,6 +573,43 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
                 }
             }
             Err(error) => tracing::warn!(%peer, %error, "an undecodable raft message; dropped"),
+        }
+    }
+}
+
+/// Reads one snapshot stream: the snapshot message, then its file, written
+/// to disk in pieces and checked against the message's reference; only then
+/// is the message stepped (raft installs from the file). Anything wrong
+/// drops the stream; the leader hears of it and sends again later.
+async fn receive_snapshot(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle) {
+    let received = async {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await.map_err(|e| e.to_string())?;
+        let len = wire::frame_len(header, limits::PEER_FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
+        let mut frame = vec![0u8; len];
+        stream.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
+        let (shard, message) = wire::decode_raft(&frame).map_err(|e| e.to_string())?;
+        if message.from != peer.0 || message.get_msg_type() != RaftMessageType::MsgSnapshot {
+            return Err(format!("not a snapshot message from node {peer}"));
+        }
+        let mut file = raft.incoming_snapshot(shard, &message).map_err(|e| e.to_string())?;
+        let mut piece = vec![0u8; SNAPSHOT_PIECE_BYTES];
+        while file.remaining() > 0 {
+            let want = piece.len().min(usize::try_from(file.remaining()).unwrap_or(usize::MAX));
+            stream.read_exact(&mut piece[..want]).await.map_err(|e| e.to_string())?;
+            tokio::task::block_in_place(|| file.write(&piece[..want])).map_err(|e| e.to_string())?;
+        }
+        tokio::task::block_in_place(|| file.finish()).map_err(|e| e.to_string())?;
+        Ok::<_, String>((shard, message))
+    };
+    match received.await {
+        Ok((shard, message)) => {
+            tracing::info!(%peer, %shard, index = message.get_snapshot().get_metadata().index, "received a snapshot");
+            raft.step(shard, message);
+        }
+        Err(reason) => {
+            tracing::warn!(%peer, %reason, "a snapshot stream was dropped");
+            let _ = stream.stop(1u32.into());
         }
     }
 }

@@ -4,8 +4,10 @@
 //! ([`RAFT_STREAM`], one per direction and connection) is a run of frames: a
 //! u32 little-endian length, then the shard (u32 LE) and the
 //! protobuf-encoded `eraftpb::Message`. A snapshot stream
-//! ([`SNAPSHOT_STREAM`]) carries one such frame holding a snapshot message,
-//! with a larger bound, so a snapshot never holds up heartbeats.
+//! ([`SNAPSHOT_STREAM`]) carries one such frame holding a snapshot message
+//! (whose data is only a reference to the snapshot file: length, record
+//! count, hash), then the file's bytes, exactly as many as the reference
+//! says; on a stream of its own, so a snapshot never holds up heartbeats.
 //!
 //! A bidi stream is one request and its answer; the request opens with a
 //! kind byte. A forwarded proposal ([`PROPOSAL_STREAM`]): the shard (u32 LE)

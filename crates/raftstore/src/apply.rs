@@ -14,16 +14,21 @@
 //!
 //! Snapshots are made and installed here too, in order with the rounds: a
 //! snapshot of a shard is its state-machine range as of its applied index
-//! (read between batches, so it is a consistent point), and installing one
-//! replaces that range and the shard's applied state in one batch, made
-//! durable before the store loop goes on.
+//! (read page by page between batches, so it is a consistent point) written
+//! to a file; installing one replaces that range from a received file in
+//! bounded batches and then sets the shard's applied state, durably, before
+//! the store loop goes on. An install-in-progress record, written first and
+//! removed with the last batch, makes an install cut short by a crash redo
+//! itself from the file at the next start.
 
+use crate::snapshot::{self, SnapshotRecords, SnapshotRef, SnapshotWriter};
 use crate::{ProposeError, StateMachine, StoreError, StoreStats, state_machine_prefix};
 use hamgam_storage::{Db, KeyRange, KvRead, KvWrite, Order, Prefixed, Txn};
-use hamgam_types::{ShardId, limits};
+use hamgam_types::ShardId;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -107,6 +112,110 @@ pub(crate) fn write_applied(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyS
     txn.put(APPLIED_KEY, encode_applied(states));
 }
 
+/// The snapshot install under way, if any (the applied-state encoding of
+/// one shard at the snapshot's point). Next to the applied-state record.
+const INSTALLING_KEY: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x01];
+/// Keys or bytes per batch while a snapshot is installed or a replica's data deleted.
+const INSTALL_BATCH_KEYS: usize = 10_000;
+const INSTALL_BATCH_BYTES: usize = 8 << 20;
+
+/// Replaces `shard`'s state-machine range with the records of the snapshot
+/// file at `path` (checked against `reference` as it is read) and sets its
+/// applied state to `state`, in bounded batches: first the
+/// install-in-progress record (durable), then the old range deleted, then
+/// the records, then the applied state with the record removed (durable).
+/// Safe to run again from the start after a crash at any point.
+fn install_from_file(
+    db: &dyn Db,
+    states: &mut BTreeMap<ShardId, ApplyState>,
+    shard: ShardId,
+    state: ApplyState,
+    path: &Path,
+    reference: SnapshotRef,
+) -> Result<u64, StoreError> {
+    let corrupt = |error: snapshot::SnapshotError| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() };
+    let mut records = SnapshotRecords::open(path, reference).map_err(corrupt)?;
+    let mut marker = Txn::new(db);
+    marker.put(INSTALLING_KEY, encode_installing(shard, &state, reference));
+    db.write(&marker.into_batch())?;
+    db.persist()?;
+
+    let prefix = state_machine_prefix(shard);
+    delete_range(db, &KeyRange::prefix(&prefix))?;
+
+    let mut count = 0u64;
+    let mut txn = Txn::new(db);
+    let (mut keys_in_batch, mut bytes_in_batch) = (0usize, 0usize);
+    while let Some((key, value)) = records.next_record().map_err(corrupt)? {
+        keys_in_batch += 1;
+        bytes_in_batch += key.len() + value.len();
+        Prefixed::new(&mut txn, &prefix).put(&key, value);
+        count += 1;
+        if keys_in_batch >= INSTALL_BATCH_KEYS || bytes_in_batch >= INSTALL_BATCH_BYTES {
+            db.write(&std::mem::replace(&mut txn, Txn::new(db)).into_batch())?;
+            (keys_in_batch, bytes_in_batch) = (0, 0);
+        }
+    }
+    states.insert(shard, state);
+    write_applied(&mut txn, states);
+    txn.delete(INSTALLING_KEY);
+    db.write(&txn.into_batch())?;
+    db.persist()?;
+    let _ = std::fs::remove_file(path);
+    Ok(count)
+}
+
+/// Deletes every key of `range` in bounded batches; returns how many.
+fn delete_range(db: &dyn Db, range: &KeyRange) -> Result<usize, StoreError> {
+    let mut deleted = 0;
+    loop {
+        let keys = db.scan(range, Order::Ascending, INSTALL_BATCH_KEYS)?;
+        if keys.is_empty() {
+            return Ok(deleted);
+        }
+        let mut txn = Txn::new(db);
+        for (key, _) in &keys {
+            txn.delete(key);
+        }
+        db.write(&txn.into_batch())?;
+        deleted += keys.len();
+    }
+}
+
+fn encode_installing(shard: ShardId, state: &ApplyState, reference: SnapshotRef) -> Vec<u8> {
+    let mut out = encode_applied(&BTreeMap::from([(shard, state.clone())]));
+    out.extend_from_slice(&reference.encode());
+    out
+}
+
+/// Finishes a snapshot install that a crash cut short, from its file (kept
+/// until the install is durable), and empties the snapshot directory of
+/// everything else: files being received, and snapshots made or received
+/// before the restart, which raft will ask for again if it needs them.
+pub(crate) fn resume_install(
+    db: &dyn Db,
+    states: &mut BTreeMap<ShardId, ApplyState>,
+    dir: &Path,
+) -> Result<(), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { shard: ShardId(u32::MAX), what: "install record", reason };
+    if let Some(bytes) = db.get(INSTALLING_KEY)? {
+        let split = bytes.len().checked_sub(snapshot::REF_BYTES).ok_or_else(|| corrupt("cut short".into()))?;
+        let installing = decode_applied(&bytes[..split]).map_err(corrupt)?;
+        let reference = SnapshotRef::decode(&bytes[split..]).map_err(|e| corrupt(e.to_string()))?;
+        let Some((shard, state)) = installing.into_iter().next() else { return Err(corrupt("no shard".into())) };
+        let path = snapshot::received_path(dir, shard, state.index, state.term);
+        tracing::warn!(%shard, index = state.index, "a snapshot install was cut short; finishing it");
+        let keys = install_from_file(db, states, shard, state, &path, reference)?;
+        tracing::info!(%shard, keys, "installed the snapshot");
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
 /// Committed entries of one shard, each with the proposers waiting for it.
 pub(crate) struct ApplyTask {
     pub shard: ShardId,
@@ -115,9 +224,6 @@ pub(crate) struct ApplyTask {
     /// raft computed it when the store loop applied the change to raft.
     pub confs: Vec<(u64, ConfState)>,
 }
-
-/// Keys deleted per batch when a replica is released.
-const RELEASE_BATCH_KEYS: usize = 10_000;
 
 pub(crate) enum ApplyInput {
     Round(Vec<ApplyTask>),
@@ -167,6 +273,8 @@ pub(crate) struct Applier {
     pub states: BTreeMap<ShardId, ApplyState>,
     pub progress: Arc<ApplyProgress>,
     pub stats: Arc<StoreStats>,
+    /// Where snapshot files are made and received.
+    pub snapshot_dir: PathBuf,
 }
 
 impl Applier {
@@ -224,33 +332,51 @@ impl Applier {
         }
     }
 
-    /// A snapshot of `shard` as of its applied index, for the store loop to send.
+    /// A snapshot of `shard` as of its applied index, for the store loop to
+    /// send: the range read page by page into a file (nothing else writes
+    /// while this thread reads), replacing the shard's earlier one.
     fn generate_snapshot(&mut self, shard: ShardId) -> Result<(), StoreError> {
-        let Some(state) = self.states.get(&shard) else { return Ok(()) };
-        let prefix = state_machine_prefix(shard);
-        let pairs = self.db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX)?;
-        let mut data = Vec::new();
-        data.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
-        for (key, value) in &pairs {
-            let key = &key[prefix.len()..];
-            data.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            data.extend_from_slice(key);
-            data.extend_from_slice(&(value.len() as u32).to_le_bytes());
-            data.extend_from_slice(value);
-        }
-        if data.len() > limits::SNAPSHOT_BYTES_MAX {
-            tracing::error!(%shard, bytes = data.len(), "a shard is too large to ship as one snapshot");
-            return Ok(());
-        }
-        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
-        let meta = snapshot.mut_metadata();
+        let Some(state) = self.states.get(&shard).cloned() else { return Ok(()) };
+        let path = snapshot::made_path(&self.snapshot_dir, shard, state.index, state.term);
+        let reference = match self.write_snapshot(shard, path.clone()) {
+            Ok(reference) => reference,
+            Err(error) => {
+                // The follower waits and raft asks again; the node goes on.
+                tracing::error!(%shard, %error, "could not make a snapshot");
+                return Ok(());
+            }
+        };
+        snapshot::remove_older(&self.snapshot_dir, "made", shard, u64::MAX, &path);
+        let mut made = Snapshot { data: reference.encode().into(), ..Default::default() };
+        let meta = made.mut_metadata();
         meta.index = state.index;
         meta.term = state.term;
         meta.set_conf_state(state.conf.clone());
-        tracing::info!(%shard, index = state.index, bytes = snapshot.data.len(), keys = pairs.len(), "made a snapshot");
-        self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()).push((shard, snapshot));
+        tracing::info!(%shard, index = state.index, bytes = reference.bytes, keys = reference.keys, "made a snapshot");
+        self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()).push((shard, made));
         self.stats.snapshots_made.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn write_snapshot(&self, shard: ShardId, path: PathBuf) -> Result<SnapshotRef, snapshot::SnapshotError> {
+        let prefix = state_machine_prefix(shard);
+        let mut writer = SnapshotWriter::create(path)?;
+        let mut range = KeyRange::prefix(&prefix);
+        let failed = |error: hamgam_storage::StorageError| snapshot::SnapshotError::Io {
+            path: "the database".into(),
+            source: std::io::Error::other(error.to_string()),
+        };
+        loop {
+            let page = self.db.scan(&range, Order::Ascending, INSTALL_BATCH_KEYS).map_err(failed)?;
+            let Some((last, _)) = page.last() else { break };
+            let mut next_start = last.clone();
+            next_start.push(0);
+            for (key, value) in &page {
+                writer.put(&key[prefix.len()..], value)?;
+            }
+            range.start = next_start;
+        }
+        writer.finish()
     }
 
     /// Replaces `shard`'s range and applied state with `snapshot`, in one
@@ -275,58 +401,29 @@ impl Applier {
         }
         self.machine.snapshot_installed(shard);
         let _ = done.send(Ok(()));
-        let range = KeyRange::prefix(&state_machine_prefix(shard));
-        let mut deleted = 0usize;
-        loop {
-            let keys = db.scan(&range, Order::Ascending, RELEASE_BATCH_KEYS)?;
-            if keys.is_empty() {
-                break;
-            }
-            let mut txn = Txn::new(&*db);
-            for (key, _) in &keys {
-                txn.delete(key);
-            }
-            db.write(&txn.into_batch())?;
-            deleted += keys.len();
-        }
+        let deleted = delete_range(&*db, &KeyRange::prefix(&state_machine_prefix(shard)))?;
         tracing::info!(%shard, keys = deleted, "this node is no longer a replica of the shard; its data is deleted");
         Ok(())
     }
 
+    /// Installs a snapshot the transport received into this node's
+    /// snapshot directory (checked there against the message's reference).
     fn install_snapshot(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
-        let corrupt = |reason: &str| StoreError::Corrupt { shard, what: "snapshot", reason: reason.into() };
-        let prefix = state_machine_prefix(shard);
-        let db = self.db.clone();
-        let mut txn = Txn::new(&*db);
-        for (key, _) in db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX)? {
-            txn.delete(&key);
-        }
-        let mut rest: &[u8] = &snapshot.data;
-        let mut take = |n: usize| -> Result<&[u8], StoreError> {
-            if rest.len() < n {
-                return Err(corrupt("cut short"));
-            }
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            Ok(head)
-        };
-        let count = u64::from_le_bytes(take(8)?.try_into().map_err(|_| corrupt("count"))?);
-        let mut writer = Prefixed::new(&mut txn, &prefix);
-        for _ in 0..count {
-            let key_len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("key length"))?) as usize;
-            let key = take(key_len)?.to_vec();
-            let value_len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| corrupt("value length"))?) as usize;
-            writer.put(&key, take(value_len)?.to_vec());
-        }
         let meta = snapshot.get_metadata();
+        let reference = SnapshotRef::decode(&snapshot.data)
+            .map_err(|error| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() })?;
+        let path = snapshot::received_path(&self.snapshot_dir, shard, meta.index, meta.term);
+        // Readers of this shard wait while its range is being replaced.
+        if let Some(applied) = self.progress.applied.get(&shard) {
+            applied.store(0, Ordering::Release);
+        }
         let state = ApplyState { index: meta.index, term: meta.term, conf: meta.get_conf_state().clone() };
-        self.states.insert(shard, state);
-        write_applied(&mut txn, &self.states);
-        db.write(&txn.into_batch())?;
-        db.persist()?;
+        let db = self.db.clone();
+        let count = install_from_file(&*db, &mut self.states, shard, state, &path, reference)?;
         if let Some(applied) = self.progress.applied.get(&shard) {
             applied.store(meta.index, Ordering::Release);
         }
+        snapshot::remove_older(&self.snapshot_dir, "received", shard, meta.index, &path);
         self.machine.snapshot_installed(shard);
         self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%shard, index = meta.index, keys = count, "installed a snapshot from the leader");
@@ -416,5 +513,61 @@ mod tests {
         assert_eq!(decode_applied(&bytes).unwrap(), states);
         assert!(decode_applied(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_applied(&[9]).is_err());
+    }
+
+    /// A crash after the install-in-progress record was written and part
+    /// of the range replaced: the next start finishes the install from the
+    /// file and leaves the snapshot directory empty.
+    #[test]
+    fn an_install_cut_short_by_a_crash_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = hamgam_storage::MemDb::new();
+        let shard = ShardId(1);
+        let prefix = state_machine_prefix(shard);
+        let old_state = ApplyState { index: 5, term: 1, conf: ConfState::default() };
+        let states = BTreeMap::from([(shard, old_state.clone()), (ShardId(2), old_state.clone())]);
+        let mut txn = Txn::new(&db);
+        write_applied(&mut txn, &states);
+        for i in 0..30u32 {
+            Prefixed::new(&mut txn, &prefix).put(format!("old-{i}").as_bytes(), vec![1]);
+        }
+        db.write(&txn.into_batch()).unwrap();
+
+        let conf = ConfState { voters: vec![1, 2, 4], ..Default::default() };
+        let new_state = ApplyState { index: 50, term: 3, conf };
+        let path = snapshot::received_path(dir.path(), shard, 50, 3);
+        let mut writer = SnapshotWriter::create(path.clone()).unwrap();
+        for i in 0..25_000u32 {
+            writer.put(format!("new-{i:08}").as_bytes(), &i.to_le_bytes()).unwrap();
+        }
+        let reference = writer.finish().unwrap();
+        // The crash: the record is written, a few old keys are gone, a few new ones in.
+        let mut txn = Txn::new(&db);
+        txn.put(INSTALLING_KEY, encode_installing(shard, &new_state, reference));
+        let mut partial = Prefixed::new(&mut txn, &prefix);
+        partial.delete(b"old-0");
+        partial.put(b"new-00000000", 0u32.to_le_bytes().to_vec());
+        db.write(&txn.into_batch()).unwrap();
+        std::fs::write(dir.path().join("received-7-1-1.snap.3.part"), b"half").unwrap();
+
+        let mut recovered = read_applied(&db).unwrap();
+        assert_eq!(recovered[&shard], old_state);
+        resume_install(&db, &mut recovered, dir.path()).unwrap();
+        assert_eq!(recovered[&shard], new_state);
+        assert_eq!(read_applied(&db).unwrap(), recovered, "and durably");
+        assert_eq!(recovered[&ShardId(2)], old_state, "other shards keep theirs");
+        assert!(db.get(INSTALLING_KEY).unwrap().is_none());
+        let range = db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX).unwrap();
+        assert_eq!(range.len(), 25_000, "the old keys are gone, every new one is in");
+        assert!(range.iter().enumerate().all(|(i, (k, v))| {
+            k[prefix.len()..] == *format!("new-{i:08}").as_bytes() && *v == (i as u32).to_le_bytes()
+        }));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the snapshot directory is emptied");
+
+        // Without a record, a start changes nothing and only clears the directory.
+        std::fs::write(dir.path().join("made-1-50-3.snap"), b"x").unwrap();
+        resume_install(&db, &mut recovered, dir.path()).unwrap();
+        assert_eq!(recovered[&shard], new_state);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

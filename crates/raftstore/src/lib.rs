@@ -21,10 +21,13 @@
 //! chats, users, QUIC. Keys: a shard's data lives under the 4-byte big-endian
 //! shard id followed by 0x01, the state machine's range, handed to it through
 //! a [`Prefixed`] view; the node-wide applied-state record lives under
-//! `ff ff ff ff 00`, a prefix no shard uses.
+//! `ff ff ff ff 00` and a snapshot install under way under `ff ff ff ff
+//! 01`, prefixes no shard uses. Files: the WAL in `wal/` and snapshot files
+//! ([`snapshot`]) in `snapshots/` of the store's directory.
 
 mod apply;
 mod log;
+pub mod snapshot;
 mod store;
 pub mod wal;
 

@@ -18,7 +18,10 @@
 //! 6. starts a checkpoint (off the loop, in its own thread) when enough WAL
 //!    has accumulated; when it reports back, WAL segments behind it go.
 
-use crate::apply::{ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Reply, read_applied, write_applied};
+use crate::apply::{
+    ApplyInput, ApplyProgress, ApplyState, ApplyTask, Applier, Reply, read_applied, resume_install, write_applied,
+};
+use crate::snapshot::{self, IncomingSnapshot, OutgoingSnapshot, SnapshotError, SnapshotRef};
 use crate::log::ShardLog;
 use crate::wal::{ShardWrite, Wal};
 use crate::{ProposalForwarder, ProposeError, RaftTransport, RemoteRead, RemoteReadAnswer, ShardReader, StateMachine, StoreError, shard_reader};
@@ -50,7 +53,8 @@ const BOOTSTRAP_INDEX: u64 = 1;
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub node: NodeId,
-    pub wal_dir: PathBuf,
+    /// The store's directory: the WAL in `wal/`, snapshot files in `snapshots/`.
+    pub dir: PathBuf,
     /// Shards this node hosts, each with the voters it starts with when it
     /// has no state yet (every replica of a new shard must be given the same
     /// list). A shard with state keeps the configuration it has. An empty
@@ -61,8 +65,16 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// A store whose every shard has this node as its only voter.
-    pub fn single_node(node: NodeId, wal_dir: PathBuf, shards: impl IntoIterator<Item = ShardId>) -> StoreConfig {
-        StoreConfig { node, wal_dir, shards: shards.into_iter().map(|s| (s, vec![node])).collect() }
+    pub fn single_node(node: NodeId, dir: PathBuf, shards: impl IntoIterator<Item = ShardId>) -> StoreConfig {
+        StoreConfig { node, dir, shards: shards.into_iter().map(|s| (s, vec![node])).collect() }
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.dir.join("wal")
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
     }
 }
 
@@ -226,6 +238,7 @@ pub struct RaftHandle {
     forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
     running: watch::Receiver<bool>,
+    snapshot_dir: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for RaftHandle {
@@ -460,6 +473,25 @@ impl RaftHandle {
         answer.await.map_err(|_| ProposeError::Stopped)?
     }
 
+    /// The file of a snapshot message this node made, for the transport to
+    /// send after the message (the message carries only its reference).
+    pub fn outgoing_snapshot(&self, shard: ShardId, message: &Message) -> Result<OutgoingSnapshot, SnapshotError> {
+        let (reference, index, term) = SnapshotRef::of_message(message)?;
+        let path = snapshot::made_path(&self.snapshot_dir, shard, index, term);
+        let file = std::fs::File::open(&path)
+            .map_err(|source| SnapshotError::Io { path: path.display().to_string(), source })?;
+        Ok(OutgoingSnapshot { file, len: reference.bytes })
+    }
+
+    /// Where the transport writes the file of a snapshot message arriving
+    /// from a leader, before stepping the message (raft installs from the
+    /// file). An install removes the shard's files it supersedes; a start
+    /// removes every file.
+    pub fn incoming_snapshot(&self, shard: ShardId, message: &Message) -> Result<IncomingSnapshot, SnapshotError> {
+        let (reference, index, term) = SnapshotRef::of_message(message)?;
+        IncomingSnapshot::create(snapshot::received_path(&self.snapshot_dir, shard, index, term), reference)
+    }
+
     /// Gives up this node's replica of `shard`: returns once its state is
     /// reset to empty, durably; the apply thread deletes its data right
     /// after, in batches. Only for a replica the shard's leader no
@@ -533,9 +565,11 @@ impl Store {
         machine: Box<dyn StateMachine>,
         transport: Box<dyn RaftTransport>,
     ) -> Result<Store, StoreError> {
-        let (wal, mut recovered) = Wal::open(&config.wal_dir)?;
+        let (wal, mut recovered) = Wal::open(&config.wal_dir())?;
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
         let mut states = read_applied(&*db)?;
+        let snapshot_dir = config.snapshot_dir();
+        resume_install(&*db, &mut states, &snapshot_dir)?;
         let mut bootstrapped = false;
         for (&shard, voters) in &config.shards {
             states.entry(shard).or_insert_with(|| {
@@ -595,6 +629,7 @@ impl Store {
             forwarder: Arc::new(OnceLock::new()),
             stats: stats.clone(),
             running,
+            snapshot_dir: Arc::new(snapshot_dir.clone()),
         };
 
         let ticker_inputs = inputs.clone();
@@ -612,7 +647,14 @@ impl Store {
 
         let progress = Arc::new(ApplyProgress::new(&states));
         let (apply_inputs, apply_queue) = std::sync::mpsc::sync_channel(APPLY_QUEUE_ROUNDS_MAX);
-        let applier = Applier { db: db.clone(), machine, states, progress: progress.clone(), stats: stats.clone() };
+        let applier = Applier {
+            db: db.clone(),
+            machine,
+            states,
+            progress: progress.clone(),
+            stats: stats.clone(),
+            snapshot_dir: snapshot_dir.clone(),
+        };
         let wake_inputs = inputs.clone();
         let apply_thread = std::thread::Builder::new()
             .name("raft-apply".into())
@@ -1206,6 +1248,9 @@ impl StoreLoop {
                 }
                 let snapshot = ready.snapshot().clone();
                 let install = snapshot.clone();
+                // The range is replaced in several batches: until it is
+                // whole, this node reads the shard from another replica.
+                self.replicas[&shard].store(0, Ordering::Release);
                 ask_applier(&self.apply_inputs, |done| ApplyInput::InstallSnapshot { shard, snapshot: install, done })?;
                 peer.node.mut_store().apply_snapshot(&snapshot);
                 let conf = snapshot.get_metadata().get_conf_state();
@@ -1551,6 +1596,13 @@ mod tests {
             command: &[u8],
             kv: &mut ShardWriter<'_, '_>,
         ) -> Result<Vec<u8>, hamgam_storage::StorageError> {
+            // `fill:` and a count writes that many more keys (a large state to snapshot).
+            if let Some(count) = command.strip_prefix(b"fill:") {
+                let count = u32::from_le_bytes(count.try_into().unwrap());
+                for i in 0..count {
+                    kv.put(format!("fill-{i:08}").as_bytes(), vec![i as u8; 64]);
+                }
+            }
             let old = kv.get(b"total")?.map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
             let new = old + command.len() as u64;
             kv.put(b"total", new.to_le_bytes().to_vec());
@@ -1568,7 +1620,7 @@ mod tests {
     }
 
     fn config(dir: &std::path::Path) -> StoreConfig {
-        StoreConfig::single_node(NodeId(1), dir.join("wal"), [ShardId(0), ShardId(1), ShardId(2)])
+        StoreConfig::single_node(NodeId(1), dir.to_path_buf(), [ShardId(0), ShardId(1), ShardId(2)])
     }
 
     #[test]
@@ -1699,9 +1751,24 @@ mod tests {
     impl RaftTransport for InProcess {
         fn send(&mut self, messages: Vec<(ShardId, Message)>) {
             for (shard, message) in messages {
-                if let Some(handle) = self.get(NodeId(message.to)) {
-                    handle.step(shard, message);
+                let (Some(to), Some(from)) = (self.get(NodeId(message.to)), self.get(NodeId(message.from))) else {
+                    continue;
+                };
+                if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    // As a network transport does: the file first, in pieces, then the message.
+                    let mut outgoing = from.outgoing_snapshot(shard, &message).unwrap();
+                    let mut incoming = to.incoming_snapshot(shard, &message).unwrap();
+                    let mut piece = vec![0u8; 4096];
+                    loop {
+                        let n = std::io::Read::read(&mut outgoing, &mut piece).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        incoming.write(&piece[..n]).unwrap();
+                    }
+                    incoming.finish().unwrap();
                 }
+                to.step(shard, message);
             }
         }
     }
@@ -1752,7 +1819,7 @@ mod tests {
         let network = InProcess::default();
         let mut stores = BTreeMap::new();
         for node in nodes {
-            let config = StoreConfig { node, wal_dir: dir.path().join(format!("wal-{}", node.0)), shards: shards.clone() };
+            let config = StoreConfig { node, dir: dir.path().join(format!("store-{}", node.0)), shards: shards.clone() };
             let store =
                 Store::open(config, Arc::new(MemDb::new()), Box::new(Counter), Box::new(network.clone())).unwrap();
             store.handle().set_forwarder(Arc::new(network.clone()));
@@ -1807,7 +1874,7 @@ mod tests {
         let network = InProcess::default();
         let open = |node: NodeId, voters: Vec<NodeId>, db: Arc<MemDb>| {
             let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), voters)].into();
-            let config = StoreConfig { node, wal_dir: dir.path().join(format!("wal-{}", node.0)), shards };
+            let config = StoreConfig { node, dir: dir.path().join(format!("store-{}", node.0)), shards };
             let store = Store::open(config, db, Box::new(Counter), Box::new(network.clone())).unwrap();
             store.handle().set_forwarder(Arc::new(network.clone()));
             network.handles.lock().unwrap().insert(node, store.handle());
@@ -1828,13 +1895,19 @@ mod tests {
         for _ in 0..20 {
             lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
         }
+        // Enough keys that the snapshot is made, sent and installed in several pieces.
+        const FILLED: u32 = 25_000;
+        let fill = [&b"fill:"[..], &FILLED.to_le_bytes()].concat();
+        lead.propose(ShardId(1), fill.clone()).await.unwrap();
+        let total_before_outsider = 40 + fill.len() as u64;
         assert_eq!(total(&stores[&NodeId(4)].handle(), 1), 0);
         // Before it hosts the shard, node 4 still serves it: proposals find
         // the leader through a replica, reads go to one and are fresh.
         let outsider = stores[&NodeId(4)].handle();
         assert!(!outsider.hosts(ShardId(1)));
-        assert_eq!(outsider.propose(ShardId(1), vec![0; 2]).await.unwrap(), 42u64.to_le_bytes());
-        assert_eq!(total_in(&outsider.reader(ShardId(1))), 42, "a read elsewhere sees the write just made");
+        let expected_total = total_before_outsider + 2;
+        assert_eq!(outsider.propose(ShardId(1), vec![0; 2]).await.unwrap(), expected_total.to_le_bytes());
+        assert_eq!(total_in(&outsider.reader(ShardId(1))), expected_total, "a read elsewhere sees the write just made");
         assert_eq!(total(&outsider, 1), 0, "and nothing was written here");
         assert!(matches!(
             stores[&NodeId(4)].handle().change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await,
@@ -1842,9 +1915,25 @@ mod tests {
         ));
 
         lead.change_replicas(ShardId(1), ReplicaChange::AddLearner(NodeId(4))).await.unwrap();
-        eventually_total(&stores[&NodeId(4)].handle(), 1, 42).await;
+        eventually_total(&stores[&NodeId(4)].handle(), 1, expected_total).await;
+        // The install's last batch is durable before the store loop records
+        // the shard as hosted.
+        for _ in 0..250 {
+            if outsider.hosts(ShardId(1)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(outsider.hosts(ShardId(1)));
         assert_eq!(stores[&NodeId(4)].handle().stats().snapshots_installed.load(Ordering::Relaxed), 1);
+        let filled = outsider
+            .local_reader(ShardId(1))
+            .scan(&KeyRange::prefix(b"fill-"), Order::Ascending, usize::MAX)
+            .unwrap();
+        assert_eq!(filled.len(), FILLED as usize, "every key of the snapshot arrived");
+        assert!(filled.iter().enumerate().all(|(i, (k, v))| *k == format!("fill-{i:08}").into_bytes() && *v == vec![i as u8; 64]));
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("store-4").join("snapshots")).unwrap().collect();
+        assert!(left.is_empty(), "the received file is gone once installed: {left:?}");
         lead.change_replicas(ShardId(1), ReplicaChange::AddVoter(NodeId(4))).await.unwrap();
         // Take out a follower other than the leader: three voters again.
         let removed = initial.iter().copied().find(|n| *n != leader).unwrap();
@@ -1886,7 +1975,7 @@ mod tests {
 
         // Writes go on with node 4 voting.
         lead.propose(ShardId(1), vec![0; 2]).await.unwrap();
-        eventually_total(&stores[&NodeId(4)].handle(), 1, 44).await;
+        eventually_total(&stores[&NodeId(4)].handle(), 1, expected_total + 2).await;
 
         // Node 4 restarts with its configuration from disk, not from its
         // (empty) start-up list, and still counts in the quorum.
@@ -1901,7 +1990,7 @@ mod tests {
         network.handles.lock().unwrap().remove(&other);
         // Leader and node 4 are two of three: a quorum only with node 4.
         let reply = stores[&leader].handle().propose(ShardId(1), vec![0; 2]).await.unwrap();
-        assert_eq!(reply, 46u64.to_le_bytes());
+        assert_eq!(reply, (expected_total + 4).to_le_bytes());
 
         // A leader asked to remove itself hands leadership to node 4 (the
         // only other voter that is up) and names it; there the removal goes.

@@ -56,7 +56,7 @@ async fn harness_full(data_shards: u32, retained: u64, deliver: bool) -> Harness
     let signals = Signals::new(recorder.clone());
     let machine = SyncMachine::new(placement, signals.clone()).with_updates_retained(retained);
     let db: Arc<dyn Db> = Arc::new(MemDb::new());
-    let config = StoreConfig::single_node(NodeId(1), dir.path().join("wal"), placement.all_shards());
+    let config = StoreConfig::single_node(NodeId(1), dir.path().to_path_buf(), placement.all_shards());
     let store = Store::open(config, db, Box::new(machine), Box::new(hamgam_raftstore::NoPeers)).unwrap();
     for _ in 0..200 {
         if store.handle().all_leaders_known() {

@@ -99,8 +99,9 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 30_000;
 /// Applied entries kept in memory behind the applied index (for followers that lag a little).
 pub const LOG_ENTRIES_KEPT_BEHIND_APPLIED: u64 = 1024;
 /// One shard's snapshot, shipped to a replica that is too far behind for
-/// the log (made in memory and sent as one message on its own stream).
-pub const SNAPSHOT_BYTES_MAX: usize = 512 << 20;
+/// the log. It travels as a file, written and read in pieces on both nodes,
+/// so this bounds disk, not memory.
+pub const SNAPSHOT_BYTES_MAX: u64 = 64 << 30;
 /// Raft tick.
 pub const RAFT_TICK_MS: u64 = 100;
 /// How long a proposal or a fresh read waits for its shard to have a

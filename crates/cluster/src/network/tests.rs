@@ -41,7 +41,7 @@ async fn start(dir: &std::path::Path, node: NodeId, members: &Members, shards: &
             Err(error) => panic!("cannot bind {listen}: {error}"),
         }
     };
-    let config = StoreConfig { node, wal_dir: dir.join(format!("wal-{}", node.0)), shards: shards.clone() };
+    let config = StoreConfig { node, dir: dir.join(format!("store-{}", node.0)), shards: shards.clone() };
     let db = SledDb::open(&dir.join(format!("db-{}", node.0)), 8 << 20).unwrap();
     let store = Store::open(config, Arc::new(db), Box::new(Counter), Box::new(network.transport())).unwrap();
     store.handle().set_forwarder(network.forwarder());
