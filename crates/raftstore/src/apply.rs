@@ -115,9 +115,14 @@ pub(crate) fn write_applied(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyS
 /// The snapshot install under way, if any (the applied-state encoding of
 /// one shard at the snapshot's point). Next to the applied-state record.
 const INSTALLING_KEY: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x01];
-/// Keys or bytes per batch while a snapshot is installed or a replica's data deleted.
-const INSTALL_BATCH_KEYS: usize = 10_000;
-const INSTALL_BATCH_BYTES: usize = 8 << 20;
+/// Keys or bytes per batch while a snapshot is made or installed or a
+/// replica's data deleted. Small batches keep sled's memory down: a
+/// 170 MB snapshot (573,425 keys) installed in batches of 10,000 keys or
+/// 8 MiB took the receiving node to 1.3 GB resident and 5.5 s; in batches
+/// of 1,000 keys or 1 MiB, to 456 MB (what the leader holding the same
+/// data uses) and 3.8 s.
+const INSTALL_BATCH_KEYS: usize = 1_000;
+const INSTALL_BATCH_BYTES: usize = 1 << 20;
 
 /// Replaces `shard`'s state-machine range with the records of the snapshot
 /// file at `path` (checked against `reference` as it is read) and sets its
