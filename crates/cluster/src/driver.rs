@@ -48,6 +48,11 @@ const BALANCING_MOVES_PER_PASS: usize = 4;
 const CHANGES_PER_PASS: usize = 16;
 /// Former replicas given up per pass (each deletes a shard's data on a node).
 const RELEASES_PER_PASS: usize = 8;
+/// How long a pass waits for a member's status. A member that is down
+/// would otherwise hold every pass for the whole connection timeout; one
+/// that answers late counts as not up for this pass only (it keeps its
+/// replicas; only `dead_after` of silence moves them).
+const STATUS_WAIT: Duration = Duration::from_millis(1500);
 /// Leaders handed over per pass (each pauses that shard's writes for a
 /// moment: proposals made during a hand-over are refused and retried).
 const LEADER_MOVES_PER_PASS: usize = 8;
@@ -436,12 +441,16 @@ pub fn stale_replicas(
     stale
 }
 
-/// Every non-removed member's status; members that do not answer are left out.
+/// Every non-removed member's status; members that do not answer within
+/// [`STATUS_WAIT`] are left out.
 async fn gather(identity: &Arc<NodeIdentity>, members: &[MemberRecord]) -> HashMap<NodeId, NodeStatus> {
     let mut asks = tokio::task::JoinSet::new();
     for member in members.iter().filter(|m| m.state != MemberState::Removed) {
         let (identity, id, addr) = (identity.clone(), member.id, member.peer_addr);
-        asks.spawn(async move { (id, admin::node_status(&identity, addr).await) });
+        asks.spawn(async move {
+            let status = tokio::time::timeout(STATUS_WAIT, admin::node_status(&identity, addr)).await;
+            (id, status.unwrap_or_else(|_| Err(AdminError::Unreachable { addr, reason: "no answer in time".into() })))
+        });
     }
     let mut statuses = HashMap::new();
     while let Some(answer) = asks.join_next().await {
