@@ -118,6 +118,16 @@ pub(crate) fn remove_older(dir: &Path, kind: &str, shard: ShardId, index: u64, k
     }
 }
 
+/// Creates the directory if need be and a `.part` file of its own for `path`.
+fn create_part(path: &Path) -> Result<(PathBuf, BufWriter<File>), SnapshotError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    }
+    let part = part_path(path);
+    let file = File::create(&part).map_err(io_error(&part))?;
+    Ok((part, BufWriter::with_capacity(1 << 20, file)))
+}
+
 /// Writes `path` durably: syncs the file, renames it into place from its
 /// `.part` name, syncs the directory.
 fn seal(file: BufWriter<File>, part: &Path, path: &Path) -> Result<(), SnapshotError> {
@@ -142,15 +152,11 @@ pub(crate) struct SnapshotWriter {
 
 impl SnapshotWriter {
     pub(crate) fn create(path: PathBuf) -> Result<SnapshotWriter, SnapshotError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        }
-        let part = part_path(&path);
-        let file = File::create(&part).map_err(io_error(&part))?;
+        let (part, file) = create_part(&path)?;
         Ok(SnapshotWriter {
             path,
             part,
-            file: BufWriter::with_capacity(1 << 20, file),
+            file,
             hasher: blake3::Hasher::new(),
             bytes: 0,
             keys: 0,
@@ -277,15 +283,11 @@ impl IncomingSnapshot {
         if expected.bytes > limits::SNAPSHOT_BYTES_MAX {
             return Err(SnapshotError::TooLarge(expected.bytes));
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        }
-        let part = part_path(&path);
-        let file = File::create(&part).map_err(io_error(&part))?;
+        let (part, file) = create_part(&path)?;
         Ok(IncomingSnapshot {
             path,
             part,
-            file: BufWriter::with_capacity(1 << 20, file),
+            file,
             hasher: blake3::Hasher::new(),
             expected,
             written: 0,

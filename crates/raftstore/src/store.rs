@@ -1026,14 +1026,13 @@ impl StoreLoop {
                 self.reads.asked.insert(context, (shard, Instant::now(), reply));
             }
             Input::ChangeReplicas { shard, change, reply } => {
-                let Some(peer) = self.peers.get_mut(&shard) else {
-                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
-                    return Ok(false);
+                let peer = match leading_peer(&mut self.peers, shard) {
+                    Ok(peer) => peer,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        return Ok(false);
+                    }
                 };
-                if !peer.is_leader() {
-                    let _ = reply.send(Err(peer.not_leader(shard)));
-                    return Ok(false);
-                }
                 if change == ReplicaChange::Remove(NodeId(peer.node.raft.id)) {
                     // raft-rs keeps a leader that removed itself leading a
                     // group it cannot propose to; hand leadership over first
@@ -1079,14 +1078,13 @@ impl StoreLoop {
                 }
             }
             Input::TransferLeader { shard, to, reply } => {
-                let Some(peer) = self.peers.get_mut(&shard) else {
-                    let _ = reply.send(Err(ProposeError::UnknownShard(shard)));
-                    return Ok(false);
+                let peer = match leading_peer(&mut self.peers, shard) {
+                    Ok(peer) => peer,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        return Ok(false);
+                    }
                 };
-                if !peer.is_leader() {
-                    let _ = reply.send(Err(peer.not_leader(shard)));
-                    return Ok(false);
-                }
                 let raft = &peer.node.raft;
                 if to.0 == raft.id {
                     let _ = reply.send(Ok(true));
@@ -1505,6 +1503,16 @@ fn is_sole_voter(conf: &ConfState, node: NodeId) -> bool {
 const HOSTED: u8 = 1;
 /// This node is the shard's only voter (and there are no learners).
 const SOLE_VOTER: u8 = 2;
+
+/// The replica of `shard` for a request only its leader takes: refused
+/// with `UnknownShard` or `NotLeader` (naming the leader known) otherwise.
+fn leading_peer(peers: &mut BTreeMap<ShardId, Peer>, shard: ShardId) -> Result<&mut Peer, ProposeError> {
+    let peer = peers.get_mut(&shard).ok_or(ProposeError::UnknownShard(shard))?;
+    if !peer.is_leader() {
+        return Err(peer.not_leader(shard));
+    }
+    Ok(peer)
+}
 
 fn replica_flags(conf: &ConfState, node: NodeId) -> u8 {
     let hosted = conf.voters.contains(&node.0) || conf.learners.contains(&node.0);
