@@ -450,9 +450,11 @@ impl PeerNetwork {
                         left -= n as u64;
                     }
                     stream.finish().map_err(|e| e.to_string())?;
-                    // Resolves once the peer has read it all (or dropped it).
-                    stream.stopped().await.map_err(|e| e.to_string())?;
-                    Ok::<(), String>(())
+                    // Resolves once the peer has received it all, or refused it.
+                    match stream.stopped().await.map_err(|e| e.to_string())? {
+                        None => Ok::<(), String>(()),
+                        Some(code) => Err(format!("the peer refused it (code {code})")),
+                    }
                 };
                 let delivered = match sent.await {
                     Ok(()) => true,

@@ -267,12 +267,13 @@ impl Read for OutgoingSnapshot {
 
 /// A snapshot arriving from a leader: written as it comes, checked and kept
 /// by [`IncomingSnapshot::finish`]. Until then it is only a `.part` file,
-/// which the next start removes.
+/// removed if the transfer is dropped (and by the next start after a crash).
 #[derive(Debug)]
 pub struct IncomingSnapshot {
     path: PathBuf,
     part: PathBuf,
-    file: BufWriter<File>,
+    /// `None` once finished.
+    file: Option<BufWriter<File>>,
     hasher: blake3::Hasher,
     expected: SnapshotRef,
     written: u64,
@@ -287,7 +288,7 @@ impl IncomingSnapshot {
         Ok(IncomingSnapshot {
             path,
             part,
-            file,
+            file: Some(file),
             hasher: blake3::Hasher::new(),
             expected,
             written: 0,
@@ -302,27 +303,39 @@ impl IncomingSnapshot {
     /// Writes the next piece; refuses bytes beyond the declared length.
     pub fn write(&mut self, piece: &[u8]) -> Result<(), SnapshotError> {
         if piece.len() as u64 > self.remaining() {
-            return Err(SnapshotError::Mismatch {
-                path: self.part.display().to_string(),
-                reason: format!("more than the {} bytes declared", self.expected.bytes),
-            });
+            return Err(self.mismatch(format!("more than the {} bytes declared", self.expected.bytes)));
         }
+        let Some(file) = self.file.as_mut() else { return Err(self.mismatch("written after it was finished")) };
         self.hasher.update(piece);
         self.written += piece.len() as u64;
-        self.file.write_all(piece).map_err(io_error(&self.part))
+        file.write_all(piece).map_err(io_error(&self.part))
+    }
+
+    fn mismatch(&self, reason: impl Into<String>) -> SnapshotError {
+        SnapshotError::Mismatch { path: self.part.display().to_string(), reason: reason.into() }
     }
 
     /// Checks length and hash, then keeps the file durably under its final
     /// name; after this the snapshot message may be stepped.
-    pub fn finish(self) -> Result<(), SnapshotError> {
+    pub fn finish(mut self) -> Result<(), SnapshotError> {
         if self.written != self.expected.bytes || *self.hasher.finalize().as_bytes() != self.expected.hash {
-            let _ = std::fs::remove_file(&self.part);
-            return Err(SnapshotError::Mismatch {
-                path: self.part.display().to_string(),
-                reason: "its length or hash differs from the reference".into(),
-            });
+            return Err(self.mismatch("its length or hash differs from the reference"));
         }
-        seal(self.file, &self.part, &self.path)
+        let Some(file) = self.file.take() else { return Err(self.mismatch("finished twice")) };
+        let sealed = seal(file, &self.part, &self.path);
+        if sealed.is_err() {
+            let _ = std::fs::remove_file(&self.part);
+        }
+        sealed
+    }
+}
+
+impl Drop for IncomingSnapshot {
+    /// A transfer dropped before it finished leaves nothing behind.
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.part);
+        }
     }
 }
 
@@ -394,6 +407,10 @@ mod tests {
         // More bytes than declared are refused as they arrive.
         let mut incoming = IncomingSnapshot::create(received.clone(), reference).unwrap();
         assert!(incoming.write(&[bytes.as_slice(), b"x"].concat()).is_err());
+        // A transfer dropped half way leaves no file.
+        incoming.write(&bytes[..3]).unwrap();
+        drop(incoming);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the made file is left");
 
         // A declared size over the limit is refused before anything is written.
         let huge = SnapshotRef { bytes: limits::SNAPSHOT_BYTES_MAX + 1, ..reference };
