@@ -153,14 +153,7 @@ pub(crate) struct SnapshotWriter {
 impl SnapshotWriter {
     pub(crate) fn create(path: PathBuf) -> Result<SnapshotWriter, SnapshotError> {
         let (part, file) = create_part(&path)?;
-        Ok(SnapshotWriter {
-            path,
-            part,
-            file,
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
-            keys: 0,
-        })
+        Ok(SnapshotWriter { path, part, file, hasher: blake3::Hasher::new(), bytes: 0, keys: 0 })
     }
 
     pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), SnapshotError> {
@@ -285,14 +278,7 @@ impl IncomingSnapshot {
             return Err(SnapshotError::TooLarge(expected.bytes));
         }
         let (part, file) = create_part(&path)?;
-        Ok(IncomingSnapshot {
-            path,
-            part,
-            file: Some(file),
-            hasher: blake3::Hasher::new(),
-            expected,
-            written: 0,
-        })
+        Ok(IncomingSnapshot { path, part, file: Some(file), hasher: blake3::Hasher::new(), expected, written: 0 })
     }
 
     /// Bytes still to come.
