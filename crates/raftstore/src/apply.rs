@@ -16,10 +16,11 @@
 //! snapshot of a shard is its state-machine range as of its applied index
 //! (read page by page between batches, so it is a consistent point) written
 //! to a file; installing one replaces that range from a received file in
-//! bounded batches and then sets the shard's applied state, durably, before
-//! the store loop goes on. An install-in-progress record, written first and
-//! removed with the last batch, makes an install cut short by a crash redo
-//! itself from the file at the next start.
+//! bounded batches on a thread of its own, while this thread goes on with
+//! the other shards and holds the shard's later rounds until the install
+//! is committed. An install-in-progress record, durable before the store
+//! loop goes on and removed with the last batch, makes an install cut short
+//! by a crash redo itself from the file at the next start.
 
 use crate::snapshot::{self, SnapshotRecords, SnapshotRef, SnapshotWriter};
 use crate::{ProposeError, StateMachine, StoreError, StoreStats, state_machine_prefix};
@@ -112,9 +113,14 @@ pub(crate) fn write_applied(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyS
     txn.put(APPLIED_KEY, encode_applied(states));
 }
 
-/// The snapshot install under way, if any (the applied-state encoding of
-/// one shard at the snapshot's point). Next to the applied-state record.
-const INSTALLING_KEY: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x01];
+/// Snapshot installs under way, one record per shard (the applied-state
+/// encoding of the shard at the snapshot's point, then the snapshot's
+/// reference). Next to the applied-state record.
+const INSTALLING_PREFIX: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x01];
+
+fn installing_key(shard: ShardId) -> Vec<u8> {
+    [INSTALLING_PREFIX, &shard.0.to_be_bytes()].concat()
+}
 /// Keys or bytes per batch while a snapshot is made or installed or a
 /// replica's data deleted. Small batches keep sled's memory down: a
 /// 170 MB snapshot (573,425 keys) installed in batches of 10,000 keys or
@@ -124,27 +130,25 @@ const INSTALLING_KEY: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x01];
 const INSTALL_BATCH_KEYS: usize = 1_000;
 const INSTALL_BATCH_BYTES: usize = 1 << 20;
 
-/// Replaces `shard`'s state-machine range with the records of the snapshot
-/// file at `path` (checked against `reference` as it is read) and sets its
-/// applied state to `state`, in bounded batches: first the
-/// install-in-progress record (durable), then the old range deleted, then
-/// the records, then the applied state with the record removed (durable).
-/// Safe to run again from the start after a crash at any point.
-fn install_from_file(
-    db: &dyn Db,
-    states: &mut BTreeMap<ShardId, ApplyState>,
-    shard: ShardId,
-    state: ApplyState,
-    path: &Path,
-    reference: SnapshotRef,
-) -> Result<u64, StoreError> {
-    let corrupt = |error: snapshot::SnapshotError| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() };
-    let mut records = SnapshotRecords::open(path, reference).map_err(corrupt)?;
+/// Puts an install on record, durably: from here on a crash finishes it
+/// at the next start, from the file (kept until then).
+fn record_install(db: &dyn Db, shard: ShardId, state: &ApplyState, reference: SnapshotRef) -> Result<(), StoreError> {
     let mut marker = Txn::new(db);
-    marker.put(INSTALLING_KEY, encode_installing(shard, &state, reference));
+    marker.put(&installing_key(shard), encode_installing(shard, state, reference));
     db.write(&marker.into_batch())?;
     db.persist()?;
+    Ok(())
+}
 
+/// Replaces `shard`'s state-machine range with the records of the snapshot
+/// file at `path` (checked against `reference` as it is read), in bounded
+/// batches: the old range deleted, then the records. [`commit_install`]
+/// then sets the shard's applied state. Safe to run again from the start
+/// after a crash at any point before that. Touches only the shard's range,
+/// so it runs beside the apply thread's batches for other shards.
+fn fill_from_file(db: &dyn Db, shard: ShardId, path: &Path, reference: SnapshotRef) -> Result<u64, StoreError> {
+    let corrupt = |error: snapshot::SnapshotError| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() };
+    let mut records = SnapshotRecords::open(path, reference).map_err(corrupt)?;
     let prefix = state_machine_prefix(shard);
     delete_range(db, &KeyRange::prefix(&prefix))?;
 
@@ -161,13 +165,28 @@ fn install_from_file(
             (keys_in_batch, bytes_in_batch) = (0, 0);
         }
     }
+    db.write(&txn.into_batch())?;
+    Ok(count)
+}
+
+/// Ends an install that [`fill_from_file`] finished: the shard's applied
+/// state set and its install record removed in one batch, durable; then
+/// the file goes.
+fn commit_install(
+    db: &dyn Db,
+    states: &mut BTreeMap<ShardId, ApplyState>,
+    shard: ShardId,
+    state: ApplyState,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let mut txn = Txn::new(db);
     states.insert(shard, state);
     write_applied(&mut txn, states);
-    txn.delete(INSTALLING_KEY);
+    txn.delete(&installing_key(shard));
     db.write(&txn.into_batch())?;
     db.persist()?;
     let _ = std::fs::remove_file(path);
-    Ok(count)
+    Ok(())
 }
 
 /// Deletes every key of `range` in bounded batches; returns how many.
@@ -203,14 +222,16 @@ pub(crate) fn resume_install(
     dir: &Path,
 ) -> Result<(), StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { shard: ShardId(u32::MAX), what: "install record", reason };
-    if let Some(bytes) = db.get(INSTALLING_KEY)? {
+    let records = db.scan(&KeyRange::prefix(INSTALLING_PREFIX), Order::Ascending, usize::MAX)?;
+    for (_, bytes) in records {
         let split = bytes.len().checked_sub(snapshot::REF_BYTES).ok_or_else(|| corrupt("cut short".into()))?;
         let installing = decode_applied(&bytes[..split]).map_err(corrupt)?;
         let reference = SnapshotRef::decode(&bytes[split..]).map_err(|e| corrupt(e.to_string()))?;
         let Some((shard, state)) = installing.into_iter().next() else { return Err(corrupt("no shard".into())) };
         let path = snapshot::received_path(dir, shard, state.index, state.term);
         tracing::warn!(%shard, index = state.index, "a snapshot install was cut short; finishing it");
-        let keys = install_from_file(db, states, shard, state, &path, reference)?;
+        let keys = fill_from_file(db, shard, &path, reference)?;
+        commit_install(db, states, shard, state, &path)?;
         tracing::info!(%shard, keys, "installed the snapshot");
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -230,12 +251,18 @@ pub(crate) struct ApplyTask {
     pub confs: Vec<(u64, ConfState)>,
 }
 
+pub(crate) type Started = std::sync::mpsc::SyncSender<Result<(), StoreError>>;
+
 pub(crate) enum ApplyInput {
     Round(Vec<ApplyTask>),
     /// Make a snapshot of the shard's applied state for a lagging follower.
     GenerateSnapshot(ShardId),
-    /// Replace the shard's state with the leader's snapshot, durably, then say so.
-    InstallSnapshot { shard: ShardId, snapshot: Snapshot, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
+    /// Replace the shard's state with the leader's snapshot. `started` is
+    /// answered once the install is on record durably (a crash from then
+    /// on finishes it at the next start); the rest runs on a thread of its
+    /// own while other shards go on and this shard's later inputs wait.
+    /// The store loop hears of the end through `ApplyProgress::installed`.
+    InstallSnapshot { shard: ShardId, snapshot: Snapshot, started: Started },
     /// This node is no longer a replica of the shard: reset it to empty,
     /// durably, say so, then delete its data.
     Release { shard: ShardId, done: std::sync::mpsc::SyncSender<Result<(), StoreError>> },
@@ -251,6 +278,8 @@ pub(crate) struct ApplyProgress {
     pub error: Mutex<Option<StoreError>>,
     /// Snapshots made for the store loop to serve.
     pub snapshots: Mutex<Vec<(ShardId, Snapshot)>>,
+    /// Shards whose snapshot install finished (durably).
+    pub installed: Mutex<Vec<ShardId>>,
 }
 
 impl ApplyProgress {
@@ -260,6 +289,7 @@ impl ApplyProgress {
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
             snapshots: Mutex::new(Vec::new()),
+            installed: Mutex::new(Vec::new()),
         }
     }
 
@@ -280,47 +310,86 @@ pub(crate) struct Applier {
     pub stats: Arc<StoreStats>,
     /// Where snapshot files are made and received.
     pub snapshot_dir: PathBuf,
+    /// Snapshot installs running on their own threads, by shard.
+    pub installing: BTreeMap<ShardId, Installing>,
 }
+
+/// A snapshot install running on a thread of its own, and what of its
+/// shard arrived meanwhile, in order.
+pub(crate) struct Installing {
+    state: ApplyState,
+    path: PathBuf,
+    thread: std::thread::JoinHandle<Result<u64, StoreError>>,
+    waiting: Vec<Waiting>,
+}
+
+enum Waiting {
+    Task(ApplyTask),
+    Install(Snapshot, Started),
+    Generate,
+}
+
+/// How often the apply thread looks for finished installs while one runs
+/// and no input arrives.
+const INSTALL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Applier {
     /// Runs until told to stop or until the channel closes.
     pub(crate) fn run(mut self, inputs: std::sync::mpsc::Receiver<ApplyInput>, wake: impl Fn()) {
-        let mut next = inputs.recv().ok();
-        while let Some(first) = next.take() {
-            // Gather consecutive rounds into one batch; anything else waits
-            // until they are written, so it sees their state.
-            let mut rounds = Vec::new();
-            let mut other = None;
-            match first {
-                ApplyInput::Round(tasks) => rounds.push(tasks),
-                input => other = Some(input),
-            }
-            while other.is_none() && rounds.len() < ROUNDS_PER_BATCH_MAX {
-                match inputs.try_recv() {
-                    Ok(ApplyInput::Round(tasks)) => rounds.push(tasks),
-                    Ok(input) => other = Some(input),
-                    Err(_) => break,
+        loop {
+            let first = if self.installing.is_empty() {
+                match inputs.recv() {
+                    Ok(input) => Some(input),
+                    Err(_) => return,
                 }
-            }
-            let mut result = if rounds.is_empty() { Ok(()) } else { self.apply(rounds) };
+            } else {
+                match inputs.recv_timeout(INSTALL_POLL) {
+                    Ok(input) => Some(input),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut result = self.finish_installs(false);
             let mut stop = false;
-            match other {
-                _ if result.is_err() => {}
-                None => {}
-                Some(ApplyInput::Stop) => stop = true,
-                Some(ApplyInput::GenerateSnapshot(shard)) => result = self.generate_snapshot(shard),
-                Some(ApplyInput::InstallSnapshot { shard, snapshot, done }) => {
-                    result = self.install_snapshot(shard, &snapshot);
-                    let answer = match &result {
-                        Ok(()) => Ok(()),
-                        Err(error) => Err(StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() }),
-                    };
-                    let _ = done.send(answer);
+            if let (Ok(()), Some(first)) = (&result, first) {
+                // Gather consecutive rounds into one batch; anything else
+                // waits until they are written, so it sees their state.
+                let mut rounds = Vec::new();
+                let mut other = None;
+                match first {
+                    ApplyInput::Round(tasks) => rounds.push(tasks),
+                    input => other = Some(input),
                 }
-                Some(ApplyInput::Release { shard, done }) => {
-                    result = self.release(shard, &done);
+                while other.is_none() && rounds.len() < ROUNDS_PER_BATCH_MAX {
+                    match inputs.try_recv() {
+                        Ok(ApplyInput::Round(tasks)) => rounds.push(tasks),
+                        Ok(input) => other = Some(input),
+                        Err(_) => break,
+                    }
                 }
-                Some(ApplyInput::Round(_)) => {}
+                result = if rounds.is_empty() { Ok(()) } else { self.apply(rounds) };
+                match other {
+                    _ if result.is_err() => {}
+                    None | Some(ApplyInput::Round(_)) => {}
+                    Some(ApplyInput::Stop) => {
+                        // Installs under way end first, so the stop is clean.
+                        result = self.finish_installs(true);
+                        stop = true;
+                    }
+                    Some(ApplyInput::GenerateSnapshot(shard)) => match self.installing.get_mut(&shard) {
+                        Some(installing) => installing.waiting.push(Waiting::Generate),
+                        None => result = self.generate_snapshot(shard),
+                    },
+                    Some(ApplyInput::InstallSnapshot { shard, snapshot, started }) => {
+                        match self.installing.get_mut(&shard) {
+                            Some(installing) => installing.waiting.push(Waiting::Install(snapshot, started)),
+                            None => result = self.start_install(shard, &snapshot, started),
+                        }
+                    }
+                    Some(ApplyInput::Release { shard, done }) => {
+                        result = self.finish_install(shard).and_then(|()| self.release(shard, &done));
+                    }
+                }
             }
             if let Err(error) = result {
                 tracing::error!(?error, "apply failed; the store stops");
@@ -333,7 +402,6 @@ impl Applier {
             if stop {
                 return;
             }
-            next = inputs.recv().ok();
         }
     }
 
@@ -411,9 +479,19 @@ impl Applier {
         Ok(())
     }
 
-    /// Installs a snapshot the transport received into this node's
-    /// snapshot directory (checked there against the message's reference).
-    fn install_snapshot(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    /// Starts installing a snapshot the transport received into this
+    /// node's snapshot directory (checked there against the message's
+    /// reference), on a thread of its own.
+    fn start_install(&mut self, shard: ShardId, snapshot: &Snapshot, started: Started) -> Result<(), StoreError> {
+        let begun = self.begin_install(shard, snapshot);
+        let _ = started.send(match &begun {
+            Ok(()) => Ok(()),
+            Err(error) => Err(StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() }),
+        });
+        begun
+    }
+
+    fn begin_install(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
         let meta = snapshot.get_metadata();
         let reference = SnapshotRef::decode(&snapshot.data)
             .map_err(|error| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() })?;
@@ -423,16 +501,73 @@ impl Applier {
             applied.store(0, Ordering::Release);
         }
         let state = ApplyState { index: meta.index, term: meta.term, conf: meta.get_conf_state().clone() };
-        let db = self.db.clone();
-        let count = install_from_file(&*db, &mut self.states, shard, state, &path, reference)?;
-        if let Some(applied) = self.progress.applied.get(&shard) {
-            applied.store(meta.index, Ordering::Release);
+        record_install(&*self.db, shard, &state, reference)?;
+        let (db, from) = (self.db.clone(), path.clone());
+        let thread = std::thread::Builder::new()
+            .name("snapshot-install".into())
+            .spawn(move || fill_from_file(&*db, shard, &from, reference))
+            .map_err(StoreError::Thread)?;
+        self.installing.insert(shard, Installing { state, path, thread, waiting: Vec::new() });
+        Ok(())
+    }
+
+    /// Ends the installs whose thread is done (every one, waiting, if `all`).
+    fn finish_installs(&mut self, all: bool) -> Result<(), StoreError> {
+        let done: Vec<ShardId> =
+            self.installing.iter().filter(|(_, i)| all || i.thread.is_finished()).map(|(s, _)| *s).collect();
+        for shard in done {
+            self.finish_install(shard)?;
         }
-        snapshot::remove_older(&self.snapshot_dir, "received", shard, meta.index, &path);
+        Ok(())
+    }
+
+    /// Ends the install of `shard`, if one runs: waits for its thread,
+    /// commits it, tells the store loop, then goes through what waited for
+    /// it (the shard's rounds, a snapshot to make, another install).
+    fn finish_install(&mut self, shard: ShardId) -> Result<(), StoreError> {
+        let Some(Installing { state, path, thread, waiting }) = self.installing.remove(&shard) else { return Ok(()) };
+        let keys = thread
+            .join()
+            .map_err(|_| StoreError::Thread(std::io::Error::other("the snapshot install thread panicked")))??;
+        let index = state.index;
+        let db = self.db.clone();
+        commit_install(&*db, &mut self.states, shard, state, &path)?;
+        if let Some(applied) = self.progress.applied.get(&shard) {
+            applied.store(index, Ordering::Release);
+        }
+        snapshot::remove_older(&self.snapshot_dir, "received", shard, index, &path);
         self.machine.snapshot_installed(shard);
         self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%shard, index = meta.index, keys = count, "installed a snapshot from the leader");
-        Ok(())
+        self.progress.installed.lock().unwrap_or_else(|p| p.into_inner()).push(shard);
+        tracing::info!(%shard, index, keys, "installed a snapshot from the leader");
+
+        let mut tasks = Vec::new();
+        let mut rest = waiting.into_iter();
+        while let Some(next) = rest.next() {
+            match next {
+                Waiting::Task(task) => tasks.push(task),
+                Waiting::Generate => {
+                    self.apply_waiting(&mut tasks)?;
+                    self.generate_snapshot(shard)?;
+                }
+                Waiting::Install(snapshot, started) => {
+                    self.apply_waiting(&mut tasks)?;
+                    self.start_install(shard, &snapshot, started)?;
+                    if let Some(installing) = self.installing.get_mut(&shard) {
+                        installing.waiting.extend(rest);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.apply_waiting(&mut tasks)
+    }
+
+    fn apply_waiting(&mut self, tasks: &mut Vec<ApplyTask>) -> Result<(), StoreError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        self.apply(vec![std::mem::take(tasks)])
     }
 
     fn apply(&mut self, rounds: Vec<Vec<ApplyTask>>) -> Result<(), StoreError> {
@@ -441,6 +576,10 @@ impl Applier {
         let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
         let (mut commands, mut entries_applied) = (0u64, 0u64);
         for task in rounds.into_iter().flatten() {
+            if let Some(installing) = self.installing.get_mut(&task.shard) {
+                installing.waiting.push(Waiting::Task(task));
+                continue;
+            }
             let shard = task.shard;
             let Some(state) = self.states.get_mut(&shard) else { continue };
             for (entry, replies) in task.entries {
@@ -487,7 +626,7 @@ impl Applier {
         db.write(&batch)?;
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
         self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for (shard, state) in &self.states {
+        for (shard, state) in self.states.iter().filter(|(shard, _)| !self.installing.contains_key(shard)) {
             if let Some(applied) = self.progress.applied.get(shard) {
                 applied.store(state.index, Ordering::Release);
             }
@@ -548,7 +687,7 @@ mod tests {
         let reference = writer.finish().unwrap();
         // The crash: the record is written, a few old keys are gone, a few new ones in.
         let mut txn = Txn::new(&db);
-        txn.put(INSTALLING_KEY, encode_installing(shard, &new_state, reference));
+        txn.put(&installing_key(shard), encode_installing(shard, &new_state, reference));
         let mut partial = Prefixed::new(&mut txn, &prefix);
         partial.delete(b"old-0");
         partial.put(b"new-00000000", 0u32.to_le_bytes().to_vec());
@@ -561,7 +700,7 @@ mod tests {
         assert_eq!(recovered[&shard], new_state);
         assert_eq!(read_applied(&db).unwrap(), recovered, "and durably");
         assert_eq!(recovered[&ShardId(2)], old_state, "other shards keep theirs");
-        assert!(db.get(INSTALLING_KEY).unwrap().is_none());
+        assert!(db.get(&installing_key(shard)).unwrap().is_none());
         let range = db.scan(&KeyRange::prefix(&prefix), Order::Ascending, usize::MAX).unwrap();
         assert_eq!(range.len(), 25_000, "the old keys are gone, every new one is in");
         assert!(range.iter().enumerate().all(|(i, (k, v))| {
@@ -574,5 +713,92 @@ mod tests {
         resume_install(&db, &mut recovered, dir.path()).unwrap();
         assert_eq!(recovered[&shard], new_state);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Writes each command under `entry-{index}` and answers with the index.
+    struct Recorder;
+
+    impl StateMachine for Recorder {
+        fn apply(
+            &mut self,
+            _shard: ShardId,
+            index: u64,
+            command: &[u8],
+            kv: &mut crate::ShardWriter<'_, '_>,
+        ) -> Result<Vec<u8>, hamgam_storage::StorageError> {
+            kv.put(format!("entry-{index}").as_bytes(), command.to_vec());
+            Ok(index.to_le_bytes().to_vec())
+        }
+    }
+
+    fn round(shard: ShardId, index: u64, command: &[u8]) -> (ApplyInput, oneshot::Receiver<Result<Vec<u8>, ProposeError>>) {
+        let (reply, answer) = oneshot::channel();
+        let entry = Entry {
+            index,
+            term: 3,
+            data: crate::store::encode_batch(&[command.to_vec()]).into(),
+            ..Default::default()
+        };
+        (ApplyInput::Round(vec![ApplyTask { shard, entries: vec![(entry, vec![reply])], confs: Vec::new() }]), answer)
+    }
+
+    /// While one shard's snapshot is installed on its own thread, other
+    /// shards' rounds are applied and answered; the shard's own round waits
+    /// for the install and is applied on top of it.
+    #[test]
+    fn other_shards_go_on_while_a_snapshot_is_installed_and_its_own_rounds_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(hamgam_storage::MemDb::new());
+        let (one, two) = (ShardId(1), ShardId(2));
+        let start = ApplyState { index: 5, term: 1, conf: ConfState::default() };
+        let states = BTreeMap::from([(one, start.clone()), (two, start)]);
+        let progress = Arc::new(ApplyProgress::new(&states));
+        let applier = Applier {
+            db: db.clone(),
+            machine: Box::new(Recorder),
+            states,
+            progress: progress.clone(),
+            stats: Arc::new(StoreStats::default()),
+            snapshot_dir: dir.path().to_path_buf(),
+            installing: BTreeMap::new(),
+        };
+        const KEYS: u32 = 200_000;
+        let mut writer = SnapshotWriter::create(snapshot::received_path(dir.path(), one, 50, 3)).unwrap();
+        for i in 0..KEYS {
+            writer.put(format!("snap-{i:08}").as_bytes(), &[7u8; 32]).unwrap();
+        }
+        let reference = writer.finish().unwrap();
+        let mut snapshot = Snapshot { data: reference.encode().into(), ..Default::default() };
+        snapshot.mut_metadata().index = 50;
+        snapshot.mut_metadata().term = 3;
+
+        let (inputs, queue) = std::sync::mpsc::sync_channel(16);
+        let thread = std::thread::spawn(move || applier.run(queue, || {}));
+        let (started, on_record) = std::sync::mpsc::sync_channel(1);
+        inputs.send(ApplyInput::InstallSnapshot { shard: one, snapshot, started }).unwrap();
+        on_record.recv().unwrap().unwrap();
+        assert!(db.get(&installing_key(one)).unwrap().is_some(), "on record before the store loop goes on");
+        let (own, own_answer) = round(one, 51, b"after the snapshot");
+        inputs.send(own).unwrap();
+        let (other, other_answer) = round(two, 6, b"another shard");
+        inputs.send(other).unwrap();
+
+        assert_eq!(other_answer.blocking_recv().unwrap().unwrap(), 6u64.to_le_bytes());
+        assert!(
+            progress.installed.lock().unwrap().is_empty(),
+            "shard 2 was answered while shard 1's {KEYS} keys were still going in"
+        );
+        assert_eq!(progress.applied(one), 0, "readers of shard 1 wait meanwhile");
+        assert_eq!(own_answer.blocking_recv().unwrap().unwrap(), 51u64.to_le_bytes());
+        assert_eq!(*progress.installed.lock().unwrap(), vec![one]);
+        assert_eq!(progress.applied(one), 51);
+        let range = KeyRange::prefix(&state_machine_prefix(one));
+        let keys = db.scan(&range, Order::Ascending, usize::MAX).unwrap();
+        assert_eq!(keys.len(), KEYS as usize + 1, "the snapshot, and the round applied on top of it");
+        assert!(db.get(&installing_key(one)).unwrap().is_none());
+        assert_eq!(read_applied(&*db).unwrap()[&one].index, 51);
+
+        inputs.send(ApplyInput::Stop).unwrap();
+        thread.join().unwrap();
     }
 }

@@ -654,6 +654,7 @@ impl Store {
             progress: progress.clone(),
             stats: stats.clone(),
             snapshot_dir: snapshot_dir.clone(),
+            installing: BTreeMap::new(),
         };
         let wake_inputs = inputs.clone();
         let apply_thread = std::thread::Builder::new()
@@ -678,6 +679,7 @@ impl Store {
             stats,
             transport,
             snapshots_in_flight: Default::default(),
+            installing: Default::default(),
             outbound: Vec::new(),
             reads: PendingReads::default(),
             apply_inputs,
@@ -752,7 +754,7 @@ impl Drop for Store {
 /// Commands batched into one raft entry: version, count, then length-prefixed commands.
 const ENTRY_BATCH_VERSION: u8 = 1;
 
-fn encode_batch(commands: &[Vec<u8>]) -> Vec<u8> {
+pub(crate) fn encode_batch(commands: &[Vec<u8>]) -> Vec<u8> {
     let bytes: usize = commands.iter().map(|c| c.len() + 4).sum();
     let mut out = Vec::with_capacity(5 + bytes);
     out.push(ENTRY_BATCH_VERSION);
@@ -918,6 +920,9 @@ struct StoreLoop {
     transport: Box<dyn RaftTransport>,
     /// Shards whose snapshot the apply thread is making.
     snapshots_in_flight: std::collections::BTreeSet<ShardId>,
+    /// Shards whose snapshot the apply thread is installing: this node does
+    /// not read them until it is done.
+    installing: std::collections::BTreeSet<ShardId>,
     /// Messages gathered for the transport, sent before and after the WAL write.
     outbound: Vec<(ShardId, Message)>,
     reads: PendingReads,
@@ -1237,9 +1242,12 @@ impl StoreLoop {
             }
             // 1. Messages a leader may send before its own write is durable.
             self.outbound.extend(ready.take_messages().into_iter().map(|m| (shard, m)));
-            // 2. A snapshot from the leader: applied (after every round
-            // already handed over) and made durable before anything else of
-            // this shard. Rare: only a replica far behind gets one.
+            // 2. A snapshot from the leader: its install is put on record
+            // durably (after every round already handed over) before
+            // anything else of this shard, so nothing this node then
+            // acknowledges can be lost; the install itself runs beside the
+            // other shards, and the shard's later rounds wait for it. Rare:
+            // only a replica far behind gets one.
             if !ready.snapshot().is_empty() {
                 if !committed.is_empty() {
                     send_to_applier(&self.apply_inputs, ApplyInput::Round(std::mem::take(&mut committed)))?;
@@ -1249,17 +1257,21 @@ impl StoreLoop {
                 // The range is replaced in several batches: until it is
                 // whole, this node reads the shard from another replica.
                 self.replicas[&shard].store(0, Ordering::Release);
-                ask_applier(&self.apply_inputs, |done| ApplyInput::InstallSnapshot { shard, snapshot: install, done })?;
+                self.installing.insert(shard);
+                ask_applier(&self.apply_inputs, |started| ApplyInput::InstallSnapshot {
+                    shard,
+                    snapshot: install,
+                    started,
+                })?;
                 peer.node.mut_store().apply_snapshot(&snapshot);
-                let conf = snapshot.get_metadata().get_conf_state();
-                self.replicas[&shard].store(replica_flags(conf, NodeId(peer.node.raft.id)), Ordering::Release);
                 // Proposals waiting here were for entries the snapshot replaced.
                 peer.fail_all(&ProposeError::Dropped);
             }
             // 3. Entries committed earlier (already durable here).
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
+                let flags = (!self.installing.contains(&shard)).then_some(&*self.replicas);
+                committed.push(prepare_apply(shard, peer, entries, flags)?);
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -1307,7 +1319,8 @@ impl StoreLoop {
             self.outbound.extend(light.take_messages().into_iter().map(|m| (shard, m)));
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
-                committed.push(prepare_apply(shard, peer, entries, &self.replicas)?);
+                let flags = (!self.installing.contains(&shard)).then_some(&*self.replicas);
+                committed.push(prepare_apply(shard, peer, entries, flags)?);
             }
         }
         self.flush_outbound();
@@ -1340,6 +1353,16 @@ impl StoreLoop {
     /// Has snapshots made for the shards whose followers need one, and hands
     /// finished ones to their logs.
     fn tend_snapshots(&mut self) -> Result<(), StoreError> {
+        // Installs finished: the shard is whole again and read here, as its
+        // configuration now says (changes may have come after the snapshot).
+        let installed = std::mem::take(&mut *self.progress.installed.lock().unwrap_or_else(|p| p.into_inner()));
+        for shard in installed {
+            self.installing.remove(&shard);
+            if let (Some(flags), Some(peer)) = (self.replicas.get(&shard), self.peers.get(&shard)) {
+                let conf = peer.node.raft.prs().conf().to_conf_state();
+                flags.store(replica_flags(&conf, self.node), Ordering::Release);
+            }
+        }
         let made = std::mem::take(&mut *self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
         for (shard, snapshot) in made {
             self.snapshots_in_flight.remove(&shard);
@@ -1522,12 +1545,13 @@ fn replica_flags(conf: &ConfState, node: NodeId) -> u8 {
 /// Readies committed entries of `shard` for the apply thread: pairs them
 /// with their proposers, and applies each configuration change to raft now,
 /// in log order, handing the resulting configuration along so the apply
-/// thread stores it with the entry's index.
+/// thread stores it with the entry's index. `replicas`, the read flags to
+/// keep current, is `None` while the shard's snapshot is being installed.
 fn prepare_apply(
     shard: ShardId,
     peer: &mut Peer,
     entries: Vec<Entry>,
-    replicas: &BTreeMap<ShardId, AtomicU8>,
+    replicas: Option<&BTreeMap<ShardId, AtomicU8>>,
 ) -> Result<ApplyTask, StoreError> {
     let mut confs = Vec::new();
     for entry in &entries {
@@ -1552,7 +1576,7 @@ fn prepare_apply(
         });
         tracing::info!(%shard, index = entry.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
         peer.node.mut_store().set_conf_state(conf.clone());
-        if let Some(flags) = replicas.get(&shard) {
+        if let Some(flags) = replicas.and_then(|r| r.get(&shard)) {
             flags.store(replica_flags(&conf, NodeId(peer.node.raft.id)), Ordering::Release);
         }
         confs.push((entry.index, conf));
