@@ -130,6 +130,11 @@ fn installing_key(shard: ShardId) -> Vec<u8> {
 const INSTALL_BATCH_KEYS: usize = 1_000;
 const INSTALL_BATCH_BYTES: usize = 1 << 20;
 
+/// A snapshot file that cannot be read, or does not match its reference.
+fn bad_snapshot(shard: ShardId) -> impl Fn(snapshot::SnapshotError) -> StoreError {
+    move |error| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() }
+}
+
 /// Puts an install on record, durably: from here on a crash finishes it
 /// at the next start, from the file (kept until then).
 fn record_install(db: &dyn Db, shard: ShardId, state: &ApplyState, reference: SnapshotRef) -> Result<(), StoreError> {
@@ -140,22 +145,21 @@ fn record_install(db: &dyn Db, shard: ShardId, state: &ApplyState, reference: Sn
     Ok(())
 }
 
-/// Replaces `shard`'s state-machine range with the records of the snapshot
-/// file at `path` (checked against `reference` as it is read), in bounded
+/// Replaces `shard`'s state-machine range with the records of a snapshot
+/// file (checked against its reference as they are read), in bounded
 /// batches: the old range deleted, then the records. [`commit_install`]
 /// then sets the shard's applied state. Safe to run again from the start
 /// after a crash at any point before that. Touches only the shard's range,
 /// so it runs beside the apply thread's batches for other shards.
-fn fill_from_file(db: &dyn Db, shard: ShardId, path: &Path, reference: SnapshotRef) -> Result<u64, StoreError> {
-    let corrupt = |error: snapshot::SnapshotError| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() };
-    let mut records = SnapshotRecords::open(path, reference).map_err(corrupt)?;
+fn fill_from_file(db: &dyn Db, shard: ShardId, mut records: SnapshotRecords) -> Result<u64, StoreError> {
+    let corrupt = bad_snapshot(shard);
     let prefix = state_machine_prefix(shard);
     delete_range(db, &KeyRange::prefix(&prefix))?;
 
     let mut count = 0u64;
     let mut txn = Txn::new(db);
     let (mut keys_in_batch, mut bytes_in_batch) = (0usize, 0usize);
-    while let Some((key, value)) = records.next_record().map_err(corrupt)? {
+    while let Some((key, value)) = records.next_record().map_err(&corrupt)? {
         keys_in_batch += 1;
         bytes_in_batch += key.len() + value.len();
         Prefixed::new(&mut txn, &prefix).put(&key, value);
@@ -230,7 +234,8 @@ pub(crate) fn resume_install(
         let Some((shard, state)) = installing.into_iter().next() else { return Err(corrupt("no shard".into())) };
         let path = snapshot::received_path(dir, shard, state.index, state.term);
         tracing::warn!(%shard, index = state.index, "a snapshot install was cut short; finishing it");
-        let keys = fill_from_file(db, shard, &path, reference)?;
+        let records = SnapshotRecords::open(&path, reference).map_err(bad_snapshot(shard))?;
+        let keys = fill_from_file(db, shard, records)?;
         commit_install(db, states, shard, state, &path)?;
         tracing::info!(%shard, keys, "installed the snapshot");
     }
@@ -493,19 +498,20 @@ impl Applier {
 
     fn begin_install(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
         let meta = snapshot.get_metadata();
-        let reference = SnapshotRef::decode(&snapshot.data)
-            .map_err(|error| StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() })?;
+        let reference = SnapshotRef::decode(&snapshot.data).map_err(bad_snapshot(shard))?;
         let path = snapshot::received_path(&self.snapshot_dir, shard, meta.index, meta.term);
         // Readers of this shard wait while its range is being replaced.
         if let Some(applied) = self.progress.applied.get(&shard) {
             applied.store(0, Ordering::Release);
         }
         let state = ApplyState { index: meta.index, term: meta.term, conf: meta.get_conf_state().clone() };
+        // The file must be there before the install goes on record.
+        let records = SnapshotRecords::open(&path, reference).map_err(bad_snapshot(shard))?;
         record_install(&*self.db, shard, &state, reference)?;
-        let (db, from) = (self.db.clone(), path.clone());
+        let db = self.db.clone();
         let thread = std::thread::Builder::new()
             .name("snapshot-install".into())
-            .spawn(move || fill_from_file(&*db, shard, &from, reference))
+            .spawn(move || fill_from_file(&*db, shard, records))
             .map_err(StoreError::Thread)?;
         self.installing.insert(shard, Installing { state, path, thread, waiting: Vec::new() });
         Ok(())
@@ -538,7 +544,6 @@ impl Applier {
         snapshot::remove_older(&self.snapshot_dir, "received", shard, index, &path);
         self.machine.snapshot_installed(shard);
         self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
-        self.progress.installed.lock().unwrap_or_else(|p| p.into_inner()).push(shard);
         tracing::info!(%shard, index, keys, "installed a snapshot from the leader");
 
         let mut tasks = Vec::new();
@@ -560,7 +565,10 @@ impl Applier {
                 }
             }
         }
-        self.apply_waiting(&mut tasks)
+        self.apply_waiting(&mut tasks)?;
+        // No other install of the shard follows: it may be read here again.
+        self.progress.installed.lock().unwrap_or_else(|p| p.into_inner()).push(shard);
+        Ok(())
     }
 
     fn apply_waiting(&mut self, tasks: &mut Vec<ApplyTask>) -> Result<(), StoreError> {
@@ -731,7 +739,9 @@ mod tests {
         }
     }
 
-    fn round(shard: ShardId, index: u64, command: &[u8]) -> (ApplyInput, oneshot::Receiver<Result<Vec<u8>, ProposeError>>) {
+    type Answer = oneshot::Receiver<Result<Vec<u8>, ProposeError>>;
+
+    fn round(shard: ShardId, index: u64, command: &[u8]) -> (ApplyInput, Answer) {
         let (reply, answer) = oneshot::channel();
         let entry = Entry {
             index,
@@ -790,6 +800,13 @@ mod tests {
         );
         assert_eq!(progress.applied(one), 0, "readers of shard 1 wait meanwhile");
         assert_eq!(own_answer.blocking_recv().unwrap().unwrap(), 51u64.to_le_bytes());
+        // The store loop hears of the end right after the waiting round.
+        for _ in 0..200 {
+            if !progress.installed.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(*progress.installed.lock().unwrap(), vec![one]);
         assert_eq!(progress.applied(one), 51);
         let range = KeyRange::prefix(&state_machine_prefix(one));
