@@ -34,7 +34,7 @@ use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
 use hamgam_cluster::driver::DriverConfig;
 use hamgam_cluster::join::JoinAuthority;
 use hamgam_cluster::membership::ClusterCommand;
-use hamgam_cluster::{CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, PeerNetwork};
+use hamgam_cluster::{CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, MemberState, PeerNetwork};
 use hamgam_raftstore::{NoPeers, RaftHandle, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService, UpdateListener};
@@ -465,6 +465,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let failed = tokio::select! {
         () = shutdown_signal() => false,
         () = raft.stopped() => true,
+        () = removed_from_cluster(view.clone(), node) => {
+            tracing::warn!(%node, "this node was removed from the cluster (`hamgam admin remove`); it stops");
+            eprintln!(
+                "hamgam-node: node {node} was removed from the cluster and stops; its data directory {} can be deleted",
+                config.data.display()
+            );
+            false
+        }
     };
     tracing::info!("shutting down");
     api.shutdown(DRAIN).await;
@@ -485,6 +493,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Resolves once shard 0, as this node applies it, records this node as
+/// removed: its peers no longer admit it, so it has nothing left to do.
+/// Also at a start, if it was removed while it was down.
+async fn removed_from_cluster(mut view: watch::Receiver<ClusterView>, node: NodeId) {
+    loop {
+        let removed = view.borrow_and_update().members.iter().any(|m| m.id == node && m.state == MemberState::Removed);
+        if removed {
+            return;
+        }
+        if view.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Records the initial members in shard 0 once it has a leader. Every

@@ -91,6 +91,12 @@ impl Node {
         wait_with_timeout(&mut child, Duration::from_secs(30))
     }
 
+    /// Waits for the process to end without being asked.
+    pub fn exits_by_itself(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_with_timeout(&mut child, timeout)
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
