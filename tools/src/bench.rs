@@ -68,6 +68,9 @@ enum BenchCommand {
         /// Average chunk sizes to try, in KiB (min is a quarter, max four times).
         #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
         avg_kib: Vec<u32>,
+        /// Also compare these zstd levels at the chosen chunk size (stored bytes, compression time).
+        #[arg(long, value_delimiter = ',')]
+        zstd_levels: Vec<i32>,
     },
     /// Send bytes over one raw quinn stream on loopback (the client
     /// transport settings, nothing else) and print MB/s: the ceiling for
@@ -136,7 +139,9 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
         BenchCommand::QuicRaw { mib } => {
             println!("raw quinn, one stream, {mib} MiB: {:.0} MB/s", crate::quic_raw::run(mib).await?);
         }
-        BenchCommand::Chunking { dir, edited, avg_kib } => crate::chunking::run(&dir, edited.as_deref(), &avg_kib)?,
+        BenchCommand::Chunking { dir, edited, avg_kib, zstd_levels } => {
+            crate::chunking::run(&dir, edited.as_deref(), &avg_kib, &zstd_levels)?
+        }
         BenchCommand::Etcd { endpoint, pid, load } => {
             let result = etcd_load(&endpoint, &pid, &load).await?;
             println!("{}", LoadResult::header());

@@ -2,7 +2,8 @@
 //! For each candidate (min, average, max), cuts every file of a data set
 //! and reports chunks, what deduplication and compression leave to store,
 //! the per-chunk metadata, the cutting speed, and, given the edited version
-//! of the data set, the bytes a re-backup would have to send.
+//! of the data set, the bytes a re-backup would have to send. Optionally,
+//! what other zstd levels would store at the chosen size, and at what cost.
 
 use hamgam_blob::{ChunkerParams, StoredChunk, chunks_of_slice};
 use hamgam_types::ChunkId;
@@ -60,7 +61,7 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32]) -> anyhow::Result<()> {
+pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32], zstd_levels: &[i32]) -> anyhow::Result<()> {
     let read = |root: &Path| -> anyhow::Result<Vec<Vec<u8>>> {
         files_under(root)?.iter().map(|p| Ok(std::fs::read(p)?)).collect()
     };
@@ -91,6 +92,50 @@ pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32]) -> anyhow::Result<(
             total as f64 / cut.cutting.as_secs_f64() / 1e6,
             rebackup.map_or("-".into(), |r| format!("{:.2} ({:.2})", mib(r.unique_plain), mib(r.unique_stored))),
         );
+    }
+    if !zstd_levels.is_empty() {
+        compare_levels(&first, zstd_levels)?;
+    }
+    Ok(())
+}
+
+/// At the chosen chunk size: the unique chunks that compress (the rest
+/// stay plain at any level), stored at each zstd level, with the time one
+/// core takes to compress them.
+fn compare_levels(files: &[Vec<u8>], levels: &[i32]) -> anyhow::Result<()> {
+    let mut seen = HashSet::new();
+    let (mut kept_plain, mut compressible) = (0u64, Vec::new());
+    for data in files {
+        for piece in chunks_of_slice(data, ChunkerParams::default()) {
+            if !seen.insert(ChunkId::of(piece)) {
+                continue;
+            }
+            if StoredChunk::seal(piece).bytes.len() < piece.len() {
+                compressible.push(piece);
+            } else {
+                kept_plain += piece.len() as u64;
+            }
+        }
+    }
+    let plain: u64 = compressible.iter().map(|c| c.len() as u64).sum();
+    println!();
+    println!(
+        "chunks of the chosen size: {:.1} MiB kept plain, {:.1} MiB compressible ({} chunks)",
+        mib(kept_plain),
+        mib(plain),
+        compressible.len()
+    );
+    println!("| zstd level | compressible stored MiB | all chunks stored MiB | compress s (one core) |");
+    println!("|---|---|---|---|");
+    for &level in levels {
+        let mut compressor = zstd::bulk::Compressor::new(level)?;
+        let started = Instant::now();
+        let mut stored = 0u64;
+        for chunk in &compressible {
+            stored += compressor.compress(chunk)?.len().min(chunk.len()) as u64;
+        }
+        let took = started.elapsed().as_secs_f64();
+        println!("| {level} | {:.1} | {:.1} | {took:.2} |", mib(stored), mib(kept_plain + stored));
     }
     Ok(())
 }
