@@ -12,19 +12,19 @@
 //! answered only after the batch is written. Progress goes back to the store
 //! loop through atomics (never a channel the loop could be blocked on).
 //!
-//! Snapshots are made and installed here too, in order with the rounds: a
-//! snapshot of a shard is its state-machine range as of its applied index
-//! (read page by page between batches, so it is a consistent point) written
+//! Snapshots are made and installed in order with the rounds, each on a
+//! thread of its own while this thread goes on with the other shards and
+//! holds the shard's later rounds until the work is done: a snapshot of a
+//! shard is its state-machine range as of its applied index (read page by
+//! page while the range holds still, so it is a consistent point) written
 //! to a file; installing one replaces that range from a received file in
-//! bounded batches on a thread of its own, while this thread goes on with
-//! the other shards and holds the shard's later rounds until the install
-//! is committed. An install-in-progress record, durable before the store
+//! bounded batches. An install-in-progress record, durable before the store
 //! loop goes on and removed with the last batch, makes an install cut short
 //! by a crash redo itself from the file at the next start.
 
 use crate::snapshot::{self, SnapshotRecords, SnapshotRef, SnapshotWriter};
 use crate::{ProposeError, StateMachine, StoreError, StoreStats, state_machine_prefix};
-use hamgam_storage::{Db, KeyRange, KvRead, KvWrite, Order, Prefixed, Txn};
+use hamgam_storage::{Db, KeyRange, KvWrite, Order, Prefixed, Txn};
 use hamgam_types::ShardId;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
@@ -193,6 +193,28 @@ fn commit_install(
     Ok(())
 }
 
+/// Reads `shard`'s state-machine range page by page into a snapshot file at `path`.
+fn write_snapshot(db: &dyn Db, shard: ShardId, path: PathBuf) -> Result<SnapshotRef, snapshot::SnapshotError> {
+    let prefix = state_machine_prefix(shard);
+    let mut writer = SnapshotWriter::create(path)?;
+    let mut range = KeyRange::prefix(&prefix);
+    let failed = |error: hamgam_storage::StorageError| snapshot::SnapshotError::Io {
+        path: "the database".into(),
+        source: std::io::Error::other(error.to_string()),
+    };
+    loop {
+        let page = db.scan(&range, Order::Ascending, INSTALL_BATCH_KEYS).map_err(failed)?;
+        let Some((last, _)) = page.last() else { break };
+        let mut next_start = last.clone();
+        next_start.push(0);
+        for (key, value) in &page {
+            writer.put(&key[prefix.len()..], value)?;
+        }
+        range.start = next_start;
+    }
+    writer.finish()
+}
+
 /// Deletes every key of `range` in bounded batches; returns how many.
 fn delete_range(db: &dyn Db, range: &KeyRange) -> Result<usize, StoreError> {
     let mut deleted = 0;
@@ -281,8 +303,9 @@ pub(crate) struct ApplyProgress {
     pub applied: BTreeMap<ShardId, AtomicU64>,
     pub failed: AtomicBool,
     pub error: Mutex<Option<StoreError>>,
-    /// Snapshots made for the store loop to serve.
-    pub snapshots: Mutex<Vec<(ShardId, Snapshot)>>,
+    /// Snapshots made for the store loop to serve (`None`: making one
+    /// failed, and raft may ask again).
+    pub snapshots: Mutex<Vec<(ShardId, Option<Snapshot>)>>,
     /// Shards whose snapshot install finished (durably).
     pub installed: Mutex<Vec<ShardId>>,
 }
@@ -315,17 +338,32 @@ pub(crate) struct Applier {
     pub stats: Arc<StoreStats>,
     /// Where snapshot files are made and received.
     pub snapshot_dir: PathBuf,
-    /// Snapshot installs running on their own threads, by shard.
-    pub installing: BTreeMap<ShardId, Installing>,
+    /// Shards whose range a thread of their own is reading into a snapshot
+    /// file or filling from one.
+    pub busy: BTreeMap<ShardId, Busy>,
 }
 
-/// A snapshot install running on a thread of its own, and what of its
-/// shard arrived meanwhile, in order.
-pub(crate) struct Installing {
-    state: ApplyState,
-    path: PathBuf,
-    thread: std::thread::JoinHandle<Result<u64, StoreError>>,
+/// A shard whose range a thread of its own is working on, and what of the
+/// shard arrived meanwhile, in order (applied once the thread is done, so
+/// the range holds still for it).
+pub(crate) struct Busy {
+    work: Work,
+    thread: std::thread::JoinHandle<Result<Done, StoreError>>,
     waiting: Vec<Waiting>,
+}
+
+enum Work {
+    /// Filling the range from a received snapshot file at `path`.
+    Install { state: ApplyState, path: PathBuf },
+    /// Reading the range, as of `state`, into a snapshot file at `path`.
+    Make { state: ApplyState, path: PathBuf },
+}
+
+type MadeResult = Result<SnapshotRef, snapshot::SnapshotError>;
+
+enum Done {
+    Installed(u64),
+    Made(MadeResult),
 }
 
 enum Waiting {
@@ -334,27 +372,27 @@ enum Waiting {
     Generate,
 }
 
-/// How often the apply thread looks for finished installs while one runs
-/// and no input arrives.
-const INSTALL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often the apply thread looks for finished work while some runs and
+/// no input arrives.
+const BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Applier {
     /// Runs until told to stop or until the channel closes.
     pub(crate) fn run(mut self, inputs: std::sync::mpsc::Receiver<ApplyInput>, wake: impl Fn()) {
         loop {
-            let first = if self.installing.is_empty() {
+            let first = if self.busy.is_empty() {
                 match inputs.recv() {
                     Ok(input) => Some(input),
                     Err(_) => return,
                 }
             } else {
-                match inputs.recv_timeout(INSTALL_POLL) {
+                match inputs.recv_timeout(BUSY_POLL) {
                     Ok(input) => Some(input),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             };
-            let mut result = self.finish_installs(false);
+            let mut result = self.finish_busy(false);
             let mut stop = false;
             if let (Ok(()), Some(first)) = (&result, first) {
                 // Gather consecutive rounds into one batch; anything else
@@ -377,22 +415,20 @@ impl Applier {
                     _ if result.is_err() => {}
                     None | Some(ApplyInput::Round(_)) => {}
                     Some(ApplyInput::Stop) => {
-                        // Installs under way end first, so the stop is clean.
-                        result = self.finish_installs(true);
+                        // Work under way ends first, so the stop is clean.
+                        result = self.finish_busy(true);
                         stop = true;
                     }
-                    Some(ApplyInput::GenerateSnapshot(shard)) => match self.installing.get_mut(&shard) {
-                        Some(installing) => installing.waiting.push(Waiting::Generate),
-                        None => result = self.generate_snapshot(shard),
+                    Some(ApplyInput::GenerateSnapshot(shard)) => match self.busy.get_mut(&shard) {
+                        Some(busy) => busy.waiting.push(Waiting::Generate),
+                        None => result = self.start_make(shard),
                     },
-                    Some(ApplyInput::InstallSnapshot { shard, snapshot, started }) => {
-                        match self.installing.get_mut(&shard) {
-                            Some(installing) => installing.waiting.push(Waiting::Install(snapshot, started)),
-                            None => result = self.start_install(shard, &snapshot, started),
-                        }
-                    }
+                    Some(ApplyInput::InstallSnapshot { shard, snapshot, started }) => match self.busy.get_mut(&shard) {
+                        Some(busy) => busy.waiting.push(Waiting::Install(snapshot, started)),
+                        None => result = self.start_install(shard, &snapshot, started),
+                    },
                     Some(ApplyInput::Release { shard, done }) => {
-                        result = self.finish_install(shard).and_then(|()| self.release(shard, &done));
+                        result = self.finish(shard).and_then(|()| self.release(shard, &done));
                     }
                 }
             }
@@ -410,55 +446,45 @@ impl Applier {
         }
     }
 
-    /// A snapshot of `shard` as of its applied index, for the store loop to
-    /// send: the range read page by page into a file (nothing else writes
-    /// while this thread reads), replacing the shard's earlier one.
-    fn generate_snapshot(&mut self, shard: ShardId) -> Result<(), StoreError> {
+    /// Starts making a snapshot of `shard` as of its applied index, for the
+    /// store loop to send: a thread of its own reads the range page by page
+    /// into a file while the shard's rounds wait (so the range holds still)
+    /// and the other shards go on.
+    fn start_make(&mut self, shard: ShardId) -> Result<(), StoreError> {
         let Some(state) = self.states.get(&shard).cloned() else { return Ok(()) };
         let path = snapshot::made_path(&self.snapshot_dir, shard, state.index, state.term);
-        let reference = match self.write_snapshot(shard, path.clone()) {
-            Ok(reference) => reference,
-            Err(error) => {
-                // The follower waits and raft asks again; the node goes on.
-                tracing::error!(%shard, %error, "could not make a snapshot");
-                return Ok(());
-            }
-        };
-        snapshot::remove_older(&self.snapshot_dir, "made", shard, u64::MAX, &path);
-        let mut made = Snapshot { data: reference.encode().into(), ..Default::default() };
-        let meta = made.mut_metadata();
-        meta.index = state.index;
-        meta.term = state.term;
-        meta.set_conf_state(state.conf.clone());
-        tracing::info!(%shard, index = state.index, bytes = reference.bytes, keys = reference.keys, "made a snapshot");
-        self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()).push((shard, made));
-        self.stats.snapshots_made.fetch_add(1, Ordering::Relaxed);
+        let (db, to) = (self.db.clone(), path.clone());
+        let thread = std::thread::Builder::new()
+            .name("snapshot-make".into())
+            .spawn(move || Ok(Done::Made(write_snapshot(&*db, shard, to))))
+            .map_err(StoreError::Thread)?;
+        self.busy.insert(shard, Busy { work: Work::Make { state, path }, thread, waiting: Vec::new() });
         Ok(())
     }
 
-    fn write_snapshot(&self, shard: ShardId, path: PathBuf) -> Result<SnapshotRef, snapshot::SnapshotError> {
-        let prefix = state_machine_prefix(shard);
-        let mut writer = SnapshotWriter::create(path)?;
-        let mut range = KeyRange::prefix(&prefix);
-        let failed = |error: hamgam_storage::StorageError| snapshot::SnapshotError::Io {
-            path: "the database".into(),
-            source: std::io::Error::other(error.to_string()),
-        };
-        loop {
-            let page = self.db.scan(&range, Order::Ascending, INSTALL_BATCH_KEYS).map_err(failed)?;
-            let Some((last, _)) = page.last() else { break };
-            let mut next_start = last.clone();
-            next_start.push(0);
-            for (key, value) in &page {
-                writer.put(&key[prefix.len()..], value)?;
+    /// Hands a made snapshot to the store loop (or says it failed: the
+    /// follower waits and raft asks again; the node goes on).
+    fn made(&mut self, shard: ShardId, state: ApplyState, path: &Path, result: MadeResult) {
+        let made = match result {
+            Ok(reference) => {
+                snapshot::remove_older(&self.snapshot_dir, "made", shard, u64::MAX, path);
+                let mut made = Snapshot { data: reference.encode().into(), ..Default::default() };
+                let meta = made.mut_metadata();
+                meta.index = state.index;
+                meta.term = state.term;
+                meta.set_conf_state(state.conf);
+                tracing::info!(%shard, index = state.index, bytes = reference.bytes, keys = reference.keys, "made a snapshot");
+                self.stats.snapshots_made.fetch_add(1, Ordering::Relaxed);
+                Some(made)
             }
-            range.start = next_start;
-        }
-        writer.finish()
+            Err(error) => {
+                tracing::error!(%shard, %error, "could not make a snapshot");
+                None
+            }
+        };
+        self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()).push((shard, made));
     }
 
-    /// Replaces `shard`'s range and applied state with `snapshot`, in one
-    /// batch, and makes it durable: the WAL no longer holds what it replaced.
     /// Resets `shard` to an empty replica (applied index 0, no
     /// configuration: a later re-add starts from a snapshot) durably, tells
     /// the store loop, then deletes the shard's keys in bounded batches. A
@@ -511,63 +537,80 @@ impl Applier {
         let db = self.db.clone();
         let thread = std::thread::Builder::new()
             .name("snapshot-install".into())
-            .spawn(move || fill_from_file(&*db, shard, records))
+            .spawn(move || fill_from_file(&*db, shard, records).map(Done::Installed))
             .map_err(StoreError::Thread)?;
-        self.installing.insert(shard, Installing { state, path, thread, waiting: Vec::new() });
+        self.busy.insert(shard, Busy { work: Work::Install { state, path }, thread, waiting: Vec::new() });
         Ok(())
     }
 
-    /// Ends the installs whose thread is done (every one, waiting, if `all`).
-    fn finish_installs(&mut self, all: bool) -> Result<(), StoreError> {
+    /// Ends the work whose thread is done (all of it, waiting, if `all`).
+    fn finish_busy(&mut self, all: bool) -> Result<(), StoreError> {
         let done: Vec<ShardId> =
-            self.installing.iter().filter(|(_, i)| all || i.thread.is_finished()).map(|(s, _)| *s).collect();
+            self.busy.iter().filter(|(_, b)| all || b.thread.is_finished()).map(|(s, _)| *s).collect();
         for shard in done {
-            self.finish_install(shard)?;
+            self.finish(shard)?;
         }
         Ok(())
     }
 
-    /// Ends the install of `shard`, if one runs: waits for its thread,
-    /// commits it, tells the store loop, then goes through what waited for
-    /// it (the shard's rounds, a snapshot to make, another install).
-    fn finish_install(&mut self, shard: ShardId) -> Result<(), StoreError> {
-        let Some(Installing { state, path, thread, waiting }) = self.installing.remove(&shard) else { return Ok(()) };
-        let keys = thread
-            .join()
-            .map_err(|_| StoreError::Thread(std::io::Error::other("the snapshot install thread panicked")))??;
-        let index = state.index;
-        let db = self.db.clone();
-        commit_install(&*db, &mut self.states, shard, state, &path)?;
-        if let Some(applied) = self.progress.applied.get(&shard) {
-            applied.store(index, Ordering::Release);
-        }
-        snapshot::remove_older(&self.snapshot_dir, "received", shard, index, &path);
-        self.machine.snapshot_installed(shard);
-        self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%shard, index, keys, "installed a snapshot from the leader");
+    /// Ends the work on `shard`, if any: waits for its thread, commits an
+    /// install (and tells the store loop) or hands over a made snapshot,
+    /// then goes through what waited for it: the shard's rounds, a snapshot
+    /// to make, another install.
+    fn finish(&mut self, shard: ShardId) -> Result<(), StoreError> {
+        let Some(Busy { work, thread, waiting }) = self.busy.remove(&shard) else { return Ok(()) };
+        let done =
+            thread.join().map_err(|_| StoreError::Thread(std::io::Error::other("a snapshot thread panicked")))??;
+        let installed = match (work, done) {
+            (Work::Install { state, path }, Done::Installed(keys)) => {
+                let index = state.index;
+                let db = self.db.clone();
+                commit_install(&*db, &mut self.states, shard, state, &path)?;
+                if let Some(applied) = self.progress.applied.get(&shard) {
+                    applied.store(index, Ordering::Release);
+                }
+                snapshot::remove_older(&self.snapshot_dir, "received", shard, index, &path);
+                self.machine.snapshot_installed(shard);
+                self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%shard, index, keys, "installed a snapshot from the leader");
+                true
+            }
+            (Work::Make { state, path }, Done::Made(result)) => {
+                self.made(shard, state, &path, result);
+                false
+            }
+            _ => return Err(StoreError::Thread(std::io::Error::other("a snapshot thread did other work than asked"))),
+        };
 
         let mut tasks = Vec::new();
         let mut rest = waiting.into_iter();
-        while let Some(next) = rest.next() {
+        let mut follows = None;
+        for next in rest.by_ref() {
             match next {
                 Waiting::Task(task) => tasks.push(task),
                 Waiting::Generate => {
-                    self.apply_waiting(&mut tasks)?;
-                    self.generate_snapshot(shard)?;
+                    follows = Some(None);
+                    break;
                 }
                 Waiting::Install(snapshot, started) => {
-                    self.apply_waiting(&mut tasks)?;
-                    self.start_install(shard, &snapshot, started)?;
-                    if let Some(installing) = self.installing.get_mut(&shard) {
-                        installing.waiting.extend(rest);
-                    }
-                    return Ok(());
+                    follows = Some(Some((snapshot, started)));
+                    break;
                 }
             }
         }
         self.apply_waiting(&mut tasks)?;
-        // No other install of the shard follows: it may be read here again.
-        self.progress.installed.lock().unwrap_or_else(|p| p.into_inner()).push(shard);
+        if installed && !matches!(follows, Some(Some(_))) {
+            // No other install of the shard follows: it may be read here again.
+            self.progress.installed.lock().unwrap_or_else(|p| p.into_inner()).push(shard);
+        }
+        match follows {
+            None => return Ok(()),
+            Some(None) => self.start_make(shard)?,
+            Some(Some((snapshot, started))) => self.start_install(shard, &snapshot, started)?,
+        }
+        if let Some(busy) = self.busy.get_mut(&shard) {
+            busy.waiting.extend(rest);
+        }
         Ok(())
     }
 
@@ -584,8 +627,8 @@ impl Applier {
         let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
         let (mut commands, mut entries_applied) = (0u64, 0u64);
         for task in rounds.into_iter().flatten() {
-            if let Some(installing) = self.installing.get_mut(&task.shard) {
-                installing.waiting.push(Waiting::Task(task));
+            if let Some(busy) = self.busy.get_mut(&task.shard) {
+                busy.waiting.push(Waiting::Task(task));
                 continue;
             }
             let shard = task.shard;
@@ -634,7 +677,7 @@ impl Applier {
         db.write(&batch)?;
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
         self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for (shard, state) in self.states.iter().filter(|(shard, _)| !self.installing.contains_key(shard)) {
+        for (shard, state) in self.states.iter().filter(|(shard, _)| !self.busy.contains_key(shard)) {
             if let Some(applied) = self.progress.applied.get(shard) {
                 applied.store(state.index, Ordering::Release);
             }
@@ -652,6 +695,7 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hamgam_storage::KvRead;
 
     #[test]
     fn applied_states_round_trip_and_damage_is_named() {
@@ -770,7 +814,7 @@ mod tests {
             progress: progress.clone(),
             stats: Arc::new(StoreStats::default()),
             snapshot_dir: dir.path().to_path_buf(),
-            installing: BTreeMap::new(),
+            busy: BTreeMap::new(),
         };
         const KEYS: u32 = 200_000;
         let mut writer = SnapshotWriter::create(snapshot::received_path(dir.path(), one, 50, 3)).unwrap();
@@ -815,6 +859,59 @@ mod tests {
         assert!(db.get(&installing_key(one)).unwrap().is_none());
         assert_eq!(read_applied(&*db).unwrap()[&one].index, 51);
 
+        inputs.send(ApplyInput::Stop).unwrap();
+        thread.join().unwrap();
+    }
+
+    /// While one shard's snapshot is being made on its own thread, other
+    /// shards' rounds are applied and answered; the shard's own round waits,
+    /// so the snapshot is exactly the state as of its index.
+    #[test]
+    fn other_shards_go_on_while_a_snapshot_is_made_and_it_is_one_consistent_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(hamgam_storage::MemDb::new());
+        let (one, two) = (ShardId(1), ShardId(2));
+        let start = ApplyState { index: 5, term: 1, conf: ConfState { voters: vec![1], ..Default::default() } };
+        let states = BTreeMap::from([(one, start.clone()), (two, start)]);
+        const KEYS: u32 = 200_000;
+        let mut txn = Txn::new(&*db);
+        for i in 0..KEYS {
+            Prefixed::new(&mut txn, &state_machine_prefix(one)).put(format!("old-{i:08}").as_bytes(), vec![1; 32]);
+        }
+        db.write(&txn.into_batch()).unwrap();
+        let progress = Arc::new(ApplyProgress::new(&states));
+        let applier = Applier {
+            db: db.clone(),
+            machine: Box::new(Recorder),
+            states,
+            progress: progress.clone(),
+            stats: Arc::new(StoreStats::default()),
+            snapshot_dir: dir.path().to_path_buf(),
+            busy: BTreeMap::new(),
+        };
+        let (inputs, queue) = std::sync::mpsc::sync_channel(16);
+        let thread = std::thread::spawn(move || applier.run(queue, || {}));
+        inputs.send(ApplyInput::GenerateSnapshot(one)).unwrap();
+        let (own, own_answer) = round(one, 6, b"after the snapshot point");
+        inputs.send(own).unwrap();
+        let (other, other_answer) = round(two, 6, b"another shard");
+        inputs.send(other).unwrap();
+
+        assert_eq!(other_answer.blocking_recv().unwrap().unwrap(), 6u64.to_le_bytes());
+        assert!(progress.snapshots.lock().unwrap().is_empty(), "shard 2 was answered while shard 1 was being read");
+        assert_eq!(own_answer.blocking_recv().unwrap().unwrap(), 6u64.to_le_bytes());
+        let made = std::mem::take(&mut *progress.snapshots.lock().unwrap());
+        let [(shard, Some(made))] = made.as_slice() else { panic!("one snapshot made: {made:?}") };
+        assert_eq!((*shard, made.get_metadata().index), (one, 5));
+        let reference = SnapshotRef::decode(&made.data).unwrap();
+        assert_eq!(reference.keys, u64::from(KEYS), "the round at index 6 is not in the snapshot of index 5");
+        let mut records = SnapshotRecords::open(&snapshot::made_path(dir.path(), one, 5, 1), reference).unwrap();
+        let mut read = 0;
+        while let Some((key, _)) = records.next_record().unwrap() {
+            assert!(key.starts_with(b"old-"));
+            read += 1;
+        }
+        assert_eq!(read, KEYS);
         inputs.send(ApplyInput::Stop).unwrap();
         thread.join().unwrap();
     }

@@ -654,7 +654,7 @@ impl Store {
             progress: progress.clone(),
             stats: stats.clone(),
             snapshot_dir: snapshot_dir.clone(),
-            installing: BTreeMap::new(),
+            busy: BTreeMap::new(),
         };
         let wake_inputs = inputs.clone();
         let apply_thread = std::thread::Builder::new()
@@ -1366,7 +1366,7 @@ impl StoreLoop {
         let made = std::mem::take(&mut *self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
         for (shard, snapshot) in made {
             self.snapshots_in_flight.remove(&shard);
-            if let Some(peer) = self.peers.get_mut(&shard) {
+            if let (Some(peer), Some(snapshot)) = (self.peers.get_mut(&shard), snapshot) {
                 peer.node.mut_store().set_snapshot(snapshot);
             }
         }
