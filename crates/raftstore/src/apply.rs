@@ -783,6 +783,25 @@ mod tests {
         }
     }
 
+    /// An apply thread over `db` with the [`Recorder`] machine.
+    fn recording_applier(
+        db: &Arc<dyn Db>,
+        states: BTreeMap<ShardId, ApplyState>,
+        dir: &Path,
+    ) -> (Applier, Arc<ApplyProgress>) {
+        let progress = Arc::new(ApplyProgress::new(&states));
+        let applier = Applier {
+            db: db.clone(),
+            machine: Box::new(Recorder),
+            states,
+            progress: progress.clone(),
+            stats: Arc::new(StoreStats::default()),
+            snapshot_dir: dir.to_path_buf(),
+            busy: BTreeMap::new(),
+        };
+        (applier, progress)
+    }
+
     type Answer = oneshot::Receiver<Result<Vec<u8>, ProposeError>>;
 
     fn round(shard: ShardId, index: u64, command: &[u8]) -> (ApplyInput, Answer) {
@@ -806,16 +825,7 @@ mod tests {
         let (one, two) = (ShardId(1), ShardId(2));
         let start = ApplyState { index: 5, term: 1, conf: ConfState::default() };
         let states = BTreeMap::from([(one, start.clone()), (two, start)]);
-        let progress = Arc::new(ApplyProgress::new(&states));
-        let applier = Applier {
-            db: db.clone(),
-            machine: Box::new(Recorder),
-            states,
-            progress: progress.clone(),
-            stats: Arc::new(StoreStats::default()),
-            snapshot_dir: dir.path().to_path_buf(),
-            busy: BTreeMap::new(),
-        };
+        let (applier, progress) = recording_applier(&db, states, dir.path());
         const KEYS: u32 = 200_000;
         let mut writer = SnapshotWriter::create(snapshot::received_path(dir.path(), one, 50, 3)).unwrap();
         for i in 0..KEYS {
@@ -879,16 +889,7 @@ mod tests {
             Prefixed::new(&mut txn, &state_machine_prefix(one)).put(format!("old-{i:08}").as_bytes(), vec![1; 32]);
         }
         db.write(&txn.into_batch()).unwrap();
-        let progress = Arc::new(ApplyProgress::new(&states));
-        let applier = Applier {
-            db: db.clone(),
-            machine: Box::new(Recorder),
-            states,
-            progress: progress.clone(),
-            stats: Arc::new(StoreStats::default()),
-            snapshot_dir: dir.path().to_path_buf(),
-            busy: BTreeMap::new(),
-        };
+        let (applier, progress) = recording_applier(&db, states, dir.path());
         let (inputs, queue) = std::sync::mpsc::sync_channel(16);
         let thread = std::thread::spawn(move || applier.run(queue, || {}));
         inputs.send(ApplyInput::GenerateSnapshot(one)).unwrap();
