@@ -162,8 +162,16 @@ pub fn plan(members: &BTreeMap<NodeId, Standing>, shards: &[ShardReplicas], repl
         let change = |change| PlannedChange { shard: shard.shard, leader: shard.leader, change };
         let kept_voters = shard.voters.iter().filter(|v| keeps(v)).count();
         if shard.shard == ShardId::CLUSTER {
-            let removed = |node: &NodeId| standing(node).is_none_or(|s| s.state == MemberState::Removed || s.dead);
-            let planned = if let Some(gone) = shard.learners.iter().find(|n| removed(n)) {
+            // A removed member keeps its learner until it holds every entry,
+            // so it applies its own removal and stops; one that is dead goes
+            // at once, as does anything no longer a member.
+            let gone = |node: &NodeId| match standing(node) {
+                None => true,
+                Some(s) if s.dead => true,
+                Some(s) if s.state == MemberState::Removed => shard.matched.get(node) == Some(&shard.last_index),
+                Some(_) => false,
+            };
+            let planned = if let Some(gone) = shard.learners.iter().find(|n| gone(n)) {
                 Some(ReplicaChange::Remove(*gone))
             } else if kept_voters < target {
                 shard.learners.iter().find(|n| keeps(n) && shard.caught_up(**n)).map(|n| ReplicaChange::AddVoter(*n))
@@ -368,7 +376,9 @@ pub async fn run(
             if up {
                 *seen = now;
             }
-            let dead = member.state != MemberState::Removed && now.duration_since(*seen) > config.dead_after;
+            // Removed members are not asked (their peers refuse them), so
+            // they count as dead once `dead_after` has passed since removal.
+            let dead = now.duration_since(*seen) > config.dead_after;
             members.insert(member.id, Standing { state: member.state, up, dead });
         }
         let shards = leaders_reports(&statuses);
@@ -621,6 +631,28 @@ mod tests {
         assert_eq!(stale_replicas(&statuses, &shards, &[]), vec![(NodeId(4), ShardId(1))]);
         let readding = PlannedChange { shard: ShardId(1), leader: NodeId(1), change: ReplicaChange::AddLearner(NodeId(4)) };
         assert!(stale_replicas(&statuses, &shards, &[readding]).is_empty());
+    }
+
+    #[test]
+    fn a_removed_member_keeps_its_shard_0_learner_until_it_has_its_removal_or_is_dead() {
+        let mut members = active(&[1, 2, 3]);
+        let removed = Standing { state: MemberState::Removed, up: false, dead: false };
+        members.insert(NodeId(4), removed);
+        let mut cluster = shard(0, &[1, 2, 3], &[4]);
+        cluster.matched.insert(NodeId(4), cluster.last_index - 1);
+        let removes_four = |members: &BTreeMap<NodeId, Standing>, cluster: &ShardReplicas| {
+            plan(members, std::slice::from_ref(cluster), 3).contains(&PlannedChange {
+                shard: ShardId::CLUSTER,
+                leader: NodeId(1),
+                change: ReplicaChange::Remove(NodeId(4)),
+            })
+        };
+        assert!(!removes_four(&members, &cluster), "behind: it has not received its removal yet");
+        cluster.matched.insert(NodeId(4), cluster.last_index);
+        assert!(removes_four(&members, &cluster), "it holds every entry, its removal too");
+        cluster.matched.insert(NodeId(4), 0);
+        members.insert(NodeId(4), Standing { dead: true, ..removed });
+        assert!(removes_four(&members, &cluster), "dead: no waiting");
     }
 
     #[test]
