@@ -249,9 +249,9 @@ pub struct LeaderMove {
 /// leading the most to one leading at least two fewer, directly when they
 /// share a shard, else along the shortest chain of hand-overs. Each step
 /// lowers the sum of the squared leader counts, so repeated passes settle
-/// and never swing back and forth. Only
-/// voters close to the leader's log take over; shards in `busy` (changing
-/// replicas this pass) and shard 0 (whose leader runs this driver) stay.
+/// and never swing back and forth. Only voters close to the leader's log
+/// take over; shards in `busy` (changing replicas this pass) and shard 0
+/// (whose leader runs this driver) stay.
 /// A preference per shard fixed in advance (say voter `shard mod 3`)
 /// cannot do this: with more than three members, which voters a shard has
 /// decides how many shards each member is preferred for. Deterministic.

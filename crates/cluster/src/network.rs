@@ -540,24 +540,16 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
             return;
         }
     }
-    let max = limits::PEER_FRAME_BYTES_MAX;
-    let mut header = [0u8; 4];
     loop {
-        if stream.read_exact(&mut header).await.is_err() {
-            return;
-        }
-        let len = match wire::frame_len(header, max) {
-            Ok(len) => len,
+        let frame = match read_frame(&mut stream).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
             Err(error) => {
                 tracing::warn!(%peer, %error, "a bad raft frame; the stream is dropped");
                 let _ = stream.stop(1u32.into());
                 return;
             }
         };
-        let mut frame = vec![0u8; len];
-        if stream.read_exact(&mut frame).await.is_err() {
-            return;
-        }
         match wire::decode_frame(&frame) {
             Ok(wire::Frame::Raft(shard, message)) if message.get_msg_type() == RaftMessageType::MsgSnapshot => {
                 tracing::warn!(%peer, %shard, "a snapshot message outside a snapshot stream; dropped");
@@ -579,17 +571,32 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
     }
 }
 
+/// Reads one length-prefixed raft frame, its length checked against the
+/// bound before anything is allocated; `Ok(None)` when the stream ends or
+/// breaks.
+async fn read_frame(stream: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, wire::WireError> {
+    let mut header = [0u8; 4];
+    if stream.read_exact(&mut header).await.is_err() {
+        return Ok(None);
+    }
+    let len = wire::frame_len(header, limits::PEER_FRAME_BYTES_MAX)?;
+    let mut frame = vec![0u8; len];
+    if stream.read_exact(&mut frame).await.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(frame))
+}
+
 /// Reads one snapshot stream: the snapshot message, then its file, written
 /// to disk in pieces and checked against the message's reference; only then
 /// is the message stepped (raft installs from the file). Anything wrong
 /// drops the stream; the leader hears of it and sends again later.
 async fn receive_snapshot(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle) {
     let received = async {
-        let mut header = [0u8; 4];
-        stream.read_exact(&mut header).await.map_err(|e| e.to_string())?;
-        let len = wire::frame_len(header, limits::PEER_FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
-        let mut frame = vec![0u8; len];
-        stream.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
+        let frame = read_frame(&mut stream)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the stream ended before the snapshot message")?;
         let (shard, message) = wire::decode_raft(&frame).map_err(|e| e.to_string())?;
         if message.from != peer.0 || message.get_msg_type() != RaftMessageType::MsgSnapshot {
             return Err(format!("not a snapshot message from node {peer}"));

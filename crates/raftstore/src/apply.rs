@@ -121,6 +121,7 @@ const INSTALLING_PREFIX: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x01];
 fn installing_key(shard: ShardId) -> Vec<u8> {
     [INSTALLING_PREFIX, &shard.0.to_be_bytes()].concat()
 }
+
 /// Keys or bytes per batch while a snapshot is made or installed or a
 /// replica's data deleted. Small batches keep sled's memory down: a
 /// 170 MB snapshot (573,425 keys) installed in batches of 10,000 keys or
@@ -198,12 +199,8 @@ fn write_snapshot(db: &dyn Db, shard: ShardId, path: PathBuf) -> Result<Snapshot
     let prefix = state_machine_prefix(shard);
     let mut writer = SnapshotWriter::create(path)?;
     let mut range = KeyRange::prefix(&prefix);
-    let failed = |error: hamgam_storage::StorageError| snapshot::SnapshotError::Io {
-        path: "the database".into(),
-        source: std::io::Error::other(error.to_string()),
-    };
     loop {
-        let page = db.scan(&range, Order::Ascending, INSTALL_BATCH_KEYS).map_err(failed)?;
+        let page = db.scan(&range, Order::Ascending, INSTALL_BATCH_KEYS)?;
         let Some((last, _)) = page.last() else { break };
         let mut next_start = last.clone();
         next_start.push(0);
@@ -238,6 +235,13 @@ fn encode_installing(shard: ShardId, state: &ApplyState, reference: SnapshotRef)
     out
 }
 
+fn decode_installing(bytes: &[u8]) -> Result<(ShardId, ApplyState, SnapshotRef), String> {
+    let split = bytes.len().checked_sub(snapshot::REF_BYTES).ok_or("cut short")?;
+    let (shard, state) = decode_applied(&bytes[..split])?.into_iter().next().ok_or("no shard")?;
+    let reference = SnapshotRef::decode(&bytes[split..]).map_err(|e| e.to_string())?;
+    Ok((shard, state, reference))
+}
+
 /// Finishes a snapshot install that a crash cut short, from its file (kept
 /// until the install is durable), and empties the snapshot directory of
 /// everything else: files being received, and snapshots made or received
@@ -250,10 +254,7 @@ pub(crate) fn resume_install(
     let corrupt = |reason: String| StoreError::Corrupt { shard: ShardId(u32::MAX), what: "install record", reason };
     let records = db.scan(&KeyRange::prefix(INSTALLING_PREFIX), Order::Ascending, usize::MAX)?;
     for (_, bytes) in records {
-        let split = bytes.len().checked_sub(snapshot::REF_BYTES).ok_or_else(|| corrupt("cut short".into()))?;
-        let installing = decode_applied(&bytes[..split]).map_err(corrupt)?;
-        let reference = SnapshotRef::decode(&bytes[split..]).map_err(|e| corrupt(e.to_string()))?;
-        let Some((shard, state)) = installing.into_iter().next() else { return Err(corrupt("no shard".into())) };
+        let (shard, state, reference) = decode_installing(&bytes).map_err(corrupt)?;
         let path = snapshot::received_path(dir, shard, state.index, state.term);
         tracing::warn!(%shard, index = state.index, "a snapshot install was cut short; finishing it");
         let records = SnapshotRecords::open(&path, reference).map_err(bad_snapshot(shard))?;

@@ -40,6 +40,8 @@ pub enum SnapshotError {
     TooLarge(u64),
     #[error("snapshot file {path} does not match its reference: {reason}")]
     Mismatch { path: String, reason: String },
+    #[error("reading the shard for a snapshot: {0}")]
+    Database(#[from] hamgam_storage::StorageError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -248,7 +250,7 @@ impl SnapshotRecords {
 /// pieces, `len` bytes in all.
 #[derive(Debug)]
 pub struct OutgoingSnapshot {
-    pub file: File,
+    pub(crate) file: File,
     pub len: u64,
 }
 
