@@ -13,15 +13,19 @@
 //! loop through atomics (never a channel the loop could be blocked on).
 //!
 //! Snapshots are made and installed in order with the rounds, each on a
-//! thread of its own while this thread goes on with the other shards and
-//! holds the shard's later rounds until the work is done: a snapshot of a
-//! shard is its state-machine range as of its applied index (read page by
-//! page while the range holds still, so it is a consistent point) written
-//! to a file; installing one replaces that range from a received file in
-//! bounded batches. An install-in-progress record, durable before the store
-//! loop goes on and removed with the last batch, makes an install cut short
-//! by a crash redo itself from the file at the next start.
+//! thread of its own while this thread goes on with the other shards. A
+//! snapshot of a shard is its state-machine range as of its applied index,
+//! read page by page into a file; the shard's own rounds go on meanwhile,
+//! each key's value at the snapshot point kept aside before its first
+//! write ([`PreImages`]), so the file is still one consistent point (past a
+//! bound on what is kept, the rounds wait for the file instead). Installing
+//! one replaces that range from a received file in bounded batches while
+//! the shard's later rounds wait. An install-in-progress record, durable
+//! before the store loop goes on and removed with the last batch, makes an
+//! install cut short by a crash redo itself from the file at the next
+//! start.
 
+use crate::pre_images::PreImages;
 use crate::snapshot::{self, SnapshotRecords, SnapshotRef, SnapshotWriter};
 use crate::{ProposeError, StateMachine, StoreError, StoreStats, state_machine_prefix};
 use hamgam_storage::{Db, KeyRange, KvWrite, Order, Prefixed, Txn};
@@ -195,18 +199,26 @@ fn commit_install(
 }
 
 /// Reads `shard`'s state-machine range page by page into a snapshot file at `path`.
-fn write_snapshot(db: &dyn Db, shard: ShardId, path: PathBuf) -> Result<SnapshotRef, snapshot::SnapshotError> {
+/// Reads `shard`'s range into a snapshot file as of the point `pre_images`
+/// were begun at, while the shard's rounds may go on writing.
+fn write_snapshot(
+    db: &dyn Db,
+    shard: ShardId,
+    path: PathBuf,
+    pre_images: &PreImages,
+) -> Result<SnapshotRef, snapshot::SnapshotError> {
     let prefix = state_machine_prefix(shard);
     let mut writer = SnapshotWriter::create(path)?;
     let mut range = KeyRange::prefix(&prefix);
     loop {
         let page = db.scan(&range, Order::Ascending, INSTALL_BATCH_KEYS)?;
-        let Some((last, _)) = page.last() else { break };
-        let mut next_start = last.clone();
-        next_start.push(0);
-        for (key, value) in &page {
+        // A short page reached the end of the range.
+        let last = (page.len() == INSTALL_BATCH_KEYS).then(|| page[page.len() - 1].0.clone());
+        for (key, value) in &pre_images.settle(page, last.as_deref()) {
             writer.put(&key[prefix.len()..], value)?;
         }
+        let Some(mut next_start) = last else { break };
+        next_start.push(0);
         range.start = next_start;
     }
     writer.finish()
@@ -342,11 +354,14 @@ pub(crate) struct Applier {
     /// Shards whose range a thread of their own is reading into a snapshot
     /// file or filling from one.
     pub busy: BTreeMap<ShardId, Busy>,
+    /// Bytes of pre-images a snapshot being made may hold before the
+    /// shard's rounds wait for it (`limits::SNAPSHOT_PRE_IMAGES_BYTES_MAX`).
+    pub pre_images_max: usize,
 }
 
 /// A shard whose range a thread of its own is working on, and what of the
-/// shard arrived meanwhile, in order (applied once the thread is done, so
-/// the range holds still for it).
+/// shard arrived meanwhile and must wait, in order (applied once the thread
+/// is done).
 pub(crate) struct Busy {
     work: Work,
     thread: std::thread::JoinHandle<Result<Done, StoreError>>,
@@ -356,8 +371,27 @@ pub(crate) struct Busy {
 enum Work {
     /// Filling the range from a received snapshot file at `path`.
     Install { state: ApplyState, path: PathBuf },
-    /// Reading the range, as of `state`, into a snapshot file at `path`.
-    Make { state: ApplyState, path: PathBuf },
+    /// Reading the range, as of `state`, into a snapshot file at `path`;
+    /// the values of keys written since are kept in `pre_images`.
+    Make { state: ApplyState, path: PathBuf, pre_images: Arc<PreImages> },
+}
+
+impl Busy {
+    /// Whether the shard's next round may be applied now rather than wait:
+    /// while its snapshot is made, as long as nothing of the shard waits
+    /// ahead of it (a further snapshot to make may) and pre-images have room.
+    fn applies_rounds(&self) -> bool {
+        match &self.work {
+            Work::Make { pre_images, .. } => {
+                self.waiting.iter().all(|w| matches!(w, Waiting::Generate)) && pre_images.has_room()
+            }
+            Work::Install { .. } => false,
+        }
+    }
+
+    fn installing(&self) -> bool {
+        matches!(self.work, Work::Install { .. })
+    }
 }
 
 type MadeResult = Result<SnapshotRef, snapshot::SnapshotError>;
@@ -449,17 +483,18 @@ impl Applier {
 
     /// Starts making a snapshot of `shard` as of its applied index, for the
     /// store loop to send: a thread of its own reads the range page by page
-    /// into a file while the shard's rounds wait (so the range holds still)
-    /// and the other shards go on.
+    /// into a file while every shard's rounds go on, this one's keeping
+    /// pre-images of what they change.
     fn start_make(&mut self, shard: ShardId) -> Result<(), StoreError> {
         let Some(state) = self.states.get(&shard).cloned() else { return Ok(()) };
         let path = snapshot::made_path(&self.snapshot_dir, shard, state.index, state.term);
-        let (db, to) = (self.db.clone(), path.clone());
+        let pre_images = Arc::new(PreImages::new(&state_machine_prefix(shard), self.pre_images_max));
+        let (db, to, kept) = (self.db.clone(), path.clone(), pre_images.clone());
         let thread = std::thread::Builder::new()
             .name("snapshot-make".into())
-            .spawn(move || Ok(Done::Made(write_snapshot(&*db, shard, to))))
+            .spawn(move || Ok(Done::Made(write_snapshot(&*db, shard, to, &kept))))
             .map_err(StoreError::Thread)?;
-        self.busy.insert(shard, Busy { work: Work::Make { state, path }, thread, waiting: Vec::new() });
+        self.busy.insert(shard, Busy { work: Work::Make { state, path, pre_images }, thread, waiting: Vec::new() });
         Ok(())
     }
 
@@ -576,7 +611,7 @@ impl Applier {
                 tracing::info!(%shard, index, keys, "installed a snapshot from the leader");
                 true
             }
-            (Work::Make { state, path }, Done::Made(result)) => {
+            (Work::Make { state, path, .. }, Done::Made(result)) => {
                 self.made(shard, state, &path, result);
                 false
             }
@@ -628,7 +663,9 @@ impl Applier {
         let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
         let (mut commands, mut entries_applied) = (0u64, 0u64);
         for task in rounds.into_iter().flatten() {
-            if let Some(busy) = self.busy.get_mut(&task.shard) {
+            if let Some(busy) = self.busy.get_mut(&task.shard)
+                && !busy.applies_rounds()
+            {
                 busy.waiting.push(Waiting::Task(task));
                 continue;
             }
@@ -675,10 +712,16 @@ impl Applier {
         }
         write_applied(&mut txn, &self.states);
         let batch = txn.into_batch();
+        for busy in self.busy.values() {
+            if let Work::Make { pre_images, .. } = &busy.work {
+                pre_images.record(&*db, batch.ops().iter().map(|(key, _)| key.as_slice()))?;
+            }
+        }
         db.write(&batch)?;
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
         self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for (shard, state) in self.states.iter().filter(|(shard, _)| !self.busy.contains_key(shard)) {
+        let installing = |shard: &ShardId| self.busy.get(shard).is_some_and(Busy::installing);
+        for (shard, state) in self.states.iter().filter(|(shard, _)| !installing(shard)) {
             if let Some(applied) = self.progress.applied.get(shard) {
                 applied.store(state.index, Ordering::Release);
             }
@@ -769,6 +812,8 @@ mod tests {
     }
 
     /// Writes each command under `entry-{index}` and answers with the index.
+    /// A command `edit +KEY -KEY ...` also puts 32 bytes of 2 under each
+    /// `+` key and deletes each `-` key.
     struct Recorder;
 
     impl StateMachine for Recorder {
@@ -780,6 +825,15 @@ mod tests {
             kv: &mut crate::ShardWriter<'_, '_>,
         ) -> Result<Vec<u8>, hamgam_storage::StorageError> {
             kv.put(format!("entry-{index}").as_bytes(), command.to_vec());
+            if let Some(edits) = command.strip_prefix(b"edit ") {
+                for edit in edits.split(|b| *b == b' ') {
+                    match edit.split_first() {
+                        Some((b'+', key)) => kv.put(key, vec![2; 32]),
+                        Some((b'-', key)) => kv.delete(key),
+                        _ => {}
+                    }
+                }
+            }
             Ok(index.to_le_bytes().to_vec())
         }
     }
@@ -799,6 +853,7 @@ mod tests {
             stats: Arc::new(StoreStats::default()),
             snapshot_dir: dir.to_path_buf(),
             busy: BTreeMap::new(),
+            pre_images_max: 64 << 20,
         };
         (applier, progress)
     }
@@ -874,11 +929,12 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// While one shard's snapshot is being made on its own thread, other
-    /// shards' rounds are applied and answered; the shard's own round waits,
-    /// so the snapshot is exactly the state as of its index.
-    #[test]
-    fn other_shards_go_on_while_a_snapshot_is_made_and_it_is_one_consistent_point() {
+    /// Makes a snapshot of 200,000 keys of shard 1 with `pre_images_max`,
+    /// while a round of shard 1 changes, deletes and adds keys and a round
+    /// of shard 2 comes in. Checks the file is exactly the range as of the
+    /// snapshot point and the round's effects are in the database; returns
+    /// whether shard 1's round was answered before the snapshot was made.
+    fn make_a_snapshot_while_the_shard_writes(pre_images_max: usize) -> bool {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Db> = Arc::new(hamgam_storage::MemDb::new());
         let (one, two) = (ShardId(1), ShardId(2));
@@ -890,31 +946,67 @@ mod tests {
             Prefixed::new(&mut txn, &state_machine_prefix(one)).put(format!("old-{i:08}").as_bytes(), vec![1; 32]);
         }
         db.write(&txn.into_batch()).unwrap();
-        let (applier, progress) = recording_applier(&db, states, dir.path());
+        let (mut applier, progress) = recording_applier(&db, states, dir.path());
+        applier.pre_images_max = pre_images_max;
         let (inputs, queue) = std::sync::mpsc::sync_channel(16);
         let thread = std::thread::spawn(move || applier.run(queue, || {}));
         inputs.send(ApplyInput::GenerateSnapshot(one)).unwrap();
-        let (own, own_answer) = round(one, 6, b"after the snapshot point");
+        let edit = b"edit +old-00000000 -old-00100000 +old-00150000 -old-00199999 +old-00199999x +aaa";
+        let (own, own_answer) = round(one, 6, edit);
         inputs.send(own).unwrap();
         let (other, other_answer) = round(two, 6, b"another shard");
         inputs.send(other).unwrap();
 
         assert_eq!(other_answer.blocking_recv().unwrap().unwrap(), 6u64.to_le_bytes());
-        assert!(progress.snapshots.lock().unwrap().is_empty(), "shard 2 was answered while shard 1 was being read");
         assert_eq!(own_answer.blocking_recv().unwrap().unwrap(), 6u64.to_le_bytes());
-        let made = std::mem::take(&mut *progress.snapshots.lock().unwrap());
+        let answered_first = progress.snapshots.lock().unwrap().is_empty();
+        let mut made = Vec::new();
+        for _ in 0..3000 {
+            made = std::mem::take(&mut *progress.snapshots.lock().unwrap());
+            if !made.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let [(shard, Some(made))] = made.as_slice() else { panic!("one snapshot made: {made:?}") };
         assert_eq!((*shard, made.get_metadata().index), (one, 5));
         let reference = SnapshotRef::decode(&made.data).unwrap();
         assert_eq!(reference.keys, u64::from(KEYS), "the round at index 6 is not in the snapshot of index 5");
         let mut records = SnapshotRecords::open(&snapshot::made_path(dir.path(), one, 5, 1), reference).unwrap();
         let mut read = 0;
-        while let Some((key, _)) = records.next_record().unwrap() {
-            assert!(key.starts_with(b"old-"));
+        while let Some((key, value)) = records.next_record().unwrap() {
+            assert_eq!(key, format!("old-{read:08}").as_bytes(), "every key as it was, in order");
+            assert_eq!(value, vec![1; 32], "every value as it was");
             read += 1;
         }
         assert_eq!(read, KEYS);
+
+        let shard_key = |key: &str| [&state_machine_prefix(one)[..], key.as_bytes()].concat();
+        assert_eq!(db.get(&shard_key("old-00000000")).unwrap(), Some(vec![2; 32]));
+        assert_eq!(db.get(&shard_key("old-00100000")).unwrap(), None);
+        assert_eq!(db.get(&shard_key("old-00199999x")).unwrap(), Some(vec![2; 32]));
+        assert_eq!(db.get(&shard_key("aaa")).unwrap(), Some(vec![2; 32]));
+        assert_eq!(progress.applied(one), 6);
         inputs.send(ApplyInput::Stop).unwrap();
         thread.join().unwrap();
+        answered_first
+    }
+
+    /// While one shard's snapshot is being made on its own thread, its own
+    /// rounds and other shards' are applied and answered, and the snapshot
+    /// is still exactly the state as of its index.
+    #[test]
+    fn a_shard_writes_on_while_its_snapshot_is_made_and_it_is_one_consistent_point() {
+        assert!(
+            make_a_snapshot_while_the_shard_writes(64 << 20),
+            "shard 1's round was answered while its 200,000 keys were being read"
+        );
+    }
+
+    /// With no room for pre-images, the shard's rounds wait for the
+    /// snapshot instead, and it is the same consistent point.
+    #[test]
+    fn without_room_for_pre_images_the_shards_rounds_wait_for_its_snapshot() {
+        assert!(!make_a_snapshot_while_the_shard_writes(0), "shard 1's round waited for its snapshot");
     }
 }

@@ -27,6 +27,7 @@
 
 mod apply;
 mod log;
+mod pre_images;
 pub mod snapshot;
 mod store;
 pub mod wal;

@@ -655,6 +655,7 @@ impl Store {
             stats: stats.clone(),
             snapshot_dir: snapshot_dir.clone(),
             busy: BTreeMap::new(),
+            pre_images_max: limits::SNAPSHOT_PRE_IMAGES_BYTES_MAX,
         };
         let wake_inputs = inputs.clone();
         let apply_thread = std::thread::Builder::new()

@@ -102,6 +102,10 @@ pub const LOG_ENTRIES_KEPT_BEHIND_APPLIED: u64 = 1024;
 /// the log. It travels as a file, written and read in pieces on both nodes,
 /// so this bounds disk, not memory.
 pub const SNAPSHOT_BYTES_MAX: u64 = 64 << 30;
+/// Memory a snapshot being made may hold in the old values of keys its
+/// shard wrote since the snapshot point (so the shard's writes need not
+/// wait for the file); past it, the shard's writes wait until it is made.
+pub const SNAPSHOT_PRE_IMAGES_BYTES_MAX: usize = 64 << 20;
 /// Raft tick.
 pub const RAFT_TICK_MS: u64 = 100;
 /// How long a proposal or a fresh read waits for its shard to have a
