@@ -179,26 +179,29 @@ fn fill_from_file(db: &dyn Db, shard: ShardId, mut records: SnapshotRecords) -> 
 }
 
 /// Ends an install that [`fill_from_file`] finished: the shard's applied
-/// state set and its install record removed in one batch, durable; then
-/// the file goes.
+/// state set and (if `remove_record`: no later install of the shard is on
+/// record in its place) its install record removed in one batch, durable;
+/// then the file goes.
 fn commit_install(
     db: &dyn Db,
     states: &mut BTreeMap<ShardId, ApplyState>,
     shard: ShardId,
     state: ApplyState,
     path: &Path,
+    remove_record: bool,
 ) -> Result<(), StoreError> {
     let mut txn = Txn::new(db);
     states.insert(shard, state);
     write_applied(&mut txn, states);
-    txn.delete(&installing_key(shard));
+    if remove_record {
+        txn.delete(&installing_key(shard));
+    }
     db.write(&txn.into_batch())?;
     db.persist()?;
     let _ = std::fs::remove_file(path);
     Ok(())
 }
 
-/// Reads `shard`'s state-machine range page by page into a snapshot file at `path`.
 /// Reads `shard`'s range into a snapshot file as of the point `pre_images`
 /// were begun at, while the shard's rounds may go on writing.
 fn write_snapshot(
@@ -271,7 +274,7 @@ pub(crate) fn resume_install(
         tracing::warn!(%shard, index = state.index, "a snapshot install was cut short; finishing it");
         let records = SnapshotRecords::open(&path, reference).map_err(bad_snapshot(shard))?;
         let keys = fill_from_file(db, shard, records)?;
-        commit_install(db, states, shard, state, &path)?;
+        commit_install(db, states, shard, state, &path, true)?;
         tracing::info!(%shard, keys, "installed the snapshot");
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -389,8 +392,14 @@ impl Busy {
         }
     }
 
-    fn installing(&self) -> bool {
-        matches!(self.work, Work::Install { .. })
+    /// Whether the shard's range is being replaced, now or next: its
+    /// readers wait.
+    fn replacing_range(&self) -> bool {
+        matches!(self.work, Work::Install { .. }) || self.install_waits()
+    }
+
+    fn install_waits(&self) -> bool {
+        self.waiting.iter().any(|w| matches!(w, Waiting::Install(_)))
     }
 }
 
@@ -403,8 +412,16 @@ enum Done {
 
 enum Waiting {
     Task(ApplyTask),
-    Install(Snapshot, Started),
+    Install(PendingInstall),
     Generate,
+}
+
+/// A received snapshot whose install is on record (durably) and waits for
+/// the work under way on its shard.
+struct PendingInstall {
+    state: ApplyState,
+    path: PathBuf,
+    records: SnapshotRecords,
 }
 
 /// How often the apply thread looks for finished work while some runs and
@@ -458,10 +475,9 @@ impl Applier {
                         Some(busy) => busy.waiting.push(Waiting::Generate),
                         None => result = self.start_make(shard),
                     },
-                    Some(ApplyInput::InstallSnapshot { shard, snapshot, started }) => match self.busy.get_mut(&shard) {
-                        Some(busy) => busy.waiting.push(Waiting::Install(snapshot, started)),
-                        None => result = self.start_install(shard, &snapshot, started),
-                    },
+                    Some(ApplyInput::InstallSnapshot { shard, snapshot, started }) => {
+                        result = self.start_install(shard, &snapshot, started);
+                    }
                     Some(ApplyInput::Release { shard, done }) => {
                         result = self.finish(shard).and_then(|()| self.release(shard, &done));
                     }
@@ -548,17 +564,25 @@ impl Applier {
 
     /// Starts installing a snapshot the transport received into this
     /// node's snapshot directory (checked there against the message's
-    /// reference), on a thread of its own.
+    /// reference), on a thread of its own. The install goes on record
+    /// durably and the store loop hears so at once, even when work on the
+    /// shard is under way and the install must wait for it (the record
+    /// then supersedes any earlier install's: a restart installs the newest).
     fn start_install(&mut self, shard: ShardId, snapshot: &Snapshot, started: Started) -> Result<(), StoreError> {
-        let begun = self.begin_install(shard, snapshot);
-        let _ = started.send(match &begun {
-            Ok(()) => Ok(()),
+        let recorded = self.record_install(shard, snapshot);
+        let _ = started.send(match &recorded {
+            Ok(_) => Ok(()),
             Err(error) => Err(StoreError::Corrupt { shard, what: "snapshot", reason: error.to_string() }),
         });
-        begun
+        let pending = recorded?;
+        match self.busy.get_mut(&shard) {
+            Some(busy) => busy.waiting.push(Waiting::Install(pending)),
+            None => self.run_install(shard, pending)?,
+        }
+        Ok(())
     }
 
-    fn begin_install(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    fn record_install(&mut self, shard: ShardId, snapshot: &Snapshot) -> Result<PendingInstall, StoreError> {
         let meta = snapshot.get_metadata();
         let reference = SnapshotRef::decode(&snapshot.data).map_err(bad_snapshot(shard))?;
         let path = snapshot::received_path(&self.snapshot_dir, shard, meta.index, meta.term);
@@ -570,6 +594,11 @@ impl Applier {
         // The file must be there before the install goes on record.
         let records = SnapshotRecords::open(&path, reference).map_err(bad_snapshot(shard))?;
         record_install(&*self.db, shard, &state, reference)?;
+        Ok(PendingInstall { state, path, records })
+    }
+
+    fn run_install(&mut self, shard: ShardId, pending: PendingInstall) -> Result<(), StoreError> {
+        let PendingInstall { state, path, records } = pending;
         let db = self.db.clone();
         let thread = std::thread::Builder::new()
             .name("snapshot-install".into())
@@ -594,15 +623,20 @@ impl Applier {
     /// then goes through what waited for it: the shard's rounds, a snapshot
     /// to make, another install.
     fn finish(&mut self, shard: ShardId) -> Result<(), StoreError> {
-        let Some(Busy { work, thread, waiting }) = self.busy.remove(&shard) else { return Ok(()) };
+        let Some(busy) = self.busy.remove(&shard) else { return Ok(()) };
+        // A later install's record is on disk in place of this one's.
+        let install_waits = busy.install_waits();
+        let Busy { work, thread, waiting } = busy;
         let done =
             thread.join().map_err(|_| StoreError::Thread(std::io::Error::other("a snapshot thread panicked")))??;
         let installed = match (work, done) {
             (Work::Install { state, path }, Done::Installed(keys)) => {
                 let index = state.index;
                 let db = self.db.clone();
-                commit_install(&*db, &mut self.states, shard, state, &path)?;
-                if let Some(applied) = self.progress.applied.get(&shard) {
+                commit_install(&*db, &mut self.states, shard, state, &path, !install_waits)?;
+                if let Some(applied) = self.progress.applied.get(&shard)
+                    && !install_waits
+                {
                     applied.store(index, Ordering::Release);
                 }
                 snapshot::remove_older(&self.snapshot_dir, "received", shard, index, &path);
@@ -628,8 +662,8 @@ impl Applier {
                     follows = Some(None);
                     break;
                 }
-                Waiting::Install(snapshot, started) => {
-                    follows = Some(Some((snapshot, started)));
+                Waiting::Install(pending) => {
+                    follows = Some(Some(pending));
                     break;
                 }
             }
@@ -642,7 +676,7 @@ impl Applier {
         match follows {
             None => return Ok(()),
             Some(None) => self.start_make(shard)?,
-            Some(Some((snapshot, started))) => self.start_install(shard, &snapshot, started)?,
+            Some(Some(pending)) => self.run_install(shard, pending)?,
         }
         if let Some(busy) = self.busy.get_mut(&shard) {
             busy.waiting.extend(rest);
@@ -720,8 +754,8 @@ impl Applier {
         db.write(&batch)?;
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
         self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let installing = |shard: &ShardId| self.busy.get(shard).is_some_and(Busy::installing);
-        for (shard, state) in self.states.iter().filter(|(shard, _)| !installing(shard)) {
+        let replacing = |shard: &ShardId| self.busy.get(shard).is_some_and(Busy::replacing_range);
+        for (shard, state) in self.states.iter().filter(|(shard, _)| !replacing(shard)) {
             if let Some(applied) = self.progress.applied.get(shard) {
                 applied.store(state.index, Ordering::Release);
             }
@@ -869,6 +903,65 @@ mod tests {
             ..Default::default()
         };
         (ApplyInput::Round(vec![ApplyTask { shard, entries: vec![(entry, vec![reply])], confs: Vec::new() }]), answer)
+    }
+
+    /// A snapshot file of `keys` records `{name}-{i}` at `index`, term 3,
+    /// received for `shard` into `dir`, and the message naming it.
+    fn received_snapshot(dir: &Path, shard: ShardId, index: u64, name: &str, keys: u32) -> Snapshot {
+        let mut writer = SnapshotWriter::create(snapshot::received_path(dir, shard, index, 3)).unwrap();
+        for i in 0..keys {
+            writer.put(format!("{name}-{i:08}").as_bytes(), &[7u8; 32]).unwrap();
+        }
+        let reference = writer.finish().unwrap();
+        let mut snapshot = Snapshot { data: reference.encode().into(), ..Default::default() };
+        snapshot.mut_metadata().index = index;
+        snapshot.mut_metadata().term = 3;
+        snapshot
+    }
+
+    /// A second snapshot for a shard whose first is still going in is put
+    /// on record at once (the store loop does not wait for the first), in
+    /// place of the first's record; it is installed after the first, and
+    /// the shard's later round lands on top of it.
+    #[test]
+    fn a_second_snapshot_goes_on_record_at_once_and_is_installed_after_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(hamgam_storage::MemDb::new());
+        let one = ShardId(1);
+        let states = BTreeMap::from([(one, ApplyState { index: 5, term: 1, conf: ConfState::default() })]);
+        let (applier, progress) = recording_applier(&db, states, dir.path());
+        let first = received_snapshot(dir.path(), one, 50, "first", 200_000);
+        let second = received_snapshot(dir.path(), one, 80, "second", 10);
+
+        let (inputs, queue) = std::sync::mpsc::sync_channel(16);
+        let thread = std::thread::spawn(move || applier.run(queue, || {}));
+        let (started, on_record) = std::sync::mpsc::sync_channel(1);
+        inputs.send(ApplyInput::InstallSnapshot { shard: one, snapshot: first, started }).unwrap();
+        on_record.recv().unwrap().unwrap();
+        let (started, on_record) = std::sync::mpsc::sync_channel(1);
+        inputs.send(ApplyInput::InstallSnapshot { shard: one, snapshot: second, started }).unwrap();
+        on_record.recv().unwrap().unwrap();
+        let applied_index = || read_applied(&*db).unwrap().get(&one).map(|state| state.index);
+        assert_eq!(applied_index(), None, "on record while the first still goes in (not yet committed at 50)");
+        let record = db.get(&installing_key(one)).unwrap().unwrap();
+        assert_eq!(decode_installing(&record).unwrap().1.index, 80, "a restart now installs the second");
+        assert_eq!(progress.applied(one), 0, "readers of shard 1 wait meanwhile");
+
+        let (own, own_answer) = round(one, 81, b"after the second snapshot");
+        inputs.send(own).unwrap();
+        assert_eq!(own_answer.blocking_recv().unwrap().unwrap(), 81u64.to_le_bytes());
+        let range = KeyRange::prefix(&state_machine_prefix(one));
+        let keys = db.scan(&range, Order::Ascending, usize::MAX).unwrap();
+        let prefix_len = state_machine_prefix(one).len();
+        let names: Vec<String> = keys.iter().map(|(k, _)| String::from_utf8_lossy(&k[prefix_len..]).into()).collect();
+        assert_eq!(names.len(), 11, "the second snapshot and the round: {:?}", &names[..names.len().min(3)]);
+        assert!(names.iter().all(|n| n.starts_with("second-") || n == "entry-81"));
+        assert!(db.get(&installing_key(one)).unwrap().is_none());
+        assert_eq!(applied_index(), Some(81));
+        assert_eq!(progress.applied(one), 81);
+        assert_eq!(*progress.installed.lock().unwrap(), vec![one], "the store loop hears once, after the second");
+        inputs.send(ApplyInput::Stop).unwrap();
+        thread.join().unwrap();
     }
 
     /// While one shard's snapshot is installed on its own thread, other
