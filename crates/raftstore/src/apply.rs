@@ -412,7 +412,8 @@ enum Done {
 
 enum Waiting {
     Task(ApplyTask),
-    Install(PendingInstall),
+    // Boxed: a file reader is large, and rare here.
+    Install(Box<PendingInstall>),
     Generate,
 }
 
@@ -576,7 +577,7 @@ impl Applier {
         });
         let pending = recorded?;
         match self.busy.get_mut(&shard) {
-            Some(busy) => busy.waiting.push(Waiting::Install(pending)),
+            Some(busy) => busy.waiting.push(Waiting::Install(Box::new(pending))),
             None => self.run_install(shard, pending)?,
         }
         Ok(())
@@ -676,7 +677,7 @@ impl Applier {
         match follows {
             None => return Ok(()),
             Some(None) => self.start_make(shard)?,
-            Some(Some(pending)) => self.run_install(shard, pending)?,
+            Some(Some(pending)) => self.run_install(shard, *pending)?,
         }
         if let Some(busy) = self.busy.get_mut(&shard) {
             busy.waiting.extend(rest);
