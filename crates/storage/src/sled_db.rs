@@ -18,19 +18,34 @@ pub struct SledDb {
 impl SledDb {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledDb, StorageError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             // Durability comes from the raft WAL and from `persist` at
             // checkpoints; sled's own periodic flush only costs CPU here
             // (about a third of an insert's cost in measurements).
-            .flush_every_ms(None)
-            .open()
-            .map_err(backend)?;
-        Ok(SledDb { db, dir: dir.to_path_buf() })
+            .flush_every_ms(None);
+        // A database of this process just dropped lets go of its file lock
+        // only when sled's I/O threads finish with it: wait a little for
+        // that, not for another process.
+        let mut attempts = 0;
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(SledDb { db, dir: dir.to_path_buf() }),
+                // sled says so only in the message.
+                Err(sled::Error::Io(e)) if e.to_string().starts_with("could not acquire lock") && attempts < LOCK_RETRIES => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(error) => return Err(backend(error)),
+            }
+        }
     }
 }
+
+/// Tries at opening a database whose file lock is held, 50 ms apart.
+const LOCK_RETRIES: u32 = 40;
 
 fn backend(error: sled::Error) -> StorageError {
     StorageError::Backend(error.to_string())
@@ -118,5 +133,28 @@ impl Db for SledDb {
     fn persist(&self) -> Result<(), StorageError> {
         self.db.flush().map_err(backend)?;
         sync_tree(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opening a database that this process is still letting go of waits
+    /// for it rather than failing.
+    #[test]
+    fn an_open_waits_for_a_database_being_let_go_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledDb::open(dir.path(), 1 << 20).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put(b"k".to_vec(), b"v".to_vec());
+        first.write(&batch).unwrap();
+        let letting_go = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = SledDb::open(dir.path(), 1 << 20).unwrap();
+        letting_go.join().unwrap();
+        assert_eq!(second.get(b"k").unwrap(), Some(b"v".to_vec()));
     }
 }
