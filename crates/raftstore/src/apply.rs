@@ -960,6 +960,13 @@ mod tests {
         assert!(db.get(&installing_key(one)).unwrap().is_none());
         assert_eq!(applied_index(), Some(81));
         assert_eq!(progress.applied(one), 81);
+        // The store loop hears right after the waiting round.
+        for _ in 0..200 {
+            if !progress.installed.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(*progress.installed.lock().unwrap(), vec![one], "the store loop hears once, after the second");
         inputs.send(ApplyInput::Stop).unwrap();
         thread.join().unwrap();

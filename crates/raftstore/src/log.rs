@@ -15,6 +15,8 @@ pub struct ShardLog {
     truncated_term: u64,
     /// `entries[i].index == truncated_index + 1 + i`.
     entries: Vec<Entry>,
+    /// What `entries` cost in memory, about ([`entry_bytes`]).
+    bytes: usize,
     /// The latest snapshot made for followers too far behind for `entries`.
     snapshot: Option<Snapshot>,
     /// Raft asked for a snapshot newer than the one held: the store loop
@@ -38,6 +40,7 @@ impl ShardLog {
             truncated_index: applied_index,
             truncated_term: applied_term,
             entries: Vec::new(),
+            bytes: 0,
             snapshot: None,
             snapshot_wanted: std::cell::Cell::new(false),
         };
@@ -59,6 +62,7 @@ impl ShardLog {
             .take_while(|(i, e)| e.index == applied_index + 1 + *i as u64)
             .count();
         log.entries.truncate(contiguous);
+        log.bytes = log.entries.iter().map(entry_bytes).sum();
         // Applied entries were committed, so the commit index is at least the
         // applied index even if the hard state carrying it was not yet logged
         // when the process stopped (raft-rs documents this case).
@@ -113,8 +117,15 @@ impl ShardLog {
             self.last() + 1
         );
         let keep = (first.index - self.truncated_index - 1) as usize;
+        self.bytes -= self.entries[keep..].iter().map(entry_bytes).sum::<usize>();
         self.entries.truncate(keep);
+        self.bytes += entries.iter().map(entry_bytes).sum::<usize>();
         self.entries.extend_from_slice(entries);
+    }
+
+    /// About how much memory the entries held cost.
+    pub fn bytes_in_memory(&self) -> usize {
+        self.bytes
     }
 
     /// True once per request for a new snapshot.
@@ -131,6 +142,7 @@ impl ShardLog {
     pub fn apply_snapshot(&mut self, snapshot: &Snapshot) {
         let meta = snapshot.get_metadata();
         self.entries.clear();
+        self.bytes = 0;
         self.truncated_index = meta.index;
         self.truncated_term = meta.term;
         self.conf_state = meta.get_conf_state().clone();
@@ -150,7 +162,7 @@ impl ShardLog {
         let index = index.min(self.last());
         let drop = (index - self.truncated_index) as usize;
         self.truncated_term = self.entries[drop - 1].term;
-        self.entries.drain(..drop);
+        self.bytes -= self.entries.drain(..drop).map(|e| entry_bytes(&e)).sum::<usize>();
         self.truncated_index = index;
     }
 
@@ -227,6 +239,11 @@ impl Storage for ShardLog {
     }
 }
 
+/// An entry's payload and a little for its other fields.
+fn entry_bytes(entry: &Entry) -> usize {
+    entry.data.len() + entry.context.len() + 48
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +268,24 @@ mod tests {
         assert!(log.term(1).is_err());
         let got = log.entries(3, 5, None, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), vec![3, 4]);
+    }
+
+    #[test]
+    fn the_memory_count_follows_appends_overwrites_compaction_and_snapshots() {
+        let sized = |index: u64, term: u64, bytes: usize| Entry { data: vec![0; bytes].into(), ..entry(index, term) };
+        let mut log = ShardLog::default();
+        log.append(&[sized(1, 1, 100), sized(2, 1, 200), sized(3, 1, 300)]);
+        assert_eq!(log.bytes_in_memory(), 600 + 3 * 48);
+        log.append(&[sized(3, 2, 1000)]);
+        assert_eq!(log.bytes_in_memory(), 1300 + 3 * 48);
+        log.compact(2);
+        assert_eq!(log.bytes_in_memory(), 1000 + 48);
+        let mut snapshot = Snapshot::default();
+        snapshot.mut_metadata().index = 9;
+        log.apply_snapshot(&snapshot);
+        assert_eq!(log.bytes_in_memory(), 0);
+        let log = ShardLog::recover(HardState::default(), ConfState::default(), 1, 1, vec![sized(2, 1, 10), sized(3, 1, 20)]);
+        assert_eq!(log.bytes_in_memory(), 30 + 2 * 48);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use hamgam_storage::{Db, KeyRange, KvRead, Order, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
-use raft::{RawNode, Ready, StateRole};
+use raft::{ProgressState, RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -680,6 +680,7 @@ impl Store {
             stats,
             transport,
             snapshots_in_flight: Default::default(),
+            snapshot_floors: BTreeMap::new(),
             installing: Default::default(),
             outbound: Vec::new(),
             reads: PendingReads::default(),
@@ -921,6 +922,9 @@ struct StoreLoop {
     transport: Box<dyn RaftTransport>,
     /// Shards whose snapshot the apply thread is making.
     snapshots_in_flight: std::collections::BTreeSet<ShardId>,
+    /// Shards whose in-memory log is kept from an index on, for a snapshot
+    /// being made, sent or installed: see [`StoreLoop::advance_applied`].
+    snapshot_floors: BTreeMap<ShardId, u64>,
     /// Shards whose snapshot the apply thread is installing: this node does
     /// not read them until it is done.
     installing: std::collections::BTreeSet<ShardId>,
@@ -1367,8 +1371,14 @@ impl StoreLoop {
         let made = std::mem::take(&mut *self.progress.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
         for (shard, snapshot) in made {
             self.snapshots_in_flight.remove(&shard);
-            if let (Some(peer), Some(snapshot)) = (self.peers.get_mut(&shard), snapshot) {
-                peer.node.mut_store().set_snapshot(snapshot);
+            match (self.peers.get_mut(&shard), snapshot) {
+                (Some(peer), Some(snapshot)) => {
+                    self.snapshot_floors.insert(shard, snapshot.get_metadata().index);
+                    peer.node.mut_store().set_snapshot(snapshot);
+                }
+                _ => {
+                    self.snapshot_floors.remove(&shard);
+                }
             }
         }
         let wanted: Vec<ShardId> = self
@@ -1379,6 +1389,10 @@ impl StoreLoop {
             .collect();
         for shard in wanted {
             self.snapshots_in_flight.insert(shard);
+            // The snapshot will be at least this recent.
+            if let Some(peer) = self.peers.get(&shard) {
+                self.snapshot_floors.insert(shard, peer.applied);
+            }
             send_to_applier(&self.apply_inputs, ApplyInput::GenerateSnapshot(shard))?;
         }
         Ok(())
@@ -1394,10 +1408,23 @@ impl StoreLoop {
             peer.applied = applied;
             peer.node.advance_apply_to(applied);
             // Keep a short tail of applied entries in memory for followers
-            // that lag a little; the WAL keeps them on disk until a checkpoint.
+            // that lag a little (the WAL keeps them on disk until a
+            // checkpoint). And while a snapshot is made, sent and installed
+            // (seconds, for a big shard), keep every entry after it: a
+            // follower installing it would otherwise find them gone, need
+            // another snapshot, and so on for ever under steady writes.
+            if let Some(floor) = self.snapshot_floors.get(shard).copied()
+                && !snapshot_floor_needed(&peer.node, floor)
+            {
+                self.snapshot_floors.remove(shard);
+            }
             let store = peer.node.mut_store();
-            if applied > store.first_index_in_memory() + 2 * limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED {
-                store.compact(applied - limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED);
+            let mut through = applied.saturating_sub(limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED);
+            if let Some(floor) = self.snapshot_floors.get(shard) {
+                through = through.min(*floor);
+            }
+            if through >= store.first_index_in_memory() + limits::LOG_ENTRIES_KEPT_BEHIND_APPLIED {
+                store.compact(through);
             }
         }
     }
@@ -1611,6 +1638,21 @@ fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply
 }
 
 
+
+/// Whether a shard's log must still be kept from `floor` on: while it
+/// leads, holds no more than `limits::LOG_BYTES_HELD_FOR_FOLLOWERS_MAX`, and
+/// some follower is being sent a snapshot or has not reached `floor` (the
+/// one the snapshot is for, before its install is done).
+fn snapshot_floor_needed(node: &RawNode<ShardLog>, floor: u64) -> bool {
+    let raft = &node.raft;
+    raft.state == StateRole::Leader
+        && node.store().bytes_in_memory() <= limits::LOG_BYTES_HELD_FOR_FOLLOWERS_MAX
+        && raft
+            .prs()
+            .iter()
+            .any(|(id, progress)| *id != raft.id && (progress.state == ProgressState::Snapshot || progress.matched < floor))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1654,6 +1696,37 @@ mod tests {
 
     fn config(dir: &std::path::Path) -> StoreConfig {
         StoreConfig::single_node(NodeId(1), dir.to_path_buf(), [ShardId(0), ShardId(1), ShardId(2)])
+    }
+
+    /// The log is kept for a snapshot only while it leads, within the
+    /// memory bound, and some follower is being sent one or is short of it.
+    #[test]
+    fn a_snapshot_floor_holds_until_every_follower_has_reached_it() {
+        let conf = ConfState { voters: vec![1, 2, 3], ..Default::default() };
+        let log = ShardLog::recover(Default::default(), conf, 10, 1, Vec::new());
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut node = new_raw_node(NodeId(1), ShardId(1), 10, log, &logger).unwrap();
+        assert!(!snapshot_floor_needed(&node, 50), "a follower keeps nothing for others");
+        node.raft.become_candidate();
+        node.raft.become_leader();
+        for id in [2, 3] {
+            let progress = node.raft.mut_prs().get_mut(id).unwrap();
+            progress.matched = 60;
+            progress.become_replicate();
+        }
+        node.raft.mut_prs().get_mut(3).unwrap().matched = 20;
+        assert!(snapshot_floor_needed(&node, 50), "follower 3 has not reached the snapshot");
+        node.raft.mut_prs().get_mut(3).unwrap().become_snapshot(50);
+        assert!(snapshot_floor_needed(&node, 50), "follower 3 is being sent it");
+        let progress = node.raft.mut_prs().get_mut(3).unwrap();
+        progress.matched = 50;
+        progress.become_probe();
+        assert!(!snapshot_floor_needed(&node, 50), "every follower is past it");
+
+        node.raft.mut_prs().get_mut(3).unwrap().matched = 20;
+        let big = Entry { index: 11, term: 2, data: vec![0; limits::LOG_BYTES_HELD_FOR_FOLLOWERS_MAX].into(), ..Default::default() };
+        node.mut_store().append(&[big]);
+        assert!(!snapshot_floor_needed(&node, 50), "past the memory bound the log is trimmed anyway");
     }
 
     #[test]

@@ -98,6 +98,11 @@ pub const CHECKPOINT_WAL_BYTES: u64 = 32 << 20;
 pub const CHECKPOINT_INTERVAL_MS: u64 = 30_000;
 /// Applied entries kept in memory behind the applied index (for followers that lag a little).
 pub const LOG_ENTRIES_KEPT_BEHIND_APPLIED: u64 = 1024;
+/// Memory one shard's raft log may hold for a follower being sent or
+/// installing a snapshot (so the entries after the snapshot are still there
+/// when it is installed); past it, the log is trimmed as usual, and that
+/// follower will need another snapshot.
+pub const LOG_BYTES_HELD_FOR_FOLLOWERS_MAX: usize = 64 << 20;
 /// One shard's snapshot, shipped to a replica that is too far behind for
 /// the log. It travels as a file, written and read in pieces on both nodes,
 /// so this bounds disk, not memory.
