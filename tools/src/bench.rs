@@ -2,8 +2,9 @@
 //!
 //! - `messages`: N clients, each its own user and connection, pairs sharing a
 //!   direct chat, each sending messages back to back; reports messages/s,
-//!   commit latency percentiles (send to acknowledgement, which happens only
-//!   after the write is durable), and the node's CPU time per message.
+//!   commit latency percentiles and the slowest (send to acknowledgement,
+//!   which happens only after the write is durable), and the node's CPU
+//!   time per message.
 //! - `etcd`: the same shape of load as durable puts to an etcd server, over
 //!   etcd's gRPC API (the wire etcd's own benchmark tool uses).
 //! - `compare`: starts a fresh hamgam-node and a fresh etcd on this machine,
@@ -238,17 +239,18 @@ impl LoadResult {
 
     fn header() -> String {
         format!(
-            "| {:<8} | {:>7} | {:>10} | {:>8} | {:>8} | {:>8} | {:>14} | {:>14} | {:>6} |\n|{}|",
+            "| {:<8} | {:>7} | {:>10} | {:>8} | {:>8} | {:>8} | {:>8} | {:>14} | {:>14} | {:>6} |\n|{}|",
             "system",
             "clients",
             "ops/s",
             "p50 ms",
             "p99 ms",
             "p999 ms",
+            "max ms",
             "server CPU/op",
             "bench CPU/op",
             "errors",
-            "----------|---------|------------|----------|----------|----------|----------------|----------------|--------"
+            "----------|---------|------------|----------|----------|----------|----------|----------------|----------------|--------"
         )
     }
 
@@ -256,13 +258,14 @@ impl LoadResult {
         let per_op = |cpu: Option<f64>| cpu.map_or("-".to_string(), |us| format!("{us:.1} µs"));
         let client = self.client_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.operations.max(1) as f64);
         format!(
-            "| {:<8} | {:>7} | {:>10.0} | {:>8.2} | {:>8.2} | {:>8.2} | {:>14} | {:>14} | {:>6} |",
+            "| {:<8} | {:>7} | {:>10.0} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {:>14} | {:>14} | {:>6} |",
             self.label,
             self.clients,
             self.per_second(),
             self.millis(0.50),
             self.millis(0.99),
             self.millis(0.999),
+            self.millis(1.0),
             per_op(self.server_cpu_per_op_us()),
             per_op(client),
             self.errors
@@ -276,13 +279,14 @@ fn ratio_row(hamgam: &LoadResult, etcd: &LoadResult) -> String {
         _ => "-".into(),
     };
     format!(
-        "| {:<8} | {:>7} | {:>9.2}x | {:>7.2}x | {:>7.2}x | {:>7.2}x | {:>14} | {:>14} | {:>6} |",
+        "| {:<8} | {:>7} | {:>9.2}x | {:>7.2}x | {:>7.2}x | {:>7.2}x | {:>7.2}x | {:>14} | {:>14} | {:>6} |",
         "ratio",
         hamgam.clients,
         hamgam.per_second() / etcd.per_second(),
         hamgam.millis(0.50) / etcd.millis(0.50),
         hamgam.millis(0.99) / etcd.millis(0.99),
         hamgam.millis(0.999) / etcd.millis(0.999),
+        hamgam.millis(1.0) / etcd.millis(1.0),
         cpu,
         "",
         ""
