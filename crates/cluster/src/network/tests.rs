@@ -122,3 +122,49 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
         test_node.store.stop().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_proposals_forwarded_at_once_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+    NodeIdentity::load_or_create(&dir.path().join("tls-1"), nodes[0]).unwrap();
+    for node in &nodes[1..] {
+        NodeIdentity::issue(&dir.path().join("tls-1"), *node, &dir.path().join(format!("tls-{}", node.0))).unwrap();
+    }
+    let members: Members = Arc::new(RwLock::new(nodes.iter().map(|n| (*n, free_udp_port())).collect()));
+    let shard = ShardId(1);
+    let shards: BTreeMap<ShardId, Vec<NodeId>> = [(shard, nodes.to_vec())].into();
+    let mut running = BTreeMap::new();
+    for node in nodes {
+        running.insert(node, start(dir.path(), node, &members, &shards).await);
+    }
+    running[&nodes[0]].store.handle().propose(shard, vec![0; 1]).await.unwrap();
+    let leader = running[&nodes[0]].store.handle().leader(shard).unwrap();
+    let follower = nodes.into_iter().find(|node| *node != leader).unwrap();
+
+    // Commands of 1..=400 bytes, all through the follower at once: each
+    // reply is the total after that command, so a reply handed to the wrong
+    // caller shows as a step that is not the caller's own length.
+    let mut tasks = Vec::new();
+    for len in 1..=400usize {
+        let raft = running[&follower].store.handle();
+        tasks.push(tokio::spawn(async move { (len as u64, raft.propose(shard, vec![7; len]).await) }));
+    }
+    let mut replies = Vec::new();
+    for task in tasks {
+        let (len, reply) = task.await.unwrap();
+        let total = u64::from_le_bytes(reply.unwrap().try_into().unwrap());
+        replies.push((total, len));
+    }
+    replies.sort();
+    let mut before = 1;
+    for (total, len) in replies {
+        assert_eq!(total - before, len, "the answer to a {len}-byte command went to its caller");
+        before = total;
+    }
+    assert_eq!(before, 1 + 400 * 401 / 2);
+    for (_, test_node) in running {
+        test_node.network.shutdown().await;
+        test_node.store.stop().unwrap();
+    }
+}
