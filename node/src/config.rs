@@ -109,8 +109,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        if !(1..=4096).contains(&self.cluster.data_shards) {
-            bail!("cluster.data_shards must be between 1 and 4096, not {}", self.cluster.data_shards);
+        if !(1..=hamgam_types::limits::DATA_SHARDS_MAX).contains(&self.cluster.data_shards) {
+            bail!(
+                "cluster.data_shards must be between 1 and {}, not {}",
+                hamgam_types::limits::DATA_SHARDS_MAX,
+                self.cluster.data_shards
+            );
         }
         if self.cluster.dead_after_secs < 5 {
             bail!("cluster.dead_after_secs must be at least 5, not {}", self.cluster.dead_after_secs);

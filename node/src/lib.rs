@@ -39,7 +39,7 @@ use hamgam_raftstore::{NoPeers, RaftHandle, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService, UpdateListener};
 use hamgam_transport::NodeIdentity;
-use hamgam_types::{NodeId, Placement, ShardId};
+use hamgam_types::{NodeId, Placement, ShardId, limits};
 use relay::RelayingListener;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -211,8 +211,8 @@ fn new_cluster_id() -> String {
 
 /// `hamgam-node init`: a new cluster's CA and one data directory per initial member.
 fn init(args: &InitArgs) -> anyhow::Result<()> {
-    if !(1..=4096).contains(&args.data_shards) {
-        bail!("--data-shards must be between 1 and 4096, not {}", args.data_shards);
+    if !(1..=limits::DATA_SHARDS_MAX).contains(&args.data_shards) {
+        bail!("--data-shards must be between 1 and {}, not {}", limits::DATA_SHARDS_MAX, args.data_shards);
     }
     let mut members = Vec::new();
     for entry in &args.initial_cluster {

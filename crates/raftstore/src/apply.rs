@@ -29,7 +29,7 @@ use crate::pre_images::PreImages;
 use crate::snapshot::{self, SnapshotRecords, SnapshotRef, SnapshotWriter};
 use crate::{ProposeError, StateMachine, StoreError, StoreStats, state_machine_prefix};
 use hamgam_storage::{Db, KeyRange, KvWrite, Order, Prefixed, Txn};
-use hamgam_types::ShardId;
+use hamgam_types::{ShardId, limits};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
 use std::collections::BTreeMap;
@@ -51,9 +51,21 @@ pub(crate) struct ApplyState {
     pub conf: ConfState,
 }
 
-/// Where the node-wide applied-state record lives: a prefix no shard uses.
-const APPLIED_KEY: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x00];
+/// Where each shard's applied-state record lives: a prefix no shard uses,
+/// then the shard (u32 big-endian). One record per shard, so a batch
+/// rewrites only the records of the shards it applied to (one record for
+/// every shard had put kilobytes into every batch of a node with 64 shards).
+const APPLIED_PREFIX: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x02];
+/// The record of every shard in one value, as databases before per-shard
+/// records hold it: read at start when present, removed at the next full write.
+const LEGACY_APPLIED_KEY: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x00];
 const APPLIED_VERSION: u8 = 1;
+
+fn applied_key(shard: ShardId) -> Vec<u8> {
+    let mut key = APPLIED_PREFIX.to_vec();
+    key.extend_from_slice(&shard.0.to_be_bytes());
+    key
+}
 
 pub(crate) fn encode_applied(states: &BTreeMap<ShardId, ApplyState>) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + states.len() * 32);
@@ -106,15 +118,32 @@ fn decode_applied(bytes: &[u8]) -> Result<BTreeMap<ShardId, ApplyState>, String>
 }
 
 pub(crate) fn read_applied(db: &dyn Db) -> Result<BTreeMap<ShardId, ApplyState>, StoreError> {
-    match db.get(APPLIED_KEY)? {
-        None => Ok(BTreeMap::new()),
-        Some(bytes) => decode_applied(&bytes)
-            .map_err(|reason| StoreError::Corrupt { shard: ShardId(u32::MAX), what: "applied state", reason }),
+    let corrupt = |reason| StoreError::Corrupt { shard: ShardId(u32::MAX), what: "applied state", reason };
+    let mut states = match db.get(LEGACY_APPLIED_KEY)? {
+        None => BTreeMap::new(),
+        Some(bytes) => decode_applied(&bytes).map_err(corrupt)?,
+    };
+    let records = db.scan(&KeyRange::prefix(APPLIED_PREFIX), Order::Ascending, limits::DATA_SHARDS_MAX as usize + 1)?;
+    for (_, bytes) in records {
+        // A per-shard record is newer than the legacy one wherever both exist.
+        states.extend(decode_applied(&bytes).map_err(corrupt)?);
     }
+    Ok(states)
 }
 
+/// Writes every shard's applied-state record (and drops the legacy one).
 pub(crate) fn write_applied(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyState>) {
-    txn.put(APPLIED_KEY, encode_applied(states));
+    write_applied_of(txn, states, states.keys().copied());
+    txn.delete(LEGACY_APPLIED_KEY);
+}
+
+/// Writes the applied-state records of `shards`.
+fn write_applied_of(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyState>, shards: impl Iterator<Item = ShardId>) {
+    for shard in shards {
+        if let Some(state) = states.get(&shard) {
+            txn.put(&applied_key(shard), encode_applied(&BTreeMap::from([(shard, state.clone())])));
+        }
+    }
 }
 
 /// Snapshot installs under way, one record per shard (the applied-state
@@ -697,6 +726,7 @@ impl Applier {
         let mut txn = Txn::new(&*db);
         let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
         let (mut commands, mut entries_applied) = (0u64, 0u64);
+        let mut touched = std::collections::BTreeSet::new();
         for task in rounds.into_iter().flatten() {
             if let Some(busy) = self.busy.get_mut(&task.shard)
                 && !busy.applies_rounds()
@@ -743,9 +773,10 @@ impl Applier {
                 state.index = entry.index;
                 state.term = entry.term;
                 entries_applied += 1;
+                touched.insert(shard);
             }
         }
-        write_applied(&mut txn, &self.states);
+        write_applied_of(&mut txn, &self.states, touched.into_iter());
         let batch = txn.into_batch();
         for busy in self.busy.values() {
             if let Work::Make { pre_images, .. } = &busy.work {
@@ -788,6 +819,47 @@ mod tests {
         assert_eq!(decode_applied(&bytes).unwrap(), states);
         assert!(decode_applied(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_applied(&[9]).is_err());
+    }
+
+    #[test]
+    fn applied_records_are_per_shard_and_a_legacy_record_is_read_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = hamgam_storage::SledDb::open(dir.path(), 8 << 20).unwrap();
+        let state = |index| ApplyState { index, term: 2, conf: ConfState::default() };
+        let legacy = BTreeMap::from([(ShardId(0), state(7)), (ShardId(1), state(8)), (ShardId(2), state(9))]);
+        let mut txn = Txn::new(&db);
+        txn.put(LEGACY_APPLIED_KEY, encode_applied(&legacy));
+        db.write(&txn.into_batch()).unwrap();
+        assert_eq!(read_applied(&db).unwrap(), legacy, "a database from before per-shard records");
+
+        let mut states = legacy.clone();
+        states.insert(ShardId(1), state(20));
+        let mut txn = Txn::new(&db);
+        write_applied_of(&mut txn, &states, [ShardId(1)].into_iter());
+        db.write(&txn.into_batch()).unwrap();
+        assert_eq!(read_applied(&db).unwrap(), states, "a shard's own record wins over the legacy one");
+
+        let mut txn = Txn::new(&db);
+        write_applied(&mut txn, &states);
+        db.write(&txn.into_batch()).unwrap();
+        assert_eq!(db.get(LEGACY_APPLIED_KEY).unwrap(), None, "a full write drops the legacy record");
+        assert_eq!(read_applied(&db).unwrap(), states);
+    }
+
+    #[test]
+    fn a_round_rewrites_only_the_applied_records_of_its_own_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(hamgam_storage::SledDb::open(&dir.path().join("db"), 8 << 20).unwrap());
+        let start = ApplyState { index: 5, term: 1, conf: ConfState::default() };
+        let states: BTreeMap<ShardId, ApplyState> = (0..64).map(|shard| (ShardId(shard), start.clone())).collect();
+        let (mut applier, _) = recording_applier(&db, states, dir.path());
+        let (ApplyInput::Round(tasks), answer) = round(ShardId(9), 6, b"one shard") else { unreachable!() };
+        applier.apply(vec![tasks]).unwrap();
+        assert_eq!(answer.blocking_recv().unwrap().unwrap(), 6u64.to_le_bytes());
+        let records = db.scan(&KeyRange::prefix(APPLIED_PREFIX), Order::Ascending, 100).unwrap();
+        assert_eq!(records.len(), 1, "one record written, not one per shard");
+        assert_eq!(records[0].0, applied_key(ShardId(9)));
+        assert_eq!(read_applied(&*db).unwrap()[&ShardId(9)].index, 6);
     }
 
     /// A crash after the install-in-progress record was written and part

@@ -130,6 +130,8 @@ pub const PEER_FRAME_BYTES_MAX: usize = 4 << 20;
 pub const REMOTE_SCAN_PAIRS_MAX: usize = 1_000;
 /// Bytes of one answer to a remote read.
 pub const REMOTE_READ_ANSWER_BYTES_MAX: usize = 8 << 20;
+/// Data shards a cluster may be made with (shard 0, the cluster shard, is extra).
+pub const DATA_SHARDS_MAX: u32 = 4096;
 /// Raft messages queued for one other node; beyond this they are dropped
 /// (raft retransmits), so a slow or dead node never holds memory.
 pub const PEER_SEND_QUEUE_MAX: usize = 4096;
