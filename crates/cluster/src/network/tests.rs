@@ -53,8 +53,17 @@ fn free_udp_port() -> SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapshot_over_quic() {
+/// Three nodes under one CA, each on a free port, all replicating shard 1.
+struct TestCluster {
+    dir: tempfile::TempDir,
+    nodes: [NodeId; 3],
+    members: Members,
+    shard: ShardId,
+    shards: BTreeMap<ShardId, Vec<NodeId>>,
+    running: BTreeMap<NodeId, TestNode>,
+}
+
+async fn three_nodes() -> TestCluster {
     let dir = tempfile::tempdir().unwrap();
     let nodes = [NodeId(1), NodeId(2), NodeId(3)];
     NodeIdentity::load_or_create(&dir.path().join("tls-1"), nodes[0]).unwrap();
@@ -68,6 +77,12 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     for node in nodes {
         running.insert(node, start(dir.path(), node, &members, &shards).await);
     }
+    TestCluster { dir, nodes, members, shard, shards, running }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapshot_over_quic() {
+    let TestCluster { dir, nodes, members, shard, shards, mut running } = three_nodes().await;
 
     // Proposals through every node: followers forward to the leader.
     let mut tasks = Vec::new();
@@ -125,19 +140,8 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_proposals_forwarded_at_once_each_get_their_own_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
-    NodeIdentity::load_or_create(&dir.path().join("tls-1"), nodes[0]).unwrap();
-    for node in &nodes[1..] {
-        NodeIdentity::issue(&dir.path().join("tls-1"), *node, &dir.path().join(format!("tls-{}", node.0))).unwrap();
-    }
-    let members: Members = Arc::new(RwLock::new(nodes.iter().map(|n| (*n, free_udp_port())).collect()));
-    let shard = ShardId(1);
-    let shards: BTreeMap<ShardId, Vec<NodeId>> = [(shard, nodes.to_vec())].into();
-    let mut running = BTreeMap::new();
-    for node in nodes {
-        running.insert(node, start(dir.path(), node, &members, &shards).await);
-    }
+    // The directory lives until the end: dropping it deletes the nodes' files.
+    let TestCluster { dir: _dir, nodes, shard, running, .. } = three_nodes().await;
     running[&nodes[0]].store.handle().propose(shard, vec![0; 1]).await.unwrap();
     let leader = running[&nodes[0]].store.handle().leader(shard).unwrap();
     let follower = nodes.into_iter().find(|node| *node != leader).unwrap();
