@@ -318,10 +318,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let members: BTreeMap<NodeId, SocketAddr> = cluster.members.iter().map(|m| (NodeId(m.id), m.peer_addr)).collect();
     let clustered = !members.is_empty();
     if clustered && !members.contains_key(&node) {
-        bail!(
-            "{} names node {node} but its member list does not: the node was removed from the cluster",
-            config.data.join(CLUSTER_FILE).display()
-        );
+        // Its member list, written as shard 0 changed, already left it out.
+        say_removed(node, &config.data);
+        return Ok(());
     }
     // Every node hosts a replica of every shard, most of them empty until
     // the placement driver adds this node (an initial cluster's members
@@ -330,6 +329,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shards: BTreeMap<ShardId, Vec<NodeId>> = placement.all_shards().map(|s| (s, voters.clone())).collect();
 
     let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
+    let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
+    if clustered && removed_in(&ClusterView::read(&shard0, shards.len())?, node) {
+        // Removed while it ran, and stopped before recording the member
+        // list: its own copy of shard 0 says so, and it stops before it
+        // listens or joins any election.
+        say_removed(node, &config.data);
+        return Ok(());
+    }
     let network = if clustered {
         let peer_listen = config.peer_listen.or(members.get(&node).copied()).context("no peer address")?;
         let members = Arc::new(RwLock::new(members.clone()));
@@ -351,7 +358,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let signals = Signals::new(listener);
     let machine = SyncMachine::new(placement, signals.clone());
-    let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
     let (machine, view) = ClusterMachine::new(Box::new(machine), shard0, shards.len())?;
     let store_config = StoreConfig { node, dir: config.data.clone(), shards };
     let store = tokio::task::block_in_place(|| Store::open(store_config, db, Box::new(machine), transport))?;
@@ -466,11 +472,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         () = shutdown_signal() => false,
         () = raft.stopped() => true,
         () = removed_from_cluster(view.clone(), node) => {
-            tracing::warn!(%node, "this node was removed from the cluster (`hamgam admin remove`); it stops");
-            eprintln!(
-                "hamgam-node: node {node} was removed from the cluster and stops; its data directory {} can be deleted",
-                config.data.display()
-            );
+            say_removed(node, &config.data);
             false
         }
     };
@@ -495,12 +497,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tells the operator that this node was removed and stops (exit 0: a
+/// service manager restarting on failure leaves it stopped).
+fn say_removed(node: NodeId, data: &Path) {
+    tracing::warn!(%node, "this node was removed from the cluster (`hamgam admin remove`); it stops");
+    eprintln!(
+        "hamgam-node: node {node} was removed from the cluster and stops; its data directory {} can be deleted",
+        data.display()
+    );
+}
+
+fn removed_in(view: &ClusterView, node: NodeId) -> bool {
+    view.members.iter().any(|m| m.id == node && m.state == MemberState::Removed)
+}
+
 /// Resolves once shard 0, as this node applies it, records this node as
 /// removed: its peers no longer admit it, so it has nothing left to do.
 /// Also at a start, if it was removed while it was down.
 async fn removed_from_cluster(mut view: watch::Receiver<ClusterView>, node: NodeId) {
     loop {
-        let removed = view.borrow_and_update().members.iter().any(|m| m.id == node && m.state == MemberState::Removed);
+        let removed = removed_in(&view.borrow_and_update(), node);
         if removed {
             return;
         }

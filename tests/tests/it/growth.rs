@@ -181,6 +181,7 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     drop((push, device));
 
     // Round 2: node 5 dies and stays dead; node 4 is drained; both are removed.
+    let node4_listed = ClusterFile::read(&joined[0].dir).unwrap().unwrap();
     let operator = Operator::open(&nodes[0].dir, None).unwrap();
     drop(through_new);
     let ledgers = under_load(&senders, &chats_of, 2, async {
@@ -197,6 +198,18 @@ async fn growing_to_five_and_shrinking_to_three_under_load_loses_nothing() {
     .await;
     // Node 4, removed while running, learns it from shard 0 and stops cleanly by itself.
     assert_eq!(joined[0].exits_by_itself(Duration::from_secs(60)).code(), Some(0), "a removed node stops by itself");
+    // Started again, it stops at once, before it listens: its member list
+    // (recorded as shard 0 changed) leaves it out; and with that list put
+    // back as it was before the removal, its own copy of shard 0 says so.
+    for attempt in ["as recorded", "with the old member list"] {
+        if attempt == "with the old member list" {
+            node4_listed.write(&joined[0].dir).unwrap();
+        }
+        let (status, out, err) = Node::run_expecting_exit(&joined[0].dir, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "{attempt}: {err}");
+        assert!(!out.contains("listening"), "{attempt}: it started serving: {out}");
+        assert!(err.contains("was removed from the cluster and stops"), "{attempt}: {err}");
+    }
     settle(&readers, ledgers, &mut all).await;
     assert_histories(&readers, &chats, &all).await;
     let status = ClusterStatus::gather(&nodes[0].dir, None).await.unwrap();

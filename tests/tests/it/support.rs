@@ -84,6 +84,27 @@ impl Node {
         Node { child: Some(child), dir: dir.to_path_buf(), addr, fingerprint }
     }
 
+    /// Starts a node on `dir` again (its configuration as the last start
+    /// wrote it) expecting it to end by itself within `timeout`; returns its
+    /// exit status and what it printed on stdout and stderr.
+    pub fn run_expecting_exit(dir: &Path, timeout: Duration) -> (ExitStatus, String, String) {
+        let (out, err) = (dir.with_extension("run-out"), dir.with_extension("run-err"));
+        let mut child = Command::new(NODE_BIN)
+            .arg("--data")
+            .arg(dir)
+            .arg("--listen")
+            .arg(free_udp_addr().to_string())
+            .arg("--config")
+            .arg(dir.with_extension("toml"))
+            .stdout(std::fs::File::create(&out).expect("create the stdout file"))
+            .stderr(std::fs::File::create(&err).expect("create the stderr file"))
+            .spawn()
+            .expect("spawn the node");
+        let status = wait_with_timeout(&mut child, timeout);
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+        (status, read(&out), read(&err))
+    }
+
     /// SIGTERM, then wait: the clean shutdown path.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
