@@ -34,7 +34,9 @@ use hamgam_api::{ApiConfig, ApiServer, PasswordCost, PushHub};
 use hamgam_cluster::driver::DriverConfig;
 use hamgam_cluster::join::JoinAuthority;
 use hamgam_cluster::membership::ClusterCommand;
-use hamgam_cluster::{CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, MemberState, PeerNetwork};
+use hamgam_cluster::{
+    CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, MemberRecord, MemberState, PeerNetwork,
+};
 use hamgam_raftstore::{NoPeers, RaftHandle, RaftTransport, Store, StoreConfig};
 use hamgam_storage::{Db, SledDb};
 use hamgam_sync::{Signals, SyncMachine, SyncService, UpdateListener};
@@ -330,7 +332,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
     let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
-    if clustered && removed_in(&ClusterView::read(&shard0, shards.len())?, node) {
+    if clustered && removed_in(&hamgam_cluster::membership::read_members(&shard0)?, node) {
         // Removed while it ran, and stopped before recording the member
         // list: its own copy of shard 0 says so, and it stops before it
         // listens or joins any election.
@@ -507,8 +509,8 @@ fn say_removed(node: NodeId, data: &Path) {
     );
 }
 
-fn removed_in(view: &ClusterView, node: NodeId) -> bool {
-    view.members.iter().any(|m| m.id == node && m.state == MemberState::Removed)
+fn removed_in(members: &[MemberRecord], node: NodeId) -> bool {
+    members.iter().any(|m| m.id == node && m.state == MemberState::Removed)
 }
 
 /// Resolves once shard 0, as this node applies it, records this node as
@@ -516,8 +518,7 @@ fn removed_in(view: &ClusterView, node: NodeId) -> bool {
 /// Also at a start, if it was removed while it was down.
 async fn removed_from_cluster(mut view: watch::Receiver<ClusterView>, node: NodeId) {
     loop {
-        let removed = removed_in(&view.borrow_and_update(), node);
-        if removed {
+        if removed_in(&view.borrow_and_update().members, node) {
             return;
         }
         if view.changed().await.is_err() {

@@ -67,7 +67,8 @@ fn applied_key(shard: ShardId) -> Vec<u8> {
     key
 }
 
-pub(crate) fn encode_applied(states: &BTreeMap<ShardId, ApplyState>) -> Vec<u8> {
+/// Encodes applied states; one shard's record is `std::iter::once`.
+pub(crate) fn encode_applied<'a>(states: impl ExactSizeIterator<Item = (&'a ShardId, &'a ApplyState)>) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + states.len() * 32);
     out.push(APPLIED_VERSION);
     out.extend_from_slice(&(states.len() as u32).to_le_bytes());
@@ -141,7 +142,7 @@ pub(crate) fn write_applied(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyS
 fn write_applied_of(txn: &mut Txn<'_>, states: &BTreeMap<ShardId, ApplyState>, shards: impl Iterator<Item = ShardId>) {
     for shard in shards {
         if let Some(state) = states.get(&shard) {
-            txn.put(&applied_key(shard), encode_applied(&BTreeMap::from([(shard, state.clone())])));
+            txn.put(&applied_key(shard), encode_applied(std::iter::once((&shard, state))));
         }
     }
 }
@@ -274,7 +275,7 @@ fn delete_range(db: &dyn Db, range: &KeyRange) -> Result<usize, StoreError> {
 }
 
 fn encode_installing(shard: ShardId, state: &ApplyState, reference: SnapshotRef) -> Vec<u8> {
-    let mut out = encode_applied(&BTreeMap::from([(shard, state.clone())]));
+    let mut out = encode_applied(std::iter::once((&shard, state)));
     out.extend_from_slice(&reference.encode());
     out
 }
@@ -815,7 +816,7 @@ mod tests {
             (ShardId(0), ApplyState { index: 7, term: 2, conf: conf.clone() }),
             (ShardId(5), ApplyState { index: 0, term: 0, conf: ConfState::default() }),
         ]);
-        let bytes = encode_applied(&states);
+        let bytes = encode_applied(states.iter());
         assert_eq!(decode_applied(&bytes).unwrap(), states);
         assert!(decode_applied(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_applied(&[9]).is_err());
@@ -828,7 +829,7 @@ mod tests {
         let state = |index| ApplyState { index, term: 2, conf: ConfState::default() };
         let legacy = BTreeMap::from([(ShardId(0), state(7)), (ShardId(1), state(8)), (ShardId(2), state(9))]);
         let mut txn = Txn::new(&db);
-        txn.put(LEGACY_APPLIED_KEY, encode_applied(&legacy));
+        txn.put(LEGACY_APPLIED_KEY, encode_applied(legacy.iter()));
         db.write(&txn.into_batch()).unwrap();
         assert_eq!(read_applied(&db).unwrap(), legacy, "a database from before per-shard records");
 
