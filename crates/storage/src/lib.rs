@@ -2,23 +2,29 @@
 //!
 //! Owns the [`Db`] trait (get, bounded scan, atomic batch write, durable
 //! [`Db::persist`]), its two adapters ([`SledDb`] on disk, [`MemDb`] in memory),
-//! the read/write traits [`KvRead`] and [`KvWrite`] that domain code is written
-//! against, the [`Txn`] overlay that lets one apply round read its own writes
-//! before they reach the database in one atomic batch, and the [`Prefixed`]
-//! view that confines a shard to its own key range.
+//! the [`WriteBehind`] table that folds a node's short-lived and rewritten
+//! keys in memory before they reach the database (with the redo record that
+//! lets a crashed write-out finish), the read/write traits [`KvRead`] and
+//! [`KvWrite`] that domain code is written against, the [`Txn`] overlay that
+//! lets one apply round read its own writes before they reach the database
+//! in one atomic batch, and the [`Prefixed`] view that confines a shard to
+//! its own key range.
 //!
 //! Nothing above this crate names sled. This crate knows nothing of raft,
 //! shards or chats: keys and values are bytes.
 
 mod kv;
 mod mem;
+mod redo;
 mod sled_db;
 mod txn;
+mod write_behind;
 
 pub use kv::{KeyRange, KvPairs, KvRead, KvWrite, Order, Prefixed, prefix_end};
 pub use mem::MemDb;
 pub use sled_db::SledDb;
 pub use txn::{Txn, WriteBatch};
+pub use write_behind::WriteBehind;
 
 /// Errors of the storage layer. All are fatal for the operation that met
 /// them; none is caused by a client.
@@ -41,6 +47,15 @@ pub trait Db: KvRead + Send + Sync + std::fmt::Debug {
     /// Applies every write of the batch atomically and in order: after a crash
     /// either all of it or none of it is visible.
     fn write(&self, batch: &WriteBatch) -> Result<(), StorageError>;
+
+    /// Applies the batch's writes key by key, not atomically: a crash may
+    /// leave any part of it. For a caller that keeps its own record to
+    /// finish the batch after a crash; in return the database's readers are
+    /// not held up for the whole batch (sled stops every reader while it
+    /// applies an atomic batch).
+    fn write_key_by_key(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        self.write(batch)
+    }
 
     /// Makes everything written before the call durable against power loss.
     /// Slow (it syncs files); called by checkpoints, never per request.

@@ -130,6 +130,16 @@ impl Db for SledDb {
         self.db.apply_batch(sled_batch).map_err(backend)
     }
 
+    fn write_key_by_key(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        for (key, value) in batch.ops() {
+            match value {
+                Some(value) => self.db.insert(key.as_slice(), value.as_slice()).map_err(backend)?,
+                None => self.db.remove(key.as_slice()).map_err(backend)?,
+            };
+        }
+        Ok(())
+    }
+
     fn persist(&self) -> Result<(), StorageError> {
         self.db.flush().map_err(backend)?;
         sync_tree(&self.dir)
