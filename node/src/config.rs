@@ -47,6 +47,10 @@ pub struct AuthConfig {
 pub struct StorageConfig {
     /// Page cache of the database, in MiB.
     pub cache_mib: u64,
+    /// Recent writes held in memory before they are written to the
+    /// database together, in MiB (memory use is bounded at four times it).
+    /// Larger folds more rewritten and short-lived keys into one write.
+    pub write_behind_mib: u64,
     /// Logical bytes each user may keep in the cloud store, in GiB.
     pub user_quota_gib: u64,
     /// Seconds between scrub passes over this node's chunks (each chunk
@@ -93,6 +97,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             cache_mib: 256,
+            write_behind_mib: 4,
             user_quota_gib: hamgam_types::limits::USER_QUOTA_BYTES_DEFAULT >> 30,
             scrub_interval_secs: 6 * 3600,
             scrub_mib_per_sec: 16,
@@ -125,6 +130,9 @@ impl Config {
         if self.storage.cache_mib < 8 {
             bail!("storage.cache_mib must be at least 8");
         }
+        if !(1..=256).contains(&self.storage.write_behind_mib) {
+            bail!("storage.write_behind_mib must be between 1 and 256, not {}", self.storage.write_behind_mib);
+        }
         if self.storage.scrub_interval_secs < 1 || self.storage.scrub_mib_per_sec < 1 {
             bail!("storage.scrub_interval_secs and storage.scrub_mib_per_sec must be at least 1");
         }
@@ -153,5 +161,10 @@ mod tests {
         assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
         let bad: Config = toml::from_str("[cluster]\ndata_shards = 0\n").unwrap();
         assert!(bad.validate().is_err());
+        for write_behind_mib in [0, 257] {
+            let bad: Config = toml::from_str(&format!("[storage]\nwrite_behind_mib = {write_behind_mib}\n")).unwrap();
+            let error = bad.validate().unwrap_err().to_string();
+            assert!(error.contains("storage.write_behind_mib"), "{error}");
+        }
     }
 }

@@ -38,7 +38,7 @@ use hamgam_cluster::{
     CLUSTER_FILE, ClusterFile, ClusterMachine, ClusterView, Member, MemberRecord, MemberState, PeerNetwork,
 };
 use hamgam_raftstore::{NoPeers, RaftHandle, RaftTransport, Store, StoreConfig};
-use hamgam_storage::{Db, SledDb};
+use hamgam_storage::{Db, SledDb, WriteBehind};
 use hamgam_sync::{Signals, SyncMachine, SyncService, UpdateListener};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, Placement, ShardId, limits};
@@ -330,7 +330,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let voters = cluster.initial_voters();
     let shards: BTreeMap<ShardId, Vec<NodeId>> = placement.all_shards().map(|s| (s, voters.clone())).collect();
 
-    let db: Arc<dyn Db> = Arc::new(SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?);
+    let sled = SledDb::open(&config.data.join("db"), config.storage.cache_mib << 20)?;
+    let write_behind_bytes = (config.storage.write_behind_mib << 20) as usize;
+    let db: Arc<dyn Db> = Arc::new(WriteBehind::open(sled, &config.data.join("db.redo"), write_behind_bytes)?);
     let shard0 = hamgam_raftstore::shard_reader(db.clone(), ShardId::CLUSTER);
     if clustered && removed_in(&hamgam_cluster::membership::read_members(&shard0)?, node) {
         // Removed while it ran, and stopped before recording the member
