@@ -26,6 +26,9 @@ pub use sled_db::SledDb;
 pub use txn::{Txn, WriteBatch};
 pub use write_behind::WriteBehind;
 
+/// One key's write, borrowed: its new value, or `None` for a deletion.
+pub type KeyWrite<'a> = (&'a [u8], Option<&'a [u8]>);
+
 /// Errors of the storage layer. All are fatal for the operation that met
 /// them; none is caused by a client.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +51,20 @@ pub trait Db: KvRead + Send + Sync + std::fmt::Debug {
     /// either all of it or none of it is visible.
     fn write(&self, batch: &WriteBatch) -> Result<(), StorageError>;
 
-    /// Applies the batch's writes key by key, not atomically: a crash may
-    /// leave any part of it. For a caller that keeps its own record to
+    /// Applies the writes key by key, not atomically: a crash may leave any
+    /// part of them. For a caller that keeps its own record to
     /// finish the batch after a crash; in return the database's readers are
     /// not held up for the whole batch (sled stops every reader while it
     /// applies an atomic batch).
-    fn write_key_by_key(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        self.write(batch)
+    fn write_key_by_key(&self, writes: &mut dyn Iterator<Item = KeyWrite<'_>>) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in writes {
+            match value {
+                Some(value) => batch.put(key.to_vec(), value.to_vec()),
+                None => batch.delete(key.to_vec()),
+            }
+        }
+        self.write(&batch)
     }
 
     /// Makes everything written before the call durable against power loss.

@@ -11,7 +11,7 @@
 //! length (u32 LE) and value for a put, or 0 for a deletion. A record whose
 //! checksum fails was never complete, so no write-out had started from it.
 
-use crate::{StorageError, WriteBatch};
+use crate::{KeyWrite, StorageError, WriteBatch};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -48,18 +48,24 @@ impl RedoFile {
         move |source| StorageError::Io { path: self.path.display().to_string(), source }
     }
 
-    /// Makes `batch` the durable record, replacing the previous one.
-    pub(crate) fn record(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        let mut bytes = Vec::with_capacity(HEADER_BYTES + batch.len() * 64);
+    /// Makes `writes` the durable record, replacing the previous one.
+    /// `bytes` is scratch space, kept by the caller so that a write-out
+    /// does not take megabytes of fresh pages each time.
+    pub(crate) fn record<'w>(
+        &self,
+        bytes: &mut Vec<u8>,
+        writes: impl Iterator<Item = KeyWrite<'w>>,
+    ) -> Result<(), StorageError> {
+        bytes.clear();
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&[0; 8]);
-        for (key, value) in batch.ops() {
-            put_len(&mut bytes, key.len());
+        for (key, value) in writes {
+            put_len(bytes, key.len());
             bytes.extend_from_slice(key);
             match value {
                 Some(value) => {
                     bytes.push(PUT);
-                    put_len(&mut bytes, value.len());
+                    put_len(bytes, value.len());
                     bytes.extend_from_slice(value);
                 }
                 None => bytes.push(DELETE),
@@ -69,7 +75,7 @@ impl RedoFile {
         bytes[MAGIC.len()..HEADER_BYTES].copy_from_slice(&body_len.to_le_bytes());
         let crc = crc32fast::hash(&bytes[HEADER_BYTES..]);
         bytes.extend_from_slice(&crc.to_le_bytes());
-        self.file.write_all_at(&bytes, 0).map_err(self.io())?;
+        self.file.write_all_at(bytes, 0).map_err(self.io())?;
         self.file.sync_data().map_err(self.io())
     }
 
@@ -152,24 +158,24 @@ mod tests {
         batch.put("سلام".as_bytes().to_vec(), vec![9; 300]);
         batch.delete(b"gone".to_vec());
         batch.put(b"empty".to_vec(), Vec::new());
-        redo.record(&batch).unwrap();
+        redo.record(&mut Vec::new(), batch.key_writes()).unwrap();
         let reopened = RedoFile::open(&path).unwrap();
         assert_eq!(reopened.read().unwrap().unwrap().ops(), batch.ops());
 
         // A shorter record over a longer one: the length says where it ends.
         let mut short = WriteBatch::default();
         short.delete(b"x".to_vec());
-        reopened.record(&short).unwrap();
+        reopened.record(&mut Vec::new(), short.key_writes()).unwrap();
         assert_eq!(reopened.read().unwrap().unwrap().ops(), short.ops());
 
         // A record cut off part-way (a crash while writing it) is no record.
-        reopened.record(&batch).unwrap();
+        reopened.record(&mut Vec::new(), batch.key_writes()).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 10).unwrap();
         assert!(RedoFile::open(&path).unwrap().read().unwrap().is_none());
 
         // Nor is one with a byte changed in its body.
-        reopened.record(&batch).unwrap();
+        reopened.record(&mut Vec::new(), batch.key_writes()).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER_BYTES + 2] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();

@@ -1,4 +1,4 @@
-use crate::{KvPairs, Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
+use crate::{Db, KeyRange, KeyWrite, KvPairs, KvRead, Order, StorageError, WriteBatch};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -130,11 +130,11 @@ impl Db for SledDb {
         self.db.apply_batch(sled_batch).map_err(backend)
     }
 
-    fn write_key_by_key(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        for (key, value) in batch.ops() {
+    fn write_key_by_key(&self, writes: &mut dyn Iterator<Item = KeyWrite<'_>>) -> Result<(), StorageError> {
+        for (key, value) in writes {
             match value {
-                Some(value) => self.db.insert(key.as_slice(), value.as_slice()).map_err(backend)?,
-                None => self.db.remove(key.as_slice()).map_err(backend)?,
+                Some(value) => self.db.insert(key, value).map_err(backend)?,
+                None => self.db.remove(key).map_err(backend)?,
             };
         }
         Ok(())

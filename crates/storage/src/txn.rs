@@ -1,4 +1,4 @@
-use crate::{KvPairs, Db, KeyRange, KvRead, KvWrite, Order, StorageError};
+use crate::{Db, KeyRange, KeyWrite, KvPairs, KvRead, KvWrite, Order, StorageError};
 use std::collections::BTreeMap;
 
 /// Writes to apply atomically, in key order (later writes to a key win).
@@ -18,6 +18,11 @@ impl WriteBatch {
 
     pub fn ops(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
         &self.ops
+    }
+
+    /// The writes, borrowed, in order.
+    pub fn key_writes(&self) -> impl Iterator<Item = KeyWrite<'_>> {
+        self.ops.iter().map(|(key, value)| (key.as_slice(), value.as_deref()))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -53,8 +53,8 @@ struct Shared<D> {
     flush_bytes: usize,
     tables: RwLock<Tables>,
     /// Held for the whole of one write-out, so they run one at a time and
-    /// in order.
-    writing_out: Mutex<()>,
+    /// in order; holds the redo record's scratch space.
+    writing_out: Mutex<Vec<u8>>,
     wake: Mutex<Wake>,
     woken: Condvar,
 }
@@ -92,7 +92,7 @@ impl<D: Db + 'static> WriteBehind<D> {
             // Also after a complete write-out: writing final values again
             // changes nothing, and telling the two apart would cost a write
             // per write-out.
-            inner.write_key_by_key(&unfinished)?;
+            inner.write_key_by_key(&mut unfinished.key_writes())?;
             inner.persist()?;
             tracing::debug!(keys = unfinished.len(), "the last write-out is in the database");
         }
@@ -101,7 +101,7 @@ impl<D: Db + 'static> WriteBehind<D> {
             redo,
             flush_bytes: flush_bytes.max(1),
             tables: RwLock::new(Tables::default()),
-            writing_out: Mutex::new(()),
+            writing_out: Mutex::new(Vec::new()),
             wake: Mutex::new(Wake::default()),
             woken: Condvar::new(),
         });
@@ -149,7 +149,7 @@ impl<D: Db> Shared<D> {
     /// Writes everything buffered so far to the database and persists it:
     /// redo record first, then key by key.
     fn write_out(&self) -> Result<(), StorageError> {
-        let _one_at_a_time = self.writing_out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut redo_bytes = self.writing_out.lock().unwrap_or_else(|p| p.into_inner());
         let frozen = {
             let mut tables = self.write();
             if let Some(failed) = &tables.failed {
@@ -163,17 +163,11 @@ impl<D: Db> Shared<D> {
             tables.frozen = Some(frozen.clone());
             frozen
         };
-        let mut batch = WriteBatch::default();
-        for (key, value) in frozen.iter() {
-            match value {
-                Some(value) => batch.put(key.clone(), value.clone()),
-                None => batch.delete(key.clone()),
-            }
-        }
+        let writes = || frozen.iter().map(|(key, value)| (key.as_slice(), value.as_deref()));
         let written = self
             .redo
-            .record(&batch)
-            .and_then(|()| self.inner.write_key_by_key(&batch))
+            .record(&mut redo_bytes, writes())
+            .and_then(|()| self.inner.write_key_by_key(&mut writes()))
             .and_then(|()| self.inner.persist());
         let mut tables = self.write();
         match &written {
@@ -548,12 +542,12 @@ mod tests {
             before.put(b"outbox".to_vec(), b"pending".to_vec());
             before.put(7u32.to_be_bytes().to_vec(), b"old".to_vec());
             sled.write(&before).unwrap();
-            RedoFile::open(&redo_path).unwrap().record(&table).unwrap();
+            RedoFile::open(&redo_path).unwrap().record(&mut Vec::new(), table.key_writes()).unwrap();
             let mut part = WriteBatch::default();
             for (key, value) in table.ops().iter().take(40) {
                 part.put(key.clone(), value.clone().unwrap());
             }
-            sled.write_key_by_key(&part).unwrap();
+            sled.write_key_by_key(&mut part.key_writes()).unwrap();
             sled.persist().unwrap();
         }
         {
