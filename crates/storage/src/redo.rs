@@ -79,6 +79,12 @@ impl RedoFile {
         self.file.sync_data().map_err(self.io())
     }
 
+    /// Removes the record: there is no write-out to finish.
+    pub(crate) fn clear(&self) -> Result<(), StorageError> {
+        self.file.set_len(0).map_err(self.io())?;
+        self.file.sync_data().map_err(self.io())
+    }
+
     /// The last complete record, if there is one.
     pub(crate) fn read(&self) -> Result<Option<WriteBatch>, StorageError> {
         let file_len = self.file.metadata().map_err(self.io())?.len();

@@ -89,9 +89,10 @@ impl<D: Db + 'static> WriteBehind<D> {
     pub fn open(inner: D, redo_path: &Path, flush_bytes: usize) -> Result<Self, StorageError> {
         let redo = RedoFile::open(redo_path)?;
         if let Some(unfinished) = redo.read()? {
-            // Also after a complete write-out: writing final values again
-            // changes nothing, and telling the two apart would cost a write
-            // per write-out.
+            // Or a write-out that finished before a crash (a clean close
+            // clears the record): writing final values again changes
+            // nothing, and telling the two apart would cost a write per
+            // write-out.
             inner.write_key_by_key(&mut unfinished.key_writes())?;
             inner.persist()?;
             tracing::debug!(keys = unfinished.len(), "the last write-out is in the database");
@@ -147,8 +148,8 @@ impl<D: Db> Shared<D> {
     }
 
     /// Writes everything buffered so far to the database and persists it:
-    /// redo record first, then key by key.
-    fn write_out(&self) -> Result<(), StorageError> {
+    /// redo record first, then key by key. False if there was nothing.
+    fn write_out(&self) -> Result<bool, StorageError> {
         let mut redo_bytes = self.writing_out.lock().unwrap_or_else(|p| p.into_inner());
         let frozen = {
             let mut tables = self.write();
@@ -156,7 +157,7 @@ impl<D: Db> Shared<D> {
                 return Err(StorageError::Backend(failed.clone()));
             }
             if tables.active.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let frozen = Arc::new(std::mem::take(&mut tables.active));
             tables.active_bytes = 0;
@@ -176,7 +177,7 @@ impl<D: Db> Shared<D> {
             // later write-out may land ahead of it.
             Err(error) => tables.failed = Some(error.to_string()),
         }
-        written
+        written.map(|()| true)
     }
 }
 
@@ -187,8 +188,17 @@ impl<D: Db + 'static> Drop for WriteBehind<D> {
         if let Some(flusher) = self.flusher.take() {
             let _ = flusher.join();
         }
-        if let Err(error) = self.shared.write_out() {
-            tracing::error!(%error, "buffered writes could not reach the database at close; the WAL still holds them");
+        match self.shared.write_out() {
+            // Everything is in the database and persisted: the next open
+            // has nothing to write again.
+            Ok(_) => {
+                if let Err(error) = self.shared.redo.clear() {
+                    tracing::warn!(%error, "the redo record could not be cleared; the next open writes it again");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "buffered writes could not reach the database at close; the WAL still holds them")
+            }
         }
     }
 }
@@ -238,7 +248,7 @@ impl<D: Db + 'static> Db for WriteBehind<D> {
         };
         if bytes >= self.shared.flush_bytes.saturating_mul(4) {
             // The flusher is behind: write out here, waiting for it first.
-            return self.shared.write_out();
+            return self.shared.write_out().map(|_| ());
         }
         if bytes >= self.shared.flush_bytes {
             let mut wake = self.shared.wake();
@@ -251,8 +261,13 @@ impl<D: Db + 'static> Db for WriteBehind<D> {
     }
 
     fn persist(&self) -> Result<(), StorageError> {
-        self.shared.write_out()?;
-        self.shared.inner.persist()
+        // A write-out ends with the database persisted; with nothing to
+        // write out, the database may still hold writes it recovered
+        // unsynced.
+        if !self.shared.write_out()? {
+            self.shared.inner.persist()?;
+        }
+        Ok(())
     }
 }
 
@@ -424,7 +439,9 @@ mod tests {
                     batch.delete(vec![*k]);
                     model.remove(&vec![*k]);
                 }
-                Op::WriteOut => db.shared.write_out().unwrap(),
+                Op::WriteOut => {
+                    db.shared.write_out().unwrap();
+                }
             }
             db.write(&batch).unwrap();
             let range = KeyRange::between(&[lo], &[hi]);
