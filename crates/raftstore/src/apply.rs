@@ -354,11 +354,17 @@ pub(crate) struct ApplyProgress {
     pub snapshots: Mutex<Vec<(ShardId, Option<Snapshot>)>>,
     /// Shards whose snapshot install finished (durably).
     pub installed: Mutex<Vec<ShardId>>,
+    /// Per shard, the index up to which the WAL held entries this node may
+    /// have acknowledged before it stopped. The database may be behind it
+    /// (writes not yet written out when the process died): fresh reads
+    /// wait until the replay has applied that far.
+    replay_to: BTreeMap<ShardId, u64>,
 }
 
 impl ApplyProgress {
-    pub(crate) fn new(states: &BTreeMap<ShardId, ApplyState>) -> ApplyProgress {
+    pub(crate) fn new(states: &BTreeMap<ShardId, ApplyState>, replay_to: BTreeMap<ShardId, u64>) -> ApplyProgress {
         ApplyProgress {
+            replay_to,
             applied: states.iter().map(|(s, a)| (*s, AtomicU64::new(a.index))).collect(),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -369,6 +375,12 @@ impl ApplyProgress {
 
     pub(crate) fn applied(&self, shard: ShardId) -> u64 {
         self.applied.get(&shard).map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// Whether `shard` has applied everything its WAL held when the store
+    /// opened.
+    pub(crate) fn replayed(&self, shard: ShardId) -> bool {
+        self.applied(shard) >= self.replay_to.get(&shard).copied().unwrap_or(0)
     }
 
     pub(crate) fn take_error(&self) -> Option<StoreError> {
@@ -952,7 +964,7 @@ mod tests {
         states: BTreeMap<ShardId, ApplyState>,
         dir: &Path,
     ) -> (Applier, Arc<ApplyProgress>) {
-        let progress = Arc::new(ApplyProgress::new(&states));
+        let progress = Arc::new(ApplyProgress::new(&states, BTreeMap::new()));
         let applier = Applier {
             db: db.clone(),
             machine: Box::new(Recorder),

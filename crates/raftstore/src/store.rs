@@ -237,6 +237,7 @@ pub struct RaftHandle {
     replicas: Arc<BTreeMap<ShardId, AtomicU8>>,
     forwarder: Arc<OnceLock<Arc<dyn ProposalForwarder>>>,
     stats: Arc<StoreStats>,
+    progress: Arc<ApplyProgress>,
     running: watch::Receiver<bool>,
     snapshot_dir: Arc<PathBuf>,
 }
@@ -414,8 +415,10 @@ impl RaftHandle {
             return Err(ProposeError::UnknownShard(shard));
         };
         let flags = flags.load(Ordering::Acquire);
-        if flags & SOLE_VOTER != 0 {
-            // Only this node commits: whatever it acknowledged is applied.
+        if flags & SOLE_VOTER != 0 && self.progress.replayed(shard) {
+            // Only this node commits, and it has replayed what it committed
+            // before a restart: whatever it acknowledged is applied. (Until
+            // then the ReadIndex below waits for the replay.)
             return Ok(());
         }
         if flags & HOSTED == 0 {
@@ -544,6 +547,27 @@ impl RaftHandle {
         &self.stats
     }
 
+    /// Waits until every shard hosted here has applied what its log held
+    /// committed when the store opened. After a crash the database may be
+    /// behind the WAL; reads served before the replay could miss writes
+    /// acknowledged before the crash. `Stopped` if the store ends first.
+    pub async fn replayed(&self) -> Result<(), ProposeError> {
+        loop {
+            let behind = self
+                .replicas
+                .iter()
+                .filter(|(shard, flags)| flags.load(Ordering::Acquire) & HOSTED != 0 && !self.progress.replayed(**shard))
+                .count();
+            if behind == 0 {
+                return Ok(());
+            }
+            if !*self.running.borrow() {
+                return Err(ProposeError::Stopped);
+            }
+            tokio::time::sleep(Duration::from_millis(limits::RAFT_TICK_MS / 10)).await;
+        }
+    }
+
     /// Resolves when the store loop has ended (stopped or failed).
     pub async fn stopped(&self) {
         let mut running = self.running.clone();
@@ -585,9 +609,16 @@ impl Store {
             });
         }
         let mut peers = BTreeMap::new();
+        let mut replay_to = BTreeMap::new();
         for &shard in config.shards.keys() {
             let apply_state = states[&shard].clone();
             let from_wal = recovered.remove(&shard).unwrap_or_default();
+            // The WAL's commit index lags: a round's new commit is recorded
+            // with the next round. A sole voter commits every entry of its
+            // log once it leads again, so it replays to the last of them.
+            let last_logged = from_wal.entries.last().map_or(0, |entry| entry.index);
+            let sole_voter = is_sole_voter(&apply_state.conf, config.node);
+            replay_to.insert(shard, if sole_voter { last_logged } else { 0 }.max(from_wal.hard_state.commit));
             let log = ShardLog::recover(
                 from_wal.hard_state,
                 apply_state.conf.clone(),
@@ -596,7 +627,7 @@ impl Store {
                 from_wal.entries,
             );
             let mut node = new_raw_node(config.node, shard, apply_state.index, log, &logger)?;
-            if is_sole_voter(&apply_state.conf, config.node) {
+            if sole_voter {
                 // Sole voter: no one to wait for, lead at once.
                 node.campaign().map_err(|source| StoreError::Raft { shard, source })?;
             }
@@ -620,6 +651,7 @@ impl Store {
         let replicas: Arc<BTreeMap<ShardId, AtomicU8>> =
             Arc::new(states.iter().map(|(s, a)| (*s, AtomicU8::new(replica_flags(&a.conf, config.node)))).collect());
         let stats = Arc::new(StoreStats::default());
+        let progress = Arc::new(ApplyProgress::new(&states, replay_to));
         let handle = RaftHandle {
             node: config.node,
             inputs: inputs.clone(),
@@ -628,6 +660,7 @@ impl Store {
             replicas: replicas.clone(),
             forwarder: Arc::new(OnceLock::new()),
             stats: stats.clone(),
+            progress: progress.clone(),
             running,
             snapshot_dir: Arc::new(snapshot_dir.clone()),
         };
@@ -645,7 +678,6 @@ impl Store {
             })
             .map_err(StoreError::Thread)?;
 
-        let progress = Arc::new(ApplyProgress::new(&states));
         let (apply_inputs, apply_queue) = std::sync::mpsc::sync_channel(APPLY_QUEUE_ROUNDS_MAX);
         let applier = Applier {
             db: db.clone(),
@@ -683,7 +715,7 @@ impl Store {
             snapshot_floors: BTreeMap::new(),
             installing: Default::default(),
             outbound: Vec::new(),
-            reads: PendingReads::default(),
+            reads: PendingReads::new(),
             apply_inputs,
             apply_thread: Some(apply_thread),
             progress,
@@ -900,8 +932,9 @@ struct CheckpointState {
 }
 
 /// Fresh-read requests between `read_index` and the apply that satisfies them.
-#[derive(Default)]
 struct PendingReads {
+    /// Starts from the clock, so a leader's late answer to a read this node
+    /// asked before a restart never matches a read asked after it.
     next_context: u64,
     /// Asked of raft, waiting for its read state: context → (shard, asked at, reply).
     asked: HashMap<u64, (ShardId, Instant, ReadReply)>,
@@ -910,6 +943,11 @@ struct PendingReads {
 }
 
 impl PendingReads {
+    fn new() -> PendingReads {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        PendingReads { next_context: now.as_nanos() as u64, asked: HashMap::new(), awaiting_apply: Vec::new() }
+    }
+
     fn len(&self) -> usize {
         self.asked.len() + self.awaiting_apply.len()
     }
@@ -1031,7 +1069,7 @@ impl StoreLoop {
                     return Ok(false);
                 }
                 let context = self.reads.next_context;
-                self.reads.next_context += 1;
+                self.reads.next_context = self.reads.next_context.wrapping_add(1);
                 peer.node.read_index(context.to_le_bytes().to_vec());
                 self.reads.asked.insert(context, (shard, Instant::now(), reply));
             }
@@ -1310,7 +1348,8 @@ impl StoreLoop {
             self.outbound.extend(ready.take_persisted_messages().into_iter().map(|m| (shard, m)));
             for state in ready.take_read_states() {
                 let context = state.request_ctx.as_slice().try_into().map(u64::from_le_bytes);
-                if let Some((_, _, reply)) = context.ok().and_then(|c| self.reads.asked.remove(&c)) {
+                let asked = context.ok().filter(|c| self.reads.asked.get(c).is_some_and(|(s, _, _)| *s == shard));
+                if let Some((_, _, reply)) = asked.and_then(|c| self.reads.asked.remove(&c)) {
                     self.reads.awaiting_apply.push((shard, state.index, reply));
                 }
             }
@@ -1806,6 +1845,31 @@ mod tests {
         let reply = handle.propose(ShardId(2), vec![1; 2]).await.unwrap();
         assert_eq!(reply, 16u64.to_le_bytes());
         store.stop().unwrap();
+    }
+
+    /// After a crash the database is behind the WAL (here it lost
+    /// everything). A fresh read on the sole voter, and the start-up wait,
+    /// must see every command acknowledged before the crash, though the
+    /// WAL's recorded commit index lags its last entries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fresh_reads_after_a_crash_wait_for_the_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
+        for _ in 0..7 {
+            store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
+        }
+        store.crash();
+        for wait_for_replay in [false, true] {
+            let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
+            let handle = store.handle();
+            if wait_for_replay {
+                handle.replayed().await.unwrap();
+            } else {
+                handle.read_index(ShardId(2)).await.unwrap();
+            }
+            assert_eq!(total(&handle, 2), 14, "a read after {} missed acknowledged commands", if wait_for_replay { "the start-up wait" } else { "ReadIndex" });
+            store.crash();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
