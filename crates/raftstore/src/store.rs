@@ -715,7 +715,7 @@ impl Store {
             snapshot_floors: BTreeMap::new(),
             installing: Default::default(),
             outbound: Vec::new(),
-            reads: PendingReads::new(),
+            reads: PendingReads::new(config.node),
             apply_inputs,
             apply_thread: Some(apply_thread),
             progress,
@@ -933,6 +933,9 @@ struct CheckpointState {
 
 /// Fresh-read requests between `read_index` and the apply that satisfies them.
 struct PendingReads {
+    /// A read's context names this node and a counter: a leader keeps one
+    /// pending read per context, so two nodes' reads must never share one.
+    node: NodeId,
     /// Starts from the clock, so a leader's late answer to a read this node
     /// asked before a restart never matches a read asked after it.
     next_context: u64,
@@ -943,9 +946,30 @@ struct PendingReads {
 }
 
 impl PendingReads {
-    fn new() -> PendingReads {
+    fn new(node: NodeId) -> PendingReads {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        PendingReads { next_context: now.as_nanos() as u64, asked: HashMap::new(), awaiting_apply: Vec::new() }
+        PendingReads { node, next_context: now.as_nanos() as u64, asked: HashMap::new(), awaiting_apply: Vec::new() }
+    }
+
+    /// Registers a read of `shard`; returns the context to ask raft with.
+    fn ask(&mut self, shard: ShardId, reply: ReadReply) -> Vec<u8> {
+        let context = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1);
+        self.asked.insert(context, (shard, Instant::now(), reply));
+        [self.node.0.to_le_bytes(), context.to_le_bytes()].concat()
+    }
+
+    /// The read that a read state of `shard` answers, if this node asked it.
+    fn answered(&mut self, shard: ShardId, context: &[u8]) -> Option<ReadReply> {
+        let (node, counter) = context.split_at_checked(8)?;
+        if u64::from_le_bytes(node.try_into().ok()?) != self.node.0 {
+            return None;
+        }
+        let counter = u64::from_le_bytes(counter.try_into().ok()?);
+        if self.asked.get(&counter)?.0 != shard {
+            return None;
+        }
+        self.asked.remove(&counter).map(|(_, _, reply)| reply)
     }
 
     fn len(&self) -> usize {
@@ -1068,10 +1092,7 @@ impl StoreLoop {
                     let _ = reply.send(Err(ProposeError::NoLeader(shard)));
                     return Ok(false);
                 }
-                let context = self.reads.next_context;
-                self.reads.next_context = self.reads.next_context.wrapping_add(1);
-                peer.node.read_index(context.to_le_bytes().to_vec());
-                self.reads.asked.insert(context, (shard, Instant::now(), reply));
+                peer.node.read_index(self.reads.ask(shard, reply));
             }
             Input::ChangeReplicas { shard, change, reply } => {
                 let peer = match leading_peer(&mut self.peers, shard) {
@@ -1347,9 +1368,7 @@ impl StoreLoop {
             // 6. Messages that must wait until our write is durable (votes, acks).
             self.outbound.extend(ready.take_persisted_messages().into_iter().map(|m| (shard, m)));
             for state in ready.take_read_states() {
-                let context = state.request_ctx.as_slice().try_into().map(u64::from_le_bytes);
-                let asked = context.ok().filter(|c| self.reads.asked.get(c).is_some_and(|(s, _, _)| *s == shard));
-                if let Some((_, _, reply)) = asked.and_then(|c| self.reads.asked.remove(&c)) {
+                if let Some(reply) = self.reads.answered(shard, &state.request_ctx) {
                     self.reads.awaiting_apply.push((shard, state.index, reply));
                 }
             }
@@ -1766,6 +1785,24 @@ mod tests {
         let big = Entry { index: 11, term: 2, data: vec![0; limits::LOG_BYTES_HELD_FOR_FOLLOWERS_MAX].into(), ..Default::default() };
         node.mut_store().append(&[big]);
         assert!(!snapshot_floor_needed(&node, 50), "past the memory bound the log is trimmed anyway");
+    }
+
+    /// A leader keeps one pending read per context: two nodes' reads never
+    /// share one, and an answer matches only the read it was asked for.
+    #[test]
+    fn read_contexts_are_unique_across_nodes_and_match_only_their_read() {
+        let (mut one, mut two) = (PendingReads::new(NodeId(1)), PendingReads::new(NodeId(2)));
+        two.next_context = one.next_context;
+        let (reply, _answer) = oneshot::channel();
+        let asked_by_one = one.ask(ShardId(3), reply);
+        let (reply, _answer) = oneshot::channel();
+        let asked_by_two = two.ask(ShardId(3), reply);
+        assert_ne!(asked_by_one, asked_by_two);
+        assert!(one.answered(ShardId(3), &asked_by_two).is_none(), "another node's read");
+        assert!(one.answered(ShardId(4), &asked_by_one).is_none(), "another shard's read");
+        assert!(one.answered(ShardId(3), &asked_by_one[..12]).is_none(), "a cut context");
+        assert!(one.answered(ShardId(3), &asked_by_one).is_some());
+        assert!(one.answered(ShardId(3), &asked_by_one).is_none(), "answered once");
     }
 
     #[test]
