@@ -185,6 +185,25 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if std::thread::panicking() {
+            self.print_problems();
+        }
+    }
+}
+
+impl Node {
+    /// A failed test shows what its nodes logged above INFO (the log files
+    /// go with the test's temporary directory).
+    fn print_problems(&self) {
+        const LINES_MAX: usize = 40;
+        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+        let problems: Vec<&str> = log.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
+        let shown = &problems[problems.len().saturating_sub(LINES_MAX)..];
+        let cut = if shown.len() < problems.len() { format!(", the last {} of them", shown.len()) } else { String::new() };
+        eprintln!("--- node {} logged {} warnings and errors{cut}", self.dir.display(), problems.len());
+        for line in shown {
+            eprintln!("{line}");
+        }
     }
 }
 
