@@ -1865,48 +1865,36 @@ mod tests {
         }
     }
 
+    /// The database loses everything (as if its unsynced writes vanished in
+    /// a power cut); the WAL must bring every acknowledged command back
+    /// before a fresh read on the sole voter, the start-up wait or a new
+    /// proposal sees the state, though the WAL's recorded commit index
+    /// lags its last entries.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn wal_replay_rebuilds_state_lost_from_the_database() {
-        // The database loses everything (as if its unsynced writes vanished in
-        // a power cut); the WAL must bring every acknowledged command back.
+    async fn wal_replay_rebuilds_state_lost_from_the_database_before_anything_reads_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
+        let open = || Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers));
+        let store = open().unwrap();
         for _ in 0..7 {
             store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
         }
         store.crash();
-        let db: Arc<dyn Db> = Arc::new(MemDb::new());
-        let store = Store::open(config(dir.path()), db, Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
-        let handle = store.handle();
-        // Replay happens in the first passes; a new proposal orders after it.
-        let reply = handle.propose(ShardId(2), vec![1; 2]).await.unwrap();
-        assert_eq!(reply, 16u64.to_le_bytes());
-        store.stop().unwrap();
-    }
-
-    /// After a crash the database is behind the WAL (here it lost
-    /// everything). A fresh read on the sole voter, and the start-up wait,
-    /// must see every command acknowledged before the crash, though the
-    /// WAL's recorded commit index lags its last entries.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fresh_reads_after_a_crash_wait_for_the_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
-        for _ in 0..7 {
-            store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
-        }
-        store.crash();
-        for wait_for_replay in [false, true] {
-            let store = Store::open(config(dir.path()), Arc::new(MemDb::new()), Box::new(Counter), Box::new(crate::NoPeers)).unwrap();
+        for (after, read_index) in [("a fresh read", true), ("the start-up wait", false)] {
+            let store = open().unwrap();
             let handle = store.handle();
-            if wait_for_replay {
-                handle.replayed().await.unwrap();
-            } else {
+            if read_index {
                 handle.read_index(ShardId(2)).await.unwrap();
+            } else {
+                handle.replayed().await.unwrap();
             }
-            assert_eq!(total(&handle, 2), 14, "a read after {} missed acknowledged commands", if wait_for_replay { "the start-up wait" } else { "ReadIndex" });
+            assert_eq!(total(&handle, 2), 14, "{after} missed acknowledged commands");
             store.crash();
         }
+        // A new proposal orders after the replay.
+        let store = open().unwrap();
+        let reply = store.handle().propose(ShardId(2), vec![1; 2]).await.unwrap();
+        assert_eq!(reply, 16u64.to_le_bytes());
+        store.stop().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
