@@ -739,6 +739,7 @@ impl Applier {
         let mut txn = Txn::new(&*db);
         let mut answers: Vec<(Reply, Result<Vec<u8>, ProposeError>)> = Vec::new();
         let (mut commands, mut entries_applied) = (0u64, 0u64);
+        let mut conf_changed = false;
         let mut touched = std::collections::BTreeSet::new();
         for task in rounds.into_iter().flatten() {
             if let Some(busy) = self.busy.get_mut(&task.shard)
@@ -780,6 +781,7 @@ impl Applier {
                             });
                         };
                         state.conf = conf.clone();
+                        conf_changed = true;
                         answers.extend(replies.into_iter().map(|r| (r, Ok(Vec::new()))));
                     }
                 }
@@ -797,6 +799,13 @@ impl Applier {
             }
         }
         db.write(&batch)?;
+        if conf_changed {
+            // A restart takes the shard's configuration from the database;
+            // one older than what the node already acted on could let it
+            // elect itself alone. Configuration changes are rare: make each
+            // durable at once.
+            db.persist()?;
+        }
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
         self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let replacing = |shard: &ShardId| self.busy.get(shard).is_some_and(Busy::replacing_range);
@@ -873,6 +882,63 @@ mod tests {
         assert_eq!(records.len(), 1, "one record written, not one per shard");
         assert_eq!(records[0].0, applied_key(ShardId(9)));
         assert_eq!(read_applied(&*db).unwrap()[&ShardId(9)].index, 6);
+    }
+
+    /// A database that counts how often it was made durable.
+    #[derive(Debug, Default)]
+    struct CountingPersists {
+        inner: hamgam_storage::MemDb,
+        persists: std::sync::atomic::AtomicUsize,
+    }
+
+    impl KvRead for CountingPersists {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, hamgam_storage::StorageError> {
+            self.inner.get(key)
+        }
+
+        fn scan(
+            &self,
+            range: &KeyRange,
+            order: Order,
+            limit: usize,
+        ) -> Result<hamgam_storage::KvPairs, hamgam_storage::StorageError> {
+            self.inner.scan(range, order, limit)
+        }
+    }
+
+    impl Db for CountingPersists {
+        fn write(&self, batch: &hamgam_storage::WriteBatch) -> Result<(), hamgam_storage::StorageError> {
+            self.inner.write(batch)
+        }
+
+        fn persist(&self) -> Result<(), hamgam_storage::StorageError> {
+            self.persists.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// A round that applies a configuration change is made durable before
+    /// it is answered (a restart reads the configuration from the
+    /// database); other rounds are not.
+    #[test]
+    fn a_configuration_change_is_durable_once_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let counting = Arc::new(CountingPersists::default());
+        let db: Arc<dyn Db> = counting.clone();
+        let start = ApplyState { index: 5, term: 1, conf: ConfState { voters: vec![1], ..Default::default() } };
+        let (mut applier, _) = recording_applier(&db, BTreeMap::from([(ShardId(1), start)]), dir.path());
+        let (ApplyInput::Round(tasks), _answer) = round(ShardId(1), 6, b"a command") else { unreachable!() };
+        applier.apply(vec![tasks]).unwrap();
+        assert_eq!(counting.persists.load(Ordering::Relaxed), 0, "an ordinary round waits for a checkpoint");
+
+        let grown = ConfState { voters: vec![1, 2, 3], ..Default::default() };
+        let entry = Entry { index: 7, term: 1, entry_type: EntryType::EntryConfChange, ..Default::default() };
+        let (reply, answer) = oneshot::channel();
+        let task = ApplyTask { shard: ShardId(1), entries: vec![(entry, vec![reply])], confs: vec![(7, grown.clone())] };
+        applier.apply(vec![vec![task]]).unwrap();
+        answer.blocking_recv().unwrap().unwrap();
+        assert_eq!(counting.persists.load(Ordering::Relaxed), 1);
+        assert_eq!(read_applied(&*db).unwrap()[&ShardId(1)].conf, grown);
     }
 
     /// A crash after the install-in-progress record was written and part

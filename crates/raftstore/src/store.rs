@@ -31,7 +31,7 @@ use hamgam_types::{NodeId, ShardId, limits};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{ProgressState, RawNode, Ready, StateRole};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -610,6 +610,7 @@ impl Store {
         }
         let mut peers = BTreeMap::new();
         let mut replay_to = BTreeMap::new();
+        let mut sole_voters = BTreeSet::new();
         for &shard in config.shards.keys() {
             let apply_state = states[&shard].clone();
             let from_wal = recovered.remove(&shard).unwrap_or_default();
@@ -617,7 +618,10 @@ impl Store {
             // with the next round. A sole voter commits every entry of its
             // log once it leads again, so it replays to the last of them.
             let last_logged = from_wal.entries.last().map_or(0, |entry| entry.index);
-            let sole_voter = is_sole_voter(&apply_state.conf, config.node);
+            let sole_voter = sole_voter_at_open(&apply_state, config.node, &from_wal.entries);
+            if sole_voter {
+                sole_voters.insert(shard);
+            }
             replay_to.insert(shard, if sole_voter { last_logged } else { 0 }.max(from_wal.hard_state.commit));
             let log = ShardLog::recover(
                 from_wal.hard_state,
@@ -648,8 +652,12 @@ impl Store {
         let (running_tx, running) = watch::channel(true);
         let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
             Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
+        let flags = |shard: &ShardId, conf: &ConfState| {
+            let flags = replica_flags(conf, config.node);
+            if sole_voters.contains(shard) { flags } else { flags & !SOLE_VOTER }
+        };
         let replicas: Arc<BTreeMap<ShardId, AtomicU8>> =
-            Arc::new(states.iter().map(|(s, a)| (*s, AtomicU8::new(replica_flags(&a.conf, config.node)))).collect());
+            Arc::new(states.iter().map(|(s, a)| (*s, AtomicU8::new(flags(s, &a.conf)))).collect());
         let stats = Arc::new(StoreStats::default());
         let progress = Arc::new(ApplyProgress::new(&states, replay_to));
         let handle = RaftHandle {
@@ -1604,6 +1612,15 @@ fn propose_batch(shard: ShardId, peer: &mut Peer) {
     }
 }
 
+/// Whether a shard may count on this node being its only voter at open.
+/// Not while a configuration change logged after the applied index is
+/// unapplied: the node may have acted on it before a crash (the loop
+/// switches configuration at commit, the database records it at apply).
+fn sole_voter_at_open(applied: &ApplyState, node: NodeId, logged: &[Entry]) -> bool {
+    is_sole_voter(&applied.conf, node)
+        && !logged.iter().any(|entry| entry.index > applied.index && entry.get_entry_type() != EntryType::EntryNormal)
+}
+
 fn is_sole_voter(conf: &ConfState, node: NodeId) -> bool {
     conf.voters == [node.0] && conf.learners.is_empty()
 }
@@ -1803,6 +1820,17 @@ mod tests {
         assert!(one.answered(ShardId(3), &asked_by_one[..12]).is_none(), "a cut context");
         assert!(one.answered(ShardId(3), &asked_by_one).is_some());
         assert!(one.answered(ShardId(3), &asked_by_one).is_none(), "answered once");
+    }
+
+    #[test]
+    fn a_logged_configuration_change_not_yet_applied_means_not_counting_on_being_the_sole_voter() {
+        let applied = ApplyState { index: 10, term: 2, conf: ConfState { voters: vec![1], ..Default::default() } };
+        let normal = |index| Entry { index, term: 2, ..Default::default() };
+        let change = |index| Entry { index, term: 2, entry_type: EntryType::EntryConfChange, ..Default::default() };
+        assert!(sole_voter_at_open(&applied, NodeId(1), &[normal(11), normal(12)]));
+        assert!(sole_voter_at_open(&applied, NodeId(1), &[change(9), normal(11)]), "a change already applied");
+        assert!(!sole_voter_at_open(&applied, NodeId(1), &[normal(11), change(12)]));
+        assert!(!sole_voter_at_open(&applied, NodeId(2), &[]), "another node's shard");
     }
 
     #[test]
