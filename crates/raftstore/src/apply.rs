@@ -749,9 +749,16 @@ impl Applier {
                 continue;
             }
             let shard = task.shard;
-            let Some(state) = self.states.get_mut(&shard) else { continue };
+            let Some(state) = self.states.get_mut(&shard) else {
+                let replies = task.entries.into_iter().flat_map(|(_, replies)| replies);
+                answers.extend(replies.map(|r| (r, Err(ProposeError::UnknownShard(shard)))));
+                continue;
+            };
             for (entry, replies) in task.entries {
                 if entry.index <= state.index {
+                    // Already in the state (a snapshot installed past it):
+                    // applied, its result unknown here.
+                    answers.extend(replies.into_iter().map(|r| (r, Err(ProposeError::Dropped))));
                     continue;
                 }
                 match entry.get_entry_type() {
@@ -882,6 +889,19 @@ mod tests {
         assert_eq!(records.len(), 1, "one record written, not one per shard");
         assert_eq!(records[0].0, applied_key(ShardId(9)));
         assert_eq!(read_applied(&*db).unwrap()[&ShardId(9)].index, 6);
+    }
+
+    /// A proposer whose entry the state already holds (a snapshot went
+    /// past it) hears `Dropped`, not a closed channel (read as `Stopped`).
+    #[test]
+    fn an_entry_the_state_already_holds_is_answered_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<dyn Db> = Arc::new(hamgam_storage::MemDb::new());
+        let start = ApplyState { index: 5, term: 1, conf: ConfState::default() };
+        let (mut applier, _) = recording_applier(&db, BTreeMap::from([(ShardId(1), start)]), dir.path());
+        let (ApplyInput::Round(tasks), answer) = round(ShardId(1), 5, b"already in") else { unreachable!() };
+        applier.apply(vec![tasks]).unwrap();
+        assert_eq!(answer.blocking_recv().unwrap(), Err(ProposeError::Dropped));
     }
 
     /// A database that counts how often it was made durable.
