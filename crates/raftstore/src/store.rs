@@ -31,7 +31,7 @@ use hamgam_types::{NodeId, ShardId, limits};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{ProgressState, RawNode, Ready, StateRole};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -553,12 +553,10 @@ impl RaftHandle {
     /// acknowledged before the crash. `Stopped` if the store ends first.
     pub async fn replayed(&self) -> Result<(), ProposeError> {
         loop {
-            let behind = self
-                .replicas
-                .iter()
-                .filter(|(shard, flags)| flags.load(Ordering::Acquire) & HOSTED != 0 && !self.progress.replayed(**shard))
-                .count();
-            if behind == 0 {
+            let behind = |(shard, flags): (&ShardId, &AtomicU8)| {
+                flags.load(Ordering::Acquire) & HOSTED != 0 && !self.progress.replayed(*shard)
+            };
+            if !self.replicas.iter().any(behind) {
                 return Ok(());
             }
             if !*self.running.borrow() {
@@ -610,7 +608,7 @@ impl Store {
         }
         let mut peers = BTreeMap::new();
         let mut replay_to = BTreeMap::new();
-        let mut sole_voters = BTreeSet::new();
+        let mut initial_flags = BTreeMap::new();
         for &shard in config.shards.keys() {
             let apply_state = states[&shard].clone();
             let from_wal = recovered.remove(&shard).unwrap_or_default();
@@ -619,10 +617,10 @@ impl Store {
             // log once it leads again, so it replays to the last of them.
             let last_logged = from_wal.entries.last().map_or(0, |entry| entry.index);
             let sole_voter = sole_voter_at_open(&apply_state, config.node, &from_wal.entries);
-            if sole_voter {
-                sole_voters.insert(shard);
-            }
-            replay_to.insert(shard, if sole_voter { last_logged } else { 0 }.max(from_wal.hard_state.commit));
+            let flags = replica_flags(&apply_state.conf, config.node);
+            initial_flags.insert(shard, if sole_voter { flags } else { flags & !SOLE_VOTER });
+            let commit = from_wal.hard_state.commit;
+            replay_to.insert(shard, if sole_voter { last_logged.max(commit) } else { commit });
             let log = ShardLog::recover(
                 from_wal.hard_state,
                 apply_state.conf.clone(),
@@ -652,12 +650,8 @@ impl Store {
         let (running_tx, running) = watch::channel(true);
         let leaders: Arc<BTreeMap<ShardId, AtomicU64>> =
             Arc::new(config.shards.keys().map(|s| (*s, AtomicU64::new(raft::INVALID_ID))).collect());
-        let flags = |shard: &ShardId, conf: &ConfState| {
-            let flags = replica_flags(conf, config.node);
-            if sole_voters.contains(shard) { flags } else { flags & !SOLE_VOTER }
-        };
         let replicas: Arc<BTreeMap<ShardId, AtomicU8>> =
-            Arc::new(states.iter().map(|(s, a)| (*s, AtomicU8::new(flags(s, &a.conf)))).collect());
+            Arc::new(initial_flags.into_iter().map(|(shard, flags)| (shard, AtomicU8::new(flags))).collect());
         let stats = Arc::new(StoreStats::default());
         let progress = Arc::new(ApplyProgress::new(&states, replay_to));
         let handle = RaftHandle {

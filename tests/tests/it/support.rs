@@ -163,6 +163,20 @@ impl Node {
         client.log_in(username, PASSWORD, device).await.expect("log in");
         client
     }
+
+    /// A failed test shows what its nodes logged above INFO (the log files
+    /// go with the test's temporary directory).
+    fn print_problems(&self) {
+        const LINES_MAX: usize = 40;
+        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+        let problems: Vec<&str> = log.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
+        let shown = &problems[problems.len().saturating_sub(LINES_MAX)..];
+        let cut = if shown.len() < problems.len() { format!(", the last {} of them", shown.len()) } else { String::new() };
+        eprintln!("--- node {} logged {} warnings and errors{cut}", self.dir.display(), problems.len());
+        for line in shown {
+            eprintln!("{line}");
+        }
+    }
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
@@ -187,22 +201,6 @@ impl Drop for Node {
         }
         if std::thread::panicking() {
             self.print_problems();
-        }
-    }
-}
-
-impl Node {
-    /// A failed test shows what its nodes logged above INFO (the log files
-    /// go with the test's temporary directory).
-    fn print_problems(&self) {
-        const LINES_MAX: usize = 40;
-        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
-        let problems: Vec<&str> = log.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
-        let shown = &problems[problems.len().saturating_sub(LINES_MAX)..];
-        let cut = if shown.len() < problems.len() { format!(", the last {} of them", shown.len()) } else { String::new() };
-        eprintln!("--- node {} logged {} warnings and errors{cut}", self.dir.display(), problems.len());
-        for line in shown {
-            eprintln!("{line}");
         }
     }
 }
