@@ -444,8 +444,8 @@ async fn hamgam_load(
         workers.push(MessageWorker { client: second, chat, text: text.clone() });
     }
     workers.truncate(load.clients);
-    drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, i| async move {
-        let id = rand::random::<u64>() ^ i;
+    drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, _| async move {
+        let id = worker.client.new_client_msg_id();
         worker.client.send_with_id(worker.chat, id, &worker.text).await?;
         Ok(())
     })

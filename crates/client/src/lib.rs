@@ -109,12 +109,30 @@ pub struct Client {
     connection: quinn::Connection,
     welcome: Welcome,
     ca: Option<Fingerprint>,
+    /// The last client message id handed out (see [`Client::new_client_msg_id`]).
+    last_client_msg_id: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client").field("remote", &self.connection.remote_address()).finish_non_exhaustive()
     }
+}
+
+/// An id with the unix second in the high 32 bits and a random low half,
+/// above every id `last` handed out before. Message ids that grow with time
+/// let the node tell a new message from a retry without a database read
+/// (any unique id is correct, only slower); the random half keeps two
+/// devices of one user apart.
+fn time_ordered_id(last: &std::sync::atomic::AtomicU64) -> u64 {
+    use std::sync::atomic::Ordering;
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() & u64::from(u32::MAX));
+    let fresh = (seconds << 32) | u64::from(rand::rng().next_u32());
+    let next = |last: u64| fresh.max(last.wrapping_add(1));
+    let previous = last.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(next(last)));
+    next(previous.unwrap_or_else(|last| last))
 }
 
 impl Client {
@@ -154,7 +172,7 @@ impl Client {
             HelloReply::Welcome(welcome) => welcome,
             HelloReply::Refused(body) => return Err(ClientError::Server(body)),
         };
-        Ok(Client { endpoint, connection, welcome, ca })
+        Ok(Client { endpoint, connection, welcome, ca, last_client_msg_id: Default::default() })
     }
 
     /// The cluster CA fingerprint this connection was verified against.
@@ -265,7 +283,7 @@ impl Client {
     /// the node times out or is unavailable, so a message is made once.
     /// Returns (seq, date in ms).
     pub async fn send(&self, chat: ChatId, text: &str) -> Result<(u64, u64), ClientError> {
-        let client_msg_id = rand::rng().next_u64();
+        let client_msg_id = self.new_client_msg_id();
         let mut tries = 0;
         loop {
             tries += 1;
@@ -276,6 +294,11 @@ impl Client {
                 other => return other,
             }
         }
+    }
+
+    /// A fresh client message id (see [`time_ordered_id`]).
+    pub fn new_client_msg_id(&self) -> u64 {
+        time_ordered_id(&self.last_client_msg_id)
     }
 
     /// Sends with a caller-chosen client id (the caller retries).
@@ -381,4 +404,22 @@ impl PushStream {
 pub fn first_use() -> (Trust, Arc<ObservedCa>) {
     let observed = Arc::new(ObservedCa::default());
     (Trust::FirstUse(observed.clone()), observed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_ordered_id;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn message_ids_grow_and_carry_the_current_second() {
+        let last = AtomicU64::new(0);
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let ids: Vec<u64> = (0..1000).map(|_| time_ordered_id(&last)).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "each id is above the one before");
+        assert!(ids.iter().all(|id| id >> 32 >= before), "the high half is the unix second");
+        // Another device's ids in the same second differ in the random half.
+        let other = time_ordered_id(&AtomicU64::new(0));
+        assert!(!ids.contains(&other));
+    }
 }

@@ -488,10 +488,9 @@ impl Client {
     /// Shares the caller's stored file at `remote` into `chat` as a
     /// message; returns its (seq, date). No chunk is sent.
     pub async fn share_file(&self, chat: ChatId, remote: &str, caption: &str) -> Result<(u64, u64), ClientError> {
-        use rand::RngCore;
         let request = Request::ShareFile {
             chat,
-            client_msg_id: rand::rng().next_u64(),
+            client_msg_id: self.new_client_msg_id(),
             path: remote.to_string(),
             caption: caption.to_string(),
         };

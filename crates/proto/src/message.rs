@@ -72,8 +72,10 @@ pub enum Request {
     ListChats { after: Option<ChatId>, limit: u32 },
     /// 14
     ChatMembers { chat: ChatId },
-    /// 15: `client_msg_id` is random per message; a retry with the same id
-    /// returns the first result and never makes a second message.
+    /// 15: `client_msg_id` is unique per message; a retry with the same id
+    /// returns the first result and never makes a second message. Ids that
+    /// grow with time (the SDK puts the unix second in the high half) are
+    /// the fast case: the node reads nothing to tell a new one from a retry.
     SendMessage { chat: ChatId, client_msg_id: u64, text: String },
     /// 16
     EditMessage { chat: ChatId, seq: u64, text: String },

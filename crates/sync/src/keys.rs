@@ -123,6 +123,11 @@ pub fn dedup(chat: ChatId, sender: UserId, client_msg_id: u64) -> Vec<u8> {
     key(DEDUP, &[chat.0, sender.0, client_msg_id])
 }
 
+/// A sender's dedup keys in a chat, in client id order.
+pub fn dedups_of(chat: ChatId, sender: UserId) -> Vec<u8> {
+    key(DEDUP, &[chat.0, sender.0])
+}
+
 pub fn outbox(target: ShardId, seq: u64) -> Vec<u8> {
     key(OUTBOX, &[u64::from(target.0), seq])
 }

@@ -132,6 +132,8 @@ pub struct SyncMachine {
     updates_retained: u64,
     chats: BoundedCache<ChatId, ChatState>,
     last_seqs: BoundedCache<ChatId, u64>,
+    /// (chat, sender) -> the highest client message id used.
+    highest_client_ids: BoundedCache<(ChatId, UserId), u64>,
     users: BoundedCache<UserId, UserMeta>,
     /// (source, target) -> next outbox seq.
     outbox_next: BoundedCache<(ShardId, ShardId), u64>,
@@ -150,6 +152,7 @@ impl SyncMachine {
             updates_retained: limits::UPDATES_RETAINED_PER_USER,
             chats: BoundedCache::new(CHATS_CACHED_MEMBERS_MAX),
             last_seqs: BoundedCache::new(COUNTERS_CACHED_MAX),
+            highest_client_ids: BoundedCache::new(COUNTERS_CACHED_MAX),
             users: BoundedCache::new(USERS_CACHED_MAX),
             outbox_next: BoundedCache::new(COUNTERS_CACHED_MAX),
             inboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
@@ -192,6 +195,7 @@ impl StateMachine for SyncMachine {
         // Rare (a replica far behind); dropping every cache is simplest and safe.
         self.chats.clear();
         self.last_seqs.clear();
+        self.highest_client_ids.clear();
         self.users.clear();
         self.outbox_next.clear();
         self.inboxes.clear();
@@ -332,7 +336,13 @@ impl SyncMachine {
         let state = self.existing_chat(kv, chat)?;
         role_in(&state, sender)?;
         let dedup_key = keys::dedup(chat, sender, client_msg_id);
-        if let Some(seq) = get_u64(kv, &dedup_key)? {
+        // An id above every id this sender used in the chat cannot be a
+        // retry: no read. Clients choose ids that grow with time, so this
+        // is the common case; any other id is looked up.
+        let highest = self.highest_client_id(kv, chat, sender)?;
+        if highest.is_some_and(|highest| client_msg_id <= highest)
+            && let Some(seq) = get_u64(kv, &dedup_key)?
+        {
             let first: MessageRecord = get_record(kv, "message", &keys::message(chat, seq))?
                 .ok_or(SyncError::Corrupt { what: "message", reason: format!("dedup points at missing seq {seq}") })?;
             return Ok(Reply::Sent { seq, date_ms: first.date_ms });
@@ -346,6 +356,7 @@ impl SyncMachine {
         put_record(kv, &keys::message(chat, seq), &record);
         put_u64(kv, &dedup_key, seq);
         self.last_seqs.insert(chat, seq, 1);
+        self.highest_client_ids.insert((chat, sender), highest.map_or(client_msg_id, |h| h.max(client_msg_id)), 1);
         self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
         Ok(Reply::Sent { seq, date_ms: now_ms })
     }
@@ -410,6 +421,19 @@ impl SyncMachine {
         let seq = read_last_seq(kv, chat)?;
         self.last_seqs.insert(chat, seq, 1);
         Ok(seq)
+    }
+
+    /// The highest client message id `sender` has used in `chat`: the last
+    /// of its dedup keys, which are never removed.
+    fn highest_client_id(&mut self, kv: &impl KvRead, chat: ChatId, sender: UserId) -> Result<Option<u64>, SyncError> {
+        if let Some(highest) = self.highest_client_ids.get(&(chat, sender)) {
+            return Ok(Some(*highest));
+        }
+        let highest = edge_u64(kv, &keys::dedups_of(chat, sender), Order::Descending)?;
+        if let Some(highest) = highest {
+            self.highest_client_ids.insert((chat, sender), highest, 1);
+        }
+        Ok(highest)
     }
 
     fn user_meta(&mut self, kv: &impl KvRead, user: UserId) -> Result<Option<UserMeta>, SyncError> {
