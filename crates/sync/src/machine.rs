@@ -135,8 +135,8 @@ pub struct SyncMachine {
     /// (chat, sender) -> the highest client message id used.
     highest_client_ids: BoundedCache<(ChatId, UserId), u64>,
     users: BoundedCache<UserId, UserMeta>,
-    /// (source, target) -> next outbox seq.
-    outbox_next: BoundedCache<(ShardId, ShardId), u64>,
+    /// (source, target) -> the outbox's next seq and acknowledged position.
+    outboxes: BoundedCache<(ShardId, ShardId), OutboxMeta>,
     /// Each target shard's inbox marks.
     inboxes: BoundedCache<ShardId, InboxMarks>,
 }
@@ -154,7 +154,7 @@ impl SyncMachine {
             last_seqs: BoundedCache::new(COUNTERS_CACHED_MAX),
             highest_client_ids: BoundedCache::new(COUNTERS_CACHED_MAX),
             users: BoundedCache::new(USERS_CACHED_MAX),
-            outbox_next: BoundedCache::new(COUNTERS_CACHED_MAX),
+            outboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
             inboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
         }
     }
@@ -197,7 +197,7 @@ impl StateMachine for SyncMachine {
         self.last_seqs.clear();
         self.highest_client_ids.clear();
         self.users.clear();
-        self.outbox_next.clear();
+        self.outboxes.clear();
         self.inboxes.clear();
     }
 
@@ -434,6 +434,17 @@ impl SyncMachine {
             self.highest_client_ids.insert((chat, sender), highest, 1);
         }
         Ok(highest)
+    }
+
+    /// The outbox from `shard` to `target`. Cached: reading it scans the
+    /// outbox's first and last keys, past every deletion still buffered.
+    fn outbox_meta(&mut self, kv: &impl KvRead, shard: ShardId, target: ShardId) -> Result<OutboxMeta, SyncError> {
+        if let Some(meta) = self.outboxes.get(&(shard, target)) {
+            return Ok(*meta);
+        }
+        let meta = read_outbox_meta(kv, target)?;
+        self.outboxes.insert((shard, target), meta, 1);
+        Ok(meta)
     }
 
     fn user_meta(&mut self, kv: &impl KvRead, user: UserId) -> Result<Option<UserMeta>, SyncError> {
@@ -766,10 +777,7 @@ impl SyncMachine {
             Command::DeliverMany { target: _, batches } => self.deliver(shard, kv, batches),
 
             Command::OutboxAck { source: _, target, through } => {
-                let mut meta = read_outbox_meta(kv, target)?;
-                if let Some(next) = self.outbox_next.get(&(shard, target)) {
-                    meta.next_seq = meta.next_seq.max(*next);
-                }
+                let mut meta = self.outbox_meta(kv, shard, target)?;
                 // Bounded: a delivery never carries more than this many records.
                 let through =
                     through.min(meta.next_seq - 1).min(meta.acked + limits::OUTBOX_RECORDS_PER_DELIVERY_MAX as u64);
@@ -783,6 +791,8 @@ impl SyncMachine {
                     // The outbox is now empty: keep the position on record.
                     put_u64(kv, &keys::outbox_meta(target), through);
                 }
+                meta.acked = through;
+                self.outboxes.insert((shard, target), meta, 1);
                 Ok(Reply::Done)
             }
         }
@@ -839,14 +849,12 @@ impl SyncMachine {
             }
         }
         for (target, items) in by_target {
-            let next = match self.outbox_next.get(&(shard, target)) {
-                Some(next) => *next,
-                None => read_outbox_meta(kv, target)?.next_seq,
-            };
+            let mut meta = self.outbox_meta(kv, shard, target)?;
             let record = OutboxRecord { items };
-            put_record(kv, &keys::outbox(target, next), &record);
-            self.outbox_next.insert((shard, target), next + 1, 1);
-            self.fresh_outbox.entry((shard, target)).or_default().push_back((next, record));
+            put_record(kv, &keys::outbox(target, meta.next_seq), &record);
+            self.fresh_outbox.entry((shard, target)).or_default().push_back((meta.next_seq, record));
+            meta.next_seq += 1;
+            self.outboxes.insert((shard, target), meta, 1);
         }
         Ok(())
     }
