@@ -858,6 +858,8 @@ fn new_raw_node(
         max_inflight_msgs: limits::RAFT_INFLIGHT_MSGS_MAX,
         max_size_per_msg: limits::RAFT_MSG_BYTES_MAX,
         max_committed_size_per_ready: 16 << 20,
+        // A pass's appends to one follower go as one message.
+        batch_append: true,
         ..Default::default()
     };
     raft_config.validate().map_err(|source| StoreError::Raft { shard, source })?;
