@@ -17,7 +17,12 @@
 //! ```
 //!
 //! One [`Wal::append_round`] call is one record and one `fdatasync`: all shards'
-//! writes of a ready round share it. A segment starts with a Header so that
+//! writes of a ready round share it. A round that only moves commit indexes
+//! is written without the fdatasync: raft keeps the commit index volatile
+//! (what was committed is learned again from the leader, and recovery raises
+//! it to the applied index), and only new entries, terms and votes must
+//! survive a power loss before a message depends on them (etcd syncs by
+//! the same rule). A later synced round makes it durable with the rest. A segment starts with a Header so that
 //! older segments can be deleted once every entry they hold is durably applied
 //! (see [`Wal::release_through`]); the newest Header plus later Rounds always
 //! carry each shard's latest hard state.
@@ -87,6 +92,9 @@ pub struct Wal {
     /// Latest hard state of every shard, for the next segment's header.
     hard_states: BTreeMap<ShardId, HardState>,
     fsyncs: u64,
+    /// A record was written after the last fdatasync (a round that only
+    /// moved commit indexes).
+    unsynced: bool,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
@@ -140,16 +148,25 @@ impl Wal {
             bytes_appended: 0,
             hard_states,
             fsyncs: 0,
+            unsynced: false,
         };
         wal.write_header()?;
         Ok((wal, recovered))
     }
 
-    /// Appends one round for all shards and makes it durable with one fdatasync.
+    /// Appends one round for all shards and makes it durable with one
+    /// fdatasync, unless all it changes is commit indexes (see the module
+    /// note).
     pub fn append_round(&mut self, writes: &BTreeMap<ShardId, ShardWrite>) -> Result<(), WalError> {
         if writes.is_empty() {
             return Ok(());
         }
+        let must_sync = writes.iter().any(|(shard, write)| {
+            let vote_moved = write.hard_state.as_ref().is_some_and(|hs| {
+                self.hard_states.get(shard).is_none_or(|last| last.term != hs.term || last.vote != hs.vote)
+            });
+            !write.entries.is_empty() || vote_moved
+        });
         let mut body = Vec::with_capacity(256);
         body.push(RECORD_VERSION);
         body.push(KIND_ROUND);
@@ -174,8 +191,11 @@ impl Wal {
             }
         }
         self.write_record(&body)?;
-        self.file.sync_data().map_err(io_err(&self.active.path))?;
-        self.fsyncs += 1;
+        if must_sync {
+            self.sync()?;
+        } else {
+            self.unsynced = true;
+        }
         if self.active_bytes >= limits::WAL_SEGMENT_BYTES_MAX {
             self.rotate()?;
         }
@@ -239,7 +259,18 @@ impl Wal {
         self.closed.len() + 1
     }
 
+    fn sync(&mut self) -> Result<(), WalError> {
+        self.file.sync_data().map_err(io_err(&self.active.path))?;
+        self.fsyncs += 1;
+        self.unsynced = false;
+        Ok(())
+    }
+
     fn rotate(&mut self) -> Result<(), WalError> {
+        // Only the last segment may end in a torn record.
+        if self.unsynced {
+            self.sync()?;
+        }
         let (segment, file) = create_segment(&self.dir, self.active.sequence + 1)?;
         let old = std::mem::replace(&mut self.active, segment);
         self.file = file;
@@ -256,8 +287,7 @@ impl Wal {
             put_hard_state(&mut body, hs);
         }
         self.write_record(&body)?;
-        self.file.sync_data().map_err(io_err(&self.active.path))?;
-        self.fsyncs += 1;
+        self.sync()?;
         Ok(())
     }
 
@@ -517,6 +547,34 @@ mod tests {
         assert_eq!(got, vec![(1, 1, b"a".to_vec()), (2, 1, b"b".to_vec()), (3, 2, b"C".to_vec()), (4, 2, b"d".to_vec())]);
         assert_eq!(one.hard_state.commit, 2);
         assert_eq!(recovered[&ShardId(2)].entries.len(), 1);
+    }
+
+    #[test]
+    fn a_round_that_only_moves_commit_indexes_is_written_without_an_fdatasync() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path()).unwrap();
+            let opened = wal.fsyncs();
+            wal.append_round(&round(1, vec![entry(1, 1, b"a")], 0)).unwrap();
+            assert_eq!(wal.fsyncs(), opened + 1, "new entries are synced");
+            wal.append_round(&round(1, Vec::new(), 1)).unwrap();
+            assert_eq!(wal.fsyncs(), opened + 1, "a commit index alone is not");
+            let mut voted = round(1, Vec::new(), 1);
+            voted.get_mut(&ShardId(1)).unwrap().hard_state.as_mut().unwrap().vote = 2;
+            wal.append_round(&voted).unwrap();
+            assert_eq!(wal.fsyncs(), opened + 2, "a vote is synced");
+            let mut new_term = round(2, Vec::new(), 0);
+            new_term.get_mut(&ShardId(2)).unwrap().hard_state.as_mut().unwrap().term = 3;
+            wal.append_round(&new_term).unwrap();
+            assert_eq!(wal.fsyncs(), opened + 3, "a term is synced, for a shard first seen too");
+            voted.get_mut(&ShardId(1)).unwrap().hard_state.as_mut().unwrap().commit = 2;
+            wal.append_round(&voted).unwrap();
+            assert_eq!(wal.fsyncs(), opened + 3, "the same vote, a new commit index: not synced");
+        }
+        // Written all the same: a process that dies keeps it in the page cache.
+        let (_wal, recovered) = Wal::open(dir.path()).unwrap();
+        assert_eq!(recovered[&ShardId(1)].hard_state.commit, 2);
+        assert_eq!(recovered[&ShardId(1)].hard_state.vote, 2);
     }
 
     #[test]
