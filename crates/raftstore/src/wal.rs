@@ -22,10 +22,12 @@
 //! (what was committed is learned again from the leader, and recovery raises
 //! it to the applied index), and only new entries, terms and votes must
 //! survive a power loss before a message depends on them (etcd syncs by
-//! the same rule). A later synced round makes it durable with the rest. A segment starts with a Header so that
-//! older segments can be deleted once every entry they hold is durably applied
-//! (see [`Wal::release_through`]); the newest Header plus later Rounds always
-//! carry each shard's latest hard state.
+//! the same rule). A later synced round makes it durable with the rest.
+//!
+//! A segment starts with a Header so that older segments can be deleted once
+//! every entry they hold is durably applied (see [`Wal::release_through`]);
+//! the newest Header plus later Rounds always carry each shard's latest hard
+//! state.
 //!
 //! Recovery reads the segments in order. A bad record at the tail of the last
 //! segment is a write the crash cut short (it was never acknowledged, since
