@@ -279,9 +279,9 @@ impl Client {
         expect!(self.call(&Request::ChatMembers { chat }).await?, Response::Members(members) => members)
     }
 
-    /// Sends with a fresh random client id, retrying with that same id when
-    /// the node times out or is unavailable, so a message is made once.
-    /// Returns (seq, date in ms).
+    /// Sends with a fresh client id ([`Client::new_client_msg_id`]),
+    /// retrying with that same id when the node times out or is
+    /// unavailable, so a message is made once. Returns (seq, date in ms).
     pub async fn send(&self, chat: ChatId, text: &str) -> Result<(u64, u64), ClientError> {
         let client_msg_id = self.new_client_msg_id();
         let mut tries = 0;
