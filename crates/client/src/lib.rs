@@ -296,7 +296,9 @@ impl Client {
         }
     }
 
-    /// A fresh client message id (see [`time_ordered_id`]).
+    /// A fresh client message id: the unix second in the high 32 bits, a
+    /// random low half, above every id this client gave before (so the
+    /// node tells a new message from a retry without a read).
     pub fn new_client_msg_id(&self) -> u64 {
         time_ordered_id(&self.last_client_msg_id)
     }
