@@ -904,52 +904,19 @@ mod tests {
         assert_eq!(answer.blocking_recv().unwrap(), Err(ProposeError::Dropped));
     }
 
-    /// A database that counts how often it was made durable.
-    #[derive(Debug, Default)]
-    struct CountingPersists {
-        inner: hamgam_storage::MemDb,
-        persists: std::sync::atomic::AtomicUsize,
-    }
-
-    impl KvRead for CountingPersists {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, hamgam_storage::StorageError> {
-            self.inner.get(key)
-        }
-
-        fn scan(
-            &self,
-            range: &KeyRange,
-            order: Order,
-            limit: usize,
-        ) -> Result<hamgam_storage::KvPairs, hamgam_storage::StorageError> {
-            self.inner.scan(range, order, limit)
-        }
-    }
-
-    impl Db for CountingPersists {
-        fn write(&self, batch: &hamgam_storage::WriteBatch) -> Result<(), hamgam_storage::StorageError> {
-            self.inner.write(batch)
-        }
-
-        fn persist(&self) -> Result<(), hamgam_storage::StorageError> {
-            self.persists.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-    }
-
     /// A round that applies a configuration change is made durable before
     /// it is answered (a restart reads the configuration from the
     /// database); other rounds are not.
     #[test]
     fn a_configuration_change_is_durable_once_applied() {
         let dir = tempfile::tempdir().unwrap();
-        let counting = Arc::new(CountingPersists::default());
+        let counting = Arc::new(hamgam_storage::CountingDb::default());
         let db: Arc<dyn Db> = counting.clone();
         let start = ApplyState { index: 5, term: 1, conf: ConfState { voters: vec![1], ..Default::default() } };
         let (mut applier, _) = recording_applier(&db, BTreeMap::from([(ShardId(1), start)]), dir.path());
         let (ApplyInput::Round(tasks), _answer) = round(ShardId(1), 6, b"a command") else { unreachable!() };
         applier.apply(vec![tasks]).unwrap();
-        assert_eq!(counting.persists.load(Ordering::Relaxed), 0, "an ordinary round waits for a checkpoint");
+        assert_eq!(counting.persists(), 0, "an ordinary round waits for a checkpoint");
 
         let grown = ConfState { voters: vec![1, 2, 3], ..Default::default() };
         let entry = Entry { index: 7, term: 1, entry_type: EntryType::EntryConfChange, ..Default::default() };
@@ -957,7 +924,7 @@ mod tests {
         let task = ApplyTask { shard: ShardId(1), entries: vec![(entry, vec![reply])], confs: vec![(7, grown.clone())] };
         applier.apply(vec![vec![task]]).unwrap();
         answer.blocking_recv().unwrap().unwrap();
-        assert_eq!(counting.persists.load(Ordering::Relaxed), 1);
+        assert_eq!(counting.persists(), 1);
         assert_eq!(read_applied(&*db).unwrap()[&ShardId(1)].conf, grown);
     }
 

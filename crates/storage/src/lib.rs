@@ -21,7 +21,7 @@ mod txn;
 mod write_behind;
 
 pub use kv::{KeyRange, KvPairs, KvRead, KvWrite, Order, Prefixed, prefix_end};
-pub use mem::MemDb;
+pub use mem::{CountingDb, MemDb};
 pub use sled_db::SledDb;
 pub use txn::{Txn, WriteBatch};
 pub use write_behind::WriteBehind;

@@ -2,6 +2,7 @@ use crate::{KvPairs, Db, KeyRange, KvRead, Order, StorageError, WriteBatch};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// An in-memory database for tests and benchmarks; same semantics as
 /// [`crate::SledDb`] except that nothing survives the process.
@@ -58,6 +59,49 @@ impl Db for MemDb {
     }
 
     fn persist(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+/// A [`MemDb`] that counts the reads and persists reaching it, for tests
+/// that assert what a layer above asks of its database.
+#[derive(Debug, Default)]
+pub struct CountingDb {
+    inner: MemDb,
+    reads: AtomicUsize,
+    persists: AtomicUsize,
+}
+
+impl CountingDb {
+    /// Gets and scans so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    pub fn persists(&self) -> usize {
+        self.persists.load(Ordering::Relaxed)
+    }
+}
+
+impl KvRead for CountingDb {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(key)
+    }
+
+    fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.scan(range, order, limit)
+    }
+}
+
+impl Db for CountingDb {
+    fn write(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        self.inner.write(batch)
+    }
+
+    fn persist(&self) -> Result<(), StorageError> {
+        self.persists.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

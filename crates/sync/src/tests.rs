@@ -625,42 +625,8 @@ async fn collection_reads_every_root_and_refuses_commands_checked_before_its_flo
     assert_eq!(moves, 1);
 }
 
-/// A database that counts the reads reaching it.
-#[derive(Debug, Default)]
-struct CountingReads {
-    inner: MemDb,
-    reads: std::sync::atomic::AtomicUsize,
-}
-
-impl hamgam_storage::KvRead for CountingReads {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, hamgam_storage::StorageError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.get(key)
-    }
-
-    fn scan(
-        &self,
-        range: &hamgam_storage::KeyRange,
-        order: hamgam_storage::Order,
-        limit: usize,
-    ) -> Result<hamgam_storage::KvPairs, hamgam_storage::StorageError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.scan(range, order, limit)
-    }
-}
-
-impl Db for CountingReads {
-    fn write(&self, batch: &hamgam_storage::WriteBatch) -> Result<(), hamgam_storage::StorageError> {
-        self.inner.write(batch)
-    }
-
-    fn persist(&self) -> Result<(), hamgam_storage::StorageError> {
-        Ok(())
-    }
-}
-
 /// Applies one command straight to the machine, as the apply thread does.
-fn apply_directly(machine: &mut SyncMachine, db: &CountingReads, command: &Command) -> Reply {
+fn apply_directly(machine: &mut SyncMachine, db: &hamgam_storage::CountingDb, command: &Command) -> Reply {
     use hamgam_raftstore::StateMachine;
     let shard = command.shard(&machine_placement());
     let mut txn = hamgam_storage::Txn::new(db);
@@ -676,7 +642,7 @@ fn machine_placement() -> Placement {
 
 #[test]
 fn a_client_id_above_the_senders_highest_is_new_without_a_read_and_any_other_id_is_checked() {
-    let db = CountingReads::default();
+    let db = hamgam_storage::CountingDb::default();
     let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
     let mut machine = fresh_machine();
     let sign_up = |machine: &mut SyncMachine, name: &str| {
@@ -702,17 +668,16 @@ fn a_client_id_above_the_senders_highest_is_new_without_a_read_and_any_other_id_
             other => panic!("unexpected {other:?}"),
         }
     };
-    let reads = || db.reads.load(std::sync::atomic::Ordering::Relaxed);
 
     assert_eq!(send(&mut machine, ali, 1_000), 1);
-    let before = reads();
+    let before = db.reads();
     assert_eq!(send(&mut machine, ali, 1_001), 2);
     assert_eq!(send(&mut machine, ali, 5_000), 3);
-    assert_eq!(reads(), before, "an id above the sender's highest is new: nothing is read");
+    assert_eq!(db.reads(), before, "an id above the sender's highest is new: nothing is read");
 
     // Lower ids are looked up: a new one makes a message, a retried one does not.
     assert_eq!(send(&mut machine, ali, 10), 4, "a lower id never used is a new message");
-    assert!(reads() > before, "an id below the highest is checked in the database");
+    assert!(db.reads() > before, "an id below the highest is checked in the database");
     assert_eq!(send(&mut machine, ali, 1_001), 2, "a retry of an older id returns its first result");
     assert_eq!(send(&mut machine, ali, 10), 4);
     assert_eq!(send(&mut machine, sara, 10), 5, "ids are per sender");
