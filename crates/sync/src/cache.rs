@@ -44,6 +44,19 @@ impl<K: Eq + Hash, V> BoundedCache<K, V> {
         self.weight += weight;
     }
 
+    /// The cached value, or `load`'s, cached (weight 1).
+    pub(crate) fn get_or_load<E>(&mut self, key: K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E>
+    where
+        V: Copy,
+    {
+        if let Some(value) = self.get(&key) {
+            return Ok(*value);
+        }
+        let value = load()?;
+        self.insert(key, value, 1);
+        Ok(value)
+    }
+
     /// Changes the weight of an entry after its value grew or shrank.
     pub(crate) fn reweigh(&mut self, key: &K, weight: usize) {
         if let Some((_, old)) = self.map.get_mut(key) {

@@ -132,8 +132,8 @@ pub struct SyncMachine {
     updates_retained: u64,
     chats: BoundedCache<ChatId, ChatState>,
     last_seqs: BoundedCache<ChatId, u64>,
-    /// (chat, sender) -> the highest client message id used.
-    highest_client_ids: BoundedCache<(ChatId, UserId), u64>,
+    /// (chat, sender) -> the highest client message id used, if any.
+    highest_client_ids: BoundedCache<(ChatId, UserId), Option<u64>>,
     users: BoundedCache<UserId, UserMeta>,
     /// (source, target) -> the outbox's next seq and acknowledged position.
     outboxes: BoundedCache<(ShardId, ShardId), OutboxMeta>,
@@ -356,7 +356,7 @@ impl SyncMachine {
         put_record(kv, &keys::message(chat, seq), &record);
         put_u64(kv, &dedup_key, seq);
         self.last_seqs.insert(chat, seq, 1);
-        self.highest_client_ids.insert((chat, sender), highest.map_or(client_msg_id, |h| h.max(client_msg_id)), 1);
+        self.highest_client_ids.insert((chat, sender), highest.max(Some(client_msg_id)), 1);
         self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
         Ok(Reply::Sent { seq, date_ms: now_ms })
     }
@@ -415,36 +415,20 @@ impl SyncMachine {
     }
 
     fn last_seq(&mut self, kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncError> {
-        if let Some(seq) = self.last_seqs.get(&chat) {
-            return Ok(*seq);
-        }
-        let seq = read_last_seq(kv, chat)?;
-        self.last_seqs.insert(chat, seq, 1);
-        Ok(seq)
+        self.last_seqs.get_or_load(chat, || read_last_seq(kv, chat))
     }
 
     /// The highest client message id `sender` has used in `chat`: the last
     /// of its dedup keys, which are never removed.
     fn highest_client_id(&mut self, kv: &impl KvRead, chat: ChatId, sender: UserId) -> Result<Option<u64>, SyncError> {
-        if let Some(highest) = self.highest_client_ids.get(&(chat, sender)) {
-            return Ok(Some(*highest));
-        }
-        let highest = edge_u64(kv, &keys::dedups_of(chat, sender), Order::Descending)?;
-        if let Some(highest) = highest {
-            self.highest_client_ids.insert((chat, sender), highest, 1);
-        }
-        Ok(highest)
+        let last_dedup_key = || edge_u64(kv, &keys::dedups_of(chat, sender), Order::Descending);
+        self.highest_client_ids.get_or_load((chat, sender), last_dedup_key)
     }
 
     /// The outbox from `shard` to `target`. Cached: reading it scans the
     /// outbox's first and last keys, past every deletion still buffered.
     fn outbox_meta(&mut self, kv: &impl KvRead, shard: ShardId, target: ShardId) -> Result<OutboxMeta, SyncError> {
-        if let Some(meta) = self.outboxes.get(&(shard, target)) {
-            return Ok(*meta);
-        }
-        let meta = read_outbox_meta(kv, target)?;
-        self.outboxes.insert((shard, target), meta, 1);
-        Ok(meta)
+        self.outboxes.get_or_load((shard, target), || read_outbox_meta(kv, target))
     }
 
     fn user_meta(&mut self, kv: &impl KvRead, user: UserId) -> Result<Option<UserMeta>, SyncError> {
