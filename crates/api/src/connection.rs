@@ -220,7 +220,12 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, Option<Ap
                 format!("a request of {length} bytes is over the limit of {max} bytes"),
             )));
         }
-        Err(error @ (FrameError::UnknownKind(_) | FrameError::UnexpectedKind { .. } | FrameError::Truncated)) => {
+        Err(
+            error @ (FrameError::UnknownKind(_)
+            | FrameError::UnexpectedKind { .. }
+            | FrameError::Truncated
+            | FrameError::BadChunk(_)),
+        ) => {
             return Err(malformed(error.to_string()));
         }
         Err(FrameError::Closed | FrameError::Io(_) | FrameError::Codec(_)) => return Err(None),

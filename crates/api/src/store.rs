@@ -16,7 +16,7 @@ use crate::handlers::{now_ms, require_auth};
 use crate::{ApiError, Shared};
 use hamgam_blob::{BlobError, ChunkStore, StoredChunk, Tree, TreeKind};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
-use hamgam_proto::store::{ChunkList, EntryKind, FileManifest, SharedFile, SnapshotStats};
+use hamgam_proto::store::{ChunkList, EntryKind, FileManifest, SharedFile, SnapshotStats, read_chunk_frame};
 use hamgam_proto::{ErrorCode, Response};
 use hamgam_sync::{Command, Reply};
 use hamgam_types::{ChatId, ChunkId, UserId, limits};
@@ -62,15 +62,13 @@ pub(crate) async fn put_chunks(
     let _permit = shared.transfer_budget.acquire().await.map_err(|_| ApiError::unavailable("the node is stopping"))?;
     let mut chunks = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let payload = frame::read_frame_payload(recv, FrameKind::Chunk).await.map_err(|error| match error {
+        let chunk = read_chunk_frame(recv).await.map_err(|error| match error {
             FrameError::TooLarge { length, max, .. } => {
                 ApiError::new(ErrorCode::FRAME_TOO_LARGE, format!("a chunk frame of {length} bytes is over {max}"))
             }
             other => ApiError::new(ErrorCode::MALFORMED_FRAME, format!("reading chunk frames: {other}")),
         })?;
-        let chunk =
-            StoredChunk::from_payload(payload).map_err(|reason| ApiError::new(ErrorCode::MALFORMED_FRAME, reason))?;
-        chunks.push(chunk);
+        chunks.push(StoredChunk::from(chunk));
     }
     let outcome = shared.chunks.put(chunks).await?;
     Ok(Response::ChunksStored { stored: outcome.stored, present: outcome.present })
@@ -89,8 +87,11 @@ pub(crate) async fn get_chunks(
     let (found, missing) = shared.chunks.get(&ids).await?;
     let write_failed = |error: FrameError| ApiError::internal(format!("writing chunks: {error}"));
     frame::write_frame(send, FrameKind::Response, &Response::ChunksFollow { missing }).await.map_err(write_failed)?;
-    for chunk in &found {
-        chunk.as_frame().write(send).await.map_err(write_failed)?;
+    for chunk in found {
+        let (head, bytes) = chunk.into_frame().map_err(write_failed)?;
+        hamgam_transport::write_with_owned_body(send, &head, bytes)
+            .await
+            .map_err(|error| ApiError::internal(format!("writing chunks: {error}")))?;
     }
     Ok(())
 }

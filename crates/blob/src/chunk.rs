@@ -1,7 +1,8 @@
 //! Cutting content into chunks, naming them and compressing them where it pays.
 
 use crate::BlobError;
-use hamgam_proto::store::{ChunkCodec, ChunkFrame};
+use hamgam_proto::frame::FrameError;
+use hamgam_proto::store::{CHUNK_FRAME_HEAD_BYTES, ChunkCodec, ChunkFrame, ReceivedChunk};
 use hamgam_types::{ChunkId, limits};
 use std::io::Read;
 
@@ -111,6 +112,14 @@ fn compress_named(id: ChunkId, plain: &[u8]) -> Option<StoredChunk> {
     })
 }
 
+/// A received chunk is stored as it came (its hash is checked by the store).
+impl From<ReceivedChunk> for StoredChunk {
+    fn from(received: ReceivedChunk) -> StoredChunk {
+        let ReceivedChunk { id, codec, plain_len, bytes } = received;
+        StoredChunk { id, codec, plain_len, bytes }
+    }
+}
+
 impl StoredChunk {
     /// Names plain bytes and compresses them if that saves at least a
     /// sixteenth; media, which does not compress, is kept plain (zstd gives
@@ -133,16 +142,11 @@ impl StoredChunk {
         }
     }
 
-    /// A chunk from a received frame's payload, which it takes over: the
-    /// bytes are moved to the front of the same buffer, not copied to a
-    /// new one (a node receives every upload this way).
-    pub fn from_payload(mut payload: Vec<u8>) -> Result<StoredChunk, String> {
-        let (id, codec, plain_len, header) = {
-            let frame = ChunkFrame::parse(&payload)?;
-            (frame.id, frame.codec, frame.plain_len, payload.len() - frame.bytes.len())
-        };
-        payload.drain(..header);
-        Ok(StoredChunk { id, codec, plain_len, bytes: payload })
+    /// The chunk as its frame's head and its stored bytes, for a writer
+    /// that hands its buffers to the stream instead of copying them.
+    pub fn into_frame(self) -> Result<([u8; CHUNK_FRAME_HEAD_BYTES], Vec<u8>), FrameError> {
+        let head = self.as_frame().head()?;
+        Ok((head, self.bytes))
     }
 
     pub fn as_frame(&self) -> ChunkFrame<'_> {

@@ -179,32 +179,72 @@ enum Parsed {
     Bad,
 }
 
-fn parse_record(bytes: &[u8]) -> Parsed {
+/// A record's header fields, before its bytes are checked against the crc.
+struct RecordHeader {
+    id: ChunkId,
+    codec: ChunkCodec,
+    plain_len: u32,
+    stored_len: u32,
+    crc: u32,
+}
+
+/// The header at the start of `bytes`; `Short` if they end before it,
+/// `Bad` if it is not a header or declares more than the limits allow.
+fn parse_header(bytes: &[u8]) -> Result<RecordHeader, Parsed> {
     if bytes.len() < RECORD_HEADER_BYTES {
-        return Parsed::Short;
+        return Err(Parsed::Short);
     }
     if bytes[..4] != RECORD_MAGIC {
-        return Parsed::Bad;
+        return Err(Parsed::Bad);
     }
     let mut id = [0u8; 32];
     id.copy_from_slice(&bytes[4..36]);
-    let id = ChunkId(id);
-    let Some(codec) = ChunkCodec::from_byte(bytes[36]) else {
-        return Parsed::Bad;
-    };
+    let codec = ChunkCodec::from_byte(bytes[36]).ok_or(Parsed::Bad)?;
     let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let (plain_len, stored_len, crc) = (u32_at(37), u32_at(41), u32_at(45));
     if stored_len > limits::CHUNK_FRAME_BYTES_MAX || plain_len > limits::CHUNK_MAX_BYTES {
-        return Parsed::Bad;
+        return Err(Parsed::Bad);
     }
-    let end = RECORD_HEADER_BYTES + stored_len as usize;
+    Ok(RecordHeader { id: ChunkId(id), codec, plain_len, stored_len, crc })
+}
+
+impl RecordHeader {
+    /// Whether `stored` (the bytes that follow the header) are this record's.
+    fn matches(&self, stored: &[u8]) -> bool {
+        stored.len() == self.stored_len as usize && record_crc(&self.id, self.codec, self.plain_len, stored) == self.crc
+    }
+}
+
+fn parse_record(bytes: &[u8]) -> Parsed {
+    let header = match parse_header(bytes) {
+        Ok(header) => header,
+        Err(parsed) => return parsed,
+    };
+    let end = RECORD_HEADER_BYTES + header.stored_len as usize;
     if bytes.len() < end {
         return Parsed::Short;
     }
-    if record_crc(&id, codec, plain_len, &bytes[RECORD_HEADER_BYTES..end]) != crc {
+    if !header.matches(&bytes[RECORD_HEADER_BYTES..end]) {
         return Parsed::Bad;
     }
+    let RecordHeader { id, codec, plain_len, stored_len, .. } = header;
     Parsed::Record { id, location_len: end, stored_len, plain_len, codec }
+}
+
+/// Reads the record of `id` at `location`: its stored form, or `None` if
+/// the record there is not intact. The header and the bytes are read
+/// apart, so the bytes land in the chunk's own buffer without a copy.
+fn read_record(file: &File, path: &Path, id: &ChunkId, location: &Location) -> Result<Option<StoredChunk>, BlobError> {
+    let mut header = [0u8; RECORD_HEADER_BYTES];
+    file.read_exact_at(&mut header, location.offset).map_err(|e| BlobError::io(path, e))?;
+    let mut bytes = vec![0u8; location.stored_len as usize];
+    file.read_exact_at(&mut bytes, location.offset + RECORD_HEADER_BYTES as u64).map_err(|e| BlobError::io(path, e))?;
+    Ok(match parse_header(&header) {
+        Ok(header) if header.id == *id && header.matches(&bytes) => {
+            Some(StoredChunk { id: *id, codec: header.codec, plain_len: header.plain_len, bytes })
+        }
+        _ => None,
+    })
 }
 
 /// Every good record of a pack and the length up to the last of them. A bad
@@ -496,17 +536,10 @@ impl PackStore {
             };
             (slot.location, self.reader(slot.location.pack)?)
         };
-        let mut bytes = vec![0u8; RECORD_HEADER_BYTES + location.stored_len as usize];
         let path = pack_path(&self.dir, location.pack);
-        file.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
-        match parse_record(&bytes) {
-            Parsed::Record { id: found, .. } if found == *id => Ok(Some(StoredChunk {
-                id: *id,
-                codec: location.codec,
-                plain_len: location.plain_len,
-                bytes: bytes.split_off(RECORD_HEADER_BYTES),
-            })),
-            _ => {
+        match read_record(&file, &path, id, &location)? {
+            Some(chunk) => Ok(Some(chunk)),
+            None => {
                 // Forget the damaged copy, so the chunk counts as missing and
                 // the next upload of it (or a replica's copy) stores it again.
                 tracing::error!(chunk = %id, pack = %path.display(), "a stored chunk is damaged");
@@ -636,19 +669,9 @@ impl PackStore {
                 let (id, location) = kept[at];
                 at += 1;
                 bytes_in_batch += record_bytes(&location);
-                let mut bytes = vec![0u8; record_bytes(&location) as usize];
-                file.read_exact_at(&mut bytes, location.offset).map_err(|e| BlobError::io(&path, e))?;
-                match parse_record(&bytes) {
-                    Parsed::Record { id: found, .. } if found == id => batch.push((
-                        location,
-                        StoredChunk {
-                            id,
-                            codec: location.codec,
-                            plain_len: location.plain_len,
-                            bytes: bytes.split_off(RECORD_HEADER_BYTES),
-                        },
-                    )),
-                    _ => {
+                match read_record(&file, &path, &id, &location)? {
+                    Some(chunk) => batch.push((location, chunk)),
+                    None => {
                         // Not copied: the chunk counts as missing here and
                         // the scrubber or the next upload brings it back.
                         tracing::error!(chunk = %id, pack = %path.display(), "a stored chunk is damaged");

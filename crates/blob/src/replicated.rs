@@ -297,11 +297,15 @@ impl ChunkStore {
             }
             self.repair(&found, &tried, &members, copies);
         }
+        // Each chunk moves out of `found` at its last mention in `ids`;
+        // only an id asked for twice is copied.
+        let last_mention: HashMap<ChunkId, usize> = ids.iter().enumerate().map(|(at, id)| (*id, at)).collect();
         let mut chunks = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
-        for id in ids {
-            match found.get(id) {
-                Some(chunk) => chunks.push(chunk.clone()),
+        for (at, id) in ids.iter().enumerate() {
+            let chunk = if last_mention[id] == at { found.remove(id) } else { found.get(id).cloned() };
+            match chunk {
+                Some(chunk) => chunks.push(chunk),
                 None => missing.push(*id),
             }
         }

@@ -102,10 +102,11 @@ impl Client {
             return Err(ClientError::Protocol("a thumbnail came out larger than a chunk".into()));
         }
         let chunk = StoredChunk::seal(jpeg);
-        if !self.missing_chunks(&[chunk.id]).await?.is_empty() {
-            self.put_chunks(std::slice::from_ref(&chunk)).await?;
+        let id = chunk.id;
+        if !self.missing_chunks(&[id]).await?.is_empty() {
+            self.put_chunks(vec![chunk]).await?;
         }
-        Ok(ChunkRef { id: chunk.id, len: jpeg.len() as u32 })
+        Ok(ChunkRef { id, len: jpeg.len() as u32 })
     }
 
     pub async fn remove_from_album(&self, album: u64, item: u64) -> Result<(), ClientError> {

@@ -7,7 +7,7 @@
 use crate::{Client, ClientError};
 use futures_util::StreamExt;
 use hamgam_blob::{StoredChunk, list};
-use hamgam_proto::frame::{self, FrameKind};
+use hamgam_proto::frame::{self, FrameError, FrameKind};
 use hamgam_proto::store::{
     ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo, SnapshotStats, UsageReport,
 };
@@ -103,13 +103,14 @@ impl Client {
 
     /// Sends chunks on one stream (at most `CHUNKS_PER_STREAM_MAX`); returns
     /// once the node has them durably.
-    pub async fn put_chunks(&self, chunks: &[StoredChunk]) -> Result<(u32, u32), ClientError> {
+    pub async fn put_chunks(&self, chunks: Vec<StoredChunk>) -> Result<(u32, u32), ClientError> {
         let exchange = async {
             let (mut send, mut recv) = self.connection.open_bi().await?;
             let request = Request::PutChunks { count: chunks.len() as u32 };
             frame::write_frame(&mut send, FrameKind::Request, &request).await?;
             for chunk in chunks {
-                chunk.as_frame().write(&mut send).await?;
+                let (head, bytes) = chunk.into_frame()?;
+                hamgam_transport::write_with_owned_body(&mut send, &head, bytes).await.map_err(FrameError::Io)?;
             }
             let _ = send.finish();
             Ok::<Response, ClientError>(frame::read_frame(&mut recv, FrameKind::Response).await?)
@@ -137,8 +138,7 @@ impl Client {
             };
             let mut chunks = Vec::with_capacity(ids.len() - missing.len());
             for _ in 0..ids.len().saturating_sub(missing.len()) {
-                let payload = frame::read_frame_payload(&mut recv, FrameKind::Chunk).await?;
-                chunks.push(StoredChunk::from_payload(payload).map_err(protocol)?);
+                chunks.push(StoredChunk::from(hamgam_proto::store::read_chunk_frame(&mut recv).await?));
             }
             Ok((chunks, missing))
         };
@@ -236,9 +236,10 @@ impl Client {
             })
             .await
             .map_err(|error| protocol(format!("compressing chunks: {error}")))?;
-            self.put_chunks(&sealed).await?;
-            TransferCounters::add(&counters.wire_bytes, sealed.iter().map(|c| c.bytes.len() as u64).sum());
-            TransferCounters::add(&counters.chunks_sent, sealed.len() as u64);
+            let (wire_bytes, count) = (sealed.iter().map(|c| c.bytes.len() as u64).sum(), sealed.len() as u64);
+            self.put_chunks(sealed).await?;
+            TransferCounters::add(&counters.wire_bytes, wire_bytes);
+            TransferCounters::add(&counters.chunks_sent, count);
             Ok::<(), ClientError>(())
         }))
         .buffer_unordered(PARALLEL_STREAMS);

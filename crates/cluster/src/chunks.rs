@@ -22,7 +22,6 @@ use crate::network::PeerNetwork;
 use crate::wire;
 use hamgam_blob::{ChunkPeers, PackStore, PeerFuture, Presence, StoredChunk};
 use hamgam_proto::codec;
-use hamgam_proto::frame::{self, FrameKind};
 use hamgam_types::{ChunkId, NodeId, limits};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +35,8 @@ const IDS_BYTES_MAX: usize = limits::CHUNK_IDS_PER_REQUEST_MAX * 33 + 16;
 async fn read_frames(recv: &mut quinn::RecvStream, count: usize) -> Result<Vec<StoredChunk>, String> {
     let mut chunks = Vec::with_capacity(count);
     for _ in 0..count {
-        let payload = frame::read_frame_payload(recv, FrameKind::Chunk).await.map_err(|e| e.to_string())?;
-        chunks.push(StoredChunk::from_payload(payload)?);
+        let chunk = hamgam_proto::store::read_chunk_frame(recv).await.map_err(|e| e.to_string())?;
+        chunks.push(StoredChunk::from(chunk));
     }
     Ok(chunks)
 }
@@ -88,8 +87,9 @@ pub(crate) async fn serve(kind: u8, mut send: quinn::SendStream, mut recv: quinn
                 let mut header = vec![OK];
                 header.extend_from_slice(&(found.len() as u32).to_le_bytes());
                 send.write_all(&header).await.map_err(|e| e.to_string())?;
-                for chunk in &found {
-                    chunk.as_frame().write(&mut send).await.map_err(|e| e.to_string())?;
+                for chunk in found {
+                    let (head, bytes) = chunk.into_frame().map_err(|e| e.to_string())?;
+                    hamgam_transport::write_with_owned_body(&mut send, &head, bytes).await.map_err(|e| e.to_string())?;
                 }
                 Ok(Vec::new())
             }

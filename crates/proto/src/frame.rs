@@ -75,6 +75,9 @@ pub enum FrameError {
     /// The header announces more bytes than the kind allows.
     #[error("a {kind:?} frame of {length} bytes is over the limit of {max} bytes")]
     TooLarge { kind: FrameKind, length: u32, max: u32 },
+    /// A chunk frame whose chunk header is not valid.
+    #[error("a malformed chunk frame: {0}")]
+    BadChunk(String),
     /// The payload is not a valid value.
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -104,20 +107,13 @@ fn checked_length(kind: FrameKind, length: usize) -> Result<u32, FrameError> {
     })
 }
 
-/// Writes one frame whose payload is already bytes (chunk frames, which
-/// are not codec values). The payload is checked against the kind's bound.
-pub async fn write_raw_frame<W>(writer: &mut W, kind: FrameKind, parts: &[&[u8]]) -> Result<(), FrameError>
-where
-    W: AsyncWrite + Unpin,
-{
-    let length = checked_length(kind, parts.iter().map(|part| part.len()).sum())?;
+/// The header of a frame of `kind` whose payload is `payload_len` bytes,
+/// checked against the kind's bound.
+pub fn raw_frame_header(kind: FrameKind, payload_len: usize) -> Result<[u8; HEADER_BYTES], FrameError> {
+    let length = checked_length(kind, payload_len)?;
     let mut header = [kind as u8, 0, 0, 0, 0];
     header[1..].copy_from_slice(&length.to_le_bytes());
-    writer.write_all(&header).await?;
-    for part in parts {
-        writer.write_all(part).await?;
-    }
-    Ok(())
+    Ok(header)
 }
 
 /// Encodes one whole frame, header included.
@@ -129,8 +125,9 @@ pub fn encode_frame<T: Serialize>(kind: FrameKind, value: &T) -> Result<Vec<u8>,
     Ok(bytes)
 }
 
-/// Reads one frame's raw payload, requiring the given kind.
-pub async fn read_frame_payload<R>(reader: &mut R, expected: FrameKind) -> Result<Vec<u8>, FrameError>
+/// Reads one frame's header, requiring the given kind; returns the payload
+/// length, checked against the kind's bound.
+pub(crate) async fn read_frame_header<R>(reader: &mut R, expected: FrameKind) -> Result<u32, FrameError>
 where
     R: AsyncRead + Unpin,
 {
@@ -149,7 +146,16 @@ where
     if length > max {
         return Err(FrameError::TooLarge { kind, length, max });
     }
-    // Bounded by `max` above, so this allocation is at most a few MiB.
+    Ok(length)
+}
+
+/// Reads one frame's raw payload, requiring the given kind.
+pub async fn read_frame_payload<R>(reader: &mut R, expected: FrameKind) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    let length = read_frame_header(reader, expected).await?;
+    // Bounded by the kind's limit, so this allocation is at most a few MiB.
     let mut payload = vec![0u8; length as usize];
     reader.read_exact(&mut payload).await.map_err(truncated)?;
     Ok(payload)
@@ -165,7 +171,7 @@ where
     Ok(codec::decode(&payload)?)
 }
 
-fn truncated(error: std::io::Error) -> FrameError {
+pub(crate) fn truncated(error: std::io::Error) -> FrameError {
     if error.kind() == std::io::ErrorKind::UnexpectedEof { FrameError::Truncated } else { FrameError::Io(error) }
 }
 

@@ -211,23 +211,23 @@ pub struct ChunkFrame<'a> {
 }
 
 const CHUNK_FRAME_HEADER_BYTES: usize = 32 + 1 + 4;
+/// The frame header and the chunk header together.
+pub const CHUNK_FRAME_HEAD_BYTES: usize = crate::frame::HEADER_BYTES + CHUNK_FRAME_HEADER_BYTES;
 
-impl<'a> ChunkFrame<'a> {
-    /// Reads a chunk frame's payload; bounds are checked, the hash is not
-    /// (the store checks it, as it must also check what it reads from disk).
-    pub fn parse(payload: &'a [u8]) -> Result<ChunkFrame<'a>, String> {
-        if payload.len() < CHUNK_FRAME_HEADER_BYTES {
-            return Err(format!("a chunk frame of {} bytes is shorter than its header", payload.len()));
-        }
-        let (header, bytes) = payload.split_at(CHUNK_FRAME_HEADER_BYTES);
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&header[..32]);
-        let codec = ChunkCodec::from_byte(header[32]).ok_or_else(|| format!("unknown chunk codec {}", header[32]))?;
-        let plain_len = u32::from_le_bytes([header[33], header[34], header[35], header[36]]);
-        if plain_len > limits::CHUNK_MAX_BYTES {
-            return Err(format!("a chunk of {plain_len} bytes is over the limit of {} bytes", limits::CHUNK_MAX_BYTES));
-        }
-        Ok(ChunkFrame { id: ChunkId(id), codec, plain_len, bytes })
+impl ChunkFrame<'_> {
+    /// What goes on the wire before the chunk's bytes: the frame header and
+    /// the chunk's header. A writer that owns the bytes can send them after
+    /// this without copying them (see `quinn::SendStream::write_chunk`).
+    pub fn head(&self) -> Result<[u8; CHUNK_FRAME_HEAD_BYTES], FrameError> {
+        let mut head = [0u8; CHUNK_FRAME_HEAD_BYTES];
+        let frame_header =
+            crate::frame::raw_frame_header(FrameKind::Chunk, CHUNK_FRAME_HEADER_BYTES + self.bytes.len())?;
+        let (frame, chunk) = head.split_at_mut(crate::frame::HEADER_BYTES);
+        frame.copy_from_slice(&frame_header);
+        chunk[..32].copy_from_slice(&self.id.0);
+        chunk[32] = self.codec as u8;
+        chunk[33..].copy_from_slice(&self.plain_len.to_le_bytes());
+        Ok(head)
     }
 
     /// Writes this chunk as one frame.
@@ -235,18 +235,59 @@ impl<'a> ChunkFrame<'a> {
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
-        let mut header = [0u8; CHUNK_FRAME_HEADER_BYTES];
-        header[..32].copy_from_slice(&self.id.0);
-        header[32] = self.codec as u8;
-        header[33..].copy_from_slice(&self.plain_len.to_le_bytes());
-        crate::frame::write_raw_frame(writer, FrameKind::Chunk, &[&header, self.bytes]).await
+        use tokio::io::AsyncWriteExt;
+        writer.write_all(&self.head()?).await?;
+        writer.write_all(self.bytes).await?;
+        Ok(())
     }
+}
+
+/// The id, codec and plain length at the start of a chunk frame's payload.
+fn parse_chunk_header(header: &[u8]) -> Result<(ChunkId, ChunkCodec, u32), String> {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&header[..32]);
+    let codec = ChunkCodec::from_byte(header[32]).ok_or_else(|| format!("unknown chunk codec {}", header[32]))?;
+    let plain_len = u32::from_le_bytes([header[33], header[34], header[35], header[36]]);
+    if plain_len > limits::CHUNK_MAX_BYTES {
+        return Err(format!("a chunk of {plain_len} bytes is over the limit of {} bytes", limits::CHUNK_MAX_BYTES));
+    }
+    Ok((ChunkId(id), codec, plain_len))
+}
+
+/// A chunk frame read off a stream, its stored bytes in a buffer of their own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedChunk {
+    pub id: ChunkId,
+    pub codec: ChunkCodec,
+    pub plain_len: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads one chunk frame. The chunk header is read apart from the stored
+/// bytes, so they land in their own buffer without a copy to strip it.
+/// Bounds are checked, the hash is not (the store checks it, as it must
+/// also check what it reads from disk).
+pub async fn read_chunk_frame<R>(reader: &mut R) -> Result<ReceivedChunk, FrameError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let length = crate::frame::read_frame_header(reader, FrameKind::Chunk).await? as usize;
+    let Some(stored_len) = length.checked_sub(CHUNK_FRAME_HEADER_BYTES) else {
+        return Err(FrameError::BadChunk(format!("a chunk frame of {length} bytes is shorter than its header")));
+    };
+    let mut header = [0u8; CHUNK_FRAME_HEADER_BYTES];
+    reader.read_exact(&mut header).await.map_err(crate::frame::truncated)?;
+    let (id, codec, plain_len) = parse_chunk_header(&header).map_err(FrameError::BadChunk)?;
+    // Bounded by the frame kind's limit, checked with the header.
+    let mut bytes = vec![0u8; stored_len];
+    reader.read_exact(&mut bytes).await.map_err(crate::frame::truncated)?;
+    Ok(ReceivedChunk { id, codec, plain_len, bytes })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::read_frame_payload;
 
     #[tokio::test]
     async fn a_chunk_frame_round_trips_and_its_layout_is_pinned() {
@@ -259,18 +300,28 @@ mod tests {
         expected.extend_from_slice(&[1, 44, 1, 0, 0]);
         expected.extend_from_slice(b"abc");
         assert_eq!(wire, expected);
-        let payload = read_frame_payload(&mut wire.as_slice(), FrameKind::Chunk).await.unwrap();
-        assert_eq!(ChunkFrame::parse(&payload).unwrap(), frame);
+        let received = read_chunk_frame(&mut wire.as_slice()).await.unwrap();
+        assert_eq!(received, ReceivedChunk { id, codec: ChunkCodec::Zstd, plain_len: 300, bytes: b"abc".to_vec() });
     }
 
-    #[test]
-    fn short_unknown_and_oversize_chunk_frames_are_refused() {
-        assert!(ChunkFrame::parse(&[0; 10]).is_err());
+    #[tokio::test]
+    async fn short_unknown_and_oversize_chunk_frames_are_refused() {
+        let framed = |payload: &[u8]| {
+            let mut wire = vec![FrameKind::Chunk as u8];
+            wire.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            wire.extend_from_slice(payload);
+            wire
+        };
+        let refusal = |wire: Vec<u8>| async move { read_chunk_frame(&mut wire.as_slice()).await.unwrap_err().to_string() };
+        assert!(refusal(framed(&[0; 10])).await.contains("shorter than its header"));
         let mut payload = vec![0u8; CHUNK_FRAME_HEADER_BYTES];
         payload[32] = 9;
-        assert!(ChunkFrame::parse(&payload).unwrap_err().contains("codec"));
+        assert!(refusal(framed(&payload)).await.contains("codec"));
         payload[32] = 0;
         payload[33..].copy_from_slice(&(limits::CHUNK_MAX_BYTES + 1).to_le_bytes());
-        assert!(ChunkFrame::parse(&payload).unwrap_err().contains("over the limit"));
+        assert!(refusal(framed(&payload)).await.contains("over the limit"));
+        let mut cut = framed(&[0u8; CHUNK_FRAME_HEADER_BYTES + 8]);
+        cut.truncate(cut.len() - 1);
+        assert!(matches!(read_chunk_frame(&mut cut.as_slice()).await, Err(FrameError::Truncated)));
     }
 }

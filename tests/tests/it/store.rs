@@ -276,7 +276,7 @@ async fn bad_store_input_is_refused_and_the_connection_goes_on() {
     // A chunk whose bytes are not what its name says.
     let mut lying = StoredChunk::seal(b"real bytes");
     lying.id = ChunkId([1; 32]);
-    assert_eq!(code(client.put_chunks(&[lying]).await), Some(ErrorCode::CHUNK_MISMATCH));
+    assert_eq!(code(client.put_chunks(vec![lying]).await), Some(ErrorCode::CHUNK_MISMATCH));
     // A file naming chunks that were never uploaded.
     let manifest = FileManifest {
         size: 10,
@@ -287,7 +287,7 @@ async fn bad_store_input_is_refused_and_the_connection_goes_on() {
     assert_eq!(code(client.put_file("/x", manifest).await), Some(ErrorCode::CHUNKS_MISSING));
     // A file whose chunks hold another length than it says.
     let good = StoredChunk::seal(b"0123456789");
-    client.put_chunks(std::slice::from_ref(&good)).await.expect("store a chunk");
+    client.put_chunks(vec![good.clone()]).await.expect("store a chunk");
     let wrong_size = FileManifest {
         size: 11,
         hash: [0; 32],
