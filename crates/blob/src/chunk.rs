@@ -4,6 +4,7 @@ use crate::BlobError;
 use hamgam_proto::frame::FrameError;
 use hamgam_proto::store::{CHUNK_FRAME_HEAD_BYTES, ChunkCodec, ChunkFrame, ReceivedChunk};
 use hamgam_types::{ChunkId, limits};
+use std::collections::HashMap;
 use std::io::Read;
 
 /// FastCDC bounds. The defaults are the limits' values, chosen by
@@ -161,12 +162,26 @@ impl StoredChunk {
                 self.check_plain(&self.bytes)?;
                 Ok(self.bytes.clone())
             }
-            ChunkCodec::Zstd => {
-                let mut plain = Vec::new();
-                self.decompress_checked(&mut plain)?;
-                Ok(plain)
-            }
+            ChunkCodec::Zstd => self.decompressed(),
         }
+    }
+
+    /// [`StoredChunk::open`], taking the chunk: a plain chunk's bytes are
+    /// returned as they are, not copied (most of a restore's bytes).
+    pub fn into_plain(self) -> Result<Vec<u8>, BlobError> {
+        match self.codec {
+            ChunkCodec::Plain => {
+                self.check_plain(&self.bytes)?;
+                Ok(self.bytes)
+            }
+            ChunkCodec::Zstd => self.decompressed(),
+        }
+    }
+
+    fn decompressed(&self) -> Result<Vec<u8>, BlobError> {
+        let mut plain = Vec::new();
+        self.decompress_checked(&mut plain)?;
+        Ok(plain)
     }
 
     /// Checks the bytes against the name without keeping the plain bytes:
@@ -207,12 +222,22 @@ impl StoredChunk {
     /// Decompresses into `buffer` (replacing what it held), bounded by the
     /// declared plain length, and checks the result.
     fn decompress_checked(&self, buffer: &mut Vec<u8>) -> Result<(), BlobError> {
-        // One spare byte, so content longer than declared is told apart
-        // from content of exactly the declared length.
-        buffer.resize(self.declared_len()? + 1, 0);
-        let length = zstd::bulk::decompress_to_buffer(&self.bytes, &mut buffer[..])
+        // Room for one spare byte, so content longer than declared is told
+        // apart from content of exactly the declared length. zstd writes
+        // into the spare capacity (nothing is zeroed first) and never past
+        // it, so a reused buffer bounds the output as a fresh one does.
+        buffer.clear();
+        buffer.reserve(self.declared_len()? + 1);
+        DECOMPRESSOR
+            .with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let decompressor = match &mut *slot {
+                    Some(decompressor) => decompressor,
+                    empty => empty.insert(zstd::bulk::Decompressor::new()?),
+                };
+                decompressor.decompress_to_buffer(&self.bytes, buffer)
+            })
             .map_err(|error| self.mismatch(format!("does not decompress: {error}")))?;
-        buffer.truncate(length);
         self.check_plain(buffer)
     }
 }
@@ -220,6 +245,24 @@ impl StoredChunk {
 thread_local! {
     /// Where a thread decompresses chunks it only checks, reused.
     static DECOMPRESSED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A thread's zstd decompression context, made once: making one per
+    /// chunk allocated and set up its tables every time.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The chunks of `ids` in order, moved out of `by_id` (an id asked for
+/// twice is copied for its earlier mentions only); `Err(id)` for one
+/// `by_id` lacks.
+pub fn in_order(mut by_id: HashMap<ChunkId, StoredChunk>, ids: &[ChunkId]) -> Vec<Result<StoredChunk, ChunkId>> {
+    let last_mention: HashMap<ChunkId, usize> = ids.iter().enumerate().map(|(at, id)| (*id, at)).collect();
+    ids.iter()
+        .enumerate()
+        .map(|(at, id)| {
+            let chunk = if last_mention[id] == at { by_id.remove(id) } else { by_id.get(id).cloned() };
+            chunk.ok_or(*id)
+        })
+        .collect()
 }
 
 #[cfg(test)]

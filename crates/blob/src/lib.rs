@@ -21,7 +21,7 @@ pub mod placement;
 mod replicated;
 mod tree;
 
-pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice};
+pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice, in_order};
 pub use pack::{CollectReport, PackStats, PackStore, PutOutcome, wall_clock_ms};
 pub use replicated::{COPIES, ChunkPeers, ChunkStore, PeerFuture, ScrubReport};
 pub use tree::{Tree, TreeEntry, TreeKind};

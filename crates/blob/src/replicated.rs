@@ -297,16 +297,12 @@ impl ChunkStore {
             }
             self.repair(&found, &tried, &members, copies);
         }
-        // Each chunk moves out of `found` at its last mention in `ids`;
-        // only an id asked for twice is copied.
-        let last_mention: HashMap<ChunkId, usize> = ids.iter().enumerate().map(|(at, id)| (*id, at)).collect();
         let mut chunks = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
-        for (at, id) in ids.iter().enumerate() {
-            let chunk = if last_mention[id] == at { found.remove(id) } else { found.get(id).cloned() };
+        for chunk in crate::in_order(found, ids) {
             match chunk {
-                Some(chunk) => chunks.push(chunk),
-                None => missing.push(*id),
+                Ok(chunk) => chunks.push(chunk),
+                Err(id) => missing.push(id),
             }
         }
         Ok((chunks, missing))
@@ -392,7 +388,7 @@ impl ChunkStore {
                 return Err(BlobError::Missing(missing.len()));
             }
             for chunk in chunks {
-                plains.push(chunk.open()?);
+                plains.push(chunk.into_plain()?);
             }
         }
         Ok(plains)

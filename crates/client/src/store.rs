@@ -289,11 +289,11 @@ impl Client {
             }
             let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
             tokio::task::spawn_blocking(move || {
-                batch
-                    .iter()
-                    .map(|id| {
-                        let chunk = by_id.get(id).ok_or_else(|| protocol(format!("chunk {id} was not sent")))?;
-                        chunk.open().map_err(|error| protocol(error.to_string()))
+                hamgam_blob::in_order(by_id, &batch)
+                    .into_iter()
+                    .map(|chunk| {
+                        let chunk = chunk.map_err(|id| protocol(format!("chunk {id} was not sent")))?;
+                        chunk.into_plain().map_err(|error| protocol(error.to_string()))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })

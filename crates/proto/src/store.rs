@@ -279,9 +279,16 @@ where
     let mut header = [0u8; CHUNK_FRAME_HEADER_BYTES];
     reader.read_exact(&mut header).await.map_err(crate::frame::truncated)?;
     let (id, codec, plain_len) = parse_chunk_header(&header).map_err(FrameError::BadChunk)?;
-    // Bounded by the frame kind's limit, checked with the header.
-    let mut bytes = vec![0u8; stored_len];
-    reader.read_exact(&mut bytes).await.map_err(crate::frame::truncated)?;
+    // Bounded by the frame kind's limit, checked with the header. Read into
+    // the spare capacity, which is not zeroed first (a reader may fill it
+    // uninitialized, as quinn's does); `take` stops at the frame's end.
+    let mut bytes = Vec::with_capacity(stored_len);
+    let mut body = (&mut *reader).take(stored_len as u64);
+    while bytes.len() < stored_len {
+        if body.read_buf(&mut bytes).await? == 0 {
+            return Err(FrameError::Truncated);
+        }
+    }
     Ok(ReceivedChunk { id, codec, plain_len, bytes })
 }
 
