@@ -24,6 +24,9 @@ use tokio_util::task::TaskTracker;
 /// holds of it in memory.
 const SNAPSHOT_PIECE_BYTES: usize = 1 << 20;
 
+/// How much of a peer's raft stream is read from quinn at once.
+const RAFT_READ_BUFFER_BYTES: usize = 64 << 10;
+
 /// Where each node of the cluster listens for its peers. Shared, so that a
 /// membership change can update it while links run.
 pub type Members = Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>;
@@ -540,13 +543,17 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
             return;
         }
     }
+    // Raft frames are small and come in batches: reading them through a
+    // buffer takes a batch from quinn in one call (each call locks the
+    // connection) instead of two calls per frame.
+    let mut stream = tokio::io::BufReader::with_capacity(RAFT_READ_BUFFER_BYTES, stream);
     loop {
         let frame = match read_frame(&mut stream).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(error) => {
                 tracing::warn!(%peer, %error, "a bad raft frame; the stream is dropped");
-                let _ = stream.stop(1u32.into());
+                let _ = stream.get_mut().stop(1u32.into());
                 return;
             }
         };
@@ -574,7 +581,11 @@ async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: Raft
 /// Reads one length-prefixed raft frame, its length checked against the
 /// bound before anything is allocated; `Ok(None)` when the stream ends or
 /// breaks.
-async fn read_frame(stream: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, wire::WireError> {
+async fn read_frame<R>(stream: &mut R) -> Result<Option<Vec<u8>>, wire::WireError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
     let mut header = [0u8; 4];
     if stream.read_exact(&mut header).await.is_err() {
         return Ok(None);
