@@ -217,7 +217,7 @@ pub const CHUNK_FRAME_HEAD_BYTES: usize = crate::frame::HEADER_BYTES + CHUNK_FRA
 impl ChunkFrame<'_> {
     /// What goes on the wire before the chunk's bytes: the frame header and
     /// the chunk's header. A writer that owns the bytes can send them after
-    /// this without copying them (see `quinn::SendStream::write_chunk`).
+    /// this without copying them (see `quinn::SendStream::write_all_chunks`).
     pub fn head(&self) -> Result<[u8; CHUNK_FRAME_HEAD_BYTES], FrameError> {
         let mut head = [0u8; CHUNK_FRAME_HEAD_BYTES];
         let frame_header =
