@@ -295,9 +295,23 @@ mod tests {
         let mut sealed = StoredChunk::seal(&random_bytes(1000, 2));
         sealed.bytes[10] ^= 1;
         assert!(matches!(sealed.open(), Err(BlobError::Mismatch { .. })));
+        assert!(matches!(sealed.into_plain(), Err(BlobError::Mismatch { .. })));
         let mut lying = StoredChunk::seal(&vec![b'a'; 100_000]);
         lying.plain_len = 10;
         assert!(lying.open().is_err(), "decompression is bounded by the declared length");
+        assert!(lying.clone().into_plain().is_err());
+        // Refused too when the thread's reused buffer has grown (by a large
+        // good chunk) past the lying chunk's declared length.
+        StoredChunk::seal(&vec![b'b'; 200_000]).check().unwrap();
+        assert!(matches!(lying.check(), Err(BlobError::Mismatch { .. })));
+    }
+
+    #[test]
+    fn chunks_come_in_the_order_asked_and_a_repeated_id_each_time() {
+        let [a, b, c] = [1, 2, 3].map(|seed| StoredChunk::seal(&random_bytes(1000, seed)));
+        let by_id: HashMap<ChunkId, StoredChunk> = [a.clone(), b.clone()].into_iter().map(|c| (c.id, c)).collect();
+        let ordered = in_order(by_id, &[a.id, b.id, a.id, c.id, b.id]);
+        assert_eq!(ordered, vec![Ok(a.clone()), Ok(b.clone()), Ok(a), Err(c.id), Ok(b)]);
     }
 
     #[test]
