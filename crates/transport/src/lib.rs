@@ -4,11 +4,13 @@
 //! node certificate it signs, see [`NodeIdentity`]), the [`Fingerprint`]
 //! people compare and clients pin, the client-side verifier that accepts only
 //! the pinned CA (or records it on first contact), and building quinn
-//! endpoints with raised UDP buffers and bounded streams. Between nodes,
-//! both sides prove membership: [`peer_server_endpoint`] refuses a client
-//! certificate the cluster CA did not issue, [`peer_client_config`] presents
-//! one, and [`peer_node`] tells which node a connection belongs to (none for
-//! a caller without a certificate, which only the join protocol admits).
+//! endpoints with raised UDP buffers and bounded streams, and
+//! [`write_with_owned_body`], which gives quinn a buffer instead of a copy.
+//! Between nodes, both sides prove membership: [`peer_server_endpoint`]
+//! refuses a client certificate the cluster CA did not issue,
+//! [`peer_client_config`] presents one, and [`peer_node`] tells which node a
+//! connection belongs to (none for a caller without a certificate, which
+//! only the join protocol admits).
 //!
 //! Must not know: what travels over the connections (frames, requests, raft
 //! messages are the layers above).
