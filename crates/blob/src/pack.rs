@@ -241,7 +241,7 @@ fn read_record(file: &File, path: &Path, id: &ChunkId, location: &Location) -> R
     file.read_exact_at(&mut bytes, location.offset + RECORD_HEADER_BYTES as u64).map_err(|e| BlobError::io(path, e))?;
     Ok(match parse_header(&header) {
         Ok(header) if header.id == *id && header.matches(&bytes) => {
-            Some(StoredChunk { id: *id, codec: header.codec, plain_len: header.plain_len, bytes })
+            Some(StoredChunk { id: *id, codec: header.codec, plain_len: header.plain_len, bytes: bytes.into() })
         }
         _ => None,
     })
@@ -751,7 +751,9 @@ mod tests {
         let store = PackStore::open(dir.path()).unwrap();
         let good = chunk(1, 100);
         let mut bad = chunk(2, 100);
-        bad.bytes[0] ^= 0xff;
+        let mut damaged = bad.bytes.to_vec();
+        damaged[0] ^= 0xff;
+        bad.bytes = damaged.into();
         assert!(matches!(store.put(&[good.clone(), bad]), Err(BlobError::Mismatch { .. })));
         assert!(!store.contains(&good.id));
     }

@@ -175,7 +175,9 @@ impl ChunkPeers for ChunkLinks {
                 let (mut send, mut recv) = open(&network, node, wire::CHUNK_PUT).await?;
                 send.write_all(&(batch.len() as u32).to_le_bytes()).await.map_err(|e| e.to_string())?;
                 for chunk in batch {
-                    chunk.as_frame().write(&mut send).await.map_err(|e| e.to_string())?;
+                    // The batch's chunks share their bytes with the other holders' batches.
+                    let (head, bytes) = chunk.clone().into_frame().map_err(|e| e.to_string())?;
+                    hamgam_transport::write_with_owned_body(&mut send, &head, bytes).await.map_err(|e| e.to_string())?;
                 }
                 send.finish().map_err(|e| e.to_string())?;
                 status(&mut recv).await?;

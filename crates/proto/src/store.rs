@@ -216,8 +216,9 @@ pub const CHUNK_FRAME_HEAD_BYTES: usize = crate::frame::HEADER_BYTES + CHUNK_FRA
 
 impl ChunkFrame<'_> {
     /// What goes on the wire before the chunk's bytes: the frame header and
-    /// the chunk's header. A writer that owns the bytes can send them after
-    /// this without copying them (see `quinn::SendStream::write_all_chunks`).
+    /// the chunk's header. The bytes follow as they are: a writer that owns
+    /// them hands them to the stream without a copy (see
+    /// `quinn::SendStream::write_all_chunks`).
     pub fn head(&self) -> Result<[u8; CHUNK_FRAME_HEAD_BYTES], FrameError> {
         let mut head = [0u8; CHUNK_FRAME_HEAD_BYTES];
         let frame_header =
@@ -228,17 +229,6 @@ impl ChunkFrame<'_> {
         chunk[32] = self.codec as u8;
         chunk[33..].copy_from_slice(&self.plain_len.to_le_bytes());
         Ok(head)
-    }
-
-    /// Writes this chunk as one frame.
-    pub async fn write<W>(&self, writer: &mut W) -> Result<(), FrameError>
-    where
-        W: tokio::io::AsyncWrite + Unpin,
-    {
-        use tokio::io::AsyncWriteExt;
-        writer.write_all(&self.head()?).await?;
-        writer.write_all(self.bytes).await?;
-        Ok(())
     }
 }
 
@@ -300,8 +290,8 @@ mod tests {
     async fn a_chunk_frame_round_trips_and_its_layout_is_pinned() {
         let id = ChunkId([7; 32]);
         let frame = ChunkFrame { id, codec: ChunkCodec::Zstd, plain_len: 300, bytes: b"abc" };
-        let mut wire = Vec::new();
-        frame.write(&mut wire).await.unwrap();
+        let mut wire = frame.head().unwrap().to_vec();
+        wire.extend_from_slice(frame.bytes);
         let mut expected = vec![6, 40, 0, 0, 0];
         expected.extend_from_slice(&[7; 32]);
         expected.extend_from_slice(&[1, 44, 1, 0, 0]);

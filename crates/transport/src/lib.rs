@@ -36,8 +36,12 @@ const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Writes `head`, then `body`, on a stream, handing quinn `body`'s buffer
 /// instead of copying it into the stream's own (chunks are most of the
 /// bytes a node sends). Fails as `write_all` on the stream would.
-pub async fn write_with_owned_body(send: &mut quinn::SendStream, head: &[u8], body: Vec<u8>) -> std::io::Result<()> {
-    let mut parts = [bytes::Bytes::copy_from_slice(head), bytes::Bytes::from(body)];
+pub async fn write_with_owned_body(
+    send: &mut quinn::SendStream,
+    head: &[u8],
+    body: bytes::Bytes,
+) -> std::io::Result<()> {
+    let mut parts = [bytes::Bytes::copy_from_slice(head), body];
     send.write_all_chunks(&mut parts).await.map_err(std::io::Error::from)
 }
 
