@@ -1,9 +1,9 @@
 //! Cutting content into chunks, naming them and compressing them where it pays.
 
 use crate::BlobError;
+use bytes::Bytes;
 use hamgam_proto::frame::FrameError;
 use hamgam_proto::store::{CHUNK_FRAME_HEAD_BYTES, ChunkCodec, ChunkFrame, ReceivedChunk};
-use bytes::Bytes;
 use hamgam_types::{ChunkId, limits};
 use std::collections::HashMap;
 use std::io::Read;
@@ -132,7 +132,9 @@ impl StoredChunk {
         let id = ChunkId::of(plain);
         match compress_named(id, plain) {
             Some(sealed) => sealed,
-            None => StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(plain), bytes: Bytes::copy_from_slice(plain) },
+            None => {
+                StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(plain), bytes: Bytes::copy_from_slice(plain) }
+            }
         }
     }
 

@@ -309,7 +309,8 @@ mod tests {
             wire.extend_from_slice(payload);
             wire
         };
-        let refusal = |wire: Vec<u8>| async move { read_chunk_frame(&mut wire.as_slice()).await.unwrap_err().to_string() };
+        let refusal =
+            |wire: Vec<u8>| async move { read_chunk_frame(&mut wire.as_slice()).await.unwrap_err().to_string() };
         assert!(refusal(framed(&[0; 10])).await.contains("shorter than its header"));
         let mut payload = vec![0u8; CHUNK_FRAME_HEADER_BYTES];
         payload[32] = 9;
