@@ -132,9 +132,12 @@ impl StoredChunk {
         let id = ChunkId::of(plain);
         match compress_named(id, plain) {
             Some(sealed) => sealed,
-            None => {
-                StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(plain), bytes: Bytes::copy_from_slice(plain) }
-            }
+            None => StoredChunk {
+                id,
+                codec: ChunkCodec::Plain,
+                plain_len: len32(plain),
+                bytes: Bytes::copy_from_slice(plain),
+            },
         }
     }
 
