@@ -80,6 +80,8 @@ pub struct ShardReplicas {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub matched: BTreeMap<NodeId, u64>,
+    /// The commit index each replica has told the leader it knows.
+    pub known_committed: BTreeMap<NodeId, u64>,
     pub last_index: u64,
 }
 
@@ -162,13 +164,18 @@ pub fn plan(members: &BTreeMap<NodeId, Standing>, shards: &[ShardReplicas], repl
         let change = |change| PlannedChange { shard: shard.shard, leader: shard.leader, change };
         let kept_voters = shard.voters.iter().filter(|v| keeps(v)).count();
         if shard.shard == ShardId::CLUSTER {
-            // A removed member keeps its learner until it holds every entry,
-            // so it applies its own removal and stops; one that is dead goes
-            // at once, as does anything no longer a member.
+            // A removed member keeps its learner until it holds every entry
+            // and has told the leader it knows them committed, so it applies
+            // its own removal and stops: holding the entry is not enough,
+            // for once its learner is gone no one tells it the entry is
+            // committed. One that is dead goes at once, as does anything no
+            // longer a member.
             let gone = |node: &NodeId| match standing(node) {
                 None => true,
                 Some(s) if s.dead => true,
-                Some(s) if s.state == MemberState::Removed => shard.matched.get(node) == Some(&shard.last_index),
+                Some(s) if s.state == MemberState::Removed => {
+                    shard.known_committed.get(node) == Some(&shard.last_index)
+                }
                 Some(_) => false,
             };
             let planned = if let Some(gone) = shard.learners.iter().find(|n| gone(n)) {
@@ -337,6 +344,7 @@ pub fn leaders_reports(statuses: &HashMap<NodeId, NodeStatus>) -> Vec<ShardRepli
                 voters: report.voters.clone(),
                 learners: report.learners.clone(),
                 matched: report.matched.iter().copied().collect(),
+                known_committed: report.known_committed.iter().copied().collect(),
                 last_index: report.last_index,
             };
             best.insert(report.shard, (report.term, replicas));
@@ -524,6 +532,7 @@ mod tests {
             voters: voters.iter().copied().map(NodeId).collect(),
             learners: learners.iter().copied().map(NodeId).collect(),
             matched: all.iter().map(|n| (NodeId(*n), 1_000)).collect(),
+            known_committed: all.iter().map(|n| (NodeId(*n), 1_000)).collect(),
             last_index: 1_000,
         }
     }
@@ -619,6 +628,7 @@ mod tests {
             committed: last_index,
             applied: last_index,
             matched: Vec::new(),
+            known_committed: Vec::new(),
         };
         let status = |node: u64, shards: Vec<hamgam_raftstore::ShardStatus>| NodeStatus { node: NodeId(node), members: Vec::new(), shards };
         let statuses: HashMap<NodeId, NodeStatus> = [
@@ -634,12 +644,13 @@ mod tests {
     }
 
     #[test]
-    fn a_removed_member_keeps_its_shard_0_learner_until_it_has_its_removal_or_is_dead() {
+    fn a_removed_member_keeps_its_shard_0_learner_until_it_knows_its_removal_committed_or_is_dead() {
         let mut members = active(&[1, 2, 3]);
         let removed = Standing { state: MemberState::Removed, up: false, dead: false };
         members.insert(NodeId(4), removed);
         let mut cluster = shard(0, &[1, 2, 3], &[4]);
         cluster.matched.insert(NodeId(4), cluster.last_index - 1);
+        cluster.known_committed.insert(NodeId(4), cluster.last_index - 1);
         let removes_four = |members: &BTreeMap<NodeId, Standing>, cluster: &ShardReplicas| {
             plan(members, std::slice::from_ref(cluster), 3).contains(&PlannedChange {
                 shard: ShardId::CLUSTER,
@@ -649,8 +660,11 @@ mod tests {
         };
         assert!(!removes_four(&members, &cluster), "behind: it has not received its removal yet");
         cluster.matched.insert(NodeId(4), cluster.last_index);
-        assert!(removes_four(&members, &cluster), "it holds every entry, its removal too");
+        assert!(!removes_four(&members, &cluster), "it holds its removal but does not know it committed");
+        cluster.known_committed.insert(NodeId(4), cluster.last_index);
+        assert!(removes_four(&members, &cluster), "it knows every entry committed, its removal too");
         cluster.matched.insert(NodeId(4), 0);
+        cluster.known_committed.insert(NodeId(4), 0);
         members.insert(NodeId(4), Standing { dead: true, ..removed });
         assert!(removes_four(&members, &cluster), "dead: no waiting");
     }

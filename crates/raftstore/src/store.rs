@@ -152,6 +152,9 @@ pub struct ShardStatus {
     pub applied: u64,
     /// Filled on the leader only: how far each replica's log matches it.
     pub matched: Vec<(NodeId, u64)>,
+    /// Filled on the leader only: the commit index each replica last told
+    /// the leader it knows (in its append and heartbeat answers).
+    pub known_committed: Vec<(NodeId, u64)>,
 }
 
 impl ShardStatus {
@@ -1214,12 +1217,15 @@ impl StoreLoop {
                     StateRole::Candidate | StateRole::PreCandidate => ReplicaRole::Candidate,
                     StateRole::Follower => ReplicaRole::Follower,
                 };
-                let mut matched: Vec<(NodeId, u64)> = if role == ReplicaRole::Leader {
-                    raft.prs().iter().map(|(id, progress)| (NodeId(*id), progress.matched)).collect()
-                } else {
-                    Vec::new()
+                let of_each = |field: fn(&raft::Progress) -> u64| -> Vec<(NodeId, u64)> {
+                    let mut values: Vec<(NodeId, u64)> = if role == ReplicaRole::Leader {
+                        raft.prs().iter().map(|(id, progress)| (NodeId(*id), field(progress))).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    values.sort();
+                    values
                 };
-                matched.sort();
                 let mut voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().map(NodeId).collect();
                 voters.sort();
                 let mut learners: Vec<NodeId> = raft.prs().conf().learners().iter().copied().map(NodeId).collect();
@@ -1234,7 +1240,8 @@ impl StoreLoop {
                     last_index: raft.raft_log.last_index(),
                     committed: raft.raft_log.committed,
                     applied: self.progress.applied(shard),
-                    matched,
+                    matched: of_each(|progress| progress.matched),
+                    known_committed: of_each(|progress| progress.committed_index),
                 }
             })
             .collect()
