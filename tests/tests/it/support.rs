@@ -115,7 +115,7 @@ impl Node {
     /// Waits for the process to end without being asked.
     pub fn exits_by_itself(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        wait_with_timeout(&mut child, timeout)
+        wait_or_show_log(&mut child, timeout, Some(&self.dir.with_extension("log")))
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -180,6 +180,12 @@ impl Node {
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    wait_or_show_log(child, timeout, None)
+}
+
+/// Waits for the process to end; past `timeout` it is killed and the test
+/// fails, showing the end of `log` (the node's stderr) when there is one.
+fn wait_or_show_log(child: &mut Child, timeout: Duration, log: Option<&Path>) -> ExitStatus {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().expect("wait for the node") {
@@ -187,11 +193,17 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the node did not stop within {timeout:?}");
+            let text = log.and_then(|path| std::fs::read_to_string(path).ok()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(LOG_LINES_SHOWN).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!("the node did not stop within {timeout:?}; the end of its log:\n{}", tail.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Lines of a node's log shown when it did not stop in time.
+const LOG_LINES_SHOWN: usize = 60;
 
 impl Drop for Node {
     fn drop(&mut self) {
