@@ -87,8 +87,8 @@ pub(crate) async fn get_chunks(
     let (found, missing) = shared.chunks.get(&ids).await?;
     let write_failed = |error: FrameError| ApiError::internal(format!("writing chunks: {error}"));
     frame::write_frame(send, FrameKind::Response, &Response::ChunksFollow { missing }).await.map_err(write_failed)?;
-    for chunk in found {
-        let (head, bytes) = chunk.into_frame().map_err(write_failed)?;
+    for chunk in &found {
+        let (head, bytes) = chunk.frame().map_err(write_failed)?;
         hamgam_transport::write_with_owned_body(send, &head, bytes)
             .await
             .map_err(|error| ApiError::internal(format!("writing chunks: {error}")))?;

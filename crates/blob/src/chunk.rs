@@ -151,15 +151,11 @@ impl StoredChunk {
         }
     }
 
-    /// The chunk as its frame's head and its stored bytes, for a writer
-    /// that hands its buffers to the stream instead of copying them.
-    pub fn into_frame(self) -> Result<([u8; CHUNK_FRAME_HEAD_BYTES], Bytes), FrameError> {
-        let head = self.as_frame().head()?;
-        Ok((head, self.bytes))
-    }
-
-    pub fn as_frame(&self) -> ChunkFrame<'_> {
-        ChunkFrame { id: self.id, codec: self.codec, plain_len: self.plain_len, bytes: &self.bytes }
+    /// The chunk as its frame's head and its stored bytes (shared, not
+    /// copied), for a writer that hands its buffers to the stream.
+    pub fn frame(&self) -> Result<([u8; CHUNK_FRAME_HEAD_BYTES], Bytes), FrameError> {
+        let frame = ChunkFrame { id: self.id, codec: self.codec, plain_len: self.plain_len, bytes: &self.bytes };
+        Ok((frame.head()?, self.bytes.clone()))
     }
 
     /// The plain bytes, checked against the name. Decompression is bounded

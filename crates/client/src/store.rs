@@ -108,8 +108,8 @@ impl Client {
             let (mut send, mut recv) = self.connection.open_bi().await?;
             let request = Request::PutChunks { count: chunks.len() as u32 };
             frame::write_frame(&mut send, FrameKind::Request, &request).await?;
-            for chunk in chunks {
-                let (head, bytes) = chunk.into_frame()?;
+            for chunk in &chunks {
+                let (head, bytes) = chunk.frame()?;
                 hamgam_transport::write_with_owned_body(&mut send, &head, bytes).await.map_err(FrameError::Io)?;
             }
             let _ = send.finish();

@@ -88,7 +88,7 @@ pub(crate) async fn serve(kind: u8, mut send: quinn::SendStream, mut recv: quinn
                 header.extend_from_slice(&(found.len() as u32).to_le_bytes());
                 send.write_all(&header).await.map_err(|e| e.to_string())?;
                 for chunk in found {
-                    let (head, bytes) = chunk.into_frame().map_err(|e| e.to_string())?;
+                    let (head, bytes) = chunk.frame().map_err(|e| e.to_string())?;
                     hamgam_transport::write_with_owned_body(&mut send, &head, bytes).await.map_err(|e| e.to_string())?;
                 }
                 Ok(Vec::new())
@@ -175,8 +175,7 @@ impl ChunkPeers for ChunkLinks {
                 let (mut send, mut recv) = open(&network, node, wire::CHUNK_PUT).await?;
                 send.write_all(&(batch.len() as u32).to_le_bytes()).await.map_err(|e| e.to_string())?;
                 for chunk in batch {
-                    // The batch's chunks share their bytes with the other holders' batches.
-                    let (head, bytes) = chunk.clone().into_frame().map_err(|e| e.to_string())?;
+                    let (head, bytes) = chunk.frame().map_err(|e| e.to_string())?;
                     hamgam_transport::write_with_owned_body(&mut send, &head, bytes).await.map_err(|e| e.to_string())?;
                 }
                 send.finish().map_err(|e| e.to_string())?;
