@@ -44,6 +44,13 @@ impl<K: Eq + Hash, V> BoundedCache<K, V> {
         self.weight += weight;
     }
 
+    /// Takes an entry out.
+    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
+        let (value, weight) = self.map.remove(key)?;
+        self.weight -= weight;
+        Some(value)
+    }
+
     /// The cached value, or `load`'s, cached (weight 1).
     pub(crate) fn get_or_load<E>(&mut self, key: K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E>
     where

@@ -9,7 +9,8 @@ const USERNAME: u8 = 0x10;
 const USER: u8 = 0x11;
 // 0x12 was the user meta table; a user's position is now derived from its update keys.
 const DEVICE: u8 = 0x13;
-const UPDATE: u8 = 0x14;
+// 0x14 was one update per key; updates are now kept in blocks.
+const UPDATE_BLOCK: u8 = 0x19;
 const DIALOG: u8 = 0x15;
 // 0x16 was one inbox mark per source; all marks of a shard now share one record.
 const INBOX_MARKS: u8 = 0x18;
@@ -65,12 +66,13 @@ pub fn devices_of(user: UserId) -> Vec<u8> {
     key(DEVICE, &[user.0])
 }
 
-pub fn update(user: UserId, pts: u64) -> Vec<u8> {
-    key(UPDATE, &[user.0, pts])
+/// Block `number` of a user's updates (see `records::UpdateBlock`).
+pub fn update_block(user: UserId, number: u64) -> Vec<u8> {
+    key(UPDATE_BLOCK, &[user.0, number])
 }
 
-pub fn updates_of(user: UserId) -> Vec<u8> {
-    key(UPDATE, &[user.0])
+pub fn update_blocks_of(user: UserId) -> Vec<u8> {
+    key(UPDATE_BLOCK, &[user.0])
 }
 
 pub fn dialog(user: UserId, chat: ChatId) -> Vec<u8> {

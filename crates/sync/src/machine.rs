@@ -21,7 +21,7 @@ use crate::gallery;
 use crate::keys;
 use crate::records::{
     self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta,
-    UserMeta, UserRecord,
+    UpdateBlock, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::store::SharedFile;
@@ -104,6 +104,8 @@ impl Signals {
 /// Cache bounds (entries; for chats, member records).
 const CHATS_CACHED_MEMBERS_MAX: usize = 1_000_000;
 const USERS_CACHED_MAX: usize = 500_000;
+/// Updates held in the cache of users' last blocks (about 32 bytes each).
+const TAIL_UPDATES_CACHED_MAX: usize = 500_000;
 const COUNTERS_CACHED_MAX: usize = 500_000;
 
 /// A chat's record and members, as cached.
@@ -135,6 +137,8 @@ pub struct SyncMachine {
     /// (chat, sender) -> the highest client message id used, if any.
     highest_client_ids: BoundedCache<(ChatId, UserId), Option<u64>>,
     users: BoundedCache<UserId, UserMeta>,
+    /// Each recently active user's last update block (weighed by updates).
+    update_tails: BoundedCache<UserId, UpdateBlock>,
     /// (source, target) -> the outbox's next seq and acknowledged position.
     outboxes: BoundedCache<(ShardId, ShardId), OutboxMeta>,
     /// Each target shard's inbox marks.
@@ -154,6 +158,7 @@ impl SyncMachine {
             last_seqs: BoundedCache::new(COUNTERS_CACHED_MAX),
             highest_client_ids: BoundedCache::new(COUNTERS_CACHED_MAX),
             users: BoundedCache::new(USERS_CACHED_MAX),
+            update_tails: BoundedCache::new(TAIL_UPDATES_CACHED_MAX),
             outboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
             inboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
         }
@@ -197,6 +202,7 @@ impl StateMachine for SyncMachine {
         self.last_seqs.clear();
         self.highest_client_ids.clear();
         self.users.clear();
+        self.update_tails.clear();
         self.outboxes.clear();
         self.inboxes.clear();
     }
@@ -266,14 +272,18 @@ pub(crate) fn read_last_seq(kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncE
     Ok(edge_u64(kv, &keys::messages_of(chat), Order::Descending)?.unwrap_or(0))
 }
 
-/// A user's position: the first and last update keys. `None` if no such user.
+/// A user's position: the first update of the first block and the last of
+/// the last. `None` if no such user.
 pub(crate) fn read_user_meta(kv: &impl KvRead, user: UserId) -> Result<Option<UserMeta>, SyncError> {
     if kv.get(&keys::user(user))?.is_none() {
         return Ok(None);
     }
-    let prefix = keys::updates_of(user);
-    let meta = match (edge_u64(kv, &prefix, Order::Ascending)?, edge_u64(kv, &prefix, Order::Descending)?) {
-        (Some(first_pts), Some(pts)) => UserMeta { pts, first_pts },
+    let blocks = KeyRange::prefix(&keys::update_blocks_of(user));
+    let edge = |order| -> Result<Option<UpdateBlock>, SyncError> {
+        kv.scan(&blocks, order, 1)?.first().map(|(_, value)| records::decode("update block", value)).transpose()
+    };
+    let meta = match (edge(Order::Ascending)?, edge(Order::Descending)?) {
+        (Some(first), Some(last)) => UserMeta { pts: last.last(), first_pts: first.first },
         _ => UserMeta { pts: 0, first_pts: 1 },
     };
     Ok(Some(meta))
@@ -429,6 +439,25 @@ impl SyncMachine {
     /// outbox's first and last keys, past every deletion still buffered.
     fn outbox_meta(&mut self, kv: &impl KvRead, shard: ShardId, target: ShardId) -> Result<OutboxMeta, SyncError> {
         self.outboxes.get_or_load((shard, target), || read_outbox_meta(kv, target))
+    }
+
+    /// The block update `pts` (the user's next) goes into, taken out of the
+    /// cache of last blocks or read; a new block if `pts` starts one.
+    fn tail_block(&mut self, kv: &impl KvRead, user: UserId, pts: u64) -> Result<UpdateBlock, SyncError> {
+        let number = UpdateBlock::number_of(pts);
+        let block = match self.update_tails.remove(&user) {
+            Some(cached) if cached.last() + 1 == pts && UpdateBlock::number_of(cached.first) < number => None,
+            Some(cached) if UpdateBlock::number_of(cached.first) == number => Some(cached),
+            _ => get_record::<UpdateBlock>(kv, "update block", &keys::update_block(user, number))?,
+        };
+        match block {
+            Some(block) if block.last() + 1 == pts => Ok(block),
+            Some(block) => Err(SyncError::Corrupt {
+                what: "update block",
+                reason: format!("update {pts} does not follow the block's last, {}", block.last()),
+            }),
+            None => Ok(UpdateBlock { first: pts, kinds: Vec::new() }),
+        }
     }
 
     fn user_meta(&mut self, kv: &impl KvRead, user: UserId) -> Result<Option<UserMeta>, SyncError> {
@@ -855,18 +884,54 @@ impl SyncMachine {
             UpdateKind::ChatLeft { chat } => kv.delete(&keys::dialog(user, *chat)),
             _ => {}
         }
-        put_record(kv, &keys::update(user, meta.pts), &kind);
-        let mut trimmed = 0;
-        while meta.pts + 1 - meta.first_pts > self.updates_retained && trimmed < limits::UPDATES_TRIMMED_PER_APPEND_MAX
-        {
-            kv.delete(&keys::update(user, meta.first_pts));
-            meta.first_pts += 1;
-            trimmed += 1;
+        let mut tail = self.tail_block(kv, user, meta.pts)?;
+        tail.kinds.push(kind);
+        let oldest_kept = (meta.first_pts + limits::UPDATES_TRIMMED_PER_APPEND_MAX)
+            .min((meta.pts + 1).saturating_sub(self.updates_retained))
+            .max(meta.first_pts);
+        if oldest_kept > meta.first_pts {
+            trim_updates(kv, user, &mut tail, meta.first_pts, oldest_kept)?;
+            meta.first_pts = oldest_kept;
         }
+        put_record(kv, &keys::update_block(user, UpdateBlock::number_of(meta.pts)), &tail);
+        let weight = tail.kinds.len();
+        self.update_tails.insert(user, tail, weight);
         self.users.insert(user, meta, 1);
         self.updated_users.insert(user, meta.pts);
         Ok(())
     }
+}
+
+/// Drops a user's updates from `first` up to (not including) `oldest_kept`;
+/// the last block (`tail`, written by the caller) is changed in place.
+fn trim_updates(
+    kv: &mut impl KvWrite,
+    user: UserId,
+    tail: &mut UpdateBlock,
+    first: u64,
+    oldest_kept: u64,
+) -> Result<(), SyncError> {
+    let drop_front = |block: &mut UpdateBlock| {
+        let dropped = oldest_kept.saturating_sub(block.first).min(block.kinds.len() as u64);
+        block.kinds.drain(..dropped as usize);
+        block.first += dropped;
+    };
+    let tail_number = UpdateBlock::number_of(tail.first);
+    for number in UpdateBlock::number_of(first)..=UpdateBlock::number_of(oldest_kept - 1) {
+        if number == tail_number {
+            drop_front(tail); // never emptied: at least the newest update is retained
+            continue;
+        }
+        let key = keys::update_block(user, number);
+        let Some(mut block) = get_record::<UpdateBlock>(kv, "update block", &key)? else { continue };
+        drop_front(&mut block);
+        if block.kinds.is_empty() {
+            kv.delete(&key);
+        } else {
+            put_record(kv, &key, &block);
+        }
+    }
+    Ok(())
 }
 
 /// What [`SyncMachine::send`] stores.

@@ -41,13 +41,48 @@ pub struct UserRecord {
 }
 
 /// A user's update sequence position. Not stored: derived from the first
-/// and last update keys, cached by the state machine.
+/// and last update blocks, cached by the state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UserMeta {
     /// The last update's pts (0 before the first).
     pub pts: u64,
     /// The oldest retained update's pts.
     pub first_pts: u64,
+}
+
+/// Consecutive updates of one user's sequence, the first at pts `first`.
+/// Update pts P lives in block P / [`UPDATES_PER_BLOCK`]; trimming the
+/// oldest updates moves a block's `first` up, and a block left empty is
+/// deleted.
+///
+/// Why blocks: a busy user gains several updates between two write-outs of
+/// the database, and the database's cost follows the number of keys
+/// written; those updates then fold into one key. Reading a page of
+/// updates reads a few keys instead of one per update.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateBlock {
+    pub first: u64,
+    pub kinds: Vec<UpdateKind>,
+}
+
+/// Updates per block (at most about 800 bytes encoded).
+pub const UPDATES_PER_BLOCK: u64 = 32;
+
+impl UpdateBlock {
+    /// The block a pts falls in.
+    pub fn number_of(pts: u64) -> u64 {
+        pts / UPDATES_PER_BLOCK
+    }
+
+    /// The last update's pts (`first` itself for a block never left empty).
+    pub fn last(&self) -> u64 {
+        self.first + (self.kinds.len() as u64).saturating_sub(1)
+    }
+
+    /// The updates with their pts.
+    pub fn updates(&self) -> impl Iterator<Item = (u64, &UpdateKind)> {
+        (self.first..).zip(&self.kinds)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,8 @@ use crate::gallery;
 use crate::keys;
 use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members, scan_page};
 use crate::records::{
-    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UsageRecord, UserMeta, UserRecord,
+    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UpdateBlock, UsageRecord, UserMeta,
+    UserRecord,
 };
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{
@@ -412,17 +413,23 @@ impl SyncService {
             return Ok(DifferenceOutcome::TooLong { pts: meta.pts });
         }
         let limit = (limit as usize).clamp(1, limits::SYNC_PAGE_UPDATES_MAX);
-        let range =
-            KeyRange { start: keys::update(user, since + 1), end: KeyRange::prefix(&keys::updates_of(user)).end };
-        let pairs = self.user_reader(user).scan(&range, Order::Ascending, limit)?;
+        let range = KeyRange {
+            start: keys::update_block(user, UpdateBlock::number_of(since + 1)),
+            end: KeyRange::prefix(&keys::update_blocks_of(user)).end,
+        };
+        // The first block may start before `since`; one more covers that.
+        let blocks_needed = (limit as u64).div_ceil(records::UPDATES_PER_BLOCK) as usize + 1;
+        let blocks = self.user_reader(user).scan(&range, Order::Ascending, blocks_needed)?;
+        let blocks: Vec<UpdateBlock> =
+            blocks.iter().map(|(_, value)| records::decode("update block", value)).collect::<Result<_, _>>()?;
+        let page = blocks.iter().flat_map(UpdateBlock::updates).skip_while(|(pts, _)| *pts <= since).take(limit);
 
-        let mut updates = Vec::with_capacity(pairs.len());
+        let mut updates = Vec::with_capacity(limit);
         let mut messages = Vec::new();
         let mut seen: HashSet<(ChatId, u64)> = HashSet::new();
         let mut bytes = 0usize;
-        for (key, value) in pairs {
-            let pts = keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "update key", reason: "short".into() })?;
-            let kind: UpdateKind = records::decode("update", &value)?;
+        for (pts, kind) in page {
+            let kind = kind.clone();
             let pointer = match &kind {
                 UpdateKind::NewMessage { chat, seq }
                 | UpdateKind::MessageEdited { chat, seq }

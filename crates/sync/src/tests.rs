@@ -688,3 +688,89 @@ fn a_client_id_above_the_senders_highest_is_new_without_a_read_and_any_other_id_
     assert_eq!(send(&mut restarted, ali, 5_001), 6);
     assert_eq!(send(&mut restarted, sara, 10), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_are_trimmed_and_paged_across_their_blocks() {
+    let retained = 40;
+    let h = harness_with(1, retained).await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    for i in 0..150 {
+        h.send(chat, ali, i, "x").await.unwrap();
+    }
+    h.wait_pts(sara, 151).await;
+    let meta = h.service.user_meta(sara).unwrap().unwrap();
+    assert_eq!((meta.pts, meta.first_pts), (151, 151 + 1 - retained), "exactly the retained updates are left");
+    // From every position still held, small pages walk the rest without a gap.
+    for since in meta.first_pts - 1..=meta.pts {
+        let (mut at, mut seen) = (since, Vec::new());
+        loop {
+            let page = h.page(sara, at, 7);
+            seen.extend(page.updates.iter().map(|u| u.pts));
+            at = page.pts;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(seen, (since + 1..=meta.pts).collect::<Vec<_>>(), "from {since}");
+    }
+    let gone = meta.first_pts - 2;
+    assert_eq!(h.service.difference(sara, gone, 10).unwrap(), DifferenceOutcome::TooLong { pts: 151 });
+}
+
+#[test]
+fn a_restarted_machine_continues_a_users_update_blocks() {
+    use crate::records::{UPDATES_PER_BLOCK, UpdateBlock};
+    let db = hamgam_storage::CountingDb::default();
+    let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
+    let sign_up = |machine: &mut SyncMachine, name: &str| {
+        let command = Command::SignUp {
+            username_key: name.into(),
+            username: name.into(),
+            display_name: String::new(),
+            password_phc: "phc".into(),
+            now_ms: now(),
+        };
+        match apply_directly(machine, &db, &command) {
+            Reply::SignedUp { user } => user,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let mut machine = fresh_machine();
+    let (ali, sara) = (sign_up(&mut machine, "ali"), sign_up(&mut machine, "sara"));
+    let chat = crate::direct_chat_id(&machine_placement(), ali, sara);
+    apply_directly(&mut machine, &db, &Command::CreateDirect { chat, a: ali, b: sara, now_ms: now() });
+    let send = |machine: &mut SyncMachine, client_msg_id: u64| {
+        let command = Command::Send { chat, sender: ali, client_msg_id, text: "سلام".into(), now_ms: now() };
+        apply_directly(machine, &db, &command);
+    };
+    // The first machine stops inside the second block, the next one goes on.
+    for id in 0..40 {
+        send(&mut machine, id);
+    }
+    let mut restarted = fresh_machine();
+    for id in 40..80 {
+        send(&mut restarted, id);
+    }
+
+    let shard = Placement::new(1).shard_of_user(sara);
+    let reader = hamgam_storage::Prefixed::new(&db, &hamgam_raftstore::state_machine_prefix(shard));
+    let meta = crate::machine::read_user_meta(&reader, sara).unwrap().unwrap();
+    assert_eq!((meta.first_pts, meta.pts), (1, 81));
+    let range = hamgam_storage::KeyRange::prefix(&crate::keys::update_blocks_of(sara));
+    let blocks = hamgam_storage::KvRead::scan(&reader, &range, hamgam_storage::Order::Ascending, 10).unwrap();
+    assert_eq!(blocks.len() as u64, 81u64.div_ceil(UPDATES_PER_BLOCK), "one key per block, not per update");
+    let mut expected_pts = 1;
+    let mut seqs = Vec::new();
+    for (_, value) in &blocks {
+        let block: UpdateBlock = crate::records::decode("update block", value).unwrap();
+        for (pts, kind) in block.updates() {
+            assert_eq!(pts, expected_pts, "contiguous across blocks and the restart");
+            expected_pts += 1;
+            if let UpdateKind::NewMessage { seq, .. } = kind {
+                seqs.push(*seq);
+            }
+        }
+    }
+    assert_eq!(seqs, (1..=80).collect::<Vec<_>>());
+}
