@@ -19,7 +19,8 @@ const SHARD_META: u8 = 0x17;
 const CHAT: u8 = 0x20;
 // 0x21 was the chat seq table; a chat's last seq is now its last message key.
 const MEMBER: u8 = 0x22;
-const MESSAGE: u8 = 0x23;
+// 0x23 was one message per key; messages are now kept in blocks.
+const MESSAGE_BLOCK: u8 = 0x26;
 const DEDUP: u8 = 0x24;
 // The file shared in a message, by (chat, seq).
 const SHARED_FILE: u8 = 0x25;
@@ -104,8 +105,9 @@ pub fn members_of(chat: ChatId) -> Vec<u8> {
     key(MEMBER, &[chat.0])
 }
 
-pub fn message(chat: ChatId, seq: u64) -> Vec<u8> {
-    key(MESSAGE, &[chat.0, seq])
+/// The block of a chat's messages that starts at `first` (see `records::MessageBlock`).
+pub fn message_block(chat: ChatId, first: u64) -> Vec<u8> {
+    key(MESSAGE_BLOCK, &[chat.0, first])
 }
 
 pub fn shared_file(chat: ChatId, seq: u64) -> Vec<u8> {
@@ -117,8 +119,8 @@ pub fn all_shared_files() -> Vec<u8> {
     vec![SHARED_FILE]
 }
 
-pub fn messages_of(chat: ChatId) -> Vec<u8> {
-    key(MESSAGE, &[chat.0])
+pub fn message_blocks_of(chat: ChatId) -> Vec<u8> {
+    key(MESSAGE_BLOCK, &[chat.0])
 }
 
 pub fn dedup(chat: ChatId, sender: UserId, client_msg_id: u64) -> Vec<u8> {

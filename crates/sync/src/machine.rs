@@ -20,8 +20,8 @@ use crate::files;
 use crate::gallery;
 use crate::keys;
 use crate::records::{
-    self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageRecord, OutboxMeta, OutboxRecord, ShardMeta,
-    UpdateBlock, UserMeta, UserRecord,
+    self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageBlock, MessageRecord, OutboxMeta, OutboxRecord,
+    ShardMeta, UpdateBlock, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::store::SharedFile;
@@ -106,6 +106,10 @@ const CHATS_CACHED_MEMBERS_MAX: usize = 1_000_000;
 const USERS_CACHED_MAX: usize = 500_000;
 /// Updates held in the cache of users' last blocks (about 32 bytes each).
 const TAIL_UPDATES_CACHED_MAX: usize = 500_000;
+/// Messages held in the cache of chats' last blocks (a block's texts stop
+/// growing at 8 KiB plus one message, so at most about 1 GiB in the worst
+/// case, some 60 MiB for 256-byte messages).
+const TAIL_MESSAGES_CACHED_MAX: usize = 200_000;
 const COUNTERS_CACHED_MAX: usize = 500_000;
 
 /// A chat's record and members, as cached.
@@ -139,6 +143,8 @@ pub struct SyncMachine {
     users: BoundedCache<UserId, UserMeta>,
     /// Each recently active user's last update block (weighed by updates).
     update_tails: BoundedCache<UserId, UpdateBlock>,
+    /// Each recently active chat's last message block (weighed by messages).
+    message_tails: BoundedCache<ChatId, MessageBlock>,
     /// (source, target) -> the outbox's next seq and acknowledged position.
     outboxes: BoundedCache<(ShardId, ShardId), OutboxMeta>,
     /// Each target shard's inbox marks.
@@ -159,6 +165,7 @@ impl SyncMachine {
             highest_client_ids: BoundedCache::new(COUNTERS_CACHED_MAX),
             users: BoundedCache::new(USERS_CACHED_MAX),
             update_tails: BoundedCache::new(TAIL_UPDATES_CACHED_MAX),
+            message_tails: BoundedCache::new(TAIL_MESSAGES_CACHED_MAX),
             outboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
             inboxes: BoundedCache::new(COUNTERS_CACHED_MAX),
         }
@@ -203,6 +210,7 @@ impl StateMachine for SyncMachine {
         self.highest_client_ids.clear();
         self.users.clear();
         self.update_tails.clear();
+        self.message_tails.clear();
         self.outboxes.clear();
         self.inboxes.clear();
     }
@@ -267,9 +275,20 @@ pub(crate) fn scan_page(kv: &impl KvRead, range: &KeyRange, limit: usize) -> Res
     Ok((pairs, more))
 }
 
-/// A chat's last seq: its last message key (messages are never removed).
+/// A chat's last seq: the last message of its last block (messages are never removed).
 pub(crate) fn read_last_seq(kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncError> {
-    Ok(edge_u64(kv, &keys::messages_of(chat), Order::Descending)?.unwrap_or(0))
+    let last = kv.scan(&KeyRange::prefix(&keys::message_blocks_of(chat)), Order::Descending, 1)?;
+    let block: Option<MessageBlock> = last.first().map(|(_, value)| records::decode("message block", value)).transpose()?;
+    Ok(block.map_or(0, |block| block.last()))
+}
+
+/// The block holding message `seq` of a chat: the last block starting at
+/// or before it, if that reaches it.
+pub(crate) fn read_message_block(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<Option<MessageBlock>, SyncError> {
+    let up_to_seq = KeyRange::between(&keys::message_block(chat, 0), &keys::message_block(chat, seq.saturating_add(1)));
+    let Some((_, value)) = kv.scan(&up_to_seq, Order::Descending, 1)?.pop() else { return Ok(None) };
+    let block: MessageBlock = records::decode("message block", &value)?;
+    Ok((block.last() >= seq).then_some(block))
 }
 
 /// A user's position: the first update of the first block and the last of
@@ -353,9 +372,10 @@ impl SyncMachine {
         if highest.is_some_and(|highest| client_msg_id <= highest)
             && let Some(seq) = get_u64(kv, &dedup_key)?
         {
-            let first: MessageRecord = get_record(kv, "message", &keys::message(chat, seq))?
+            let date_ms = read_message_block(kv, chat, seq)?
+                .and_then(|block| block.get(seq).map(|first| first.date_ms))
                 .ok_or(SyncError::Corrupt { what: "message", reason: format!("dedup points at missing seq {seq}") })?;
-            return Ok(Reply::Sent { seq, date_ms: first.date_ms });
+            return Ok(Reply::Sent { seq, date_ms });
         }
         let seq = self.last_seq(kv, chat)? + 1;
         if let Some(file) = &file {
@@ -363,7 +383,11 @@ impl SyncMachine {
             put_record(kv, &keys::shared_file(chat, seq), file);
         }
         let record = MessageRecord { sender, date_ms: now_ms, text, edit_date_ms: None, deleted: false };
-        put_record(kv, &keys::message(chat, seq), &record);
+        let mut block = self.message_block_for(kv, chat, seq)?;
+        block.messages.push(record);
+        put_record(kv, &keys::message_block(chat, block.first), &block);
+        let weight = block.messages.len();
+        self.message_tails.insert(chat, block, weight);
         put_u64(kv, &dedup_key, seq);
         self.last_seqs.insert(chat, seq, 1);
         self.highest_client_ids.insert((chat, sender), highest.max(Some(client_msg_id)), 1);
@@ -439,6 +463,34 @@ impl SyncMachine {
     /// outbox's first and last keys, past every deletion still buffered.
     fn outbox_meta(&mut self, kv: &impl KvRead, shard: ShardId, target: ShardId) -> Result<OutboxMeta, SyncError> {
         self.outboxes.get_or_load((shard, target), || read_outbox_meta(kv, target))
+    }
+
+    /// The block message `seq` (the chat's next) goes into, taken out of the
+    /// cache of last blocks or read; a new block if the last one is full.
+    fn message_block_for(&mut self, kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<MessageBlock, SyncError> {
+        let last = match self.message_tails.remove(&chat) {
+            Some(cached) if cached.last() + 1 == seq => Some(cached),
+            _ if seq > 1 => read_message_block(kv, chat, seq - 1)?,
+            _ => None,
+        };
+        match last {
+            Some(block) if block.last() + 1 != seq => Err(SyncError::Corrupt {
+                what: "message block",
+                reason: format!("message {seq} does not follow the block's last, {}", block.last()),
+            }),
+            Some(block) if !block.is_full() => Ok(block),
+            _ => Ok(MessageBlock { first: seq, messages: Vec::new() }),
+        }
+    }
+
+    /// Writes back a block whose message changed (and the cached last block, if it is that one).
+    fn put_changed_message_block(&mut self, kv: &mut impl KvWrite, chat: ChatId, block: MessageBlock) {
+        put_record(kv, &keys::message_block(chat, block.first), &block);
+        if let Some(tail) = self.message_tails.get_mut(&chat)
+            && tail.first == block.first
+        {
+            *tail = block;
+        }
     }
 
     /// The block update `pts` (the user's next) goes into, taken out of the
@@ -703,14 +755,15 @@ impl SyncMachine {
             Command::Edit { chat, actor, seq, text, now_ms } => {
                 let state = self.existing_chat(kv, chat)?;
                 role_in(&state, actor)?;
-                let mut message = live_message(kv, chat, seq)?;
+                let mut block = live_message_block(kv, chat, seq)?;
+                let message = block.get_mut(seq).ok_or(SyncError::Domain(DomainError::MessageNotFound))?;
                 if message.sender != actor {
                     return refuse(DomainError::PermissionDenied("only the sender edits a message".into()));
                 }
                 text::check_message_text(&text)?;
                 message.text = text;
                 message.edit_date_ms = Some(now_ms);
-                put_record(kv, &keys::message(chat, seq), &message);
+                self.put_changed_message_block(kv, chat, block);
                 self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::MessageEdited { chat, seq })))?;
                 Ok(Reply::Done)
             }
@@ -718,7 +771,8 @@ impl SyncMachine {
             Command::Delete { chat, actor, seq } => {
                 let state = self.existing_chat(kv, chat)?;
                 let role = role_in(&state, actor)?;
-                let mut message = live_message(kv, chat, seq)?;
+                let mut block = live_message_block(kv, chat, seq)?;
+                let message = block.get_mut(seq).ok_or(SyncError::Domain(DomainError::MessageNotFound))?;
                 let moderator = state.record.kind == ChatKind::Group && role >= Role::Admin;
                 if message.sender != actor && !moderator {
                     return refuse(DomainError::PermissionDenied(
@@ -728,7 +782,7 @@ impl SyncMachine {
                 // Keep a tombstone so seq stays gap-free and devices learn of it.
                 message.text.clear();
                 message.deleted = true;
-                put_record(kv, &keys::message(chat, seq), &message);
+                self.put_changed_message_block(kv, chat, block);
                 kv.delete(&keys::shared_file(chat, seq));
                 self.emit(
                     shard,
@@ -944,9 +998,10 @@ struct NewMessage {
     now_ms: u64,
 }
 
-fn live_message(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<MessageRecord, SyncError> {
-    match get_record::<MessageRecord>(kv, "message", &keys::message(chat, seq))? {
-        Some(message) if !message.deleted => Ok(message),
+/// The block holding message `seq`, refused if there is no such message or it was deleted.
+fn live_message_block(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<MessageBlock, SyncError> {
+    match read_message_block(kv, chat, seq)? {
+        Some(block) if block.get(seq).is_some_and(|message| !message.deleted) => Ok(block),
         _ => refuse(DomainError::MessageNotFound),
     }
 }

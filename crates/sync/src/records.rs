@@ -120,6 +120,53 @@ pub struct MessageRecord {
     pub deleted: bool,
 }
 
+/// Consecutive messages of one chat, the first at seq `first` (the key is
+/// the chat and `first`). Seqs are gap-free and messages are never
+/// removed (a deleted one stays as a tombstone), so blocks tile a chat's
+/// log. A block takes messages until it holds [`MESSAGES_PER_BLOCK_MAX`]
+/// or its texts reach [`MESSAGE_BLOCK_TEXT_BYTES`]; the next message
+/// starts a new one.
+///
+/// Why blocks: a busy chat (a group, a channel) gains several messages
+/// between two write-outs of the database, which then cost one key written
+/// instead of one each; a page of history reads a few keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageBlock {
+    pub first: u64,
+    pub messages: Vec<MessageRecord>,
+}
+
+pub const MESSAGES_PER_BLOCK_MAX: usize = 16;
+/// Text bytes after which a block takes no more messages (one long message
+/// may pass it; a block stays under about 8 KiB plus one message).
+pub const MESSAGE_BLOCK_TEXT_BYTES: usize = 8 * 1024;
+
+impl MessageBlock {
+    /// The last message's seq.
+    pub fn last(&self) -> u64 {
+        self.first + (self.messages.len() as u64).saturating_sub(1)
+    }
+
+    pub fn get(&self, seq: u64) -> Option<&MessageRecord> {
+        self.messages.get(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+    }
+
+    pub fn get_mut(&mut self, seq: u64) -> Option<&mut MessageRecord> {
+        self.messages.get_mut(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+    }
+
+    /// Whether the next message starts a new block.
+    pub fn is_full(&self) -> bool {
+        self.messages.len() >= MESSAGES_PER_BLOCK_MAX
+            || self.messages.iter().map(|m| m.text.len()).sum::<usize>() >= MESSAGE_BLOCK_TEXT_BYTES
+    }
+
+    /// The messages with their seqs.
+    pub fn messages(&self) -> impl Iterator<Item = (u64, &MessageRecord)> {
+        (self.first..).zip(&self.messages)
+    }
+}
+
 /// Updates for users of one target shard, made by one command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRecord {

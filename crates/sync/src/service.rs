@@ -18,10 +18,12 @@ use crate::command::{Command, Reply};
 use crate::files::{self, ChunkRoot};
 use crate::gallery;
 use crate::keys;
-use crate::machine::{Signals, get_record, read_last_seq, read_outbox_meta, read_user_meta, scan_members, scan_page};
+use crate::machine::{
+    Signals, get_record, read_last_seq, read_message_block, read_outbox_meta, read_user_meta, scan_members, scan_page,
+};
 use crate::records::{
-    self, ChatRecord, DeviceRecord, MemberRecord, MessageRecord, OutboxRecord, UpdateBlock, UsageRecord, UserMeta,
-    UserRecord,
+    self, ChatRecord, DeviceRecord, MemberRecord, MessageBlock, MessageRecord, OutboxRecord, UpdateBlock, UsageRecord,
+    UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{
@@ -291,9 +293,28 @@ impl SyncService {
 
     // ---- messages ----------------------------------------------------------------
 
-    fn message(&self, chat: ChatId, seq: u64) -> Result<Option<Message>, SyncError> {
-        let record: Option<MessageRecord> = get_record(&self.chat_reader(chat), "message", &keys::message(chat, seq))?;
-        Ok(record.map(|r| to_message(chat, seq, r)))
+    /// Messages `first..=last` of a chat (those that exist), ascending.
+    fn messages_between(&self, chat: ChatId, first: u64, last: u64) -> Result<Vec<Message>, SyncError> {
+        let reader = self.chat_reader(chat);
+        let Some(start) = read_message_block(&reader, chat, first)? else { return Ok(Vec::new()) };
+        let mut messages = Vec::new();
+        let mut take = |block: &MessageBlock| {
+            let wanted = block.messages().filter(|(seq, _)| (first..=last).contains(seq));
+            messages.extend(wanted.map(|(seq, record)| to_message(chat, seq, record.clone())));
+        };
+        take(&start);
+        if start.last() < last {
+            let rest = KeyRange::between(
+                &keys::message_block(chat, start.last() + 1),
+                &keys::message_block(chat, last.saturating_add(1)),
+            );
+            // Each block holds at least one message of the range.
+            let blocks = usize::try_from(last - start.last()).unwrap_or(usize::MAX);
+            for (_, value) in reader.scan(&rest, Order::Ascending, blocks)? {
+                take(&records::decode("message block", &value)?);
+            }
+        }
+        Ok(messages)
     }
 
     /// A page of a chat's messages, ascending by seq; only for members.
@@ -307,29 +328,17 @@ impl SyncService {
         self.require_member(chat, viewer)?;
         let limit = (limit as usize).clamp(1, limits::HISTORY_PAGE_MAX);
         let last_seq = self.last_seq(chat)?;
-        let (range, order) = match anchor {
-            HistoryAnchor::Latest => (KeyRange::prefix(&keys::messages_of(chat)), Order::Descending),
+        // Seqs run from 1 to the last without a gap, so the page's seqs follow from the anchor.
+        let span = limit as u64 - 1;
+        let (first, last) = match anchor {
+            HistoryAnchor::Latest => (last_seq.saturating_sub(span).max(1), last_seq),
             HistoryAnchor::Before(seq) => {
-                (KeyRange::between(&keys::message(chat, 0), &keys::message(chat, seq)), Order::Descending)
+                let last = seq.saturating_sub(1).min(last_seq);
+                (last.saturating_sub(span).max(1), last)
             }
-            HistoryAnchor::After(seq) => (
-                KeyRange {
-                    start: keys::message(chat, seq.saturating_add(1)),
-                    end: KeyRange::prefix(&keys::messages_of(chat)).end,
-                },
-                Order::Ascending,
-            ),
+            HistoryAnchor::After(seq) => (seq.saturating_add(1), seq.saturating_add(1).saturating_add(span).min(last_seq)),
         };
-        let pairs = self.chat_reader(chat).scan(&range, order, limit)?;
-        let mut messages = pairs
-            .into_iter()
-            .map(|(key, value)| {
-                let seq =
-                    keys::last_u64(&key).ok_or(SyncError::Corrupt { what: "message key", reason: "short".into() })?;
-                Ok(to_message(chat, seq, records::decode("message", &value)?))
-            })
-            .collect::<Result<Vec<_>, SyncError>>()?;
-        messages.sort_by_key(|m| m.seq);
+        let messages = if first <= last { self.messages_between(chat, first, last)? } else { Vec::new() };
         // Seqs are gap-free from 1 (deleted messages stay as tombstones), so
         // the page's ends tell whether more exists on either side.
         let (more_before, more_after) = match (messages.first(), messages.last()) {
@@ -427,6 +436,7 @@ impl SyncService {
         let mut updates = Vec::with_capacity(limit);
         let mut messages = Vec::new();
         let mut seen: HashSet<(ChatId, u64)> = HashSet::new();
+        let mut blocks_read = MessageBlocksRead::default();
         let mut bytes = 0usize;
         for (pts, kind) in page {
             let kind = kind.clone();
@@ -440,7 +450,7 @@ impl SyncService {
             let mut message = None;
             if let Some(pointer) = pointer
                 && !seen.contains(&pointer)
-                && let Some(m) = self.message(pointer.0, pointer.1)?
+                && let Some(m) = blocks_read.message(self, pointer.0, pointer.1)?
             {
                 cost += MESSAGE_OVERHEAD_BYTES + m.text.len();
                 message = Some((pointer, m));
@@ -724,6 +734,26 @@ struct PairState {
 enum TaskDone {
     Delivered { target: ShardId, results: Vec<((ShardId, ShardId), Delivery)> },
     Acked { pair: (ShardId, ShardId), result: Result<u64, SyncError> },
+}
+
+/// The last message block read for each chat while building one sync page:
+/// a page's updates point at runs of messages, most of them in one block.
+#[derive(Default)]
+struct MessageBlocksRead {
+    last_of_chat: HashMap<ChatId, MessageBlock>,
+}
+
+impl MessageBlocksRead {
+    fn message(&mut self, service: &SyncService, chat: ChatId, seq: u64) -> Result<Option<Message>, SyncError> {
+        let held = self.last_of_chat.get(&chat).and_then(|block| block.get(seq));
+        if let Some(record) = held {
+            return Ok(Some(to_message(chat, seq, record.clone())));
+        }
+        let Some(block) = read_message_block(&service.chat_reader(chat), chat, seq)? else { return Ok(None) };
+        let message = block.get(seq).map(|record| to_message(chat, seq, record.clone()));
+        self.last_of_chat.insert(chat, block);
+        Ok(message)
+    }
 }
 
 fn to_message(chat: ChatId, seq: u64, record: MessageRecord) -> Message {

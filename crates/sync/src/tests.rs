@@ -719,8 +719,8 @@ async fn updates_are_trimmed_and_paged_across_their_blocks() {
 }
 
 #[test]
-fn a_restarted_machine_continues_a_users_update_blocks() {
-    use crate::records::{UPDATES_PER_BLOCK, UpdateBlock};
+fn a_restarted_machine_continues_the_update_and_message_blocks() {
+    use crate::records::{MESSAGES_PER_BLOCK_MAX, MessageBlock, UPDATES_PER_BLOCK, UpdateBlock};
     let db = hamgam_storage::CountingDb::default();
     let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
     let sign_up = |machine: &mut SyncMachine, name: &str| {
@@ -773,4 +773,75 @@ fn a_restarted_machine_continues_a_users_update_blocks() {
         }
     }
     assert_eq!(seqs, (1..=80).collect::<Vec<_>>());
+
+    let chat_shard = Placement::new(1).shard_of_chat(chat);
+    let reader = hamgam_storage::Prefixed::new(&db, &hamgam_raftstore::state_machine_prefix(chat_shard));
+    let range = hamgam_storage::KeyRange::prefix(&crate::keys::message_blocks_of(chat));
+    let blocks = hamgam_storage::KvRead::scan(&reader, &range, hamgam_storage::Order::Ascending, 100).unwrap();
+    assert_eq!(blocks.len(), 80usize.div_ceil(MESSAGES_PER_BLOCK_MAX), "short messages fill whole blocks");
+    let mut next_seq = 1;
+    for (_, value) in &blocks {
+        let block: MessageBlock = crate::records::decode("message block", value).unwrap();
+        for (seq, message) in block.messages() {
+            assert_eq!((seq, message.text.as_str()), (next_seq, "سلام"), "contiguous across blocks and the restart");
+            next_seq += 1;
+        }
+    }
+    assert_eq!(next_seq, 81);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_blocks_read_back_whole_across_edits_deletes_and_long_texts() {
+    let h = harness().await;
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    // Every seventh text is long (about 5 KiB), so blocks also close on bytes.
+    let text_of = |i: u64| if i % 7 == 0 { format!("{i} {}", "سلام دنیا ".repeat(300)) } else { format!("پیام {i}") };
+    let mut expected: Vec<(String, bool)> = Vec::new();
+    for i in 1..=100u64 {
+        assert_eq!(h.send(chat, ali, i, &text_of(i)).await.unwrap(), i);
+        expected.push((text_of(i), false));
+    }
+    // An edit in an old block, one of the newest message (in the chat's
+    // last block, which the state machine keeps), a delete; then more sends,
+    // which must not write the last block back without the edit.
+    for (seq, text) in [(5u64, "ویرایش پنج"), (100, "ویرایش صد")] {
+        h.service.execute(Command::Edit { chat, actor: ali, seq, text: text.into(), now_ms: now() }).await.unwrap();
+        expected[seq as usize - 1].0 = text.into();
+    }
+    h.service.execute(Command::Delete { chat, actor: ali, seq: 50 }).await.unwrap();
+    expected[49] = (String::new(), true);
+    for i in 101..=105u64 {
+        h.send(chat, ali, i, &text_of(i)).await.unwrap();
+        expected.push((text_of(i), false));
+    }
+    let as_expected = |messages: &[hamgam_proto::Message]| {
+        messages.iter().map(|m| (m.seq, m.text.clone(), m.deleted)).collect::<Vec<_>>()
+    };
+    let all: Vec<_> = expected.iter().enumerate().map(|(i, (t, d))| (i as u64 + 1, t.clone(), *d)).collect();
+
+    // Backwards from the newest in pages of 7, forwards from the start in pages of 13.
+    let mut page = h.service.history(chat, sara, HistoryAnchor::Latest, 7).unwrap();
+    let mut backwards = as_expected(&page.messages);
+    while page.more_before {
+        let first = page.messages[0].seq;
+        page = h.service.history(chat, sara, HistoryAnchor::Before(first), 7).unwrap();
+        backwards.splice(0..0, as_expected(&page.messages));
+    }
+    assert_eq!(backwards, all);
+    let (mut after, mut forwards) = (0, Vec::new());
+    loop {
+        let page = h.service.history(chat, sara, HistoryAnchor::After(after), 13).unwrap();
+        forwards.extend(as_expected(&page.messages));
+        after = page.messages.last().map_or(after, |m| m.seq);
+        if !page.more_after {
+            break;
+        }
+    }
+    assert_eq!(forwards, all);
+
+    // A sync page carries each message once, in its current state.
+    h.wait_pts(sara, 1 + 105 + 3).await;
+    let page = h.page(sara, 0, 1000);
+    assert_eq!(as_expected(&page.messages), all);
 }
