@@ -21,7 +21,8 @@ const CHAT: u8 = 0x20;
 const MEMBER: u8 = 0x22;
 // 0x23 was one message per key; messages are now kept in blocks.
 const MESSAGE_BLOCK: u8 = 0x26;
-const DEDUP: u8 = 0x24;
+// 0x24 was one client id per key; they are now kept in blocks.
+const DEDUP_BLOCK: u8 = 0x27;
 // The file shared in a message, by (chat, seq).
 const SHARED_FILE: u8 = 0x25;
 // The cloud store's tables, in a user's shard.
@@ -123,13 +124,14 @@ pub fn message_blocks_of(chat: ChatId) -> Vec<u8> {
     key(MESSAGE_BLOCK, &[chat.0])
 }
 
-pub fn dedup(chat: ChatId, sender: UserId, client_msg_id: u64) -> Vec<u8> {
-    key(DEDUP, &[chat.0, sender.0, client_msg_id])
+/// The block of a sender's client ids in a chat that starts at `first_id` (see `records::DedupBlock`).
+pub fn dedup_block(chat: ChatId, sender: UserId, first_id: u64) -> Vec<u8> {
+    key(DEDUP_BLOCK, &[chat.0, sender.0, first_id])
 }
 
-/// A sender's dedup keys in a chat, in client id order.
-pub fn dedups_of(chat: ChatId, sender: UserId) -> Vec<u8> {
-    key(DEDUP, &[chat.0, sender.0])
+/// A sender's dedup blocks in a chat, in client id order.
+pub fn dedup_blocks_of(chat: ChatId, sender: UserId) -> Vec<u8> {
+    key(DEDUP_BLOCK, &[chat.0, sender.0])
 }
 
 pub fn outbox(target: ShardId, seq: u64) -> Vec<u8> {

@@ -20,7 +20,7 @@ use crate::files;
 use crate::gallery;
 use crate::keys;
 use crate::records::{
-    self, ChatRecord, DeviceRecord, InboxMarks, MemberRecord, MessageBlock, MessageRecord, OutboxMeta, OutboxRecord,
+    self, ChatRecord, DedupBlock, DeviceRecord, InboxMarks, MemberRecord, MessageBlock, MessageRecord, OutboxMeta, OutboxRecord,
     ShardMeta, UpdateBlock, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
@@ -111,6 +111,8 @@ const TAIL_UPDATES_CACHED_MAX: usize = 500_000;
 /// case, some 60 MiB for 256-byte messages).
 const TAIL_MESSAGES_CACHED_MAX: usize = 200_000;
 const COUNTERS_CACHED_MAX: usize = 500_000;
+/// Senders' last blocks of client ids (up to 32 ids, about 0.5 KiB each).
+const DEDUP_TAILS_CACHED_MAX: usize = 100_000;
 
 /// A chat's record and members, as cached.
 #[derive(Debug, Clone)]
@@ -138,8 +140,8 @@ pub struct SyncMachine {
     updates_retained: u64,
     chats: BoundedCache<ChatId, ChatState>,
     last_seqs: BoundedCache<ChatId, u64>,
-    /// (chat, sender) -> the highest client message id used, if any.
-    highest_client_ids: BoundedCache<(ChatId, UserId), Option<u64>>,
+    /// (chat, sender) -> the block of the highest client message ids used, if any.
+    dedup_tails: BoundedCache<(ChatId, UserId), Option<DedupBlock>>,
     users: BoundedCache<UserId, UserMeta>,
     /// Each recently active user's last update block (weighed by updates).
     update_tails: BoundedCache<UserId, UpdateBlock>,
@@ -162,7 +164,7 @@ impl SyncMachine {
             updates_retained: limits::UPDATES_RETAINED_PER_USER,
             chats: BoundedCache::new(CHATS_CACHED_MEMBERS_MAX),
             last_seqs: BoundedCache::new(COUNTERS_CACHED_MAX),
-            highest_client_ids: BoundedCache::new(COUNTERS_CACHED_MAX),
+            dedup_tails: BoundedCache::new(DEDUP_TAILS_CACHED_MAX),
             users: BoundedCache::new(USERS_CACHED_MAX),
             update_tails: BoundedCache::new(TAIL_UPDATES_CACHED_MAX),
             message_tails: BoundedCache::new(TAIL_MESSAGES_CACHED_MAX),
@@ -207,7 +209,7 @@ impl StateMachine for SyncMachine {
         // Rare (a replica far behind); dropping every cache is simplest and safe.
         self.chats.clear();
         self.last_seqs.clear();
-        self.highest_client_ids.clear();
+        self.dedup_tails.clear();
         self.users.clear();
         self.update_tails.clear();
         self.message_tails.clear();
@@ -280,6 +282,61 @@ pub(crate) fn read_last_seq(kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncE
     let last = kv.scan(&KeyRange::prefix(&keys::message_blocks_of(chat)), Order::Descending, 1)?;
     let block: Option<MessageBlock> = last.first().map(|(_, value)| records::decode("message block", value)).transpose()?;
     Ok(block.map_or(0, |block| block.last()))
+}
+
+/// The block that holds (or would hold) a sender's client id: the last one
+/// starting at or before it. `None` if the id is below every block.
+fn read_dedup_block(
+    kv: &impl KvRead,
+    chat: ChatId,
+    sender: UserId,
+    client_msg_id: u64,
+) -> Result<Option<DedupBlock>, SyncError> {
+    let start = keys::dedup_block(chat, sender, 0);
+    let up_to_id = KeyRange::between(&start, &keys::dedup_block(chat, sender, client_msg_id.saturating_add(1)));
+    let Some((_, value)) = kv.scan(&up_to_id, Order::Descending, 1)?.pop() else { return Ok(None) };
+    Ok(Some(records::decode("dedup block", &value)?))
+}
+
+/// Stores that `client_msg_id` made `seq`, given the sender's last block and,
+/// for an id below the highest, the block it falls in. Returns the sender's
+/// last block as it is now.
+fn record_client_id(
+    kv: &mut impl KvWrite,
+    (chat, sender): (ChatId, UserId),
+    (client_msg_id, seq): (u64, u64),
+    last: Option<DedupBlock>,
+    older_block: Option<DedupBlock>,
+) -> Option<DedupBlock> {
+    let mut put = |block: &DedupBlock| {
+        if let Some(first) = block.first_id() {
+            put_record(kv, &keys::dedup_block(chat, sender, first), block);
+        }
+    };
+    let is_new_highest = last.as_ref().and_then(DedupBlock::last_id).is_none_or(|highest| client_msg_id > highest);
+    if is_new_highest {
+        let mut tail = match last {
+            Some(last) if last.ids.len() < records::DEDUP_BLOCK_IDS => last,
+            _ => DedupBlock::default(),
+        };
+        tail.ids.push((client_msg_id, seq));
+        put(&tail);
+        return Some(tail);
+    }
+    // Below the highest: into the block it falls in, or a block of its own
+    // below every other.
+    let mut block = older_block.unwrap_or_default();
+    let was_last = block.first_id().is_some() && block.first_id() == last.as_ref().and_then(DedupBlock::first_id);
+    let upper = block.insert(client_msg_id, seq);
+    put(&block);
+    if let Some(upper) = &upper {
+        put(upper);
+    }
+    match (was_last, upper) {
+        (true, Some(upper)) => Some(upper),
+        (true, None) => Some(block),
+        (false, _) => last,
+    }
 }
 
 /// The block holding message `seq` of a chat: the last block starting at
@@ -364,14 +421,25 @@ impl SyncMachine {
         let NewMessage { chat, sender, client_msg_id, text, file, now_ms } = new;
         let state = self.existing_chat(kv, chat)?;
         role_in(&state, sender)?;
-        let dedup_key = keys::dedup(chat, sender, client_msg_id);
         // An id above every id this sender used in the chat cannot be a
-        // retry: no read. Clients choose ids that grow with time, so this
-        // is the common case; any other id is looked up.
-        let highest = self.highest_client_id(kv, chat, sender)?;
-        if highest.is_some_and(|highest| client_msg_id <= highest)
-            && let Some(seq) = get_u64(kv, &dedup_key)?
-        {
+        // retry: no read (the sender's last block is cached). Clients choose
+        // ids that grow with time, so this is the common case; any other id
+        // is looked up in its block.
+        let last_ids = self.last_dedup_block(kv, chat, sender)?;
+        let older_block = match &last_ids {
+            Some(last) if last.last_id().is_some_and(|highest| client_msg_id <= highest) => {
+                if last.first_id().is_some_and(|first| first <= client_msg_id) {
+                    Some(last.clone())
+                } else {
+                    read_dedup_block(kv, chat, sender, client_msg_id)?
+                }
+            }
+            _ => None,
+        };
+        if let Some(seq) = older_block.as_ref().and_then(|block| block.seq_of(client_msg_id)) {
+            if let Some(last) = last_ids {
+                self.dedup_tails.insert((chat, sender), Some(last), 1);
+            }
             let date_ms = read_message_block(kv, chat, seq)?
                 .and_then(|block| block.get(seq).map(|first| first.date_ms))
                 .ok_or(SyncError::Corrupt { what: "message", reason: format!("dedup points at missing seq {seq}") })?;
@@ -388,9 +456,9 @@ impl SyncMachine {
         put_record(kv, &keys::message_block(chat, block.first), &block);
         let weight = block.messages.len();
         self.message_tails.insert(chat, block, weight);
-        put_u64(kv, &dedup_key, seq);
+        let last_ids = record_client_id(kv, (chat, sender), (client_msg_id, seq), last_ids, older_block);
+        self.dedup_tails.insert((chat, sender), last_ids, 1);
         self.last_seqs.insert(chat, seq, 1);
-        self.highest_client_ids.insert((chat, sender), highest.max(Some(client_msg_id)), 1);
         self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
         Ok(Reply::Sent { seq, date_ms: now_ms })
     }
@@ -452,11 +520,19 @@ impl SyncMachine {
         self.last_seqs.get_or_load(chat, || read_last_seq(kv, chat))
     }
 
-    /// The highest client message id `sender` has used in `chat`: the last
-    /// of its dedup keys, which are never removed.
-    fn highest_client_id(&mut self, kv: &impl KvRead, chat: ChatId, sender: UserId) -> Result<Option<u64>, SyncError> {
-        let last_dedup_key = || edge_u64(kv, &keys::dedups_of(chat, sender), Order::Descending);
-        self.highest_client_ids.get_or_load((chat, sender), last_dedup_key)
+    /// The last block of client ids `sender` has used in `chat` (the highest
+    /// ids; blocks are never removed), taken out of the cache or read.
+    fn last_dedup_block(
+        &mut self,
+        kv: &impl KvRead,
+        chat: ChatId,
+        sender: UserId,
+    ) -> Result<Option<DedupBlock>, SyncError> {
+        if let Some(cached) = self.dedup_tails.remove(&(chat, sender)) {
+            return Ok(cached);
+        }
+        let last = kv.scan(&KeyRange::prefix(&keys::dedup_blocks_of(chat, sender)), Order::Descending, 1)?;
+        last.first().map(|(_, value)| records::decode("dedup block", value)).transpose()
     }
 
     /// The outbox from `shard` to `target`. Cached: reading it scans the

@@ -167,6 +167,45 @@ impl MessageBlock {
     }
 }
 
+/// Client message ids one sender used in one chat, with the seqs they made,
+/// sorted by id (the key is the chat, the sender and the first id). Blocks
+/// tile the id space: the block for an id is the last one whose first id
+/// is at or below it. An id above every other (clients make them grow with
+/// time) goes to the end of the last block, or starts a new block once that
+/// holds [`DEDUP_BLOCK_IDS`]; an older, unseen id goes into its block in
+/// order, and a block that passes twice that is split in two.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupBlock {
+    pub ids: Vec<(u64, u64)>,
+}
+
+pub const DEDUP_BLOCK_IDS: usize = 32;
+
+impl DedupBlock {
+    pub fn first_id(&self) -> Option<u64> {
+        self.ids.first().map(|(id, _)| *id)
+    }
+
+    pub fn last_id(&self) -> Option<u64> {
+        self.ids.last().map(|(id, _)| *id)
+    }
+
+    /// The seq a client id made, if it is in this block.
+    pub fn seq_of(&self, client_msg_id: u64) -> Option<u64> {
+        let at = self.ids.binary_search_by_key(&client_msg_id, |(id, _)| *id).ok()?;
+        Some(self.ids[at].1)
+    }
+
+    /// Adds an id this block does not hold, in order; if the block then
+    /// holds more than twice [`DEDUP_BLOCK_IDS`], its upper half is split
+    /// off and returned (to be stored under its own first id).
+    pub fn insert(&mut self, client_msg_id: u64, seq: u64) -> Option<DedupBlock> {
+        let at = self.ids.partition_point(|(id, _)| *id < client_msg_id);
+        self.ids.insert(at, (client_msg_id, seq));
+        (self.ids.len() > 2 * DEDUP_BLOCK_IDS).then(|| DedupBlock { ids: self.ids.split_off(self.ids.len() / 2) })
+    }
+}
+
 /// Updates for users of one target shard, made by one command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRecord {

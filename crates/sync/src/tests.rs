@@ -845,3 +845,62 @@ async fn messages_in_blocks_read_back_whole_across_edits_deletes_and_long_texts(
     let page = h.page(sara, 0, 1000);
     assert_eq!(as_expected(&page.messages), all);
 }
+
+#[test]
+fn client_ids_in_any_order_make_one_message_each_across_dedup_blocks() {
+    let db = hamgam_storage::CountingDb::default();
+    let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
+    let mut machine = fresh_machine();
+    let mut sign_up = |name: &str| {
+        let command = Command::SignUp {
+            username_key: name.into(),
+            username: name.into(),
+            display_name: String::new(),
+            password_phc: "phc".into(),
+            now_ms: now(),
+        };
+        match apply_directly(&mut machine, &db, &command) {
+            Reply::SignedUp { user } => user,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let (ali, sara) = (sign_up("ali"), sign_up("sara"));
+    let chat = crate::direct_chat_id(&machine_placement(), ali, sara);
+    apply_directly(&mut machine, &db, &Command::CreateDirect { chat, a: ali, b: sara, now_ms: now() });
+    let send = |machine: &mut SyncMachine, client_msg_id: u64| {
+        let command = Command::Send { chat, sender: ali, client_msg_id, text: "سلام".into(), now_ms: now() };
+        match apply_directly(machine, &db, &command) {
+            Reply::Sent { seq, .. } => seq,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // Every fourth id in order fills blocks; the others, newest first, then
+    // land inside them (and below every block), splitting blocks that grow
+    // too large.
+    let mut made = std::collections::BTreeMap::new();
+    for id in (4..=400).step_by(4).chain((1..400).rev().filter(|id| id % 4 != 0)) {
+        let seq = send(&mut machine, id);
+        assert_eq!(seq, made.len() as u64 + 1, "id {id} is new: a new message");
+        made.insert(id, seq);
+    }
+    // Every id, retried in a running machine and after a restart, gives its first seq.
+    let mut restarted = fresh_machine();
+    for (id, seq) in &made {
+        assert_eq!(send(&mut machine, *id), *seq, "retry of {id}");
+        assert_eq!(send(&mut restarted, *id), *seq, "retry of {id} after a restart");
+    }
+    assert_eq!(send(&mut restarted, 1_000), 401, "a new highest after the restart");
+    assert_eq!(send(&mut restarted, 0), 402, "an id below every block");
+    assert_eq!(send(&mut restarted, 0), 402);
+
+    let shard = Placement::new(1).shard_of_chat(chat);
+    let reader = hamgam_storage::Prefixed::new(&db, &hamgam_raftstore::state_machine_prefix(shard));
+    let range = hamgam_storage::KeyRange::prefix(&crate::keys::dedup_blocks_of(chat, ali));
+    let blocks = hamgam_storage::KvRead::scan(&reader, &range, hamgam_storage::Order::Ascending, 1000).unwrap();
+    let sizes: Vec<usize> = blocks
+        .iter()
+        .map(|(_, value)| crate::records::decode::<crate::records::DedupBlock>("dedup block", value).unwrap().ids.len())
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 402);
+    assert!(sizes.iter().all(|&n| n <= 2 * crate::records::DEDUP_BLOCK_IDS), "split blocks stay bounded: {sizes:?}");
+}
