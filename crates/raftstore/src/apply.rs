@@ -805,7 +805,8 @@ impl Applier {
                 pre_images.record(&*db, batch.ops().iter().map(|(key, _)| key.as_slice()))?;
             }
         }
-        db.write(&batch)?;
+        let keys_written = batch.len() as u64;
+        db.write_owned(batch)?;
         if conf_changed {
             // A restart takes the shard's configuration from the database;
             // one older than what the node already acted on could let it
@@ -814,7 +815,7 @@ impl Applier {
             db.persist()?;
         }
         self.stats.apply_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.keys_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.keys_written.fetch_add(keys_written, Ordering::Relaxed);
         let replacing = |shard: &ShardId| self.busy.get(shard).is_some_and(Busy::replacing_range);
         for (shard, state) in self.states.iter().filter(|(shard, _)| !replacing(shard)) {
             if let Some(applied) = self.progress.applied.get(shard) {

@@ -51,6 +51,12 @@ pub trait Db: KvRead + Send + Sync + std::fmt::Debug {
     /// either all of it or none of it is visible.
     fn write(&self, batch: &WriteBatch) -> Result<(), StorageError>;
 
+    /// [`Db::write`] for a caller that is done with the batch: a database
+    /// that keeps writes in memory takes them over instead of copying them.
+    fn write_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.write(&batch)
+    }
+
     /// Applies the writes key by key, not atomically: a crash may leave any
     /// part of them. For a caller that keeps its own record to
     /// finish the batch after a crash; in return the database's readers are

@@ -20,6 +20,10 @@ impl WriteBatch {
         &self.ops
     }
 
+    pub fn into_ops(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.ops
+    }
+
     /// The writes, borrowed, in order.
     pub fn key_writes(&self) -> impl Iterator<Item = KeyWrite<'_>> {
         self.ops.iter().map(|(key, value)| (key.as_slice(), value.as_deref()))

@@ -230,18 +230,20 @@ impl<D: Db + 'static> KvRead for WriteBehind<D> {
     }
 }
 
-impl<D: Db + 'static> Db for WriteBehind<D> {
-    fn write(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+impl<D: Db + 'static> WriteBehind<D> {
+    /// Puts writes into the active table; wakes the flusher once the table
+    /// is due, or writes out here if the flusher is far behind.
+    fn take(&self, writes: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StorageError> {
         let bytes = {
             let mut tables = self.shared.write();
             if let Some(failed) = &tables.failed {
                 return Err(StorageError::Backend(failed.clone()));
             }
-            for (key, value) in batch.ops() {
-                let added = key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES;
-                tables.active_bytes += added;
-                if let Some(old) = tables.active.insert(key.clone(), value.clone()) {
-                    tables.active_bytes -= key.len() + old.map_or(0, |v| v.len()) + ENTRY_OVERHEAD_BYTES;
+            for (key, value) in writes {
+                let key_len = key.len();
+                tables.active_bytes += key_len + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES;
+                if let Some(old) = tables.active.insert(key, value) {
+                    tables.active_bytes -= key_len + old.map_or(0, |v| v.len()) + ENTRY_OVERHEAD_BYTES;
                 }
             }
             tables.active_bytes
@@ -258,6 +260,16 @@ impl<D: Db + 'static> Db for WriteBehind<D> {
             }
         }
         Ok(())
+    }
+}
+
+impl<D: Db + 'static> Db for WriteBehind<D> {
+    fn write(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        self.take(batch.ops().iter().cloned())
+    }
+
+    fn write_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.take(batch.into_ops().into_iter())
     }
 
     fn persist(&self) -> Result<(), StorageError> {
@@ -428,7 +440,7 @@ mod tests {
     /// same writes, whatever part of them has reached the database.
     fn check_against_model(db: &WriteBehind<MemDb>, ops: &[Op], lo: u8, hi: u8, limit: usize) {
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             let mut batch = WriteBatch::default();
             match op {
                 Op::Put(k, v) => {
@@ -443,7 +455,12 @@ mod tests {
                     db.shared.write_out().unwrap();
                 }
             }
-            db.write(&batch).unwrap();
+            // Both ways in: copied from the caller's batch, and taken over.
+            if i % 2 == 0 {
+                db.write(&batch).unwrap();
+            } else {
+                db.write_owned(batch).unwrap();
+            }
             let range = KeyRange::between(&[lo], &[hi]);
             for order in [Order::Ascending, Order::Descending] {
                 let got = db.scan(&range, order, limit).unwrap();
