@@ -51,6 +51,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// Decodes one value from the start of `bytes` and says how many bytes it
+/// took, for values laid end to end.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice(bytes, config()).map_err(map_decode_error)
+}
+
 /// Reads the variant index at the start of an encoded enum without decoding
 /// the rest, so an unknown request kind can be told apart from a broken one.
 pub fn peek_variant_index(bytes: &[u8]) -> Option<u32> {
@@ -67,6 +73,16 @@ fn map_decode_error(error: bincode::error::DecodeError) -> CodecError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_laid_end_to_end_decode_one_by_one() {
+        let mut bytes = encode(&7u64).unwrap();
+        encode_into(&String::from("سلام"), &mut bytes).unwrap();
+        let (first, used) = decode_prefix::<u64>(&bytes).unwrap();
+        let (second, rest) = decode_prefix::<String>(&bytes[used..]).unwrap();
+        assert_eq!((first, second.as_str(), used + rest), (7, "سلام", bytes.len()));
+        assert!(decode_prefix::<String>(&bytes[used..bytes.len() - 1]).is_err(), "a cut value is an error");
+    }
 
     #[test]
     fn round_trips_and_rejects_trailing_bytes() {

@@ -20,8 +20,8 @@ use crate::files;
 use crate::gallery;
 use crate::keys;
 use crate::records::{
-    self, ChatRecord, DedupBlock, DeviceRecord, InboxMarks, MemberRecord, MessageBlock, MessageRecord, OutboxMeta, OutboxRecord,
-    ShardMeta, UpdateBlock, UserMeta, UserRecord,
+    self, ChatRecord, DedupBlock, DeviceRecord, Held, InboxMarks, MemberRecord, MessageBlock, MessageRecord, OutboxMeta,
+    OutboxRecord, ShardMeta, UpdateBlock, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError, text};
 use hamgam_proto::store::SharedFile;
@@ -141,12 +141,12 @@ pub struct SyncMachine {
     chats: BoundedCache<ChatId, ChatState>,
     last_seqs: BoundedCache<ChatId, u64>,
     /// (chat, sender) -> the block of the highest client message ids used, if any.
-    dedup_tails: BoundedCache<(ChatId, UserId), Option<DedupBlock>>,
+    dedup_tails: BoundedCache<(ChatId, UserId), Option<Held<DedupBlock>>>,
     users: BoundedCache<UserId, UserMeta>,
     /// Each recently active user's last update block (weighed by updates).
-    update_tails: BoundedCache<UserId, UpdateBlock>,
+    update_tails: BoundedCache<UserId, Held<UpdateBlock>>,
     /// Each recently active chat's last message block (weighed by messages).
-    message_tails: BoundedCache<ChatId, MessageBlock>,
+    message_tails: BoundedCache<ChatId, Held<MessageBlock>>,
     /// (source, target) -> the outbox's next seq and acknowledged position.
     outboxes: BoundedCache<(ShardId, ShardId), OutboxMeta>,
     /// Each target shard's inbox marks.
@@ -280,7 +280,8 @@ pub(crate) fn scan_page(kv: &impl KvRead, range: &KeyRange, limit: usize) -> Res
 /// A chat's last seq: the last message of its last block (messages are never removed).
 pub(crate) fn read_last_seq(kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncError> {
     let last = kv.scan(&KeyRange::prefix(&keys::message_blocks_of(chat)), Order::Descending, 1)?;
-    let block: Option<MessageBlock> = last.first().map(|(_, value)| records::decode("message block", value)).transpose()?;
+    let block: Option<MessageBlock> =
+        last.first().map(|(_, value)| records::decode_block("message block", value)).transpose()?;
     Ok(block.map_or(0, |block| block.last()))
 }
 
@@ -291,11 +292,11 @@ fn read_dedup_block(
     chat: ChatId,
     sender: UserId,
     client_msg_id: u64,
-) -> Result<Option<DedupBlock>, SyncError> {
+) -> Result<Option<Held<DedupBlock>>, SyncError> {
     let start = keys::dedup_block(chat, sender, 0);
     let up_to_id = KeyRange::between(&start, &keys::dedup_block(chat, sender, client_msg_id.saturating_add(1)));
     let Some((_, value)) = kv.scan(&up_to_id, Order::Descending, 1)?.pop() else { return Ok(None) };
-    Ok(Some(records::decode("dedup block", &value)?))
+    Ok(Some(Held::decode("dedup block", value)?))
 }
 
 /// Stores that `client_msg_id` made `seq`, given the sender's last block and,
@@ -305,29 +306,31 @@ fn record_client_id(
     kv: &mut impl KvWrite,
     (chat, sender): (ChatId, UserId),
     (client_msg_id, seq): (u64, u64),
-    last: Option<DedupBlock>,
-    older_block: Option<DedupBlock>,
-) -> Option<DedupBlock> {
-    let mut put = |block: &DedupBlock| {
-        if let Some(first) = block.first_id() {
-            put_record(kv, &keys::dedup_block(chat, sender, first), block);
+    last: Option<Held<DedupBlock>>,
+    older_block: Option<Held<DedupBlock>>,
+) -> Option<Held<DedupBlock>> {
+    let mut put = |held: &Held<DedupBlock>| {
+        if let Some(first) = held.block.first_id() {
+            kv.put(&keys::dedup_block(chat, sender, first), held.stored.clone());
         }
     };
-    let is_new_highest = last.as_ref().and_then(DedupBlock::last_id).is_none_or(|highest| client_msg_id > highest);
-    if is_new_highest {
+    let highest = last.as_ref().and_then(|last| last.block.last_id());
+    if highest.is_none_or(|highest| client_msg_id > highest) {
         let mut tail = match last {
-            Some(last) if last.ids.len() < records::DEDUP_BLOCK_IDS => last,
-            _ => DedupBlock::default(),
+            Some(last) if last.block.ids.len() < records::DEDUP_BLOCK_IDS => last,
+            _ => Held::new(DedupBlock::default()),
         };
-        tail.ids.push((client_msg_id, seq));
+        tail.push((client_msg_id, seq));
         put(&tail);
         return Some(tail);
     }
     // Below the highest: into the block it falls in, or a block of its own
     // below every other.
-    let mut block = older_block.unwrap_or_default();
-    let was_last = block.first_id().is_some() && block.first_id() == last.as_ref().and_then(DedupBlock::first_id);
-    let upper = block.insert(client_msg_id, seq);
+    let mut block = older_block.unwrap_or_else(|| Held::new(DedupBlock::default()));
+    let first_of = |held: &Held<DedupBlock>| held.block.first_id();
+    let was_last = first_of(&block).is_some() && first_of(&block) == last.as_ref().and_then(first_of);
+    let upper = block.block.insert(client_msg_id, seq).map(Held::new);
+    block.changed();
     put(&block);
     if let Some(upper) = &upper {
         put(upper);
@@ -341,11 +344,15 @@ fn record_client_id(
 
 /// The block holding message `seq` of a chat: the last block starting at
 /// or before it, if that reaches it.
-pub(crate) fn read_message_block(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<Option<MessageBlock>, SyncError> {
+pub(crate) fn read_message_block(
+    kv: &impl KvRead,
+    chat: ChatId,
+    seq: u64,
+) -> Result<Option<Held<MessageBlock>>, SyncError> {
     let up_to_seq = KeyRange::between(&keys::message_block(chat, 0), &keys::message_block(chat, seq.saturating_add(1)));
     let Some((_, value)) = kv.scan(&up_to_seq, Order::Descending, 1)?.pop() else { return Ok(None) };
-    let block: MessageBlock = records::decode("message block", &value)?;
-    Ok((block.last() >= seq).then_some(block))
+    let held: Held<MessageBlock> = Held::decode("message block", value)?;
+    Ok((held.block.last() >= seq).then_some(held))
 }
 
 /// A user's position: the first update of the first block and the last of
@@ -356,7 +363,7 @@ pub(crate) fn read_user_meta(kv: &impl KvRead, user: UserId) -> Result<Option<Us
     }
     let blocks = KeyRange::prefix(&keys::update_blocks_of(user));
     let edge = |order| -> Result<Option<UpdateBlock>, SyncError> {
-        kv.scan(&blocks, order, 1)?.first().map(|(_, value)| records::decode("update block", value)).transpose()
+        kv.scan(&blocks, order, 1)?.first().map(|(_, value)| records::decode_block("update block", value)).transpose()
     };
     let meta = match (edge(Order::Ascending)?, edge(Order::Descending)?) {
         (Some(first), Some(last)) => UserMeta { pts: last.last(), first_pts: first.first },
@@ -427,8 +434,8 @@ impl SyncMachine {
         // is looked up in its block.
         let last_ids = self.last_dedup_block(kv, chat, sender)?;
         let older_block = match &last_ids {
-            Some(last) if last.last_id().is_some_and(|highest| client_msg_id <= highest) => {
-                if last.first_id().is_some_and(|first| first <= client_msg_id) {
+            Some(last) if last.block.last_id().is_some_and(|highest| client_msg_id <= highest) => {
+                if last.block.first_id().is_some_and(|first| first <= client_msg_id) {
                     Some(last.clone())
                 } else {
                     read_dedup_block(kv, chat, sender, client_msg_id)?
@@ -436,12 +443,12 @@ impl SyncMachine {
             }
             _ => None,
         };
-        if let Some(seq) = older_block.as_ref().and_then(|block| block.seq_of(client_msg_id)) {
+        if let Some(seq) = older_block.as_ref().and_then(|held| held.block.seq_of(client_msg_id)) {
             if let Some(last) = last_ids {
                 self.dedup_tails.insert((chat, sender), Some(last), 1);
             }
             let date_ms = read_message_block(kv, chat, seq)?
-                .and_then(|block| block.get(seq).map(|first| first.date_ms))
+                .and_then(|held| held.block.get(seq).map(|first| first.date_ms))
                 .ok_or(SyncError::Corrupt { what: "message", reason: format!("dedup points at missing seq {seq}") })?;
             return Ok(Reply::Sent { seq, date_ms });
         }
@@ -452,9 +459,9 @@ impl SyncMachine {
         }
         let record = MessageRecord { sender, date_ms: now_ms, text, edit_date_ms: None, deleted: false };
         let mut block = self.message_block_for(kv, chat, seq)?;
-        block.messages.push(record);
-        put_record(kv, &keys::message_block(chat, block.first), &block);
-        let weight = block.messages.len();
+        block.push(record);
+        kv.put(&keys::message_block(chat, block.block.first), block.stored.clone());
+        let weight = block.block.messages.len();
         self.message_tails.insert(chat, block, weight);
         let last_ids = record_client_id(kv, (chat, sender), (client_msg_id, seq), last_ids, older_block);
         self.dedup_tails.insert((chat, sender), last_ids, 1);
@@ -527,12 +534,12 @@ impl SyncMachine {
         kv: &impl KvRead,
         chat: ChatId,
         sender: UserId,
-    ) -> Result<Option<DedupBlock>, SyncError> {
+    ) -> Result<Option<Held<DedupBlock>>, SyncError> {
         if let Some(cached) = self.dedup_tails.remove(&(chat, sender)) {
             return Ok(cached);
         }
         let last = kv.scan(&KeyRange::prefix(&keys::dedup_blocks_of(chat, sender)), Order::Descending, 1)?;
-        last.first().map(|(_, value)| records::decode("dedup block", value)).transpose()
+        last.into_iter().next().map(|(_, value)| Held::decode("dedup block", value)).transpose()
     }
 
     /// The outbox from `shard` to `target`. Cached: reading it scans the
@@ -543,48 +550,60 @@ impl SyncMachine {
 
     /// The block message `seq` (the chat's next) goes into, taken out of the
     /// cache of last blocks or read; a new block if the last one is full.
-    fn message_block_for(&mut self, kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<MessageBlock, SyncError> {
+    fn message_block_for(
+        &mut self,
+        kv: &impl KvRead,
+        chat: ChatId,
+        seq: u64,
+    ) -> Result<Held<MessageBlock>, SyncError> {
         let last = match self.message_tails.remove(&chat) {
-            Some(cached) if cached.last() + 1 == seq => Some(cached),
+            Some(cached) if cached.block.last() + 1 == seq => Some(cached),
             _ if seq > 1 => read_message_block(kv, chat, seq - 1)?,
             _ => None,
         };
         match last {
-            Some(block) if block.last() + 1 != seq => Err(SyncError::Corrupt {
+            Some(held) if held.block.last() + 1 != seq => Err(SyncError::Corrupt {
                 what: "message block",
-                reason: format!("message {seq} does not follow the block's last, {}", block.last()),
+                reason: format!("message {seq} does not follow the block's last, {}", held.block.last()),
             }),
-            Some(block) if !block.is_full() => Ok(block),
-            _ => Ok(MessageBlock { first: seq, messages: Vec::new() }),
+            Some(held) if !held.block.is_full() => Ok(held),
+            _ => Ok(Held::new(MessageBlock { first: seq, messages: Vec::new() })),
         }
     }
 
-    /// Writes back a block whose message changed (and the cached last block, if it is that one).
-    fn put_changed_message_block(&mut self, kv: &mut impl KvWrite, chat: ChatId, block: MessageBlock) {
-        put_record(kv, &keys::message_block(chat, block.first), &block);
+    /// Writes back a block whose message changed in place (and the cached
+    /// last block, if it is that one).
+    fn put_changed_message_block(&mut self, kv: &mut impl KvWrite, chat: ChatId, mut held: Held<MessageBlock>) {
+        held.changed();
+        kv.put(&keys::message_block(chat, held.block.first), held.stored.clone());
         if let Some(tail) = self.message_tails.get_mut(&chat)
-            && tail.first == block.first
+            && tail.block.first == held.block.first
         {
-            *tail = block;
+            *tail = held;
         }
     }
 
     /// The block update `pts` (the user's next) goes into, taken out of the
     /// cache of last blocks or read; a new block if `pts` starts one.
-    fn tail_block(&mut self, kv: &impl KvRead, user: UserId, pts: u64) -> Result<UpdateBlock, SyncError> {
+    fn tail_block(&mut self, kv: &impl KvRead, user: UserId, pts: u64) -> Result<Held<UpdateBlock>, SyncError> {
         let number = UpdateBlock::number_of(pts);
-        let block = match self.update_tails.remove(&user) {
-            Some(cached) if cached.last() + 1 == pts && UpdateBlock::number_of(cached.first) < number => None,
-            Some(cached) if UpdateBlock::number_of(cached.first) == number => Some(cached),
-            _ => get_record::<UpdateBlock>(kv, "update block", &keys::update_block(user, number))?,
+        let held = match self.update_tails.remove(&user) {
+            Some(cached) if cached.block.last() + 1 == pts && UpdateBlock::number_of(cached.block.first) < number => {
+                None
+            }
+            Some(cached) if UpdateBlock::number_of(cached.block.first) == number => Some(cached),
+            _ => {
+                let stored = kv.get(&keys::update_block(user, number))?;
+                stored.map(|stored| Held::decode("update block", stored)).transpose()?
+            }
         };
-        match block {
-            Some(block) if block.last() + 1 == pts => Ok(block),
-            Some(block) => Err(SyncError::Corrupt {
+        match held {
+            Some(held) if held.block.last() + 1 == pts => Ok(held),
+            Some(held) => Err(SyncError::Corrupt {
                 what: "update block",
-                reason: format!("update {pts} does not follow the block's last, {}", block.last()),
+                reason: format!("update {pts} does not follow the block's last, {}", held.block.last()),
             }),
-            None => Ok(UpdateBlock { first: pts, kinds: Vec::new() }),
+            None => Ok(Held::new(UpdateBlock { first: pts, kinds: Vec::new() })),
         }
     }
 
@@ -832,7 +851,7 @@ impl SyncMachine {
                 let state = self.existing_chat(kv, chat)?;
                 role_in(&state, actor)?;
                 let mut block = live_message_block(kv, chat, seq)?;
-                let message = block.get_mut(seq).ok_or(SyncError::Domain(DomainError::MessageNotFound))?;
+                let message = block.block.get_mut(seq).ok_or(SyncError::Domain(DomainError::MessageNotFound))?;
                 if message.sender != actor {
                     return refuse(DomainError::PermissionDenied("only the sender edits a message".into()));
                 }
@@ -848,7 +867,7 @@ impl SyncMachine {
                 let state = self.existing_chat(kv, chat)?;
                 let role = role_in(&state, actor)?;
                 let mut block = live_message_block(kv, chat, seq)?;
-                let message = block.get_mut(seq).ok_or(SyncError::Domain(DomainError::MessageNotFound))?;
+                let message = block.block.get_mut(seq).ok_or(SyncError::Domain(DomainError::MessageNotFound))?;
                 let moderator = state.record.kind == ChatKind::Group && role >= Role::Admin;
                 if message.sender != actor && !moderator {
                     return refuse(DomainError::PermissionDenied(
@@ -1015,16 +1034,17 @@ impl SyncMachine {
             _ => {}
         }
         let mut tail = self.tail_block(kv, user, meta.pts)?;
-        tail.kinds.push(kind);
+        tail.push(kind);
         let oldest_kept = (meta.first_pts + limits::UPDATES_TRIMMED_PER_APPEND_MAX)
             .min((meta.pts + 1).saturating_sub(self.updates_retained))
             .max(meta.first_pts);
         if oldest_kept > meta.first_pts {
-            trim_updates(kv, user, &mut tail, meta.first_pts, oldest_kept)?;
+            trim_updates(kv, user, &mut tail.block, meta.first_pts, oldest_kept)?;
+            tail.changed();
             meta.first_pts = oldest_kept;
         }
-        put_record(kv, &keys::update_block(user, UpdateBlock::number_of(meta.pts)), &tail);
-        let weight = tail.kinds.len();
+        kv.put(&keys::update_block(user, UpdateBlock::number_of(meta.pts)), tail.stored.clone());
+        let weight = tail.block.kinds.len();
         self.update_tails.insert(user, tail, weight);
         self.users.insert(user, meta, 1);
         self.updated_users.insert(user, meta.pts);
@@ -1053,12 +1073,13 @@ fn trim_updates(
             continue;
         }
         let key = keys::update_block(user, number);
-        let Some(mut block) = get_record::<UpdateBlock>(kv, "update block", &key)? else { continue };
+        let Some(stored) = kv.get(&key)? else { continue };
+        let mut block: UpdateBlock = records::decode_block("update block", &stored)?;
         drop_front(&mut block);
         if block.kinds.is_empty() {
             kv.delete(&key);
         } else {
-            put_record(kv, &key, &block);
+            kv.put(&key, records::encode_block(&block));
         }
     }
     Ok(())
@@ -1075,9 +1096,9 @@ struct NewMessage {
 }
 
 /// The block holding message `seq`, refused if there is no such message or it was deleted.
-fn live_message_block(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<MessageBlock, SyncError> {
+fn live_message_block(kv: &impl KvRead, chat: ChatId, seq: u64) -> Result<Held<MessageBlock>, SyncError> {
     match read_message_block(kv, chat, seq)? {
-        Some(block) if block.get(seq).is_some_and(|message| !message.deleted) => Ok(block),
+        Some(held) if held.block.get(seq).is_some_and(|message| !message.deleted) => Ok(held),
         _ => refuse(DomainError::MessageNotFound),
     }
 }

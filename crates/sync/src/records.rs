@@ -19,6 +19,83 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
+/// A record kept as several items to a key: messages, updates, client ids.
+///
+/// Stored as the version byte, the block's header, then its items end to
+/// end without a count, so adding an item to a block appends the item's
+/// encoding and leaves the stored bytes before it alone ([`Held::push`]).
+pub trait Block: Sized {
+    type Header: Serialize + DeserializeOwned;
+    type Item: Serialize + DeserializeOwned;
+    fn header(&self) -> Self::Header;
+    fn items(&self) -> &[Self::Item];
+    fn items_mut(&mut self) -> &mut Vec<Self::Item>;
+    fn from_parts(header: Self::Header, items: Vec<Self::Item>) -> Self;
+}
+
+pub fn encode_block<B: Block>(block: &B) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    encode_item(&block.header(), &mut out);
+    for item in block.items() {
+        encode_item(item, &mut out);
+    }
+    out
+}
+
+fn encode_item<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    // Items are plain values of bounded size: encoding cannot fail.
+    if let Err(error) = codec::encode_into(value, out) {
+        unreachable!("encoding a stored record failed: {error}");
+    }
+}
+
+pub fn decode_block<B: Block>(what: &'static str, bytes: &[u8]) -> Result<B, SyncError> {
+    let corrupt = |reason: String| SyncError::Corrupt { what, reason };
+    let body = match bytes.split_first() {
+        Some((&RECORD_VERSION, body)) => body,
+        Some((version, _)) => return Err(corrupt(format!("unknown record version {version}"))),
+        None => return Err(corrupt("empty record".into())),
+    };
+    let (header, mut at) = codec::decode_prefix(body).map_err(|e| corrupt(e.to_string()))?;
+    let mut items = Vec::new();
+    while at < body.len() {
+        let (item, used) = codec::decode_prefix(&body[at..]).map_err(|e| corrupt(e.to_string()))?;
+        items.push(item);
+        at += used;
+    }
+    Ok(B::from_parts(header, items))
+}
+
+/// A block as the state machine keeps it between commands: decoded, and
+/// as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held<B> {
+    pub block: B,
+    pub stored: Vec<u8>,
+}
+
+impl<B: Block> Held<B> {
+    pub fn new(block: B) -> Self {
+        let stored = encode_block(&block);
+        Held { block, stored }
+    }
+
+    pub fn decode(what: &'static str, stored: Vec<u8>) -> Result<Self, SyncError> {
+        Ok(Held { block: decode_block(what, &stored)?, stored })
+    }
+
+    /// Adds an item at the end: its encoding is appended to the stored bytes.
+    pub fn push(&mut self, item: B::Item) {
+        encode_item(&item, &mut self.stored);
+        self.block.items_mut().push(item);
+    }
+
+    /// Encodes the block again after its items were changed in place.
+    pub fn changed(&mut self) {
+        self.stored = encode_block(&self.block);
+    }
+}
+
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, SyncError> {
     match bytes.split_first() {
         Some((&RECORD_VERSION, body)) => {
@@ -59,7 +136,7 @@ pub struct UserMeta {
 /// the database, and the database's cost follows the number of keys
 /// written; those updates then fold into one key. Reading a page of
 /// updates reads a few keys instead of one per update.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpdateBlock {
     pub first: u64,
     pub kinds: Vec<UpdateKind>,
@@ -130,7 +207,7 @@ pub struct MessageRecord {
 /// Why blocks: a busy chat (a group, a channel) gains several messages
 /// between two write-outs of the database, which then cost one key written
 /// instead of one each; a page of history reads a few keys.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageBlock {
     pub first: u64,
     pub messages: Vec<MessageRecord>,
@@ -174,7 +251,7 @@ impl MessageBlock {
 /// time) goes to the end of the last block, or starts a new block once that
 /// holds [`DEDUP_BLOCK_IDS`]; an older, unseen id goes into its block in
 /// order, and a block that passes twice that is split in two.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DedupBlock {
     pub ids: Vec<(u64, u64)>,
 }
@@ -285,4 +362,83 @@ pub struct UsageRecord {
     pub used_bytes: u64,
     pub files: u64,
     pub snapshots: u64,
+}
+
+impl Block for UpdateBlock {
+    type Header = u64;
+    type Item = UpdateKind;
+    fn header(&self) -> u64 {
+        self.first
+    }
+    fn items(&self) -> &[UpdateKind] {
+        &self.kinds
+    }
+    fn items_mut(&mut self) -> &mut Vec<UpdateKind> {
+        &mut self.kinds
+    }
+    fn from_parts(first: u64, kinds: Vec<UpdateKind>) -> Self {
+        UpdateBlock { first, kinds }
+    }
+}
+
+impl Block for MessageBlock {
+    type Header = u64;
+    type Item = MessageRecord;
+    fn header(&self) -> u64 {
+        self.first
+    }
+    fn items(&self) -> &[MessageRecord] {
+        &self.messages
+    }
+    fn items_mut(&mut self) -> &mut Vec<MessageRecord> {
+        &mut self.messages
+    }
+    fn from_parts(first: u64, messages: Vec<MessageRecord>) -> Self {
+        MessageBlock { first, messages }
+    }
+}
+
+impl Block for DedupBlock {
+    type Header = ();
+    type Item = (u64, u64);
+    fn header(&self) {}
+    fn items(&self) -> &[(u64, u64)] {
+        &self.ids
+    }
+    fn items_mut(&mut self) -> &mut Vec<(u64, u64)> {
+        &mut self.ids
+    }
+    fn from_parts((): (), ids: Vec<(u64, u64)>) -> Self {
+        DedupBlock { ids }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hamgam_types::ChatId;
+
+    /// Appending to a held block gives the bytes a whole new encoding gives,
+    /// and they decode back to the block; a cut block is refused.
+    #[test]
+    fn a_block_grown_item_by_item_is_stored_as_if_encoded_whole() {
+        let mut held = Held::new(MessageBlock { first: 17, messages: Vec::new() });
+        for i in 0..5u64 {
+            let text = "سلام ".repeat(i as usize * 40);
+            held.push(MessageRecord { sender: UserId(i), date_ms: i, text, edit_date_ms: None, deleted: i == 3 });
+        }
+        assert_eq!(held.stored, encode_block(&held.block));
+        let decoded: MessageBlock = decode_block("message block", &held.stored).unwrap();
+        assert_eq!(decoded, held.block);
+        assert!(decode_block::<MessageBlock>("message block", &held.stored[..held.stored.len() - 1]).is_err());
+
+        let mut updates = Held::new(UpdateBlock { first: 64, kinds: Vec::new() });
+        updates.push(UpdateKind::NewMessage { chat: ChatId(9), seq: 1 });
+        updates.push(UpdateKind::ChatJoined { chat: ChatId(9) });
+        assert_eq!(decode_block::<UpdateBlock>("update block", &updates.stored).unwrap(), updates.block);
+        let mut ids = Held::new(DedupBlock::default());
+        ids.push((5, 1));
+        assert_eq!(decode_block::<DedupBlock>("dedup block", &ids.stored).unwrap().ids, vec![(5, 1)]);
+        assert_eq!(Held::<DedupBlock>::decode("dedup block", ids.stored.clone()).unwrap(), ids);
+    }
 }

@@ -22,8 +22,8 @@ use crate::machine::{
     Signals, get_record, read_last_seq, read_message_block, read_outbox_meta, read_user_meta, scan_members, scan_page,
 };
 use crate::records::{
-    self, ChatRecord, DeviceRecord, MemberRecord, MessageBlock, MessageRecord, OutboxRecord, UpdateBlock, UsageRecord,
-    UserMeta, UserRecord,
+    self, ChatRecord, DeviceRecord, Held, MemberRecord, MessageBlock, MessageRecord, OutboxRecord, UpdateBlock,
+    UsageRecord, UserMeta, UserRecord,
 };
 use crate::{DomainError, SyncError};
 use hamgam_proto::store::{
@@ -296,7 +296,7 @@ impl SyncService {
     /// Messages `first..=last` of a chat (those that exist), ascending.
     fn messages_between(&self, chat: ChatId, first: u64, last: u64) -> Result<Vec<Message>, SyncError> {
         let reader = self.chat_reader(chat);
-        let Some(start) = read_message_block(&reader, chat, first)? else { return Ok(Vec::new()) };
+        let Some(Held { block: start, .. }) = read_message_block(&reader, chat, first)? else { return Ok(Vec::new()) };
         let mut messages = Vec::new();
         let mut take = |block: &MessageBlock| {
             let wanted = block.messages().filter(|(seq, _)| (first..=last).contains(seq));
@@ -311,7 +311,7 @@ impl SyncService {
             // Each block holds at least one message of the range.
             let blocks = usize::try_from(last - start.last()).unwrap_or(usize::MAX);
             for (_, value) in reader.scan(&rest, Order::Ascending, blocks)? {
-                take(&records::decode("message block", &value)?);
+                take(&records::decode_block("message block", &value)?);
             }
         }
         Ok(messages)
@@ -336,7 +336,10 @@ impl SyncService {
                 let last = seq.saturating_sub(1).min(last_seq);
                 (last.saturating_sub(span).max(1), last)
             }
-            HistoryAnchor::After(seq) => (seq.saturating_add(1), seq.saturating_add(1).saturating_add(span).min(last_seq)),
+            HistoryAnchor::After(seq) => {
+                let first = seq.saturating_add(1);
+                (first, first.saturating_add(span).min(last_seq))
+            }
         };
         let messages = if first <= last { self.messages_between(chat, first, last)? } else { Vec::new() };
         // Seqs are gap-free from 1 (deleted messages stay as tombstones), so
@@ -430,7 +433,7 @@ impl SyncService {
         let blocks_needed = (limit as u64).div_ceil(records::UPDATES_PER_BLOCK) as usize + 1;
         let blocks = self.user_reader(user).scan(&range, Order::Ascending, blocks_needed)?;
         let blocks: Vec<UpdateBlock> =
-            blocks.iter().map(|(_, value)| records::decode("update block", value)).collect::<Result<_, _>>()?;
+            blocks.iter().map(|(_, value)| records::decode_block("update block", value)).collect::<Result<_, _>>()?;
         let page = blocks.iter().flat_map(UpdateBlock::updates).skip_while(|(pts, _)| *pts <= since).take(limit);
 
         let mut updates = Vec::with_capacity(limit);
@@ -749,7 +752,8 @@ impl MessageBlocksRead {
         if let Some(record) = held {
             return Ok(Some(to_message(chat, seq, record.clone())));
         }
-        let Some(block) = read_message_block(&service.chat_reader(chat), chat, seq)? else { return Ok(None) };
+        let reader = service.chat_reader(chat);
+        let Some(Held { block, .. }) = read_message_block(&reader, chat, seq)? else { return Ok(None) };
         let message = block.get(seq).map(|record| to_message(chat, seq, record.clone()));
         self.last_of_chat.insert(chat, block);
         Ok(message)

@@ -763,7 +763,7 @@ fn a_restarted_machine_continues_the_update_and_message_blocks() {
     let mut expected_pts = 1;
     let mut seqs = Vec::new();
     for (_, value) in &blocks {
-        let block: UpdateBlock = crate::records::decode("update block", value).unwrap();
+        let block: UpdateBlock = crate::records::decode_block("update block", value).unwrap();
         for (pts, kind) in block.updates() {
             assert_eq!(pts, expected_pts, "contiguous across blocks and the restart");
             expected_pts += 1;
@@ -781,7 +781,7 @@ fn a_restarted_machine_continues_the_update_and_message_blocks() {
     assert_eq!(blocks.len(), 80usize.div_ceil(MESSAGES_PER_BLOCK_MAX), "short messages fill whole blocks");
     let mut next_seq = 1;
     for (_, value) in &blocks {
-        let block: MessageBlock = crate::records::decode("message block", value).unwrap();
+        let block: MessageBlock = crate::records::decode_block("message block", value).unwrap();
         for (seq, message) in block.messages() {
             assert_eq!((seq, message.text.as_str()), (next_seq, "سلام"), "contiguous across blocks and the restart");
             next_seq += 1;
@@ -899,7 +899,10 @@ fn client_ids_in_any_order_make_one_message_each_across_dedup_blocks() {
     let blocks = hamgam_storage::KvRead::scan(&reader, &range, hamgam_storage::Order::Ascending, 1000).unwrap();
     let sizes: Vec<usize> = blocks
         .iter()
-        .map(|(_, value)| crate::records::decode::<crate::records::DedupBlock>("dedup block", value).unwrap().ids.len())
+        .map(|(_, value)| {
+            let block: crate::records::DedupBlock = crate::records::decode_block("dedup block", value).unwrap();
+            block.ids.len()
+        })
         .collect();
     assert_eq!(sizes.iter().sum::<usize>(), 402);
     assert!(sizes.iter().all(|&n| n <= 2 * crate::records::DEDUP_BLOCK_IDS), "split blocks stay bounded: {sizes:?}");
