@@ -640,12 +640,14 @@ fn machine_placement() -> Placement {
     Placement::new(1)
 }
 
-#[test]
-fn a_client_id_above_the_senders_highest_is_new_without_a_read_and_any_other_id_is_checked() {
-    let db = hamgam_storage::CountingDb::default();
-    let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
-    let mut machine = fresh_machine();
-    let sign_up = |machine: &mut SyncMachine, name: &str| {
+/// A state machine as a node starts it, applied to directly.
+fn fresh_machine() -> SyncMachine {
+    SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())))
+}
+
+/// Ali and Sara, signed up through `machine`, and their direct chat.
+fn ali_and_sara(machine: &mut SyncMachine, db: &hamgam_storage::CountingDb) -> (UserId, UserId, ChatId) {
+    let mut sign_up = |name: &str| {
         let command = Command::SignUp {
             username_key: name.into(),
             username: name.into(),
@@ -653,20 +655,39 @@ fn a_client_id_above_the_senders_highest_is_new_without_a_read_and_any_other_id_
             password_phc: "phc".into(),
             now_ms: now(),
         };
-        match apply_directly(machine, &db, &command) {
+        match apply_directly(machine, db, &command) {
             Reply::SignedUp { user } => user,
             other => panic!("unexpected {other:?}"),
         }
     };
-    let (ali, sara) = (sign_up(&mut machine, "ali"), sign_up(&mut machine, "sara"));
+    let (ali, sara) = (sign_up("ali"), sign_up("sara"));
     let chat = crate::direct_chat_id(&machine_placement(), ali, sara);
-    apply_directly(&mut machine, &db, &Command::CreateDirect { chat, a: ali, b: sara, now_ms: now() });
+    apply_directly(machine, db, &Command::CreateDirect { chat, a: ali, b: sara, now_ms: now() });
+    (ali, sara, chat)
+}
+
+/// Sends "سلام" straight through `machine`; the message's seq.
+fn send_directly(
+    machine: &mut SyncMachine,
+    db: &hamgam_storage::CountingDb,
+    chat: ChatId,
+    sender: UserId,
+    client_msg_id: u64,
+) -> u64 {
+    let command = Command::Send { chat, sender, client_msg_id, text: "سلام".into(), now_ms: now() };
+    match apply_directly(machine, db, &command) {
+        Reply::Sent { seq, .. } => seq,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_client_id_above_the_senders_highest_is_new_without_a_read_and_any_other_id_is_checked() {
+    let db = hamgam_storage::CountingDb::default();
+    let mut machine = fresh_machine();
+    let (ali, sara, chat) = ali_and_sara(&mut machine, &db);
     let send = |machine: &mut SyncMachine, sender: UserId, client_msg_id: u64| {
-        let command = Command::Send { chat, sender, client_msg_id, text: "سلام".into(), now_ms: now() };
-        match apply_directly(machine, &db, &command) {
-            Reply::Sent { seq, .. } => seq,
-            other => panic!("unexpected {other:?}"),
-        }
+        send_directly(machine, &db, chat, sender, client_msg_id)
     };
 
     assert_eq!(send(&mut machine, ali, 1_000), 1);
@@ -722,28 +743,9 @@ async fn updates_are_trimmed_and_paged_across_their_blocks() {
 fn a_restarted_machine_continues_the_update_and_message_blocks() {
     use crate::records::{MESSAGES_PER_BLOCK_MAX, MessageBlock, UPDATES_PER_BLOCK, UpdateBlock};
     let db = hamgam_storage::CountingDb::default();
-    let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
-    let sign_up = |machine: &mut SyncMachine, name: &str| {
-        let command = Command::SignUp {
-            username_key: name.into(),
-            username: name.into(),
-            display_name: String::new(),
-            password_phc: "phc".into(),
-            now_ms: now(),
-        };
-        match apply_directly(machine, &db, &command) {
-            Reply::SignedUp { user } => user,
-            other => panic!("unexpected {other:?}"),
-        }
-    };
     let mut machine = fresh_machine();
-    let (ali, sara) = (sign_up(&mut machine, "ali"), sign_up(&mut machine, "sara"));
-    let chat = crate::direct_chat_id(&machine_placement(), ali, sara);
-    apply_directly(&mut machine, &db, &Command::CreateDirect { chat, a: ali, b: sara, now_ms: now() });
-    let send = |machine: &mut SyncMachine, client_msg_id: u64| {
-        let command = Command::Send { chat, sender: ali, client_msg_id, text: "سلام".into(), now_ms: now() };
-        apply_directly(machine, &db, &command);
-    };
+    let (ali, sara, chat) = ali_and_sara(&mut machine, &db);
+    let send = |machine: &mut SyncMachine, client_msg_id: u64| send_directly(machine, &db, chat, ali, client_msg_id);
     // The first machine stops inside the second block, the next one goes on.
     for id in 0..40 {
         send(&mut machine, id);
@@ -849,31 +851,9 @@ async fn messages_in_blocks_read_back_whole_across_edits_deletes_and_long_texts(
 #[test]
 fn client_ids_in_any_order_make_one_message_each_across_dedup_blocks() {
     let db = hamgam_storage::CountingDb::default();
-    let fresh_machine = || SyncMachine::new(machine_placement(), Signals::new(Arc::new(Recorder::default())));
     let mut machine = fresh_machine();
-    let mut sign_up = |name: &str| {
-        let command = Command::SignUp {
-            username_key: name.into(),
-            username: name.into(),
-            display_name: String::new(),
-            password_phc: "phc".into(),
-            now_ms: now(),
-        };
-        match apply_directly(&mut machine, &db, &command) {
-            Reply::SignedUp { user } => user,
-            other => panic!("unexpected {other:?}"),
-        }
-    };
-    let (ali, sara) = (sign_up("ali"), sign_up("sara"));
-    let chat = crate::direct_chat_id(&machine_placement(), ali, sara);
-    apply_directly(&mut machine, &db, &Command::CreateDirect { chat, a: ali, b: sara, now_ms: now() });
-    let send = |machine: &mut SyncMachine, client_msg_id: u64| {
-        let command = Command::Send { chat, sender: ali, client_msg_id, text: "سلام".into(), now_ms: now() };
-        match apply_directly(machine, &db, &command) {
-            Reply::Sent { seq, .. } => seq,
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let (ali, _, chat) = ali_and_sara(&mut machine, &db);
+    let send = |machine: &mut SyncMachine, client_msg_id: u64| send_directly(machine, &db, chat, ali, client_msg_id);
     // Every fourth id in order fills blocks; the others, newest first, then
     // land inside them (and below every block), splitting blocks that grow
     // too large.
