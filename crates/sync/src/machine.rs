@@ -139,14 +139,14 @@ pub struct SyncMachine {
     /// Updates kept per user; every replica must use the same value.
     updates_retained: u64,
     chats: BoundedCache<ChatId, ChatState>,
-    last_seqs: BoundedCache<ChatId, u64>,
     /// (chat, sender) -> the block of the highest client message ids used, if any.
     dedup_tails: BoundedCache<(ChatId, UserId), Option<Held<DedupBlock>>>,
     users: BoundedCache<UserId, UserMeta>,
     /// Each recently active user's last update block (weighed by updates).
     update_tails: BoundedCache<UserId, Held<UpdateBlock>>,
-    /// Each recently active chat's last message block (weighed by messages).
-    message_tails: BoundedCache<ChatId, Held<MessageBlock>>,
+    /// Each recently active chat's last message block, `None` for a chat
+    /// without messages (weighed by messages). Its last seq is the chat's.
+    message_tails: BoundedCache<ChatId, Option<Held<MessageBlock>>>,
     /// (source, target) -> the outbox's next seq and acknowledged position.
     outboxes: BoundedCache<(ShardId, ShardId), OutboxMeta>,
     /// Each target shard's inbox marks.
@@ -163,7 +163,6 @@ impl SyncMachine {
             revoked_users: BTreeSet::new(),
             updates_retained: limits::UPDATES_RETAINED_PER_USER,
             chats: BoundedCache::new(CHATS_CACHED_MEMBERS_MAX),
-            last_seqs: BoundedCache::new(COUNTERS_CACHED_MAX),
             dedup_tails: BoundedCache::new(DEDUP_TAILS_CACHED_MAX),
             users: BoundedCache::new(USERS_CACHED_MAX),
             update_tails: BoundedCache::new(TAIL_UPDATES_CACHED_MAX),
@@ -208,7 +207,6 @@ impl StateMachine for SyncMachine {
     fn snapshot_installed(&mut self, _shard: ShardId) {
         // Rare (a replica far behind); dropping every cache is simplest and safe.
         self.chats.clear();
-        self.last_seqs.clear();
         self.dedup_tails.clear();
         self.users.clear();
         self.update_tails.clear();
@@ -277,12 +275,15 @@ pub(crate) fn scan_page(kv: &impl KvRead, range: &KeyRange, limit: usize) -> Res
     Ok((pairs, more))
 }
 
+/// A chat's last message block, if it has messages.
+fn read_last_message_block(kv: &impl KvRead, chat: ChatId) -> Result<Option<Held<MessageBlock>>, SyncError> {
+    let last = kv.scan(&KeyRange::prefix(&keys::message_blocks_of(chat)), Order::Descending, 1)?;
+    last.into_iter().next().map(|(_, value)| Held::decode("message block", value)).transpose()
+}
+
 /// A chat's last seq: the last message of its last block (messages are never removed).
 pub(crate) fn read_last_seq(kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncError> {
-    let last = kv.scan(&KeyRange::prefix(&keys::message_blocks_of(chat)), Order::Descending, 1)?;
-    let block: Option<MessageBlock> =
-        last.first().map(|(_, value)| records::decode_block("message block", value)).transpose()?;
-    Ok(block.map_or(0, |block| block.last()))
+    Ok(read_last_message_block(kv, chat)?.map_or(0, |held| held.block.last()))
 }
 
 /// The block that holds (or would hold) a sender's client id: the last one
@@ -462,10 +463,9 @@ impl SyncMachine {
         block.push(record);
         kv.put(&keys::message_block(chat, block.block.first), block.stored.clone());
         let weight = block.block.messages.len();
-        self.message_tails.insert(chat, block, weight);
+        self.message_tails.insert(chat, Some(block), weight);
         let last_ids = record_client_id(kv, (chat, sender), (client_msg_id, seq), last_ids, older_block);
         self.dedup_tails.insert((chat, sender), last_ids, 1);
-        self.last_seqs.insert(chat, seq, 1);
         self.emit(shard, kv, state.members.iter().map(|(m, _)| (*m, UpdateKind::NewMessage { chat, seq })))?;
         Ok(Reply::Sent { seq, date_ms: now_ms })
     }
@@ -499,7 +499,7 @@ impl SyncMachine {
         }
         let weight = members.len();
         self.chats.insert(chat, ChatState { record, members }, weight);
-        self.last_seqs.insert(chat, 0, 1);
+        self.message_tails.insert(chat, None, 1);
     }
 
     fn put_member(&mut self, kv: &mut impl KvWrite, chat: ChatId, user: UserId, member: MemberRecord) {
@@ -523,8 +523,22 @@ impl SyncMachine {
         }
     }
 
+    /// A chat's last seq, from its cached last message block (read and
+    /// cached on a miss).
     fn last_seq(&mut self, kv: &impl KvRead, chat: ChatId) -> Result<u64, SyncError> {
-        self.last_seqs.get_or_load(chat, || read_last_seq(kv, chat))
+        let last = self.last_message_block(kv, chat)?;
+        let seq = last.as_ref().map_or(0, |held| held.block.last());
+        let weight = last.as_ref().map_or(1, |held| held.block.messages.len());
+        self.message_tails.insert(chat, last, weight);
+        Ok(seq)
+    }
+
+    /// A chat's last message block, taken out of the cache or read.
+    fn last_message_block(&mut self, kv: &impl KvRead, chat: ChatId) -> Result<Option<Held<MessageBlock>>, SyncError> {
+        match self.message_tails.remove(&chat) {
+            Some(cached) => Ok(cached),
+            None => read_last_message_block(kv, chat),
+        }
     }
 
     /// The last block of client ids `sender` has used in `chat` (the highest
@@ -556,12 +570,7 @@ impl SyncMachine {
         chat: ChatId,
         seq: u64,
     ) -> Result<Held<MessageBlock>, SyncError> {
-        let last = match self.message_tails.remove(&chat) {
-            Some(cached) if cached.block.last() + 1 == seq => Some(cached),
-            _ if seq > 1 => read_message_block(kv, chat, seq - 1)?,
-            _ => None,
-        };
-        match last {
+        match self.last_message_block(kv, chat)? {
             Some(held) if held.block.last() + 1 != seq => Err(SyncError::Corrupt {
                 what: "message block",
                 reason: format!("message {seq} does not follow the block's last, {}", held.block.last()),
@@ -576,7 +585,7 @@ impl SyncMachine {
     fn put_changed_message_block(&mut self, kv: &mut impl KvWrite, chat: ChatId, mut held: Held<MessageBlock>) {
         held.changed();
         kv.put(&keys::message_block(chat, held.block.first), held.stored.clone());
-        if let Some(tail) = self.message_tails.get_mut(&chat)
+        if let Some(Some(tail)) = self.message_tails.get_mut(&chat)
             && tail.block.first == held.block.first
         {
             *tail = held;
