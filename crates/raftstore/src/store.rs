@@ -4,7 +4,8 @@
 //! 1. takes up to [`limits::STORE_INPUTS_PER_PASS_MAX`] inputs from the queue
 //!    (proposals, wake-ups, checkpoint results), so ticks are never starved;
 //! 2. ticks every raft node if a tick interval has passed;
-//! 3. proposes each shard's gathered commands as one raft entry;
+//! 3. proposes each shard's gathered commands as one raft entry (a follower
+//!    forwards it to the leader through raft and answers when it applies it);
 //! 4. handles every shard's Ready in raft-rs's documented order: messages
 //!    (handed to the [`RaftTransport`] before the local write, so followers
 //!    write in parallel with the leader), snapshot, committed entries, new
@@ -29,7 +30,7 @@ use raft::SnapshotStatus;
 use hamgam_storage::{Db, KeyRange, KvRead, Order, StorageError, Txn};
 use hamgam_types::{NodeId, ShardId, limits};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{ProgressState, RawNode, Ready, StateRole};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -259,9 +260,10 @@ impl RaftHandle {
         let _ = self.forwarder.set(forwarder);
     }
 
-    /// Proposes `command` to `shard`, on this node if it leads the shard,
-    /// else through the forwarder to the leader, and waits until it is
-    /// applied there; returns the state machine's reply. While the shard has
+    /// Proposes `command` to `shard` and waits until it is applied; returns
+    /// the state machine's reply. A shard this node hosts takes it here (see
+    /// [`RaftHandle::propose_here`]); any other goes through the forwarder to
+    /// its leader. While the shard has
     /// no leader (an election) it retries for up to
     /// [`limits::LEADER_WAIT_MS`]: a refusal before proposing is always safe
     /// to retry. Waits for queue space (backpressure).
@@ -271,7 +273,7 @@ impl RaftHandle {
         loop {
             let forwarder = self.forwarder.get();
             let result = match (self.leader_or_replica(shard, attempt), forwarder) {
-                (Some(leader), Some(forwarder)) if leader != self.node => {
+                (Some(leader), Some(forwarder)) if leader != self.node && !self.hosts(shard) => {
                     forwarder.forward(leader, shard, command.clone()).await
                 }
                 _ => self.propose_here(shard, command.clone()).await,
@@ -383,8 +385,13 @@ impl RaftHandle {
         }
     }
 
-    /// Proposes `command` to `shard` on this node only: `NotLeader` if this
-    /// node does not lead it. Forwarded proposals arrive here.
+    /// Proposes `command` to `shard`'s replica on this node, and answers once
+    /// this node has applied it. As the shard's leader it proposes the entry;
+    /// as a follower it forwards the entry to the leader through raft (on the
+    /// link raft's own messages use, a pass's commands in one message) and
+    /// answers when it applies the entry itself, as every replica does.
+    /// `NotLeader` when no leader is known (an election). Proposals
+    /// forwarded by nodes without a replica arrive here too.
     pub async fn propose_here(&self, shard: ShardId, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
         if command.len() > limits::COMMAND_BYTES_MAX {
             return Err(ProposeError::TooLarge(command.len()));
@@ -721,6 +728,7 @@ impl Store {
             installing: Default::default(),
             outbound: Vec::new(),
             reads: PendingReads::new(config.node),
+            entry_contexts: Contexts::new(config.node),
             apply_inputs,
             apply_thread: Some(apply_thread),
             progress,
@@ -869,19 +877,31 @@ fn new_raw_node(
     RawNode::new(&raft_config, log, logger).map_err(|source| StoreError::Raft { shard, source })
 }
 
+/// An entry this node forwarded to its shard's leader, waiting for this
+/// node to apply it.
+struct Forwarded {
+    /// The leader it went to: if another one takes over, it may be lost.
+    leader: u64,
+    sent: Instant,
+    replies: Vec<Reply>,
+}
+
 struct Peer {
     node: RawNode<ShardLog>,
     /// Commands gathered this pass, proposed together as one entry.
     batch: Vec<(Vec<u8>, Reply)>,
     batch_bytes: usize,
     inflight: VecDeque<Inflight>,
+    /// Entries forwarded as a follower, by their context's counter (which
+    /// grows with time, so the first is the oldest).
+    forwarded: BTreeMap<u64, Forwarded>,
     /// The applied index last reported to raft.
     applied: u64,
 }
 
 impl Peer {
     fn new(node: RawNode<ShardLog>, applied: u64) -> Peer {
-        Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), applied }
+        Peer { node, batch: Vec::new(), batch_bytes: 0, inflight: VecDeque::new(), forwarded: BTreeMap::new(), applied }
     }
 
     fn is_leader(&self) -> bool {
@@ -925,6 +945,22 @@ impl Peer {
                 let _ = reply.send(Err(error.clone()));
             }
         }
+        self.drop_forwarded(|_| true);
+    }
+
+    /// Tells the proposers of forwarded entries that match `lost` that the
+    /// entry may be lost: it may still apply, so they may retry only what is
+    /// idempotent.
+    fn drop_forwarded(&mut self, lost: impl Fn(&Forwarded) -> bool) {
+        self.forwarded.retain(|_, forwarded| {
+            if !lost(forwarded) {
+                return true;
+            }
+            for reply in forwarded.replies.drain(..) {
+                let _ = reply.send(Err(ProposeError::Dropped));
+            }
+            false
+        });
     }
 }
 
@@ -938,14 +974,43 @@ struct CheckpointState {
     last: Instant,
 }
 
+/// Names what this node asks of a shard's leader through raft (a fresh
+/// read, a forwarded entry) so that the answer finds its way back: this
+/// node and a counter. A leader keeps one pending read per context, so two
+/// nodes' must never share one; the counter starts from the clock, so an
+/// answer to something asked before a restart never matches something
+/// asked after it.
+struct Contexts {
+    node: NodeId,
+    next: u64,
+}
+
+impl Contexts {
+    fn new(node: NodeId) -> Contexts {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Contexts { node, next: now.as_nanos() as u64 }
+    }
+
+    /// A new context: its counter, and its bytes for raft.
+    fn make(&mut self) -> (u64, Vec<u8>) {
+        let counter = self.next;
+        self.next = self.next.wrapping_add(1);
+        (counter, [self.node.0.to_le_bytes(), counter.to_le_bytes()].concat())
+    }
+
+    /// The counter of `context`, if this node made it.
+    fn ours(&self, context: &[u8]) -> Option<u64> {
+        let (node, counter) = context.split_at_checked(8)?;
+        if u64::from_le_bytes(node.try_into().ok()?) != self.node.0 {
+            return None;
+        }
+        Some(u64::from_le_bytes(counter.try_into().ok()?))
+    }
+}
+
 /// Fresh-read requests between `read_index` and the apply that satisfies them.
 struct PendingReads {
-    /// A read's context names this node and a counter: a leader keeps one
-    /// pending read per context, so two nodes' reads must never share one.
-    node: NodeId,
-    /// Starts from the clock, so a leader's late answer to a read this node
-    /// asked before a restart never matches a read asked after it.
-    next_context: u64,
+    contexts: Contexts,
     /// Asked of raft, waiting for its read state: context → (shard, asked at, reply).
     asked: HashMap<u64, (ShardId, Instant, ReadReply)>,
     /// Read states received, waiting for the shard's apply to reach the index.
@@ -954,25 +1019,19 @@ struct PendingReads {
 
 impl PendingReads {
     fn new(node: NodeId) -> PendingReads {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        PendingReads { node, next_context: now.as_nanos() as u64, asked: HashMap::new(), awaiting_apply: Vec::new() }
+        PendingReads { contexts: Contexts::new(node), asked: HashMap::new(), awaiting_apply: Vec::new() }
     }
 
     /// Registers a read of `shard`; returns the context to ask raft with.
     fn ask(&mut self, shard: ShardId, reply: ReadReply) -> Vec<u8> {
-        let context = self.next_context;
-        self.next_context = self.next_context.wrapping_add(1);
-        self.asked.insert(context, (shard, Instant::now(), reply));
-        [self.node.0.to_le_bytes(), context.to_le_bytes()].concat()
+        let (counter, context) = self.contexts.make();
+        self.asked.insert(counter, (shard, Instant::now(), reply));
+        context
     }
 
     /// The read that a read state of `shard` answers, if this node asked it.
     fn answered(&mut self, shard: ShardId, context: &[u8]) -> Option<ReadReply> {
-        let (node, counter) = context.split_at_checked(8)?;
-        if u64::from_le_bytes(node.try_into().ok()?) != self.node.0 {
-            return None;
-        }
-        let counter = u64::from_le_bytes(counter.try_into().ok()?);
+        let counter = self.contexts.ours(context)?;
         if self.asked.get(&counter)?.0 != shard {
             return None;
         }
@@ -1000,6 +1059,8 @@ struct StoreLoop {
     /// Messages gathered for the transport, sent before and after the WAL write.
     outbound: Vec<(ShardId, Message)>,
     reads: PendingReads,
+    /// Contexts of the entries this node forwards to leaders as a follower.
+    entry_contexts: Contexts,
     wal: Wal,
     db: Arc<dyn Db>,
     queue: mpsc::Receiver<Input>,
@@ -1070,7 +1131,7 @@ impl StoreLoop {
                 if peer.batch.len() >= limits::ENTRY_COMMANDS_MAX
                     || peer.batch_bytes + command.len() > limits::ENTRY_BYTES_MAX
                 {
-                    propose_batch(shard, peer);
+                    propose_batch(shard, peer, &mut self.entry_contexts);
                 }
                 peer.batch_bytes += command.len() + 4;
                 peer.batch.push((command, reply));
@@ -1080,6 +1141,12 @@ impl StoreLoop {
                     tracing::debug!(%shard, from = message.from, "a message for a shard not hosted here; dropped");
                     return Ok(false);
                 };
+                if message.get_msg_type() == MessageType::MsgPropose && !forwarded_entry_welcome(peer, &message) {
+                    // Not passed on again: the follower that sent it answers
+                    // its proposers when its leader changes or in time.
+                    tracing::debug!(%shard, from = message.from, "a forwarded entry this node cannot take; dropped");
+                    return Ok(false);
+                }
                 if let Err(error) = peer.node.step(message) {
                     tracing::debug!(%shard, %error, "raft refused a message");
                 }
@@ -1266,6 +1333,14 @@ impl StoreLoop {
                 let _ = reply.send(Err(ProposeError::NoLeader(shard)));
             }
         }
+        // A forwarded entry the leader dropped (or whose message was lost)
+        // never applies here.
+        let wait = Duration::from_millis(limits::FORWARDED_ENTRY_WAIT_MS);
+        for peer in self.peers.values_mut() {
+            if peer.forwarded.first_key_value().is_some_and(|(_, oldest)| oldest.sent.elapsed() >= wait) {
+                peer.drop_forwarded(|forwarded| forwarded.sent.elapsed() >= wait);
+            }
+        }
     }
 
     /// Hands the gathered messages to the transport.
@@ -1294,7 +1369,7 @@ impl StoreLoop {
     fn propose_batches(&mut self) {
         for (shard, peer) in self.peers.iter_mut() {
             if !peer.batch.is_empty() {
-                propose_batch(*shard, peer);
+                propose_batch(*shard, peer, &mut self.entry_contexts);
             }
         }
     }
@@ -1314,6 +1389,9 @@ impl StoreLoop {
                 if soft.raft_state != StateRole::Leader {
                     peer.refuse_batch(&peer.not_leader(shard));
                 }
+                // What went to a leader that no longer leads may be lost.
+                let leader = soft.leader_id;
+                peer.drop_forwarded(|forwarded| forwarded.leader != leader);
             }
             // 1. Messages a leader may send before its own write is durable.
             self.outbound.extend(ready.take_messages().into_iter().map(|m| (shard, m)));
@@ -1346,7 +1424,7 @@ impl StoreLoop {
             let entries = ready.take_committed_entries();
             if !entries.is_empty() {
                 let flags = (!self.installing.contains(&shard)).then_some(&*self.replicas);
-                committed.push(prepare_apply(shard, peer, entries, flags)?);
+                committed.push(prepare_apply(shard, peer, entries, flags, &self.entry_contexts)?);
             }
             // 4 and 5. New entries and hard state: into the log now, on disk below.
             let mut write = ShardWrite::default();
@@ -1394,7 +1472,7 @@ impl StoreLoop {
             let entries = light.take_committed_entries();
             if !entries.is_empty() {
                 let flags = (!self.installing.contains(&shard)).then_some(&*self.replicas);
-                committed.push(prepare_apply(shard, peer, entries, flags)?);
+                committed.push(prepare_apply(shard, peer, entries, flags, &self.entry_contexts)?);
             }
         }
         self.flush_outbound();
@@ -1592,27 +1670,62 @@ fn applier_gone() -> StoreError {
 }
 
 /// Proposes a peer's gathered commands as one entry.
-fn propose_batch(shard: ShardId, peer: &mut Peer) {
+/// Proposes the commands `peer` gathered as one entry: as the leader, into
+/// its log; as a follower, forwarded to the leader through raft with a
+/// context naming this node, to be answered when this node applies it.
+fn propose_batch(shard: ShardId, peer: &mut Peer, contexts: &mut Contexts) {
     let batch = std::mem::take(&mut peer.batch);
     peer.batch_bytes = 0;
-    if !peer.is_leader() {
-        let error = peer.not_leader(shard);
-        for (_, reply) in batch {
+    let (commands, replies): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
+    let refuse = |replies: Vec<Reply>, error: ProposeError| {
+        for reply in replies {
             let _ = reply.send(Err(error.clone()));
+        }
+    };
+    if peer.is_leader() {
+        match peer.node.propose(Vec::new(), encode_batch(&commands)) {
+            Ok(()) => peer.await_last_entry(replies),
+            Err(error) => {
+                tracing::debug!(%shard, %error, "proposal refused");
+                refuse(replies, peer.refused_unproposed(shard));
+            }
         }
         return;
     }
-    let (commands, replies): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
-    match peer.node.propose(Vec::new(), encode_batch(&commands)) {
-        Ok(()) => peer.await_last_entry(replies),
+    let raft = &peer.node.raft;
+    let leader = raft.leader_id;
+    // With no leader, a leader not heard from for two heartbeats (it may be
+    // dead, and what went to it would be answered only as "may be lost"),
+    // or too much forwarded and unapplied, nothing is proposed: the
+    // proposers wait and try again.
+    if leader == raft::INVALID_ID
+        || raft.election_elapsed > 2 * raft.heartbeat_timeout()
+        || peer.forwarded.len() >= limits::FORWARDED_ENTRIES_PENDING_MAX
+    {
+        return refuse(replies, ProposeError::NotLeader { shard, leader: None });
+    }
+    let (counter, context) = contexts.make();
+    match peer.node.propose(context, encode_batch(&commands)) {
+        Ok(()) => {
+            peer.forwarded.insert(counter, Forwarded { leader, sent: Instant::now(), replies });
+        }
         Err(error) => {
-            tracing::debug!(%shard, %error, "proposal refused");
-            let error = peer.refused_unproposed(shard);
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
+            tracing::debug!(%shard, %error, "forwarding refused");
+            refuse(replies, peer.not_leader(shard));
         }
     }
+}
+
+/// Whether a leader takes an entry a follower forwarded: only while it leads
+/// (a proposal is never passed on twice), and only plain commands with a
+/// context naming their sender (configuration changes are the leader's own).
+fn forwarded_entry_welcome(peer: &Peer, message: &Message) -> bool {
+    peer.is_leader()
+        && message.get_entries().iter().all(|entry| {
+            entry.get_entry_type() == EntryType::EntryNormal
+                && entry.context.len() == 16
+                && entry.context[..8] == message.from.to_le_bytes()
+        })
 }
 
 /// Whether a shard may count on this node being its only voter at open.
@@ -1658,6 +1771,7 @@ fn prepare_apply(
     peer: &mut Peer,
     entries: Vec<Entry>,
     replicas: Option<&BTreeMap<ShardId, AtomicU8>>,
+    contexts: &Contexts,
 ) -> Result<ApplyTask, StoreError> {
     let mut confs = Vec::new();
     for entry in &entries {
@@ -1687,12 +1801,14 @@ fn prepare_apply(
         }
         confs.push((entry.index, conf));
     }
-    Ok(ApplyTask { shard, entries: attach_replies(peer, entries), confs })
+    Ok(ApplyTask { shard, entries: attach_replies(peer, entries, contexts), confs })
 }
 
-/// Pairs committed entries with the proposers waiting for them. Proposals
-/// whose index was taken by another leader's entry are answered `Dropped`.
-fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply>)> {
+/// Pairs committed entries with the proposers waiting for them: by index
+/// for entries this node proposed as leader, by context for entries it
+/// forwarded. Proposals whose index was taken by another leader's entry are
+/// answered `Dropped`.
+fn attach_replies(peer: &mut Peer, entries: Vec<Entry>, contexts: &Contexts) -> Vec<(Entry, Vec<Reply>)> {
     entries
         .into_iter()
         .map(|entry| {
@@ -1709,6 +1825,10 @@ fn attach_replies(peer: &mut Peer, entries: Vec<Entry>) -> Vec<(Entry, Vec<Reply
                 for reply in inflight.replies {
                     let _ = reply.send(Err(ProposeError::Dropped));
                 }
+            }
+            // A leader's own entries carry no context, so at most one of the two matches.
+            if let Some(forwarded) = contexts.ours(&entry.context).and_then(|counter| peer.forwarded.remove(&counter)) {
+                replies = forwarded.replies;
             }
             (entry, replies)
         })
@@ -1812,7 +1932,7 @@ mod tests {
     #[test]
     fn read_contexts_are_unique_across_nodes_and_match_only_their_read() {
         let (mut one, mut two) = (PendingReads::new(NodeId(1)), PendingReads::new(NodeId(2)));
-        two.next_context = one.next_context;
+        two.contexts.next = one.contexts.next;
         let (reply, _answer) = oneshot::channel();
         let asked_by_one = one.ask(ShardId(3), reply);
         let (reply, _answer) = oneshot::channel();
@@ -1966,6 +2086,8 @@ mod tests {
     #[derive(Clone, Default)]
     struct InProcess {
         handles: Arc<std::sync::Mutex<BTreeMap<NodeId, RaftHandle>>>,
+        /// Proposals that went through the forwarder.
+        forwarded: Arc<AtomicU64>,
     }
 
     impl InProcess {
@@ -2001,6 +2123,7 @@ mod tests {
 
     impl ProposalForwarder for InProcess {
         fn forward(&self, leader: NodeId, shard: ShardId, command: Vec<u8>) -> crate::ForwardedReply {
+            self.forwarded.fetch_add(1, Ordering::Relaxed);
             let target = self.get(leader);
             Box::pin(async move {
                 match target {
@@ -2054,29 +2177,45 @@ mod tests {
         }
         let leader = wait_for_leader(&stores[&NodeId(1)].handle(), ShardId(1), None).await;
 
-        // Proposals through every node; followers forward to the leader.
+        // Proposals through every node, answered once applied there:
+        // followers forward to the leader through raft, not the forwarder
+        // (which serves nodes without a replica).
         for i in 0..30u64 {
             let via = stores[&nodes[(i % 3) as usize]].handle();
-            via.propose(ShardId(1), vec![0; 2]).await.unwrap();
+            let reply = via.propose(ShardId(1), vec![0; 2]).await.unwrap();
+            assert_eq!(reply, (2 * (i + 1)).to_le_bytes(), "the reply is the applied state on the proposing node");
+            assert_eq!(total(&via, 1), 2 * (i + 1), "applied on the proposing node before the answer");
         }
+        assert_eq!(network.forwarded.load(Ordering::Relaxed), 0, "hosted shards never use the forwarder");
         // A fresh read on a follower sees every acknowledged write at once.
         let follower = nodes.iter().copied().find(|n| *n != leader).unwrap();
         let handle = stores[&follower].handle();
         handle.read_index(ShardId(1)).await.unwrap();
         assert_eq!(total(&handle, 1), 60);
 
-        // Lose the leader: the other two elect one and go on.
+        // Lose the leader. A proposal forwarded to it at once is answered
+        // (it may be lost: `Dropped`), not left waiting; the other two
+        // elect a leader and go on from the acknowledged state.
         stores.remove(&leader).unwrap().stop().unwrap();
         network.handles.lock().unwrap().remove(&leader);
         let survivor = stores[&follower].handle();
-        let reply = survivor.propose(ShardId(1), vec![0; 2]).await.unwrap();
-        assert_eq!(reply, 62u64.to_le_bytes(), "the new leader continues from the acknowledged state");
+        let at_once = tokio::time::timeout(Duration::from_secs(60), survivor.propose(ShardId(1), vec![0; 2])).await;
+        let made = match at_once.expect("a proposal to a dead leader is answered") {
+            Ok(reply) => {
+                assert_eq!(reply, 62u64.to_le_bytes());
+                2
+            }
+            Err(ProposeError::Dropped) => 0u64,
+            Err(other) => panic!("{other}"),
+        };
         let new_leader = wait_for_leader(&survivor, ShardId(1), Some(leader)).await;
         assert_ne!(new_leader, leader);
+        let reply = survivor.propose(ShardId(1), vec![0; 2]).await.unwrap();
+        assert_eq!(reply, (62 + made).to_le_bytes(), "the new leader continues from the acknowledged state");
         for store in stores.values() {
             let handle = store.handle();
             handle.read_index(ShardId(1)).await.unwrap();
-            assert_eq!(total(&handle, 1), 62);
+            assert_eq!(total(&handle, 1), 62 + made);
         }
         for (_, store) in stores {
             store.stop().unwrap();

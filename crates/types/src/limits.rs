@@ -119,6 +119,14 @@ pub const LEADER_WAIT_MS: u64 = 5_000;
 /// Reads waiting for a ReadIndex answer on one node; beyond this a read is
 /// refused until earlier ones finish.
 pub const READS_PENDING_MAX: usize = 16_384;
+/// Entries one follower has forwarded to a shard's leader through raft and
+/// not yet applied; beyond this its proposals wait (see
+/// `hamgam_raftstore`'s store loop). Each entry holds a pass's commands.
+pub const FORWARDED_ENTRIES_PENDING_MAX: usize = 256;
+/// How long a forwarded entry may take to reach this node's apply before its
+/// proposers are told it was lost (the leader dropped it, or the message
+/// was): they may retry what is idempotent.
+pub const FORWARDED_ENTRY_WAIT_MS: u64 = 3_000;
 
 // ---- between nodes -------------------------------------------------------------
 
