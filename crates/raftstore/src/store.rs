@@ -2088,6 +2088,8 @@ mod tests {
         handles: Arc<std::sync::Mutex<BTreeMap<NodeId, RaftHandle>>>,
         /// Proposals that went through the forwarder.
         forwarded: Arc<AtomicU64>,
+        /// While set, proposals a follower forwards through raft are lost on the way.
+        lose_forwarded_entries: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl InProcess {
@@ -2102,6 +2104,11 @@ mod tests {
                 let (Some(to), Some(from)) = (self.get(NodeId(message.to)), self.get(NodeId(message.from))) else {
                     continue;
                 };
+                if message.get_msg_type() == MessageType::MsgPropose
+                    && self.lose_forwarded_entries.load(Ordering::Relaxed)
+                {
+                    continue;
+                }
                 if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
                     // As a network transport does: the file first, in pieces, then the message.
                     let mut outgoing = from.outgoing_snapshot(shard, &message).unwrap();
@@ -2158,6 +2165,41 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("shard {shard} elected no leader");
+    }
+
+    /// A forwarded entry that never reaches the leader (dropped by a leader
+    /// handing over its lead, or lost with its message) is answered in
+    /// bounded time, with the leader unchanged, and nothing is applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forwarded_entry_lost_on_the_way_is_answered_dropped_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+        let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), nodes.to_vec())].into();
+        let network = InProcess::default();
+        let mut stores = BTreeMap::new();
+        for node in nodes {
+            let config = StoreConfig { node, dir: dir.path().join(format!("store-{}", node.0)), shards: shards.clone() };
+            let store =
+                Store::open(config, Arc::new(MemDb::new()), Box::new(Counter), Box::new(network.clone())).unwrap();
+            store.handle().set_forwarder(Arc::new(network.clone()));
+            network.handles.lock().unwrap().insert(node, store.handle());
+            stores.insert(node, store);
+        }
+        let leader = wait_for_leader(&stores[&NodeId(1)].handle(), ShardId(1), None).await;
+        let follower = stores[nodes.iter().find(|n| **n != leader).unwrap()].handle();
+        follower.propose(ShardId(1), vec![0; 2]).await.unwrap();
+
+        network.lose_forwarded_entries.store(true, Ordering::Relaxed);
+        let lost = tokio::time::timeout(Duration::from_secs(60), follower.propose(ShardId(1), vec![0; 3])).await;
+        assert!(matches!(lost, Ok(Err(ProposeError::Dropped))), "answered, as possibly lost: {lost:?}");
+        assert_eq!(follower.leader(ShardId(1)), Some(leader), "by the wait, not a leader change");
+
+        network.lose_forwarded_entries.store(false, Ordering::Relaxed);
+        let reply = follower.propose(ShardId(1), vec![0; 2]).await.unwrap();
+        assert_eq!(reply, 4u64.to_le_bytes(), "the lost entry never applied; the next one did");
+        for (_, store) in stores {
+            store.stop().unwrap();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
