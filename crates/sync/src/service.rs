@@ -9,8 +9,10 @@
 //! The deliverer is one long-lived task ([`SyncService::run_outbox`]): it
 //! wakes when an apply round wrote outbox records, proposes one
 //! `DeliverMany` per target shard carrying every source's new records, one
-//! delivery in flight per target so each pair's order is kept, and later an
-//! `OutboxAck` to each source. A delivery retried after a crash is skipped by
+//! delivery in flight per target so each pair's order is kept and at most
+//! one started per [`limits::OUTBOX_DELIVERY_INTERVAL_MS`] (so that under
+//! load a target's records go together), and later an `OutboxAck` to each
+//! source. A delivery retried after a crash is skipped by
 //! the target's inbox marks, so every update lands exactly once.
 
 use crate::command::direct_chat_id;
@@ -37,6 +39,7 @@ use hamgam_storage::{KeyRange, KvRead, Order};
 use hamgam_types::{ChatId, DeviceId, NodeId, Placement, ShardId, UserId, limits};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +60,8 @@ pub struct SyncService {
     placement: Placement,
     node: NodeId,
     signals: Arc<Signals>,
+    /// `DeliverMany` commands this node's deliverer has proposed.
+    deliveries: Arc<AtomicU64>,
 }
 
 /// Bytes a message is counted as in a sync page, beyond its text.
@@ -67,7 +72,12 @@ const DELIVERY_BYTES_MAX: usize = limits::COMMAND_BYTES_MAX / 2;
 
 impl SyncService {
     pub fn new(raft: RaftHandle, placement: Placement, node: NodeId, signals: Arc<Signals>) -> SyncService {
-        SyncService { raft, placement, node, signals }
+        SyncService { raft, placement, node, signals, deliveries: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// How many deliveries (one `DeliverMany` each) this node has proposed.
+    pub fn deliveries(&self) -> u64 {
+        self.deliveries.load(Ordering::Relaxed)
     }
 
     pub fn placement(&self) -> &Placement {
@@ -487,12 +497,24 @@ impl SyncService {
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut pairs: HashMap<(ShardId, ShardId), PairState> = HashMap::new();
         let mut busy_targets: HashSet<ShardId> = HashSet::new();
+        let interval = Duration::from_millis(limits::OUTBOX_DELIVERY_INTERVAL_MS);
+        // When each target's last delivery started; the earliest time a
+        // target held back by it may go.
+        let mut last_delivery: HashMap<ShardId, tokio::time::Instant> = HashMap::new();
+        let mut held_until: Option<tokio::time::Instant> = None;
         let mut tasks: JoinSet<TaskDone> = JoinSet::new();
         loop {
             let mut ack_due = false;
+            let held = async {
+                match held_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = self.signals.outbox_wake.notified() => {}
+                () = held => held_until = None,
                 _ = ack_tick.tick() => ack_due = true,
                 Some(done) = tasks.join_next() => {
                     let Ok(done) = done else { continue };
@@ -537,13 +559,22 @@ impl SyncService {
                     }
                 }
             }
-            // Every dirty pair whose target has no delivery in flight, grouped by target.
+            // Every dirty pair whose target has no delivery in flight and
+            // none started within the interval, grouped by target.
+            let now = tokio::time::Instant::now();
             let ready: BTreeMap<ShardId, Vec<ShardId>> = {
                 let mut dirty = self.signals.outbox_dirty.lock().unwrap_or_else(|p| p.into_inner());
                 let mut ready: BTreeMap<ShardId, Vec<ShardId>> = BTreeMap::new();
                 let room = limits::OUTBOX_DELIVERIES_IN_FLIGHT_MAX.saturating_sub(tasks.len());
                 for &(source, target) in dirty.iter() {
                     if busy_targets.contains(&target) || (!ready.contains_key(&target) && ready.len() >= room) {
+                        continue;
+                    }
+                    if let Some(last) = last_delivery.get(&target)
+                        && now < *last + interval
+                    {
+                        let at = *last + interval;
+                        held_until = Some(held_until.map_or(at, |held| held.min(at)));
                         continue;
                     }
                     ready.entry(target).or_default().push(source);
@@ -555,8 +586,10 @@ impl SyncService {
                 }
                 ready
             };
+            last_delivery.retain(|_, last| now < *last + interval);
             for (target, sources) in ready {
                 busy_targets.insert(target);
+                last_delivery.insert(target, now);
                 let work: Vec<SourceWork> = sources
                     .into_iter()
                     .map(|source| {
@@ -652,6 +685,7 @@ impl SyncService {
         if batches.is_empty() {
             return outcomes;
         }
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
         if let Err(error) = self.execute(Command::DeliverMany { target, batches }).await {
             // Whether it applied is unknown: send it all again (the target's
             // inbox marks skip what it already has).

@@ -7,8 +7,8 @@ use crate::{
 use hamgam_proto::{HistoryAnchor, Role, UpdateKind};
 use hamgam_raftstore::{Store, StoreConfig};
 use hamgam_storage::{Db, MemDb};
-use hamgam_types::{ChatId, DeviceId, NodeId, Placement, UserId};
-use std::collections::HashMap;
+use hamgam_types::{ChatId, DeviceId, NodeId, Placement, ShardId, UserId};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -390,6 +390,39 @@ fn outbox_records(service: &SyncService) -> usize {
             service.raft().reader(shard).scan(&KeyRange::prefix(&[0x30]), Order::Ascending, 10_000).unwrap().len()
         })
         .sum()
+}
+
+/// Records for one target shard gather for the delivery interval: sends
+/// made one after another reach each target in at most one delivery per
+/// interval (and the first at once), not one each. Measured against the
+/// time the sends really took, so a slow machine only loosens the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_a_target_shard_come_at_most_once_per_interval() {
+    let h = harness().await;
+    let placement = *h.service.placement();
+    let (ali, sara) = (h.sign_up("ali").await, h.sign_up("sara").await);
+    let chat = h.direct(ali, sara).await;
+    let targets: BTreeSet<ShardId> = [ali, sara]
+        .into_iter()
+        .map(|user| placement.shard_of_user(user))
+        .filter(|shard| *shard != placement.shard_of_chat(chat))
+        .collect();
+    assert!(!targets.is_empty(), "the two people's updates travel by outbox");
+    h.wait_pts(ali, 1).await;
+    h.wait_pts(sara, 1).await;
+
+    let before = h.service.deliveries();
+    let started = std::time::Instant::now();
+    let sends = 80u64;
+    for i in 0..sends {
+        h.send(chat, ali, i + 1, "سلام").await.unwrap();
+    }
+    h.wait_pts(ali, 1 + sends).await;
+    h.wait_pts(sara, 1 + sends).await;
+    let intervals = started.elapsed().as_millis() as u64 / hamgam_types::limits::OUTBOX_DELIVERY_INTERVAL_MS;
+    let deliveries = h.service.deliveries() - before;
+    let bound = targets.len() as u64 * (intervals + 2);
+    assert!(deliveries <= bound, "{deliveries} deliveries for {sends} sends in {intervals} intervals (at most {bound})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

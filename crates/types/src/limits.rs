@@ -210,6 +210,10 @@ pub const OUTBOX_RECORDS_PER_DELIVERY_MAX: usize = 512;
 pub const OUTBOX_DELIVERIES_IN_FLIGHT_MAX: usize = 256;
 /// Retry period when a delivery fails.
 pub const OUTBOX_RETRY_MS: u64 = 500;
+/// Least time between two deliveries to one target shard. A delivery is one
+/// raft entry on the target whatever it carries: under load, records for a
+/// target gather for this long and go together; a lone record goes at once.
+pub const OUTBOX_DELIVERY_INTERVAL_MS: u64 = 25;
 /// Delivered outbox records are acknowledged (and deleted at the source) at
 /// most this often per shard pair, or sooner once this many are waiting.
 pub const OUTBOX_ACK_INTERVAL_MS: u64 = 100;
