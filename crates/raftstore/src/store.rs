@@ -2096,6 +2096,28 @@ mod tests {
         fn get(&self, node: NodeId) -> Option<RaftHandle> {
             self.handles.lock().unwrap().get(&node).cloned()
         }
+
+        /// Opens `node`'s store under `dir` on this network.
+        fn open(
+            &self,
+            dir: &std::path::Path,
+            node: NodeId,
+            shards: BTreeMap<ShardId, Vec<NodeId>>,
+            db: Arc<MemDb>,
+        ) -> Store {
+            let config = StoreConfig { node, dir: dir.join(format!("store-{}", node.0)), shards };
+            let store = Store::open(config, db, Box::new(Counter), Box::new(self.clone())).unwrap();
+            store.handle().set_forwarder(Arc::new(self.clone()));
+            self.handles.lock().unwrap().insert(node, store.handle());
+            store
+        }
+
+        /// Opens a store on each of `nodes`, all replicas of `shards`.
+        fn open_all(&self, dir: &std::path::Path, nodes: &[NodeId], shards: &[ShardId]) -> BTreeMap<NodeId, Store> {
+            let replicas: BTreeMap<ShardId, Vec<NodeId>> =
+                shards.iter().map(|shard| (*shard, nodes.to_vec())).collect();
+            nodes.iter().map(|node| (*node, self.open(dir, *node, replicas.clone(), Arc::new(MemDb::new())))).collect()
+        }
     }
 
     impl RaftTransport for InProcess {
@@ -2174,17 +2196,8 @@ mod tests {
     async fn a_forwarded_entry_lost_on_the_way_is_answered_dropped_in_time() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = [NodeId(1), NodeId(2), NodeId(3)];
-        let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), nodes.to_vec())].into();
         let network = InProcess::default();
-        let mut stores = BTreeMap::new();
-        for node in nodes {
-            let config = StoreConfig { node, dir: dir.path().join(format!("store-{}", node.0)), shards: shards.clone() };
-            let store =
-                Store::open(config, Arc::new(MemDb::new()), Box::new(Counter), Box::new(network.clone())).unwrap();
-            store.handle().set_forwarder(Arc::new(network.clone()));
-            network.handles.lock().unwrap().insert(node, store.handle());
-            stores.insert(node, store);
-        }
+        let stores = network.open_all(dir.path(), &nodes, &[ShardId(1)]);
         let leader = wait_for_leader(&stores[&NodeId(1)].handle(), ShardId(1), None).await;
         let follower = stores[nodes.iter().find(|n| **n != leader).unwrap()].handle();
         follower.propose(ShardId(1), vec![0; 2]).await.unwrap();
@@ -2206,17 +2219,8 @@ mod tests {
     async fn three_replicas_agree_read_fresh_and_survive_losing_the_leader() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = [NodeId(1), NodeId(2), NodeId(3)];
-        let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), nodes.to_vec()), (ShardId(2), nodes.to_vec())].into();
         let network = InProcess::default();
-        let mut stores = BTreeMap::new();
-        for node in nodes {
-            let config = StoreConfig { node, dir: dir.path().join(format!("store-{}", node.0)), shards: shards.clone() };
-            let store =
-                Store::open(config, Arc::new(MemDb::new()), Box::new(Counter), Box::new(network.clone())).unwrap();
-            store.handle().set_forwarder(Arc::new(network.clone()));
-            network.handles.lock().unwrap().insert(node, store.handle());
-            stores.insert(node, store);
-        }
+        let mut stores = network.open_all(dir.path(), &nodes, &[ShardId(1), ShardId(2)]);
         let leader = wait_for_leader(&stores[&NodeId(1)].handle(), ShardId(1), None).await;
 
         // Proposals through every node, answered once applied there:
@@ -2280,12 +2284,7 @@ mod tests {
         let initial = vec![NodeId(1), NodeId(2), NodeId(3)];
         let network = InProcess::default();
         let open = |node: NodeId, voters: Vec<NodeId>, db: Arc<MemDb>| {
-            let shards: BTreeMap<ShardId, Vec<NodeId>> = [(ShardId(1), voters)].into();
-            let config = StoreConfig { node, dir: dir.path().join(format!("store-{}", node.0)), shards };
-            let store = Store::open(config, db, Box::new(Counter), Box::new(network.clone())).unwrap();
-            store.handle().set_forwarder(Arc::new(network.clone()));
-            network.handles.lock().unwrap().insert(node, store.handle());
-            store
+            network.open(dir.path(), node, [(ShardId(1), voters)].into(), db)
         };
         let mut stores = BTreeMap::new();
         let mut dbs = BTreeMap::new();

@@ -422,7 +422,10 @@ async fn deliveries_to_a_target_shard_come_at_most_once_per_interval() {
     let intervals = started.elapsed().as_millis() as u64 / hamgam_types::limits::OUTBOX_DELIVERY_INTERVAL_MS;
     let deliveries = h.service.deliveries() - before;
     let bound = targets.len() as u64 * (intervals + 2);
-    assert!(deliveries <= bound, "{deliveries} deliveries for {sends} sends in {intervals} intervals (at most {bound})");
+    assert!(
+        deliveries <= bound,
+        "{deliveries} deliveries for {sends} sends in {intervals} intervals (at most {bound})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
