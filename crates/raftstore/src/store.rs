@@ -1669,7 +1669,6 @@ fn applier_gone() -> StoreError {
     StoreError::Thread(std::io::Error::other("the apply thread is gone"))
 }
 
-/// Proposes a peer's gathered commands as one entry.
 /// Proposes the commands `peer` gathered as one entry: as the leader, into
 /// its log; as a follower, forwarded to the leader through raft with a
 /// context naming this node, to be answered when this node applies it.
