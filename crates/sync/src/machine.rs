@@ -275,10 +275,20 @@ pub(crate) fn scan_page(kv: &impl KvRead, range: &KeyRange, limit: usize) -> Res
     Ok((pairs, more))
 }
 
+/// The last block stored in `range` (blocks are keyed by their first item,
+/// so: the block with the highest start in it).
+fn read_last_block<B: records::Block>(
+    kv: &impl KvRead,
+    range: &KeyRange,
+    what: &'static str,
+) -> Result<Option<Held<B>>, SyncError> {
+    let Some((_, value)) = kv.scan(range, Order::Descending, 1)?.pop() else { return Ok(None) };
+    Ok(Some(Held::decode(what, value)?))
+}
+
 /// A chat's last message block, if it has messages.
 fn read_last_message_block(kv: &impl KvRead, chat: ChatId) -> Result<Option<Held<MessageBlock>>, SyncError> {
-    let last = kv.scan(&KeyRange::prefix(&keys::message_blocks_of(chat)), Order::Descending, 1)?;
-    last.into_iter().next().map(|(_, value)| Held::decode("message block", value)).transpose()
+    read_last_block(kv, &KeyRange::prefix(&keys::message_blocks_of(chat)), "message block")
 }
 
 /// A chat's last seq: the last message of its last block (messages are never removed).
@@ -296,8 +306,7 @@ fn read_dedup_block(
 ) -> Result<Option<Held<DedupBlock>>, SyncError> {
     let start = keys::dedup_block(chat, sender, 0);
     let up_to_id = KeyRange::between(&start, &keys::dedup_block(chat, sender, client_msg_id.saturating_add(1)));
-    let Some((_, value)) = kv.scan(&up_to_id, Order::Descending, 1)?.pop() else { return Ok(None) };
-    Ok(Some(Held::decode("dedup block", value)?))
+    read_last_block(kv, &up_to_id, "dedup block")
 }
 
 /// Stores that `client_msg_id` made `seq`, given the sender's last block and,
@@ -351,9 +360,8 @@ pub(crate) fn read_message_block(
     seq: u64,
 ) -> Result<Option<Held<MessageBlock>>, SyncError> {
     let up_to_seq = KeyRange::between(&keys::message_block(chat, 0), &keys::message_block(chat, seq.saturating_add(1)));
-    let Some((_, value)) = kv.scan(&up_to_seq, Order::Descending, 1)?.pop() else { return Ok(None) };
-    let held: Held<MessageBlock> = Held::decode("message block", value)?;
-    Ok((held.block.last() >= seq).then_some(held))
+    let held: Option<Held<MessageBlock>> = read_last_block(kv, &up_to_seq, "message block")?;
+    Ok(held.filter(|held| held.block.last() >= seq))
 }
 
 /// A user's position: the first update of the first block and the last of
@@ -552,8 +560,7 @@ impl SyncMachine {
         if let Some(cached) = self.dedup_tails.remove(&(chat, sender)) {
             return Ok(cached);
         }
-        let last = kv.scan(&KeyRange::prefix(&keys::dedup_blocks_of(chat, sender)), Order::Descending, 1)?;
-        last.into_iter().next().map(|(_, value)| Held::decode("dedup block", value)).transpose()
+        read_last_block(kv, &KeyRange::prefix(&keys::dedup_blocks_of(chat, sender)), "dedup block")
     }
 
     /// The outbox from `shard` to `target`. Cached: reading it scans the
