@@ -425,9 +425,10 @@ async fn hamgam_load(
     // Clients chat in pairs; an odd client out gets a partner who only listens.
     let users = load.clients + load.clients % 2;
     let mut clients = Vec::with_capacity(users);
+    let endpoint = Client::endpoint_for(servers[0])?;
     for i in 0..users {
         let server = servers[i % servers.len()];
-        let client = Client::connect(server, trust.clone(), "hamgam-bench")
+        let client = Client::connect_on(endpoint.clone(), server, trust.clone(), "hamgam-bench")
             .await
             .with_context(|| format!("connecting to the node at {server}"))?;
         let username = format!("b{run_id}_{i}");

@@ -138,7 +138,24 @@ fn time_ordered_id(last: &std::sync::atomic::AtomicU64) -> u64 {
 impl Client {
     /// Connects, checks the node's certificate per `trust` and says hello.
     pub async fn connect(addr: SocketAddr, trust: Trust, client_name: &str) -> Result<Client, ClientError> {
-        let endpoint = hamgam_transport::client_endpoint(addr).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let endpoint = Client::endpoint_for(addr)?;
+        Client::connect_on(endpoint, addr, trust, client_name).await
+    }
+
+    /// A client UDP endpoint able to reach `addr`, for [`Client::connect_on`].
+    pub fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        hamgam_transport::client_endpoint(addr).map_err(|e| ClientError::Connect(e.to_string()))
+    }
+
+    /// [`Client::connect`] over an endpoint that other connections may share:
+    /// a process holding many connections (a load generator, a gateway)
+    /// then reads one socket, many datagrams per system call.
+    pub async fn connect_on(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        trust: Trust,
+        client_name: &str,
+    ) -> Result<Client, ClientError> {
         let observed = match &trust {
             Trust::FirstUse(observed) => Some(observed.clone()),
             Trust::Pinned(_) => None,
