@@ -59,6 +59,15 @@ pub trait KvRead {
 pub trait KvWrite: KvRead {
     fn put(&mut self, key: &[u8], value: Vec<u8>);
     fn delete(&mut self, key: &[u8]);
+
+    /// [`KvWrite::put`] of a key that holds no value now, from a caller that
+    /// knows it (a key named by a fresh sequence number). A store that
+    /// still holds the creation in memory when the key is deleted forgets
+    /// both, and the database never sees the key: the cross-shard outbox's
+    /// records mostly live and die between two write-outs.
+    fn create(&mut self, key: &[u8], value: Vec<u8>) {
+        self.put(key, value)
+    }
 }
 
 impl<T: KvRead + ?Sized> KvRead for &T {
@@ -94,6 +103,9 @@ impl<T: KvWrite + ?Sized> KvWrite for &mut T {
     }
     fn delete(&mut self, key: &[u8]) {
         (**self).delete(key)
+    }
+    fn create(&mut self, key: &[u8], value: Vec<u8>) {
+        (**self).create(key, value)
     }
 }
 
@@ -152,6 +164,11 @@ impl<T: KvWrite> KvWrite for Prefixed<T> {
     fn delete(&mut self, key: &[u8]) {
         let full = self.full_key(key);
         self.inner.delete(&full)
+    }
+
+    fn create(&mut self, key: &[u8], value: Vec<u8>) {
+        let full = self.full_key(key);
+        self.inner.create(&full, value)
     }
 }
 

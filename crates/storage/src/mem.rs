@@ -63,16 +63,22 @@ impl Db for MemDb {
     }
 }
 
-/// A [`MemDb`] that counts the reads and persists reaching it, for tests
-/// that assert what a layer above asks of its database.
+/// A [`MemDb`] that counts the reads, key writes and persists reaching it,
+/// for tests that assert what a layer above asks of its database.
 #[derive(Debug, Default)]
 pub struct CountingDb {
     inner: MemDb,
     reads: AtomicUsize,
+    key_writes: AtomicUsize,
     persists: AtomicUsize,
 }
 
 impl CountingDb {
+    /// Puts and deletions so far.
+    pub fn key_writes(&self) -> usize {
+        self.key_writes.load(Ordering::Relaxed)
+    }
+
     /// Gets and scans so far.
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::Relaxed)
@@ -97,6 +103,7 @@ impl KvRead for CountingDb {
 
 impl Db for CountingDb {
     fn write(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        self.key_writes.fetch_add(batch.len(), Ordering::Relaxed);
         self.inner.write(batch)
     }
 

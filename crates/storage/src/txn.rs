@@ -1,10 +1,14 @@
 use crate::{Db, KeyRange, KeyWrite, KvPairs, KvRead, KvWrite, Order, StorageError};
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 /// Writes to apply atomically, in key order (later writes to a key win).
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Positions in `ops`, ascending, of puts that create their key (see
+    /// [`KvWrite::create`]); a database applies them as puts.
+    creations: Vec<usize>,
 }
 
 impl WriteBatch {
@@ -16,12 +20,23 @@ impl WriteBatch {
         self.ops.push((key, None));
     }
 
+    /// A put of a key that holds no value now (see [`KvWrite::create`]).
+    pub fn create(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.creations.push(self.ops.len());
+        self.ops.push((key, Some(value)));
+    }
+
     pub fn ops(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
         &self.ops
     }
 
-    pub fn into_ops(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        self.ops
+    /// The writes with, for each, whether it creates its key.
+    pub fn into_writes(self) -> impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>, bool)> {
+        let mut creations = self.creations.into_iter().peekable();
+        self.ops.into_iter().enumerate().map(move |(at, (key, value))| {
+            let created = creations.next_if_eq(&at).is_some();
+            (key, value, created)
+        })
     }
 
     /// The writes, borrowed, in order.
@@ -38,6 +53,14 @@ impl WriteBatch {
     }
 }
 
+/// A key's latest write in a [`Txn`].
+#[derive(Debug)]
+struct Pending {
+    value: Option<Vec<u8>>,
+    /// The key's first write here created it: nothing below holds it.
+    created: bool,
+}
+
 /// A write overlay over a database: reads see the overlay first, then the
 /// database; nothing reaches the database until [`Txn::into_batch`] is written.
 ///
@@ -46,7 +69,7 @@ impl WriteBatch {
 /// with the applied indexes.
 pub struct Txn<'a> {
     db: &'a dyn Db,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: BTreeMap<Vec<u8>, Pending>,
 }
 
 impl std::fmt::Debug for Txn<'_> {
@@ -70,20 +93,27 @@ impl<'a> Txn<'a> {
     }
 
     pub fn into_batch(self) -> WriteBatch {
-        WriteBatch { ops: self.writes.into_iter().collect() }
+        let mut batch = WriteBatch { ops: Vec::with_capacity(self.writes.len()), creations: Vec::new() };
+        for (key, Pending { value, created }) in self.writes {
+            match value {
+                Some(value) if created => batch.create(key, value),
+                value => batch.ops.push((key, value)),
+            }
+        }
+        batch
     }
 }
 
 impl KvRead for Txn<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         match self.writes.get(key) {
-            Some(value) => Ok(value.clone()),
+            Some(pending) => Ok(pending.value.clone()),
             None => self.db.get(key),
         }
     }
 
     fn scan(&self, range: &KeyRange, order: Order, limit: usize) -> Result<KvPairs, StorageError> {
-        let overlay: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = match &range.end {
+        let overlay: Vec<(&Vec<u8>, &Pending)> = match &range.end {
             Some(end) if *end <= range.start => return Ok(Vec::new()),
             Some(end) => self.writes.range(range.start.clone()..end.clone()).collect(),
             None => self.writes.range(range.start.clone()..).collect(),
@@ -93,8 +123,8 @@ impl KvRead for Txn<'_> {
         // least `limit` survivors ahead of anything not read.
         let base = self.db.scan(range, order, limit.saturating_add(overlay.len()))?;
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = base.into_iter().collect();
-        for (key, value) in overlay {
-            match value {
+        for (key, pending) in overlay {
+            match &pending.value {
                 Some(value) => merged.insert(key.clone(), value.clone()),
                 None => merged.remove(key),
             };
@@ -107,13 +137,40 @@ impl KvRead for Txn<'_> {
     }
 }
 
+impl Txn<'_> {
+    /// A put; a key new to this round counts as created here if `creates`.
+    fn put_marked(&mut self, key: &[u8], value: Vec<u8>, creates: bool) {
+        match self.writes.entry(key.to_vec()) {
+            // Written before in this round: what that write said about what
+            // lies below still holds.
+            Entry::Occupied(mut entry) => entry.get_mut().value = Some(value),
+            Entry::Vacant(entry) => {
+                entry.insert(Pending { value: Some(value), created: creates });
+            }
+        }
+    }
+}
+
 impl KvWrite for Txn<'_> {
     fn put(&mut self, key: &[u8], value: Vec<u8>) {
-        self.writes.insert(key.to_vec(), Some(value));
+        self.put_marked(key, value, false)
     }
 
     fn delete(&mut self, key: &[u8]) {
-        self.writes.insert(key.to_vec(), None);
+        match self.writes.entry(key.to_vec()) {
+            // Created here: below, the key never existed.
+            Entry::Occupied(entry) if entry.get().created => {
+                entry.remove();
+            }
+            Entry::Occupied(mut entry) => entry.get_mut().value = None,
+            Entry::Vacant(entry) => {
+                entry.insert(Pending { value: None, created: false });
+            }
+        }
+    }
+
+    fn create(&mut self, key: &[u8], value: Vec<u8>) {
+        self.put_marked(key, value, true)
     }
 }
 
@@ -126,6 +183,8 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Put(u8, u8),
+        /// A creation when the key holds nothing, else a put.
+        Create(u8, u8),
         Delete(u8),
         Commit,
     }
@@ -133,6 +192,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0u8..32, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
+            (0u8..32, any::<u8>()).prop_map(|(k, v)| Op::Create(k, v)),
             (0u8..32).prop_map(Op::Delete),
             Just(Op::Commit),
         ]
@@ -148,6 +208,13 @@ mod tests {
                 Op::Put(k, v) => {
                     txn.put(&[*k], vec![*v]);
                     model.insert(vec![*k], vec![*v]);
+                }
+                Op::Create(k, v) => {
+                    if model.insert(vec![*k], vec![*v]).is_none() {
+                        txn.create(&[*k], vec![*v]);
+                    } else {
+                        txn.put(&[*k], vec![*v]);
+                    }
                 }
                 Op::Delete(k) => {
                     txn.delete(&[*k]);

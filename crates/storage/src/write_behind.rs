@@ -24,7 +24,8 @@
 
 use crate::redo::RedoFile;
 use crate::{Db, KeyRange, KvPairs, KvRead, Order, StorageError, WriteBatch};
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashSet};
 use std::iter::Peekable;
 use std::ops::Bound;
 use std::path::Path;
@@ -64,6 +65,10 @@ struct Tables {
     /// Takes new writes.
     active: Table,
     active_bytes: usize,
+    /// Keys of `active` created since the last write-out (see
+    /// [`crate::KvWrite::create`]): neither the database nor `frozen` holds
+    /// them, so their deletion forgets them instead of writing a deletion.
+    created: HashSet<Vec<u8>>,
     /// Being written to the database; still read until that is done.
     frozen: Option<Arc<Table>>,
     /// A failed write-out: every later write reports it.
@@ -161,6 +166,7 @@ impl<D: Db> Shared<D> {
             }
             let frozen = Arc::new(std::mem::take(&mut tables.active));
             tables.active_bytes = 0;
+            tables.created.clear();
             tables.frozen = Some(frozen.clone());
             frozen
         };
@@ -233,20 +239,40 @@ impl<D: Db + 'static> KvRead for WriteBehind<D> {
 impl<D: Db + 'static> WriteBehind<D> {
     /// Puts writes into the active table; wakes the flusher once the table
     /// is due, or writes out here if the flusher is far behind.
-    fn take(&self, writes: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StorageError> {
+    fn take(&self, writes: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>, bool)>) -> Result<(), StorageError> {
         let bytes = {
             let mut tables = self.shared.write();
-            if let Some(failed) = &tables.failed {
+            let Tables { active, active_bytes, created, frozen, failed } = &mut *tables;
+            if let Some(failed) = failed {
                 return Err(StorageError::Backend(failed.clone()));
             }
-            for (key, value) in writes {
-                let key_len = key.len();
-                tables.active_bytes += key_len + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES;
-                if let Some(old) = tables.active.insert(key, value) {
-                    tables.active_bytes -= key_len + old.map_or(0, |v| v.len()) + ENTRY_OVERHEAD_BYTES;
+            let entry_bytes = |key: &[u8], value: &Option<Vec<u8>>| {
+                key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES
+            };
+            for (key, value, creates) in writes {
+                match active.entry(key) {
+                    Entry::Occupied(mut entry) => {
+                        *active_bytes -= entry_bytes(entry.key(), entry.get());
+                        if value.is_none() && created.remove(entry.key()) {
+                            // Created since the last write-out: the
+                            // database never saw the key.
+                            entry.remove();
+                        } else {
+                            *active_bytes += entry_bytes(entry.key(), &value);
+                            entry.insert(value);
+                        }
+                    }
+                    Entry::Vacant(entry) => {
+                        let unseen = frozen.as_ref().is_none_or(|frozen| !frozen.contains_key(entry.key()));
+                        if creates && value.is_some() && unseen {
+                            created.insert(entry.key().clone());
+                        }
+                        *active_bytes += entry_bytes(entry.key(), &value);
+                        entry.insert(value);
+                    }
                 }
             }
-            tables.active_bytes
+            *active_bytes
         };
         if bytes >= self.shared.flush_bytes.saturating_mul(4) {
             // The flusher is behind: write out here, waiting for it first.
@@ -265,11 +291,11 @@ impl<D: Db + 'static> WriteBehind<D> {
 
 impl<D: Db + 'static> Db for WriteBehind<D> {
     fn write(&self, batch: &WriteBatch) -> Result<(), StorageError> {
-        self.take(batch.ops().iter().cloned())
+        self.take(batch.clone().into_writes())
     }
 
     fn write_owned(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.take(batch.into_ops().into_iter())
+        self.take(batch.into_writes())
     }
 
     fn persist(&self) -> Result<(), StorageError> {
@@ -412,19 +438,22 @@ fn merge_scan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MemDb, SledDb, Txn};
+    use crate::{CountingDb, KvWrite, MemDb, SledDb, Txn};
     use proptest::prelude::*;
 
     #[derive(Clone, Debug)]
     enum Op {
         Put(u8, u8),
+        /// A creation when the key holds nothing, else a put.
+        Create(u8, u8),
         Delete(u8),
         WriteOut,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u8..40, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
+            3 => (0u8..40, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
+            2 => (0u8..40, any::<u8>()).prop_map(|(k, v)| Op::Create(k, v)),
             3 => (0u8..40).prop_map(Op::Delete),
             1 => Just(Op::WriteOut),
         ]
@@ -446,6 +475,13 @@ mod tests {
                 Op::Put(k, v) => {
                     batch.put(vec![*k], vec![*v]);
                     model.insert(vec![*k], vec![*v]);
+                }
+                Op::Create(k, v) => {
+                    if model.insert(vec![*k], vec![*v]).is_none() {
+                        batch.create(vec![*k], vec![*v]);
+                    } else {
+                        batch.put(vec![*k], vec![*v]);
+                    }
                 }
                 Op::Delete(k) => {
                     batch.delete(vec![*k]);
@@ -486,6 +522,52 @@ mod tests {
             let (db, _dir) = in_memory(usize::MAX / 8);
             check_against_model(&db, &ops, lo, hi, limit);
         }
+    }
+
+    /// A key created and deleted between two write-outs never reaches the
+    /// database; one put and deleted arrives as a deletion (the database
+    /// may hold it from before); one created and deleted after a write-out
+    /// took it arrives as both. Reads agree throughout.
+    #[test]
+    fn keys_created_and_deleted_between_write_outs_never_reach_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = WriteBehind::open(CountingDb::default(), &dir.path().join("redo"), usize::MAX / 8).unwrap();
+        let write = |build: &dyn Fn(&mut Txn<'_>)| {
+            let mut txn = Txn::new(&db);
+            build(&mut txn);
+            db.write_owned(txn.into_batch()).unwrap();
+        };
+        write(&|txn| {
+            txn.create(b"created", b"1".to_vec());
+            txn.put(b"put", b"1".to_vec());
+            txn.create(b"written-out", b"1".to_vec());
+        });
+        // Created and deleted within one round: the batch never names it.
+        let mut txn = Txn::new(&db);
+        txn.create(b"same-round", b"1".to_vec());
+        txn.delete(b"same-round");
+        assert!(txn.is_empty());
+        db.shared.write_out().unwrap();
+        assert_eq!(db.shared.inner.key_writes(), 3);
+        write(&|txn| {
+            txn.create(b"created-2", b"1".to_vec());
+            txn.put(b"created-2", b"2".to_vec());
+            txn.put(b"put-2", b"1".to_vec());
+        });
+        assert_eq!(db.get(b"created-2").unwrap(), Some(b"2".to_vec()));
+        write(&|txn| {
+            txn.delete(b"created-2");
+            txn.delete(b"put-2");
+            txn.delete(b"written-out");
+        });
+        for key in [&b"created-2"[..], b"put-2", b"written-out"] {
+            assert_eq!(db.get(key).unwrap(), None);
+        }
+        db.shared.write_out().unwrap();
+        // put-2 and written-out arrive as deletions; created-2 not at all.
+        assert_eq!(db.shared.inner.key_writes(), 5);
+        assert_eq!(db.shared.inner.get(b"written-out").unwrap(), None);
+        assert_eq!(db.shared.inner.get(b"created").unwrap(), Some(b"1".to_vec()));
     }
 
     /// A frozen table (being written out) is read too, under the newer
