@@ -31,15 +31,29 @@ pub enum CodecError {
     Encode(String),
 }
 
+/// Room a fresh encoding starts with: most values (requests, records of one
+/// message) fit, so the vector is not grown a byte count at a time.
+pub const ENCODE_START_BYTES: usize = 128;
+
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+    let mut out = Vec::with_capacity(ENCODE_START_BYTES);
+    encode_into(value, &mut out)?;
+    Ok(out)
 }
 
 /// Encodes into the end of `out`, for callers that frame values themselves.
 pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    let bytes = encode(value)?;
-    out.extend_from_slice(&bytes);
-    Ok(())
+    bincode::serde::encode_into_writer(value, AppendTo(out), config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// bincode's writer for the end of a vector the caller owns.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for AppendTo<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Decodes a whole value; leftover bytes are an error.

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 const RECORD_VERSION: u8 = 1;
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
+    let mut out = Vec::with_capacity(codec::ENCODE_START_BYTES);
+    out.push(RECORD_VERSION);
     // Records are plain structs of bounded size: encoding cannot fail.
     if let Err(error) = codec::encode_into(value, &mut out) {
         unreachable!("encoding a stored record failed: {error}");
