@@ -498,9 +498,9 @@ impl SyncService {
         let mut pairs: HashMap<(ShardId, ShardId), PairState> = HashMap::new();
         let mut busy_targets: HashSet<ShardId> = HashSet::new();
         let interval = Duration::from_millis(limits::OUTBOX_DELIVERY_INTERVAL_MS);
-        // When each target's last delivery started; the earliest time a
-        // target held back by it may go.
+        // When each target's last delivery started (within the interval).
         let mut last_delivery: HashMap<ShardId, tokio::time::Instant> = HashMap::new();
+        // The earliest time a target the last pass held back may go.
         let mut held_until: Option<tokio::time::Instant> = None;
         let mut tasks: JoinSet<TaskDone> = JoinSet::new();
         loop {
@@ -514,7 +514,7 @@ impl SyncService {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = self.signals.outbox_wake.notified() => {}
-                () = held => held_until = None,
+                () = held => {}
                 _ = ack_tick.tick() => ack_due = true,
                 Some(done) = tasks.join_next() => {
                     let Ok(done) = done else { continue };
@@ -562,6 +562,7 @@ impl SyncService {
             // Every dirty pair whose target has no delivery in flight and
             // none started within the interval, grouped by target.
             let now = tokio::time::Instant::now();
+            held_until = None;
             let ready: BTreeMap<ShardId, Vec<ShardId>> = {
                 let mut dirty = self.signals.outbox_dirty.lock().unwrap_or_else(|p| p.into_inner());
                 let mut ready: BTreeMap<ShardId, Vec<ShardId>> = BTreeMap::new();
