@@ -105,7 +105,9 @@ pub enum SyncPage {
 
 /// One connection to a node.
 pub struct Client {
-    endpoint: quinn::Endpoint,
+    /// The endpoint [`Client::connect`] made for this connection alone;
+    /// `None` for one shared with others ([`Client::connect_on`]).
+    own_endpoint: Option<quinn::Endpoint>,
     connection: quinn::Connection,
     welcome: Welcome,
     ca: Option<Fingerprint>,
@@ -139,7 +141,9 @@ impl Client {
     /// Connects, checks the node's certificate per `trust` and says hello.
     pub async fn connect(addr: SocketAddr, trust: Trust, client_name: &str) -> Result<Client, ClientError> {
         let endpoint = Client::endpoint_for(addr)?;
-        Client::connect_on(endpoint, addr, trust, client_name).await
+        let mut client = Client::connect_on(endpoint.clone(), addr, trust, client_name).await?;
+        client.own_endpoint = Some(endpoint);
+        Ok(client)
     }
 
     /// A client UDP endpoint able to reach `addr`, for [`Client::connect_on`].
@@ -189,7 +193,7 @@ impl Client {
             HelloReply::Welcome(welcome) => welcome,
             HelloReply::Refused(body) => return Err(ClientError::Server(body)),
         };
-        Ok(Client { endpoint, connection, welcome, ca, last_client_msg_id: Default::default() })
+        Ok(Client { own_endpoint: None, connection, welcome, ca, last_client_msg_id: Default::default() })
     }
 
     /// The cluster CA fingerprint this connection was verified against.
@@ -383,10 +387,16 @@ impl Client {
         }
     }
 
-    /// Closes the connection politely.
+    /// Closes the connection politely. On an endpoint of its own, waits (up
+    /// to a second) until the node has been told. On a shared endpoint the
+    /// endpoint goes on sending for the others, the close included, and
+    /// waiting for it to be idle would wait for them all: whoever owns it
+    /// waits for that once, when shutting down.
     pub async fn close(self) {
         self.connection.close(quinn::VarInt::from_u32(0), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if let Some(endpoint) = self.own_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! read markers, push, catch-up, restarts.
 
 use crate::support::{Node, PASSWORD, eventually};
-use hamgam_client::{ChatKind, ErrorCode, HistoryAnchor, LocalState, Push, Role, SyncPage, UpdateKind};
+use hamgam_client::{ChatKind, Client, ErrorCode, HistoryAnchor, LocalState, Push, Role, SyncPage, Trust, UpdateKind};
 use std::time::Duration;
 
 const PERSIAN: &str = "سلام! امروز ساعت ۵ جلسه داریم؟ می‌خواهم گزارش را با هم مرور کنیم.";
@@ -211,4 +211,35 @@ async fn group_roles_history_paging_edits_and_deletes_over_the_wire() {
     })
     .await;
     assert!(seen.messages.iter().any(|m| m.chat == group && m.seq == 30));
+}
+
+/// Clients sharing one UDP endpoint (a gateway, the load tool) each keep a
+/// connection of their own: closing one leaves the others talking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_sharing_an_endpoint_go_on_when_one_of_them_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"));
+    let endpoint = Client::endpoint_for(node.addr).unwrap();
+    let trust = Trust::Pinned(node.fingerprint);
+    let mut users = Vec::new();
+    for name in ["sara", "reza"] {
+        let client = Client::connect_on(endpoint.clone(), node.addr, trust.clone(), "shared").await.unwrap();
+        client.sign_up(name, PASSWORD, "").await.unwrap();
+        let session = client.log_in(name, PASSWORD, "gateway").await.unwrap();
+        users.push((client, session.user));
+    }
+    let (reza, reza_id) = users.pop().unwrap();
+    let (sara, sara_id) = users.pop().unwrap();
+    let chat = sara.direct_chat(reza_id).await.unwrap().chat;
+    sara.send(chat, "از دروازه سلام").await.unwrap();
+    sara.close().await;
+
+    reza.send(chat, "سلام، هنوز اینجام").await.unwrap();
+    let page = reza.history(chat, HistoryAnchor::Latest, 10).await.unwrap();
+    let texts: Vec<&str> = page.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, vec!["از دروازه سلام", "سلام، هنوز اینجام"]);
+    assert_eq!(reza.direct_chat(sara_id).await.unwrap().chat, chat);
+    // A new connection on the same endpoint still comes up.
+    let again = Client::connect_on(endpoint, node.addr, trust, "shared").await.unwrap();
+    again.log_in("sara", PASSWORD, "gateway again").await.unwrap();
 }
