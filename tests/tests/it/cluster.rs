@@ -10,7 +10,7 @@
 //! refused exists at most once.
 
 use crate::ledger::{Burst, assert_histories, burst, group_and_pairs, settle};
-use crate::support::{NODE_BIN, Node, PASSWORD, eventually, free_udp_addr};
+use crate::support::{NODE_BIN, Node, PASSWORD, eventually, free_udp_addr, retrying_unavailable};
 use hamgam_client::{ChatId, Client, UserId};
 use hamgam_tools::admin::ClusterStatus;
 use hamgam_types::{NodeId, Placement, ShardId};
@@ -103,7 +103,7 @@ pub async fn leaders_spread_on(via: &Node, holders: &[NodeId]) -> BTreeMap<NodeI
 
 pub async fn log_in(node: &Node, name: &str) -> Client {
     let client = node.client().await;
-    client.log_in(name, PASSWORD, "burst").await.unwrap();
+    retrying_unavailable(|| client.log_in(name, PASSWORD, "burst")).await.unwrap();
     client
 }
 

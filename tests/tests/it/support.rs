@@ -1,6 +1,6 @@
 //! Starting and stopping node processes, and clients for them.
 
-use hamgam_client::{Client, Fingerprint, Trust, UserId};
+use hamgam_client::{Client, ClientError, ErrorCode, Fingerprint, Trust, UserId};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,27 @@ use std::time::Duration;
 pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_node-under-test");
 pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_cli-under-test");
 pub const PASSWORD: &str = "correct horse battery";
+
+/// How long a test waits before retrying a write a leader change dropped.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Runs `call` again, up to four times, while it is refused as UNAVAILABLE:
+/// while a cluster's leaders settle, a leader change may drop a proposal,
+/// and the node says to retry. The SDK retries only idempotent writes
+/// (sends carry their own id); an app retries the others as tests do here.
+pub async fn retrying_unavailable<T, F, Fut>(mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    for _ in 0..4 {
+        match call().await {
+            Err(error) if error.code() == Some(ErrorCode::UNAVAILABLE) => tokio::time::sleep(RETRY_PAUSE).await,
+            outcome => return outcome,
+        }
+    }
+    call().await
+}
 
 /// A node process with its data directory.
 pub struct Node {
@@ -152,15 +173,27 @@ impl Node {
     /// A new user, logged in on a fresh connection.
     pub async fn user(&self, username: &str) -> (Client, UserId) {
         let client = self.client().await;
-        client.sign_up(username, PASSWORD, "").await.expect("sign up");
-        let session = client.log_in(username, PASSWORD, "test device").await.expect("log in");
+        let mut retried = false;
+        loop {
+            match client.sign_up(username, PASSWORD, "").await {
+                Ok(_) => break,
+                // The attempt a leader change seemed to drop went through.
+                Err(error) if retried && error.code() == Some(ErrorCode::USERNAME_TAKEN) => break,
+                Err(error) if error.code() == Some(ErrorCode::UNAVAILABLE) && !retried => {
+                    retried = true;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(error) => panic!("sign up: {error:?}"),
+            }
+        }
+        let session = retrying_unavailable(|| client.log_in(username, PASSWORD, "test device")).await.expect("log in");
         (client, session.user)
     }
 
     /// Another device of an existing user.
     pub async fn device(&self, username: &str, device: &str) -> Client {
         let client = self.client().await;
-        client.log_in(username, PASSWORD, device).await.expect("log in");
+        retrying_unavailable(|| client.log_in(username, PASSWORD, device)).await.expect("log in");
         client
     }
 
