@@ -173,14 +173,14 @@ impl Node {
     /// A new user, logged in on a fresh connection.
     pub async fn user(&self, username: &str) -> (Client, UserId) {
         let client = self.client().await;
-        let mut retried = false;
+        let mut attempts = 0;
         loop {
+            attempts += 1;
             match client.sign_up(username, PASSWORD, "").await {
                 Ok(_) => break,
                 // The attempt a leader change seemed to drop went through.
-                Err(error) if retried && error.code() == Some(ErrorCode::USERNAME_TAKEN) => break,
-                Err(error) if error.code() == Some(ErrorCode::UNAVAILABLE) && !retried => {
-                    retried = true;
+                Err(error) if attempts > 1 && error.code() == Some(ErrorCode::USERNAME_TAKEN) => break,
+                Err(error) if error.code() == Some(ErrorCode::UNAVAILABLE) && attempts < 5 => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 Err(error) => panic!("sign up: {error:?}"),
