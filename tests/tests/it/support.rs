@@ -173,18 +173,17 @@ impl Node {
     /// A new user, logged in on a fresh connection.
     pub async fn user(&self, username: &str) -> (Client, UserId) {
         let client = self.client().await;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match client.sign_up(username, PASSWORD, "").await {
-                Ok(_) => break,
-                // The attempt a leader change seemed to drop went through.
-                Err(error) if attempts > 1 && error.code() == Some(ErrorCode::USERNAME_TAKEN) => break,
-                Err(error) if error.code() == Some(ErrorCode::UNAVAILABLE) && attempts < 5 => {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                Err(error) => panic!("sign up: {error:?}"),
-            }
+        let attempts = std::cell::Cell::new(0);
+        let signed_up = retrying_unavailable(|| {
+            attempts.set(attempts.get() + 1);
+            client.sign_up(username, PASSWORD, "")
+        })
+        .await;
+        match signed_up {
+            Ok(_) => {}
+            // The attempt a leader change seemed to drop went through.
+            Err(error) if attempts.get() > 1 && error.code() == Some(ErrorCode::USERNAME_TAKEN) => {}
+            Err(error) => panic!("sign up: {error:?}"),
         }
         let session = retrying_unavailable(|| client.log_in(username, PASSWORD, "test device")).await.expect("log in");
         (client, session.user)
