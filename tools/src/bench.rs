@@ -89,6 +89,11 @@ enum BenchCommand {
         /// Members of each cluster: 1 (a single node) or 3.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         nodes: u8,
+        /// Runs of each system per client count, taking turns (fresh servers
+        /// each run); the summary compares the median runs, so a minute of a
+        /// noisy machine does not decide the ratio.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+        rounds: u8,
         #[command(flatten)]
         shape: LoadShape,
         /// hamgam-node binary (default: next to this program).
@@ -148,7 +153,7 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             println!("{}", LoadResult::header());
             println!("{}", result.row());
         }
-        BenchCommand::Compare { clients_list, nodes, shape, node_bin, etcd_bin, work_dir } => {
+        BenchCommand::Compare { clients_list, nodes, rounds, shape, node_bin, etcd_bin, work_dir } => {
             let nodes = usize::from(nodes);
             let node_bin = match node_bin {
                 Some(path) => path,
@@ -159,26 +164,35 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             let mut rows = Vec::new();
             for clients in clients_list {
                 let load = LoadArgs { clients, shape: shape.clone() };
-                let hamgam = {
-                    let cluster = NodeCluster::start(&node_bin, &work.join(format!("hamgam-{clients}")), nodes).await?;
-                    let result =
-                        hamgam_load(&cluster.addrs(), Trust::Pinned(cluster.fingerprint), &cluster.pids(), &load).await;
-                    cluster.stop().await?;
-                    result?
-                };
-                let etcd = {
-                    let cluster = EtcdCluster::start(&etcd_bin, &work.join(format!("etcd-{clients}")), nodes).await?;
-                    let result = etcd_load(&cluster.client_addrs(), &cluster.pids(), &load).await;
-                    cluster.stop().await?;
-                    result?
-                };
-                println!("{}", LoadResult::header());
-                println!("{}", hamgam.row());
-                println!("{}", etcd.row());
-                println!("{}", ratio_row(&hamgam, &etcd));
-                rows.push((hamgam, etcd));
+                let (mut hamgam_runs, mut etcd_runs) = (Vec::new(), Vec::new());
+                for round in 0..rounds {
+                    // Taking turns at going first, so a machine slowing down
+                    // or speeding up during a round favours neither.
+                    let hamgam_first = round % 2 == 0;
+                    for system in if hamgam_first { ["hamgam", "etcd"] } else { ["etcd", "hamgam"] } {
+                        let dir = work.join(format!("{system}-{clients}-{round}"));
+                        if system == "hamgam" {
+                            hamgam_runs.push(compare_hamgam_run(&node_bin, &dir, nodes, &load).await?);
+                        } else {
+                            etcd_runs.push(compare_etcd_run(&etcd_bin, &dir, nodes, &load).await?);
+                        }
+                    }
+                    let (hamgam, etcd) = (&hamgam_runs[hamgam_runs.len() - 1], &etcd_runs[etcd_runs.len() - 1]);
+                    if rounds > 1 {
+                        println!("round {} of {rounds}, {clients} clients:", round + 1);
+                    }
+                    println!("{}", LoadResult::header());
+                    println!("{}", hamgam.row());
+                    println!("{}", etcd.row());
+                    println!("{}", ratio_row(hamgam, etcd));
+                }
+                rows.push((median_run(hamgam_runs), median_run(etcd_runs)));
             }
-            println!("\nSummary (ratios are hamgam / etcd, measured in this run):");
+            if rounds > 1 {
+                println!("\nSummary: the median run of each system out of {rounds} (ratios are hamgam / etcd):");
+            } else {
+                println!("\nSummary (ratios are hamgam / etcd, measured in this run):");
+            }
             println!("{}", LoadResult::header());
             for (hamgam, etcd) in &rows {
                 println!("{}", hamgam.row());
@@ -188,6 +202,28 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One load run against a fresh hamgam node or cluster, stopped afterwards.
+async fn compare_hamgam_run(node_bin: &Path, dir: &Path, nodes: usize, load: &LoadArgs) -> anyhow::Result<LoadResult> {
+    let cluster = NodeCluster::start(node_bin, dir, nodes).await?;
+    let result = hamgam_load(&cluster.addrs(), Trust::Pinned(cluster.fingerprint), &cluster.pids(), load).await;
+    cluster.stop().await?;
+    result
+}
+
+/// One load run against a fresh etcd node or cluster, stopped afterwards.
+async fn compare_etcd_run(etcd_bin: &str, dir: &Path, nodes: usize, load: &LoadArgs) -> anyhow::Result<LoadResult> {
+    let cluster = EtcdCluster::start(etcd_bin, dir, nodes).await?;
+    let result = etcd_load(&cluster.client_addrs(), &cluster.pids(), load).await;
+    cluster.stop().await?;
+    result
+}
+
+/// The run with the median throughput (the lower middle one of an even count).
+fn median_run(mut runs: Vec<LoadResult>) -> LoadResult {
+    runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+    runs.swap_remove((runs.len() - 1) / 2)
 }
 
 // ---- measurement --------------------------------------------------------------
@@ -777,6 +813,28 @@ mod tests {
         for bytes in [1, 2, 255, 256, 1000] {
             assert_eq!(message_text(bytes).len(), bytes);
         }
+    }
+
+    fn run_of(operations: u64) -> LoadResult {
+        LoadResult {
+            label: "hamgam".into(),
+            clients: 64,
+            operations,
+            errors: 0,
+            elapsed: Duration::from_secs(1),
+            latency: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            server_cpu: None,
+            client_cpu: None,
+        }
+    }
+
+    #[test]
+    fn the_median_run_is_the_middle_one_by_throughput() {
+        let median = |ops: &[u64]| median_run(ops.iter().map(|&n| run_of(n)).collect()).operations;
+        assert_eq!(median(&[30, 10, 20]), 20);
+        assert_eq!(median(&[5]), 5);
+        // Of an even count, the lower middle one: the claim stays modest.
+        assert_eq!(median(&[40, 10, 30, 20]), 20);
     }
 
     #[test]
