@@ -166,27 +166,28 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
                 let load = LoadArgs { clients, shape: shape.clone() };
                 let (mut hamgam_runs, mut etcd_runs) = (Vec::new(), Vec::new());
                 for round in 0..rounds {
+                    let hamgam_dir = work.join(format!("hamgam-{clients}-{round}"));
+                    let etcd_dir = work.join(format!("etcd-{clients}-{round}"));
                     // Taking turns at going first, so a machine slowing down
                     // or speeding up during a round favours neither.
-                    let hamgam_first = round % 2 == 0;
-                    for system in if hamgam_first { ["hamgam", "etcd"] } else { ["etcd", "hamgam"] } {
-                        let dir = work.join(format!("{system}-{clients}-{round}"));
-                        if system == "hamgam" {
-                            hamgam_runs.push(compare_hamgam_run(&node_bin, &dir, nodes, &load).await?);
-                        } else {
-                            etcd_runs.push(compare_etcd_run(&etcd_bin, &dir, nodes, &load).await?);
-                        }
-                    }
-                    let (hamgam, etcd) = (&hamgam_runs[hamgam_runs.len() - 1], &etcd_runs[etcd_runs.len() - 1]);
+                    let (hamgam, etcd) = if round % 2 == 0 {
+                        let hamgam = compare_hamgam_run(&node_bin, &hamgam_dir, nodes, &load).await?;
+                        (hamgam, compare_etcd_run(&etcd_bin, &etcd_dir, nodes, &load).await?)
+                    } else {
+                        let etcd = compare_etcd_run(&etcd_bin, &etcd_dir, nodes, &load).await?;
+                        (compare_hamgam_run(&node_bin, &hamgam_dir, nodes, &load).await?, etcd)
+                    };
                     if rounds > 1 {
                         println!("round {} of {rounds}, {clients} clients:", round + 1);
                     }
                     println!("{}", LoadResult::header());
                     println!("{}", hamgam.row());
                     println!("{}", etcd.row());
-                    println!("{}", ratio_row(hamgam, etcd));
+                    println!("{}", ratio_row(&hamgam, &etcd));
+                    hamgam_runs.push(hamgam);
+                    etcd_runs.push(etcd);
                 }
-                rows.push((median_run(hamgam_runs), median_run(etcd_runs)));
+                rows.push((median_run(hamgam_runs, Middle::Lower), median_run(etcd_runs, Middle::Upper)));
             }
             if rounds > 1 {
                 println!("\nSummary: the median run of each system out of {rounds} (ratios are hamgam / etcd):");
@@ -220,10 +221,23 @@ async fn compare_etcd_run(etcd_bin: &str, dir: &Path, nodes: usize, load: &LoadA
     result
 }
 
-/// The run with the median throughput (the lower middle one of an even count).
-fn median_run(mut runs: Vec<LoadResult>) -> LoadResult {
+/// Which of the two middle runs of an even count is the median.
+#[derive(Clone, Copy)]
+enum Middle {
+    Lower,
+    Upper,
+}
+
+/// The run with the median throughput. Of an even count the comparison
+/// takes hamgam's lower middle run and etcd's upper one, so a tie in the
+/// number of rounds errs against hamgam.
+fn median_run(mut runs: Vec<LoadResult>, middle: Middle) -> LoadResult {
     runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
-    runs.swap_remove((runs.len() - 1) / 2)
+    let at = match middle {
+        Middle::Lower => runs.len().saturating_sub(1) / 2,
+        Middle::Upper => runs.len() / 2,
+    };
+    runs.swap_remove(at)
 }
 
 // ---- measurement --------------------------------------------------------------
@@ -830,11 +844,13 @@ mod tests {
 
     #[test]
     fn the_median_run_is_the_middle_one_by_throughput() {
-        let median = |ops: &[u64]| median_run(ops.iter().map(|&n| run_of(n)).collect()).operations;
-        assert_eq!(median(&[30, 10, 20]), 20);
-        assert_eq!(median(&[5]), 5);
-        // Of an even count, the lower middle one: the claim stays modest.
-        assert_eq!(median(&[40, 10, 30, 20]), 20);
+        let median = |ops: &[u64], middle| median_run(ops.iter().map(|&n| run_of(n)).collect(), middle).operations;
+        for middle in [Middle::Lower, Middle::Upper] {
+            assert_eq!(median(&[30, 10, 20], middle), 20);
+            assert_eq!(median(&[5], middle), 5);
+        }
+        assert_eq!(median(&[40, 10, 30, 20], Middle::Lower), 20);
+        assert_eq!(median(&[40, 10, 30, 20], Middle::Upper), 30);
     }
 
     #[test]
