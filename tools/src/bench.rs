@@ -205,20 +205,30 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One load run against a fresh hamgam node or cluster, stopped afterwards.
+/// One load run against a fresh hamgam node or cluster, stopped and its data removed afterwards.
 async fn compare_hamgam_run(node_bin: &Path, dir: &Path, nodes: usize, load: &LoadArgs) -> anyhow::Result<LoadResult> {
     let cluster = NodeCluster::start(node_bin, dir, nodes).await?;
     let result = hamgam_load(&cluster.addrs(), Trust::Pinned(cluster.fingerprint), &cluster.pids(), load).await;
     cluster.stop().await?;
+    remove_run_data(dir);
     result
 }
 
-/// One load run against a fresh etcd node or cluster, stopped afterwards.
+/// One load run against a fresh etcd node or cluster, stopped and its data removed afterwards.
 async fn compare_etcd_run(etcd_bin: &str, dir: &Path, nodes: usize, load: &LoadArgs) -> anyhow::Result<LoadResult> {
     let cluster = EtcdCluster::start(etcd_bin, dir, nodes).await?;
     let result = etcd_load(&cluster.client_addrs(), &cluster.pids(), load).await;
     cluster.stop().await?;
+    remove_run_data(dir);
     result
+}
+
+/// A run's data goes once it is measured: a comparison of many rounds would
+/// otherwise keep gigabytes of it until the end.
+fn remove_run_data(dir: &Path) {
+    if let Err(error) = std::fs::remove_dir_all(dir) {
+        eprintln!("could not remove {}: {error}", dir.display());
+    }
 }
 
 /// Which of the two middle runs of an even count is the median.
