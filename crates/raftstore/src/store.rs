@@ -13,9 +13,11 @@
 //!    shards; then persisted messages, read states, and `advance` with its
 //!    light ready;
 //! 5. hands the pass's committed entries, with the proposers waiting for
-//!    them, to the apply thread ([`crate::apply`]), which answers each
-//!    proposer once the command is in the database: an answer means the
-//!    command is durable (WAL) and visible (database);
+//!    them, to the apply thread ([`crate::apply`]): those the Ready reports
+//!    before the WAL write (durable already), those the light ready commits
+//!    after it. The apply thread answers each proposer once the command is
+//!    in the database: an answer means the command is durable (WAL) and
+//!    visible (database);
 //! 6. starts a checkpoint (off the loop, in its own thread) when enough WAL
 //!    has accumulated; when it reports back, WAL segments behind it go.
 
@@ -1445,6 +1447,13 @@ impl StoreLoop {
             return Ok(());
         }
         self.flush_outbound();
+        // 3, continued. Entries committed earlier are durable here already:
+        // the apply thread takes them now, beside this round's fdatasync,
+        // rather than after it (a leader's commits arrive with the next
+        // round's new entries, a follower's with the leader's next append).
+        if !committed.is_empty() {
+            send_to_applier(&self.apply_inputs, ApplyInput::Round(std::mem::take(&mut committed)))?;
+        }
 
         // One record, one fdatasync, for every shard of this round.
         if !writes.is_empty() {
