@@ -181,9 +181,7 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
                         println!("round {} of {rounds}, {clients} clients:", round + 1);
                     }
                     println!("{}", LoadResult::header());
-                    println!("{}", hamgam.row());
-                    println!("{}", etcd.row());
-                    println!("{}", ratio_row(&hamgam, &etcd));
+                    print_pair(&hamgam, &etcd);
                     hamgam_runs.push(hamgam);
                     etcd_runs.push(etcd);
                 }
@@ -196,9 +194,7 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             }
             println!("{}", LoadResult::header());
             for (hamgam, etcd) in &rows {
-                println!("{}", hamgam.row());
-                println!("{}", etcd.row());
-                println!("{}", ratio_row(hamgam, etcd));
+                print_pair(hamgam, etcd);
             }
         }
     }
@@ -331,6 +327,13 @@ impl LoadResult {
             self.errors
         )
     }
+}
+
+/// One run of each system and their ratio, as table rows.
+fn print_pair(hamgam: &LoadResult, etcd: &LoadResult) {
+    println!("{}", hamgam.row());
+    println!("{}", etcd.row());
+    println!("{}", ratio_row(hamgam, etcd));
 }
 
 fn ratio_row(hamgam: &LoadResult, etcd: &LoadResult) -> String {
