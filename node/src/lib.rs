@@ -24,6 +24,7 @@
 
 mod config;
 mod relay;
+mod routes;
 mod upkeep;
 
 pub use config::Config;
@@ -463,6 +464,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let api = ApiServer::start(endpoint, sync, chunks, hub, api_config)?;
     let listening = api.local_addr()?;
+    if network.is_some() {
+        let data_shards = cluster.data_shards;
+        api.set_routes(Arc::new(routes::ClusterRoutes { raft: raft.clone(), view: view.clone(), data_shards }));
+        cluster_tasks.push(tokio::spawn(routes::record_client_addr(
+            raft.clone(),
+            node,
+            listening,
+            view.clone(),
+            cancel.clone(),
+        )));
+    }
     println!("hamgam-node {} listening on {listening} (QUIC, ALPN hamgam/1)", env!("CARGO_PKG_VERSION"));
     println!("certificate fingerprint (SHA-256 of the cluster CA): {}", identity.ca_fingerprint());
     println!(

@@ -330,6 +330,13 @@ pub(crate) async fn handle(shared: &Shared, session: &Session, request: Request)
         Request::LikeItem { owner, album, item, like } => {
             gallery::like_item(shared, session, owner, album, item, like).await
         }
+        Request::Routes => {
+            require_auth(shared, session)?;
+            let mut table = shared.routes.get().map(|source| source.routes()).unwrap_or_default();
+            table.nodes.truncate(limits::ROUTE_NODES_MAX);
+            table.leaders.truncate(limits::DATA_SHARDS_MAX as usize);
+            Ok(Response::Routes(table))
+        }
         Request::HistoryWithFiles { chat, anchor, limit } => {
             let auth = require_auth(shared, session)?;
             sync.fresh_chat(chat).await?;

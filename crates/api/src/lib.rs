@@ -12,7 +12,8 @@
 //! Entry types: [`ApiServer::start`] and [`ApiServer::shutdown`].
 //!
 //! Must not know: raft, storage layout, sled. It reaches the domain only
-//! through [`hamgam_sync::SyncService`]. Every failure a client sees is an
+//! through [`hamgam_sync::SyncService`], and learns where shard leaders
+//! serve clients only through a [`RouteSource`] the node gives it. Every failure a client sees is an
 //! [`ErrorCode`](hamgam_proto::ErrorCode) and a sentence; nothing a client
 //! sends can stop the server or touch another client.
 
@@ -33,10 +34,16 @@ use hamgam_sync::SyncService;
 use hamgam_types::{NodeId, UserId, limits};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Where a cluster's shard leaders serve clients, for `Request::Routes`: the
+/// node's current view, a hint that may be a moment old.
+pub trait RouteSource: Send + Sync {
+    fn routes(&self) -> hamgam_proto::RouteTable;
+}
 
 /// How the API server is set up.
 #[derive(Clone, Debug)]
@@ -59,6 +66,8 @@ pub(crate) struct Shared {
     config: ApiConfig,
     connections: AtomicUsize,
     user_connections: Mutex<HashMap<UserId, usize>>,
+    /// Set by a clustered node; without one, routes are an empty table.
+    routes: OnceLock<Arc<dyn RouteSource>>,
     cancel: CancellationToken,
 }
 
@@ -94,11 +103,18 @@ impl ApiServer {
             config,
             connections: AtomicUsize::new(0),
             user_connections: Mutex::new(HashMap::new()),
+            routes: OnceLock::new(),
             cancel: CancellationToken::new(),
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(endpoint.clone(), shared.clone(), tracker.clone()));
         Ok(ApiServer { endpoint, shared, tracker })
+    }
+
+    /// Tells clients where shard leaders serve them (`Request::Routes`).
+    /// Only the first call counts.
+    pub fn set_routes(&self, routes: Arc<dyn RouteSource>) {
+        let _ = self.shared.routes.set(routes);
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {

@@ -63,6 +63,9 @@ pub enum ClusterCommand {
     /// Where a shard's replicas are, recorded by the placement driver after
     /// each change so that nodes without a replica know whom to ask.
     Placed { shard: ShardId, replicas: Vec<NodeId> },
+    /// Where a member serves clients, recorded by the member itself when it
+    /// starts, so that clients can reach shard leaders directly.
+    ClientAddr { node: NodeId, addr: SocketAddr },
 }
 
 /// Shard 0's replies.
@@ -77,9 +80,16 @@ pub enum ClusterReply {
 const MEMBER: u8 = b'm';
 const USED_NONCE: u8 = b'n';
 const PLACED: u8 = b'p';
+const CLIENT_ADDR: u8 = b'c';
 
 fn member_key(node: NodeId) -> Vec<u8> {
     let mut key = vec![MEMBER];
+    key.extend_from_slice(&node.0.to_be_bytes());
+    key
+}
+
+fn client_addr_key(node: NodeId) -> Vec<u8> {
+    let mut key = vec![CLIENT_ADDR];
     key.extend_from_slice(&node.0.to_be_bytes());
     key
 }
@@ -100,6 +110,20 @@ pub fn read_members(shard0: &impl KvRead) -> Result<Vec<MemberRecord>, StorageEr
         .scan(&KeyRange::prefix(&[MEMBER]), Order::Ascending, MEMBERS_MAX)?
         .into_iter()
         .map(|(_, value)| hamgam_proto::codec::decode(&value).map_err(|e| corrupt("member", e)))
+        .collect()
+}
+
+/// Where each member that recorded one serves clients.
+pub fn read_client_addrs(shard0: &impl KvRead) -> Result<BTreeMap<NodeId, SocketAddr>, StorageError> {
+    shard0
+        .scan(&KeyRange::prefix(&[CLIENT_ADDR]), Order::Ascending, MEMBERS_MAX)?
+        .into_iter()
+        .map(|(key, value)| {
+            let id: [u8; 8] =
+                key.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("client key", "short"))?;
+            let addr = hamgam_proto::codec::decode(&value).map_err(|e| corrupt("client address", e))?;
+            Ok((NodeId(u64::from_be_bytes(id)), addr))
+        })
         .collect()
 }
 
@@ -170,6 +194,14 @@ fn apply_cluster(command: &ClusterCommand, kv: &mut ShardWriter<'_, '_>) -> Resu
             kv.put(&placed_key(*shard), bytes);
             Ok(ClusterReply::Done)
         }
+        ClusterCommand::ClientAddr { node, addr } => {
+            if !members.iter().any(|m| m.id == *node && m.state != MemberState::Removed) {
+                return Ok(ClusterReply::Refused(format!("node {node} is not a member")));
+            }
+            let bytes = hamgam_proto::codec::encode(addr).map_err(|e| corrupt("client address", e))?;
+            kv.put(&client_addr_key(*node), bytes);
+            Ok(ClusterReply::Done)
+        }
     }
 }
 
@@ -178,16 +210,28 @@ fn apply_cluster(command: &ClusterCommand, kv: &mut ShardWriter<'_, '_>) -> Resu
 pub struct ClusterView {
     pub members: Vec<MemberRecord>,
     pub placement: BTreeMap<ShardId, Vec<NodeId>>,
+    /// Where members serve clients (those that recorded it).
+    pub client_addrs: BTreeMap<NodeId, SocketAddr>,
 }
 
 impl ClusterView {
     /// Reads the view from shard 0's applied state.
     pub fn read(shard0: &ShardReader, shards: usize) -> Result<ClusterView, StorageError> {
-        Ok(ClusterView { members: read_members(shard0)?, placement: read_placement(shard0, shards)? })
+        Ok(ClusterView {
+            members: read_members(shard0)?,
+            placement: read_placement(shard0, shards)?,
+            client_addrs: read_client_addrs(shard0)?,
+        })
     }
 
     pub fn member(&self, node: NodeId) -> Option<&MemberRecord> {
         self.members.iter().find(|m| m.id == node)
+    }
+
+    /// Members that are not removed, with the addresses they serve clients on.
+    pub fn client_routes(&self) -> BTreeMap<NodeId, SocketAddr> {
+        let reachable = self.reachable();
+        self.client_addrs.iter().filter(|(node, _)| reachable.contains_key(node)).map(|(n, a)| (*n, *a)).collect()
     }
 
     /// Members that are not removed, with their peer addresses.

@@ -6,7 +6,8 @@ use crate::store::{
     AlbumInfo, AlbumItem, ChunkList, ChunkRef, FileEntry, FileManifest, FolderPage, SharedFile, SnapshotInfo,
     SnapshotStats, UsageReport, Visibility,
 };
-use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, UserId};
+use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, ShardId, UserId};
+use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -142,12 +143,15 @@ pub enum Request {
     ListAlbumItems { owner: UserId, album: u64, after: Option<u64>, limit: u32 },
     /// 43: like (or, with `like: false`, unlike) an item the caller may see.
     LikeItem { owner: UserId, album: u64, item: u64, like: bool },
+    /// 44: where each shard's leader serves clients, so that a client can
+    /// send a chat's writes to its leader rather than through this node.
+    Routes,
 }
 
 impl Request {
     /// Number of request kinds this version knows; a higher variant index is
     /// an unknown request, not a malformed one.
-    pub const KINDS: u32 = 44;
+    pub const KINDS: u32 = 45;
 
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
@@ -196,6 +200,7 @@ impl Request {
             Request::ListAlbums { .. } => "list_albums",
             Request::ListAlbumItems { .. } => "list_album_items",
             Request::LikeItem { .. } => "like_item",
+            Request::Routes => "routes",
         }
     }
 }
@@ -275,6 +280,8 @@ pub enum Response {
     AlbumItems { items: Vec<AlbumItem>, more: bool },
     /// 29: the item's likes after the request.
     Likes { count: u64 },
+    /// 30
+    Routes(RouteTable),
 }
 
 /// Frames on a subscribe stream after [`Response::Subscribed`].
@@ -287,6 +294,22 @@ pub enum Push {
 }
 
 // ---- values ------------------------------------------------------------------
+
+/// Where a cluster's shard leaders serve clients, as the answering node knows
+/// it: a hint, not a promise. A write sent to a node that does not lead the
+/// shard is still served (the node forwards it), only with more hops.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// Data shards of the cluster: chat `c` lives in shard `1 + c % data_shards`
+    /// (`hamgam_types::Placement`). Zero from a node that does not say.
+    pub data_shards: u32,
+    /// Members that serve clients, with the address each serves on (at most
+    /// `limits::ROUTE_NODES_MAX`).
+    pub nodes: Vec<(NodeId, SocketAddr)>,
+    /// Each data shard's leader where the answering node knows it (at most
+    /// one per data shard).
+    pub leaders: Vec<(ShardId, NodeId)>,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Role {
@@ -528,8 +551,7 @@ mod tests {
 
     #[test]
     fn the_last_request_kind_matches_the_kind_count() {
-        let request = Request::LikeItem { owner: UserId(1), album: 1, item: 1, like: true };
-        let bytes = codec::encode(&request).unwrap();
+        let bytes = codec::encode(&Request::Routes).unwrap();
         assert_eq!(codec::peek_variant_index(&bytes), Some(Request::KINDS - 1));
     }
 

@@ -140,6 +140,8 @@ pub const REMOTE_SCAN_PAIRS_MAX: usize = 1_000;
 pub const REMOTE_READ_ANSWER_BYTES_MAX: usize = 8 << 20;
 /// Data shards a cluster may be made with (shard 0, the cluster shard, is extra).
 pub const DATA_SHARDS_MAX: u32 = 4096;
+/// Members one route table lists (and so connections a routing client opens).
+pub const ROUTE_NODES_MAX: usize = 256;
 /// Raft messages queued for one other node; beyond this they are dropped
 /// (raft retransmits), so a slow or dead node never holds memory.
 pub const PEER_SEND_QUEUE_MAX: usize = 4096;
