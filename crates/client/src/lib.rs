@@ -18,6 +18,7 @@ macro_rules! expect {
 
 mod backup;
 mod gallery;
+mod route;
 mod state;
 mod store;
 
@@ -26,6 +27,7 @@ pub use backup::{
     snapshots_to_forget,
 };
 pub use gallery::make_thumbnail;
+pub use route::{ROUTES_MAX_AGE, Router};
 pub use hamgam_proto::store::{AlbumInfo, AlbumItem, EntryKind, FileEntry, SharedFile, SnapshotInfo, Visibility};
 pub use hamgam_proto::{
     ChatInfo, ChatKind, ChatList, DeviceInfo, Difference, ErrorBody, ErrorCode, HistoryAnchor, MemberInfo, Message,
@@ -108,6 +110,8 @@ pub struct Client {
     /// The endpoint [`Client::connect`] made for this connection alone;
     /// `None` for one shared with others ([`Client::connect_on`]).
     own_endpoint: Option<quinn::Endpoint>,
+    /// The endpoint this connection runs on, for more connections beside it.
+    endpoint: quinn::Endpoint,
     connection: quinn::Connection,
     welcome: Welcome,
     ca: Option<Fingerprint>,
@@ -193,7 +197,7 @@ impl Client {
             HelloReply::Welcome(welcome) => welcome,
             HelloReply::Refused(body) => return Err(ClientError::Server(body)),
         };
-        Ok(Client { own_endpoint: None, connection, welcome, ca, last_client_msg_id: Default::default() })
+        Ok(Client { own_endpoint: None, endpoint, connection, welcome, ca, last_client_msg_id: Default::default() })
     }
 
     /// The cluster CA fingerprint this connection was verified against.
@@ -207,6 +211,10 @@ impl Client {
 
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
+    }
+
+    pub(crate) fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
     }
 
     /// Sends one request on its own stream and returns the raw response.

@@ -212,3 +212,73 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
         assert_eq!(node.stop().code(), Some(0));
     }
 }
+
+/// A client that asks for the route table sends each chat's messages to the
+/// node leading the chat's shard, over a connection of its own; what it
+/// sends lands once, as through any other node. Unauthenticated, the table
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_sends_each_chat_to_its_shard_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), "");
+    status_with_leaders(&nodes[0]).await;
+
+    let stranger = nodes[0].client().await;
+    let refused = stranger.call(&hamgam_proto::Request::Routes).await.unwrap_err();
+    assert_eq!(refused.code(), Some(hamgam_proto::ErrorCode::UNAUTHENTICATED));
+
+    // Enough peers that the direct chats' shards have leaders on every node.
+    let (_, me) = nodes[0].user("router").await;
+    let mut chats = Vec::new();
+    for i in 0..8 {
+        let (_, peer) = nodes[i % NODES].user(&format!("peer{i}")).await;
+        chats.push(peer);
+    }
+    let home = nodes[0].client().await;
+    let session = retrying_unavailable(|| home.log_in("router", PASSWORD, "router")).await.unwrap();
+    assert_eq!(session.user, me);
+    let mut chat_ids = Vec::new();
+    for peer in chats {
+        chat_ids.push(retrying_unavailable(|| home.direct_chat(peer)).await.unwrap().chat);
+    }
+    let placement = Placement::new(DATA_SHARDS);
+    let home = Arc::new(home);
+    let router = hamgam_client::Router::new(home.clone(), session.token.clone()).await.unwrap();
+    // Each node records where it serves clients shortly after it starts, and
+    // the placement driver may still be spreading leaders: compare with the
+    // cluster's current view until the two agree.
+    for chat in &chat_ids {
+        eventually(Duration::from_secs(60), || async {
+            let status = ClusterStatus::gather(&nodes[0].dir, None).await.ok()?;
+            let leader = status.shards().get(&placement.shard_of_chat(*chat))?.leader?;
+            router.refresh().await.ok()?;
+            (router.for_chat(*chat).await.welcome().node == leader).then_some(())
+        })
+        .await;
+    }
+    let mut away = 0;
+    for chat in &chat_ids {
+        away += usize::from(router.for_chat(*chat).await.welcome().node != home.welcome().node);
+    }
+    assert!(away > 0, "every chat's shard is led by the home node; the test shows nothing");
+    let mut sent = BTreeMap::new();
+    for (i, chat) in chat_ids.iter().enumerate() {
+        let text = format!("پیام {i} از راه رهبر");
+        let id = home.new_client_msg_id();
+        let (seq, _) = retrying_unavailable(|| router.send_with_id(*chat, id, &text)).await.unwrap();
+        // A retry with the same id through the home node is the same message.
+        let (again, _) = retrying_unavailable(|| home.send_with_id(*chat, id, &text)).await.unwrap();
+        assert_eq!(seq, again);
+        sent.insert(*chat, (seq, text));
+    }
+    for (chat, (seq, text)) in &sent {
+        let history = home.full_history(*chat).await.unwrap();
+        let found: Vec<_> = history.iter().filter(|m| &m.text == text).collect();
+        assert_eq!(found.len(), 1, "chat {chat:?}: {history:?}");
+        assert_eq!(found[0].seq, *seq);
+    }
+
+    for node in &mut nodes {
+        assert_eq!(node.stop().code(), Some(0));
+    }
+}
