@@ -14,7 +14,7 @@
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use hamgam_client::{ChatId, Client, Fingerprint, Trust};
+use hamgam_client::{ChatId, Client, Fingerprint, Router, Trust};
 use hdrhistogram::Histogram;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -111,6 +111,10 @@ enum BenchCommand {
 struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// Send every message through the node the client is connected to (which
+    /// forwards it to the chat's shard leader), not to the leader directly.
+    #[arg(long)]
+    no_routing: bool,
     #[command(flatten)]
     shape: LoadShape,
 }
@@ -163,7 +167,7 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
             let work = work_dir.unwrap_or_else(|| scratch.path().to_path_buf());
             let mut rows = Vec::new();
             for clients in clients_list {
-                let load = LoadArgs { clients, shape: shape.clone() };
+                let load = LoadArgs { clients, no_routing: false, shape: shape.clone() };
                 let (mut hamgam_runs, mut etcd_runs) = (Vec::new(), Vec::new());
                 for round in 0..rounds {
                     let hamgam_dir = work.join(format!("hamgam-{clients}-{round}"));
@@ -469,7 +473,9 @@ fn message_text(bytes: usize) -> String {
 // ---- hamgam ---------------------------------------------------------------------
 
 struct MessageWorker {
-    client: Client,
+    /// Reaches the chat's shard leader; `None` with `--no-routing`.
+    router: Option<Arc<Router>>,
+    client: Arc<Client>,
     chat: ChatId,
     text: String,
 }
@@ -497,20 +503,30 @@ async fn hamgam_load(
         let username = format!("b{run_id}_{i}");
         client.sign_up(&username, password, "").await.context("signing up bench users")?;
         let session = client.log_in(&username, password, "bench").await?;
-        clients.push((client, session.user));
+        let client = Arc::new(client);
+        let router = match load.no_routing {
+            true => None,
+            false => Some(Arc::new(Router::new(client.clone(), session.token).await?)),
+        };
+        clients.push((client, router, session.user));
     }
     let text = message_text(load.shape.message_bytes);
     let mut workers = Vec::with_capacity(users);
     let mut pairs = clients.into_iter();
-    while let (Some((first, _)), Some((second, second_user))) = (pairs.next(), pairs.next()) {
+    while let (Some((first, first_router, _)), Some((second, second_router, second_user))) =
+        (pairs.next(), pairs.next())
+    {
         let chat = first.direct_chat(second_user).await?.chat;
-        workers.push(MessageWorker { client: first, chat, text: text.clone() });
-        workers.push(MessageWorker { client: second, chat, text: text.clone() });
+        workers.push(MessageWorker { router: first_router, client: first, chat, text: text.clone() });
+        workers.push(MessageWorker { router: second_router, client: second, chat, text: text.clone() });
     }
     workers.truncate(load.clients);
     drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, _| async move {
         let id = worker.client.new_client_msg_id();
-        worker.client.send_with_id(worker.chat, id, &worker.text).await?;
+        match &worker.router {
+            Some(router) => router.send_with_id(worker.chat, id, &worker.text).await?,
+            None => worker.client.send_with_id(worker.chat, id, &worker.text).await?,
+        };
         Ok(())
     })
     .await
