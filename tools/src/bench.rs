@@ -521,6 +521,15 @@ async fn hamgam_load(
         workers.push(MessageWorker { router: second_router, client: second, chat, text: text.clone() });
     }
     workers.truncate(load.clients);
+    if servers.len() > 1 && !load.no_routing {
+        let mut routed = 0;
+        for worker in &workers {
+            if let Some(router) = &worker.router {
+                routed += usize::from(router.for_chat(worker.chat).await.welcome().node != worker.client.welcome().node);
+            }
+        }
+        eprintln!("{routed} of {} clients send to their chat's shard leader on another node", workers.len());
+    }
     drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, _| async move {
         let id = worker.client.new_client_msg_id();
         match &worker.router {
