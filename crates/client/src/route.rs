@@ -24,6 +24,10 @@ pub const ROUTES_MAX_AGE: Duration = Duration::from_secs(30);
 /// How long a node that could not be reached is left alone.
 const UNREACHABLE_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long connecting to a leader may take. Other sends of this client wait
+/// meanwhile, so this is short: the home connection serves too, only slower.
+const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A client's home connection plus connections to the shard leaders its
 /// chats live on.
 pub struct Router {
@@ -80,8 +84,11 @@ impl Router {
         if routes.fetched.is_none_or(|at| at.elapsed() >= ROUTES_MAX_AGE) {
             match self.fetch().await {
                 Ok(table) => routes.replace_table(table),
-                // Try again at the next call; the old routes stay hints.
-                Err(error) => tracing::debug!(%error, "the route table could not be refreshed"),
+                Err(error) => {
+                    // The old routes stay hints until the next refresh is due.
+                    tracing::debug!(%error, "the route table could not be refreshed");
+                    routes.fetched = Some(Instant::now());
+                }
             }
         }
         let Some(leader) = routes.placement.and_then(|p| routes.leaders.get(&p.shard_of_chat(chat)).copied()) else {
@@ -127,9 +134,12 @@ impl Router {
     async fn link_to(&self, addr: SocketAddr) -> Result<Client, ClientError> {
         let ca = self.home.ca_fingerprint().ok_or_else(|| ClientError::Connect("no pinned certificate".into()))?;
         let endpoint = self.home.endpoint().clone();
-        let link = Client::connect_on(endpoint, addr, Trust::Pinned(ca), "hamgam-router").await?;
-        link.authenticate(&self.token).await?;
-        Ok(link)
+        let connect = async {
+            let link = Client::connect_on(endpoint, addr, Trust::Pinned(ca), "hamgam-router").await?;
+            link.authenticate(&self.token).await?;
+            Ok(link)
+        };
+        tokio::time::timeout(LINK_CONNECT_TIMEOUT, connect).await.map_err(|_| ClientError::Timeout)?
     }
 
     /// Sends with a caller-chosen client id to the chat's leader; if no
