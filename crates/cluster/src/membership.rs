@@ -316,3 +316,30 @@ impl StateMachine for ClusterMachine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_routed_only_to_members_that_are_not_removed() {
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let member = |id: u64, state| MemberRecord { id: NodeId(id), peer_addr: addr(7000 + id as u16), state };
+        let view = ClusterView {
+            members: vec![
+                member(1, MemberState::Active),
+                member(2, MemberState::Draining),
+                member(3, MemberState::Removed),
+                member(4, MemberState::Active),
+            ],
+            placement: BTreeMap::new(),
+            // Node 4 has not recorded where it serves clients yet; node 9 is no member.
+            client_addrs: [(1, 8001), (2, 8002), (3, 8003), (9, 8009)]
+                .into_iter()
+                .map(|(id, port)| (NodeId(id), addr(port)))
+                .collect(),
+        };
+        let routes: Vec<(NodeId, SocketAddr)> = view.client_routes().into_iter().collect();
+        assert_eq!(routes, vec![(NodeId(1), addr(8001)), (NodeId(2), addr(8002))]);
+    }
+}
