@@ -151,10 +151,21 @@ impl Router {
         match link.send_with_id(chat, client_msg_id, text).await {
             Err(error) if !Arc::ptr_eq(&link, &self.home) && (is_retryable(&error) || error.code().is_none()) => {
                 tracing::debug!(%error, "no answer from the shard leader; sending through the home node");
+                self.give_up(link.welcome().node).await;
                 self.home.send_with_id(chat, client_msg_id, text).await
             }
             other => other,
         }
+    }
+
+    /// Stops using `node` as a leader for a while and asks for the routes
+    /// again at the next send: it failed to answer, and may be dead or no
+    /// longer lead. Its connection, if still open, closes when dropped.
+    async fn give_up(&self, node: NodeId) {
+        let mut routes = self.state.lock().await;
+        routes.links.remove(&node);
+        routes.unreachable.insert(node, Instant::now());
+        routes.fetched = None;
     }
 }
 

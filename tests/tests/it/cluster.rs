@@ -7,7 +7,8 @@
 //! comes back and catches up. Then one node is cut off alone (the other two
 //! are stopped with SIGSTOP): it acknowledges no write and serves no read
 //! that must be fresh, and once the others are back the write that was
-//! refused exists at most once.
+//! refused exists at most once. A client with a router sends to each chat's
+//! shard leader directly, and past a leader that dies.
 
 use crate::ledger::{Burst, assert_histories, burst, group_and_pairs, settle};
 use crate::support::{NODE_BIN, Node, PASSWORD, eventually, free_udp_addr, retrying_unavailable};
@@ -215,8 +216,10 @@ async fn killing_the_busiest_leader_loses_nothing_and_a_lone_node_accepts_no_wri
 
 /// A client that asks for the route table sends each chat's messages to the
 /// node leading the chat's shard, over a connection of its own; what it
-/// sends lands once, as through any other node. Unauthenticated, the table
-/// is refused.
+/// sends lands once, as through any other node. When that leader is killed,
+/// the send that finds it gone (after the request timeout) is made through
+/// the home node, once, and the router stops using the dead node.
+/// Unauthenticated, the table is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_sends_each_chat_to_its_shard_leader() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,7 +264,7 @@ async fn a_router_sends_each_chat_to_its_shard_leader() {
         away += usize::from(router.for_chat(*chat).await.welcome().node != home.welcome().node);
     }
     assert!(away > 0, "every chat's shard is led by the home node; the test shows nothing");
-    let mut sent = BTreeMap::new();
+    let mut sent = Vec::new();
     for (i, chat) in chat_ids.iter().enumerate() {
         let text = format!("پیام {i} از راه رهبر");
         let id = home.new_client_msg_id();
@@ -269,16 +272,36 @@ async fn a_router_sends_each_chat_to_its_shard_leader() {
         // A retry with the same id through the home node is the same message.
         let (again, _) = retrying_unavailable(|| home.send_with_id(*chat, id, &text)).await.unwrap();
         assert_eq!(seq, again);
-        sent.insert(*chat, (seq, text));
+        sent.push((*chat, seq, text));
     }
-    for (chat, (seq, text)) in &sent {
-        let history = home.full_history(*chat).await.unwrap();
+    // A leader that dies: the send that finds it gone is made through the
+    // home node instead, once, and the router stops using the dead node.
+    let mut orphan = None;
+    for chat in &chat_ids {
+        if router.for_chat(*chat).await.welcome().node != home.welcome().node {
+            orphan = Some(*chat);
+            break;
+        }
+    }
+    let orphan = orphan.unwrap();
+    let victim = router.for_chat(orphan).await.welcome().node;
+    nodes[(victim.0 - 1) as usize].kill();
+    let text = "پس از مرگ رهبر".to_string();
+    let id = home.new_client_msg_id();
+    let (seq, _) = retrying_unavailable(|| router.send_with_id(orphan, id, &text)).await.unwrap();
+    sent.push((orphan, seq, text));
+    assert_ne!(router.for_chat(orphan).await.welcome().node, victim, "the router still sends to a dead node");
+
+    for (chat, seq, text) in &sent {
+        let history = retrying_unavailable(|| home.full_history(*chat)).await.unwrap();
         let found: Vec<_> = history.iter().filter(|m| &m.text == text).collect();
         assert_eq!(found.len(), 1, "chat {chat:?}: {history:?}");
         assert_eq!(found[0].seq, *seq);
     }
 
-    for node in &mut nodes {
-        assert_eq!(node.stop().code(), Some(0));
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != (victim.0 - 1) as usize {
+            assert_eq!(node.stop().code(), Some(0));
+        }
     }
 }
