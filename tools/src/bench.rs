@@ -504,10 +504,8 @@ async fn hamgam_load(
         client.sign_up(&username, password, "").await.context("signing up bench users")?;
         let session = client.log_in(&username, password, "bench").await?;
         let client = Arc::new(client);
-        let router = match load.no_routing {
-            true => None,
-            false => Some(Arc::new(Router::new(client.clone(), session.token).await?)),
-        };
+        let router =
+            if load.no_routing { None } else { Some(Arc::new(Router::new(client.clone(), session.token).await?)) };
         clients.push((client, router, session.user));
     }
     let text = message_text(load.shape.message_bytes);

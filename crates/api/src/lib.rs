@@ -13,9 +13,10 @@
 //!
 //! Must not know: raft, storage layout, sled. It reaches the domain only
 //! through [`hamgam_sync::SyncService`], and learns where shard leaders
-//! serve clients only through a [`RouteSource`] the node gives it. Every failure a client sees is an
-//! [`ErrorCode`](hamgam_proto::ErrorCode) and a sentence; nothing a client
-//! sends can stop the server or touch another client.
+//! serve clients only through a [`RouteSource`] the node gives it. Every
+//! failure a client sees is an [`ErrorCode`](hamgam_proto::ErrorCode) and a
+//! sentence; nothing a client sends can stop the server or touch another
+//! client.
 
 mod auth;
 mod connection;

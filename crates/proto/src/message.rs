@@ -7,9 +7,9 @@ use crate::store::{
     SnapshotStats, UsageReport, Visibility,
 };
 use hamgam_types::{ChatId, ChunkId, DeviceId, NodeId, ShardId, UserId};
-use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::net::SocketAddr;
 
 // ---- handshake ---------------------------------------------------------------
 
