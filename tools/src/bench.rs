@@ -14,7 +14,7 @@
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use hamgam_client::{ChatId, Client, Fingerprint, Router, Trust};
+use hamgam_client::{ChatId, Client, ClientError, Fingerprint, Router, Trust};
 use hdrhistogram::Histogram;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -473,11 +473,32 @@ fn message_text(bytes: usize) -> String {
 // ---- hamgam ---------------------------------------------------------------------
 
 struct MessageWorker {
-    /// Reaches the chat's shard leader; `None` with `--no-routing`.
-    router: Option<Arc<Router>>,
-    client: Arc<Client>,
+    sender: Sender,
     chat: ChatId,
     text: String,
+}
+
+/// How a bench client sends: to each chat's shard leader, or (with
+/// `--no-routing`) through the node it is connected to.
+enum Sender {
+    Routed(Router),
+    Direct(Client),
+}
+
+impl Sender {
+    fn client(&self) -> &Client {
+        match self {
+            Sender::Routed(router) => router.home(),
+            Sender::Direct(client) => client,
+        }
+    }
+
+    async fn send(&self, chat: ChatId, client_msg_id: u64, text: &str) -> Result<(u64, u64), ClientError> {
+        match self {
+            Sender::Routed(router) => router.send_with_id(chat, client_msg_id, text).await,
+            Sender::Direct(client) => client.send_with_id(chat, client_msg_id, text).await,
+        }
+    }
 }
 
 async fn hamgam_load(
@@ -503,37 +524,35 @@ async fn hamgam_load(
         let username = format!("b{run_id}_{i}");
         client.sign_up(&username, password, "").await.context("signing up bench users")?;
         let session = client.log_in(&username, password, "bench").await?;
-        let client = Arc::new(client);
-        let router =
-            if load.no_routing { None } else { Some(Arc::new(Router::new(client.clone(), session.token).await?)) };
-        clients.push((client, router, session.user));
+        let sender = if load.no_routing {
+            Sender::Direct(client)
+        } else {
+            Sender::Routed(Router::new(Arc::new(client), session.token).await?)
+        };
+        clients.push((sender, session.user));
     }
     let text = message_text(load.shape.message_bytes);
     let mut workers = Vec::with_capacity(users);
     let mut pairs = clients.into_iter();
-    while let (Some((first, first_router, _)), Some((second, second_router, second_user))) =
-        (pairs.next(), pairs.next())
-    {
-        let chat = first.direct_chat(second_user).await?.chat;
-        workers.push(MessageWorker { router: first_router, client: first, chat, text: text.clone() });
-        workers.push(MessageWorker { router: second_router, client: second, chat, text: text.clone() });
+    while let (Some((first, _)), Some((second, second_user))) = (pairs.next(), pairs.next()) {
+        let chat = first.client().direct_chat(second_user).await?.chat;
+        workers.push(MessageWorker { sender: first, chat, text: text.clone() });
+        workers.push(MessageWorker { sender: second, chat, text: text.clone() });
     }
     workers.truncate(load.clients);
     if servers.len() > 1 && !load.no_routing {
         let mut routed = 0;
         for worker in &workers {
-            if let Some(router) = &worker.router {
-                routed += usize::from(router.for_chat(worker.chat).await.welcome().node != worker.client.welcome().node);
+            if let Sender::Routed(router) = &worker.sender {
+                let leader = router.for_chat(worker.chat).await.welcome().node;
+                routed += usize::from(leader != router.home().welcome().node);
             }
         }
         eprintln!("{routed} of {} clients send to their chat's shard leader on another node", workers.len());
     }
     drive("hamgam", load, node_pids, workers, |worker: Arc<MessageWorker>, _| async move {
-        let id = worker.client.new_client_msg_id();
-        match &worker.router {
-            Some(router) => router.send_with_id(worker.chat, id, &worker.text).await?,
-            None => worker.client.send_with_id(worker.chat, id, &worker.text).await?,
-        };
+        let id = worker.sender.client().new_client_msg_id();
+        worker.sender.send(worker.chat, id, &worker.text).await?;
         Ok(())
     })
     .await

@@ -101,8 +101,7 @@ impl Router {
             if link.connection().close_reason().is_none() {
                 return link.clone();
             }
-            routes.links.remove(&leader);
-            routes.unreachable.insert(leader, Instant::now());
+            routes.leave_alone(leader);
         }
         if routes.unreachable.get(&leader).is_some_and(|at| at.elapsed() < UNREACHABLE_BACKOFF) {
             return self.home.clone();
@@ -120,12 +119,12 @@ impl Router {
             Ok(other) => {
                 let found = other.welcome().node;
                 tracing::debug!(%addr, expected = %leader, %found, "a route led to another node");
-                routes.unreachable.insert(leader, Instant::now());
+                routes.leave_alone(leader);
                 self.home.clone()
             }
             Err(error) => {
                 tracing::debug!(%addr, %error, "a shard leader could not be reached; sending through the home node");
-                routes.unreachable.insert(leader, Instant::now());
+                routes.leave_alone(leader);
                 self.home.clone()
             }
         }
@@ -163,13 +162,19 @@ impl Router {
     /// longer lead. Its connection, if still open, closes when dropped.
     async fn give_up(&self, node: NodeId) {
         let mut routes = self.state.lock().await;
-        routes.links.remove(&node);
-        routes.unreachable.insert(node, Instant::now());
+        routes.leave_alone(node);
         routes.fetched = None;
     }
 }
 
 impl Routes {
+    /// Drops the connection to `node`, if any, and sends nothing its way for
+    /// [`UNREACHABLE_BACKOFF`].
+    fn leave_alone(&mut self, node: NodeId) {
+        self.links.remove(&node);
+        self.unreachable.insert(node, Instant::now());
+    }
+
     fn replace_table(&mut self, table: RouteTable) {
         self.fetched = Some(Instant::now());
         let shards = table.data_shards;
