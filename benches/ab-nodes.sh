@@ -53,7 +53,8 @@ wait_for() { # file pattern
     return 1
 }
 
-# One run: prints messages/s, p50 ms, p99 ms and the nodes' CPU per message.
+# One run: sets $result to messages/s, p50 ms, p99 ms and the nodes' CPU
+# per message (not a subshell, so that the exit trap can stop its nodes).
 run() { # node-command
     local node=$1 dir="$work/run" servers flags=()
     rm -rf "$dir" && mkdir -p "$dir"
@@ -75,17 +76,24 @@ run() { # node-command
         flags=(--fingerprint "$(grep -ho 'CA): [0-9A-F:]*' "$dir/log1" | head -1 | cut -c6-)")
     fi
     "$bench" messages --server "$servers" "${flags[@]}" --node-pid "$(IFS=,; echo "${pids[*]}")" \
-        --clients "$clients" --duration-secs "$secs" --warmup-secs 2 >"$dir/out" 2>&1
+        --clients "$clients" --duration-secs "$secs" --warmup-secs 2 >"$dir/out" 2>&1 || true
     stop_nodes
-    grep '^| hamgam' "$dir/out" | awk -F'|' '{ gsub(/ /, ""); printf "%s %s %s %s\n", $4, $5, $6, $9 }'
+    result=$(grep '^| hamgam' "$dir/out" | awk -F'|' '{ gsub(/ /, ""); printf "%s %s %s %s\n", $4, $5, $6, $9 }') || true
+    if [ -z "$result" ]; then
+        echo "the load gave no result:" >&2
+        tail -5 "$dir/out" >&2
+        exit 1
+    fi
 }
 
 printf '| round | build | msg/s | p50 ms | p99 ms | nodes CPU/msg |\n|---|---|---|---|---|---|\n'
 ratios=()
 for round in $(seq "$rounds"); do
-    read -r a_rate a_p50 a_p99 a_cpu <<<"$(run "$a_node")"
+    run "$a_node"
+    read -r a_rate a_p50 a_p99 a_cpu <<<"$result"
     printf '| %s | A | %s | %s | %s | %s |\n' "$round" "$a_rate" "$a_p50" "$a_p99" "$a_cpu"
-    read -r b_rate b_p50 b_p99 b_cpu <<<"$(run "$b_node")"
+    run "$b_node"
+    read -r b_rate b_p50 b_p99 b_cpu <<<"$result"
     printf '| %s | B | %s | %s | %s | %s |\n' "$round" "$b_rate" "$b_p50" "$b_p99" "$b_cpu"
     ratios+=("$(awk -v a="$a_rate" -v b="$b_rate" 'BEGIN { printf "%.3f", b / a }')")
 done
