@@ -29,10 +29,21 @@
 //! the newest Header plus later Rounds always carry each shard's latest hard
 //! state.
 //!
-//! Recovery reads the segments in order. A bad record at the tail of the last
-//! segment is a write the crash cut short (it was never acknowledged, since
-//! acknowledgements wait for the fsync): the file is truncated there. A bad
-//! record anywhere else is corruption and stops the node.
+//! Segments are made ahead, filled with zeros and synced, on a thread of
+//! their own (see [`Spare`]) once the active segment is a few megabytes in,
+//! and renamed into place at rotation. Records written over zeros change no
+//! file size, so a round's fdatasync writes only the data: on a file that
+//! grows, ext4 without a journal also writes the inode, a second synchronous
+//! write in every round (docs/benchmarks.md). When no spare is ready a
+//! segment is made empty and grows, as on a fresh or idle node.
+//!
+//! Recovery reads the segments in order. A segment ends at its last byte or
+//! at a record header of zeros (no record has length 0), after which only
+//! zeros may follow. A bad record at the tail of the last segment is a write
+//! the crash cut short (it was never acknowledged, since acknowledgements
+//! wait for the fsync): the file is truncated there. A bad record anywhere
+//! else, or anything but zeros after a segment's end, is corruption and
+//! stops the node.
 
 use bytes::Bytes;
 use hamgam_types::{ShardId, limits};
@@ -41,11 +52,21 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const RECORD_VERSION: u8 = 1;
 const KIND_ROUND: u8 = 1;
 const KIND_HEADER: u8 = 2;
 const FRAME_HEADER_BYTES: usize = 8;
+/// The segment being made ahead. Not a `.wal` name: replay never reads it.
+const SPARE_NAME: &str = "next-segment.prep";
+/// How far the active segment gets before the next one is made ahead: an
+/// idle node, or a short test, writes no zeros.
+const SPARE_AFTER_BYTES: u64 = 4 << 20;
+/// Zeros go out in pieces of this size; the maker checks between pieces
+/// whether the log closed.
+const ZERO_PIECE_BYTES: usize = 1 << 20;
 
 /// Errors of the WAL. All are fatal: the node cannot accept writes without it.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +118,86 @@ pub struct Wal {
     /// A record was written after the last fdatasync (a round that only
     /// moved commit indexes).
     unsynced: bool,
+    spare: Spare,
+    /// The active segment was made ahead (zeros past its records).
+    active_made_ahead: bool,
+}
+
+/// The next segment, made ahead: `WAL_SEGMENT_BYTES_MAX` zeros, synced, by a
+/// thread that [`Spare::start`] spawns and that ends when the file is made
+/// or the log is dropped (which stops and joins it).
+#[derive(Debug, Default)]
+struct Spare {
+    made: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    maker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spare {
+    /// Starts making the spare in `dir`, unless it is being made or made.
+    fn start(&mut self, dir: &Path) {
+        if self.maker.is_some() {
+            return;
+        }
+        let (path, made, stop) = (dir.join(SPARE_NAME), self.made.clone(), self.stop.clone());
+        let maker = std::thread::Builder::new().name("wal-spare".into()).spawn(move || match make_spare(&path, &stop) {
+            Ok(true) => made.store(true, Ordering::Release),
+            Ok(false) => {}
+            // The next segment then grows as it is written, as without a spare.
+            Err(error) => tracing::warn!(path = %path.display(), %error, "cannot make the next WAL segment ahead"),
+        });
+        match maker {
+            Ok(maker) => self.maker = Some(maker),
+            Err(error) => tracing::warn!(%error, "cannot start the WAL segment maker"),
+        }
+    }
+
+    fn is_made(&self) -> bool {
+        self.made.load(Ordering::Acquire)
+    }
+
+    /// The made spare's path, if one is ready; the next is started later.
+    fn take(&mut self, dir: &Path) -> Option<PathBuf> {
+        if !self.made.load(Ordering::Acquire) {
+            // A maker that failed is started again once needed.
+            if self.maker.as_ref().is_some_and(|maker| maker.is_finished()) {
+                self.maker = None;
+            }
+            return None;
+        }
+        if let Some(maker) = self.maker.take() {
+            let _ = maker.join();
+        }
+        self.made.store(false, Ordering::Release);
+        Some(dir.join(SPARE_NAME))
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        // A maker left running could still be writing zeros into a file a
+        // later log (reopened in this process) renames into place.
+        self.stop.store(true, Ordering::Release);
+        if let Some(maker) = self.maker.take() {
+            let _ = maker.join();
+        }
+    }
+}
+
+/// Writes the spare; `Ok(false)` when stopped before it was whole.
+fn make_spare(path: &Path, stop: &AtomicBool) -> std::io::Result<bool> {
+    let mut file = File::create(path)?;
+    let zeros = vec![0u8; ZERO_PIECE_BYTES];
+    let mut written = 0u64;
+    while written < limits::WAL_SEGMENT_BYTES_MAX {
+        if stop.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        file.write_all(&zeros)?;
+        written += ZERO_PIECE_BYTES as u64;
+    }
+    file.sync_all()?;
+    Ok(true)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
@@ -116,6 +217,12 @@ impl Wal {
     /// shard had. The log is then ready for appends.
     pub fn open(dir: &Path) -> Result<(Wal, BTreeMap<ShardId, RecoveredShard>), WalError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // A spare left by a stopped node may be partly written: made anew.
+        let leftover = dir.join(SPARE_NAME);
+        match std::fs::remove_file(&leftover) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&leftover)(error)),
+            _ => {}
+        }
         let mut sequences: Vec<u64> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
@@ -140,7 +247,7 @@ impl Wal {
         let next_sequence = segments.last().map_or(1, |s| s.sequence + 1);
         // Appends always go to a fresh segment after a restart: the old tail
         // may have been truncated, and a new header records the hard states.
-        let (active, file) = create_segment(dir, next_sequence)?;
+        let (active, file) = create_segment(dir, next_sequence, None)?;
         let mut wal = Wal {
             dir: dir.to_path_buf(),
             closed: segments,
@@ -151,6 +258,8 @@ impl Wal {
             hard_states,
             fsyncs: 0,
             unsynced: false,
+            spare: Spare::default(),
+            active_made_ahead: false,
         };
         wal.write_header()?;
         Ok((wal, recovered))
@@ -198,7 +307,9 @@ impl Wal {
         } else {
             self.unsynced = true;
         }
-        if self.active_bytes >= limits::WAL_SEGMENT_BYTES_MAX {
+        // A segment that grows costs every round a second write: leave it as
+        // soon as one made ahead is ready (the first after a start).
+        if self.active_bytes >= limits::WAL_SEGMENT_BYTES_MAX || (!self.active_made_ahead && self.spare.is_made()) {
             self.rotate()?;
         }
         Ok(())
@@ -273,7 +384,9 @@ impl Wal {
         if self.unsynced {
             self.sync()?;
         }
-        let (segment, file) = create_segment(&self.dir, self.active.sequence + 1)?;
+        let spare = self.spare.take(&self.dir);
+        self.active_made_ahead = spare.is_some();
+        let (segment, file) = create_segment(&self.dir, self.active.sequence + 1, spare)?;
         let old = std::mem::replace(&mut self.active, segment);
         self.file = file;
         self.active_bytes = 0;
@@ -301,13 +414,30 @@ impl Wal {
         self.file.write_all(&record).map_err(io_err(&self.active.path))?;
         self.active_bytes += record.len() as u64;
         self.bytes_appended += record.len() as u64;
+        if self.active_bytes >= SPARE_AFTER_BYTES {
+            self.spare.start(&self.dir);
+        }
         Ok(())
     }
 }
 
-fn create_segment(dir: &Path, sequence: u64) -> Result<(Segment, File), WalError> {
+/// Makes segment `sequence`: the spare renamed into place if one is given,
+/// else an empty file. Either way the directory is synced before any
+/// record is written, so no acknowledged record can sit under a name a
+/// crash forgets.
+fn create_segment(dir: &Path, sequence: u64, spare: Option<PathBuf>) -> Result<(Segment, File), WalError> {
     let path = segment_path(dir, sequence);
-    let file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
+    let file = match spare {
+        Some(spare) => {
+            if path.exists() {
+                let exists = std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+                return Err(io_err(&path)(exists));
+            }
+            std::fs::rename(&spare, &path).map_err(io_err(&path))?;
+            OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?
+        }
+        None => OpenOptions::new().create_new(true).write(true).open(&path).map_err(io_err(&path))?,
+    };
     sync_dir(dir)?;
     Ok((Segment { sequence, path, max_index: BTreeMap::new() }, file))
 }
@@ -322,7 +452,17 @@ fn replay_segment(
     let mut max_index = BTreeMap::new();
     let mut offset = 0usize;
     while offset < bytes.len() {
-        match parse_record(&bytes[offset..]) {
+        let rest = &bytes[offset..];
+        // A segment made ahead is zeros after its last record.
+        let parsed = if rest[..rest.len().min(FRAME_HEADER_BYTES)].iter().all(|b| *b == 0) {
+            if rest.iter().all(|b| *b == 0) {
+                break;
+            }
+            Err("bytes other than zeros after the segment's last record".to_string())
+        } else {
+            parse_record(rest)
+        };
+        match parsed {
             Ok((body, used)) => {
                 apply_record(body, recovered, &mut max_index).map_err(|reason| WalError::Corrupt {
                     path: path.to_path_buf(),
@@ -617,6 +757,79 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&first, bytes).unwrap();
         assert!(matches!(Wal::open(dir.path()), Err(WalError::Corrupt { .. })));
+    }
+
+    /// Writes rounds of 1 MiB entries to shard 1 from index `first` until the
+    /// log has moved to a segment made ahead, and returns the next index.
+    fn write_until_on_a_segment_made_ahead(wal: &mut Wal, first: u64) -> u64 {
+        let mut index = first;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !wal.active_made_ahead {
+            assert!(std::time::Instant::now() < deadline, "no segment was made ahead");
+            // Past the point where the spare is started, a round is written
+            // only once it is made: that round moves the log onto it.
+            if wal.active_bytes < 2 * SPARE_AFTER_BYTES || wal.spare.is_made() {
+                wal.append_round(&round(1, vec![entry(index, 1, &vec![index as u8; 1 << 20])], index)).unwrap();
+                index += 1;
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        index
+    }
+
+    #[test]
+    fn a_segment_made_ahead_is_used_and_replays_up_to_its_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let next;
+        let prepared;
+        {
+            let (mut wal, _) = Wal::open(dir.path()).unwrap();
+            let growing = wal.active.path.clone();
+            next = write_until_on_a_segment_made_ahead(&mut wal, 1);
+            assert_ne!(wal.active.path, growing);
+            prepared = wal.active.path.clone();
+            assert!(!dir.path().join(SPARE_NAME).exists(), "renamed into place");
+            wal.append_round(&round(1, vec![entry(next, 1, b"over zeros")], next)).unwrap();
+            // Written over, not grown.
+            assert_eq!(std::fs::metadata(&prepared).unwrap().len(), limits::WAL_SEGMENT_BYTES_MAX);
+        }
+        let check = |recovered: &BTreeMap<ShardId, RecoveredShard>| {
+            let one = &recovered[&ShardId(1)];
+            assert_eq!(one.entries.len() as u64, next, "every entry, the last one over zeros");
+            assert_eq!(&one.entries.last().unwrap().data[..], b"over zeros");
+            assert_eq!(one.hard_state.commit, next);
+        };
+        // Replayed as the last segment, then (after a reopen made a newer one) as a closed one.
+        check(&Wal::open(dir.path()).unwrap().1);
+        check(&Wal::open(dir.path()).unwrap().1);
+        assert_eq!(std::fs::metadata(&prepared).unwrap().len(), limits::WAL_SEGMENT_BYTES_MAX);
+
+        // Anything but zeros after a closed segment's records is corruption.
+        let file = OpenOptions::new().write(true).open(&prepared).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"stray", 40 << 20).unwrap();
+        assert!(matches!(Wal::open(dir.path()), Err(WalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_torn_record_over_zeros_is_cut_and_a_leftover_spare_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (prepared, at);
+        {
+            let (mut wal, _) = Wal::open(dir.path()).unwrap();
+            let next = write_until_on_a_segment_made_ahead(&mut wal, 1);
+            wal.append_round(&round(1, vec![entry(next, 1, b"kept")], next)).unwrap();
+            at = wal.active_bytes;
+            wal.append_round(&round(1, vec![entry(next + 1, 1, b"torn")], next + 1)).unwrap();
+            prepared = wal.active.path.clone();
+        }
+        // The crash kept the torn record's body but not its header.
+        let file = OpenOptions::new().write(true).open(&prepared).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0; FRAME_HEADER_BYTES], at).unwrap();
+        std::fs::write(dir.path().join(SPARE_NAME), b"half made").unwrap();
+        let (_wal, recovered) = Wal::open(dir.path()).unwrap();
+        assert_eq!(&recovered[&ShardId(1)].entries.last().unwrap().data[..], b"kept");
+        assert!(!dir.path().join(SPARE_NAME).exists(), "a spare left by a stopped node is made anew");
     }
 
     #[test]
