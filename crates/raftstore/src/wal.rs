@@ -67,6 +67,11 @@ const SPARE_AFTER_BYTES: u64 = 4 << 20;
 /// Zeros go out in pieces of this size; the maker checks between pieces
 /// whether the log closed.
 const ZERO_PIECE_BYTES: usize = 1 << 20;
+/// The maker syncs every this many pieces and pauses after each piece, so
+/// that 64 MiB of zeros reach the disk a little at a time rather than as
+/// one burst that the rounds' own fdatasyncs would queue behind.
+const ZERO_PIECES_PER_SYNC: u64 = 4;
+const ZERO_PIECE_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Errors of the WAL. All are fatal: the node cannot accept writes without it.
 #[derive(Debug, thiserror::Error)]
@@ -188,13 +193,17 @@ impl Drop for Spare {
 fn make_spare(path: &Path, stop: &AtomicBool) -> std::io::Result<bool> {
     let mut file = File::create(path)?;
     let zeros = vec![0u8; ZERO_PIECE_BYTES];
-    let mut written = 0u64;
-    while written < limits::WAL_SEGMENT_BYTES_MAX {
+    let mut pieces = 0u64;
+    while pieces * (ZERO_PIECE_BYTES as u64) < limits::WAL_SEGMENT_BYTES_MAX {
         if stop.load(Ordering::Acquire) {
             return Ok(false);
         }
         file.write_all(&zeros)?;
-        written += ZERO_PIECE_BYTES as u64;
+        pieces += 1;
+        if pieces.is_multiple_of(ZERO_PIECES_PER_SYNC) {
+            file.sync_data()?;
+        }
+        std::thread::sleep(ZERO_PIECE_PAUSE);
     }
     file.sync_all()?;
     Ok(true)
