@@ -144,7 +144,7 @@ impl Spare {
         if self.maker.is_some() {
             return;
         }
-        let (path, made, stop) = (dir.join(SPARE_NAME), self.made.clone(), self.stop.clone());
+        let (path, made, stop) = (spare_path(dir), self.made.clone(), self.stop.clone());
         let maker = std::thread::Builder::new().name("wal-spare".into()).spawn(move || match make_spare(&path, &stop) {
             Ok(true) => made.store(true, Ordering::Release),
             Ok(false) => {}
@@ -174,7 +174,7 @@ impl Spare {
             let _ = maker.join();
         }
         self.made.store(false, Ordering::Release);
-        Some(dir.join(SPARE_NAME))
+        Some(spare_path(dir))
     }
 }
 
@@ -217,6 +217,10 @@ fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
     dir.join(format!("{sequence:016x}.wal"))
 }
 
+fn spare_path(dir: &Path) -> PathBuf {
+    dir.join(SPARE_NAME)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
@@ -227,7 +231,7 @@ impl Wal {
     pub fn open(dir: &Path) -> Result<(Wal, BTreeMap<ShardId, RecoveredShard>), WalError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         // A spare left by a stopped node may be partly written: made anew.
-        let leftover = dir.join(SPARE_NAME);
+        let leftover = spare_path(dir);
         match std::fs::remove_file(&leftover) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&leftover)(error)),
             _ => {}
@@ -798,7 +802,7 @@ mod tests {
             next = write_until_on_a_segment_made_ahead(&mut wal, 1);
             assert_ne!(wal.active.path, growing);
             prepared = wal.active.path.clone();
-            assert!(!dir.path().join(SPARE_NAME).exists(), "renamed into place");
+            assert!(!spare_path(dir.path()).exists(), "renamed into place");
             wal.append_round(&round(1, vec![entry(next, 1, b"over zeros")], next)).unwrap();
             // Written over, not grown.
             assert_eq!(std::fs::metadata(&prepared).unwrap().len(), limits::WAL_SEGMENT_BYTES_MAX);
@@ -835,10 +839,10 @@ mod tests {
         // The crash kept the torn record's body but not its header.
         let file = OpenOptions::new().write(true).open(&prepared).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&file, &[0; FRAME_HEADER_BYTES], at).unwrap();
-        std::fs::write(dir.path().join(SPARE_NAME), b"half made").unwrap();
+        std::fs::write(spare_path(dir.path()), b"half made").unwrap();
         let (_wal, recovered) = Wal::open(dir.path()).unwrap();
         assert_eq!(&recovered[&ShardId(1)].entries.last().unwrap().data[..], b"kept");
-        assert!(!dir.path().join(SPARE_NAME).exists(), "a spare left by a stopped node is made anew");
+        assert!(!spare_path(dir.path()).exists(), "a spare left by a stopped node is made anew");
     }
 
     #[test]
