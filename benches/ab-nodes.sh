@@ -5,7 +5,10 @@
 # run to run, and by half over an hour) falls on both alike. Prints each
 # run and, at the end, the mean of B's throughput over A's in the same round.
 #
-#   benches/ab-nodes.sh [--nodes 1|3] [--rounds N] [--clients N] [--secs S] A_NODE B_NODE
+#   benches/ab-nodes.sh [--nodes 1|3] [--rounds N] [--clients N] [--secs S] [--no-routing] A_NODE B_NODE
+#
+# --no-routing sends through each client's own node instead of the chat's
+# shard leader: for a build from before nodes answered the route request.
 #
 # A_NODE and B_NODE are commands that start hamgam-node: a path to a
 # binary, or `env NAME=VALUE path` to try a setting. Build each binary and
@@ -16,18 +19,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-nodes=1 rounds=3 clients=64 secs=8
+nodes=1 rounds=3 clients=64 secs=8 routing=()
 while [ $# -gt 2 ]; do
     case "$1" in
         --nodes) nodes=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --clients) clients=$2; shift 2 ;;
         --secs) secs=$2; shift 2 ;;
+        --no-routing) routing=(--no-routing); shift ;;
         *) echo "unknown flag $1" >&2; exit 2 ;;
     esac
 done
 if [ $# -ne 2 ]; then
-    sed -n '2,14p' "$0" >&2
+    sed -n '2,18p' "$0" >&2
     exit 2
 fi
 a_node=$1 b_node=$2
@@ -75,7 +79,7 @@ run() { # node-command
         servers=127.0.0.1:7910,127.0.0.1:7920,127.0.0.1:7930
         flags=(--fingerprint "$(grep -ho 'CA): [0-9A-F:]*' "$dir/log1" | head -1 | cut -c6-)")
     fi
-    "$bench" messages --server "$servers" "${flags[@]}" --node-pid "$(IFS=,; echo "${pids[*]}")" \
+    "$bench" messages --server "$servers" "${flags[@]}" "${routing[@]}" --node-pid "$(IFS=,; echo "${pids[*]}")" \
         --clients "$clients" --duration-secs "$secs" --warmup-secs 2 >"$dir/out" 2>&1 || true
     stop_nodes
     result=$(grep '^| hamgam' "$dir/out" | awk -F'|' '{ gsub(/ /, ""); printf "%s %s %s %s\n", $4, $5, $6, $9 }') || true
