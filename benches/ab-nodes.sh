@@ -31,7 +31,8 @@ while [ $# -gt 2 ]; do
     esac
 done
 if [ $# -ne 2 ]; then
-    sed -n '2,18p' "$0" >&2
+    # The comment at the top of this file, which is its usage.
+    awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" >&2
     exit 2
 fi
 a_node=$1 b_node=$2
@@ -90,16 +91,21 @@ run() { # node-command
     fi
 }
 
+# One run printed as a row; sets $rate to its messages/s.
+measure() { # round build node-command
+    run "$3"
+    local p50 p99 cpu
+    read -r rate p50 p99 cpu <<<"$result"
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$rate" "$p50" "$p99" "$cpu"
+}
+
 printf '| round | build | msg/s | p50 ms | p99 ms | nodes CPU/msg |\n|---|---|---|---|---|---|\n'
 ratios=()
 for round in $(seq "$rounds"); do
-    run "$a_node"
-    read -r a_rate a_p50 a_p99 a_cpu <<<"$result"
-    printf '| %s | A | %s | %s | %s | %s |\n' "$round" "$a_rate" "$a_p50" "$a_p99" "$a_cpu"
-    run "$b_node"
-    read -r b_rate b_p50 b_p99 b_cpu <<<"$result"
-    printf '| %s | B | %s | %s | %s | %s |\n' "$round" "$b_rate" "$b_p50" "$b_p99" "$b_cpu"
-    ratios+=("$(awk -v a="$a_rate" -v b="$b_rate" 'BEGIN { printf "%.3f", b / a }')")
+    measure "$round" A "$a_node"
+    a_rate=$rate
+    measure "$round" B "$b_node"
+    ratios+=("$(awk -v a="$a_rate" -v b="$rate" 'BEGIN { printf "%.3f", b / a }')")
 done
 echo "B/A per round: ${ratios[*]}"
 printf '%s\n' "${ratios[@]}" | awk '{ s += $1; n++ } END { printf "B/A mean: %.3f over %d rounds\n", s / n, n }'

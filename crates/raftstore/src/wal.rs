@@ -163,7 +163,7 @@ impl Spare {
 
     /// The made spare's path, if one is ready; the next is started later.
     fn take(&mut self, dir: &Path) -> Option<PathBuf> {
-        if !self.made.load(Ordering::Acquire) {
+        if !self.is_made() {
             // A maker that failed is started again once needed.
             if self.maker.as_ref().is_some_and(|maker| maker.is_finished()) {
                 self.maker = None;
