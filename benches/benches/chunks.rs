@@ -1,11 +1,13 @@
 //! The cloud store's per-byte work on a 4 MiB buffer of media (random) and
-//! of text: cutting (FastCDC), naming (blake3), sealing (the zstd attempt)
-//! and checking on the node, against copying the same bytes (the floor);
+//! of text: cutting (FastCDC) in memory and from a stream (ours, and
+//! fastcdc's own stream chunker, which it replaces), naming (blake3),
+//! sealing (the zstd attempt) and checking on the node, against copying the
+//! same bytes (the floor);
 //! and a garbage collection sweep of 20,000 indexed chunks, half garbage,
 //! against listing the same index.
 
 use criterion::{BatchSize, Criterion, Throughput};
-use hamgam_blob::{ChunkerParams, PackStore, StoredChunk, chunks_of_slice, wall_clock_ms};
+use hamgam_blob::{ChunkerParams, PackStore, StoredChunk, chunks_of_reader, chunks_of_slice, wall_clock_ms};
 use hamgam_types::ChunkId;
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -48,6 +50,19 @@ fn bytes_benches(c: &mut Criterion) {
         group.sample_size(20);
         group.bench_function("baseline_copy", |b| b.iter(|| black_box(data.to_vec())));
         group.bench_function("cut", |b| b.iter(|| chunks_of_slice(black_box(&data), params).count()));
+        group.bench_function("cut_streamed", |b| {
+            b.iter(|| {
+                chunks_of_reader(black_box(data.as_slice()), params).map(|c| c.map_or(0, |c| c.len())).sum::<usize>()
+            })
+        });
+        group.bench_function("cut_streamed_by_fastcdc", |b| {
+            b.iter(|| {
+                let (min, avg, max) = (params.min as usize, params.avg as usize, params.max as usize);
+                fastcdc::v2020::StreamCDC::new(black_box(data.as_slice()), min, avg, max)
+                    .map(|c| c.map_or(0, |c| c.data.len()))
+                    .sum::<usize>()
+            })
+        });
         group.bench_function("cut_and_name", |b| {
             b.iter(|| chunks_of_slice(black_box(&data), params).map(ChunkId::of).count())
         });
@@ -98,7 +113,7 @@ fn main() {
         hamgam_benches::report_ratios(
             &format!("chunks_{kind}"),
             "baseline_copy",
-            &["cut", "cut_and_name", "seal", "open_and_check"],
+            &["cut", "cut_streamed", "cut_streamed_by_fastcdc", "cut_and_name", "seal", "open_and_check"],
         );
     }
     hamgam_benches::report_ratios("collect", "baseline_list_index", &["sweep_half_garbage"]);

@@ -23,15 +23,75 @@ impl Default for ChunkerParams {
     }
 }
 
-/// The chunks of a stream, in order, each as its plain bytes.
+/// Bytes a stream is read in at a time: large reads, and the unfinished
+/// chunk at the end of a block (under the largest chunk) moved once.
+const STREAM_BLOCK_BYTES: usize = 4 << 20;
+
+/// The chunks of a stream, in order, each as its plain bytes: the same
+/// boundaries [`chunks_of_slice`] finds in the whole. The stream is read in
+/// large blocks into one buffer and each chunk copied out once (fastcdc's
+/// own stream chunker shifts its buffer after every chunk).
 pub fn chunks_of_reader<R: Read>(reader: R, params: ChunkerParams) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
-    fastcdc::v2020::StreamCDC::new(reader, params.min as usize, params.avg as usize, params.max as usize).map(|chunk| {
-        match chunk {
-            Ok(chunk) => Ok(chunk.data),
-            Err(fastcdc::v2020::Error::IoError(error)) => Err(error),
-            Err(other) => Err(std::io::Error::other(other.to_string())),
+    StreamChunker {
+        reader,
+        params,
+        // Room for two largest chunks at first, so that a small file costs
+        // little; a stream that goes on grows it to a whole block.
+        buffer: Vec::with_capacity(2 * params.max as usize),
+        start: 0,
+        eof: false,
+        failed: false,
+    }
+}
+
+struct StreamChunker<R> {
+    reader: R,
+    params: ChunkerParams,
+    /// Read bytes; those from `start` on are not yet handed out.
+    buffer: Vec<u8>,
+    start: usize,
+    eof: bool,
+    failed: bool,
+}
+
+impl<R: Read> StreamChunker<R> {
+    /// Reads until the buffer holds a largest chunk past `start`, or the
+    /// stream ends. A cut never looks further than the largest chunk, so
+    /// with that much in hand it falls where it would in the whole.
+    fn fill(&mut self) -> std::io::Result<()> {
+        if self.buffer.len() - self.start >= self.params.max as usize || self.eof {
+            return Ok(());
         }
-    })
+        self.buffer.drain(..self.start);
+        self.start = 0;
+        if self.buffer.capacity() < STREAM_BLOCK_BYTES && !self.buffer.is_empty() {
+            self.buffer.reserve_exact(STREAM_BLOCK_BYTES - self.buffer.len());
+        }
+        let room = self.buffer.capacity() - self.buffer.len();
+        // Reads until the room is full or the stream ends, retrying interruptions.
+        let read = self.reader.by_ref().take(room as u64).read_to_end(&mut self.buffer)?;
+        self.eof = read < room;
+        Ok(())
+    }
+}
+
+impl<R: Read> Iterator for StreamChunker<R> {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if let Err(error) = self.fill() {
+            self.failed = true;
+            return Some(Err(error));
+        }
+        let rest = &self.buffer[self.start..];
+        let length = chunks_of_slice(rest, self.params).next()?.len();
+        let chunk = rest[..length].to_vec();
+        self.start += length;
+        Some(Ok(chunk))
+    }
 }
 
 /// The chunk boundaries of bytes already in memory, as slices.
@@ -332,8 +392,49 @@ mod tests {
         let (before, after) = (names(&original), names(&edited));
         let new = after.difference(&before).count();
         assert!(new <= 2, "{new} chunks changed for one inserted byte");
+    }
+
+    /// Hands out a few bytes per read, at uneven lengths, as a pipe may.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            self.1 += 1;
+            let take = out.len().min(self.0.len()).min(1 + self.1 * 7919 % 300_000);
+            out[..take].copy_from_slice(&self.0[..take]);
+            self.0 = &self.0[take..];
+            Ok(take)
+        }
+    }
+
+    #[test]
+    fn a_stream_is_cut_where_the_whole_is_cut_however_it_is_read() {
+        let params = ChunkerParams::default();
+        // Several blocks' worth, so cuts cross the reader's block boundaries.
+        let original = random_bytes(3 * STREAM_BLOCK_BYTES + 12_345, 5);
+        let whole: Vec<&[u8]> = chunks_of_slice(&original, params).collect();
         let streamed: Vec<Vec<u8>> = chunks_of_reader(original.as_slice(), params).map(|c| c.unwrap()).collect();
-        assert_eq!(streamed.concat(), original);
+        assert_eq!(streamed, whole);
+        let trickled: Vec<Vec<u8>> = chunks_of_reader(Trickle(&original, 0), params).map(|c| c.unwrap()).collect();
+        assert_eq!(trickled, whole);
         assert!(streamed.iter().all(|c| c.len() <= limits::CHUNK_MAX_BYTES as usize));
+        // Small inputs, the empty one included.
+        for len in [0, 1, 100, limits::CHUNK_MIN_BYTES as usize + 1] {
+            let streamed: Vec<Vec<u8>> = chunks_of_reader(&original[..len], params).map(|c| c.unwrap()).collect();
+            assert_eq!(streamed, chunks_of_slice(&original[..len], params).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_failing_read_ends_the_stream_with_its_error() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk gone"))
+            }
+        }
+        let mut chunks = chunks_of_reader(Failing, ChunkerParams::default());
+        assert!(matches!(chunks.next(), Some(Err(e)) if e.to_string() == "disk gone"));
+        assert!(chunks.next().is_none());
     }
 }

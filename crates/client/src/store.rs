@@ -350,8 +350,8 @@ pub(crate) fn cut_file(
     let mut hasher = blake3::Hasher::new();
     let mut refs = Vec::new();
     let mut size = 0;
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    for plain in hamgam_blob::chunks_of_reader(reader, hamgam_blob::ChunkerParams::default()) {
+    // The chunker reads in large blocks itself: no buffering in between.
+    for plain in hamgam_blob::chunks_of_reader(file, hamgam_blob::ChunkerParams::default()) {
         let plain = plain.map_err(io)?;
         hasher.update(&plain);
         let id = ChunkId::of(&plain);
