@@ -521,7 +521,7 @@ impl PackStore {
     /// Appends records to the active pack (sealing it when full) and makes
     /// them durable; returns where each went. The index is not touched.
     /// Each chunk's bytes go to the file from where they lie, between
-    /// their headers, in one vectored write: no copy into a buffer first.
+    /// their headers, in vectored writes: no copy into a buffer first.
     fn append(&self, fresh: &[&StoredChunk]) -> Result<Vec<(ChunkId, Location)>, BlobError> {
         let headers: Vec<[u8; RECORD_HEADER_BYTES]> = fresh.iter().map(|chunk| record_header(chunk)).collect();
         let mut slices = Vec::with_capacity(2 * fresh.len());
