@@ -23,8 +23,8 @@ mod state;
 mod store;
 
 pub use backup::{
-    BackupReport, CheckReport, Durability, RestoreReport, RetentionRules, backup, check, restore, restore_with,
-    snapshots_to_forget,
+    BackupReport, CheckReport, Durability, RestoreReport, RetentionRules, backup, check, fetch_tree, restore,
+    restore_with, snapshots_to_forget,
 };
 pub use gallery::make_thumbnail;
 pub use route::{ROUTES_MAX_AGE, Router};

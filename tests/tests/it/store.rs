@@ -365,6 +365,42 @@ async fn a_stored_file_shared_into_a_chat_is_sent_once_and_kept_by_the_chat() {
     assert_eq!(bob.call(&request).await.expect("a retry"), first, "a retried share makes no second message");
 }
 
+/// A restore checks each file against the hash its snapshot recorded, on
+/// top of each chunk against its name: a snapshot whose tree names the
+/// right chunks under a wrong hash fails its restore instead of passing
+/// for good, and the honest snapshot beside it still restores.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_unlike_its_recorded_hash_fails_the_restore() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (client, _) = node.user("nasrin").await;
+    let source = dir.path().join("source");
+    make_data_set(&source, 5);
+    let honest = backup(&client, &source, "nasrin").await.expect("backup").snapshot;
+
+    let mut tree = hamgam_client::fetch_tree(&client, &honest.tree).await.expect("read the tree");
+    let entry = tree
+        .entries
+        .iter_mut()
+        .find(|e| matches!(e.kind, hamgam_blob::TreeKind::File { size, .. } if size > 0))
+        .expect("a file with content");
+    if let hamgam_blob::TreeKind::File { hash, .. } = &mut entry.kind {
+        hash[0] ^= 1;
+    }
+    let (list, chunks) = tree.to_chunks().expect("encode the tree");
+    client.put_chunks(chunks).await.expect("store the tree");
+    let tampered = client.commit_snapshot("tampered", None, list, honest.stats).await.expect("commit");
+
+    let counters = || Arc::new(TransferCounters::default());
+    let error = hamgam_client::restore(&client, &tampered, &dir.path().join("tampered"), counters())
+        .await
+        .expect_err("a file unlike its hash must fail the restore");
+    assert!(error.to_string().contains("does not match its recorded hash"), "{error}");
+    let restored = dir.path().join("honest");
+    hamgam_client::restore(&client, &honest, &restored, counters()).await.expect("restore");
+    assert_eq!(inventory(&restored), inventory(&source));
+}
+
 /// Every chunk id of the files under `root`.
 fn chunk_ids(root: &Path) -> Vec<ChunkId> {
     let mut ids = Vec::new();
