@@ -365,6 +365,37 @@ async fn a_stored_file_shared_into_a_chat_is_sent_once_and_kept_by_the_chat() {
     assert_eq!(bob.call(&request).await.expect("a retry"), first, "a retried share makes no second message");
 }
 
+/// A download of a whole file checks it against the file's hash, on top of
+/// each chunk against its name: a manifest naming the right chunks under a
+/// wrong hash (the node cannot tell without reading every byte) is caught
+/// by the reader. A range is not the whole file and is only chunk-checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_unlike_the_files_hash_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (client, _) = node.user("bahar").await;
+    let chunk = StoredChunk::seal(b"0123456789");
+    client.put_chunks(vec![chunk.clone()]).await.expect("store a chunk");
+    let manifest = |hash| FileManifest {
+        size: 10,
+        hash,
+        mtime_ms: 0,
+        content: ChunkList::Inline(vec![ChunkRef { id: chunk.id, len: 10 }]),
+    };
+    client.put_file("/wrong.txt", manifest([7; 32])).await.expect("the node takes it");
+    client.put_file("/right.txt", manifest(*blake3::hash(b"0123456789").as_bytes())).await.expect("put");
+    let counters = TransferCounters::default();
+    let mut out = Vec::new();
+    let error = client.download_file("/wrong.txt", None, &mut out, &counters).await.expect_err("refused");
+    assert!(error.to_string().contains("does not match its recorded hash"), "{error}");
+    let mut out = Vec::new();
+    client.download_file("/wrong.txt", Some(2..5), &mut out, &counters).await.expect("a range");
+    assert_eq!(out, b"234");
+    let mut out = Vec::new();
+    client.download_file("/right.txt", None, &mut out, &counters).await.expect("the honest one");
+    assert_eq!(out, b"0123456789");
+}
+
 /// A restore checks each file against the hash its snapshot recorded, on
 /// top of each chunk against its name: a snapshot whose tree names the
 /// right chunks under a wrong hash fails its restore instead of passing
