@@ -396,6 +396,44 @@ async fn a_download_unlike_the_files_hash_is_refused() {
     assert_eq!(out, b"0123456789");
 }
 
+/// `hamgam get` writes beside its target and renames only a whole, checked
+/// file over it: a download refused for its hash leaves neither a file
+/// that looks whole nor a change to the file already there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_gets_a_file_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(&dir.path().join("node"));
+    let (client, _) = node.user("bahar").await;
+    let profile = dir.path().join("profile");
+    let password = format!("{}\n", crate::support::PASSWORD);
+    let login = crate::cli::hamgam(&profile, &node, &["login", "bahar", "--password-stdin"], Some(&password));
+    crate::cli::ok(login);
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let text = text_bytes(&mut rng, 300_000);
+    let local = dir.path().join("سند.txt");
+    std::fs::write(&local, &text).expect("write");
+    cli(&profile, &node, &["put", local.to_str().expect("UTF-8"), "/اسناد/سند.txt"]);
+    let copy = dir.path().join("copy.txt");
+    cli(&profile, &node, &["get", "/اسناد/سند.txt", copy.to_str().expect("UTF-8")]);
+    assert_eq!(std::fs::read(&copy).expect("read"), text);
+
+    let chunk = StoredChunk::seal(b"0123456789");
+    client.put_chunks(vec![chunk.clone()]).await.expect("store a chunk");
+    let content = ChunkList::Inline(vec![ChunkRef { id: chunk.id, len: 10 }]);
+    let manifest = FileManifest { size: 10, hash: [7; 32], mtime_ms: 0, content };
+    client.put_file("/wrong.txt", manifest).await.expect("the node takes it");
+    let refused = crate::cli::hamgam(&profile, &node, &["get", "/wrong.txt", copy.to_str().expect("UTF-8")], None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("does not match its recorded hash"), "{stderr}");
+    assert_eq!(std::fs::read(&copy).expect("read"), text, "the file already there stays");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("partial")), "a partial download was left: {names:?}");
+}
+
 /// A restore checks each file against the hash its snapshot recorded, on
 /// top of each chunk against its name: a snapshot whose tree names the
 /// right chunks under a wrong hash fails its restore instead of passing
