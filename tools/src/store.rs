@@ -314,11 +314,11 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
                 let mut out = std::io::stdout().lock();
                 client.download_file(&remote, range, &mut out, &counters).await.map_err(explain)?;
             } else {
-                let (partial, mut file) = begin_download(&local)?;
+                let mut download = PartialDownload::create(&local)?;
                 let progress = Progress::start(length, counters.clone());
-                let written = client.download_file(&remote, range, &mut file, &counters).await;
+                let written = client.download_file(&remote, range, &mut download.file, &counters).await;
                 progress.finish();
-                let written = finish_download(&partial, &local, file, written)?;
+                let written = download.finish(written)?;
                 println!("wrote {} to {}", bytes(written), local.display());
             }
         }
@@ -338,11 +338,11 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
         }
         StoreCommand::GetShared { chat, seq, local } => {
             let file = shared_file(&client, &chat, seq).await?;
-            let (partial, mut out) = begin_download(&local)?;
+            let mut download = PartialDownload::create(&local)?;
             let progress = Progress::start(file.size, counters.clone());
-            let written = client.download_shared(&file, None, &mut out, &counters).await;
+            let written = client.download_shared(&file, None, &mut download.file, &counters).await;
             progress.finish();
-            let written = finish_download(&partial, &local, out, written)?;
+            let written = download.finish(written)?;
             println!("wrote {} ({}) to {}", file.name, bytes(written), local.display());
         }
         StoreCommand::SaveShared { chat, seq, remote } => {
@@ -446,37 +446,40 @@ pub(crate) async fn run(command: StoreCommand, ctx: &Invocation) -> anyhow::Resu
     Ok(())
 }
 
-/// A download is written beside its target and renamed over it once all
-/// of it arrived and checked ([`finish_download`]): a refused or failed
-/// download leaves no file that looks whole, and a file already there
-/// stays as it was. Returns the partial file's path and the open file.
-fn begin_download(local: &std::path::Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
-    let Some(name) = local.file_name() else {
-        bail!("{} does not name a file", local.display());
-    };
-    let mut partial = name.to_os_string();
-    partial.push(".hamgam-partial");
-    let partial = local.with_file_name(partial);
-    let file = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    Ok((partial, file))
+/// A download written beside its target and renamed over it once all of
+/// it arrived and checked: a refused or failed download leaves no file
+/// that looks whole, and a file already there stays as it was.
+struct PartialDownload {
+    file: std::fs::File,
+    partial: PathBuf,
+    target: PathBuf,
 }
 
-/// Makes a finished download durable and puts it at `local`, or removes
-/// the partial file if the download failed.
-fn finish_download(
-    partial: &std::path::Path,
-    local: &std::path::Path,
-    file: std::fs::File,
-    downloaded: Result<u64, hamgam_client::ClientError>,
-) -> anyhow::Result<u64> {
-    let finished = downloaded.map_err(explain).and_then(|written| {
-        file.sync_all().with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(partial, local).with_context(|| format!("renaming to {}", local.display()))?;
-        Ok(written)
-    });
-    finished.inspect_err(|_| {
-        let _ = std::fs::remove_file(partial);
-    })
+impl PartialDownload {
+    fn create(target: &std::path::Path) -> anyhow::Result<PartialDownload> {
+        let Some(name) = target.file_name() else {
+            bail!("{} does not name a file", target.display());
+        };
+        let mut partial = name.to_os_string();
+        partial.push(".hamgam-partial");
+        let partial = target.with_file_name(partial);
+        let file = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        Ok(PartialDownload { file, partial, target: target.to_path_buf() })
+    }
+
+    /// Makes a finished download durable and puts it at the target, or
+    /// removes the partial file if the download failed.
+    fn finish(self, downloaded: Result<u64, hamgam_client::ClientError>) -> anyhow::Result<u64> {
+        let PartialDownload { file, partial, target } = self;
+        let finished = downloaded.map_err(explain).and_then(|written| {
+            file.sync_all().with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, &target).with_context(|| format!("renaming to {}", target.display()))?;
+            Ok(written)
+        });
+        finished.inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })
+    }
 }
 
 async fn list(client: &Client, path: &str) -> anyhow::Result<()> {

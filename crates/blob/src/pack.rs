@@ -144,6 +144,11 @@ fn index_path(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("pack-{number:08}.idx"))
 }
 
+/// The number of the pack file named `name` (see [`pack_path`]), if it is one.
+fn pack_number(name: &std::ffi::OsStr) -> Option<u32> {
+    name.to_str()?.strip_prefix("pack-")?.strip_suffix(".dat")?.parse().ok()
+}
+
 fn record_crc(id: &ChunkId, codec: ChunkCodec, plain_len: u32, bytes: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&id.0);
@@ -363,10 +368,7 @@ impl PackStore {
         std::fs::create_dir_all(dir).map_err(|e| BlobError::io(dir, e))?;
         let mut numbers: Vec<u32> = std::fs::read_dir(dir)
             .map_err(|e| BlobError::io(dir, e))?
-            .filter_map(|entry| {
-                let name = entry.ok()?.file_name().into_string().ok()?;
-                name.strip_prefix("pack-")?.strip_suffix(".dat")?.parse().ok()
-            })
+            .filter_map(|entry| pack_number(&entry.ok()?.file_name()))
             .collect();
         numbers.sort_unstable();
 
@@ -429,10 +431,7 @@ impl PackStore {
         let mut intact = HashSet::new();
         for entry in std::fs::read_dir(dir).map_err(|e| BlobError::io(dir, e))? {
             let path = entry.map_err(|e| BlobError::io(dir, e))?.path();
-            let number = path.file_name().and_then(|n| n.to_str()).and_then(|name| {
-                name.strip_prefix("pack-")?.strip_suffix(".dat")?.parse::<u32>().ok()
-            });
-            let Some(number) = number else {
+            let Some(number) = path.file_name().and_then(pack_number) else {
                 continue;
             };
             let bytes = match std::fs::read(&path) {
@@ -688,9 +687,7 @@ impl PackStore {
         };
         for entry in std::fs::read_dir(&self.dir).map_err(|e| BlobError::io(&self.dir, e))? {
             let entry = entry.map_err(|e| BlobError::io(&self.dir, e))?;
-            let name = entry.file_name();
-            let Some(number) = name.to_str().and_then(|n| n.strip_prefix("pack-")?.strip_suffix(".dat")?.parse().ok())
-            else {
+            let Some(number) = pack_number(&entry.file_name()) else {
                 continue;
             };
             if number >= active_number || chosen.iter().any(|(n, _)| *n == number) {

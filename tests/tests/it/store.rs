@@ -365,6 +365,15 @@ async fn a_stored_file_shared_into_a_chat_is_sent_once_and_kept_by_the_chat() {
     assert_eq!(bob.call(&request).await.expect("a retry"), first, "a retried share makes no second message");
 }
 
+/// Stores "0123456789" at `path` under the whole-file `hash` given, right
+/// or wrong: the node takes either (it checks chunks, not whole files).
+async fn put_ten_bytes(client: &Client, path: &str, hash: [u8; 32]) {
+    let chunk = StoredChunk::seal(b"0123456789");
+    client.put_chunks(vec![chunk.clone()]).await.expect("store a chunk");
+    let content = ChunkList::Inline(vec![ChunkRef { id: chunk.id, len: 10 }]);
+    client.put_file(path, FileManifest { size: 10, hash, mtime_ms: 0, content }).await.expect("the node takes it");
+}
+
 /// A download of a whole file checks it against the file's hash, on top of
 /// each chunk against its name: a manifest naming the right chunks under a
 /// wrong hash (the node cannot tell without reading every byte) is caught
@@ -374,16 +383,8 @@ async fn a_download_unlike_the_files_hash_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let node = Node::start(&dir.path().join("node"));
     let (client, _) = node.user("bahar").await;
-    let chunk = StoredChunk::seal(b"0123456789");
-    client.put_chunks(vec![chunk.clone()]).await.expect("store a chunk");
-    let manifest = |hash| FileManifest {
-        size: 10,
-        hash,
-        mtime_ms: 0,
-        content: ChunkList::Inline(vec![ChunkRef { id: chunk.id, len: 10 }]),
-    };
-    client.put_file("/wrong.txt", manifest([7; 32])).await.expect("the node takes it");
-    client.put_file("/right.txt", manifest(*blake3::hash(b"0123456789").as_bytes())).await.expect("put");
+    put_ten_bytes(&client, "/wrong.txt", [7; 32]).await;
+    put_ten_bytes(&client, "/right.txt", *blake3::hash(b"0123456789").as_bytes()).await;
     let counters = TransferCounters::default();
     let mut out = Vec::new();
     let error = client.download_file("/wrong.txt", None, &mut out, &counters).await.expect_err("refused");
@@ -418,11 +419,7 @@ async fn the_cli_gets_a_file_whole_or_not_at_all() {
     cli(&profile, &node, &["get", "/اسناد/سند.txt", copy.to_str().expect("UTF-8")]);
     assert_eq!(std::fs::read(&copy).expect("read"), text);
 
-    let chunk = StoredChunk::seal(b"0123456789");
-    client.put_chunks(vec![chunk.clone()]).await.expect("store a chunk");
-    let content = ChunkList::Inline(vec![ChunkRef { id: chunk.id, len: 10 }]);
-    let manifest = FileManifest { size: 10, hash: [7; 32], mtime_ms: 0, content };
-    client.put_file("/wrong.txt", manifest).await.expect("the node takes it");
+    put_ten_bytes(&client, "/wrong.txt", [7; 32]).await;
     let refused = crate::cli::hamgam(&profile, &node, &["get", "/wrong.txt", copy.to_str().expect("UTF-8")], None);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("does not match its recorded hash"), "{stderr}");
@@ -490,13 +487,7 @@ async fn copies_arrive(dir: &Path, ids: &[ChunkId]) {
         let intact = hamgam_blob::PackStore::intact_in(&chunks).expect("read the packs");
         ids.iter().filter(|id| !intact.contains(id)).count()
     };
-    let waited = tokio::time::timeout(Duration::from_secs(30), async {
-        while lacking() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "{} still lacks {} chunks after 30 s", dir.display(), lacking());
+    crate::support::eventually(Duration::from_secs(30), || async { (lacking() == 0).then_some(()) }).await;
 }
 
 fn damage_middle_of_first_pack(chunks_dir: &Path) {
