@@ -1,8 +1,4 @@
 fn main() -> std::process::ExitCode {
+    hamgam_alloc::configure();
     hamgam_tools::bench::main_entry()
 }
-
-// Chunk buffers are 16-256 KiB: glibc's malloc maps and unmaps each one,
-// and the page faults and zeroing cost a fifth of a backup's CPU.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
