@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Compares two builds of the cloud store's upload path on the same work:
-# `hamgam put` of one large file of random bytes, or `hamgam backup` of a
-# folder, each run to a fresh lone node, A and B alternating (and taking
+# Compares two builds of the cloud store on the same work: `hamgam put` of
+# one large file of random bytes, `hamgam backup` of a folder, or `hamgam
+# restore` of a folder's backup, each run against a fresh lone node, A and B alternating (and taking
 # turns at going first) every round, so that the machine's drift falls on
 # both alike. Prints each run (wall seconds, the client's and the node's
 # CPU seconds) and the means of each build.
 #
-#   benches/ab-store.sh [--rounds N] [--put MIB | --backup DIR] A_DIR B_DIR
+#   benches/ab-store.sh [--rounds N] [--put MIB | --backup DIR | --restore DIR] A_DIR B_DIR
 #
 # A_DIR and B_DIR each hold a `hamgam-node` and a `hamgam` binary. To vary
 # one side only, give both directories the same binary of the other. Build
@@ -15,14 +15,18 @@
 #   mkdir -p /tmp/a && cp target/release/hamgam-node target/release/hamgam /tmp/a
 # --put (the default, 512 MiB) makes the file in a temporary folder; files
 # are read from the page cache in every run alike (they are read once before).
+# --restore backs the folder up first (the same build, not timed), then times
+# `hamgam restore 1 OUT --no-sync` into an empty folder: what a restore costs
+# with the node's packs in the page cache, as they are right after a backup.
 set -euo pipefail
 
-rounds=4 mib=512 folder=""
+rounds=4 mib=512 folder="" restore=""
 while [ $# -gt 2 ]; do
     case "$1" in
         --rounds) rounds=$2; shift 2 ;;
         --put) mib=$2; shift 2 ;;
         --backup) folder=$(realpath "$2"); shift 2 ;;
+        --restore) folder=$(realpath "$2") restore=yes; shift 2 ;;
         *) echo "unknown flag $1" >&2; exit 2 ;;
     esac
 done
@@ -52,7 +56,11 @@ if [ -z "$folder" ]; then
     what=(put "$work/large.bin" /large.bin)
     cat "$work/large.bin" >/dev/null
 else
-    what=(backup "$folder" --label ab)
+    if [ -z "$restore" ]; then
+        what=(backup "$folder" --label ab)
+    else
+        what=(restore 1 "$work/restored" --no-sync)
+    fi
     find "$folder" -type f -print0 | xargs -0 cat >/dev/null
 fi
 ticks=$(getconf CLK_TCK)
@@ -77,6 +85,14 @@ run() { # round build dir
             exit 1
         }
     done
+    if [ -n "$restore" ]; then
+        rm -rf "$work/restored"
+        "${cli[@]}" backup "$folder" --label ab >"$work/client.log" 2>&1 || {
+            echo "the $2 client's backup failed:" >&2
+            tail -5 "$work/client.log" >&2
+            exit 1
+        }
+    fi
     local before after times
     before=$(node_cpu "$node_pid")
     times=$({ TIMEFORMAT='%R %U %S'; time "${cli[@]}" "${what[@]}" >"$work/client.log" 2>&1; } 2>&1) || {
