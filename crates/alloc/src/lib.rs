@@ -1,6 +1,7 @@
 //! The memory allocator of Hamgam's programs (the node, the CLI, the load
 //! tool) and its settings. A program links it with [`configure`] as the first
-//! line of `main`; libraries and tests keep the system allocator. This crate
+//! line of `main` (the test package's copies of the node and the CLI too);
+//! libraries and test harnesses keep the system allocator. This crate
 //! knows nothing of what the programs do, only how they use memory: buffers of
 //! 16-256 KiB (chunks, datagram batches, sled's pages) made and freed at a high
 //! rate for as long as a transfer or a load lasts.
@@ -18,7 +19,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's `mi_option_purge_delay`, by its place in `mi_option_e`
 /// (mimalloc.h; the Rust bindings do not name it). A test checks that this
-/// option holds the purge delay's documented default.
+/// option holds the purge delay's default, 1000 ms in mimalloc 3.
 const OPTION_PURGE_DELAY: c_int = 15;
 
 /// How long freed memory stays with the process before it goes back to the
