@@ -32,8 +32,13 @@ pub(crate) fn ok(output: Output) -> String {
 }
 
 pub(crate) fn sign_up_and_log_in(profile: &Path, node: &Node, name: &str) {
+    ok(hamgam(profile, node, &["signup", name, "--password-stdin"], Some(&format!("{PASSWORD}\n"))));
+    log_in(profile, node, name);
+}
+
+/// Logs an existing user in through the CLI, keeping the session in `profile`.
+pub(crate) fn log_in(profile: &Path, node: &Node, name: &str) {
     let password = format!("{PASSWORD}\n");
-    ok(hamgam(profile, node, &["signup", name, "--password-stdin"], Some(&password)));
     ok(hamgam(profile, node, &["login", name, "--password-stdin", "--device", "cli-test"], Some(&password)));
 }
 

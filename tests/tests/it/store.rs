@@ -406,9 +406,7 @@ async fn the_cli_gets_a_file_whole_or_not_at_all() {
     let node = Node::start(&dir.path().join("node"));
     let (client, _) = node.user("bahar").await;
     let profile = dir.path().join("profile");
-    let password = format!("{}\n", crate::support::PASSWORD);
-    let login = crate::cli::hamgam(&profile, &node, &["login", "bahar", "--password-stdin"], Some(&password));
-    crate::cli::ok(login);
+    crate::cli::log_in(&profile, &node, "bahar");
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
     let text = text_bytes(&mut rng, 300_000);
