@@ -11,6 +11,10 @@
 # Make the data sets with the generator of the benchmark suite:
 #   gen_dataset.py V1_DIR --size-mib 1024 --seed 42
 #   cp -a V1_DIR V2_DIR && gen_dataset.py V2_DIR --edit --seed 42
+#
+# With HAMGAM_BIN_DIR set to a folder of built programs (deploy/build-pgo.sh
+# makes one), its hamgam-node, hamgam and hamgam-bench run instead of a fresh
+# plain release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -28,8 +32,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
-cargo build --release -p hamgam-node -p hamgam-tools
-bin="$repo/target/release"
+if [ -n "${HAMGAM_BIN_DIR:-}" ]; then
+    bin=$(realpath "$HAMGAM_BIN_DIR")
+else
+    cargo build --release -p hamgam-node -p hamgam-tools
+    bin="$repo/target/release"
+fi
 
 mib() { du -sb "$1" | awk '{ printf "%.1f", $1 / 1048576 }'; }
 bytes_of() { du -sb "$1" | awk '{ print $1 }'; }

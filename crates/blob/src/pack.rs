@@ -16,7 +16,8 @@
 //! per-file cost out of the way and makes one fdatasync cover a whole upload
 //! batch. Concurrent batches append under a lock and sync outside it, so
 //! their fsyncs overlap. A chunk enters the in-memory index only after its
-//! sync, so nothing reports a chunk as present before it is durable.
+//! sync, so nothing reports a chunk as present before it is durable. Synced
+//! records leave the page cache: reads come from the disk.
 //!
 //! Garbage collection ([`PackStore::collect`]) drops from the index every
 //! chunk that is neither live nor touched (stored, or reported present)
@@ -188,6 +189,19 @@ fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], mut offset
         }
     }
     Ok(())
+}
+
+/// Drops the pages of `start..end`, just made durable, from the page cache.
+/// A pack is written once and read seldom: a backup's gigabytes kept
+/// cached would push out what is read often (the metadata store, recent
+/// chat media), and each new page cached is memory the kernel must find and
+/// clear, which costs a large upload as much as its encryption does. The
+/// freed pages are reused by the next batch's write. Only advice: an error
+/// changes nothing stored.
+fn leave_page_cache(file: &File, start: u64, end: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(start)) {
+        let _ = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed);
+    }
 }
 
 /// A record parsed from bytes, or why not.
@@ -529,9 +543,10 @@ impl PackStore {
             slices.push(IoSlice::new(&chunk.bytes));
         }
         let mut written = Vec::with_capacity(fresh.len());
-        let file = {
+        let (file, start, end) = {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            let mut offset = active.len;
+            let start = active.len;
+            let mut offset = start;
             for chunk in fresh {
                 let location = Location {
                     pack: active.number,
@@ -551,9 +566,10 @@ impl PackStore {
             if active.len >= limits::PACK_BYTES_MAX {
                 self.seal(&mut active)?;
             }
-            file
+            (file, start, offset)
         };
         file.sync_data().map_err(|e| BlobError::io(&self.dir, e))?;
+        leave_page_cache(&file, start, end);
         Ok(written)
     }
 
