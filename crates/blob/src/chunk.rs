@@ -29,54 +29,49 @@ const STREAM_BLOCK_BYTES: usize = 4 << 20;
 
 /// The chunks of a stream, in order, each as its plain bytes: the same
 /// boundaries [`chunks_of_slice`] finds in the whole. The stream is read in
-/// large blocks into one buffer and each chunk copied out once (fastcdc's
-/// own stream chunker shifts its buffer after every chunk).
-pub fn chunks_of_reader<R: Read>(reader: R, params: ChunkerParams) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
-    StreamChunker {
-        reader,
-        params,
-        // Room for two largest chunks at first, so that a small file costs
-        // little; a stream that goes on grows it to a whole block.
-        buffer: Vec::with_capacity(2 * params.max as usize),
-        start: 0,
-        eof: false,
-        failed: false,
-    }
+/// large blocks and each chunk handed out as a slice of its block, not a
+/// copy (fastcdc's own stream chunker shifts its buffer after every chunk);
+/// only the unfinished chunk at a block's end is moved to the next.
+pub fn chunks_of_reader<R: Read>(reader: R, params: ChunkerParams) -> impl Iterator<Item = std::io::Result<Bytes>> {
+    StreamChunker { reader, params, block: Bytes::new(), start: 0, eof: false, failed: false }
 }
 
 struct StreamChunker<R> {
     reader: R,
     params: ChunkerParams,
-    /// Read bytes; those from `start` on are not yet handed out.
-    buffer: Vec<u8>,
+    /// The bytes read last; those from `start` on are not yet handed out.
+    block: Bytes,
     start: usize,
     eof: bool,
     failed: bool,
 }
 
 impl<R: Read> StreamChunker<R> {
-    /// Reads until the buffer holds a largest chunk past `start`, or the
-    /// stream ends. A cut never looks further than the largest chunk, so
-    /// with that much in hand it falls where it would in the whole.
+    /// Reads until a largest chunk past `start` is in hand, or the stream
+    /// ends. A cut never looks further than the largest chunk, so with that
+    /// much in hand it falls where it would in the whole.
     fn fill(&mut self) -> std::io::Result<()> {
-        if self.buffer.len() - self.start >= self.params.max as usize || self.eof {
+        let left = self.block.len() - self.start;
+        if left >= self.params.max as usize || self.eof {
             return Ok(());
         }
-        self.buffer.drain(..self.start);
-        self.start = 0;
-        if self.buffer.capacity() < STREAM_BLOCK_BYTES && !self.buffer.is_empty() {
-            self.buffer.reserve_exact(STREAM_BLOCK_BYTES - self.buffer.len());
-        }
-        let room = self.buffer.capacity() - self.buffer.len();
+        // Room for two largest chunks at first, so that a small file costs
+        // little; a stream that goes on is read a whole block at a time.
+        let size = if self.block.is_empty() { 2 * self.params.max as usize } else { STREAM_BLOCK_BYTES };
+        let mut next = Vec::with_capacity(size.max(left + self.params.max as usize));
+        next.extend_from_slice(&self.block[self.start..]);
+        let room = next.capacity() - next.len();
         // Reads until the room is full or the stream ends, retrying interruptions.
-        let read = self.reader.by_ref().take(room as u64).read_to_end(&mut self.buffer)?;
+        let read = self.reader.by_ref().take(room as u64).read_to_end(&mut next)?;
         self.eof = read < room;
+        self.block = Bytes::from(next);
+        self.start = 0;
         Ok(())
     }
 }
 
 impl<R: Read> Iterator for StreamChunker<R> {
-    type Item = std::io::Result<Vec<u8>>;
+    type Item = std::io::Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
@@ -86,9 +81,8 @@ impl<R: Read> Iterator for StreamChunker<R> {
             self.failed = true;
             return Some(Err(error));
         }
-        let rest = &self.buffer[self.start..];
-        let length = chunks_of_slice(rest, self.params).next()?.len();
-        let chunk = rest[..length].to_vec();
+        let length = chunks_of_slice(&self.block[self.start..], self.params).next()?.len();
+        let chunk = self.block.slice(self.start..self.start + length);
         self.start += length;
         Some(Ok(chunk))
     }
@@ -204,10 +198,10 @@ impl StoredChunk {
     /// [`StoredChunk::seal`] of bytes the caller has named (`id` must be
     /// `ChunkId::of(&plain)`; the node checks) and gives up: no second
     /// hash, and a chunk kept plain is not copied.
-    pub fn seal_named(id: ChunkId, plain: Vec<u8>) -> StoredChunk {
+    pub fn seal_named(id: ChunkId, plain: Bytes) -> StoredChunk {
         match compress_named(id, &plain) {
             Some(sealed) => sealed,
-            None => StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(&plain), bytes: plain.into() },
+            None => StoredChunk { id, codec: ChunkCodec::Plain, plain_len: len32(&plain), bytes: plain },
         }
     }
 
@@ -413,14 +407,14 @@ mod tests {
         // Several blocks' worth, so cuts cross the reader's block boundaries.
         let original = random_bytes(3 * STREAM_BLOCK_BYTES + 12_345, 5);
         let whole: Vec<&[u8]> = chunks_of_slice(&original, params).collect();
-        let streamed: Vec<Vec<u8>> = chunks_of_reader(original.as_slice(), params).map(|c| c.unwrap()).collect();
+        let streamed: Vec<Bytes> = chunks_of_reader(original.as_slice(), params).map(|c| c.unwrap()).collect();
         assert_eq!(streamed, whole);
-        let trickled: Vec<Vec<u8>> = chunks_of_reader(Trickle(&original, 0), params).map(|c| c.unwrap()).collect();
+        let trickled: Vec<Bytes> = chunks_of_reader(Trickle(&original, 0), params).map(|c| c.unwrap()).collect();
         assert_eq!(trickled, whole);
         assert!(streamed.iter().all(|c| c.len() <= limits::CHUNK_MAX_BYTES as usize));
         // Small inputs, the empty one included.
         for len in [0, 1, 100, limits::CHUNK_MIN_BYTES as usize + 1] {
-            let streamed: Vec<Vec<u8>> = chunks_of_reader(&original[..len], params).map(|c| c.unwrap()).collect();
+            let streamed: Vec<Bytes> = chunks_of_reader(&original[..len], params).map(|c| c.unwrap()).collect();
             assert_eq!(streamed, chunks_of_slice(&original[..len], params).collect::<Vec<_>>());
         }
     }

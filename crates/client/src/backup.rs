@@ -10,6 +10,7 @@
 
 use crate::store::{Batches, PlainChunks, TransferCounters, cut_file};
 use crate::{Client, ClientError};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use hamgam_blob::{Tree, TreeEntry, TreeKind};
 use hamgam_proto::store::{ChunkList, ChunkRef, SnapshotInfo, SnapshotStats};
@@ -121,7 +122,7 @@ fn read_folder(
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut tree = Tree::default();
     let mut files_read = 0;
-    let mut queue = |id: ChunkId, plain: Vec<u8>| -> Result<(), ClientError> {
+    let mut queue = |id: ChunkId, plain: Bytes| -> Result<(), ClientError> {
         if !seen.insert(id) {
             TransferCounters::add(&counters.deduplicated_bytes, plain.len() as u64);
             return Ok(());
@@ -201,7 +202,7 @@ pub async fn backup(
             .sum(),
     };
     let (tree_list, tree_chunks) = tree.to_chunks()?;
-    let plains = tree_chunks.iter().map(|c| Ok((c.id, c.open()?))).collect::<Result<PlainChunks, ClientError>>()?;
+    let plains = tree_chunks.iter().map(|c| Ok((c.id, c.open()?.into()))).collect::<Result<PlainChunks, ClientError>>()?;
     client.upload_missing(plains, &counters).await?;
     let snapshot = client.commit_snapshot(label, parent.map(|p| p.id), tree_list, stats).await?;
     Ok(BackupReport {

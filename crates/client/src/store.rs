@@ -5,6 +5,7 @@
 //! against its name.
 
 use crate::{Client, ClientError};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use hamgam_blob::{StoredChunk, list};
 use hamgam_proto::frame::{self, FrameError, FrameKind};
@@ -40,7 +41,7 @@ const STREAM_BYTES: usize = 4 << 20;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Chunks by name and plain bytes, on their way to an upload.
-pub(crate) type PlainChunks = Vec<(ChunkId, Vec<u8>)>;
+pub(crate) type PlainChunks = Vec<(ChunkId, Bytes)>;
 
 /// Counters a transfer updates as it goes, for progress bars and reports.
 /// Cloning shares them: a blocking reader and the uploader count into the
@@ -313,7 +314,7 @@ pub(crate) struct Batches {
 }
 
 impl Batches {
-    pub(crate) fn push(&mut self, id: ChunkId, plain: Vec<u8>) -> Result<(), ClientError> {
+    pub(crate) fn push(&mut self, id: ChunkId, plain: Bytes) -> Result<(), ClientError> {
         self.pending_bytes += plain.len();
         self.pending.push((id, plain));
         if self.pending_bytes >= UPLOAD_BATCH_BYTES {
@@ -343,7 +344,7 @@ pub(crate) struct CutFile {
 pub(crate) fn cut_file(
     local: &std::path::Path,
     counters: &TransferCounters,
-    mut take: impl FnMut(ChunkId, Vec<u8>) -> Result<(), ClientError>,
+    mut take: impl FnMut(ChunkId, Bytes) -> Result<(), ClientError>,
 ) -> Result<CutFile, ClientError> {
     let io = |e| ClientError::Io { path: local.display().to_string(), source: e };
     let file = std::fs::File::open(local).map_err(io)?;
@@ -362,7 +363,7 @@ pub(crate) fn cut_file(
     }
     let (content, list_chunks) = list::build(refs)?;
     for chunk in list_chunks {
-        take(chunk.id, chunk.open()?)?;
+        take(chunk.id, chunk.open()?.into())?;
     }
     Ok(CutFile { size, hash: *hasher.finalize().as_bytes(), content })
 }
