@@ -64,6 +64,11 @@ impl<R: Read> StreamChunker<R> {
         // Reads until the room is full or the stream ends, retrying interruptions.
         let read = self.reader.by_ref().take(room as u64).read_to_end(&mut next)?;
         self.eof = read < room;
+        if self.eof && next.len() < next.capacity() / 2 {
+            // The chunks handed out keep their block alive until they are
+            // sent: a small file's chunk must not hold a block's room.
+            next.shrink_to_fit();
+        }
         self.block = Bytes::from(next);
         self.start = 0;
         Ok(())
@@ -417,6 +422,18 @@ mod tests {
             let streamed: Vec<Bytes> = chunks_of_reader(&original[..len], params).map(|c| c.unwrap()).collect();
             assert_eq!(streamed, chunks_of_slice(&original[..len], params).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn a_small_streams_chunk_does_not_keep_a_blocks_room() {
+        let original = random_bytes(1000, 9);
+        let mut chunks: Vec<Bytes> =
+            chunks_of_reader(original.as_slice(), ChunkerParams::default()).map(|c| c.unwrap()).collect();
+        assert_eq!(chunks.len(), 1);
+        // The chunk is the last holder of its buffer; what that buffer holds is what it keeps.
+        let held = chunks.remove(0).try_into_mut().expect("the chunk alone holds its buffer");
+        assert_eq!(&held[..], &original[..]);
+        assert!(held.capacity() < 2 * original.len(), "a 1000-byte chunk keeps {} bytes", held.capacity());
     }
 
     #[test]

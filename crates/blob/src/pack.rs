@@ -17,7 +17,7 @@
 //! batch. Concurrent batches append under a lock and sync outside it, so
 //! their fsyncs overlap. A chunk enters the in-memory index only after its
 //! sync, so nothing reports a chunk as present before it is durable. Synced
-//! records leave the page cache: reads come from the disk.
+//! records leave the page cache (the first read of one comes from the disk).
 //!
 //! Garbage collection ([`PackStore::collect`]) drops from the index every
 //! chunk that is neither live nor touched (stored, or reported present)
