@@ -192,12 +192,13 @@ fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], mut offset
 }
 
 /// Drops the pages of `start..end`, just made durable, from the page cache.
-/// A pack is written once and read seldom: a backup's gigabytes kept
-/// cached would push out what is read often (the metadata store, recent
-/// chat media), and each new page cached is memory the kernel must find and
-/// clear, which costs a large upload as much as its encryption does. The
-/// freed pages are reused by the next batch's write. Only advice: an error
-/// changes nothing stored.
+/// Most of a pack is written once and read seldom: a backup's gigabytes
+/// kept cached would push out what is read often (the metadata store,
+/// media being downloaded), and each new page cached is memory the kernel
+/// must find and clear, which costs a large upload as much as its
+/// encryption does. The freed pages are reused by the next batch's write;
+/// a chunk read soon after (a photo sent to a group) is read from the disk
+/// once. Only advice: an error changes nothing stored.
 fn leave_page_cache(file: &File, start: u64, end: u64) {
     if let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(start)) {
         let _ = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed);
