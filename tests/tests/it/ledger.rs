@@ -3,22 +3,31 @@
 //! that every member sees. Shared by the crash tests of one node and of a
 //! cluster.
 
-use hamgam_client::{ChatId, Client, UserId};
+use crate::support::retrying_unavailable;
+use hamgam_client::{ChatId, Client, ErrorCode, UserId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// A group of every user (created by the first), and a direct chat of each
-/// user with the next: the chats each sender writes in, per sender.
+/// user with the next: the chats each sender writes in, per sender. Each
+/// step is retried while a cluster's leaders settle, as an app would.
 pub async fn group_and_pairs(clients: &[Client], ids: &[UserId], title: &str) -> (ChatId, Vec<Vec<ChatId>>) {
-    let group = clients[0].create_group(title).await.unwrap().chat;
+    let group = retrying_unavailable(|| clients[0].create_group(title)).await.unwrap().chat;
     for id in &ids[1..] {
-        clients[0].add_member(group, *id).await.unwrap();
+        match retrying_unavailable(|| clients[0].add_member(group, *id)).await {
+            // A proposal dropped by a leader change may still have been
+            // committed: the retry then finds the member already there.
+            Ok(()) => {}
+            Err(error) if error.code() == Some(ErrorCode::CONFLICT) => {}
+            Err(error) => panic!("adding a member to the group: {error}"),
+        }
     }
     let mut chats_of: Vec<Vec<ChatId>> = vec![vec![group]; clients.len()];
     for (i, chats) in chats_of.iter_mut().enumerate() {
-        let direct = clients[i].direct_chat(ids[(i + 1) % ids.len()]).await.unwrap().chat;
+        let peer = ids[(i + 1) % ids.len()];
+        let direct = retrying_unavailable(|| clients[i].direct_chat(peer)).await.unwrap().chat;
         chats.push(direct);
     }
     (group, chats_of)
