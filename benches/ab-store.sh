@@ -42,6 +42,7 @@ for dir in "$a_dir" "$b_dir"; do
     done
 done
 
+source "$(dirname "$0")/start-node.sh"
 work=$(mktemp -d)
 node_pid=""
 stop_node() {
@@ -70,12 +71,7 @@ node_cpu() { awk -v t="$ticks" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/st
 run() { # round build dir
     local dir=$3 data="$work/node" profile="$work/profile"
     rm -rf "$data" "$profile"
-    "$dir/hamgam-node" --data "$data" --listen 127.0.0.1:7985 >"$work/node.log" 2>&1 &
-    node_pid=$!
-    for _ in $(seq 100); do
-        grep -q fingerprint "$work/node.log" 2>/dev/null && break
-        sleep 0.1
-    done
+    start_node "$dir/hamgam-node" "$work/node.log" --data "$data" --listen 127.0.0.1:7985
     local cli=("$dir/hamgam" --profile "$profile" --server 127.0.0.1:7985)
     local step
     for step in signup login; do

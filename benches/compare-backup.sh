@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
+source benches/start-node.sh
 
 v1=$(realpath "$1")
 v2=$(realpath "$2")
@@ -106,12 +107,19 @@ pids=()
 stop_nodes() { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 trap stop_nodes EXIT
 
+sign_in() { # profile server: a fresh profile signed up and logged in
+    rm -rf "$1"
+    local step
+    for step in signup login; do
+        echo "bench-password" | "$bin/hamgam" --profile "$1" --server "$2" "$step" bench --password-stdin >/dev/null 2>&1
+    done
+}
+
 hamgam_run() { # name server chunks-dirs...
     local name=$1 server=$2; shift 2
     local profile="$work/$name-profile"
-    rm -rf "$profile" "$work/$name-out"
-    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server "$server" signup bench --password-stdin >/dev/null 2>&1
-    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server "$server" login bench --password-stdin >/dev/null 2>&1
+    rm -rf "$work/$name-out"
+    sign_in "$profile" "$server"
     stage "$v1"; sync_drop
     timed "$bin/hamgam" --profile "$profile" backup "$data" --label bench; b1=$secs
     local stored1=0 dir
@@ -133,9 +141,8 @@ hamgam_run() { # name server chunks-dirs...
 notes=()
 
 rm -rf "$work/hamgam-1"
-"$bin/hamgam-node" --data "$work/hamgam-1" --listen 127.0.0.1:7640 >"$work/hamgam-1.log" 2>&1 &
-pids+=($!)
-sleep 2
+start_node "$bin/hamgam-node" "$work/hamgam-1.log" --data "$work/hamgam-1" --listen 127.0.0.1:7640
+pids+=("$node_pid")
 hamgam_run "hamgam (1 node)" 127.0.0.1:7640 "$work/hamgam-1/chunks"
 stop_nodes
 
@@ -159,13 +166,10 @@ raws=() puts=()
 for round in 1 2 3; do
     raws+=("$("$bin/hamgam-bench" quic-raw --mib 512 | awk '{ print $(NF-1) }')")
     rm -rf "$work/hamgam-large"
-    "$bin/hamgam-node" --data "$work/hamgam-large" --listen 127.0.0.1:7690 >"$work/hamgam-large.log" 2>&1 &
-    pids+=($!)
-    sleep 2
+    start_node "$bin/hamgam-node" "$work/hamgam-large.log" --data "$work/hamgam-large" --listen 127.0.0.1:7690
+    pids+=("$node_pid")
     profile="$work/large-profile"
-    rm -rf "$profile"
-    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server 127.0.0.1:7690 signup bench --password-stdin >/dev/null 2>&1
-    echo "bench-password" | "$bin/hamgam" --profile "$profile" --server 127.0.0.1:7690 login bench --password-stdin >/dev/null 2>&1
+    sign_in "$profile" 127.0.0.1:7690
     timed "$bin/hamgam" --profile "$profile" put "$work/large.bin" /large.bin
     stop_nodes
     puts+=("$(rate $((512 << 20)) "$secs")")

@@ -22,6 +22,7 @@ if [ $# -ne 1 ]; then
 fi
 out=$(realpath -m "$1")
 repo=$(pwd)
+source benches/start-node.sh
 
 sysroot=$(rustc --print sysroot)
 host=$(rustc -vV | awk '/^host:/ { print $2 }')
@@ -45,12 +46,7 @@ RUSTFLAGS="-Cprofile-generate=$work/profiles" \
 bin="$repo/target/pgo-instrumented/release"
 
 echo "== training"
-"$bin/hamgam-node" --data "$work/node" --listen 127.0.0.1:7931 >"$work/node.log" 2>&1 &
-node_pid=$!
-for _ in $(seq 100); do
-    grep -q fingerprint "$work/node.log" 2>/dev/null && break
-    sleep 0.1
-done
+start_node "$bin/hamgam-node" "$work/node.log" --data "$work/node" --listen 127.0.0.1:7931
 "$bin/hamgam-bench" messages --server 127.0.0.1:7931 --node-pid "$node_pid" --clients 64 \
     --duration-secs 8 --warmup-secs 1 | tail -1
 cli=("$bin/hamgam" --profile "$work/profile" --server 127.0.0.1:7931)
