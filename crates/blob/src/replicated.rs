@@ -428,10 +428,11 @@ impl ChunkStore {
     /// holder), and in a cluster each chunk's holders are asked whether
     /// they have it and sent a copy if not, so copies lost with a disk, or
     /// placed on a member that joined later, come back. Reads at most
-    /// `bytes_per_sec` so serving clients comes first.
+    /// `bytes_per_sec` so serving clients comes first, each pack front to
+    /// back, and drops what it read from the page cache.
     pub async fn scrub(&self, bytes_per_sec: u64) -> Result<ScrubReport, BlobError> {
         let mut report = ScrubReport::default();
-        let ids = self.local.ids();
+        let ids = self.local.ids_in_place_order();
         let started = Instant::now();
         let mut read = 0u64;
         for step in ids.chunks(SCRUB_STEP_CHUNKS) {
@@ -440,7 +441,7 @@ impl ChunkStore {
             let (good, damaged): (Vec<StoredChunk>, Vec<ChunkId>) = blocking(move || {
                 let mut good = Vec::new();
                 let mut damaged = Vec::new();
-                for id in wanted {
+                for &id in &wanted {
                     match local.get(&id) {
                         Ok(Some(chunk)) if chunk.check().is_ok() => good.push(chunk),
                         Ok(None) => {}
@@ -451,6 +452,7 @@ impl ChunkStore {
                         Err(error) => tracing::warn!(%error, "scrub could not read a chunk"),
                     }
                 }
+                local.leave_page_cache_of(&wanted);
                 (good, damaged)
             })
             .await?;
