@@ -30,7 +30,7 @@
 use crate::{BlobError, Presence, StoredChunk};
 use hamgam_proto::store::ChunkCodec;
 use hamgam_types::{ChunkId, limits};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Write};
 use std::os::unix::fs::FileExt;
@@ -639,20 +639,50 @@ impl PackStore {
         }
     }
 
-    /// Every chunk id stored here, in the order of their records on disk
-    /// (pack by pack, front to back): a pass over all of them, the
-    /// scrubber's, then reads each pack sequentially.
-    pub fn ids_in_place_order(&self) -> Vec<ChunkId> {
-        let mut placed: Vec<(u32, u64, ChunkId)> = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            index.iter().map(|(id, slot)| (slot.location.pack, slot.location.offset, *id)).collect()
+    /// Every chunk id stored here, in no particular order (a copy).
+    pub fn ids(&self) -> Vec<ChunkId> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    /// The packs that hold chunks here, oldest first.
+    pub fn pack_numbers(&self) -> Vec<u32> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let packs: BTreeSet<u32> = index.values().map(|slot| slot.location.pack).collect();
+        packs.into_iter().collect()
+    }
+
+    /// The chunks whose copy here lies in `pack`, in the order of their
+    /// records: from the pack's index file once it is sealed, from the
+    /// records kept for it while it is the active pack. A pass over the
+    /// store (the scrubber) goes pack by pack, so it reads each pack front
+    /// to back and holds one pack's list at a time, not the whole store's.
+    /// Blocking.
+    pub fn ids_in_pack(&self, pack: u32) -> Vec<ChunkId> {
+        let active = {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            (active.number == pack).then(|| active.records.clone())
         };
-        placed.sort_unstable();
-        placed.into_iter().map(|(_, _, id)| id).collect()
+        let mut records = active
+            .or_else(|| std::fs::read(index_path(&self.dir, pack)).ok().and_then(|bytes| decode_index(pack, &bytes)))
+            // No readable index file (a sealed pack gets one when it is
+            // sealed or next opened): the in-memory index, all of it.
+            .unwrap_or_else(|| self.records_in(pack));
+        records.sort_unstable_by_key(|(_, location)| location.offset);
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        records
+            .into_iter()
+            .filter(|(id, location)| index.get(id).is_some_and(|slot| slot.location == *location))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn records_in(&self, pack: u32) -> Vec<(ChunkId, Location)> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        index.iter().filter(|(_, slot)| slot.location.pack == pack).map(|(id, slot)| (*id, slot.location)).collect()
     }
 
     /// Drops from the page cache the records of `ids`, just read by a pass
-    /// in place order (see [`PackStore::ids_in_place_order`]), so that a
+    /// in place order (see [`PackStore::ids_in_pack`]), so that a
     /// scrub leaves the cache to what clients read. Up to one folio per
     /// pack, at the end of what the pass has read, stays cached.
     pub fn leave_page_cache_of(&self, ids: &[ChunkId]) {
@@ -862,18 +892,32 @@ mod tests {
     }
 
     #[test]
-    fn ids_in_place_order_follow_the_records_on_disk() {
+    fn ids_in_pack_follow_the_records_on_disk_sealed_or_active() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PackStore::open(dir.path()).unwrap();
         let chunks: Vec<StoredChunk> = (0..40).map(|i| chunk(i, 3000 + i as usize)).collect();
-        store.put(&chunks[..25]).unwrap();
-        store.put(&chunks[25..]).unwrap();
         let written: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        assert_eq!(store.ids_in_place_order(), written);
-        // Dropping their pages changes nothing read afterwards.
-        store.leave_page_cache_of(&written);
+        {
+            let store = PackStore::open(dir.path()).unwrap();
+            store.put(&chunks[..25]).unwrap();
+            store.put(&chunks[25..]).unwrap();
+            assert_eq!(store.pack_numbers(), vec![1]);
+            assert_eq!(store.ids_in_pack(1), written, "the active pack, from its records in memory");
+            assert!(store.ids_in_pack(2).is_empty());
+            store.leave_page_cache_of(&written);
+            let mut active = store.active.lock().unwrap();
+            store.seal(&mut active).unwrap();
+        }
+        let store = PackStore::open(dir.path()).unwrap();
+        assert_eq!(store.ids_in_pack(1), written, "a sealed pack, from its index file");
+        std::fs::remove_file(index_path(dir.path(), 1)).unwrap();
+        assert_eq!(store.ids_in_pack(1), written, "without its index file, from the index in memory");
+        // A chunk forgotten here is no longer listed.
+        store.forget(&written[3]);
+        assert_eq!(store.ids_in_pack(1).len(), 39);
         for c in &chunks {
-            assert_eq!(store.get(&c.id).unwrap().as_ref(), Some(c));
+            if c.id != written[3] {
+                assert_eq!(store.get(&c.id).unwrap().as_ref(), Some(c));
+            }
         }
     }
 

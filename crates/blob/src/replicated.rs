@@ -432,48 +432,58 @@ impl ChunkStore {
     /// back, and drops what it read from the page cache.
     pub async fn scrub(&self, bytes_per_sec: u64) -> Result<ScrubReport, BlobError> {
         let mut report = ScrubReport::default();
-        let ids = self.local.ids_in_place_order();
         let started = Instant::now();
         let mut read = 0u64;
-        for step in ids.chunks(SCRUB_STEP_CHUNKS) {
+        let local = self.local.clone();
+        for pack in blocking(move || local.pack_numbers()).await? {
             let local = self.local.clone();
-            let wanted = step.to_vec();
-            let (good, damaged): (Vec<StoredChunk>, Vec<ChunkId>) = blocking(move || {
-                let mut good = Vec::new();
-                let mut damaged = Vec::new();
-                for &id in &wanted {
-                    match local.get(&id) {
-                        Ok(Some(chunk)) if chunk.check().is_ok() => good.push(chunk),
-                        Ok(None) => {}
-                        Ok(Some(_)) | Err(BlobError::Damaged { .. }) => {
-                            local.forget(&id);
-                            damaged.push(id);
-                        }
-                        Err(error) => tracing::warn!(%error, "scrub could not read a chunk"),
-                    }
+            let ids = blocking(move || local.ids_in_pack(pack)).await?;
+            for step in ids.chunks(SCRUB_STEP_CHUNKS) {
+                read += self.scrub_step(step.to_vec(), &mut report).await?;
+                // Throttle: never read faster than the budget.
+                let due = Duration::from_secs_f64(read as f64 / bytes_per_sec.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
                 }
-                local.leave_page_cache_of(&wanted);
-                (good, damaged)
-            })
-            .await?;
-            report.checked += (good.len() + damaged.len()) as u64;
-            report.damaged += damaged.len() as u64;
-            read += good.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
-            if !damaged.is_empty() {
-                tracing::error!(count = damaged.len(), "scrub found damaged chunk copies; fetching them again");
-                // `get` fetches from the other holders and repairs this node's copy.
-                self.get(&damaged).await?;
-            }
-            let (sent, unverified) = self.replicate(good).await;
-            report.copies_sent += sent;
-            report.unverified += unverified;
-            // Throttle: never read faster than the budget.
-            let due = Duration::from_secs_f64(read as f64 / bytes_per_sec.max(1) as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
             }
         }
         Ok(report)
+    }
+
+    /// Checks the chunks of `wanted`, fetches damaged ones again and sends
+    /// copies to holders that lack them; returns the bytes read.
+    async fn scrub_step(&self, wanted: Vec<ChunkId>, report: &mut ScrubReport) -> Result<u64, BlobError> {
+        let local = self.local.clone();
+        let (good, damaged): (Vec<StoredChunk>, Vec<ChunkId>) = blocking(move || {
+            let mut good = Vec::new();
+            let mut damaged = Vec::new();
+            for &id in &wanted {
+                match local.get(&id) {
+                    Ok(Some(chunk)) if chunk.check().is_ok() => good.push(chunk),
+                    Ok(None) => {}
+                    Ok(Some(_)) | Err(BlobError::Damaged { .. }) => {
+                        local.forget(&id);
+                        damaged.push(id);
+                    }
+                    Err(error) => tracing::warn!(%error, "scrub could not read a chunk"),
+                }
+            }
+            local.leave_page_cache_of(&wanted);
+            (good, damaged)
+        })
+        .await?;
+        report.checked += (good.len() + damaged.len()) as u64;
+        report.damaged += damaged.len() as u64;
+        let read = good.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
+        if !damaged.is_empty() {
+            tracing::error!(count = damaged.len(), "scrub found damaged chunk copies; fetching them again");
+            // `get` fetches from the other holders and repairs this node's copy.
+            self.get(&damaged).await?;
+        }
+        let (sent, unverified) = self.replicate(good).await;
+        report.copies_sent += sent;
+        report.unverified += unverified;
+        Ok(read)
     }
 
     /// Sends each chunk to its holders that lack it; returns the copies
