@@ -12,6 +12,7 @@ use hamgam_raftstore::{ProposeError, RaftHandle, ReplicaChange, ShardStatus};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -72,17 +73,19 @@ pub enum AdminError {
     NotLeader { addr: SocketAddr, leader: Option<NodeId> },
 }
 
-/// Serves one admin connection: each bidi stream is one request.
+/// Serves one admin connection: each bidi stream is one request. `view`
+/// gives shard 0's record of the members as it is now: the placement
+/// driver keeps its connection for as long as both nodes run.
 pub(crate) async fn serve_connection(
     connection: quinn::Connection,
     raft: RaftHandle,
     node: NodeId,
     members: Members,
-    view: Option<ClusterView>,
+    view: impl Fn() -> Option<ClusterView>,
 ) {
     while let Ok((send, mut recv)) = connection.accept_bi().await {
         let answer = match exchange::read_request(&mut recv, REQUEST_BYTES_MAX).await.map(|b| hamgam_proto::codec::decode(&b)) {
-            Some(Ok(request)) => answer(request, &raft, node, &members, view.as_ref()).await,
+            Some(Ok(request)) => answer(request, &raft, node, &members, view().as_ref()).await,
             Some(Err(error)) => AdminResponse::Refused(format!("the request does not decode: {error}")),
             None => AdminResponse::Refused("the request was cut off or too large".into()),
         };
@@ -142,13 +145,123 @@ async fn answer(
 }
 
 /// Sends one request to the node whose peer endpoint is at `addr`,
-/// presenting `identity`.
+/// presenting `identity`, over a connection made for it (see
+/// [`AdminClient`] for asking again and again).
 pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<AdminResponse, AdminError> {
-    let unreachable = |reason: String| AdminError::Unreachable { addr, reason };
     let config = hamgam_transport::peer_client_config(identity, ADMIN_ALPN)?;
-    let bytes = hamgam_proto::codec::encode(request).map_err(|e| unreachable(e.to_string()))?;
-    let answer = exchange::ask(config, addr, &bytes, RESPONSE_BYTES_MAX, ADMIN_TIMEOUT).await.map_err(unreachable)?;
-    match hamgam_proto::codec::decode::<AdminResponse>(&answer)
+    let bytes = encode_request(addr, request)?;
+    let answer =
+        exchange::ask(config, addr, &bytes, RESPONSE_BYTES_MAX, ADMIN_TIMEOUT).await.map_err(unreachable(addr))?;
+    read_answer(addr, &answer)
+}
+
+/// Asks the node at `addr` for its status.
+pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
+    status_in(addr, query(identity, addr, &AdminRequest::Status).await?)
+}
+
+/// Asks the node at `addr` to do something; `Ok` once it is done.
+pub async fn command(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<(), AdminError> {
+    done_in(addr, query(identity, addr, request).await?)
+}
+
+/// Asks other nodes' admin services again and again, as the placement
+/// driver does (every member's status each second): one UDP endpoint per
+/// address family, one TLS configuration, and one connection per node kept
+/// between requests, where [`query`] makes all three for one request. A
+/// connection that fails or times out is dropped and the next request to
+/// that node dials again.
+pub struct AdminClient {
+    config: quinn::ClientConfig,
+    /// By address family: `true` for IPv6.
+    endpoints: std::sync::Mutex<HashMap<bool, quinn::Endpoint>>,
+    connections: std::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+impl AdminClient {
+    pub fn new(identity: &NodeIdentity) -> Result<AdminClient, AdminError> {
+        Ok(AdminClient {
+            config: hamgam_transport::peer_client_config(identity, ADMIN_ALPN)?,
+            endpoints: std::sync::Mutex::new(HashMap::new()),
+            connections: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// As [`query`], over this client's connection to `addr`.
+    pub async fn query(&self, addr: SocketAddr, request: &AdminRequest) -> Result<AdminResponse, AdminError> {
+        let bytes = encode_request(addr, request)?;
+        let exchange = async {
+            let connection = self.connection(addr).await?;
+            exchange::ask_over(&connection, &bytes, RESPONSE_BYTES_MAX).await
+        };
+        let answer = match tokio::time::timeout(ADMIN_TIMEOUT, exchange).await {
+            Ok(Ok(answer)) => answer,
+            failed => {
+                self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+                let reason = match failed {
+                    Ok(Err(reason)) => reason,
+                    _ => format!("no answer within {ADMIN_TIMEOUT:?}"),
+                };
+                return Err(unreachable(addr)(reason));
+            }
+        };
+        read_answer(addr, &answer)
+    }
+
+    /// As [`node_status`], over this client's connection.
+    pub async fn node_status(&self, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
+        status_in(addr, self.query(addr, &AdminRequest::Status).await?)
+    }
+
+    /// As [`command`], over this client's connection.
+    pub async fn command(&self, addr: SocketAddr, request: &AdminRequest) -> Result<(), AdminError> {
+        done_in(addr, self.query(addr, request).await?)
+    }
+
+    /// The open connection to `addr`, dialled if there is none.
+    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        {
+            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            // Closed ones (a node restarted or went away) are dropped here,
+            // so the map holds at most the nodes asked lately.
+            connections.retain(|_, connection| connection.close_reason().is_none());
+            if let Some(connection) = connections.get(&addr) {
+                return Ok(connection.clone());
+            }
+        }
+        let endpoint = self.endpoint(addr)?;
+        let connection = exchange::connect(&endpoint, self.config.clone(), addr).await?;
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, connection.clone());
+        Ok(connection)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn connections_open(&self) -> usize {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(endpoint) = endpoints.get(&addr.is_ipv6()) {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = hamgam_transport::client_endpoint(addr).map_err(|e| e.to_string())?;
+        endpoints.insert(addr.is_ipv6(), endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
+fn unreachable(addr: SocketAddr) -> impl Fn(String) -> AdminError {
+    move |reason| AdminError::Unreachable { addr, reason }
+}
+
+fn encode_request(addr: SocketAddr, request: &AdminRequest) -> Result<Vec<u8>, AdminError> {
+    hamgam_proto::codec::encode(request).map_err(|e| unreachable(addr)(e.to_string()))
+}
+
+/// A decoded answer; a refusal or a pointer to the leader is an error.
+fn read_answer(addr: SocketAddr, answer: &[u8]) -> Result<AdminResponse, AdminError> {
+    match hamgam_proto::codec::decode::<AdminResponse>(answer)
         .map_err(|e| AdminError::BadAnswer { addr, reason: e.to_string() })?
     {
         AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
@@ -157,20 +270,16 @@ pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminReq
     }
 }
 
-/// Asks the node at `addr` for its status.
-pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
-    match query(identity, addr, &AdminRequest::Status).await? {
+fn status_in(addr: SocketAddr, answer: AdminResponse) -> Result<NodeStatus, AdminError> {
+    match answer {
         AdminResponse::Status(status) => Ok(status),
-        AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
         _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
     }
 }
 
-/// Asks the node at `addr` to do something; `Ok` once it is done.
-pub async fn command(identity: &NodeIdentity, addr: SocketAddr, request: &AdminRequest) -> Result<(), AdminError> {
-    match query(identity, addr, request).await? {
+fn done_in(addr: SocketAddr, answer: AdminResponse) -> Result<(), AdminError> {
+    match answer {
         AdminResponse::Done => Ok(()),
-        AdminResponse::Refused(reason) => Err(AdminError::Refused { addr, reason }),
         _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
     }
 }

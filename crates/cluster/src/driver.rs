@@ -28,7 +28,7 @@
 //! shard 0's lead, so a new driver never judges on what it did not see.
 
 use crate::PeerNetwork;
-use crate::admin::{self, AdminError, AdminRequest, NodeStatus};
+use crate::admin::{AdminClient, AdminError, AdminRequest, NodeStatus};
 use crate::join::propose_cluster;
 use crate::membership::{ClusterCommand, ClusterView, MemberRecord, MemberState};
 use hamgam_raftstore::{RaftHandle, ReplicaChange};
@@ -362,6 +362,13 @@ pub async fn run(
     config: DriverConfig,
     cancel: CancellationToken,
 ) {
+    let admin = match AdminClient::new(&identity) {
+        Ok(admin) => Arc::new(admin),
+        Err(error) => {
+            tracing::error!(%error, "the placement driver cannot ask other nodes; it does not run");
+            return;
+        }
+    };
     let mut last_seen: HashMap<NodeId, Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -375,7 +382,7 @@ pub async fn run(
             continue;
         }
         let Some(view) = network.view().filter(|v| !v.members.is_empty()) else { continue };
-        let statuses = gather(&identity, &view.members).await;
+        let statuses = gather(&admin, &view.members).await;
         let now = Instant::now();
         let mut members = BTreeMap::new();
         for member in &view.members {
@@ -406,7 +413,7 @@ pub async fn run(
             if cancel.is_cancelled() {
                 return;
             }
-            match change(&identity, &addrs, planned).await {
+            match change(&admin, &addrs, planned).await {
                 Ok(()) => tracing::info!(shard = %planned.shard, change = ?planned.change, "replicas changed"),
                 Err(error) => tracing::debug!(shard = %planned.shard, change = ?planned.change, %error, "a replica change did not happen; next pass"),
             }
@@ -414,7 +421,7 @@ pub async fn run(
         for planned in leader_moves {
             let Some(addr) = addrs.get(&planned.from).copied() else { continue };
             let request = AdminRequest::TransferLeader { shard: planned.shard, to: planned.to };
-            match admin::command(&identity, addr, &request).await {
+            match admin.command(addr, &request).await {
                 Ok(()) => {
                     tracing::debug!(shard = %planned.shard, from = %planned.from, to = %planned.to, "leadership handed over")
                 }
@@ -425,7 +432,7 @@ pub async fn run(
         }
         for (node, shard) in stale {
             let Some(addr) = addrs.get(&node).copied() else { continue };
-            match admin::command(&identity, addr, &AdminRequest::ReleaseReplica { shard }).await {
+            match admin.command(addr, &AdminRequest::ReleaseReplica { shard }).await {
                 Ok(()) => tracing::info!(%node, %shard, "a former replica was given up"),
                 Err(error) => tracing::debug!(%node, %shard, %error, "a former replica was not given up; next pass"),
             }
@@ -461,12 +468,12 @@ pub fn stale_replicas(
 
 /// Every non-removed member's status; members that do not answer within
 /// [`STATUS_WAIT`] are left out.
-async fn gather(identity: &Arc<NodeIdentity>, members: &[MemberRecord]) -> HashMap<NodeId, NodeStatus> {
+async fn gather(admin: &Arc<AdminClient>, members: &[MemberRecord]) -> HashMap<NodeId, NodeStatus> {
     let mut asks = tokio::task::JoinSet::new();
     for member in members.iter().filter(|m| m.state != MemberState::Removed) {
-        let (identity, id, addr) = (identity.clone(), member.id, member.peer_addr);
+        let (admin, id, addr) = (admin.clone(), member.id, member.peer_addr);
         asks.spawn(async move {
-            let status = tokio::time::timeout(STATUS_WAIT, admin::node_status(&identity, addr)).await;
+            let status = tokio::time::timeout(STATUS_WAIT, admin.node_status(addr)).await;
             (id, status.unwrap_or_else(|_| Err(AdminError::Unreachable { addr, reason: "no answer in time".into() })))
         });
     }
@@ -482,7 +489,7 @@ async fn gather(identity: &Arc<NodeIdentity>, members: &[MemberRecord]) -> HashM
 /// Makes one change at the shard's leader. A leader asked to remove itself
 /// hands leadership over and names its successor: ask there, briefly.
 async fn change(
-    identity: &NodeIdentity,
+    admin: &AdminClient,
     addrs: &HashMap<NodeId, SocketAddr>,
     planned: PlannedChange,
 ) -> Result<(), AdminError> {
@@ -490,7 +497,7 @@ async fn change(
     let mut at = planned.leader;
     for _ in 0..20 {
         let Some(addr) = addrs.get(&at).copied() else { break };
-        match admin::command(identity, addr, &request).await {
+        match admin.command(addr, &request).await {
             Err(AdminError::NotLeader { leader: Some(next), .. }) => {
                 at = next;
                 tokio::time::sleep(Duration::from_millis(100)).await;

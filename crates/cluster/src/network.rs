@@ -296,7 +296,8 @@ impl PeerNetwork {
             return;
         };
         if alpn.as_deref() == Some(ADMIN_ALPN) {
-            let view = self.view();
+            let network = self.clone();
+            let view = move || network.view();
             tokio::select! {
                 () = self.cancel.cancelled() => {}
                 () = admin::serve_connection(connection, raft, self.node, self.members.clone(), view) => {}

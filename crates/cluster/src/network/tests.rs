@@ -180,3 +180,38 @@ async fn many_proposals_forwarded_at_once_each_get_their_own_answer() {
         test_node.store.stop().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_client_keeps_one_connection_and_dials_again_after_a_restart() {
+    let TestCluster { dir, nodes, members, shards, mut running, .. } = three_nodes().await;
+    let identity = NodeIdentity::load(&dir.path().join("tls-1")).unwrap().unwrap();
+    let admin = crate::admin::AdminClient::new(&identity).unwrap();
+    let addr = members.read().unwrap()[&nodes[1]];
+    for _ in 0..3 {
+        assert_eq!(admin.node_status(addr).await.unwrap().node, nodes[1]);
+    }
+    assert_eq!(admin.connections_open(), 1, "three asks, one connection");
+
+    // The node restarts: the connection the client kept is gone with it.
+    let stopped = running.remove(&nodes[1]).unwrap();
+    stopped.network.shutdown().await;
+    stopped.store.stop().unwrap();
+    drop(stopped.network);
+    running.insert(nodes[1], start(dir.path(), nodes[1], &members, &shards).await);
+    let mut answered = None;
+    for _ in 0..30 {
+        match admin.node_status(addr).await {
+            Ok(status) => {
+                answered = Some(status.node);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(answered, Some(nodes[1]), "the client dialled the restarted node again");
+    assert_eq!(admin.connections_open(), 1);
+    for (_, test_node) in running {
+        test_node.network.shutdown().await;
+        test_node.store.stop().unwrap();
+    }
+}
