@@ -4,7 +4,8 @@
 //! node certificate it signs, see [`NodeIdentity`]), the [`Fingerprint`]
 //! people compare and clients pin, the client-side verifier that accepts only
 //! the pinned CA (or records it on first contact), and building quinn
-//! endpoints with raised UDP buffers and bounded streams, and
+//! endpoints with raised UDP buffers, bounded streams and TLS that prefers
+//! AES-128-GCM, and
 //! [`write_with_owned_body`], which gives quinn a buffer instead of a copy.
 //! Between nodes, both sides prove membership: [`peer_server_endpoint`]
 //! refuses a client certificate the cluster CA did not issue,
