@@ -70,17 +70,10 @@ node_cpu() { awk -v t="$ticks" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/st
 # One run: prints a row and appends "build wall client node" to $work/runs.
 run() { # round build dir
     local dir=$3 data="$work/node" profile="$work/profile"
-    rm -rf "$data" "$profile"
+    rm -rf "$data"
     start_node "$dir/hamgam-node" "$work/node.log" --data "$data" --listen 127.0.0.1:7985
     local cli=("$dir/hamgam" --profile "$profile" --server 127.0.0.1:7985)
-    local step
-    for step in signup login; do
-        echo ab-store-password | "${cli[@]}" "$step" abstore --password-stdin >"$work/client.log" 2>&1 || {
-            echo "the $2 client's $step failed:" >&2
-            tail -5 "$work/client.log" >&2
-            exit 1
-        }
-    done
+    sign_in "$dir/hamgam" "$profile" 127.0.0.1:7985 || exit 1
     if [ -n "$restore" ]; then
         rm -rf "$work/restored"
         "${cli[@]}" backup "$folder" --label ab >"$work/client.log" 2>&1 || {

@@ -107,19 +107,11 @@ pids=()
 stop_nodes() { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 trap stop_nodes EXIT
 
-sign_in() { # profile server: a fresh profile signed up and logged in
-    rm -rf "$1"
-    local step
-    for step in signup login; do
-        echo "bench-password" | "$bin/hamgam" --profile "$1" --server "$2" "$step" bench --password-stdin >/dev/null 2>&1
-    done
-}
-
 hamgam_run() { # name server chunks-dirs...
     local name=$1 server=$2; shift 2
     local profile="$work/$name-profile"
     rm -rf "$work/$name-out"
-    sign_in "$profile" "$server"
+    sign_in "$bin/hamgam" "$profile" "$server"
     stage "$v1"; sync_drop
     timed "$bin/hamgam" --profile "$profile" backup "$data" --label bench; b1=$secs
     local stored1=0 dir
@@ -169,7 +161,7 @@ for round in 1 2 3; do
     start_node "$bin/hamgam-node" "$work/hamgam-large.log" --data "$work/hamgam-large" --listen 127.0.0.1:7690
     pids+=("$node_pid")
     profile="$work/large-profile"
-    sign_in "$profile" 127.0.0.1:7690
+    sign_in "$bin/hamgam" "$profile" 127.0.0.1:7690
     timed "$bin/hamgam" --profile "$profile" put "$work/large.bin" /large.bin
     stop_nodes
     puts+=("$(rate $((512 << 20)) "$secs")")

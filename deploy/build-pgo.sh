@@ -50,8 +50,7 @@ start_node "$bin/hamgam-node" "$work/node.log" --data "$work/node" --listen 127.
 "$bin/hamgam-bench" messages --server 127.0.0.1:7931 --node-pid "$node_pid" --clients 64 \
     --duration-secs 8 --warmup-secs 1 | tail -1
 cli=("$bin/hamgam" --profile "$work/profile" --server 127.0.0.1:7931)
-echo pgo-training | "${cli[@]}" signup pgotrainer --password-stdin >/dev/null
-echo pgo-training | "${cli[@]}" login pgotrainer --password-stdin >/dev/null
+sign_in "$bin/hamgam" "$work/profile" 127.0.0.1:7931
 head -c $((128 << 20)) /dev/urandom >"$work/large.bin"
 "${cli[@]}" put "$work/large.bin" /large.bin
 # A folder like a phone's: media that does not compress and chat logs that do.

@@ -392,6 +392,14 @@ impl StageBuffer {
         &self.storage[self.start..self.start + self.len]
     }
 
+    fn is_full(&self) -> bool {
+        self.len == DIRECT_STAGE_BYTES
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
     /// Copies as much of `bytes` as fits; returns how much.
     fn fill(&mut self, bytes: &[u8]) -> usize {
         let taken = bytes.len().min(DIRECT_STAGE_BYTES - self.len);
@@ -402,13 +410,18 @@ impl StageBuffer {
     }
 }
 
+/// How a file system says no to direct I/O, at the open or at a write.
+fn refuses_direct(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+}
+
 /// Writes `bytes` at `offset` of a file opened for direct writes. A file
 /// system that accepted the open but refuses the write (it wants another
 /// alignment) gets the file as an ordinary one from then on.
 fn write_direct_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     match file.write_all_at(bytes, offset) {
-        Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+        Err(error) if refuses_direct(&error) => {
             let flags = rustix::fs::fcntl_getfl(file)?;
             rustix::fs::fcntl_setfl(file, flags - rustix::fs::OFlags::DIRECT)?;
             file.write_all_at(bytes, offset)
@@ -439,7 +452,7 @@ impl FileSink {
                 .open(path);
             match opened {
                 Ok(file) => return Ok(FileSink::Direct { file, offset: 0 }),
-                Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                Err(error) if refuses_direct(&error) => {
                     *direct = false;
                 }
                 Err(error) => return Err(io_error(path, error)),
@@ -454,10 +467,10 @@ impl FileSink {
             FileSink::Direct { file, offset } => {
                 while !bytes.is_empty() {
                     bytes = &bytes[stage.fill(bytes)..];
-                    if stage.len == DIRECT_STAGE_BYTES {
+                    if stage.is_full() {
                         write_direct_at(file, stage.filled(), *offset).map_err(|e| io_error(path, e))?;
                         *offset += DIRECT_STAGE_BYTES as u64;
-                        stage.len = 0;
+                        stage.clear();
                     }
                 }
                 Ok(())
@@ -480,7 +493,7 @@ impl FileSink {
             let tail = fs::OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
             tail.write_all_at(&stage.filled()[aligned..], offset + aligned as u64).map_err(|e| io_error(path, e))?;
         }
-        stage.len = 0;
+        stage.clear();
         Ok(())
     }
 }
