@@ -37,6 +37,10 @@
 //! write in every round (docs/benchmarks.md). When no spare is ready a
 //! segment is made empty and grows, as on a fresh or idle node.
 //!
+//! Records and zeros go to the disk around the page cache, in whole 4 KiB
+//! blocks (see [`SegmentWriter`]): a round's fdatasync then has no cache
+//! pages to write back, only the disk's own cache to flush.
+//!
 //! Recovery reads the segments in order. A segment ends at its last byte or
 //! at a record header of zeros (no record has length 0), after which only
 //! zeros may follow. A bad record at the tail of the last segment is a write
@@ -50,7 +54,6 @@ use hamgam_types::{ShardId, limits};
 use raft::eraftpb::{Entry, EntryType, HardState};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,7 +116,7 @@ pub struct Wal {
     dir: PathBuf,
     closed: Vec<Segment>,
     active: Segment,
-    file: File,
+    out: SegmentWriter,
     active_bytes: u64,
     /// Bytes appended since the last call to [`Wal::take_bytes_appended`].
     bytes_appended: u64,
@@ -189,23 +192,26 @@ impl Drop for Spare {
     }
 }
 
-/// Writes the spare; `Ok(false)` when stopped before it was whole.
+/// Writes the spare; `Ok(false)` when stopped before it was whole. The
+/// zeros go around the page cache, as the records written over them will.
 fn make_spare(path: &Path, stop: &AtomicBool) -> std::io::Result<bool> {
-    let mut file = File::create(path)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    let mut out = SegmentWriter::open(&options, path)?;
     let zeros = vec![0u8; ZERO_PIECE_BYTES];
     let mut pieces = 0u64;
     while pieces * (ZERO_PIECE_BYTES as u64) < limits::WAL_SEGMENT_BYTES_MAX {
         if stop.load(Ordering::Acquire) {
             return Ok(false);
         }
-        file.write_all(&zeros)?;
+        out.append(&[&zeros])?;
         pieces += 1;
         if pieces.is_multiple_of(ZERO_PIECES_PER_SYNC) {
-            file.sync_data()?;
+            out.file.sync_data()?;
         }
         std::thread::sleep(ZERO_PIECE_PAUSE);
     }
-    file.sync_all()?;
+    out.file.sync_all()?;
     Ok(true)
 }
 
@@ -260,12 +266,12 @@ impl Wal {
         let next_sequence = segments.last().map_or(1, |s| s.sequence + 1);
         // Appends always go to a fresh segment after a restart: the old tail
         // may have been truncated, and a new header records the hard states.
-        let (active, file) = create_segment(dir, next_sequence, None)?;
+        let (active, out) = create_segment(dir, next_sequence, None)?;
         let mut wal = Wal {
             dir: dir.to_path_buf(),
             closed: segments,
             active,
-            file,
+            out,
             active_bytes: 0,
             bytes_appended: 0,
             hard_states,
@@ -386,7 +392,7 @@ impl Wal {
     }
 
     fn sync(&mut self) -> Result<(), WalError> {
-        self.file.sync_data().map_err(io_err(&self.active.path))?;
+        self.out.file.sync_data().map_err(io_err(&self.active.path))?;
         self.fsyncs += 1;
         self.unsynced = false;
         Ok(())
@@ -399,9 +405,9 @@ impl Wal {
         }
         let spare = self.spare.take(&self.dir);
         self.active_made_ahead = spare.is_some();
-        let (segment, file) = create_segment(&self.dir, self.active.sequence + 1, spare)?;
+        let (segment, out) = create_segment(&self.dir, self.active.sequence + 1, spare)?;
         let old = std::mem::replace(&mut self.active, segment);
-        self.file = file;
+        self.out = out;
         self.active_bytes = 0;
         self.closed.push(old);
         self.write_header()
@@ -420,13 +426,13 @@ impl Wal {
     }
 
     fn write_record(&mut self, body: &[u8]) -> Result<(), WalError> {
-        let mut record = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-        put_u32(&mut record, len_u32(body.len()));
-        put_u32(&mut record, crc32fast::hash(body));
-        record.extend_from_slice(body);
-        self.file.write_all(&record).map_err(io_err(&self.active.path))?;
-        self.active_bytes += record.len() as u64;
-        self.bytes_appended += record.len() as u64;
+        let mut header = Vec::with_capacity(FRAME_HEADER_BYTES);
+        put_u32(&mut header, len_u32(body.len()));
+        put_u32(&mut header, crc32fast::hash(body));
+        self.out.append(&[&header, body]).map_err(io_err(&self.active.path))?;
+        let written = (FRAME_HEADER_BYTES + body.len()) as u64;
+        self.active_bytes += written;
+        self.bytes_appended += written;
         if self.active_bytes >= SPARE_AFTER_BYTES {
             self.spare.start(&self.dir);
         }
@@ -438,21 +444,133 @@ impl Wal {
 /// else an empty file. Either way the directory is synced before any
 /// record is written, so no acknowledged record can sit under a name a
 /// crash forgets.
-fn create_segment(dir: &Path, sequence: u64, spare: Option<PathBuf>) -> Result<(Segment, File), WalError> {
+fn create_segment(dir: &Path, sequence: u64, spare: Option<PathBuf>) -> Result<(Segment, SegmentWriter), WalError> {
     let path = segment_path(dir, sequence);
-    let file = match spare {
+    let mut options = OpenOptions::new();
+    options.write(true);
+    match spare {
         Some(spare) => {
             if path.exists() {
                 let exists = std::io::Error::from(std::io::ErrorKind::AlreadyExists);
                 return Err(io_err(&path)(exists));
             }
             std::fs::rename(&spare, &path).map_err(io_err(&path))?;
-            OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?
         }
-        None => OpenOptions::new().create_new(true).write(true).open(&path).map_err(io_err(&path))?,
-    };
+        None => {
+            options.create_new(true);
+        }
+    }
+    let out = SegmentWriter::open(&options, &path).map_err(io_err(&path))?;
     sync_dir(dir)?;
-    Ok((Segment { sequence, path, max_index: BTreeMap::new() }, file))
+    Ok((Segment { sequence, path, max_index: BTreeMap::new() }, out))
+}
+
+/// Alignment of a direct write's buffer, offset and length: the block size
+/// of the file systems in use (ext4, xfs and btrfs at 4 KiB).
+const DIRECT_ALIGN: usize = 4096;
+/// The writer's buffer goes back to this size after a round that needed
+/// more, so one large round does not keep its memory; a piece of the
+/// spare's zeros fits.
+const WRITER_BUFFER_KEPT_BYTES: usize = ZERO_PIECE_BYTES;
+
+/// Appends records to the active segment around the page cache
+/// (`O_DIRECT`). A round's bytes go from this buffer to the disk: no cache
+/// pages are taken, filled and later written back by the fdatasync, which
+/// then has only the disk's cache to flush. Direct writes cover whole 4 KiB
+/// blocks, so the buffer keeps the segment's last, partly filled block and
+/// writes it again, with the next record after it, in the next round. The
+/// bytes already on disk in that block are written unchanged, so a write
+/// the crash cuts short cannot damage an acknowledged record; the zeros
+/// after the new record are what replay takes as the segment's end.
+///
+/// A file system that refuses direct I/O (tmpfs) gets ordinary writes at
+/// the same offsets, through the page cache.
+#[derive(Debug)]
+struct SegmentWriter {
+    file: File,
+    direct: bool,
+    /// Storage of the buffer; it starts `start` bytes in, on a 4 KiB
+    /// boundary (safe code cannot ask the allocator for alignment).
+    storage: Vec<u8>,
+    start: usize,
+    /// Bytes held: the unfinished last block, then the records not yet written.
+    held: usize,
+    /// File offset of the first held byte (a multiple of 4 KiB).
+    offset: u64,
+}
+
+impl SegmentWriter {
+    fn open(options: &OpenOptions, path: &Path) -> std::io::Result<SegmentWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut direct_options = options.clone();
+        direct_options.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        let (file, direct) = match direct_options.open(path) {
+            Ok(file) => (file, true),
+            Err(error) if refuses_direct(&error) => (options.open(path)?, false),
+            Err(error) => return Err(error),
+        };
+        let mut writer = SegmentWriter { file, direct, storage: Vec::new(), start: 0, held: 0, offset: 0 };
+        writer.make_room(WRITER_BUFFER_KEPT_BYTES);
+        Ok(writer)
+    }
+
+    /// Appends `parts`, one after the other, at the end of the segment.
+    fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let added: usize = parts.iter().map(|part| part.len()).sum();
+        // Room for the new bytes and the zeros up to the next block boundary.
+        self.make_room((self.held + added).next_multiple_of(DIRECT_ALIGN));
+        let mut at = self.start + self.held;
+        for part in parts {
+            self.storage[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        self.held += added;
+        let padded = self.held.next_multiple_of(DIRECT_ALIGN);
+        self.storage[self.start + self.held..self.start + padded].fill(0);
+        let blocks = &self.storage[self.start..self.start + padded];
+        match self.file.write_all_at(blocks, self.offset) {
+            Err(error) if self.direct && refuses_direct(&error) => {
+                // The open succeeded but this file system wants another
+                // alignment: ordinary writes from here on.
+                let flags = rustix::fs::fcntl_getfl(&self.file)?;
+                rustix::fs::fcntl_setfl(&self.file, flags - rustix::fs::OFlags::DIRECT)?;
+                self.direct = false;
+                self.file.write_all_at(blocks, self.offset)?;
+            }
+            outcome => outcome?,
+        }
+        // Keep the unfinished last block for the next append.
+        let whole = self.held / DIRECT_ALIGN * DIRECT_ALIGN;
+        self.storage.copy_within(self.start + whole..self.start + self.held, self.start);
+        self.held -= whole;
+        self.offset += whole as u64;
+        if self.storage.len() > WRITER_BUFFER_KEPT_BYTES + DIRECT_ALIGN {
+            self.reallocate(WRITER_BUFFER_KEPT_BYTES);
+        }
+        Ok(())
+    }
+
+    /// Grows the buffer to hold at least `bytes`, keeping what it holds.
+    fn make_room(&mut self, bytes: usize) {
+        if self.storage.len() < self.start + bytes {
+            self.reallocate(bytes.max(WRITER_BUFFER_KEPT_BYTES));
+        }
+    }
+
+    /// A new buffer of `bytes` (at least what is held), holding what this one held.
+    fn reallocate(&mut self, bytes: usize) {
+        let mut storage = vec![0u8; bytes.max(self.held) + DIRECT_ALIGN];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        storage[start..start + self.held].copy_from_slice(&self.storage[self.start..self.start + self.held]);
+        self.storage = storage;
+        self.start = start;
+    }
+}
+
+/// How a file system says no to direct I/O, at the open or at a write.
+fn refuses_direct(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 
 /// Replays one segment into `recovered`; returns the highest index per shard.
@@ -733,18 +851,46 @@ mod tests {
     }
 
     #[test]
+    fn records_of_any_size_go_out_in_whole_blocks_and_replay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [1usize, 4000, 4096, 5000, 3 << 20, 7, 70_000];
+        {
+            let (mut wal, _) = Wal::open(dir.path()).unwrap();
+            for (i, &size) in sizes.iter().enumerate() {
+                let data = vec![i as u8 + 1; size];
+                wal.append_round(&round(1, vec![entry(i as u64 + 1, 1, &data)], 0)).unwrap();
+                let file_bytes = std::fs::metadata(&wal.active.path).unwrap().len();
+                assert_eq!(file_bytes % DIRECT_ALIGN as u64, 0, "whole blocks after a record of {size} bytes");
+                assert_eq!(file_bytes, wal.active_bytes.next_multiple_of(DIRECT_ALIGN as u64));
+                let kept = WRITER_BUFFER_KEPT_BYTES + DIRECT_ALIGN;
+                assert!(wal.out.storage.len() <= kept, "a large round's buffer is let go");
+            }
+            let bytes = std::fs::read(&wal.active.path).unwrap();
+            assert!(bytes[wal.active_bytes as usize..].iter().all(|&b| b == 0), "zeros after the last record");
+        }
+        let (_wal, recovered) = Wal::open(dir.path()).unwrap();
+        let entries = &recovered[&ShardId(1)].entries;
+        assert_eq!(entries.len(), sizes.len());
+        for (i, (entry, &size)) in entries.iter().zip(&sizes).enumerate() {
+            assert_eq!(entry.index, i as u64 + 1);
+            assert!(entry.data.len() == size && entry.data.iter().all(|&b| b == i as u8 + 1), "entry {i} whole");
+        }
+    }
+
+    #[test]
     fn a_torn_tail_is_cut_and_earlier_rounds_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let path;
+        let (path, end);
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
             wal.append_round(&round(1, vec![entry(1, 1, b"kept")], 1)).unwrap();
             wal.append_round(&round(1, vec![entry(2, 1, b"torn")], 2)).unwrap();
             path = wal.active.path.clone();
+            end = wal.active_bytes;
         }
-        // Cut the last record in half, as a crash mid-write would.
-        let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 7).unwrap();
+        // Cut the last record in half, as a crash mid-write would (the
+        // file itself ends at a block boundary, past zeros).
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(end - 7).unwrap();
         let (_wal, recovered) = Wal::open(dir.path()).unwrap();
         let entries = &recovered[&ShardId(1)].entries;
         assert_eq!(entries.len(), 1);
