@@ -426,9 +426,9 @@ impl Wal {
     }
 
     fn write_record(&mut self, body: &[u8]) -> Result<(), WalError> {
-        let mut header = Vec::with_capacity(FRAME_HEADER_BYTES);
-        put_u32(&mut header, len_u32(body.len()));
-        put_u32(&mut header, crc32fast::hash(body));
+        let mut header = [0u8; FRAME_HEADER_BYTES];
+        header[..4].copy_from_slice(&len_u32(body.len()).to_le_bytes());
+        header[4..].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
         self.out.append(&[&header, body]).map_err(io_err(&self.active.path))?;
         let written = (FRAME_HEADER_BYTES + body.len()) as u64;
         self.active_bytes += written;
