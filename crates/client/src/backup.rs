@@ -13,6 +13,7 @@ use crate::{Client, ClientError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hamgam_blob::{Tree, TreeEntry, TreeKind};
+use hamgam_directio::{AlignedBuffer, DIRECT_ALIGN, open_direct, write_direct_at};
 use hamgam_proto::store::{ChunkList, ChunkRef, SnapshotInfo, SnapshotStats};
 use hamgam_types::ChunkId;
 use std::collections::{HashMap, HashSet};
@@ -369,66 +370,6 @@ const RESTORE_CHUNKS_QUEUED: usize = 64;
 const DIRECT_WRITE_MIN_BYTES: u64 = 1 << 20;
 /// Bytes a direct write gathers before it goes to the disk.
 const DIRECT_STAGE_BYTES: usize = 4 << 20;
-/// Alignment of a direct write's buffer, offset and length: the largest
-/// block size of the file systems in use (ext4, xfs and btrfs at 4 KiB).
-const DIRECT_ALIGN: usize = 4096;
-
-/// A buffer whose start is aligned for direct writes (safe code cannot ask
-/// the allocator for alignment, so it starts inside a larger `Vec`).
-struct StageBuffer {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl StageBuffer {
-    fn new() -> StageBuffer {
-        let storage = vec![0u8; DIRECT_STAGE_BYTES + DIRECT_ALIGN];
-        let start = storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        StageBuffer { storage, start, len: 0 }
-    }
-
-    fn filled(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    fn is_full(&self) -> bool {
-        self.len == DIRECT_STAGE_BYTES
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Copies as much of `bytes` as fits; returns how much.
-    fn fill(&mut self, bytes: &[u8]) -> usize {
-        let taken = bytes.len().min(DIRECT_STAGE_BYTES - self.len);
-        let at = self.start + self.len;
-        self.storage[at..at + taken].copy_from_slice(&bytes[..taken]);
-        self.len += taken;
-        taken
-    }
-}
-
-/// How a file system says no to direct I/O, at the open or at a write.
-fn refuses_direct(error: &std::io::Error) -> bool {
-    error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
-}
-
-/// Writes `bytes` at `offset` of a file opened for direct writes. A file
-/// system that accepted the open but refuses the write (it wants another
-/// alignment) gets the file as an ordinary one from then on.
-fn write_direct_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    match file.write_all_at(bytes, offset) {
-        Err(error) if refuses_direct(&error) => {
-            let flags = rustix::fs::fcntl_getfl(file)?;
-            rustix::fs::fcntl_setfl(file, flags - rustix::fs::OFlags::DIRECT)?;
-            file.write_all_at(bytes, offset)
-        }
-        outcome => outcome,
-    }
-}
 
 /// Where one restored file's bytes go.
 enum FileSink {
@@ -442,26 +383,17 @@ impl FileSink {
     /// and `direct` still holds. A file system that refuses direct writes
     /// (tmpfs) turns `direct` off for the rest of the restore.
     fn create(path: &Path, size: u64, direct: &mut bool) -> Result<FileSink, ClientError> {
-        use std::os::unix::fs::OpenOptionsExt;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
         if *direct && size >= DIRECT_WRITE_MIN_BYTES {
-            let opened = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-                .open(path);
-            match opened {
-                Ok(file) => return Ok(FileSink::Direct { file, offset: 0 }),
-                Err(error) if refuses_direct(&error) => {
-                    *direct = false;
-                }
-                Err(error) => return Err(io_error(path, error)),
-            }
+            let (file, is_direct) = open_direct(&options, path).map_err(|e| io_error(path, e))?;
+            *direct = is_direct;
+            return Ok(if is_direct { FileSink::Direct { file, offset: 0 } } else { FileSink::Buffered(file) });
         }
-        Ok(FileSink::Buffered(File::create(path).map_err(|e| io_error(path, e))?))
+        Ok(FileSink::Buffered(options.open(path).map_err(|e| io_error(path, e))?))
     }
 
-    fn write(&mut self, path: &Path, mut bytes: &[u8], stage: &mut StageBuffer) -> Result<(), ClientError> {
+    fn write(&mut self, path: &Path, mut bytes: &[u8], stage: &mut AlignedBuffer) -> Result<(), ClientError> {
         match self {
             FileSink::Buffered(file) => file.write_all(bytes).map_err(|e| io_error(path, e)),
             FileSink::Direct { file, offset } => {
@@ -480,16 +412,16 @@ impl FileSink {
 
     /// Writes what the stage still holds: its aligned part directly, the
     /// last partial block through a second, ordinary handle.
-    fn finish(self, path: &Path, stage: &mut StageBuffer) -> Result<(), ClientError> {
+    fn finish(self, path: &Path, stage: &mut AlignedBuffer) -> Result<(), ClientError> {
         use std::os::unix::fs::FileExt;
         let FileSink::Direct { file, offset } = self else {
             return Ok(());
         };
-        let aligned = stage.len / DIRECT_ALIGN * DIRECT_ALIGN;
+        let aligned = stage.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         if aligned > 0 {
             write_direct_at(&file, &stage.filled()[..aligned], offset).map_err(|e| io_error(path, e))?;
         }
-        if aligned < stage.len {
+        if aligned < stage.len() {
             let tail = fs::OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
             tail.write_all_at(&stage.filled()[aligned..], offset + aligned as u64).map_err(|e| io_error(path, e))?;
         }
@@ -509,7 +441,7 @@ fn write_files(
     mut direct: bool,
 ) -> Result<u64, ClientError> {
     let mut bytes = 0;
-    let mut stage = StageBuffer::new();
+    let mut stage = AlignedBuffer::new(DIRECT_STAGE_BYTES);
     for (entry, path, count) in jobs {
         let TreeKind::File { size, hash, .. } = &entry.kind else {
             continue;
@@ -662,7 +594,7 @@ mod tests {
     #[test]
     fn large_files_written_around_the_page_cache_keep_every_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let mut stage = StageBuffer::new();
+        let mut stage = AlignedBuffer::new(DIRECT_STAGE_BYTES);
         let mut direct = true;
         let large = DIRECT_WRITE_MIN_BYTES as usize;
         let sizes = [large, large + 1, 2 * DIRECT_STAGE_BYTES + 5_000];

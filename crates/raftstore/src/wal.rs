@@ -50,6 +50,7 @@
 //! stops the node.
 
 use bytes::Bytes;
+use hamgam_directio::{AlignedBuffer, DIRECT_ALIGN, open_direct, write_direct_at};
 use hamgam_types::{ShardId, limits};
 use raft::eraftpb::{Entry, EntryType, HardState};
 use std::collections::BTreeMap;
@@ -197,21 +198,21 @@ impl Drop for Spare {
 fn make_spare(path: &Path, stop: &AtomicBool) -> std::io::Result<bool> {
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
-    let mut out = SegmentWriter::open(&options, path)?;
-    let zeros = vec![0u8; ZERO_PIECE_BYTES];
+    let (file, _) = open_direct(&options, path)?;
+    let zeros = AlignedBuffer::zeroed(ZERO_PIECE_BYTES);
     let mut pieces = 0u64;
     while pieces * (ZERO_PIECE_BYTES as u64) < limits::WAL_SEGMENT_BYTES_MAX {
         if stop.load(Ordering::Acquire) {
             return Ok(false);
         }
-        out.append(&[&zeros])?;
+        write_direct_at(&file, zeros.filled(), pieces * ZERO_PIECE_BYTES as u64)?;
         pieces += 1;
         if pieces.is_multiple_of(ZERO_PIECES_PER_SYNC) {
-            out.file.sync_data()?;
+            file.sync_data()?;
         }
         std::thread::sleep(ZERO_PIECE_PAUSE);
     }
-    out.file.sync_all()?;
+    file.sync_all()?;
     Ok(true)
 }
 
@@ -465,13 +466,9 @@ fn create_segment(dir: &Path, sequence: u64, spare: Option<PathBuf>) -> Result<(
     Ok((Segment { sequence, path, max_index: BTreeMap::new() }, out))
 }
 
-/// Alignment of a direct write's buffer, offset and length: the block size
-/// of the file systems in use (ext4, xfs and btrfs at 4 KiB).
-const DIRECT_ALIGN: usize = 4096;
 /// The writer's buffer goes back to this size after a round that needed
-/// more, so one large round does not keep its memory; a piece of the
-/// spare's zeros fits.
-const WRITER_BUFFER_KEPT_BYTES: usize = ZERO_PIECE_BYTES;
+/// more, so one large round does not keep its memory.
+const WRITER_BUFFER_KEPT_BYTES: usize = 256 << 10;
 
 /// Appends records to the active segment around the page cache
 /// (`O_DIRECT`). A round's bytes go from this buffer to the disk: no cache
@@ -483,94 +480,37 @@ const WRITER_BUFFER_KEPT_BYTES: usize = ZERO_PIECE_BYTES;
 /// the crash cuts short cannot damage an acknowledged record; the zeros
 /// after the new record are what replay takes as the segment's end.
 ///
-/// A file system that refuses direct I/O (tmpfs) gets ordinary writes at
-/// the same offsets, through the page cache.
+/// A file system that refuses direct I/O (see `hamgam_directio`) gets
+/// ordinary writes at the same offsets, through the page cache.
 #[derive(Debug)]
 struct SegmentWriter {
     file: File,
-    direct: bool,
-    /// Storage of the buffer; it starts `start` bytes in, on a 4 KiB
-    /// boundary (safe code cannot ask the allocator for alignment).
-    storage: Vec<u8>,
-    start: usize,
-    /// Bytes held: the unfinished last block, then the records not yet written.
-    held: usize,
-    /// File offset of the first held byte (a multiple of 4 KiB).
+    /// The segment's unfinished last block (then, during an append, the
+    /// record being written).
+    buffer: AlignedBuffer,
+    /// File offset of the buffer's first byte (a multiple of 4 KiB).
     offset: u64,
 }
 
 impl SegmentWriter {
     fn open(options: &OpenOptions, path: &Path) -> std::io::Result<SegmentWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut direct_options = options.clone();
-        direct_options.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-        let (file, direct) = match direct_options.open(path) {
-            Ok(file) => (file, true),
-            Err(error) if refuses_direct(&error) => (options.open(path)?, false),
-            Err(error) => return Err(error),
-        };
-        let mut writer = SegmentWriter { file, direct, storage: Vec::new(), start: 0, held: 0, offset: 0 };
-        writer.make_room(WRITER_BUFFER_KEPT_BYTES);
-        Ok(writer)
+        let (file, _) = open_direct(options, path)?;
+        Ok(SegmentWriter { file, buffer: AlignedBuffer::new(WRITER_BUFFER_KEPT_BYTES), offset: 0 })
     }
 
     /// Appends `parts`, one after the other, at the end of the segment.
     fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let added: usize = parts.iter().map(|part| part.len()).sum();
-        // Room for the new bytes and the zeros up to the next block boundary.
-        self.make_room((self.held + added).next_multiple_of(DIRECT_ALIGN));
-        let mut at = self.start + self.held;
         for part in parts {
-            self.storage[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
+            self.buffer.extend(part);
         }
-        self.held += added;
-        let padded = self.held.next_multiple_of(DIRECT_ALIGN);
-        self.storage[self.start + self.held..self.start + padded].fill(0);
-        let blocks = &self.storage[self.start..self.start + padded];
-        match self.file.write_all_at(blocks, self.offset) {
-            Err(error) if self.direct && refuses_direct(&error) => {
-                // The open succeeded but this file system wants another
-                // alignment: ordinary writes from here on.
-                let flags = rustix::fs::fcntl_getfl(&self.file)?;
-                rustix::fs::fcntl_setfl(&self.file, flags - rustix::fs::OFlags::DIRECT)?;
-                self.direct = false;
-                self.file.write_all_at(blocks, self.offset)?;
-            }
-            outcome => outcome?,
-        }
+        write_direct_at(&self.file, self.buffer.padded(), self.offset)?;
         // Keep the unfinished last block for the next append.
-        let whole = self.held / DIRECT_ALIGN * DIRECT_ALIGN;
-        self.storage.copy_within(self.start + whole..self.start + self.held, self.start);
-        self.held -= whole;
+        let whole = self.buffer.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        self.buffer.discard_front(whole);
         self.offset += whole as u64;
-        if self.storage.len() > WRITER_BUFFER_KEPT_BYTES + DIRECT_ALIGN {
-            self.reallocate(WRITER_BUFFER_KEPT_BYTES);
-        }
+        self.buffer.shrink_to(WRITER_BUFFER_KEPT_BYTES);
         Ok(())
     }
-
-    /// Grows the buffer to hold at least `bytes`, keeping what it holds.
-    fn make_room(&mut self, bytes: usize) {
-        if self.storage.len() < self.start + bytes {
-            self.reallocate(bytes.max(WRITER_BUFFER_KEPT_BYTES));
-        }
-    }
-
-    /// A new buffer of `bytes` (at least what is held), holding what this one held.
-    fn reallocate(&mut self, bytes: usize) {
-        let mut storage = vec![0u8; bytes.max(self.held) + DIRECT_ALIGN];
-        let start = storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        storage[start..start + self.held].copy_from_slice(&self.storage[self.start..self.start + self.held]);
-        self.storage = storage;
-        self.start = start;
-    }
-}
-
-/// How a file system says no to direct I/O, at the open or at a write.
-fn refuses_direct(error: &std::io::Error) -> bool {
-    error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 
 /// Replays one segment into `recovered`; returns the highest index per shard.
@@ -862,8 +802,8 @@ mod tests {
                 let file_bytes = std::fs::metadata(&wal.active.path).unwrap().len();
                 assert_eq!(file_bytes % DIRECT_ALIGN as u64, 0, "whole blocks after a record of {size} bytes");
                 assert_eq!(file_bytes, wal.active_bytes.next_multiple_of(DIRECT_ALIGN as u64));
-                let kept = WRITER_BUFFER_KEPT_BYTES + DIRECT_ALIGN;
-                assert!(wal.out.storage.len() <= kept, "a large round's buffer is let go");
+                let kept = WRITER_BUFFER_KEPT_BYTES;
+                assert!(wal.out.buffer.capacity() <= kept, "a large round's buffer is let go");
             }
             let bytes = std::fs::read(&wal.active.path).unwrap();
             assert!(bytes[wal.active_bytes as usize..].iter().all(|&b| b == 0), "zeros after the last record");
