@@ -178,6 +178,29 @@ mod tests {
         assert!(AlignedBuffer::zeroed(3 * DIRECT_ALIGN).filled().iter().all(|&b| b == 0));
     }
 
+    /// A write the file system refuses as direct (here: a length that is
+    /// not a whole number of blocks, which ext4 and xfs refuse with EINVAL
+    /// as a file system without direct I/O refuses every write) is made
+    /// again as an ordinary one, and the file stays ordinary after. The
+    /// temporary folder must be on such a file system (ext4 here; tmpfs
+    /// takes any length).
+    #[test]
+    fn a_refused_direct_write_is_made_as_an_ordinary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        let (file, direct) = open_direct(&options, &path).unwrap();
+        let direct_flag = |file: &File| rustix::fs::fcntl_getfl(file).unwrap().contains(rustix::fs::OFlags::DIRECT);
+        assert_eq!(direct_flag(&file), direct);
+        let mut buffer = AlignedBuffer::new(DIRECT_ALIGN);
+        buffer.extend(b"an odd length");
+        write_direct_at(&file, buffer.filled(), 0).unwrap();
+        assert!(!direct_flag(&file), "ordinary from the refusal on");
+        write_direct_at(&file, b" and more", buffer.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"an odd length and more");
+    }
+
     #[test]
     fn a_direct_file_takes_aligned_writes_and_reads_back_the_same() {
         let dir = tempfile::tempdir().unwrap();
