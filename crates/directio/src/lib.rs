@@ -178,6 +178,17 @@ mod tests {
         assert!(AlignedBuffer::zeroed(3 * DIRECT_ALIGN).filled().iter().all(|&b| b == 0));
     }
 
+    /// A new file opened for direct writes in a temporary folder (kept
+    /// while the first value lives), and whether it is direct.
+    fn new_direct_file() -> (tempfile::TempDir, std::path::PathBuf, File, bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        let (file, direct) = open_direct(&options, &path).unwrap();
+        (dir, path, file, direct)
+    }
+
     /// A write the file system refuses as direct (here: a length that is
     /// not a whole number of blocks, which ext4 and xfs refuse with EINVAL
     /// as a file system without direct I/O refuses every write) is made
@@ -186,11 +197,7 @@ mod tests {
     /// takes any length).
     #[test]
     fn a_refused_direct_write_is_made_as_an_ordinary_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let mut options = OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        let (file, direct) = open_direct(&options, &path).unwrap();
+        let (_dir, path, file, direct) = new_direct_file();
         let direct_flag = |file: &File| rustix::fs::fcntl_getfl(file).unwrap().contains(rustix::fs::OFlags::DIRECT);
         assert_eq!(direct_flag(&file), direct);
         let mut buffer = AlignedBuffer::new(DIRECT_ALIGN);
@@ -203,11 +210,7 @@ mod tests {
 
     #[test]
     fn a_direct_file_takes_aligned_writes_and_reads_back_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let mut options = OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        let (file, _direct) = open_direct(&options, &path).unwrap();
+        let (_dir, path, file, _direct) = new_direct_file();
         let mut buffer = AlignedBuffer::new(DIRECT_ALIGN);
         buffer.extend(b"hamgam");
         write_direct_at(&file, buffer.padded(), DIRECT_ALIGN as u64).unwrap();
