@@ -12,7 +12,7 @@ use crate::store::{Batches, PlainChunks, TransferCounters, cut_file};
 use crate::{Client, ClientError};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use hamgam_blob::{Tree, TreeEntry, TreeKind};
+use hamgam_blob::{StoredChunk, Tree, TreeEntry, TreeKind};
 use hamgam_directio::{AlignedBuffer, DIRECT_ALIGN, open_direct, write_direct_at};
 use hamgam_proto::store::{ChunkList, ChunkRef, SnapshotInfo, SnapshotStats};
 use hamgam_types::ChunkId;
@@ -299,23 +299,29 @@ pub async fn restore_with(
         }
     }
 
-    // The chunks arrive here in file order; a blocking writer hashes and
-    // writes them, so fetching goes on while the disk is written.
+    // The chunks arrive here in file order; a blocking writer opens
+    // (checks and decompresses), hashes and writes them, so fetching goes
+    // on while the disk is written. One thread makes and frees every plain
+    // buffer, so the allocator hands the same memory out again: opened on
+    // tokio's blocking threads, each batch on whichever was free, the
+    // buffers freed here went back to pages of threads that might not
+    // allocate again for a while, and a restore of the 1 GiB set peaked at
+    // 290-380 MB instead of about 120 (docs/benchmarks.md).
     let ids: Vec<ChunkId> = to_fetch.iter().flat_map(|(_, _, refs)| refs.iter().map(|r| r.id)).collect();
     let jobs: Vec<(TreeEntry, PathBuf, usize)> =
         to_fetch.iter().map(|(entry, path, refs)| ((*entry).clone(), path.clone(), refs.len())).collect();
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(RESTORE_CHUNKS_QUEUED);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<StoredChunk>(RESTORE_CHUNKS_QUEUED);
     let writer_counters = counters.clone();
     // A restore that must reach the disk writes large files around the page cache.
     let direct = durability == Durability::Synced;
     let writer = tokio::task::spawn_blocking(move || write_files(jobs, receiver, &writer_counters, direct));
-    let mut chunks = Box::pin(client.chunk_stream(ids));
+    let mut chunks = Box::pin(client.stored_chunk_stream(ids));
     let mut fetch_failed = None;
     'fetch: while let Some(batch) = chunks.next().await {
         match batch {
-            Ok(plains) => {
-                for plain in plains {
-                    if sender.send(plain).await.is_err() {
+            Ok(stored) => {
+                for chunk in stored {
+                    if sender.send(chunk).await.is_err() {
                         break 'fetch; // the writer stopped; its error says why
                     }
                 }
@@ -436,7 +442,7 @@ impl FileSink {
 /// page cache.
 fn write_files(
     jobs: Vec<(TreeEntry, PathBuf, usize)>,
-    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut chunks: tokio::sync::mpsc::Receiver<StoredChunk>,
     counters: &TransferCounters,
     mut direct: bool,
 ) -> Result<u64, ClientError> {
@@ -449,8 +455,9 @@ fn write_files(
         let mut sink = FileSink::create(&path, *size, &mut direct)?;
         let mut hasher = blake3::Hasher::new();
         for _ in 0..count {
-            let plain =
+            let stored =
                 chunks.blocking_recv().ok_or_else(|| ClientError::Protocol("the chunk stream ended early".into()))?;
+            let plain = crate::store::open_chunk(stored)?;
             hasher.update(&plain);
             sink.write(&path, &plain, &mut stage)?;
             TransferCounters::add(&counters.plain_bytes, plain.len() as u64);

@@ -282,27 +282,48 @@ impl Client {
         &self,
         ids: Vec<ChunkId>,
     ) -> impl futures_util::Stream<Item = Result<Vec<Vec<u8>>, ClientError>> + '_ {
-        let batches: Vec<Vec<ChunkId>> = ids.chunks(DOWNLOAD_CHUNKS_PER_STREAM).map(<[ChunkId]>::to_vec).collect();
-        futures_util::stream::iter(batches.into_iter().map(move |batch| async move {
-            let (chunks, missing) = self.get_chunks(&batch).await?;
-            if let Some(id) = missing.first() {
-                return Err(protocol(format!("chunk {id} is not stored in the cluster")));
-            }
-            let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
-            tokio::task::spawn_blocking(move || {
-                hamgam_blob::in_order(by_id, &batch)
-                    .into_iter()
-                    .map(|chunk| {
-                        let chunk = chunk.map_err(|id| protocol(format!("chunk {id} was not sent")))?;
-                        chunk.into_plain().map_err(|error| protocol(error.to_string()))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|error| protocol(format!("opening chunks: {error}")))?
+        futures_util::stream::iter(download_batches(&ids).into_iter().map(move |batch| async move {
+            let stored = self.stored_in_order(&batch).await?;
+            tokio::task::spawn_blocking(move || stored.into_iter().map(open_chunk).collect::<Result<Vec<_>, _>>())
+                .await
+                .map_err(|error| protocol(format!("opening chunks: {error}")))?
         }))
         .buffered(DOWNLOAD_STREAMS)
     }
+
+    /// [`Client::chunk_stream`] with the chunks as stored, for a caller that
+    /// opens them itself, on one thread of its own (a restore's writer).
+    pub fn stored_chunk_stream(
+        &self,
+        ids: Vec<ChunkId>,
+    ) -> impl futures_util::Stream<Item = Result<Vec<StoredChunk>, ClientError>> + '_ {
+        let fetches =
+            download_batches(&ids).into_iter().map(move |batch| async move { self.stored_in_order(&batch).await });
+        futures_util::stream::iter(fetches).buffered(DOWNLOAD_STREAMS)
+    }
+
+    /// One batch's chunks as stored, in the batch's order.
+    async fn stored_in_order(&self, batch: &[ChunkId]) -> Result<Vec<StoredChunk>, ClientError> {
+        let (chunks, missing) = self.get_chunks(batch).await?;
+        if let Some(id) = missing.first() {
+            return Err(protocol(format!("chunk {id} is not stored in the cluster")));
+        }
+        let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
+        hamgam_blob::in_order(by_id, batch)
+            .into_iter()
+            .map(|chunk| chunk.map_err(|id| protocol(format!("chunk {id} was not sent"))))
+            .collect()
+    }
+}
+
+/// A fetched chunk's plain bytes, checked against its name.
+pub(crate) fn open_chunk(chunk: StoredChunk) -> Result<Vec<u8>, ClientError> {
+    chunk.into_plain().map_err(|error| protocol(error.to_string()))
+}
+
+/// `ids` cut into the batches a download asks for, one stream each.
+fn download_batches(ids: &[ChunkId]) -> Vec<Vec<ChunkId>> {
+    ids.chunks(DOWNLOAD_CHUNKS_PER_STREAM).map(<[ChunkId]>::to_vec).collect()
 }
 
 /// Where a blocking reader hands chunks to [`Client::upload_while_cutting`]:
