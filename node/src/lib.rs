@@ -117,16 +117,6 @@ const REPLICAS_MAX: usize = 3;
 /// How long requests in flight may take to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Threads the runtime keeps for blocking work: chunk batches read and
-/// stored, password hashes, collection. tokio's default of 512 let a
-/// restore spread its chunk reads over about a dozen threads, each
-/// allocating now and then and its buffers freed by the workers that sent
-/// them; the allocator reused that memory late, and a lone node held 470
-/// MB after a restore of the 1 GiB set against 333 MB with eight threads
-/// (docs/benchmarks.md). Work beyond eight waits for a thread: on a node
-/// of a few cores more would only take turns.
-const BLOCKING_THREADS_MAX: usize = 8;
-
 pub fn main_entry() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -136,11 +126,7 @@ pub fn main_entry() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(BLOCKING_THREADS_MAX)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("hamgam-node: cannot start the runtime: {error}");
