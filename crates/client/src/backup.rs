@@ -8,7 +8,7 @@
 //! A restore writes every file from its chunks, each checked against its
 //! name, checks the whole file's hash, and sets permissions and times.
 
-use crate::store::{Batches, PlainChunks, TransferCounters, cut_file};
+use crate::store::{Batches, PlainChunks, TransferCounters, cut_file, open_chunk};
 use crate::{Client, ClientError};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -306,7 +306,7 @@ pub async fn restore_with(
     // tokio's blocking threads, each batch on whichever was free, the
     // buffers freed here went back to pages of threads that might not
     // allocate again for a while, and a restore of the 1 GiB set peaked at
-    // 290-380 MB instead of about 120 (docs/benchmarks.md).
+    // 275-380 MB instead of about 110 (docs/benchmarks.md).
     let ids: Vec<ChunkId> = to_fetch.iter().flat_map(|(_, _, refs)| refs.iter().map(|r| r.id)).collect();
     let jobs: Vec<(TreeEntry, PathBuf, usize)> =
         to_fetch.iter().map(|(entry, path, refs)| ((*entry).clone(), path.clone(), refs.len())).collect();
@@ -457,7 +457,7 @@ fn write_files(
         for _ in 0..count {
             let stored =
                 chunks.blocking_recv().ok_or_else(|| ClientError::Protocol("the chunk stream ended early".into()))?;
-            let plain = crate::store::open_chunk(stored)?;
+            let plain = open_chunk(stored)?;
             hasher.update(&plain);
             sink.write(&path, &plain, &mut stage)?;
             TransferCounters::add(&counters.plain_bytes, plain.len() as u64);
