@@ -20,11 +20,13 @@ mod pack;
 pub mod placement;
 mod replicated;
 mod tree;
+mod workers;
 
 pub use chunk::{ChunkerParams, StoredChunk, chunks_of_reader, chunks_of_slice, in_order};
 pub use pack::{CollectReport, PackStats, PackStore, PutOutcome, wall_clock_ms};
 pub use replicated::{COPIES, ChunkPeers, ChunkStore, PeerFuture, ScrubReport};
 pub use tree::{Tree, TreeEntry, TreeKind};
+pub use workers::{WorkFailed, on_chunk_thread};
 
 /// Why a node is asked which chunks it lacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

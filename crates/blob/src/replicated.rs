@@ -64,9 +64,7 @@ impl std::fmt::Debug for ChunkStore {
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, BlobError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| BlobError::Unavailable(format!("a chunk task failed: {error}")))
+    crate::workers::on_chunk_thread(work).await.map_err(|error| BlobError::Unavailable(error.to_string()))
 }
 
 impl ChunkStore {
@@ -335,9 +333,9 @@ impl ChunkStore {
             tracing::info!(%node, chunks = batch.len(), "repairing chunk copies");
             if node == self.node {
                 let local = self.local.clone();
-                tokio::task::spawn_blocking(move || {
+                tokio::spawn(async move {
                     // Each was checked against its name when it was fetched.
-                    if let Err(error) = local.put_checked(&batch) {
+                    if let Err(error) = blocking(move || local.put_checked(&batch)).await.and_then(|put| put) {
                         tracing::warn!(%error, "repairing a local chunk copy failed");
                     }
                 });

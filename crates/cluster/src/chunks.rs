@@ -58,7 +58,7 @@ pub(crate) async fn serve(kind: u8, mut send: quinn::SendStream, mut recv: quinn
             wire::CHUNK_PUT => {
                 let count = read_count(&mut recv).await?;
                 let chunks = read_frames(&mut recv, count).await?;
-                tokio::task::spawn_blocking(move || store.put(&chunks))
+                hamgam_blob::on_chunk_thread(move || store.put(&chunks))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
@@ -78,7 +78,7 @@ pub(crate) async fn serve(kind: u8, mut send: quinn::SendStream, mut recv: quinn
                 if ids.len() > limits::CHUNKS_PER_STREAM_MAX {
                     return Err("too many chunks asked at once".into());
                 }
-                let found = tokio::task::spawn_blocking(move || {
+                let found = hamgam_blob::on_chunk_thread(move || {
                     // A damaged copy is left out (and forgotten by the store).
                     ids.iter().filter_map(|id| store.get(id).ok().flatten()).collect::<Vec<_>>()
                 })
