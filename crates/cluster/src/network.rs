@@ -27,6 +27,10 @@ const SNAPSHOT_PIECE_BYTES: usize = 1 << 20;
 /// How much of a peer's raft stream is read from quinn at once.
 const RAFT_READ_BUFFER_BYTES: usize = 64 << 10;
 
+/// How long the connection to a member just removed stays open, so that
+/// what was already sent to it arrives.
+const REMOVED_LINK_GRACE: Duration = Duration::from_secs(2);
+
 /// Where each node of the cluster listens for its peers. Shared, so that a
 /// membership change can update it while links run.
 pub type Members = Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>;
@@ -184,14 +188,26 @@ impl PeerNetwork {
         tracing::info!(?members, "the member list changed");
         *current = members;
         drop(current);
-        for node in gone.into_iter().chain(moved) {
+        for (node, was_removed) in gone.into_iter().map(|n| (n, true)).chain(moved.into_iter().map(|n| (n, false))) {
             self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
-            if let Some(slot) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)
-                && let Ok(slot) = slot.try_lock()
-                && let Some(connection) = slot.as_ref()
-            {
+            let Some(slot) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node) else { continue };
+            let Some(connection) = slot.try_lock().ok().and_then(|slot| slot.clone()) else { continue };
+            if !was_removed {
                 connection.close(2u32.into(), b"no longer a member");
+                continue;
             }
+            // The round that applied the removal also sent the removed node
+            // the commit that tells it so, and that message may still sit in
+            // the connection's send buffer; closing at once would drop it,
+            // and the node, cut off, would never learn it was removed.
+            let cancel = self.cancel.clone();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep(REMOVED_LINK_GRACE) => {}
+                }
+                connection.close(2u32.into(), b"no longer a member");
+            });
         }
     }
 

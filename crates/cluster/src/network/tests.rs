@@ -215,3 +215,30 @@ async fn an_admin_client_keeps_one_connection_and_dials_again_after_a_restart() 
         test_node.store.stop().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_to_a_removed_member_stays_open_a_moment_for_what_was_sent() {
+    let TestCluster { dir: _dir, nodes, members, running, .. } = three_nodes().await;
+    let network = &running[&nodes[0]].network;
+    let connection = network.connection(nodes[2]).await.unwrap();
+    let mut stream = connection.open_uni().await.unwrap();
+
+    // Shard 0 applies the removal of the third node while a message to it
+    // is still on its way.
+    let without: BTreeMap<NodeId, SocketAddr> =
+        members.read().unwrap().iter().filter(|(node, _)| **node != nodes[2]).map(|(n, a)| (*n, *a)).collect();
+    network.set_members(without);
+    assert!(connection.close_reason().is_none(), "not closed at once");
+    stream.write_all(&[wire::RAFT_STREAM]).await.unwrap();
+    assert!(network.connection(nodes[2]).await.is_err(), "no new dial to a removed member");
+
+    let started = std::time::Instant::now();
+    while connection.close_reason().is_none() && started.elapsed() < REMOVED_LINK_GRACE * 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(connection.close_reason().is_some(), "closed after the grace");
+    for (_, test_node) in running {
+        test_node.network.shutdown().await;
+        test_node.store.stop().unwrap();
+    }
+}
