@@ -117,6 +117,10 @@ const REPLICAS_MAX: usize = 3;
 /// How long requests in flight may take to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// How long a node told by a member that it was removed waits for its own
+/// copy of shard 0 to say so before it stops anyway.
+const REMOVAL_WAIT: Duration = Duration::from_secs(5);
+
 pub fn main_entry() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -385,6 +389,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         network.follow(view.clone());
         network.serve(raft.clone());
+        network.check_membership();
         let driver =
             DriverConfig { dead_after: Duration::from_secs(config.cluster.dead_after_secs), ..DriverConfig::default() };
         cluster_tasks.push(tokio::spawn(hamgam_cluster::driver::run(
@@ -491,10 +496,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    let told_removed = async {
+        match &network {
+            Some(network) => network.told_removed().await,
+            None => std::future::pending().await,
+        }
+    };
     let failed = tokio::select! {
         () = shutdown_signal() => false,
         () = raft.stopped() => true,
         () = removed_from_cluster(view.clone(), node) => {
+            say_removed(node, &config.data);
+            false
+        }
+        () = told_removed => {
+            // A running member learns its removal through shard 0; waiting
+            // for it lets its own copy record it (a restart then stops at
+            // once). One removed while it was down never gets it.
+            let own_copy = removed_from_cluster(view.clone(), node);
+            if tokio::time::timeout(REMOVAL_WAIT, own_copy).await.is_err() {
+                tracing::warn!(%node, "told by a member that this node was removed; its own copy of shard 0 has not caught up");
+            }
             say_removed(node, &config.data);
             false
         }

@@ -234,6 +234,11 @@ impl ClusterView {
         self.client_addrs.iter().filter(|(node, _)| reachable.contains_key(node)).map(|(n, a)| (*n, *a)).collect()
     }
 
+    /// Members recorded as removed.
+    pub fn removed(&self) -> Vec<NodeId> {
+        self.members.iter().filter(|m| m.state == MemberState::Removed).map(|m| m.id).collect()
+    }
+
     /// Members that are not removed, with their peer addresses.
     pub fn reachable(&self) -> BTreeMap<NodeId, SocketAddr> {
         self.members.iter().filter(|m| m.state != MemberState::Removed).map(|m| (m.id, m.peer_addr)).collect()

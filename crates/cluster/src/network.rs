@@ -31,6 +31,14 @@ const RAFT_READ_BUFFER_BYTES: usize = 64 << 10;
 /// what was already sent to it arrives.
 const REMOVED_LINK_GRACE: Duration = Duration::from_secs(2);
 
+/// The code a member closes a connection with when the caller's
+/// certificate names a member shard 0 records as removed.
+const REMOVED_CLOSE_CODE: u32 = 3;
+
+/// How often a node dials every member it knows (a cached connection costs
+/// nothing): a node removed while it was down learns it this way.
+const MEMBERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Where each node of the cluster listens for its peers. Shared, so that a
 /// membership change can update it while links run.
 pub type Members = Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>;
@@ -75,6 +83,8 @@ pub struct PeerNetwork {
     hints: Mutex<Option<HintSink>>,
     /// This node's chunk store, for other nodes' chunk requests.
     chunks: Mutex<Option<Arc<PackStore>>>,
+    /// Cancelled when a member refuses this node as removed.
+    told_removed: CancellationToken,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -110,6 +120,7 @@ impl PeerNetwork {
             view: Mutex::new(None),
             hints: Mutex::new(None),
             chunks: Mutex::new(None),
+            told_removed: CancellationToken::new(),
         }))
     }
 
@@ -306,6 +317,13 @@ impl PeerNetwork {
         }
         let candidates: Vec<NodeId> = self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         let Some(peer) = hamgam_transport::peer_node(&connection, candidates) else {
+            let removed = self.with_view(|view| view.removed()).unwrap_or_default();
+            if let Some(node) = hamgam_transport::peer_node(&connection, removed) {
+                // Told, so that a node removed while it was down stops.
+                tracing::info!(%node, "a removed member called; told it so");
+                connection.close(REMOVED_CLOSE_CODE.into(), b"removed from the cluster");
+                return;
+            }
             // No certificate, or the CA issued it to no member we know: not (or no longer) in the cluster.
             tracing::warn!(remote = %connection.remote_address(), "a peer connection without a member's certificate; closed");
             connection.close(1u32.into(), b"not a member");
@@ -372,9 +390,49 @@ impl PeerNetwork {
         let connection = tokio::time::timeout(Duration::from_millis(limits::PEER_DIAL_TIMEOUT_MS), connecting)
             .await
             .map_err(|_| format!("node {node} at {addr} did not answer"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|error| {
+                note_refusal(&self.told_removed, node, &error);
+                error.to_string()
+            })?;
+        let (told_removed, watched) = (self.told_removed.clone(), connection.clone());
+        self.tasks.spawn(async move { note_refusal(&told_removed, node, &watched.closed().await) });
         *slot = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// Resolves once a member has refused this node as removed from the
+    /// cluster (shard 0, as that member applied it, says so).
+    pub async fn told_removed(&self) {
+        self.told_removed.cancelled().await
+    }
+
+    /// Dials every other member now and then: a member refuses a node it
+    /// knows removed ([`PeerNetwork::told_removed`]). A node removed while it
+    /// was down never gets its removal through shard 0 (no member sends to
+    /// it any more), and learns it this way.
+    pub fn check_membership(self: &Arc<Self>) {
+        let network = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let others: Vec<NodeId> = network
+                    .members
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .filter(|node| **node != network.node)
+                    .copied()
+                    .collect();
+                for node in others {
+                    if let Err(reason) = network.connection(node).await {
+                        tracing::debug!(%node, %reason, "membership check: cannot reach a member");
+                    }
+                }
+                tokio::select! {
+                    () = network.cancel.cancelled() => return,
+                    () = tokio::time::sleep(MEMBERSHIP_CHECK_INTERVAL) => {}
+                }
+            }
+        });
     }
 
     /// The queue feeding `node`'s link, starting the link on first use.
@@ -546,6 +604,15 @@ impl PeerNetwork {
 }
 
 /// Reads raft frames from one peer's stream into the store until it ends.
+/// Cancels `told_removed` if a connection to `node` ended because that
+/// member refused this node as removed.
+fn note_refusal(told_removed: &CancellationToken, node: NodeId, error: &quinn::ConnectionError) {
+    if matches!(error, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == REMOVED_CLOSE_CODE.into()) {
+        tracing::warn!(%node, "a member says this node was removed from the cluster");
+        told_removed.cancel();
+    }
+}
+
 async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle, hints: Option<HintSink>) {
     let mut kind = [0u8; 1];
     if stream.read_exact(&mut kind).await.is_err() {

@@ -242,3 +242,48 @@ async fn the_connection_to_a_removed_member_stays_open_a_moment_for_what_was_sen
         test_node.store.stop().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_tells_a_node_it_knows_removed_and_only_that_node() {
+    let TestCluster { dir: _dir, nodes, members, running, .. } = three_nodes().await;
+    // The first node's shard 0 records the third as removed (while the
+    // third was down, say: the third's own records never got it).
+    let addrs = members.read().unwrap().clone();
+    let record = |node: NodeId, state| crate::membership::MemberRecord { id: node, peer_addr: addrs[&node], state };
+    let view = ClusterView {
+        members: vec![
+            record(nodes[0], crate::MemberState::Active),
+            record(nodes[1], crate::MemberState::Active),
+            record(nodes[2], crate::MemberState::Removed),
+        ],
+        placement: BTreeMap::new(),
+        client_addrs: BTreeMap::new(),
+    };
+    let (_recorded, view) = tokio::sync::watch::channel(view);
+    running[&nodes[0]].network.follow(view);
+    let first_knows = async {
+        while running[&nodes[0]].network.members.read().unwrap().contains_key(&nodes[2]) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), first_knows).await.unwrap();
+
+    // The removed node's periodic dial reaches the first, which tells it.
+    running[&nodes[2]].network.check_membership();
+    let told = tokio::time::timeout(std::time::Duration::from_secs(20), running[&nodes[2]].network.told_removed()).await;
+    assert!(told.is_ok(), "the removed node was told");
+
+    // A member in good standing dials the same node and is served.
+    let second = &running[&nodes[1]].network;
+    let connection = second.connection(nodes[0]).await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[wire::CHUNK_MISSING]).await.unwrap();
+    send.finish().unwrap();
+    let _ = recv.read_to_end(1 << 16).await;
+    assert!(connection.close_reason().is_none(), "the second node's connection is still open");
+    assert!(!second.told_removed.is_cancelled(), "the second node was not told it was removed");
+    for (_, test_node) in running {
+        test_node.network.shutdown().await;
+        test_node.store.stop().unwrap();
+    }
+}
