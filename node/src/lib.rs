@@ -515,7 +515,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             // once). One removed while it was down never gets it.
             let own_copy = removed_from_cluster(view.clone(), node);
             if tokio::time::timeout(REMOVAL_WAIT, own_copy).await.is_err() {
-                tracing::warn!(%node, "told by a member that this node was removed; its own copy of shard 0 has not caught up");
+                tracing::warn!(%node, "told by a member that this node was removed; its own shard 0 has not caught up");
             }
             say_removed(node, &config.data);
             false

@@ -603,16 +603,17 @@ impl PeerNetwork {
     }
 }
 
-/// Reads raft frames from one peer's stream into the store until it ends.
 /// Cancels `told_removed` if a connection to `node` ended because that
 /// member refused this node as removed.
 fn note_refusal(told_removed: &CancellationToken, node: NodeId, error: &quinn::ConnectionError) {
-    if matches!(error, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == REMOVED_CLOSE_CODE.into()) {
+    let refused = |close: &quinn::ApplicationClose| close.error_code == REMOVED_CLOSE_CODE.into();
+    if matches!(error, quinn::ConnectionError::ApplicationClosed(close) if refused(close)) {
         tracing::warn!(%node, "a member says this node was removed from the cluster");
         told_removed.cancel();
     }
 }
 
+/// Reads raft frames from one peer's stream into the store until it ends.
 async fn read_uni_stream(mut stream: quinn::RecvStream, peer: NodeId, raft: RaftHandle, hints: Option<HintSink>) {
     let mut kind = [0u8; 1];
     if stream.read_exact(&mut kind).await.is_err() {

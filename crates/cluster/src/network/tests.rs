@@ -49,6 +49,19 @@ async fn start(dir: &std::path::Path, node: NodeId, members: &Members, shards: &
     TestNode { store, network }
 }
 
+impl TestNode {
+    async fn stop(self) {
+        self.network.shutdown().await;
+        self.store.stop().unwrap();
+    }
+}
+
+async fn stop_all(running: BTreeMap<NodeId, TestNode>) {
+    for (_, test_node) in running {
+        test_node.stop().await;
+    }
+}
+
 fn free_udp_port() -> SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
@@ -102,9 +115,7 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     // The leader goes; the other two elect a new one and keep every write.
     let leader = running[&nodes[0]].store.handle().leader(shard).unwrap();
     let gone = running.remove(&leader).unwrap();
-    gone.network.shutdown().await;
-    gone.store.stop().unwrap();
-    drop(gone.network);
+    gone.stop().await;
     let survivor = running.values().next().unwrap().store.handle();
     // Until it sees another leader, what it forwards may go to the dead one
     // and be answered "may be lost".
@@ -123,10 +134,7 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     drop(survivor); // a handle keeps its node's database open
     let survivors: Vec<NodeId> = running.keys().copied().collect();
     for node in &survivors {
-        let test_node = running.remove(node).unwrap();
-        test_node.network.shutdown().await;
-        test_node.store.stop().unwrap();
-        drop(test_node.network);
+        running.remove(node).unwrap().stop().await;
     }
     for node in &survivors {
         running.insert(*node, start(dir.path(), *node, &members, &shards).await);
@@ -140,10 +148,7 @@ async fn three_nodes_replicate_forward_elect_a_new_leader_and_catch_up_by_snapsh
     let installed = raft.stats().snapshots_installed.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(installed, 1, "it caught up by a snapshot, the leader's log no longer reaching back far enough");
     running.insert(leader, back);
-    for (_, test_node) in running {
-        test_node.network.shutdown().await;
-        test_node.store.stop().unwrap();
-    }
+    stop_all(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,10 +180,7 @@ async fn many_proposals_forwarded_at_once_each_get_their_own_answer() {
         before = total;
     }
     assert_eq!(before, 1 + 400 * 401 / 2);
-    for (_, test_node) in running {
-        test_node.network.shutdown().await;
-        test_node.store.stop().unwrap();
-    }
+    stop_all(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +195,7 @@ async fn an_admin_client_keeps_one_connection_and_dials_again_after_a_restart() 
     assert_eq!(admin.connections_open(), 1, "three asks, one connection");
 
     // The node restarts: the connection the client kept is gone with it.
-    let stopped = running.remove(&nodes[1]).unwrap();
-    stopped.network.shutdown().await;
-    stopped.store.stop().unwrap();
-    drop(stopped.network);
+    running.remove(&nodes[1]).unwrap().stop().await;
     running.insert(nodes[1], start(dir.path(), nodes[1], &members, &shards).await);
     let mut answered = None;
     for _ in 0..30 {
@@ -210,10 +209,7 @@ async fn an_admin_client_keeps_one_connection_and_dials_again_after_a_restart() 
     }
     assert_eq!(answered, Some(nodes[1]), "the client dialled the restarted node again");
     assert_eq!(admin.connections_open(), 1);
-    for (_, test_node) in running {
-        test_node.network.shutdown().await;
-        test_node.store.stop().unwrap();
-    }
+    stop_all(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,10 +233,7 @@ async fn the_connection_to_a_removed_member_stays_open_a_moment_for_what_was_sen
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(connection.close_reason().is_some(), "closed after the grace");
-    for (_, test_node) in running {
-        test_node.network.shutdown().await;
-        test_node.store.stop().unwrap();
-    }
+    stop_all(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +263,8 @@ async fn a_member_tells_a_node_it_knows_removed_and_only_that_node() {
 
     // The removed node's periodic dial reaches the first, which tells it.
     running[&nodes[2]].network.check_membership();
-    let told = tokio::time::timeout(std::time::Duration::from_secs(20), running[&nodes[2]].network.told_removed()).await;
+    let told_removed = running[&nodes[2]].network.told_removed();
+    let told = tokio::time::timeout(std::time::Duration::from_secs(20), told_removed).await;
     assert!(told.is_ok(), "the removed node was told");
 
     // A member in good standing dials the same node and is served.
@@ -282,8 +276,5 @@ async fn a_member_tells_a_node_it_knows_removed_and_only_that_node() {
     let _ = recv.read_to_end(1 << 16).await;
     assert!(connection.close_reason().is_none(), "the second node's connection is still open");
     assert!(!second.told_removed.is_cancelled(), "the second node was not told it was removed");
-    for (_, test_node) in running {
-        test_node.network.shutdown().await;
-        test_node.store.stop().unwrap();
-    }
+    stop_all(running).await;
 }
