@@ -28,7 +28,7 @@ pub struct WorkFailed(&'static str);
 struct Pool {
     /// Unbounded: every job is owned by a request that holds its bytes
     /// already, and requests are bounded where they come in.
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 fn pool() -> Option<&'static Pool> {
@@ -61,7 +61,7 @@ fn start_pool() -> Option<Pool> {
         }
     }
     // With no thread at all, work goes to tokio's blocking pool instead.
-    (started > 0).then(|| Pool { jobs: Mutex::new(sender) })
+    (started > 0).then(|| Pool { jobs: sender })
 }
 
 /// Runs blocking chunk work on one of the chunk threads and waits for it
@@ -74,8 +74,7 @@ pub async fn on_chunk_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send 
     let job: Job = Box::new(move || {
         let _ = answer.send(work());
     });
-    let queued = pool.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job);
-    queued.map_err(|_| WorkFailed("the chunk threads have stopped"))?;
+    pool.jobs.send(job).map_err(|_| WorkFailed("the chunk threads have stopped"))?;
     answered.await.map_err(|_| WorkFailed("it ended without an answer"))
 }
 

@@ -199,14 +199,13 @@ impl PeerNetwork {
         tracing::info!(?members, "the member list changed");
         *current = members;
         drop(current);
-        for (node, was_removed) in gone.into_iter().map(|n| (n, true)).chain(moved.into_iter().map(|n| (n, false))) {
-            self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
-            let Some(slot) = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node) else { continue };
-            let Some(connection) = slot.try_lock().ok().and_then(|slot| slot.clone()) else { continue };
-            if !was_removed {
+        for node in moved {
+            if let Some(connection) = self.forget(node) {
                 connection.close(2u32.into(), b"no longer a member");
-                continue;
             }
+        }
+        for node in gone {
+            let Some(connection) = self.forget(node) else { continue };
             // The round that applied the removal also sent the removed node
             // the commit that tells it so, and that message may still sit in
             // the connection's send buffer; closing at once would drop it,
@@ -220,6 +219,14 @@ impl PeerNetwork {
                 connection.close(2u32.into(), b"no longer a member");
             });
         }
+    }
+
+    /// Drops `node`'s link and returns the connection this node dialled to
+    /// it, if one is open and not being dialled.
+    fn forget(&self, node: NodeId) -> Option<quinn::Connection> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+        let slot = self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&node)?;
+        slot.try_lock().ok().and_then(|slot| slot.clone())
     }
 
     /// Shard 0's view as this node last applied it, if it follows one.
