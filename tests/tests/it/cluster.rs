@@ -225,6 +225,9 @@ async fn a_router_sends_each_chat_to_its_shard_leader() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(dir.path(), "");
     status_with_leaders(&nodes[0]).await;
+    // At start one node may lead every shard until the placement driver has
+    // spread them; the chats below must have leaders away from the home node.
+    leaders_spread_on(&nodes[0], &[NodeId(1), NodeId(2), NodeId(3)]).await;
 
     let stranger = nodes[0].client().await;
     let refused = stranger.call(&hamgam_proto::Request::Routes).await.unwrap_err();
