@@ -63,7 +63,8 @@ pub(crate) async fn scrub_chunks(
                 damaged = report.damaged,
                 copies_sent = report.copies_sent,
                 unverified = report.unverified,
-                "scrub pass mended chunk copies or could not check some"
+                handed_off = report.handed_off,
+                "scrub pass mended chunk copies, moved some or could not check some"
             ),
             Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
             Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),

@@ -11,6 +11,10 @@
 //!   order, then any other member (placement moves when members change).
 //!   Every copy from elsewhere is checked against its name; a holder that
 //!   lacked the chunk or held a damaged copy is sent the good one (repair).
+//! - **Hand-off**: when members join or drain, placement moves. The
+//!   scrubber sends each local chunk to the holders that lack it, and a node
+//!   that is no longer one of a chunk's holders drops its own copy once
+//!   every holder has one (see [`ChunkStore::scrub`]).
 //!
 //! A single node is the same code with no peers: R = 1, quorum 1.
 
@@ -363,12 +367,15 @@ pub struct ScrubReport {
     /// Copies that could not be checked (their holder did not answer, or
     /// would not take a copy); a pass with any is not a clean pass.
     pub unverified: u64,
+    /// Local copies of chunks this node no longer holds, dropped because
+    /// every holder has one.
+    pub handed_off: u64,
 }
 
 impl ScrubReport {
-    /// Every copy was found well, and nothing had to be mended.
+    /// Every copy was found well and in its place, and nothing had to be mended.
     pub fn clean(&self) -> bool {
-        self.damaged == 0 && self.copies_sent == 0 && self.unverified == 0
+        self.damaged == 0 && self.copies_sent == 0 && self.unverified == 0 && self.handed_off == 0
     }
 }
 
@@ -428,16 +435,26 @@ impl ChunkStore {
     /// placed on a member that joined later, come back. Reads at most
     /// `bytes_per_sec` so serving clients comes first, each pack front to
     /// back, and drops what it read from the page cache.
+    ///
+    /// A chunk this node is no longer a holder of (members joined, or this
+    /// node is draining) is dropped here once every one of its holders has
+    /// it durably, and only while the members are the ones the pass began
+    /// with: views of the members differ between nodes only for a moment,
+    /// and one change of members moves at most one of a chunk's holders
+    /// under rendezvous hashing, so the holders both views share (all but
+    /// one) keep their copies. The dropped records' space comes back when
+    /// collection rewrites their packs.
     pub async fn scrub(&self, bytes_per_sec: u64) -> Result<ScrubReport, BlobError> {
         let mut report = ScrubReport::default();
         let started = Instant::now();
         let mut read = 0u64;
+        let pass_members = self.peers.as_ref().map(|peers| sorted(peers.members()));
         let local = self.local.clone();
         for pack in blocking(move || local.pack_numbers()).await? {
             let local = self.local.clone();
             let ids = blocking(move || local.ids_in_pack(pack)).await?;
             for step in ids.chunks(SCRUB_STEP_CHUNKS) {
-                read += self.scrub_step(step.to_vec(), &mut report).await?;
+                read += self.scrub_step(step.to_vec(), pass_members.as_deref(), &mut report).await?;
                 // Throttle: never read faster than the budget.
                 let due = Duration::from_secs_f64(read as f64 / bytes_per_sec.max(1) as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -448,9 +465,15 @@ impl ChunkStore {
         Ok(report)
     }
 
-    /// Checks the chunks of `wanted`, fetches damaged ones again and sends
-    /// copies to holders that lack them; returns the bytes read.
-    async fn scrub_step(&self, wanted: Vec<ChunkId>, report: &mut ScrubReport) -> Result<u64, BlobError> {
+    /// Checks the chunks of `wanted`, fetches damaged ones again, sends
+    /// copies to holders that lack them and drops the copies this node no
+    /// longer holds; returns the bytes read.
+    async fn scrub_step(
+        &self,
+        wanted: Vec<ChunkId>,
+        pass_members: Option<&[NodeId]>,
+        report: &mut ScrubReport,
+    ) -> Result<u64, BlobError> {
         let local = self.local.clone();
         let (good, damaged): (Vec<StoredChunk>, Vec<ChunkId>) = blocking(move || {
             let mut good = Vec::new();
@@ -478,19 +501,28 @@ impl ChunkStore {
             // `get` fetches from the other holders and repairs this node's copy.
             self.get(&damaged).await?;
         }
-        let (sent, unverified) = self.replicate(good).await;
-        report.copies_sent += sent;
-        report.unverified += unverified;
+        let replicated = self.replicate(good).await;
+        report.copies_sent += replicated.sent;
+        report.unverified += replicated.unverified;
+        let settled = |peers: &Arc<dyn ChunkPeers>| pass_members == Some(sorted(peers.members()).as_slice());
+        if !replicated.everywhere_else.is_empty() && self.peers.as_ref().is_some_and(settled) {
+            let local = self.local.clone();
+            let handed_off = replicated.everywhere_else;
+            report.handed_off += handed_off.len() as u64;
+            blocking(move || handed_off.iter().for_each(|id| local.forget(id))).await?;
+        }
         Ok(read)
     }
 
-    /// Sends each chunk to its holders that lack it; returns the copies
-    /// sent and the copies that could not be checked.
-    async fn replicate(&self, chunks: Vec<StoredChunk>) -> (u64, u64) {
+    /// Sends each chunk to its holders that lack it; says what it sent,
+    /// what it could not check, and which chunks this node does not hold
+    /// that every holder now has.
+    async fn replicate(&self, chunks: Vec<StoredChunk>) -> Replicated {
+        let mut outcome = Replicated::default();
         let Some((holders, _)) = self.holders(chunks.iter().map(|c| c.id)) else {
-            return (0, 0);
+            return outcome;
         };
-        let Some(peers) = &self.peers else { return (0, 0) };
+        let Some(peers) = &self.peers else { return outcome };
         let mut asks: BTreeMap<NodeId, Vec<ChunkId>> = BTreeMap::new();
         for (id, nodes) in &holders {
             for node in nodes.iter().filter(|n| **n != self.node) {
@@ -499,7 +531,9 @@ impl ChunkStore {
         }
         let asked: u64 = asks.values().map(|ids| ids.len() as u64).sum();
         let by_id: HashMap<ChunkId, StoredChunk> = chunks.into_iter().map(|c| (c.id, c)).collect();
-        let (mut sent, mut checked) = (0, 0);
+        let mut checked = 0;
+        // Holders known to have each chunk durably: they said so, or took a copy.
+        let mut confirmed: HashMap<ChunkId, usize> = HashMap::new();
         for (node, ids, answer) in self.ask_all(asks, Presence::Audit).await {
             let Ok(lacking) = answer else { continue };
             let copies: Vec<StoredChunk> = lacking.iter().filter_map(|id| by_id.get(id).cloned()).collect();
@@ -508,7 +542,7 @@ impl ChunkStore {
                 let result = peers.put(node, copies).await;
                 self.mark(node, &result);
                 match result {
-                    Ok(()) => sent += count,
+                    Ok(()) => outcome.sent += count,
                     Err(error) => {
                         tracing::warn!(%node, %error, "scrub could not send a chunk copy");
                         continue;
@@ -516,7 +550,28 @@ impl ChunkStore {
                 }
             }
             checked += ids.len() as u64;
+            ids.iter().for_each(|id| *confirmed.entry(*id).or_default() += 1);
         }
-        (sent, asked - checked)
+        outcome.unverified = asked - checked;
+        outcome.everywhere_else = holders
+            .iter()
+            .filter(|(id, nodes)| !nodes.contains(&self.node) && confirmed.get(*id) == Some(&nodes.len()))
+            .map(|(id, _)| *id)
+            .collect();
+        outcome
     }
+}
+
+/// What [`ChunkStore::replicate`] did for one step of a scrub pass.
+#[derive(Default)]
+struct Replicated {
+    sent: u64,
+    unverified: u64,
+    /// Chunks this node is not a holder of, on every holder now.
+    everywhere_else: Vec<ChunkId>,
+}
+
+fn sorted(mut members: Vec<NodeId>) -> Vec<NodeId> {
+    members.sort_unstable();
+    members
 }

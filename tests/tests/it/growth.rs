@@ -30,8 +30,14 @@ use std::time::Duration;
 const CONFIG: &str = "[cluster]\ndead_after_secs = 5\n";
 
 /// Starts `hamgam-node join` for a new node under `root`, admitted by
-/// `via`'s node; returns it and the token it used.
+/// `via`'s node, with this test's configuration.
 fn join(root: &Path, name: &str, via: &Node) -> (Node, String) {
+    join_with(root, name, via, CONFIG)
+}
+
+/// Starts `hamgam-node join` for a new node under `root`, admitted by
+/// `via`'s node, with `config`; returns it and the token it used.
+pub fn join_with(root: &Path, name: &str, via: &Node, config: &str) -> (Node, String) {
     let token = Operator::open(&via.dir, None).unwrap().join_token(Duration::from_secs(600)).unwrap();
     let via_peer = ClusterFile::read(&via.dir).unwrap().unwrap().own_peer_addr().unwrap();
     let args = vec![
@@ -43,7 +49,7 @@ fn join(root: &Path, name: &str, via: &Node) -> (Node, String) {
         "--peer-listen".to_string(),
         free_udp_addr().to_string(),
     ];
-    (Node::start_with(&root.join(name), free_udp_addr(), &args, CONFIG), token)
+    (Node::start_with(&root.join(name), free_udp_addr(), &args, config), token)
 }
 
 /// Waits until the data replicas sit only on `holders`, evenly (at most one

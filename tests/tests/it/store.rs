@@ -613,8 +613,25 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
 
 /// The `dropped=N` of each collection pass in the node's log.
 fn collected_counts(log: &Path) -> Vec<u64> {
+    logged_counts(log, 0, "garbage collection pass done", "dropped")
+}
+
+/// The `field=N` of each line of the node's log, from byte `from` on, that
+/// says `message`.
+fn logged_counts(log: &Path, from: usize, message: &str, field: &str) -> Vec<u64> {
+    log_lines(log, from, message).iter().filter_map(|line| logged_field(line, field)).collect()
+}
+
+/// The `field=N` of a log line.
+fn logged_field(line: &str, field: &str) -> Option<u64> {
+    line.split(&format!("{field}=")).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// The lines of the node's log, from byte `from` on, that say `message`,
+/// without the terminal colour codes the log may carry.
+fn log_lines(log: &Path, from: usize, message: &str) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    // Without the terminal colour codes the log may carry.
+    let text = text.get(from..).unwrap_or_default();
     let mut plain = String::with_capacity(text.len());
     let mut in_escape = false;
     for c in text.chars() {
@@ -625,11 +642,106 @@ fn collected_counts(log: &Path) -> Vec<u64> {
             _ => plain.push(c),
         }
     }
-    plain
-        .lines()
-        .filter(|line| line.contains("garbage collection pass done"))
-        .filter_map(|line| line.split("dropped=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+    plain.lines().filter(|line| line.contains(message)).map(str::to_owned).collect()
+}
+
+/// The chunks each node checked in its last clean scrub pass logged after
+/// byte `from` of its log; `None` for a node with no such pass yet.
+fn last_clean_scrubs(logs: &[PathBuf], from: &[usize]) -> Vec<Option<u64>> {
+    logs.iter()
+        .zip(from)
+        .map(|(log, &from)| logged_counts(log, from, "scrub pass found every chunk copy well", "checked").pop())
         .collect()
+}
+
+/// A fourth member joins a three-node cluster: under rendezvous placement
+/// it becomes a holder of about three quarters of the chunks, and each
+/// chunk's former holder drops its copy once the new holders have theirs,
+/// so every chunk ends on exactly three nodes (without the hand-off the
+/// first three would keep everything). The backup still restores whole
+/// through the new node. Then the new node is drained while node 3 is
+/// dead: it keeps every copy until node 3, a holder of everything again,
+/// is back and has them all; then it keeps none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_theirs() {
+    let config = "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\n";
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut nodes = crate::cluster::start_cluster(root.path(), config);
+    crate::cluster::status_with_leaders(&nodes[0]).await;
+    let (client, _) = nodes[0].user("ziba").await;
+    let source = root.path().join("source");
+    make_data_set(&source, 5);
+    let first = backup(&client, &source, "ziba").await.expect("backup on three nodes");
+
+    // Three members: every node holds every chunk once its scrubber is clean.
+    let logs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.with_extension("log")).collect();
+    let from: Vec<usize> = logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
+    let all = crate::support::eventually(Duration::from_secs(60), || async {
+        let counts = last_clean_scrubs(&logs, &from);
+        let first = counts[0].filter(|n| *n > 0)?;
+        counts.iter().all(|c| *c == Some(first)).then_some(first)
+    })
+    .await;
+
+    let (fourth, _) = crate::growth::join_with(root.path(), "node-4", &nodes[0], config);
+    nodes.push(fourth);
+    let logs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.with_extension("log")).collect();
+    let from: Vec<usize> = logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
+    let held = crate::support::eventually(Duration::from_secs(120), || async {
+        let counts: Vec<u64> = last_clean_scrubs(&logs, &from).into_iter().collect::<Option<_>>()?;
+        let each_a_share = counts.iter().all(|n| *n > 0 && *n < all);
+        (each_a_share && counts.iter().sum::<u64>() == 3 * all).then_some(counts)
+    })
+    .await;
+    eprintln!("{all} chunks; held per node after the join: {held:?}");
+
+    let device = nodes[3].device("ziba", "laptop").await;
+    let restored = root.path().join("restored");
+    hamgam_client::restore(&device, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("restore through the new node");
+    assert_eq!(inventory(&restored), inventory(&source));
+
+    // Node 3 dies and node 4 drains: every chunk's holders are nodes 1-3
+    // now, and with node 3 unable to confirm its copies node 4 drops none.
+    nodes[2].kill();
+    let operator = hamgam_tools::admin::Operator::open(&nodes[0].dir, None).expect("operator");
+    crate::support::eventually(Duration::from_secs(60), || async {
+        operator.set_member_state(hamgam_types::NodeId(4), hamgam_cluster::MemberState::Draining).await.ok()
+    })
+    .await;
+    // Node 4 sees itself drained once it sends nodes 1 and 2 the copies they
+    // now hold and lack; two passes later it still has dropped nothing.
+    let fourth_log = &logs[3];
+    let drained_at = std::fs::metadata(fourth_log).map_or(0, |m| m.len() as usize);
+    let passes = crate::support::eventually(Duration::from_secs(120), || async {
+        let passes = log_lines(fourth_log, drained_at, "scrub pass");
+        let sent_at = passes.iter().position(|p| logged_field(p, "copies_sent").is_some_and(|n| n > 0))?;
+        (passes.len() >= sent_at + 3).then_some(passes)
+    })
+    .await;
+    for pass in &passes {
+        assert!(pass.contains("could not check some"), "node 4 found all well with node 3 dead: {pass}");
+        assert_eq!(logged_field(pass, "handed_off"), Some(0), "node 4 dropped copies node 3 lacked: {pass}");
+    }
+
+    // Node 3 back: it gets the copies it lacks, and node 4 hands every one off.
+    let (dir, addr) = (nodes[2].dir.clone(), nodes[2].addr);
+    nodes[2] = crate::support::Node::start_with(&dir, addr, &[], config);
+    let from: Vec<usize> = logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
+    crate::support::eventually(Duration::from_secs(120), || async {
+        let counts: Vec<u64> = last_clean_scrubs(&logs, &from).into_iter().collect::<Option<_>>()?;
+        (counts == [all, all, all, 0]).then_some(())
+    })
+    .await;
+    let restored = root.path().join("restored-after-drain");
+    hamgam_client::restore(&client, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
+        .await
+        .expect("restore after the drain");
+    assert_eq!(inventory(&restored), inventory(&source));
+    for node in nodes.iter_mut() {
+        node.stop();
+    }
 }
 
 /// Garbage collection running every second with a two-second grace period
