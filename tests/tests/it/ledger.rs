@@ -83,17 +83,34 @@ pub async fn burst(client: Arc<Client>, me: usize, chats: Vec<ChatId>, round: u3
 
 /// Retries every pending send from its own sender with its client id (it
 /// exists exactly once whether or not it applied before), checks a second
-/// retry returns the same seq, and adds everything to `all`.
+/// retry returns the same seq, and adds everything to `all`. A retry the
+/// node refuses as unavailable (a leader moved meanwhile) is made again,
+/// as a client does.
 pub async fn settle(clients: &[Client], ledgers: Vec<(usize, Ledger)>, all: &mut BTreeMap<String, (ChatId, u64)>) {
     for (sender, mut ledger) in ledgers {
         for (chat, client_msg_id, text) in std::mem::take(&mut ledger.pending) {
-            let (seq, _) = clients[sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
-            let (again, _) = clients[sender].send_with_id(chat, client_msg_id, &text).await.unwrap();
+            let (seq, _) = send_until_taken(&clients[sender], chat, client_msg_id, &text).await;
+            let (again, _) = send_until_taken(&clients[sender], chat, client_msg_id, &text).await;
             assert_eq!(again, seq, "a retry returns the first result");
             ledger.acked.insert(text, (chat, seq));
         }
         for (text, at) in ledger.acked {
             assert!(all.insert(text, at).is_none());
+        }
+    }
+}
+
+/// Sends with `client_msg_id` until a node takes it, for up to half a
+/// minute of `UNAVAILABLE` answers (an election after a leader change);
+/// any other error fails the test.
+async fn send_until_taken(client: &Client, chat: ChatId, client_msg_id: u64, text: &str) -> (u64, u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.send_with_id(chat, client_msg_id, text).await {
+            Err(error) if error.code() == Some(ErrorCode::UNAVAILABLE) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            outcome => return outcome.unwrap(),
         }
     }
 }
