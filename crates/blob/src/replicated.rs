@@ -508,8 +508,9 @@ impl ChunkStore {
         if !replicated.everywhere_else.is_empty() && self.peers.as_ref().is_some_and(settled) {
             let local = self.local.clone();
             let handed_off = replicated.everywhere_else;
-            report.handed_off += handed_off.len() as u64;
+            let count = handed_off.len() as u64;
             blocking(move || handed_off.iter().for_each(|id| local.forget(id))).await?;
+            report.handed_off += count;
         }
         Ok(read)
     }

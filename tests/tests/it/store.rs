@@ -579,16 +579,10 @@ async fn the_scrubber_restores_copies_a_dead_node_missed_and_repairs_damage_unas
     // And a copy damaged on node 1 is found and fetched again.
     damage_middle_of_first_pack(&nodes[0].dir.join("chunks"));
     // Wait until every node has made a whole scrub pass with nothing left to mend.
-    let logs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.with_extension("log")).collect();
-    let read_log = |path: &PathBuf| std::fs::read_to_string(path).unwrap_or_default();
-    let offsets: Vec<usize> = logs.iter().map(|l| read_log(l).len()).collect();
+    let logs = node_logs(&nodes);
+    let from = log_ends(&logs);
     crate::support::eventually(Duration::from_secs(120), || async {
-        logs.iter()
-            .zip(&offsets)
-            .all(|(log, &from)| {
-                read_log(log).get(from..).is_some_and(|new| new.contains("found every chunk copy well"))
-            })
-            .then_some(())
+        last_clean_scrubs(&logs, &from).iter().all(Option::is_some).then_some(())
     })
     .await;
     // Collection passes complete on every node (reading shards hosted elsewhere).
@@ -627,11 +621,23 @@ fn logged_field(line: &str, field: &str) -> Option<u64> {
     line.split(&format!("{field}=")).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// Each node's log file.
+fn node_logs(nodes: &[Node]) -> Vec<PathBuf> {
+    nodes.iter().map(|n| n.dir.with_extension("log")).collect()
+}
+
+/// Where each log ends now: what a node logs later starts there.
+fn log_ends(logs: &[PathBuf]) -> Vec<usize> {
+    logs.iter().map(|log| std::fs::metadata(log).map_or(0, |m| m.len() as usize)).collect()
+}
+
 /// The lines of the node's log, from byte `from` on, that say `message`,
 /// without the terminal colour codes the log may carry.
 fn log_lines(log: &Path, from: usize, message: &str) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let text = text.get(from..).unwrap_or_default();
+    // A line being written as the end was taken may have been cut mid-character.
+    let start = (from..=text.len()).find(|at| text.is_char_boundary(*at)).unwrap_or(text.len());
+    let text = &text[start..];
     let mut plain = String::with_capacity(text.len());
     let mut in_escape = false;
     for c in text.chars() {
@@ -674,8 +680,8 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     let first = backup(&client, &source, "ziba").await.expect("backup on three nodes");
 
     // Three members: every node holds every chunk once its scrubber is clean.
-    let logs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.with_extension("log")).collect();
-    let from: Vec<usize> = logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
+    let logs = node_logs(&nodes);
+    let from = log_ends(&logs);
     let all = crate::support::eventually(Duration::from_secs(60), || async {
         let counts = last_clean_scrubs(&logs, &from);
         let first = counts[0].filter(|n| *n > 0)?;
@@ -685,8 +691,8 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
 
     let (fourth, _) = crate::growth::join_with(root.path(), "node-4", &nodes[0], config);
     nodes.push(fourth);
-    let logs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.with_extension("log")).collect();
-    let from: Vec<usize> = logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
+    let logs = node_logs(&nodes);
+    let from = log_ends(&logs);
     let held = crate::support::eventually(Duration::from_secs(120), || async {
         let counts: Vec<u64> = last_clean_scrubs(&logs, &from).into_iter().collect::<Option<_>>()?;
         let each_a_share = counts.iter().all(|n| *n > 0 && *n < all);
@@ -714,7 +720,7 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     // now hold and lack; from that pass on, it drops nothing. (A pass that
     // began before node 3 died may still end clean after the drain.)
     let fourth_log = &logs[3];
-    let drained_at = std::fs::metadata(fourth_log).map_or(0, |m| m.len() as usize);
+    let drained_at = log_ends(std::slice::from_ref(fourth_log))[0];
     let passes = crate::support::eventually(Duration::from_secs(120), || async {
         let passes = log_lines(fourth_log, drained_at, "scrub pass");
         let sent_at = passes.iter().position(|p| logged_field(p, "copies_sent").is_some_and(|n| n > 0))?;
@@ -729,7 +735,7 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     // Node 3 back: it gets the copies it lacks, and node 4 hands every one off.
     let (dir, addr) = (nodes[2].dir.clone(), nodes[2].addr);
     nodes[2] = crate::support::Node::start_with(&dir, addr, &[], config);
-    let from: Vec<usize> = logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
+    let from = log_ends(&logs);
     crate::support::eventually(Duration::from_secs(120), || async {
         let counts: Vec<u64> = last_clean_scrubs(&logs, &from).into_iter().collect::<Option<_>>()?;
         (counts == [all, all, all, 0]).then_some(())
