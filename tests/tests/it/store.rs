@@ -5,7 +5,7 @@
 
 use crate::support::Node;
 use hamgam_blob::StoredChunk;
-use hamgam_client::{Client, ClientError, ErrorCode, TransferCounters};
+use hamgam_client::{Client, ClientError, ErrorCode, SnapshotInfo, TransferCounters};
 use hamgam_proto::store::{ChunkList, ChunkRef, FileManifest};
 use hamgam_types::ChunkId;
 use rand::{Rng, SeedableRng};
@@ -128,6 +128,16 @@ async fn backup(client: &Client, dir: &Path, label: &str) -> Result<hamgam_clien
     hamgam_client::backup(client, dir, label, Arc::new(TransferCounters::default())).await
 }
 
+/// Restores `snapshot` through `client` into `out` and checks that it equals
+/// `source` (every path's kind, mode, time and content); `what` names the
+/// restore in a failure.
+async fn assert_restores(client: &Client, snapshot: &SnapshotInfo, out: &Path, source: &Path, what: &str) {
+    hamgam_client::restore(client, snapshot, out, Arc::new(TransferCounters::default()))
+        .await
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+    assert_eq!(inventory(out), inventory(source), "{what}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn inserting_one_byte_into_a_100_mib_file_sends_under_1_mib() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -224,11 +234,7 @@ async fn a_backup_cut_off_by_a_killed_node_resends_only_what_was_not_stored() {
         "resent {} bytes; {acknowledged} of {total} were acknowledged before the kill",
         resumed.wire_bytes
     );
-    let restored = dir.path().join("restored");
-    hamgam_client::restore(&client, &resumed.snapshot, &restored, Arc::new(TransferCounters::default()))
-        .await
-        .expect("restore");
-    assert_eq!(inventory(&restored), inventory(&source));
+    assert_restores(&client, &resumed.snapshot, &dir.path().join("restored"), &source, "restore").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -521,10 +527,7 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
     nodes[0].kill();
     let other = nodes[1].device("laleh", "tablet").await;
     let restored = root.path().join("restored-1");
-    hamgam_client::restore(&other, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
-        .await
-        .expect("restore through node 2 with node 1 dead");
-    assert_eq!(inventory(&restored), inventory(&source));
+    assert_restores(&other, &first.snapshot, &restored, &source, "restore through node 2 with node 1 dead").await;
     // Writes need two of three holders: still possible.
     write_file(&source.join("new.txt"), b"written while node 1 is down", 0o644, 1_700_000_500);
     backup(&other, &source, "laleh").await.expect("a backup with one node dead");
@@ -702,11 +705,8 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     eprintln!("{all} chunks; held per node after the join: {held:?}");
 
     let device = nodes[3].device("ziba", "laptop").await;
-    let restored = root.path().join("restored");
-    hamgam_client::restore(&device, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
-        .await
-        .expect("restore through the new node");
-    assert_eq!(inventory(&restored), inventory(&source));
+    assert_restores(&device, &first.snapshot, &root.path().join("restored"), &source, "restore through the new node")
+        .await;
 
     // Node 3 dies and node 4 drains: every chunk's holders are nodes 1-3
     // now, and with node 3 unable to confirm its copies node 4 drops none.
@@ -742,10 +742,7 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     })
     .await;
     let restored = root.path().join("restored-after-drain");
-    hamgam_client::restore(&client, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
-        .await
-        .expect("restore after the drain");
-    assert_eq!(inventory(&restored), inventory(&source));
+    assert_restores(&client, &first.snapshot, &restored, &source, "restore after the drain").await;
     for node in nodes.iter_mut() {
         node.stop();
     }
