@@ -72,6 +72,10 @@ enum BenchCommand {
         /// Also compare these zstd levels at the chosen chunk size (stored bytes, compression time).
         #[arg(long, value_delimiter = ',')]
         zstd_levels: Vec<i32>,
+        /// With --zstd-levels: also compress the compressible chunks, in file order, as frames of about
+        /// these many KiB each (compression across chunks, which the store does not do), to see what it would save.
+        #[arg(long, value_delimiter = ',')]
+        group_kib: Vec<usize>,
     },
     /// Send bytes over one raw quinn stream on loopback (the client
     /// transport settings, nothing else) and print MB/s: the ceiling for
@@ -149,8 +153,8 @@ async fn run(cli: BenchCli) -> anyhow::Result<()> {
         BenchCommand::QuicRaw { mib } => {
             println!("raw quinn, one stream, {mib} MiB: {:.0} MB/s", crate::quic_raw::run(mib).await?);
         }
-        BenchCommand::Chunking { dir, edited, avg_kib, zstd_levels } => {
-            crate::chunking::run(&dir, edited.as_deref(), &avg_kib, &zstd_levels)?
+        BenchCommand::Chunking { dir, edited, avg_kib, zstd_levels, group_kib } => {
+            crate::chunking::run(&dir, edited.as_deref(), &avg_kib, &zstd_levels, &group_kib)?
         }
         BenchCommand::Etcd { endpoint, pid, load } => {
             let result = etcd_load(&endpoint, &pid, &load).await?;

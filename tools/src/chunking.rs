@@ -3,7 +3,8 @@
 //! and reports chunks, what deduplication and compression leave to store,
 //! the per-chunk metadata, the cutting speed, and, given the edited version
 //! of the data set, the bytes a re-backup would have to send. Optionally,
-//! what other zstd levels would store at the chosen size, and at what cost.
+//! what other zstd levels would store at the chosen size, and at what cost,
+//! and what compressing several chunks as one frame would save.
 
 use hamgam_blob::{ChunkerParams, StoredChunk, chunks_of_slice};
 use hamgam_types::ChunkId;
@@ -61,7 +62,13 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32], zstd_levels: &[i32]) -> anyhow::Result<()> {
+pub fn run(
+    v1: &Path,
+    v2: Option<&Path>,
+    candidates: &[u32],
+    zstd_levels: &[i32],
+    group_kib: &[usize],
+) -> anyhow::Result<()> {
     let read = |root: &Path| -> anyhow::Result<Vec<Vec<u8>>> {
         files_under(root)?.iter().map(|p| Ok(std::fs::read(p)?)).collect()
     };
@@ -94,15 +101,17 @@ pub fn run(v1: &Path, v2: Option<&Path>, candidates: &[u32], zstd_levels: &[i32]
         );
     }
     if !zstd_levels.is_empty() {
-        compare_levels(&first, zstd_levels)?;
+        compare_levels(&first, zstd_levels, group_kib)?;
     }
     Ok(())
 }
 
 /// At the chosen chunk size: the unique chunks that compress (the rest
 /// stay plain at any level), stored at each zstd level, with the time one
-/// core takes to compress them.
-fn compare_levels(files: &[Vec<u8>], levels: &[i32]) -> anyhow::Result<()> {
+/// core takes to compress them; then, for each group size, the same chunks
+/// compressed as frames of consecutive chunks, where each chunk after the
+/// first in a frame is compressed with its predecessors as context.
+fn compare_levels(files: &[Vec<u8>], levels: &[i32], group_kib: &[usize]) -> anyhow::Result<()> {
     let mut seen = HashSet::new();
     let (mut kept_plain, mut compressible) = (0u64, Vec::new());
     for data in files {
@@ -136,6 +145,19 @@ fn compare_levels(files: &[Vec<u8>], levels: &[i32]) -> anyhow::Result<()> {
         }
         let took = started.elapsed().as_secs_f64();
         println!("| {level} | {:.1} | {:.1} | {took:.2} |", mib(stored), mib(kept_plain + stored));
+        for &kib in group_kib {
+            let started = Instant::now();
+            let (mut stored, mut frame) = (0u64, Vec::with_capacity(kib * 1024 * 2));
+            for (i, chunk) in compressible.iter().enumerate() {
+                frame.extend_from_slice(chunk);
+                if frame.len() >= kib * 1024 || i + 1 == compressible.len() {
+                    stored += compressor.compress(&frame)?.len() as u64;
+                    frame.clear();
+                }
+            }
+            let took = started.elapsed().as_secs_f64();
+            println!("| {level}, {kib} KiB frames | {:.1} | {:.1} | {took:.2} |", mib(stored), mib(kept_plain + stored));
+        }
     }
     Ok(())
 }
