@@ -458,6 +458,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         chunks.clone(),
         Duration::from_secs(config.storage.scrub_interval_secs),
         config.storage.scrub_mib_per_sec << 20,
+        view.clone(),
         cancel.clone(),
     ));
     let collector = tokio::spawn(upkeep::collect_garbage(

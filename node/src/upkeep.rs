@@ -1,6 +1,7 @@
 //! The chunk store's upkeep tasks on a node: the scrubber, which checks
-//! every local copy and re-sends missing ones, and garbage collection,
-//! which removes chunks nothing needs any more.
+//! every local copy, re-sends missing ones and hands copies over when the
+//! members change, and garbage collection, which removes chunks nothing
+//! needs any more.
 //!
 //! Collection, one pass ("mark", then "sweep"; the safety argument is in
 //! docs/design/store.md):
@@ -21,13 +22,20 @@
 
 use anyhow::Context;
 use hamgam_blob::{ChunkStore, CollectReport, wall_clock_ms};
+use hamgam_cluster::{ClusterView, MemberState};
 use hamgam_proto::store::ChunkList;
 use hamgam_sync::{ChunkRoot, Command, SyncService};
-use hamgam_types::{ChunkId, ShardId};
+use hamgam_types::{ChunkId, NodeId, ShardId};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// How long the scrubber lets a change of members settle before a pass: a
+/// join or a drain often comes with a second change (a reactivation, the
+/// next node) within seconds, and one pass can serve both.
+const MEMBER_CHANGE_SETTLE: Duration = Duration::from_secs(5);
 
 /// Runs `pass` once per `interval` until cancelled; a pass in progress
 /// is dropped when the node stops.
@@ -48,29 +56,78 @@ where
     }
 }
 
+/// What of shard 0's member list decides where chunks live: who is a
+/// member and in what state (not who is up at the moment).
+fn chunk_membership(view: &ClusterView) -> Vec<(NodeId, MemberState)> {
+    let mut members: Vec<_> = view.members.iter().map(|m| (m.id, m.state)).collect();
+    members.sort_by_key(|(id, _)| *id);
+    members
+}
+
+/// Returns once the member list differs from `seen` (never, if shard 0's
+/// view is gone).
+async fn members_change(view: &mut watch::Receiver<ClusterView>, seen: &[(NodeId, MemberState)]) {
+    loop {
+        if chunk_membership(&view.borrow_and_update()) != seen {
+            return;
+        }
+        if view.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Checks every local chunk and its copies on the other holders once per
-/// `interval`, reading at most `bytes_per_sec`, until cancelled.
+/// `interval`, reading at most `bytes_per_sec`, until cancelled; and soon
+/// after the members change, so that chunks reach their new holders and a
+/// draining node empties its store in minutes, not at the next interval.
 pub(crate) async fn scrub_chunks(
     chunks: Arc<ChunkStore>,
     interval: Duration,
     bytes_per_sec: u64,
+    mut view: watch::Receiver<ClusterView>,
     cancel: CancellationToken,
 ) {
-    every(interval, &cancel, || async {
-        match chunks.scrub(bytes_per_sec).await {
-            Ok(report) if !report.clean() => tracing::warn!(
-                checked = report.checked,
-                damaged = report.damaged,
-                copies_sent = report.copies_sent,
-                unverified = report.unverified,
-                handed_off = report.handed_off,
-                "scrub pass mended chunk copies, moved some or could not check some"
-            ),
-            Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
-            Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
+    let mut seen = chunk_membership(&view.borrow());
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+            () = members_change(&mut view, &seen) => {
+                if seen.is_empty() {
+                    // Shard 0's record arrived after start: nothing moved.
+                    seen = chunk_membership(&view.borrow());
+                    continue;
+                }
+                tracing::info!(settle = ?MEMBER_CHANGE_SETTLE, "the members changed; a scrub pass follows");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(MEMBER_CHANGE_SETTLE) => {}
+                }
+            }
         }
-    })
-    .await;
+        // A change during the pass is seen against this list and starts the next one.
+        seen = chunk_membership(&view.borrow());
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = scrub_once(&chunks, bytes_per_sec) => {}
+        }
+    }
+}
+
+async fn scrub_once(chunks: &ChunkStore, bytes_per_sec: u64) {
+    match chunks.scrub(bytes_per_sec).await {
+        Ok(report) if !report.clean() => tracing::warn!(
+            checked = report.checked,
+            damaged = report.damaged,
+            copies_sent = report.copies_sent,
+            unverified = report.unverified,
+            handed_off = report.handed_off,
+            "scrub pass mended chunk copies, moved some or could not check some"
+        ),
+        Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
+        Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
+    }
 }
 
 /// Runs a collection pass once per `interval` until cancelled.
