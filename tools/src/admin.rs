@@ -31,6 +31,9 @@ pub struct NodeView {
     pub addr: SocketAddr,
     pub state: MemberState,
     pub status: Result<NodeStatus, String>,
+    /// Chunk copies it keeps; `None` if it did not say (down, or a build
+    /// from before nodes answered the question).
+    pub chunks: Option<u64>,
 }
 
 /// One shard, as its leader (or, lacking one, its replicas) report it.
@@ -100,6 +103,45 @@ impl Operator {
     }
 }
 
+/// What a removed node was known to keep of the cloud store's chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunksLeft {
+    None,
+    /// It did not answer (down, or a build from before nodes were asked):
+    /// the other holders' scrub passes, which follow the removal, copy its
+    /// chunks to the members that hold them now.
+    Unknown,
+}
+
+impl Operator {
+    /// Takes a drained (or dead) member out of the cluster. Refused while it
+    /// hosts a replica of a data shard, or keeps chunk copies not yet on all
+    /// of their holders (it hands them over in the scrub pass that follows
+    /// its drain; removing it before would leave those chunks a copy short).
+    pub async fn remove(&self, node: NodeId) -> anyhow::Result<ChunksLeft> {
+        let status = ClusterStatus::gather_with(self).await?;
+        let hosted = status.shards().values().filter(|s| s.shard != ShardId::CLUSTER && s.hosts(node)).count();
+        let chunks = status.nodes.get(&node).and_then(|view| view.chunks);
+        let mut still = Vec::new();
+        if hosted > 0 {
+            still.push(format!("holds {hosted} replicas"));
+        }
+        if let Some(held) = chunks.filter(|held| *held > 0) {
+            still.push(format!("keeps {held} chunk copies that are not yet on all of their holders"));
+        }
+        if !still.is_empty() {
+            bail!(
+                "node {node} still {}; run `hamgam admin drain {node}` and wait until `hamgam admin status` shows no \
+                 replicas and 0 chunks for it",
+                still.join(" and ")
+            );
+        }
+        let left = if chunks.is_some() { ChunksLeft::None } else { ChunksLeft::Unknown };
+        self.set_member_state(node, MemberState::Removed).await?;
+        Ok(left)
+    }
+}
+
 impl ClusterStatus {
     /// Asks the node of the data directory `data` (or the one at `via`) for
     /// the members, then every member for its status.
@@ -121,13 +163,15 @@ impl ClusterStatus {
             let (node, member_addr, state) = (member.id, member.peer_addr, member.state);
             asks.spawn(async move {
                 let status = hamgam_cluster::admin::node_status(&identity, member_addr).await.map_err(|e| e.to_string());
-                (node, NodeView { addr: member_addr, state, status })
+                let chunks = hamgam_cluster::admin::chunks_held(&identity, member_addr).await.ok();
+                (node, NodeView { addr: member_addr, state, status, chunks })
             });
         }
         let mut nodes = BTreeMap::new();
         let first_node = first.node;
         let state = first.members.iter().find(|m| m.id == first_node).map_or(MemberState::Active, |m| m.state);
-        nodes.insert(first_node, NodeView { addr, state, status: Ok(first) });
+        let chunks = hamgam_cluster::admin::chunks_held(&operator.identity, addr).await.ok();
+        nodes.insert(first_node, NodeView { addr, state, status: Ok(first), chunks });
         while let Some(answer) = asks.join_next().await {
             let (node, view) = answer.context("an admin request task failed")?;
             nodes.insert(node, view);
@@ -204,14 +248,19 @@ impl ClusterStatus {
             self.nodes.len(),
             shards.len()
         );
-        let _ = writeln!(out, "\n{:<6}{:<24}{:<10}{:<8}{:>9}{:>7}", "NODE", "PEER ADDRESS", "STATE", "HEALTH", "REPLICAS", "LEADS");
+        let _ = writeln!(
+            out,
+            "\n{:<6}{:<24}{:<10}{:<8}{:>9}{:>7}{:>11}",
+            "NODE", "PEER ADDRESS", "STATE", "HEALTH", "REPLICAS", "LEADS", "CHUNKS"
+        );
         for (node, view) in &self.nodes {
             let health = if view.status.is_ok() { "up" } else { "down" };
             let replicas = shards.values().filter(|s| s.hosts(*node)).count();
             let leads = shards.values().filter(|s| s.leader == Some(*node)).count();
+            let chunks = view.chunks.map_or("-".to_string(), |c| c.to_string());
             let _ = writeln!(
                 out,
-                "{:<6}{:<24}{:<10}{health:<8}{replicas:>9}{leads:>7}",
+                "{:<6}{:<24}{:<10}{health:<8}{replicas:>9}{leads:>7}{chunks:>11}",
                 node.0,
                 view.addr.to_string(),
                 view.state.to_string()

@@ -708,6 +708,11 @@ impl PackStore {
         self.index.write().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
+    /// How many chunks the index lists (cheap, unlike [`PackStore::stats`]).
+    pub fn chunks_held(&self) -> u64 {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
     pub fn stats(&self) -> PackStats {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let packs = index.values().map(|s| s.location.pack).collect::<HashSet<_>>().len() as u32;

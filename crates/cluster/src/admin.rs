@@ -37,6 +37,9 @@ pub enum AdminRequest {
     /// Hand the lead of a shard this node leads to voter `to`: for the
     /// placement driver, which spreads leaders over the members.
     TransferLeader { shard: ShardId, to: NodeId },
+    /// How many chunk copies this node keeps: none, once a drained node has
+    /// handed every copy to the chunk's holders.
+    ChunksHeld,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +50,7 @@ pub enum AdminResponse {
     Refused(String),
     /// A shard request for the shard's leader, which is (as far as this node knows) this one.
     NotLeader(Option<NodeId>),
+    ChunksHeld(u64),
 }
 
 /// One node's own view: the members it knows and the shards it hosts.
@@ -73,19 +77,26 @@ pub enum AdminError {
     NotLeader { addr: SocketAddr, leader: Option<NodeId> },
 }
 
-/// Serves one admin connection: each bidi stream is one request. `view`
-/// gives shard 0's record of the members as it is now: the placement
-/// driver keeps its connection for as long as both nodes run.
-pub(crate) async fn serve_connection(
-    connection: quinn::Connection,
-    raft: RaftHandle,
-    node: NodeId,
-    members: Members,
-    view: impl Fn() -> Option<ClusterView>,
-) {
+/// What an admin request may need of the node besides its shards.
+pub(crate) struct NodeSide<V, C> {
+    pub node: NodeId,
+    pub members: Members,
+    /// Shard 0's record of the members as it is now.
+    pub view: V,
+    /// The chunk copies this node keeps, if it keeps a chunk store.
+    pub chunks_held: C,
+}
+
+/// Serves one admin connection: each bidi stream is one request. The
+/// placement driver keeps its connection for as long as both nodes run.
+pub(crate) async fn serve_connection<V, C>(connection: quinn::Connection, raft: RaftHandle, side: NodeSide<V, C>)
+where
+    V: Fn() -> Option<ClusterView>,
+    C: Fn() -> Option<u64>,
+{
     while let Ok((send, mut recv)) = connection.accept_bi().await {
         let answer = match exchange::read_request(&mut recv, REQUEST_BYTES_MAX).await.map(|b| hamgam_proto::codec::decode(&b)) {
-            Some(Ok(request)) => answer(request, &raft, node, &members, view().as_ref()).await,
+            Some(Ok(request)) => answer(request, &raft, &side).await,
             Some(Err(error)) => AdminResponse::Refused(format!("the request does not decode: {error}")),
             None => AdminResponse::Refused("the request was cut off or too large".into()),
         };
@@ -94,27 +105,26 @@ pub(crate) async fn serve_connection(
     }
 }
 
-async fn answer(
-    request: AdminRequest,
-    raft: &RaftHandle,
-    node: NodeId,
-    members: &Members,
-    view: Option<&ClusterView>,
-) -> AdminResponse {
+async fn answer<V, C>(request: AdminRequest, raft: &RaftHandle, side: &NodeSide<V, C>) -> AdminResponse
+where
+    V: Fn() -> Option<ClusterView>,
+    C: Fn() -> Option<u64>,
+{
     match request {
         AdminRequest::Status => match raft.status().await {
             Ok(shards) => {
-                let members = match view.filter(|v| !v.members.is_empty()) {
-                    Some(view) => view.members.clone(),
+                let members = match (side.view)().filter(|v| !v.members.is_empty()) {
+                    Some(view) => view.members,
                     // Before shard 0 records them: the list this node started with.
-                    None => members
+                    None => side
+                        .members
                         .read()
                         .unwrap_or_else(|p| p.into_inner())
                         .iter()
                         .map(|(id, addr)| MemberRecord { id: *id, peer_addr: *addr, state: MemberState::Active })
                         .collect(),
                 };
-                AdminResponse::Status(NodeStatus { node, members, shards })
+                AdminResponse::Status(NodeStatus { node: side.node, members, shards })
             }
             Err(error) => AdminResponse::Refused(error.to_string()),
         },
@@ -135,6 +145,10 @@ async fn answer(
             )),
             Err(ProposeError::NotLeader { leader, .. }) => AdminResponse::NotLeader(leader),
             Err(error) => AdminResponse::Refused(error.to_string()),
+        },
+        AdminRequest::ChunksHeld => match (side.chunks_held)() {
+            Some(held) => AdminResponse::ChunksHeld(held),
+            None => AdminResponse::Refused("this node keeps no chunk store".into()),
         },
         AdminRequest::ChangeReplicas { shard, change } => match raft.change_replicas(shard, change).await {
             Ok(()) => AdminResponse::Done,
@@ -158,6 +172,14 @@ pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminReq
 /// Asks the node at `addr` for its status.
 pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
     status_in(addr, query(identity, addr, &AdminRequest::Status).await?)
+}
+
+/// Asks the node at `addr` how many chunk copies it keeps.
+pub async fn chunks_held(identity: &NodeIdentity, addr: SocketAddr) -> Result<u64, AdminError> {
+    match query(identity, addr, &AdminRequest::ChunksHeld).await? {
+        AdminResponse::ChunksHeld(held) => Ok(held),
+        _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
+    }
 }
 
 /// Asks the node at `addr` to do something; `Ok` once it is done.

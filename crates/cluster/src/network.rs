@@ -337,11 +337,16 @@ impl PeerNetwork {
             return;
         };
         if alpn.as_deref() == Some(ADMIN_ALPN) {
-            let network = self.clone();
-            let view = move || network.view();
+            let (network, store) = (self.clone(), self.clone());
+            let side = admin::NodeSide {
+                node: self.node,
+                members: self.members.clone(),
+                view: move || network.view(),
+                chunks_held: move || store.chunks.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.chunks_held()),
+            };
             tokio::select! {
                 () = self.cancel.cancelled() => {}
-                () = admin::serve_connection(connection, raft, self.node, self.members.clone(), view) => {}
+                () = admin::serve_connection(connection, raft, side) => {}
             }
             return;
         }

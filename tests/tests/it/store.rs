@@ -748,6 +748,71 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     }
 }
 
+/// Chunk copies held per member, as `hamgam admin status` shows them
+/// (`None` until every member answers).
+async fn chunks_held(operator: &hamgam_tools::admin::Operator) -> Option<Vec<u64>> {
+    let status = hamgam_tools::admin::ClusterStatus::gather_with(operator).await.ok()?;
+    status.nodes.values().map(|view| view.chunks).collect()
+}
+
+/// Chunks move when the members change, not at the next scrub interval
+/// (an hour here, so no pass runs on the timer): a fourth member joins and
+/// takes its share within seconds, as `hamgam admin status` shows. It is
+/// then drained, and removing it is refused while it keeps chunk copies;
+/// once its pass has handed them all over it holds none and the removal
+/// goes through. The backup still restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_move_when_members_change_and_removal_waits_for_them() {
+    // Passes read 2 MiB/s, so node 4's takes seconds: time to ask for its removal before it ends.
+    let config = "[storage]\nscrub_interval_secs = 3600\nscrub_mib_per_sec = 2\n";
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut nodes = crate::cluster::start_cluster(root.path(), config);
+    crate::cluster::status_with_leaders(&nodes[0]).await;
+    let (client, _) = nodes[0].user("dariush").await;
+    let source = root.path().join("source");
+    make_data_set(&source, 4);
+    let first = backup(&client, &source, "dariush").await.expect("backup on three nodes");
+    let operator = hamgam_tools::admin::Operator::open(&nodes[0].dir, None).expect("operator");
+    // Each upload reaches a write quorum; the third copy may come later.
+    let all = crate::support::eventually(Duration::from_secs(60), || async {
+        let held = chunks_held(&operator).await?;
+        (held[0] > 0 && held.iter().all(|n| *n == held[0])).then_some(held[0])
+    })
+    .await;
+
+    let (fourth, _) = crate::growth::join_with(root.path(), "node-4", &nodes[0], config);
+    nodes.push(fourth);
+    let held = crate::support::eventually(Duration::from_secs(90), || async {
+        let held = chunks_held(&operator).await.filter(|h| h.len() == 4)?;
+        let each_a_share = held.iter().all(|n| *n > 0 && *n < all);
+        (each_a_share && held.iter().sum::<u64>() == 3 * all).then_some(held)
+    })
+    .await;
+    eprintln!("{all} chunks; held per node after the join: {held:?}");
+
+    let four = hamgam_types::NodeId(4);
+    crate::support::eventually(Duration::from_secs(60), || async {
+        operator.set_member_state(four, hamgam_cluster::MemberState::Draining).await.ok()
+    })
+    .await;
+    // Its chunks leave after a settling delay and a throttled pass, so a
+    // removal asked at once is refused for them (and for its replicas).
+    let refusal = operator.remove(four).await.expect_err("node 4 was removed while it kept chunk copies");
+    assert!(refusal.to_string().contains("chunk copies that are not yet on all of their holders"), "{refusal}");
+    crate::support::eventually(Duration::from_secs(90), || async {
+        let held = chunks_held(&operator).await?;
+        (held == [all, all, all, 0]).then_some(())
+    })
+    .await;
+    let left = crate::support::eventually(Duration::from_secs(90), || async { operator.remove(four).await.ok() }).await;
+    assert_eq!(left, hamgam_tools::admin::ChunksLeft::None);
+    let restored = root.path().join("restored-after-removal");
+    assert_restores(&client, &first.snapshot, &restored, &source, "restore after the removal").await;
+    for node in nodes.iter_mut() {
+        node.stop();
+    }
+}
+
 /// Garbage collection running every second with a two-second grace period
 /// while two users keep storing, deleting and storing again files whose
 /// chunks are being released: every file that exists, and a snapshot,
