@@ -37,6 +37,22 @@ use tokio_util::sync::CancellationToken;
 /// next node) within seconds, and one pass can serve both.
 const MEMBER_CHANGE_SETTLE: Duration = Duration::from_secs(5);
 
+/// After a pass in which some holder did not answer, the next pass comes
+/// this soon, then twice as late after each such pass, up to the interval:
+/// copies waiting for a member that was down (to be checked there, or
+/// handed over to it) move soon after it is back, and a member down for
+/// long costs a few passes more, not one a minute.
+const RETRY_FIRST: Duration = Duration::from_secs(60);
+
+/// When the next pass is due after `unanswered` passes in a row in which
+/// some holder did not answer.
+fn next_pass_after(interval: Duration, unanswered: u32) -> Duration {
+    match unanswered {
+        0 => interval,
+        n => RETRY_FIRST.saturating_mul(1 << (n - 1).min(20)).min(interval),
+    }
+}
+
 /// Runs `pass` once per `interval` until cancelled; a pass in progress
 /// is dropped when the node stops.
 async fn every<F, Fut>(interval: Duration, cancel: &CancellationToken, mut pass: F)
@@ -89,10 +105,11 @@ pub(crate) async fn scrub_chunks(
     cancel: CancellationToken,
 ) {
     let mut seen = chunk_membership(&view.borrow());
+    let mut unanswered = 0;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(next_pass_after(interval, unanswered)) => {}
             () = members_change(&mut view, &seen) => {
                 if seen.is_empty() {
                     // Shard 0's record arrived after start: nothing moved.
@@ -110,13 +127,17 @@ pub(crate) async fn scrub_chunks(
         seen = chunk_membership(&view.borrow());
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = scrub_once(&chunks, bytes_per_sec) => {}
+            answered = scrub_once(&chunks, bytes_per_sec) => {
+                unanswered = if answered { 0 } else { unanswered.saturating_add(1) };
+            }
         }
     }
 }
 
-async fn scrub_once(chunks: &ChunkStore, bytes_per_sec: u64) {
-    match chunks.scrub(bytes_per_sec).await {
+/// One pass, logged; whether every holder answered (and the pass ran to its end).
+async fn scrub_once(chunks: &ChunkStore, bytes_per_sec: u64) -> bool {
+    let report = chunks.scrub(bytes_per_sec).await;
+    match &report {
         Ok(report) if !report.clean() => tracing::warn!(
             checked = report.checked,
             damaged = report.damaged,
@@ -128,6 +149,7 @@ async fn scrub_once(chunks: &ChunkStore, bytes_per_sec: u64) {
         Ok(report) => tracing::info!(checked = report.checked, "scrub pass found every chunk copy well"),
         Err(error) => tracing::warn!(%error, "a scrub pass stopped early"),
     }
+    report.is_ok_and(|report| report.unverified == 0)
 }
 
 /// Runs a collection pass once per `interval` until cancelled.
@@ -233,5 +255,21 @@ impl LiveSet {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_come_sooner_while_holders_do_not_answer_and_back_off_to_the_interval() {
+        let interval = Duration::from_secs(6 * 3600);
+        assert_eq!(next_pass_after(interval, 0), interval);
+        let retries: Vec<u64> = (1..=10).map(|n| next_pass_after(interval, n).as_secs()).collect();
+        assert_eq!(retries, [60, 120, 240, 480, 960, 1920, 3840, 7680, 15360, 21600]);
+        assert_eq!(next_pass_after(interval, u32::MAX), interval, "no overflow after many passes");
+        // An interval shorter than the retry is kept.
+        assert_eq!(next_pass_after(Duration::from_secs(1), 3), Duration::from_secs(1));
     }
 }
