@@ -130,16 +130,25 @@ impl PeerNetwork {
     }
 
     /// Members chunks are placed on (active ones), or with `all` every
-    /// member not removed; this node alone until shard 0's view is known.
+    /// member not removed. Until shard 0 records the members (a new
+    /// cluster's first seconds), the members this node started with: this
+    /// node alone would keep the first uploads' chunks in one copy, short of
+    /// the quorum that committing their files checks for once the members
+    /// are known.
     pub(crate) fn chunk_members(&self, all: bool) -> Vec<NodeId> {
-        self.with_view(|view| {
-            view.members
-                .iter()
-                .filter(|m| m.state == crate::MemberState::Active || (all && m.state != crate::MemberState::Removed))
-                .map(|m| m.id)
-                .collect()
-        })
-        .unwrap_or_else(|| vec![self.node])
+        use crate::MemberState::{Active, Removed};
+        let recorded = self.with_view(|view| {
+            (!view.members.is_empty()).then(|| {
+                view.members
+                    .iter()
+                    .filter(|m| m.state == Active || (all && m.state != Removed))
+                    .map(|m| m.id)
+                    .collect()
+            })
+        });
+        recorded
+            .flatten()
+            .unwrap_or_else(|| self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect())
     }
 
     /// Where hints relayed by other nodes go.
@@ -342,7 +351,9 @@ impl PeerNetwork {
                 node: self.node,
                 members: self.members.clone(),
                 view: move || network.view(),
-                chunks_held: move || store.chunks.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.chunks_held()),
+                chunks_held: move || {
+                    store.chunks.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.chunks_held())
+                },
             };
             tokio::select! {
                 () = self.cancel.cancelled() => {}

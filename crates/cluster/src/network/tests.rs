@@ -278,3 +278,30 @@ async fn a_member_tells_a_node_it_knows_removed_and_only_that_node() {
     assert!(!second.told_removed.is_cancelled(), "the second node was not told it was removed");
     stop_all(running).await;
 }
+
+#[tokio::test]
+async fn chunks_go_to_the_starting_members_until_shard_0_records_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = NodeIdentity::load_or_create(&dir.path().join("tls-1"), NodeId(1)).unwrap();
+    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+    let members: Members = Arc::new(RwLock::new(nodes.iter().map(|n| (*n, free_udp_port())).collect()));
+    let network = PeerNetwork::bind(&identity, nodes[0], members.read().unwrap()[&nodes[0]], members.clone()).unwrap();
+    assert_eq!(network.chunk_members(false), nodes, "before following shard 0");
+    let (record, view) = tokio::sync::watch::channel(ClusterView::default());
+    network.follow(view);
+    assert_eq!(network.chunk_members(false), nodes, "shard 0 has no members recorded yet");
+
+    let addrs = members.read().unwrap().clone();
+    let member = |node: NodeId, state| crate::membership::MemberRecord { id: node, peer_addr: addrs[&node], state };
+    record.send_replace(ClusterView {
+        members: vec![
+            member(nodes[0], crate::MemberState::Active),
+            member(nodes[1], crate::MemberState::Active),
+            member(nodes[2], crate::MemberState::Draining),
+        ],
+        ..ClusterView::default()
+    });
+    assert_eq!(network.chunk_members(false), nodes[..2], "recorded: the active members hold chunks");
+    assert_eq!(network.chunk_members(true), nodes, "and a draining one is still reachable");
+    network.shutdown().await;
+}
