@@ -506,15 +506,29 @@ fn damage_middle_of_first_pack(chunks_dir: &Path) {
     std::fs::write(&pack, &bytes).expect("damage the pack");
 }
 
+/// Three nodes started with `config` under `root`, a user, a data set made
+/// from `seed` in `root/source`, and its backup through node 1.
+struct BackedUp {
+    nodes: Vec<Node>,
+    client: Client,
+    source: PathBuf,
+    snapshot: SnapshotInfo,
+}
+
+async fn three_nodes_with_a_backup(root: &Path, config: &str, user: &str, seed: u64) -> BackedUp {
+    let nodes = crate::cluster::start_cluster(root, config);
+    crate::cluster::status_with_leaders(&nodes[0]).await;
+    let (client, _) = nodes[0].user(user).await;
+    let source = root.join("source");
+    make_data_set(&source, seed);
+    let snapshot = backup(&client, &source, user).await.expect("backup on three nodes").snapshot;
+    BackedUp { nodes, client, source, snapshot }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_is_repaired() {
     let root = tempfile::tempdir().expect("temp dir");
-    let mut nodes = crate::cluster::start_cluster(root.path(), "");
-    crate::cluster::status_with_leaders(&nodes[0]).await;
-    let (client, _) = nodes[0].user("laleh").await;
-    let source = root.path().join("source");
-    make_data_set(&source, 3);
-    let first = backup(&client, &source, "laleh").await.expect("backup through node 1");
+    let BackedUp { mut nodes, source, snapshot, .. } = three_nodes_with_a_backup(root.path(), "", "laleh", 3).await;
 
     // Three members: every chunk reaches all three. The backup is answered
     // once two have each chunk; the third copy may still be on its way.
@@ -527,7 +541,7 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
     nodes[0].kill();
     let other = nodes[1].device("laleh", "tablet").await;
     let restored = root.path().join("restored-1");
-    assert_restores(&other, &first.snapshot, &restored, &source, "restore through node 2 with node 1 dead").await;
+    assert_restores(&other, &snapshot, &restored, &source, "restore through node 2 with node 1 dead").await;
     // Writes need two of three holders: still possible.
     write_file(&source.join("new.txt"), b"written while node 1 is down", 0o644, 1_700_000_500);
     backup(&other, &source, "laleh").await.expect("a backup with one node dead");
@@ -535,7 +549,7 @@ async fn in_a_cluster_chunks_are_on_every_holder_survive_a_dead_node_and_damage_
     // Damage node 2's copy: a restore through node 2 reads node 3's and repairs node 2's.
     damage_middle_of_first_pack(&nodes[1].dir.join("chunks"));
     let restored = root.path().join("restored-2");
-    hamgam_client::restore(&other, &first.snapshot, &restored, Arc::new(TransferCounters::default()))
+    hamgam_client::restore(&other, &snapshot, &restored, Arc::new(TransferCounters::default()))
         .await
         .expect("restore despite a damaged copy");
     assert_eq!(
@@ -675,12 +689,8 @@ fn last_clean_scrubs(logs: &[PathBuf], from: &[usize]) -> Vec<Option<u64>> {
 async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_theirs() {
     let config = "[storage]\nscrub_interval_secs = 1\nscrub_mib_per_sec = 64\n";
     let root = tempfile::tempdir().expect("temp dir");
-    let mut nodes = crate::cluster::start_cluster(root.path(), config);
-    crate::cluster::status_with_leaders(&nodes[0]).await;
-    let (client, _) = nodes[0].user("ziba").await;
-    let source = root.path().join("source");
-    make_data_set(&source, 5);
-    let first = backup(&client, &source, "ziba").await.expect("backup on three nodes");
+    let BackedUp { mut nodes, client, source, snapshot } =
+        three_nodes_with_a_backup(root.path(), config, "ziba", 5).await;
 
     // Three members: every node holds every chunk once its scrubber is clean.
     let logs = node_logs(&nodes);
@@ -705,7 +715,7 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     eprintln!("{all} chunks; held per node after the join: {held:?}");
 
     let device = nodes[3].device("ziba", "laptop").await;
-    assert_restores(&device, &first.snapshot, &root.path().join("restored"), &source, "restore through the new node")
+    assert_restores(&device, &snapshot, &root.path().join("restored"), &source, "restore through the new node")
         .await;
 
     // Node 3 dies and node 4 drains: every chunk's holders are nodes 1-3
@@ -742,7 +752,7 @@ async fn a_joining_member_takes_its_share_of_chunks_and_former_holders_drop_thei
     })
     .await;
     let restored = root.path().join("restored-after-drain");
-    assert_restores(&client, &first.snapshot, &restored, &source, "restore after the drain").await;
+    assert_restores(&client, &snapshot, &restored, &source, "restore after the drain").await;
     for node in nodes.iter_mut() {
         node.stop();
     }
@@ -766,12 +776,8 @@ async fn chunks_move_when_members_change_and_removal_waits_for_them() {
     // Passes read 2 MiB/s, so node 4's takes seconds: time to ask for its removal before it ends.
     let config = "[storage]\nscrub_interval_secs = 3600\nscrub_mib_per_sec = 2\n";
     let root = tempfile::tempdir().expect("temp dir");
-    let mut nodes = crate::cluster::start_cluster(root.path(), config);
-    crate::cluster::status_with_leaders(&nodes[0]).await;
-    let (client, _) = nodes[0].user("dariush").await;
-    let source = root.path().join("source");
-    make_data_set(&source, 4);
-    let first = backup(&client, &source, "dariush").await.expect("backup on three nodes");
+    let BackedUp { mut nodes, client, source, snapshot } =
+        three_nodes_with_a_backup(root.path(), config, "dariush", 4).await;
     let operator = hamgam_tools::admin::Operator::open(&nodes[0].dir, None).expect("operator");
     // Each upload reaches a write quorum; the third copy may come later.
     let all = crate::support::eventually(Duration::from_secs(60), || async {
@@ -807,7 +813,7 @@ async fn chunks_move_when_members_change_and_removal_waits_for_them() {
     let left = crate::support::eventually(Duration::from_secs(90), || async { operator.remove(four).await.ok() }).await;
     assert_eq!(left, hamgam_tools::admin::ChunksLeft::None);
     let restored = root.path().join("restored-after-removal");
-    assert_restores(&client, &first.snapshot, &restored, &source, "restore after the removal").await;
+    assert_restores(&client, &snapshot, &restored, &source, "restore after the removal").await;
     for node in nodes.iter_mut() {
         node.stop();
     }
