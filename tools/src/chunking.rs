@@ -156,7 +156,8 @@ fn compare_levels(files: &[Vec<u8>], levels: &[i32], group_kib: &[usize]) -> any
                 }
             }
             let took = started.elapsed().as_secs_f64();
-            println!("| {level}, {kib} KiB frames | {:.1} | {:.1} | {took:.2} |", mib(stored), mib(kept_plain + stored));
+            let all = kept_plain + stored;
+            println!("| {level}, {kib} KiB frames | {:.1} | {:.1} | {took:.2} |", mib(stored), mib(all));
         }
     }
     Ok(())

@@ -234,7 +234,8 @@ async fn admin(data: &std::path::Path, node: Option<SocketAddr>, command: &Admin
             let operator = crate::admin::Operator::open(data, node)?;
             operator.set_member_state(NodeId(*target), MemberState::Draining).await?;
             println!(
-                "node {target} is draining: its replicas and chunk copies move to other nodes (watch `hamgam admin status`)"
+                "node {target} is draining: its replicas and chunk copies move to other nodes \
+                 (watch `hamgam admin status`)"
             );
         }
         AdminCommand::Remove { node: target } => {
