@@ -456,6 +456,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let chunks = Arc::new(hamgam_blob::ChunkStore::new(pack, node, peers));
     let scrubber = tokio::spawn(upkeep::scrub_chunks(
         chunks.clone(),
+        node,
         Duration::from_secs(config.storage.scrub_interval_secs),
         config.storage.scrub_mib_per_sec << 20,
         view.clone(),

@@ -93,27 +93,38 @@ async fn members_change(view: &mut watch::Receiver<ClusterView>, seen: &[(NodeId
     }
 }
 
+/// Whether `node` is a draining member: its copies must leave, and a
+/// restart finds those it had handed over in its packs again.
+fn draining(members: &[(NodeId, MemberState)], node: NodeId) -> bool {
+    members.contains(&(node, MemberState::Draining))
+}
+
 /// Checks every local chunk and its copies on the other holders once per
 /// `interval`, reading at most `bytes_per_sec`, until cancelled; and soon
-/// after the members change, so that chunks reach their new holders and a
-/// draining node empties its store in minutes, not at the next interval.
+/// after the members change (or this node starts draining), so that chunks
+/// reach their new holders and a draining node empties its store in
+/// minutes, not at the next interval.
 pub(crate) async fn scrub_chunks(
     chunks: Arc<ChunkStore>,
+    node: NodeId,
     interval: Duration,
     bytes_per_sec: u64,
     mut view: watch::Receiver<ClusterView>,
     cancel: CancellationToken,
 ) {
     let mut seen = chunk_membership(&view.borrow());
+    let mut soon = draining(&seen, node);
     let mut unanswered = 0;
     loop {
+        let wait = if soon { MEMBER_CHANGE_SETTLE } else { next_pass_after(interval, unanswered) };
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(next_pass_after(interval, unanswered)) => {}
+            () = tokio::time::sleep(wait) => {}
             () = members_change(&mut view, &seen) => {
                 if seen.is_empty() {
                     // Shard 0's record arrived after start: nothing moved.
                     seen = chunk_membership(&view.borrow());
+                    soon = draining(&seen, node);
                     continue;
                 }
                 tracing::info!(settle = ?MEMBER_CHANGE_SETTLE, "the members changed; a scrub pass follows");
@@ -125,6 +136,7 @@ pub(crate) async fn scrub_chunks(
         }
         // A change during the pass is seen against this list and starts the next one.
         seen = chunk_membership(&view.borrow());
+        soon = false;
         tokio::select! {
             () = cancel.cancelled() => return,
             answered = scrub_once(&chunks, bytes_per_sec) => {
