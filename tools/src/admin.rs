@@ -7,7 +7,7 @@
 //! so a node that is down shows as down rather than hiding the others.
 
 use anyhow::{Context, bail};
-use hamgam_cluster::admin::NodeStatus;
+use hamgam_cluster::admin::{AdminClient, NodeStatus};
 use hamgam_raftstore::ShardStatus;
 use hamgam_cluster::{ClusterFile, MemberState};
 use hamgam_transport::NodeIdentity;
@@ -34,6 +34,18 @@ pub struct NodeView {
     /// Chunk copies it keeps; `None` if it did not say (down, or a build
     /// from before nodes answered the question).
     pub chunks: Option<u64>,
+}
+
+impl NodeView {
+    /// The member at `addr`'s status, then (if it answered) its chunk copies.
+    async fn ask(admin: &AdminClient, addr: SocketAddr, state: MemberState) -> NodeView {
+        let status = admin.node_status(addr).await.map_err(|e| e.to_string());
+        let chunks = match status {
+            Ok(_) => admin.chunks_held(addr).await.ok(),
+            Err(_) => None,
+        };
+        NodeView { addr, state, status, chunks }
+    }
 }
 
 /// One shard, as its leader (or, lacking one, its replicas) report it.
@@ -151,26 +163,23 @@ impl ClusterStatus {
 
     pub async fn gather_with(operator: &Operator) -> anyhow::Result<ClusterStatus> {
         let addr = operator.addr;
-        let first = hamgam_cluster::admin::node_status(&operator.identity, addr)
-            .await
-            .with_context(|| format!("asking node {} at {addr}", operator.file.node_id))?;
+        // One connection per member for both questions.
+        let admin = std::sync::Arc::new(AdminClient::new(&operator.identity)?);
+        let first =
+            admin.node_status(addr).await.with_context(|| format!("asking node {} at {addr}", operator.file.node_id))?;
         let mut asks = tokio::task::JoinSet::new();
         for member in &first.members {
             if member.id == first.node || member.state == MemberState::Removed {
                 continue;
             }
-            let identity = operator.identity.clone();
+            let admin = admin.clone();
             let (node, member_addr, state) = (member.id, member.peer_addr, member.state);
-            asks.spawn(async move {
-                let status = hamgam_cluster::admin::node_status(&identity, member_addr).await.map_err(|e| e.to_string());
-                let chunks = hamgam_cluster::admin::chunks_held(&identity, member_addr).await.ok();
-                (node, NodeView { addr: member_addr, state, status, chunks })
-            });
+            asks.spawn(async move { (node, NodeView::ask(&admin, member_addr, state).await) });
         }
         let mut nodes = BTreeMap::new();
         let first_node = first.node;
         let state = first.members.iter().find(|m| m.id == first_node).map_or(MemberState::Active, |m| m.state);
-        let chunks = hamgam_cluster::admin::chunks_held(&operator.identity, addr).await.ok();
+        let chunks = admin.chunks_held(addr).await.ok();
         nodes.insert(first_node, NodeView { addr, state, status: Ok(first), chunks });
         while let Some(answer) = asks.join_next().await {
             let (node, view) = answer.context("an admin request task failed")?;

@@ -4,10 +4,9 @@
 //! identity (or one issued for them) can ask. One request per bidi stream,
 //! encoded with the workspace codec, each side bounded.
 
-use crate::Members;
 use crate::exchange;
 use crate::join::propose_cluster;
-use crate::membership::{ClusterCommand, ClusterReply, ClusterView, MemberRecord, MemberState};
+use crate::membership::{ClusterCommand, ClusterReply, MemberRecord, MemberState};
 use hamgam_raftstore::{ProposeError, RaftHandle, ReplicaChange, ShardStatus};
 use hamgam_transport::NodeIdentity;
 use hamgam_types::{NodeId, ShardId};
@@ -78,20 +77,19 @@ pub enum AdminError {
 }
 
 /// What an admin request may need of the node besides its shards.
-pub(crate) struct NodeSide<V, C> {
+pub(crate) struct NodeSide<M, C> {
     pub node: NodeId,
-    pub members: Members,
-    /// Shard 0's record of the members as it is now.
-    pub view: V,
+    /// The members as shard 0 records them now (or as this node started).
+    pub members: M,
     /// The chunk copies this node keeps, if it keeps a chunk store.
     pub chunks_held: C,
 }
 
 /// Serves one admin connection: each bidi stream is one request. The
 /// placement driver keeps its connection for as long as both nodes run.
-pub(crate) async fn serve_connection<V, C>(connection: quinn::Connection, raft: RaftHandle, side: NodeSide<V, C>)
+pub(crate) async fn serve_connection<M, C>(connection: quinn::Connection, raft: RaftHandle, side: NodeSide<M, C>)
 where
-    V: Fn() -> Option<ClusterView>,
+    M: Fn() -> Vec<MemberRecord>,
     C: Fn() -> Option<u64>,
 {
     while let Ok((send, mut recv)) = connection.accept_bi().await {
@@ -105,25 +103,15 @@ where
     }
 }
 
-async fn answer<V, C>(request: AdminRequest, raft: &RaftHandle, side: &NodeSide<V, C>) -> AdminResponse
+async fn answer<M, C>(request: AdminRequest, raft: &RaftHandle, side: &NodeSide<M, C>) -> AdminResponse
 where
-    V: Fn() -> Option<ClusterView>,
+    M: Fn() -> Vec<MemberRecord>,
     C: Fn() -> Option<u64>,
 {
     match request {
         AdminRequest::Status => match raft.status().await {
             Ok(shards) => {
-                let members = match (side.view)().filter(|v| !v.members.is_empty()) {
-                    Some(view) => view.members,
-                    // Before shard 0 records them: the list this node started with.
-                    None => side
-                        .members
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .map(|(id, addr)| MemberRecord { id: *id, peer_addr: *addr, state: MemberState::Active })
-                        .collect(),
-                };
+                let members = (side.members)();
                 AdminResponse::Status(NodeStatus { node: side.node, members, shards })
             }
             Err(error) => AdminResponse::Refused(error.to_string()),
@@ -172,14 +160,6 @@ pub async fn query(identity: &NodeIdentity, addr: SocketAddr, request: &AdminReq
 /// Asks the node at `addr` for its status.
 pub async fn node_status(identity: &NodeIdentity, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
     status_in(addr, query(identity, addr, &AdminRequest::Status).await?)
-}
-
-/// Asks the node at `addr` how many chunk copies it keeps.
-pub async fn chunks_held(identity: &NodeIdentity, addr: SocketAddr) -> Result<u64, AdminError> {
-    match query(identity, addr, &AdminRequest::ChunksHeld).await? {
-        AdminResponse::ChunksHeld(held) => Ok(held),
-        _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
-    }
 }
 
 /// Asks the node at `addr` to do something; `Ok` once it is done.
@@ -233,6 +213,14 @@ impl AdminClient {
     /// As [`node_status`], over this client's connection.
     pub async fn node_status(&self, addr: SocketAddr) -> Result<NodeStatus, AdminError> {
         status_in(addr, self.query(addr, &AdminRequest::Status).await?)
+    }
+
+    /// How many chunk copies the node at `addr` keeps.
+    pub async fn chunks_held(&self, addr: SocketAddr) -> Result<u64, AdminError> {
+        match self.query(addr, &AdminRequest::ChunksHeld).await? {
+            AdminResponse::ChunksHeld(held) => Ok(held),
+            _ => Err(AdminError::BadAnswer { addr, reason: "an answer of another kind".into() }),
+        }
     }
 
     /// As [`command`], over this client's connection.

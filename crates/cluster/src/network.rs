@@ -2,7 +2,7 @@
 
 use crate::admin::{self, ADMIN_ALPN};
 use crate::join::{self, JOIN_ALPN, JoinAuthority};
-use crate::membership::ClusterView;
+use crate::membership::{ClusterView, MemberRecord, MemberState};
 use crate::wire;
 use crate::{ClusterError, PEER_ALPN};
 use hamgam_blob::PackStore;
@@ -129,26 +129,26 @@ impl PeerNetwork {
         *self.chunks.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
     }
 
+    /// Shard 0's member records; until it records them (a new cluster's
+    /// first seconds), the members this node started with, as active ones.
+    pub(crate) fn member_records(&self) -> Vec<MemberRecord> {
+        let recorded = self.with_view(|view| (!view.members.is_empty()).then(|| view.members.clone())).flatten();
+        recorded.unwrap_or_else(|| {
+            let started_with = self.members.read().unwrap_or_else(|p| p.into_inner());
+            let state = MemberState::Active;
+            started_with.iter().map(|(id, addr)| MemberRecord { id: *id, peer_addr: *addr, state }).collect()
+        })
+    }
+
     /// Members chunks are placed on (active ones), or with `all` every
-    /// member not removed. Until shard 0 records the members (a new
-    /// cluster's first seconds), the members this node started with: this
-    /// node alone would keep the first uploads' chunks in one copy, short of
-    /// the quorum that committing their files checks for once the members
-    /// are known.
+    /// member not removed. Before shard 0 records the members, the ones this
+    /// node started with: this node alone would keep the first uploads'
+    /// chunks in one copy, short of the quorum that committing their files
+    /// checks for once the members are known.
     pub(crate) fn chunk_members(&self, all: bool) -> Vec<NodeId> {
-        use crate::MemberState::{Active, Removed};
-        let recorded = self.with_view(|view| {
-            (!view.members.is_empty()).then(|| {
-                view.members
-                    .iter()
-                    .filter(|m| m.state == Active || (all && m.state != Removed))
-                    .map(|m| m.id)
-                    .collect()
-            })
-        });
-        recorded
-            .flatten()
-            .unwrap_or_else(|| self.members.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect())
+        let records = self.member_records();
+        let placed = |m: &&MemberRecord| m.state == MemberState::Active || (all && m.state != MemberState::Removed);
+        records.iter().filter(placed).map(|m| m.id).collect()
     }
 
     /// Where hints relayed by other nodes go.
@@ -349,8 +349,7 @@ impl PeerNetwork {
             let (network, store) = (self.clone(), self.clone());
             let side = admin::NodeSide {
                 node: self.node,
-                members: self.members.clone(),
-                view: move || network.view(),
+                members: move || network.member_records(),
                 chunks_held: move || {
                     store.chunks.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.chunks_held())
                 },
