@@ -127,7 +127,9 @@ pub(crate) async fn scrub_chunks(
                     soon = draining(&seen, node);
                     continue;
                 }
-                tracing::info!(settle = ?MEMBER_CHANGE_SETTLE, "the members changed; a scrub pass follows");
+                // Not worded like a pass's report ("scrub pass ..."), which tools read.
+                let settle = MEMBER_CHANGE_SETTLE;
+                tracing::info!(?settle, "the members changed; the scrubber checks after settling");
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(MEMBER_CHANGE_SETTLE) => {}
